@@ -1,0 +1,118 @@
+//! The subcommands behind `src/main.rs`: each takes parsed arguments and does the work.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::{Config, ConfigErrors, Stage};
+use crate::dispatch::Snapshot;
+use crate::server::{App, Listener, serve};
+
+/// `provisiond check`: validate, print a summary or every error.
+pub fn check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            println!("{}", config.summary());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            print_errors(&errors);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_errors(errors: &ConfigErrors) {
+    for e in errors.iter() {
+        eprintln!("{e}");
+    }
+    let file = errors.iter().next().map_or("config", |e| e.file.as_str());
+    let n = errors.len();
+    eprintln!("{file}: {n} error{}", if n == 1 { "" } else { "s" });
+}
+
+/// `provisiond schema`: the JSON Schema of `provisioning.toml`.
+pub fn schema() -> String {
+    let schema = schemars::schema_for!(crate::config::RawConfig);
+    let mut value = serde_json::to_value(&schema).expect("a schema serialises");
+    drop_null(&mut value);
+    if let Some(root) = value.as_object_mut() {
+        root.insert("title".into(), "provisioning.toml".into());
+    }
+    let mut text = serde_json::to_string_pretty(&value).expect("a schema serialises");
+    text.push('\n');
+    text
+}
+
+/// TOML has no null: an optional key is simply absent. Removes the `null` alternatives
+/// schemars adds for `Option` fields, so editors do not offer them.
+fn drop_null(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    let Value::Object(map) = value else {
+        if let Value::Array(items) = value {
+            items.iter_mut().for_each(drop_null);
+        }
+        return;
+    };
+    if let Some(Value::Array(types)) = map.get_mut("type") {
+        types.retain(|t| t != "null");
+        if types.len() == 1 {
+            let only = types.remove(0);
+            map.insert("type".into(), only);
+        }
+    }
+    if let Some(Value::Array(alternatives)) = map.get_mut("anyOf") {
+        alternatives.retain(|a| a.get("type").is_none_or(|t| t != "null"));
+        if alternatives.len() == 1 {
+            let Some(Value::Object(only)) = alternatives.pop() else {
+                unreachable!("anyOf holds schemas")
+            };
+            map.remove("anyOf");
+            for (k, v) in only {
+                map.entry(k).or_insert(v);
+            }
+        }
+    }
+    map.values_mut().for_each(drop_null);
+}
+
+/// `provisiond run`: serve until SIGINT or SIGTERM.
+pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(errors) => {
+            print_errors(&errors);
+            eprintln!("provisiond: not started, fix the config first");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let after = |h: &&std::sync::Arc<crate::config::Handler>| h.stage == Stage::After && h.enabled;
+    if let Some(h) = config.handlers.iter().find(after) {
+        eprintln!(
+            "provisiond: not started: handler {:?} has stage = \"after\", and this build \
+             cannot deliver after-stage events durably yet; remove it or set \
+             enabled = false",
+            h.name
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    let listen = config.server.listen.clone();
+    let grace = config.server.shutdown_grace;
+    let listener = Listener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let handlers = config.handlers.len();
+    let app = App::new(Snapshot::new(config, 1));
+    let shutdown = CancellationToken::new();
+    crate::shutdown::watch(shutdown.clone()).context("cannot watch signals")?;
+    info!(
+        addr = %listener.local_addr(), config = %path.display(), handlers,
+        version = env!("CARGO_PKG_VERSION"), "listening"
+    );
+    serve(listener, app, shutdown, grace).await;
+    info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,692 @@
+//! The second stage: raw types to a validated [`Config`], every rule checked, every
+//! error collected with its key path.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use sha2::Digest as _;
+
+use super::error::{ConfigErrors, KeyPath};
+use super::raw::{
+    OnError, RawConfig, RawDefaults, RawHandler, RawRetry, RawServer, RawStore, Stage,
+};
+use super::source::{Diag, Document};
+use super::{
+    Config, Handler, HttpTarget, Listen, Retry, ScriptTarget, Secret, Server, SigningKey, Store,
+    Target,
+};
+use crate::events::{self, EventPattern};
+use crate::filter::Filter;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8600";
+pub const DEFAULT_PRIORITY: i64 = 100;
+pub const DEFAULT_MAX_CONCURRENCY: u32 = 16;
+const DEFAULT_RETRY: Retry = Retry {
+    attempts: 25,
+    backoff: Duration::from_secs(1),
+    max_backoff: Duration::from_secs(600),
+};
+
+pub fn compile(
+    text: &str,
+    file: &str,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    let mut doc = match Document::parse(text) {
+        Ok(doc) => doc,
+        Err(diags) => {
+            let errors = super::source::resolve(text, file, diags, |_| None);
+            return Err(ConfigErrors(errors));
+        }
+    };
+    let mut diags = doc.substitute_env(env);
+    let (parsed, more) = doc.deserialize();
+    diags.extend(more);
+
+    let mut checker = Checker {
+        diags,
+        originals: &doc.originals,
+    };
+    let config = checker.config(&parsed.raw, &parsed.handler_index, file, base, text);
+    if checker.diags.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(doc.resolve(file, checker.diags)))
+    }
+}
+
+/// Collects problems while building the config; whatever it builds is thrown away when
+/// there was any.
+struct Checker<'a> {
+    diags: Vec<Diag>,
+    originals: &'a HashMap<KeyPath, String>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, path: KeyPath, message: impl Into<String>) {
+        self.diags.push(Diag::at(path, message));
+    }
+
+    fn duration(&mut self, value: Option<&str>, path: KeyPath, default: Duration) -> Duration {
+        let Some(text) = value else { return default };
+        match humantime::parse_duration(text.trim()) {
+            Ok(d) => d,
+            Err(e) => {
+                self.error(
+                    path,
+                    format!(
+                        "invalid duration {text:?}: {e}; write a number with a unit, \
+                         e.g. \"250ms\", \"5s\", \"10m\""
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn positive_duration(
+        &mut self,
+        value: Option<&str>,
+        path: KeyPath,
+        default: Duration,
+    ) -> Duration {
+        let d = self.duration(value, path.clone(), default);
+        if d.is_zero() {
+            self.error(path, "must be longer than zero");
+            return default;
+        }
+        d
+    }
+
+    fn size(&mut self, value: Option<&str>, path: KeyPath, default: u64) -> u64 {
+        let Some(text) = value else { return default };
+        match bytesize::ByteSize::from_str(text.trim()) {
+            Ok(size) if size.as_u64() > 0 => size.as_u64(),
+            Ok(_) => {
+                self.error(path, "must be larger than zero");
+                default
+            }
+            Err(_) => {
+                self.error(
+                    path,
+                    format!(
+                        "invalid size {text:?}; write a number with a unit, e.g. \"512KiB\", \
+                         \"1MiB\""
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn count(&mut self, value: Option<u32>, path: KeyPath, default: u32) -> usize {
+        match value {
+            Some(0) => {
+                self.error(path, "must be at least 1");
+                default as usize
+            }
+            Some(n) => n as usize,
+            None => default as usize,
+        }
+    }
+
+    fn config(
+        &mut self,
+        raw: &RawConfig,
+        handler_index: &[usize],
+        file: &str,
+        base: &Path,
+        text: &str,
+    ) -> Config {
+        let server = self.server(raw.server.as_ref().unwrap_or(&RawServer::default()));
+        let store = self.store(raw.store.as_ref().unwrap_or(&RawStore::default()));
+        let extra_events = self.extra_events(raw);
+        let defaults = self.defaults(raw.defaults.as_ref().unwrap_or(&RawDefaults::default()));
+
+        let mut known: Vec<String> = events::CATALOGUE.iter().map(|s| (*s).to_owned()).collect();
+        known.extend(extra_events.iter().cloned());
+
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut handlers = Vec::new();
+        for (raw_handler, &index) in raw.handler.iter().zip(handler_index) {
+            let path = KeyPath::root().key("handler").index(index);
+            if let Some(first) = seen.get(&raw_handler.name) {
+                self.error(
+                    path.key("name"),
+                    format!(
+                        "duplicate handler name {:?} (first used by handler[{first}])",
+                        raw_handler.name
+                    ),
+                );
+            } else {
+                seen.insert(raw_handler.name.clone(), index);
+            }
+            if let Some(h) = self.handler(raw_handler, index, &path, &defaults, &known, base) {
+                handlers.push(Arc::new(h));
+            }
+        }
+
+        Config {
+            file: file.to_owned(),
+            hash: hex(&sha2::Sha256::digest(text.as_bytes())),
+            server,
+            store,
+            extra_events,
+            handlers,
+        }
+    }
+
+    fn server(&mut self, raw: &RawServer) -> Server {
+        let path = KeyPath::root().key("server");
+        let listen_text = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen = match parse_listen(listen_text) {
+            Ok(l) => l,
+            Err(e) => {
+                self.error(path.key("listen"), e);
+                Listen::Tcp(DEFAULT_LISTEN.parse().expect("default listen parses"))
+            }
+        };
+        let token = match raw.token.as_deref() {
+            Some("") => {
+                self.error(
+                    path.key("token"),
+                    "is empty; remove the key to turn authentication off",
+                );
+                None
+            }
+            Some(t) => Some(Secret::new(t.to_owned())),
+            None => None,
+        };
+        Server {
+            listen,
+            token,
+            max_body: self.size(raw.max_body.as_deref(), path.key("max_body"), 1 << 20),
+            deadline: self.positive_duration(
+                raw.deadline.as_deref(),
+                path.key("deadline"),
+                Duration::from_secs(10),
+            ),
+            max_depth: self.count(raw.max_depth, path.key("max_depth"), 64),
+            max_in_flight: self.count(raw.max_in_flight, path.key("max_in_flight"), 1024),
+            max_connections: self.count(raw.max_connections, path.key("max_connections"), 1024),
+            header_timeout: self.positive_duration(
+                raw.header_timeout.as_deref(),
+                path.key("header_timeout"),
+                Duration::from_secs(10),
+            ),
+            shutdown_grace: self.duration(
+                raw.shutdown_grace.as_deref(),
+                path.key("shutdown_grace"),
+                Duration::from_secs(10),
+            ),
+        }
+    }
+
+    fn store(&mut self, raw: &RawStore) -> Store {
+        let path = KeyPath::root().key("store");
+        let file = raw.path.as_deref().unwrap_or("provisiond.db");
+        if file.trim().is_empty() {
+            self.error(path.key("path"), "must not be empty");
+        }
+        let keep = raw.keep_executions.clone().unwrap_or_default();
+        let keep_path = path.key("keep_executions");
+        let keep_rows = match keep.rows {
+            Some(0) => {
+                self.error(keep_path.key("rows"), "must be at least 1");
+                100_000
+            }
+            Some(n) => n,
+            None => 100_000,
+        };
+        Store {
+            path: PathBuf::from(file),
+            dedupe_window: self.duration(
+                raw.dedupe_window.as_deref(),
+                path.key("dedupe_window"),
+                Duration::from_secs(600),
+            ),
+            keep_age: self.positive_duration(
+                keep.age.as_deref(),
+                keep_path.key("age"),
+                Duration::from_secs(7 * 24 * 3600),
+            ),
+            keep_rows,
+        }
+    }
+
+    fn extra_events(&mut self, raw: &RawConfig) -> Vec<String> {
+        let Some(events) = &raw.events else {
+            return Vec::new();
+        };
+        let path = KeyPath::root().key("events").key("extra");
+        let mut out = Vec::new();
+        for (i, name) in events.extra.iter().enumerate() {
+            if events::is_well_formed(name) {
+                out.push(events::normalize(name).into_owned());
+            } else {
+                self.error(
+                    path.index(i),
+                    format!("{name:?} is not a valid event name (dot-separated lower-case words)"),
+                );
+            }
+        }
+        out
+    }
+
+    fn defaults(&mut self, raw: &RawDefaults) -> Defaults {
+        let path = KeyPath::root().key("defaults");
+        Defaults {
+            timeout: self.positive_duration(
+                raw.timeout.as_deref(),
+                path.key("timeout"),
+                Duration::from_secs(5),
+            ),
+            on_error: raw.on_error.unwrap_or(OnError::Allow),
+            max_concurrency: self.count(
+                raw.max_concurrency,
+                path.key("max_concurrency"),
+                DEFAULT_MAX_CONCURRENCY,
+            ),
+            retry: self.retry(raw.retry.as_ref(), &path.key("retry"), DEFAULT_RETRY),
+        }
+    }
+
+    fn retry(&mut self, raw: Option<&RawRetry>, path: &KeyPath, default: Retry) -> Retry {
+        let Some(raw) = raw else { return default };
+        let attempts = match raw.attempts {
+            Some(0) => {
+                self.error(path.key("attempts"), "must be at least 1");
+                default.attempts
+            }
+            Some(n) => n,
+            None => default.attempts,
+        };
+        let backoff =
+            self.positive_duration(raw.backoff.as_deref(), path.key("backoff"), default.backoff);
+        let max_backoff = self.positive_duration(
+            raw.max_backoff.as_deref(),
+            path.key("max_backoff"),
+            default.max_backoff.max(backoff),
+        );
+        if max_backoff < backoff {
+            self.error(
+                path.key("max_backoff"),
+                "must not be shorter than `backoff`",
+            );
+        }
+        Retry {
+            attempts,
+            backoff,
+            max_backoff,
+        }
+    }
+
+    fn handler(
+        &mut self,
+        raw: &RawHandler,
+        index: usize,
+        path: &KeyPath,
+        defaults: &Defaults,
+        known: &[String],
+        base: &Path,
+    ) -> Option<Handler> {
+        let errors_before = self.diags.len();
+
+        let name_ok = !raw.name.is_empty()
+            && raw
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !name_ok {
+            self.error(
+                path.key("name"),
+                format!(
+                    "{:?} is not a valid handler name: use letters, digits, '-' and '_'",
+                    raw.name
+                ),
+            );
+        }
+
+        let events = self.event_patterns(raw, path, known);
+        let target = self.target(raw, path, base);
+
+        let stage = raw.stage;
+        if stage == Stage::After {
+            if raw.modifies.is_some() {
+                self.error(
+                    path.key("modifies"),
+                    "only before-stage handlers can modify the data",
+                );
+            }
+            if raw.on_error.is_some() {
+                self.error(
+                    path.key("on_error"),
+                    "only applies to the before stage; after-stage deliveries are retried \
+                     (see `retry`)",
+                );
+            }
+        } else if raw.retry.is_some() {
+            self.error(
+                path.key("retry"),
+                "only applies to the after stage; a before-stage handler is called once, \
+                 see `on_error`",
+            );
+        }
+
+        let timeout = self.positive_duration(
+            raw.timeout.as_deref(),
+            path.key("timeout"),
+            defaults.timeout,
+        );
+        let max_concurrency = match raw.max_concurrency {
+            Some(n) => self.count(Some(n), path.key("max_concurrency"), 1),
+            None => defaults.max_concurrency,
+        };
+        let retry = self.retry(raw.retry.as_ref(), &path.key("retry"), defaults.retry);
+
+        let filter = match Filter::compile(raw.match_.as_ref(), raw.when.as_deref()) {
+            Ok(f) => f,
+            Err(errors) => {
+                for (rel, message) in errors {
+                    self.error(path.join(&rel), message);
+                }
+                Filter::default()
+            }
+        };
+
+        if self.diags.len() > errors_before {
+            return None;
+        }
+        Some(Handler {
+            name: raw.name.clone(),
+            position: index,
+            stage,
+            priority: raw.priority.unwrap_or(DEFAULT_PRIORITY),
+            enabled: raw.enabled.unwrap_or(true),
+            events,
+            target: target?,
+            modifies: raw.modifies.unwrap_or(false),
+            on_error: raw.on_error.unwrap_or(defaults.on_error),
+            timeout,
+            max_concurrency,
+            retry,
+            filter,
+            slots: Arc::new(tokio::sync::Semaphore::new(max_concurrency)),
+            raw: raw.clone(),
+        })
+    }
+
+    fn event_patterns(
+        &mut self,
+        raw: &RawHandler,
+        path: &KeyPath,
+        known: &[String],
+    ) -> Vec<EventPattern> {
+        let path = path.key("events");
+        if raw.events.is_empty() {
+            self.error(
+                path.clone(),
+                "must name at least one event (or \"*\" for all)",
+            );
+        }
+        let mut patterns = Vec::new();
+        for (i, text) in raw.events.iter().enumerate() {
+            let pattern = match EventPattern::parse(text) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.error(path.index(i), e);
+                    continue;
+                }
+            };
+            let hint = |candidates: &mut dyn Iterator<Item = &str>| {
+                events::suggest(text, candidates)
+                    .map(|s| format!(" (did you mean \"{s}\"?)"))
+                    .unwrap_or_default()
+            };
+            match &pattern {
+                EventPattern::Exact(name) if !known.iter().any(|k| k == name) => {
+                    let hint = hint(&mut known.iter().map(String::as_str));
+                    self.error(
+                        path.index(i),
+                        format!(
+                            "unknown event {text:?}{hint}; list events the billing's \
+                             catalogue lacks in [events] extra"
+                        ),
+                    );
+                    continue;
+                }
+                EventPattern::Prefix(prefix) if !known.iter().any(|k| k.starts_with(prefix)) => {
+                    let prefixes: Vec<String> = known
+                        .iter()
+                        .flat_map(|k| {
+                            k.match_indices('.')
+                                .map(|(at, _)| format!("{}.*", &k[..at]))
+                                .collect::<Vec<_>>()
+                        })
+                        .collect();
+                    let hint = hint(&mut prefixes.iter().map(String::as_str));
+                    self.error(
+                        path.index(i),
+                        format!("{text:?} matches no known event{hint}"),
+                    );
+                    continue;
+                }
+                _ => {}
+            }
+            if !patterns.contains(&pattern) {
+                patterns.push(pattern);
+            }
+        }
+        patterns
+    }
+
+    fn target(&mut self, raw: &RawHandler, path: &KeyPath, base: &Path) -> Option<Target> {
+        match (&raw.url, &raw.command) {
+            (Some(_), Some(_)) => {
+                self.error(
+                    path.key("command"),
+                    "a handler has either `url` (HTTP) or `command` (script), not both",
+                );
+                None
+            }
+            (None, None) => {
+                self.error(
+                    path.clone(),
+                    "a handler needs `url` (HTTP) or `command` (script)",
+                );
+                None
+            }
+            (Some(url), None) => {
+                for key in RawHandler::SCRIPT_ONLY {
+                    if key_set(raw, key) {
+                        self.error(
+                            path.key(*key),
+                            "only applies to script handlers (`command`)",
+                        );
+                    }
+                }
+                self.http_target(raw, url, path)
+            }
+            (None, Some(argv)) => {
+                for key in RawHandler::HTTP_ONLY {
+                    if key_set(raw, key) {
+                        self.error(path.key(*key), "only applies to HTTP handlers (`url`)");
+                    }
+                }
+                self.script_target(raw, argv, path, base)
+            }
+        }
+    }
+
+    fn http_target(&mut self, raw: &RawHandler, url: &str, path: &KeyPath) -> Option<Target> {
+        let url_path = path.key("url");
+        let parsed = match reqwest::Url::parse(url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
+            Ok(u) => {
+                self.error(
+                    url_path.clone(),
+                    format!("{:?} must be an http:// or https:// URL", u.as_str()),
+                );
+                None
+            }
+            Err(e) => {
+                self.error(url_path.clone(), format!("invalid URL: {e}"));
+                None
+            }
+        };
+        let method = match raw.method.as_deref().map(str::to_ascii_uppercase) {
+            None => reqwest::Method::POST,
+            Some(m) if matches!(m.as_str(), "POST" | "PUT" | "PATCH") => {
+                reqwest::Method::from_bytes(m.as_bytes()).expect("known method")
+            }
+            Some(m) => {
+                self.error(
+                    path.key("method"),
+                    format!("{m:?} cannot carry the envelope; use POST, PUT or PATCH"),
+                );
+                reqwest::Method::POST
+            }
+        };
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (name, value) in raw.headers.iter().flatten() {
+            let header_path = path.key("headers").key(name.as_str());
+            let parsed_name = reqwest::header::HeaderName::from_bytes(name.as_bytes());
+            let parsed_value = reqwest::header::HeaderValue::from_str(value);
+            match (parsed_name, parsed_value) {
+                (Ok(n), Ok(mut v)) => {
+                    v.set_sensitive(true);
+                    headers.insert(n, v);
+                }
+                (Err(_), _) => self.error(header_path, format!("{name:?} is not a header name")),
+                (_, Err(_)) => self.error(header_path, "is not a valid header value"),
+            }
+        }
+        let secret = raw.secret.as_deref().and_then(|s| {
+            let key = s
+                .strip_prefix("whsec_")
+                .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+                .filter(|k| !k.is_empty());
+            if key.is_none() {
+                self.error(
+                    path.key("secret"),
+                    "must be \"whsec_\" followed by base64 (a Standard Webhooks secret)",
+                );
+            }
+            key.map(SigningKey)
+        });
+        let written = self.originals.get(&url_path).map_or(url, String::as_str);
+        Some(Target::Http(HttpTarget {
+            shown_url: without_password(written),
+            url: parsed?,
+            method,
+            headers,
+            secret,
+        }))
+    }
+
+    fn script_target(
+        &mut self,
+        raw: &RawHandler,
+        argv: &[String],
+        path: &KeyPath,
+        base: &Path,
+    ) -> Option<Target> {
+        let command_path = path.key("command");
+        if argv.is_empty() || argv[0].trim().is_empty() {
+            self.error(
+                command_path,
+                "must name a program: command = [\"/path/to/script\", \"arg\"...]",
+            );
+            return None;
+        }
+        let shown_argv = argv
+            .iter()
+            .enumerate()
+            .map(|(i, arg)| {
+                self.originals
+                    .get(&command_path.index(i))
+                    .cloned()
+                    .unwrap_or_else(|| arg.clone())
+            })
+            .collect();
+        let mut argv = argv.to_vec();
+        let program = Path::new(&argv[0]);
+        if program.is_relative() && argv[0].contains('/') {
+            argv[0] = base.join(program).display().to_string();
+        }
+        let mut env = Vec::new();
+        for (name, value) in raw.env.iter().flatten() {
+            let ok = !name.is_empty() && !name.contains('=') && !name.contains('\0');
+            if !ok || value.contains('\0') {
+                self.error(
+                    path.key("env").key(name.as_str()),
+                    "is not a valid environment variable",
+                );
+                continue;
+            }
+            env.push((name.clone(), value.clone()));
+        }
+        let workdir = match raw.workdir.as_deref() {
+            Some(dir) => base.join(dir),
+            None => base.to_path_buf(),
+        };
+        Some(Target::Script(ScriptTarget {
+            argv,
+            shown_argv,
+            env,
+            workdir,
+        }))
+    }
+}
+
+/// `[defaults]`, filled in.
+struct Defaults {
+    timeout: Duration,
+    on_error: OnError,
+    max_concurrency: usize,
+    retry: Retry,
+}
+
+fn key_set(raw: &RawHandler, key: &str) -> bool {
+    match key {
+        "method" => raw.method.is_some(),
+        "headers" => raw.headers.is_some(),
+        "secret" => raw.secret.is_some(),
+        "env" => raw.env.is_some(),
+        "workdir" => raw.workdir.is_some(),
+        _ => false,
+    }
+}
+
+fn parse_listen(text: &str) -> Result<Listen, String> {
+    if let Some(path) = text.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err("\"unix:\" needs a socket path, e.g. \"unix:/run/provisiond.sock\"".into());
+        }
+        return Ok(Listen::Unix(PathBuf::from(path)));
+    }
+    text.parse::<SocketAddr>().map(Listen::Tcp).map_err(|_| {
+        format!("{text:?} is not an address; write \"127.0.0.1:8600\" or \"unix:/path.sock\"")
+    })
+}
+
+/// A URL with any password replaced by `***`; text that is not a URL comes back as is.
+fn without_password(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

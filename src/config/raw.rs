@@ -1,0 +1,193 @@
+//! The file as written: serde types that mirror `provisioning.toml` key for key.
+//!
+//! Nothing here is checked beyond TOML types and unknown keys; durations, sizes, event
+//! names, URLs and filters stay strings until [`super::compile`] turns them into a
+//! [`super::Config`]. The `///` comments are the user documentation: they become the
+//! descriptions of the JSON Schema in `schema/`.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// `provisioning.toml`: the handlers provisiond dispatches the billing's events to.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// The listener the billing posts events to, and its limits.
+    pub server: Option<RawServer>,
+    /// The durable store: after-stage queue, execution log, dead letters.
+    pub store: Option<RawStore>,
+    /// Values every handler inherits unless it sets its own.
+    pub defaults: Option<RawDefaults>,
+    /// Event names beyond the billing's catalogue.
+    pub events: Option<RawEvents>,
+    /// The handlers, each a `[[handler]]` table.
+    #[serde(default)]
+    pub handler: Vec<RawHandler>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Where to listen: "host:port" (default "127.0.0.1:8600") or "unix:/path/to.sock".
+    /// Changing it needs a restart.
+    pub listen: Option<String>,
+    /// When set, `/events` and `/v1/*` need "Authorization: Bearer <token>". Give it
+    /// through the environment: "${PROVISIOND_TOKEN}".
+    pub token: Option<String>,
+    /// Largest accepted request body, with a unit ("1MiB", the default). Larger: 413.
+    pub max_body: Option<String>,
+    /// Budget for one event's whole before-stage chain ("10s" by default). Handlers left
+    /// when it runs out are treated as errors.
+    pub deadline: Option<String>,
+    /// Deepest JSON nesting accepted in a request body (default 64).
+    pub max_depth: Option<u32>,
+    /// Events handled at once; over it the billing gets 503 with Retry-After (default 1024).
+    pub max_in_flight: Option<u32>,
+    /// Open client connections at once; further ones wait to be accepted (default 1024).
+    pub max_connections: Option<u32>,
+    /// Time a client has to send its request headers ("10s" by default).
+    pub header_timeout: Option<String>,
+    /// On SIGTERM, how long in-flight events and deliveries may take to finish ("10s").
+    pub shutdown_grace: Option<String>,
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// The redb file (default "provisiond.db", relative to the working directory).
+    /// Changing it needs a restart.
+    pub path: Option<String>,
+    /// An identical envelope arriving again within this window is not delivered to
+    /// after-stage handlers twice ("10m" by default; "0s" turns it off).
+    pub dedupe_window: Option<String>,
+    /// How much of the execution log to keep.
+    pub keep_executions: Option<RawRetention>,
+}
+
+/// `keep_executions = { age = "7d", rows = 100000 }`: rows older than `age` or beyond the
+/// newest `rows` are dropped.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetention {
+    /// Oldest row kept ("7d" by default).
+    pub age: Option<String>,
+    /// Most rows kept (100000 by default).
+    pub rows: Option<u64>,
+}
+
+/// `[defaults]`: inherited by every handler that does not set its own.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawDefaults {
+    /// Time one call of a handler may take ("5s" by default).
+    pub timeout: Option<String>,
+    /// What a before-stage handler's failure means: "allow" (skip it, the default) or
+    /// "deny" (fail closed).
+    pub on_error: Option<OnError>,
+    /// Calls of one handler at once (16 by default).
+    pub max_concurrency: Option<u32>,
+    /// Retries of after-stage deliveries.
+    pub retry: Option<RawRetry>,
+}
+
+/// `[events]`
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawEvents {
+    /// Event names the billing sends beyond its documented catalogue, so that handlers
+    /// may name them.
+    #[serde(default)]
+    pub extra: Vec<String>,
+}
+
+/// Which part of dispatch a handler takes part in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Runs while the billing waits: may modify the data, allow or forbid the action.
+    Before,
+    /// Runs once the event is allowed: notified durably, with retries.
+    After,
+}
+
+/// What a handler's failure (timeout, connection error, bad reply) means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Skip the failed handler and go on.
+    Allow,
+    /// Forbid the action; the message says what failed.
+    Deny,
+}
+
+/// `retry = { attempts = 12, backoff = "1s", max_backoff = "10m" }`: exponential backoff
+/// with full jitter.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    /// Attempts in all, the first included, before the delivery goes to the dead letters.
+    pub attempts: Option<u32>,
+    /// The first wait; each retry doubles it, up to `max_backoff`.
+    pub backoff: Option<String>,
+    /// The longest wait between two attempts.
+    pub max_backoff: Option<String>,
+}
+
+/// One `[[handler]]`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawHandler {
+    /// Unique name: letters, digits, '-' and '_'.
+    pub name: String,
+    /// Events this handler takes: names ("clients.create"), prefixes at any depth
+    /// ("clients.*"), or "*" for every event.
+    pub events: Vec<String>,
+    /// "before" (may modify, allow or forbid) or "after" (notified durably). Required.
+    pub stage: Stage,
+    /// Lower runs first (default 100); ties keep file order.
+    pub priority: Option<i64>,
+    /// `false` keeps the handler in the file but out of dispatch.
+    pub enabled: Option<bool>,
+    /// HTTP handler: the URL the envelope is sent to.
+    pub url: Option<String>,
+    /// HTTP handler: the method ("POST" by default, or "PUT", "PATCH").
+    pub method: Option<String>,
+    /// HTTP handler: extra request headers.
+    pub headers: Option<BTreeMap<String, String>>,
+    /// HTTP handler: a Standard Webhooks secret ("whsec_" + base64); requests are then
+    /// signed.
+    pub secret: Option<String>,
+    /// Script handler: the program and its arguments, run without a shell.
+    pub command: Option<Vec<String>>,
+    /// Script handler: extra environment variables.
+    pub env: Option<BTreeMap<String, String>>,
+    /// Script handler: the working directory.
+    pub workdir: Option<String>,
+    /// Before stage: take the reply's data as the new data.
+    pub modifies: Option<bool>,
+    /// Before stage: "allow" skips this handler when it fails, "deny" forbids.
+    pub on_error: Option<OnError>,
+    /// Time one call may take, with a unit ("5s").
+    pub timeout: Option<String>,
+    /// Calls of this handler at once (default 16).
+    pub max_concurrency: Option<u32>,
+    /// After stage: retries of a failed delivery.
+    pub retry: Option<RawRetry>,
+    /// Conditions on the envelope that must all hold: dot paths ("data.companies_id",
+    /// "event.object_id") to a value (equality) or to a table of operators
+    /// (eq ne in not_in lt le gt ge exists regex).
+    #[serde(rename = "match")]
+    pub match_: Option<serde_json::Map<String, serde_json::Value>>,
+    /// A CEL expression over `event` and `data` that must be true.
+    pub when: Option<String>,
+}
+
+impl RawHandler {
+    /// The keys serde knows for a handler, for messages about keys in the wrong place.
+    pub const HTTP_ONLY: &'static [&'static str] = &["method", "headers", "secret"];
+    pub const SCRIPT_ONLY: &'static [&'static str] = &["env", "workdir"];
+}

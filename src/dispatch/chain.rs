@@ -1,0 +1,328 @@
+//! The before-stage chain: one handler at a time, each seeing the data the one before
+//! left, under the event's deadline.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use serde_json::Value;
+use tracing::{debug, warn};
+
+use super::{Route, fmt_duration};
+use crate::config::{Handler, OnError, Stage};
+use crate::events::Envelope;
+use crate::filter::Verdict;
+use crate::handlers::{Call, Caller, EXCERPT, Reply, exec, new_message_id};
+
+/// How the before stage ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Every handler allowed (or failed under `on_error = "allow"`).
+    Allowed {
+        envelope: Envelope,
+        /// Whether any handler replaced the data.
+        modified: bool,
+    },
+    /// A handler forbade the action, or failed under `on_error = "deny"`.
+    Denied { handler: String, message: String },
+}
+
+/// One handler call, for the execution log.
+#[derive(Debug, Clone)]
+pub struct CallRecord {
+    pub at: SystemTime,
+    pub handler: String,
+    pub stage: Stage,
+    pub attempt: u32,
+    /// `allowed`, `denied`, `error` (before); `delivered`, `failed`, `dead` (after).
+    pub outcome: &'static str,
+    pub duration: Duration,
+    /// HTTP status or exit code.
+    pub code: Option<i64>,
+    pub excerpt: String,
+    pub error: Option<String>,
+}
+
+/// What one handler's call meant for the chain.
+enum Step {
+    Allow(Option<serde_json::Map<String, Value>>),
+    Deny(String),
+    Error(String),
+}
+
+/// Runs the before-stage handlers of `route` on `envelope`, in order, until one denies
+/// or the chain ends. Every call made is added to `records`.
+pub async fn run_before(
+    caller: &Caller,
+    route: &Route,
+    mut envelope: Envelope,
+    deadline: Instant,
+    deadline_len: Duration,
+    records: &mut Vec<CallRecord>,
+) -> Outcome {
+    let object_id = envelope.object_id();
+    let mut modified = false;
+    // The serialised envelope, kept until a handler changes the data.
+    let mut body: Option<Bytes> = None;
+    for handler in &route.before {
+        let started = Instant::now();
+        let at = SystemTime::now();
+        let step = match handler.filter.evaluate(&envelope) {
+            Ok(Verdict::Pass) => None,
+            Ok(verdict) => {
+                debug!(handler = %handler.name, event = %envelope.name, ?verdict, "handler skipped by its filter");
+                continue;
+            }
+            Err(e) => Some((Step::Error(e.to_string()), None, String::new())),
+        };
+        let (step, code, excerpt) = match step {
+            Some(done) => done,
+            None => {
+                let remaining = deadline.saturating_duration_since(started);
+                if remaining.is_zero() {
+                    (
+                        Step::Error(format!(
+                            "server.deadline ({}) ran out before this handler",
+                            fmt_duration(deadline_len)
+                        )),
+                        None,
+                        String::new(),
+                    )
+                } else {
+                    let capped = remaining < handler.timeout;
+                    let body = body
+                        .get_or_insert_with(|| Bytes::from(envelope.to_json()))
+                        .clone();
+                    let message_id = new_message_id();
+                    let result = caller
+                        .call(Call {
+                            handler,
+                            event: &envelope.name,
+                            object_id: &object_id,
+                            body,
+                            attempt: 1,
+                            message_id: &message_id,
+                            timeout: remaining.min(handler.timeout),
+                        })
+                        .await;
+                    match result {
+                        Ok(reply) => {
+                            let code = Some(reply.code());
+                            let excerpt = reply.excerpt();
+                            (interpret(handler, reply), code, excerpt)
+                        }
+                        Err(crate::handlers::CallError::Timeout(_)) if capped => (
+                            Step::Error(format!(
+                                "server.deadline ({}) ran out during the call",
+                                fmt_duration(deadline_len)
+                            )),
+                            None,
+                            String::new(),
+                        ),
+                        Err(e) => (Step::Error(e.to_string()), None, String::new()),
+                    }
+                }
+            }
+        };
+        let duration = started.elapsed();
+        let mut record = CallRecord {
+            at,
+            handler: handler.name.clone(),
+            stage: Stage::Before,
+            attempt: 1,
+            outcome: "allowed",
+            duration,
+            code,
+            excerpt,
+            error: None,
+        };
+        match step {
+            Step::Allow(new_data) => {
+                debug!(handler = %handler.name, event = %envelope.name, ?duration, "handler allowed");
+                if let Some(data) = new_data {
+                    envelope.data = data;
+                    modified = true;
+                    body = None;
+                }
+                records.push(record);
+            }
+            Step::Deny(message) => {
+                debug!(handler = %handler.name, event = %envelope.name, ?duration, %message, "handler denied");
+                record.outcome = "denied";
+                records.push(record);
+                return Outcome::Denied {
+                    handler: handler.name.clone(),
+                    message,
+                };
+            }
+            Step::Error(error) => {
+                record.outcome = "error";
+                record.error = Some(error.clone());
+                records.push(record);
+                match handler.on_error {
+                    OnError::Allow => {
+                        warn!(handler = %handler.name, event = %envelope.name, %error, "handler failed, skipped (on_error = allow)");
+                    }
+                    OnError::Deny => {
+                        warn!(handler = %handler.name, event = %envelope.name, %error, "handler failed, event denied (on_error = deny)");
+                        return Outcome::Denied {
+                            handler: handler.name.clone(),
+                            message: format!("handler failed: {error}"),
+                        };
+                    }
+                }
+            }
+        }
+    }
+    Outcome::Allowed { envelope, modified }
+}
+
+/// What a before-stage reply means.
+fn interpret(handler: &Handler, reply: Reply) -> Step {
+    match reply {
+        Reply::Http {
+            status,
+            body,
+            truncated,
+            ..
+        } => match status {
+            200..=299 if handler.modifies => {
+                if truncated {
+                    return Step::Error(format!(
+                        "reply body is larger than {} bytes",
+                        crate::handlers::REPLY_CAP
+                    ));
+                }
+                new_data(&body)
+            }
+            200..=299 => Step::Allow(None),
+            403 | 409 | 422 => Step::Deny(deny_message(&body, status)),
+            other => {
+                let excerpt = crate::handlers::excerpt(&body);
+                Step::Error(if excerpt.is_empty() {
+                    format!("unexpected HTTP status {other}")
+                } else {
+                    format!("unexpected HTTP status {other}: {excerpt}")
+                })
+            }
+        },
+        Reply::Script {
+            code: Some(0),
+            stdout,
+            truncated,
+            ..
+        } => {
+            if !handler.modifies {
+                return Step::Allow(None);
+            }
+            if truncated {
+                return Step::Error(format!(
+                    "stdout is larger than {} bytes",
+                    crate::handlers::REPLY_CAP
+                ));
+            }
+            new_data(&stdout)
+        }
+        Reply::Script {
+            code: Some(code),
+            stderr,
+            ..
+        } => {
+            let message = exec::last_lines(&stderr, 5, EXCERPT);
+            Step::Deny(if message.is_empty() {
+                format!("exited with status {code}")
+            } else {
+                message
+            })
+        }
+        Reply::Script { signal, .. } => Step::Error(format!(
+            "script was killed by signal {}",
+            signal.unwrap_or_default()
+        )),
+    }
+}
+
+/// The data of a modifying handler's reply: an envelope, or nothing to keep the data.
+fn new_data(body: &[u8]) -> Step {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Step::Allow(None);
+    }
+    match Envelope::parse(body, crate::events::DEFAULT_MAX_DEPTH) {
+        Ok(envelope) => Step::Allow(Some(envelope.data)),
+        Err(e) => Step::Error(format!(
+            "reply is not an envelope ({e}); a handler with modifies = true must return \
+             the envelope, or an empty body to keep the data"
+        )),
+    }
+}
+
+/// The message of a forbidding reply: its `message` or `error` field, else its text.
+fn deny_message(body: &[u8], status: u16) -> String {
+    if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) {
+        let field = map.get("message").or_else(|| map.get("error"));
+        let text = match field {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Object(inner)) => inner
+                .get("message")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            _ => None,
+        };
+        if let Some(text) = text.filter(|t| !t.trim().is_empty()) {
+            return crate::handlers::excerpt(text.as_bytes());
+        }
+    }
+    let text = crate::handlers::excerpt(body);
+    if text.is_empty() {
+        format!("forbidden (HTTP {status})")
+    } else {
+        text
+    }
+}
+
+/// The after-stage handlers whose filters pass on the final envelope. A filter that fails
+/// counts as that handler's error: it gets no delivery, and a record says why.
+pub fn select_after(
+    route: &Route,
+    envelope: &Envelope,
+    records: &mut Vec<CallRecord>,
+) -> Vec<Arc<Handler>> {
+    let mut selected = Vec::new();
+    for handler in &route.after {
+        match handler.filter.evaluate(envelope) {
+            Ok(Verdict::Pass) => selected.push(handler.clone()),
+            Ok(_) => {}
+            Err(e) => {
+                warn!(handler = %handler.name, event = %envelope.name, error = %e, "after-stage filter failed, no delivery");
+                records.push(CallRecord {
+                    at: SystemTime::now(),
+                    handler: handler.name.clone(),
+                    stage: Stage::After,
+                    attempt: 0,
+                    outcome: "error",
+                    duration: Duration::ZERO,
+                    code: None,
+                    excerpt: String::new(),
+                    error: Some(e.to_string()),
+                });
+            }
+        }
+    }
+    selected
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deny_messages() {
+        assert_eq!(deny_message(br#"{"message":"no"}"#, 403), "no");
+        assert_eq!(deny_message(br#"{"error":"nope"}"#, 409), "nope");
+        assert_eq!(deny_message(br#"{"error":{"message":"x"}}"#, 422), "x");
+        assert_eq!(deny_message(b"plain words\n", 403), "plain words");
+        assert_eq!(deny_message(b"", 403), "forbidden (HTTP 403)");
+        let long = vec![b'a'; 5000];
+        assert_eq!(deny_message(&long, 403).len(), EXCERPT);
+    }
+}

@@ -1,0 +1,361 @@
+//! The billing's events: the catalogue of names, aliases, patterns, and the envelope.
+//!
+//! Everything here is pure: no I/O, no config. The config layer uses the catalogue to
+//! check names at load; the ingress uses [`Envelope::parse`] on every request.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+/// Every event name the billing is documented to send.
+pub const CATALOGUE: &[&str] = &[
+    "clients.create",
+    "clients.update",
+    "clients.delete",
+    "clients.archive",
+    "clients.custom_fields.update",
+    "clients.balance_zero",
+    "clients.balance_notzero",
+    "clients.accounts.create",
+    "clients.accounts.update",
+    "clients.accounts.delete",
+    "clients.subscriptions.assign",
+    "clients.subscriptions.activate",
+    "clients.subscriptions.deactivate",
+    "clients.subscriptions.renew",
+    "clients.subscriptions.close",
+    "email_rates_manager.import",
+    "importd.process_success",
+    "importd.process_failed",
+];
+
+/// Maps an alias the billing (or an operator) may use to its catalogue name. Names that
+/// are not aliases come back unchanged and borrowed.
+pub fn normalize(name: &str) -> Cow<'_, str> {
+    if name == "clients.custom_fields_update" {
+        return Cow::Borrowed("clients.custom_fields.update");
+    }
+    if let Some(rest) = name.strip_prefix("clients_packages.") {
+        return Cow::Owned(format!("clients.subscriptions.{rest}"));
+    }
+    Cow::Borrowed(name)
+}
+
+/// The closest known name to `name`, for a "did you mean" hint.
+pub fn suggest<'a>(name: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    known
+        .into_iter()
+        .map(|k| (strsim::damerau_levenshtein(name, k), k))
+        .filter(|(d, k)| *d <= 3.max(k.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Whether `name` is shaped like an event name: dot-separated words of lower-case letters,
+/// digits and underscores.
+pub fn is_well_formed(name: &str) -> bool {
+    !name.is_empty()
+        && name.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        })
+}
+
+/// One entry of a handler's `events`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventPattern {
+    /// `"*"`: every event, known or not.
+    Any,
+    /// `"clients.*"`: every event under that prefix, at any depth. Holds `"clients."`.
+    Prefix(String),
+    /// One event name, normalised.
+    Exact(String),
+}
+
+impl EventPattern {
+    /// Reads a pattern as written in the config. Aliases are normalised; whether the name
+    /// is known is the config layer's business.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text == "*" {
+            return Ok(Self::Any);
+        }
+        if let Some(prefix) = text.strip_suffix(".*") {
+            if !is_well_formed(prefix) {
+                return Err(format!("`{text}` is not a valid event pattern"));
+            }
+            return Ok(Self::Prefix(format!("{prefix}.")));
+        }
+        if !is_well_formed(text) {
+            return Err(format!(
+                "`{text}` is not a valid event name (dot-separated lower-case words, \
+                 a prefix such as \"clients.*\", or \"*\")"
+            ));
+        }
+        Ok(Self::Exact(normalize(text).into_owned()))
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Prefix(prefix) => name.starts_with(prefix.as_str()),
+            Self::Exact(exact) => exact == name,
+        }
+    }
+}
+
+impl fmt::Display for EventPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Any => f.write_str("*"),
+            Self::Prefix(prefix) => write!(f, "{prefix}*"),
+            Self::Exact(name) => f.write_str(name),
+        }
+    }
+}
+
+/// What is wrong with a request body that should have been an envelope.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnvelopeError {
+    #[error("body is not valid JSON: {0}")]
+    Json(String),
+    #[error("body must be a JSON object with `event` and `data`, got {0}")]
+    NotAnObject(&'static str),
+    #[error("missing `event` object")]
+    MissingEvent,
+    #[error("`event` must be an object, got {0}")]
+    EventNotAnObject(&'static str),
+    #[error("missing `event.events_id`")]
+    MissingEventsId,
+    #[error("`event.events_id` must be a non-empty string, got {0}")]
+    BadEventsId(&'static str),
+    #[error("`event.object_id` must be a number or a string, got {0}")]
+    BadObjectId(&'static str),
+    #[error("missing `data` object")]
+    MissingData,
+    #[error("`data` must be an object, got {0}")]
+    DataNotAnObject(&'static str),
+    #[error("body nests deeper than {0} levels")]
+    TooDeep(usize),
+}
+
+/// A billing event: the envelope exactly as sent (`event` keeps any extra keys it has),
+/// plus its normalised name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// The normalised event name (`event.events_id` with aliases resolved).
+    pub name: String,
+    /// The `event` object as the billing sent it.
+    pub event: Map<String, Value>,
+    /// The `data` object, as the chain has left it so far.
+    pub data: Map<String, Value>,
+    /// Other top-level keys of the body, kept and echoed back.
+    pub extra: Map<String, Value>,
+}
+
+/// JSON nesting deeper than this is refused before parsing.
+pub const DEFAULT_MAX_DEPTH: usize = 64;
+
+impl Envelope {
+    /// Parses a request body. Aliases in `event.events_id` are normalised in `name` only;
+    /// `event` keeps what the billing sent.
+    pub fn parse(body: &[u8], max_depth: usize) -> Result<Self, EnvelopeError> {
+        check_depth(body, max_depth)?;
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| EnvelopeError::Json(e.to_string()))?;
+        Self::from_value(value)
+    }
+
+    /// Builds an envelope from an already parsed JSON value.
+    pub fn from_value(value: Value) -> Result<Self, EnvelopeError> {
+        let Value::Object(mut body) = value else {
+            return Err(EnvelopeError::NotAnObject(type_name(&value)));
+        };
+        let event = match body.remove("event") {
+            None => return Err(EnvelopeError::MissingEvent),
+            Some(Value::Object(event)) => event,
+            Some(other) => return Err(EnvelopeError::EventNotAnObject(type_name(&other))),
+        };
+        let name = match event.get("events_id") {
+            None | Some(Value::Null) => return Err(EnvelopeError::MissingEventsId),
+            Some(Value::String(s)) if !s.is_empty() => normalize(s).into_owned(),
+            Some(other) => return Err(EnvelopeError::BadEventsId(type_name(other))),
+        };
+        match event.get("object_id") {
+            None | Some(Value::Null | Value::Number(_) | Value::String(_)) => {}
+            Some(other) => return Err(EnvelopeError::BadObjectId(type_name(other))),
+        }
+        let data = match body.remove("data") {
+            None => return Err(EnvelopeError::MissingData),
+            Some(Value::Object(data)) => data,
+            Some(other) => return Err(EnvelopeError::DataNotAnObject(type_name(&other))),
+        };
+        Ok(Self {
+            name,
+            event,
+            data,
+            extra: body,
+        })
+    }
+
+    /// `event.object_id` as text (`""` when absent or null).
+    pub fn object_id(&self) -> String {
+        match self.event.get("object_id") {
+            Some(Value::Number(n)) => n.to_string(),
+            Some(Value::String(s)) => s.clone(),
+            _ => String::new(),
+        }
+    }
+
+    /// The entity this event is about: the event name without its last part, then the
+    /// object id (`clients/12`, `clients.accounts/7`).
+    pub fn entity(&self) -> String {
+        let kind = self
+            .name
+            .rsplit_once('.')
+            .map_or(self.name.as_str(), |(k, _)| k);
+        format!("{kind}/{}", self.object_id())
+    }
+
+    /// The envelope as JSON: `event`, then `data`, then any other keys the billing sent.
+    pub fn to_value(&self) -> Value {
+        let mut body = Map::with_capacity(2 + self.extra.len());
+        body.insert("event".into(), Value::Object(self.event.clone()));
+        body.insert("data".into(), Value::Object(self.data.clone()));
+        for (k, v) in &self.extra {
+            body.insert(k.clone(), v.clone());
+        }
+        Value::Object(body)
+    }
+
+    /// The envelope serialised as JSON bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        #[derive(serde::Serialize)]
+        struct Ref<'a> {
+            event: &'a Map<String, Value>,
+            data: &'a Map<String, Value>,
+            #[serde(flatten)]
+            extra: &'a Map<String, Value>,
+        }
+        serde_json::to_vec(&Ref {
+            event: &self.event,
+            data: &self.data,
+            extra: &self.extra,
+        })
+        .expect("a JSON map always serialises")
+    }
+}
+
+/// Refuses JSON nested deeper than `max` without building it. Strings are skipped, so
+/// brackets inside them do not count.
+fn check_depth(body: &[u8], max: usize) -> Result<(), EnvelopeError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return Err(EnvelopeError::TooDeep(max));
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The JSON type of a value, for error messages.
+pub fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aliases_normalise() {
+        assert_eq!(
+            normalize("clients.custom_fields_update"),
+            "clients.custom_fields.update"
+        );
+        assert_eq!(
+            normalize("clients_packages.activate"),
+            "clients.subscriptions.activate"
+        );
+        assert_eq!(normalize("clients.create"), "clients.create");
+    }
+
+    #[test]
+    fn patterns_match() {
+        let any = EventPattern::parse("*").unwrap();
+        let clients = EventPattern::parse("clients.*").unwrap();
+        let exact = EventPattern::parse("clients_packages.renew").unwrap();
+        assert!(any.matches("whatever.new"));
+        assert!(clients.matches("clients.accounts.create"));
+        assert!(!clients.matches("clientsx.create"));
+        assert!(exact.matches("clients.subscriptions.renew"));
+        assert!(EventPattern::parse("Clients.Create").is_err());
+        assert!(EventPattern::parse("clients..x").is_err());
+    }
+
+    #[test]
+    fn suggests_close_names() {
+        assert_eq!(
+            suggest("clients.crate", CATALOGUE.iter().copied()),
+            Some("clients.create")
+        );
+        assert_eq!(suggest("zzzzzzzz", CATALOGUE.iter().copied()), None);
+    }
+
+    #[test]
+    fn envelope_errors_name_the_problem() {
+        let parse = |s: &str| Envelope::parse(s.as_bytes(), DEFAULT_MAX_DEPTH);
+        assert!(matches!(parse("nope"), Err(EnvelopeError::Json(_))));
+        assert_eq!(parse("[]"), Err(EnvelopeError::NotAnObject("an array")));
+        assert_eq!(parse(r#"{"data":{}}"#), Err(EnvelopeError::MissingEvent));
+        assert_eq!(
+            parse(r#"{"event":{},"data":{}}"#),
+            Err(EnvelopeError::MissingEventsId)
+        );
+        assert_eq!(
+            parse(r#"{"event":{"events_id":"clients.create"},"data":[]}"#),
+            Err(EnvelopeError::DataNotAnObject("an array"))
+        );
+        let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        assert_eq!(parse(&deep), Err(EnvelopeError::TooDeep(DEFAULT_MAX_DEPTH)));
+        let in_string = r#"{"event":{"events_id":"a.b"},"data":{"x":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}}"#;
+        assert!(parse(in_string).is_ok());
+    }
+
+    #[test]
+    fn envelope_keeps_what_was_sent() {
+        let body = r#"{"event":{"dt":"2026-11-26T10:00:00+00:00","events_id":"clients_packages.close","object_id":12,"x":1},"data":{"b":1,"a":2}}"#;
+        let env = Envelope::parse(body.as_bytes(), DEFAULT_MAX_DEPTH).unwrap();
+        assert_eq!(env.name, "clients.subscriptions.close");
+        assert_eq!(env.entity(), "clients.subscriptions/12");
+        assert_eq!(String::from_utf8(env.to_json()).unwrap(), body);
+    }
+}

@@ -1,0 +1,557 @@
+//! Handler filters: `match` conditions and `when` CEL expressions, compiled at load and
+//! evaluated against the envelope as the chain has left it.
+//!
+//! Comparisons are loose in one way the billing needs: it sends many numbers as strings
+//! (`"companies_id": "3"`), so a number and a string that reads as that number are equal,
+//! and order comparisons between them are numeric.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use regex::Regex;
+use serde_json::{Map, Value};
+
+use crate::config::KeyPath;
+use crate::events::{Envelope, type_name};
+
+/// The operators of a `match` table.
+pub const OPERATORS: &[&str] = &[
+    "eq", "ne", "in", "not_in", "lt", "le", "gt", "ge", "exists", "regex",
+];
+
+/// A handler's compiled filters; all of them must hold.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub conditions: Vec<Condition>,
+    pub when: Option<When>,
+}
+
+/// Which part of the envelope a path starts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Root {
+    Event,
+    Data,
+}
+
+/// One `match` condition: a path and an operator.
+#[derive(Debug, Clone)]
+pub struct Condition {
+    /// The dot path as the docs write it, e.g. `data.balance`.
+    pub path: String,
+    root: Root,
+    segments: Vec<String>,
+    pub op: Op,
+}
+
+#[derive(Debug, Clone)]
+pub enum Op {
+    Eq(Value),
+    Ne(Value),
+    In(Vec<Value>),
+    NotIn(Vec<Value>),
+    Lt(Value),
+    Le(Value),
+    Gt(Value),
+    Ge(Value),
+    Exists(bool),
+    Regex(Regex),
+}
+
+/// A compiled `when` expression.
+#[derive(Clone)]
+pub struct When {
+    pub source: String,
+    program: Arc<cel::Program>,
+}
+
+impl fmt::Debug for When {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("When").field(&self.source).finish()
+    }
+}
+
+/// A filter that could not be evaluated: it counts as a handler error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("filter failed: {0}")]
+pub struct FilterError(pub String);
+
+/// Why a filter did not pass, for `explain` and debug logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// The `match` condition (as written) that was false.
+    ConditionFalse(String),
+    /// `when` was false.
+    WhenFalse,
+}
+
+impl Filter {
+    pub fn is_empty(&self) -> bool {
+        self.conditions.is_empty() && self.when.is_none()
+    }
+
+    /// Compiles `match` and `when`. Errors come with the key path, relative to the
+    /// handler, of what is wrong.
+    pub fn compile(
+        matches: Option<&Map<String, Value>>,
+        when: Option<&str>,
+    ) -> Result<Self, Vec<(KeyPath, String)>> {
+        let mut errors = Vec::new();
+        let mut conditions = Vec::new();
+        if let Some(matches) = matches {
+            let base = KeyPath::root().key("match");
+            for (key, value) in matches {
+                let segments: Vec<String> = key.split('.').map(str::to_owned).collect();
+                flatten(
+                    segments,
+                    value,
+                    &base.key(key.as_str()),
+                    &mut conditions,
+                    &mut errors,
+                );
+            }
+        }
+        let when = match when {
+            None => None,
+            Some(source) => match When::compile(source) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    errors.push((KeyPath::root().key("when"), e));
+                    None
+                }
+            },
+        };
+        if errors.is_empty() {
+            Ok(Self { conditions, when })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Evaluates every condition, then `when`, stopping at the first that is false.
+    pub fn evaluate(&self, envelope: &Envelope) -> Result<Verdict, FilterError> {
+        for condition in &self.conditions {
+            if !condition.evaluate(envelope)? {
+                return Ok(Verdict::ConditionFalse(condition.to_string()));
+            }
+        }
+        if let Some(when) = &self.when
+            && !when.evaluate(envelope)?
+        {
+            return Ok(Verdict::WhenFalse);
+        }
+        Ok(Verdict::Pass)
+    }
+}
+
+/// Walks a `match` value: operator tables become conditions, other tables are nested
+/// paths, anything else is an equality.
+fn flatten(
+    segments: Vec<String>,
+    value: &Value,
+    path: &KeyPath,
+    out: &mut Vec<Condition>,
+    errors: &mut Vec<(KeyPath, String)>,
+) {
+    if let Value::Object(table) = value {
+        let ops = table
+            .keys()
+            .filter(|k| OPERATORS.contains(&k.as_str()))
+            .count();
+        if table.is_empty() {
+            errors.push((path.clone(), "empty condition table".into()));
+            return;
+        }
+        if ops == 0 {
+            for (key, inner) in table {
+                let mut segments = segments.clone();
+                segments.extend(key.split('.').map(str::to_owned));
+                flatten(segments, inner, &path.key(key.as_str()), out, errors);
+            }
+            return;
+        }
+        if ops != table.len() {
+            let others: Vec<&str> = table
+                .keys()
+                .filter(|k| !OPERATORS.contains(&k.as_str()))
+                .map(String::as_str)
+                .collect();
+            errors.push((
+                path.clone(),
+                format!(
+                    "mixes operators with other keys ({}); operators are {}",
+                    others.join(", "),
+                    OPERATORS.join(" ")
+                ),
+            ));
+            return;
+        }
+        for (op, operand) in table {
+            match Condition::new(&segments, op, operand) {
+                Ok(c) => out.push(c),
+                Err(e) => errors.push((path.key(op.as_str()), e)),
+            }
+        }
+        return;
+    }
+    match Condition::new(&segments, "eq", value) {
+        Ok(c) => out.push(c),
+        Err(e) => errors.push((path.clone(), e)),
+    }
+}
+
+impl Condition {
+    fn new(segments: &[String], op: &str, operand: &Value) -> Result<Self, String> {
+        let joined = segments.join(".");
+        let (root, rest) = match segments.split_first() {
+            Some((first, rest)) if first == "event" => (Root::Event, rest),
+            Some((first, rest)) if first == "data" => (Root::Data, rest),
+            _ => {
+                return Err(format!("`{joined}` must start with `event.` or `data.`"));
+            }
+        };
+        if rest.is_empty() || rest.iter().any(String::is_empty) {
+            return Err(format!("`{joined}` is not a path into the envelope"));
+        }
+        let scalar = |v: &Value| -> Result<Value, String> {
+            match v {
+                Value::Array(_) | Value::Object(_) => {
+                    Err(format!("`{op}` takes a single value, got {}", type_name(v)))
+                }
+                other => Ok(other.clone()),
+            }
+        };
+        let ordered = |v: &Value| -> Result<Value, String> {
+            match v {
+                Value::Number(_) | Value::String(_) => Ok(v.clone()),
+                other => Err(format!(
+                    "`{op}` compares with a number or a string, got {}",
+                    type_name(other)
+                )),
+            }
+        };
+        let list = |v: &Value| -> Result<Vec<Value>, String> {
+            match v {
+                Value::Array(items) => items.iter().map(scalar).collect(),
+                other => Err(format!("`{op}` takes an array, got {}", type_name(other))),
+            }
+        };
+        let op = match op {
+            "eq" => Op::Eq(scalar(operand)?),
+            "ne" => Op::Ne(scalar(operand)?),
+            "in" => Op::In(list(operand)?),
+            "not_in" => Op::NotIn(list(operand)?),
+            "lt" => Op::Lt(ordered(operand)?),
+            "le" => Op::Le(ordered(operand)?),
+            "gt" => Op::Gt(ordered(operand)?),
+            "ge" => Op::Ge(ordered(operand)?),
+            "exists" => match operand {
+                Value::Bool(b) => Op::Exists(*b),
+                other => {
+                    return Err(format!(
+                        "`exists` takes true or false, got {}",
+                        type_name(other)
+                    ));
+                }
+            },
+            "regex" => match operand {
+                Value::String(pattern) => Op::Regex(Regex::new(pattern).map_err(|e| {
+                    let text = e.to_string();
+                    let last = text.lines().last().unwrap_or_default();
+                    format!(
+                        "invalid regex {pattern:?}: {}",
+                        last.trim_start_matches("error: ")
+                    )
+                })?),
+                other => {
+                    return Err(format!("`regex` takes a string, got {}", type_name(other)));
+                }
+            },
+            other => return Err(format!("unknown operator `{other}`")),
+        };
+        Ok(Self {
+            path: joined,
+            root,
+            segments: rest.to_vec(),
+            op,
+        })
+    }
+
+    /// The value at this condition's path, if there is one.
+    fn lookup<'a>(&self, envelope: &'a Envelope) -> Option<&'a Value> {
+        let map = match self.root {
+            Root::Event => &envelope.event,
+            Root::Data => &envelope.data,
+        };
+        let (first, rest) = self.segments.split_first()?;
+        let mut value = map.get(first)?;
+        for seg in rest {
+            value = match value {
+                Value::Object(m) => m.get(seg)?,
+                Value::Array(items) => items.get(seg.parse::<usize>().ok()?)?,
+                _ => return None,
+            };
+        }
+        Some(value)
+    }
+
+    pub fn evaluate(&self, envelope: &Envelope) -> Result<bool, FilterError> {
+        let actual = self.lookup(envelope).filter(|v| !v.is_null());
+        let compare = |want: &Value, accept: fn(Ordering) -> bool| match actual {
+            None => Ok(false),
+            Some(have) => match order(have, want) {
+                Some(o) => Ok(accept(o)),
+                None => Err(FilterError(format!(
+                    "{} is {}, which cannot be compared with {want}",
+                    self.path,
+                    type_name(have)
+                ))),
+            },
+        };
+        match &self.op {
+            Op::Eq(want) => Ok(actual.is_some_and(|have| loose_eq(have, want))),
+            Op::Ne(want) => Ok(!actual.is_some_and(|have| loose_eq(have, want))),
+            Op::In(list) => Ok(actual.is_some_and(|have| list.iter().any(|w| loose_eq(have, w)))),
+            Op::NotIn(list) => {
+                Ok(!actual.is_some_and(|have| list.iter().any(|w| loose_eq(have, w))))
+            }
+            Op::Lt(want) => compare(want, Ordering::is_lt),
+            Op::Le(want) => compare(want, Ordering::is_le),
+            Op::Gt(want) => compare(want, Ordering::is_gt),
+            Op::Ge(want) => compare(want, Ordering::is_ge),
+            Op::Exists(want) => Ok(actual.is_some() == *want),
+            Op::Regex(re) => match actual {
+                None => Ok(false),
+                Some(Value::String(s)) => Ok(re.is_match(s)),
+                Some(Value::Number(n)) => Ok(re.is_match(&n.to_string())),
+                Some(other) => Err(FilterError(format!(
+                    "{} is {}, which a regex cannot match",
+                    self.path,
+                    type_name(other)
+                ))),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Condition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = &self.path;
+        let list = |items: &[Value]| {
+            items
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match &self.op {
+            Op::Eq(v) => write!(f, "{path} = {v}"),
+            Op::Ne(v) => write!(f, "{path} ne {v}"),
+            Op::In(vs) => write!(f, "{path} in [{}]", list(vs)),
+            Op::NotIn(vs) => write!(f, "{path} not_in [{}]", list(vs)),
+            Op::Lt(v) => write!(f, "{path} lt {v}"),
+            Op::Le(v) => write!(f, "{path} le {v}"),
+            Op::Gt(v) => write!(f, "{path} gt {v}"),
+            Op::Ge(v) => write!(f, "{path} ge {v}"),
+            Op::Exists(b) => write!(f, "{path} exists = {b}"),
+            Op::Regex(re) => write!(f, "{path} regex {:?}", re.as_str()),
+        }
+    }
+}
+
+/// A number, also when it is written as a string.
+fn as_number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok().filter(|f| f.is_finite()),
+        _ => None,
+    }
+}
+
+fn loose_eq(have: &Value, want: &Value) -> bool {
+    match (have, want) {
+        (Value::Number(a), Value::Number(b)) => {
+            a == b || matches!((a.as_f64(), b.as_f64()), (Some(x), Some(y)) if x == y)
+        }
+        (Value::String(_), Value::Number(_)) | (Value::Number(_), Value::String(_)) => {
+            matches!((as_number(have), as_number(want)), (Some(x), Some(y)) if x == y)
+        }
+        (Value::Bool(a), Value::String(s)) | (Value::String(s), Value::Bool(a)) => {
+            s == if *a { "true" } else { "false" }
+        }
+        _ => have == want,
+    }
+}
+
+fn order(have: &Value, want: &Value) -> Option<Ordering> {
+    if let (Some(a), Some(b)) = (as_number(have), as_number(want))
+        && (have.is_number() || want.is_number())
+    {
+        return a.partial_cmp(&b);
+    }
+    match (have, want) {
+        (Value::String(a), Value::String(b)) => Some(a.cmp(b)),
+        _ => None,
+    }
+}
+
+/// The CEL environment, built once: building it registers the whole standard library.
+fn cel_env() -> &'static Arc<cel::Env> {
+    static ENV: OnceLock<Arc<cel::Env>> = OnceLock::new();
+    ENV.get_or_init(|| Arc::new(cel::Env::stdlib()))
+}
+
+impl When {
+    pub fn compile(source: &str) -> Result<Self, String> {
+        let program = cel_env().compile(source).map_err(|e| {
+            let text = e
+                .errors
+                .iter()
+                .map(|e| format!("{}:{}: {}", e.pos.0, e.pos.1, e.msg))
+                .collect::<Vec<_>>()
+                .join("; ");
+            format!("invalid CEL expression: {text}")
+        })?;
+        Ok(Self {
+            source: source.to_owned(),
+            program: Arc::new(program),
+        })
+    }
+
+    pub fn evaluate(&self, envelope: &Envelope) -> Result<bool, FilterError> {
+        let mut context = cel::Context::with_env(cel_env().clone());
+        context
+            .add_variable("event", &envelope.event)
+            .and_then(|()| context.add_variable("data", &envelope.data))
+            .map_err(|e| FilterError(format!("when: {e}")))?;
+        match self.program.execute(&context) {
+            Ok(cel::Value::Bool(b)) => Ok(b),
+            Ok(other) => Err(FilterError(format!(
+                "when must be true or false, got {other:?}"
+            ))),
+            Err(e) => Err(FilterError(format!("when: {e}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn envelope(data: Value) -> Envelope {
+        Envelope::from_value(json!({
+            "event": {"events_id": "clients.update", "object_id": 12},
+            "data": data,
+        }))
+        .unwrap()
+    }
+
+    fn filter(m: Value, when: Option<&str>) -> Filter {
+        Filter::compile(m.as_object(), when).unwrap()
+    }
+
+    fn passes(f: &Filter, data: Value) -> bool {
+        f.evaluate(&envelope(data)).unwrap() == Verdict::Pass
+    }
+
+    #[test]
+    fn every_operator() {
+        let cases = [
+            (json!({"data.a": 3}), json!({"a": "3"}), true),
+            (json!({"data.a": 3}), json!({"a": 4}), false),
+            (json!({"data.a": {"eq": "x"}}), json!({"a": "x"}), true),
+            (json!({"data.a": {"ne": 1}}), json!({"a": 2}), true),
+            (json!({"data.a": {"ne": 1}}), json!({}), true),
+            (json!({"data.a": {"in": [1, 2]}}), json!({"a": 2}), true),
+            (json!({"data.a": {"in": [1, 2]}}), json!({"a": 3}), false),
+            (json!({"data.a": {"not_in": [1, 2]}}), json!({"a": 3}), true),
+            (json!({"data.a": {"lt": 0}}), json!({"a": -1.5}), true),
+            (json!({"data.a": {"lt": 0}}), json!({"a": "0"}), false),
+            (json!({"data.a": {"le": 0}}), json!({"a": 0}), true),
+            (json!({"data.a": {"gt": 10}}), json!({"a": "11"}), true),
+            (json!({"data.a": {"ge": "b"}}), json!({"a": "a"}), false),
+            (
+                json!({"data.a": {"gt": 0, "lt": 10}}),
+                json!({"a": 5}),
+                true,
+            ),
+            (json!({"data.a": {"exists": true}}), json!({"a": 0}), true),
+            (
+                json!({"data.a": {"exists": true}}),
+                json!({"a": null}),
+                false,
+            ),
+            (json!({"data.a": {"exists": false}}), json!({}), true),
+            (
+                json!({"data.a": {"regex": "^AC"}}),
+                json!({"a": "ACME"}),
+                true,
+            ),
+            (
+                json!({"data.a": {"regex": "^AC"}}),
+                json!({"a": "acme"}),
+                false,
+            ),
+            (
+                json!({"data": {"b": {"c": {"lt": 0}}}}),
+                json!({"b": {"c": -1}}),
+                true,
+            ),
+            (json!({"event.object_id": 12}), json!({}), true),
+            (json!({"data.l.1": "y"}), json!({"l": ["x", "y"]}), true),
+        ];
+        for (m, data, want) in cases {
+            let f = filter(m.clone(), None);
+            assert_eq!(passes(&f, data.clone()), want, "{m} on {data}");
+        }
+    }
+
+    #[test]
+    fn bad_filters_are_load_errors() {
+        let errs = |m: Value| Filter::compile(m.as_object(), None).unwrap_err();
+        assert!(
+            errs(json!({"data.a": {"regex": "("}}))[0]
+                .1
+                .contains("invalid regex")
+        );
+        assert!(errs(json!({"name": 1}))[0].1.contains("must start with"));
+        assert!(
+            errs(json!({"data.a": {"in": 1}}))[0]
+                .1
+                .contains("takes an array")
+        );
+        assert!(
+            errs(json!({"data.a": {"lt": 1, "x": 2}}))[0]
+                .1
+                .contains("mixes")
+        );
+        let e = Filter::compile(None, Some("data.a ==")).unwrap_err();
+        assert!(e[0].1.contains("invalid CEL"), "{e:?}");
+    }
+
+    #[test]
+    fn cel_when() {
+        let f = filter(
+            json!({}),
+            Some(r#"has(data.email) && data.email.endsWith("@acme.example")"#),
+        );
+        assert!(passes(&f, json!({"email": "a@acme.example"})));
+        assert!(!passes(&f, json!({"email": "a@other.example"})));
+        assert!(!passes(&f, json!({})));
+        let f = filter(json!({}), Some("data.missing > 1"));
+        assert!(f.evaluate(&envelope(json!({}))).is_err());
+        let f = filter(
+            json!({}),
+            Some("event.object_id == 12 && data.n.exists(x, x > 2)"),
+        );
+        assert!(passes(&f, json!({"n": [1, 3]})));
+    }
+
+    #[test]
+    fn mismatched_types_are_runtime_errors() {
+        let f = filter(json!({"data.a": {"lt": 0}}), None);
+        assert!(f.evaluate(&envelope(json!({"a": true}))).is_err());
+    }
+}

@@ -1,0 +1,170 @@
+//! Script handlers: argv without a shell, the envelope on stdin, a clean environment,
+//! a process group of its own so that a timeout kills everything the script started.
+
+use std::process::Stdio;
+
+use bytes::{Bytes, BytesMut};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+use super::{Call, CallError, REPLY_CAP, Reply, STDERR_CAP};
+use crate::config::ScriptTarget;
+
+/// Variables passed through from provisiond's own environment; everything else is
+/// cleared so that no secret of the sidecar leaks into a script by accident.
+const PASSED_THROUGH: &[&str] = &["PATH", "HOME", "LANG"];
+
+pub async fn call(target: &ScriptTarget, call: &Call<'_>) -> Result<Reply, CallError> {
+    let program = &target.argv[0];
+    let mut command = Command::new(program);
+    command
+        .args(&target.argv[1..])
+        .env_clear()
+        .current_dir(&target.workdir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for name in PASSED_THROUGH {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    command
+        .envs(target.env.iter().map(|(k, v)| (k, v)))
+        .env("PROVISIONING_EVENT", call.event)
+        .env("PROVISIONING_OBJECT_ID", call.object_id)
+        .env("PROVISIONING_HANDLER", &call.handler.name)
+        .env("PROVISIONING_ATTEMPT", call.attempt.to_string());
+
+    let mut child = command.spawn().map_err(|e| CallError::Spawn {
+        program: target.shown_argv[0].clone(),
+        error: e.to_string(),
+    })?;
+    let pid = child.id();
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let body = call.body.clone();
+
+    let run = async {
+        let write = async move {
+            // A script that exits without reading its stdin is fine: ignore the broken pipe.
+            let _ = stdin.write_all(&body).await;
+            drop(stdin);
+        };
+        let (_, (stdout, truncated), stderr) = tokio::join!(
+            write,
+            read_head(stdout, REPLY_CAP),
+            read_tail(stderr, STDERR_CAP)
+        );
+        let status = child.wait().await;
+        (status, stdout, truncated, stderr)
+    };
+    let (status, stdout, truncated, stderr) = match tokio::time::timeout(call.timeout, run).await {
+        Ok(done) => done,
+        Err(_) => {
+            kill_group(pid);
+            let _ = child.wait().await;
+            return Err(CallError::Timeout(call.timeout));
+        }
+    };
+    let status = status.map_err(|e| CallError::Io(format!("waiting for the script: {e}")))?;
+    use std::os::unix::process::ExitStatusExt as _;
+    Ok(Reply::Script {
+        code: status.code(),
+        signal: status.signal(),
+        stdout,
+        truncated,
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    })
+}
+
+/// Kills the script's whole process group: the script and anything it started.
+fn kill_group(pid: Option<u32>) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// Reads to the end, keeping the first `cap` bytes.
+async fn read_head(mut reader: impl AsyncRead + Unpin, cap: usize) -> (Bytes, bool) {
+    let mut kept = BytesMut::new();
+    let mut truncated = false;
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = cap.saturating_sub(kept.len());
+                if n > room {
+                    truncated = true;
+                }
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+    }
+    (kept.freeze(), truncated)
+}
+
+/// Reads to the end, keeping the last `cap` bytes.
+async fn read_tail(mut reader: impl AsyncRead + Unpin, cap: usize) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                kept.extend_from_slice(&buf[..n]);
+                if kept.len() > 2 * cap {
+                    kept.drain(..kept.len() - cap);
+                }
+            }
+        }
+    }
+    if kept.len() > cap {
+        kept.drain(..kept.len() - cap);
+    }
+    kept
+}
+
+/// The last lines of a script's stderr, at most `max_bytes` of them: the message of a
+/// script that forbids, as a git hook's would be.
+pub fn last_lines(stderr: &str, lines: usize, max_bytes: usize) -> String {
+    let trimmed = stderr.trim_end();
+    let mut start = trimmed.len();
+    for _ in 0..lines {
+        match trimmed[..start].rfind('\n') {
+            Some(at) => start = at,
+            None => {
+                start = 0;
+                break;
+            }
+        }
+    }
+    let mut text = trimmed[start..].trim_start_matches('\n');
+    if text.len() > max_bytes {
+        let mut cut = text.len() - max_bytes;
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
+        text = &text[cut..];
+    }
+    text.trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_last_lines() {
+        assert_eq!(last_lines("a\nb\nc\nd\n", 2, 100), "c\nd");
+        assert_eq!(last_lines("only", 5, 100), "only");
+        assert_eq!(last_lines("", 5, 100), "");
+        assert_eq!(last_lines("xxxxé", 1, 2), "é");
+    }
+}

@@ -1,0 +1,198 @@
+//! Calling handlers: HTTP webhooks ([`http`]) and local scripts ([`exec`]).
+//!
+//! This module only makes the call and reports what came back ([`Reply`]) or why nothing
+//! usable did ([`CallError`]). What a reply *means* (allow, deny, retry, dead letter)
+//! depends on the stage and is decided by the caller: [`crate::dispatch`] for the before
+//! stage, the delivery workers for the after stage.
+
+pub mod exec;
+pub mod http;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::config::{Handler, Target};
+
+/// Largest HTTP reply body or script stdout read; the rest is discarded.
+pub const REPLY_CAP: usize = 4 << 20;
+/// How much of a script's stderr is kept (its end).
+pub const STDERR_CAP: usize = 64 << 10;
+/// Length of reply excerpts in messages and the execution log.
+pub const EXCERPT: usize = 1024;
+
+/// One call of one handler.
+pub struct Call<'a> {
+    pub handler: &'a Handler,
+    /// The normalised event name.
+    pub event: &'a str,
+    /// `event.object_id` as text.
+    pub object_id: &'a str,
+    /// The envelope, serialised.
+    pub body: Bytes,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// Stable id of this message (`webhook-id`): the same across retries of a delivery.
+    pub message_id: &'a str,
+    /// Time allowed for this call, waiting for a free slot included.
+    pub timeout: Duration,
+}
+
+/// What came back from a handler that answered.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Http {
+        status: u16,
+        body: Bytes,
+        /// The body was longer than [`REPLY_CAP`] and was cut.
+        truncated: bool,
+        /// `Retry-After`, when the reply had one.
+        retry_after: Option<Duration>,
+    },
+    Script {
+        /// Exit code; `None` when the process was killed by a signal.
+        code: Option<i32>,
+        signal: Option<i32>,
+        stdout: Bytes,
+        truncated: bool,
+        /// The end of stderr, lossily decoded.
+        stderr: String,
+    },
+}
+
+impl Reply {
+    /// The reply body or stdout.
+    pub fn body(&self) -> &Bytes {
+        match self {
+            Reply::Http { body, .. } => body,
+            Reply::Script { stdout, .. } => stdout,
+        }
+    }
+
+    /// Status code or exit code, for logs (`-signal` for a killed script).
+    pub fn code(&self) -> i64 {
+        match self {
+            Reply::Http { status, .. } => i64::from(*status),
+            Reply::Script { code: Some(c), .. } => i64::from(*c),
+            Reply::Script { signal, .. } => -i64::from(signal.unwrap_or(0)),
+        }
+    }
+
+    /// The first [`EXCERPT`] bytes of the body (HTTP) or of stderr, else stdout (script).
+    pub fn excerpt(&self) -> String {
+        match self {
+            Reply::Http { body, .. } => excerpt(body),
+            Reply::Script { stderr, stdout, .. } if stderr.trim().is_empty() => excerpt(stdout),
+            Reply::Script { stderr, .. } => excerpt(stderr.as_bytes()),
+        }
+    }
+}
+
+/// Why a call produced no reply. [`CallError::retryable`] tells the after stage whether
+/// another attempt may help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    #[error("timed out after {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    #[error("no free slot within {} (max_concurrency = {})", humantime::format_duration(*.0), .1)]
+    Busy(Duration, usize),
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("request failed: {0}")]
+    Request(String),
+    #[error("cannot start {program}: {error}")]
+    Spawn { program: String, error: String },
+    #[error("{0}")]
+    Io(String),
+}
+
+impl CallError {
+    /// Whether trying again later may succeed. Only a program that cannot be started is
+    /// hopeless until the config or the host changes, and even that is retried: an
+    /// operator may be deploying the script right now.
+    pub fn retryable(&self) -> bool {
+        true
+    }
+}
+
+/// Makes calls. One per process: it owns the pooled HTTP client every handler shares.
+#[derive(Clone)]
+pub struct Caller {
+    http: reqwest::Client,
+}
+
+impl Caller {
+    pub fn new() -> Self {
+        Self {
+            http: http::client(),
+        }
+    }
+
+    /// Calls a handler, waiting for one of its `max_concurrency` slots first. The whole
+    /// call, the wait included, takes at most `call.timeout`.
+    pub async fn call(&self, call: Call<'_>) -> Result<Reply, CallError> {
+        let started = Instant::now();
+        let handler = call.handler;
+        let _permit = tokio::time::timeout(call.timeout, handler.slots.acquire())
+            .await
+            .map_err(|_| CallError::Busy(call.timeout, handler.max_concurrency))?
+            .expect("handler semaphores are never closed");
+        let remaining = call.timeout.saturating_sub(started.elapsed());
+        if remaining.is_zero() {
+            return Err(CallError::Busy(call.timeout, handler.max_concurrency));
+        }
+        let allowed = call.timeout;
+        let call = Call {
+            timeout: remaining,
+            ..call
+        };
+        let result = match &handler.target {
+            Target::Http(target) => http::call(&self.http, target, &call).await,
+            Target::Script(target) => exec::call(target, &call).await,
+        };
+        // Report the time the call was given, not what was left of it after the wait.
+        result.map_err(|e| match e {
+            CallError::Timeout(_) => CallError::Timeout(allowed),
+            other => other,
+        })
+    }
+}
+
+impl Default for Caller {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A fresh message id for a call that is not a stored delivery: `msg_` and 24 hex digits
+/// from the process start time and a counter, unique within and across runs.
+pub fn new_message_id() -> String {
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let start = *START.get_or_init(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    format!(
+        "msg_{start:016x}{:08x}",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// At most [`EXCERPT`] bytes of `bytes` as text, cut at a character boundary.
+pub fn excerpt(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(EXCERPT)]);
+    text.trim().to_owned()
+}
+
+/// The innermost message of an error chain: "Connection refused (os error 111)" rather
+/// than "error sending request".
+pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    current.to_string()
+}

@@ -1,0 +1,27 @@
+//! provisiond: a sidecar that dispatches JeraSoft Billing's provisioning events to the
+//! handlers declared in `provisioning.toml`.
+//!
+//! # Layout
+//!
+//! In the order an event flows through them:
+//!
+//! - [`config`]: `provisioning.toml` from text to an immutable, validated [`config::Config`].
+//! - [`events`]: the event catalogue, aliases, patterns, and the billing's envelope.
+//! - [`server`]: the listener; `POST /events` ([`server::ingress`]) and the admin routes.
+//! - [`dispatch`]: the config snapshot and its plan (handlers by event, in order), and
+//!   the before-stage chain.
+//! - [`filter`]: `match` conditions and `when` CEL expressions.
+//! - [`handlers`]: calling HTTP handlers and scripts.
+//! - [`telemetry`], [`shutdown`]: logs and signals.
+//! - [`commands`]: the subcommands the binary runs.
+#![forbid(unsafe_code)]
+
+pub mod commands;
+pub mod config;
+pub mod dispatch;
+pub mod events;
+pub mod filter;
+pub mod handlers;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,73 @@
+//! The `provisiond` command line: parse the arguments, call the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use provisiond::commands;
+use provisiond::telemetry::{self, LogFormat};
+
+/// A sidecar that dispatches JeraSoft Billing's provisioning events to the handlers in
+/// provisioning.toml.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The config file.
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "PROVISIOND_CONFIG",
+        default_value = "provisioning.toml"
+    )]
+    config: PathBuf,
+    /// Log format: pretty on a terminal and JSON otherwise, unless set.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
+    log_format: LogFormat,
+    /// Log level or filter (e.g. "debug", "provisiond=debug"); overrides RUST_LOG.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve events (the default).
+    Run,
+    /// Validate the config: print a summary, or every error with its line; exit 1 on error.
+    Check,
+    /// Print the config's JSON Schema.
+    Schema,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => commands::check(&cli.config),
+        Command::Schema => {
+            print!("{}", commands::schema());
+            ExitCode::SUCCESS
+        }
+        Command::Run => {
+            if let Err(e) = telemetry::init(cli.log_format, cli.log_level.as_deref()) {
+                eprintln!("provisiond: {e:#}");
+                return ExitCode::FAILURE;
+            }
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("provisiond: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(commands::run(&cli.config)) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("provisiond: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! The HTTP listener: TCP or unix socket, hyper http1, connection cap, header timeout,
+//! graceful drain. Routes live in [`ingress`] (`POST /events`) and [`admin`] (the rest).
+
+pub mod admin;
+pub mod ingress;
+mod reply;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::Listen;
+use crate::dispatch::Snapshot;
+use crate::handlers::Caller;
+
+pub use reply::Body;
+
+/// Everything a request needs, shared by all connections.
+pub struct App {
+    /// The live config. Each event loads it once and keeps that snapshot to the end.
+    pub snapshot: ArcSwap<Snapshot>,
+    pub caller: Caller,
+    /// Events being handled; over `server.max_in_flight` the billing gets 503.
+    pub in_flight: Semaphore,
+    /// Set when shutdown begins: new events get 503 with Retry-After.
+    pub draining: AtomicBool,
+}
+
+impl App {
+    pub fn new(snapshot: Snapshot) -> Arc<Self> {
+        let max_in_flight = snapshot.config.server.max_in_flight;
+        Arc::new(Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            caller: Caller::new(),
+            in_flight: Semaphore::new(max_in_flight),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// A bound listener: TCP, or a unix socket.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+impl Listener {
+    /// Binds `listen`. A unix socket replaces a stale socket file and gets mode 0660.
+    pub async fn bind(listen: &Listen) -> std::io::Result<Self> {
+        match listen {
+            Listen::Tcp(addr) => Ok(Self::Tcp(TcpListener::bind(addr).await?)),
+            Listen::Unix(path) => {
+                use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if !meta.file_type().is_socket() {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::AlreadyExists,
+                            format!("{} exists and is not a socket", path.display()),
+                        ));
+                    }
+                    std::fs::remove_file(path)?;
+                }
+                let listener = UnixListener::bind(path)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+                Ok(Self::Unix(listener, path.clone()))
+            }
+        }
+    }
+
+    /// The bound address, as `listen` would write it (with the real port for `:0`).
+    pub fn local_addr(&self) -> String {
+        match self {
+            Self::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|e| format!("?({e})"), |a| a.to_string()),
+            Self::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+
+    async fn accept(
+        &self,
+    ) -> std::io::Result<Either<tokio::net::TcpStream, tokio::net::UnixStream>> {
+        match self {
+            Self::Tcp(l) => {
+                let (stream, _) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Ok(Either::Left(stream))
+            }
+            Self::Unix(l, _) => Ok(Either::Right(l.accept().await?.0)),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Self::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Serves until `shutdown` is cancelled, then stops accepting and gives open connections
+/// up to `grace` to finish the requests they are in.
+pub async fn serve(
+    listener: Listener,
+    app: Arc<App>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let server = app.snapshot.load().config.server.clone();
+    let connections = Arc::new(Semaphore::new(server.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.header_timeout)
+        .keep_alive(true);
+
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit.expect("never closed"),
+            () = shutdown.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let app = app.clone();
+        let service = service_fn(move |request| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(route(&app, request).await) }
+        });
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+
+    drop(listener);
+    app.draining.store(true, Ordering::Relaxed);
+    info!(grace = %crate::dispatch::fmt_duration(grace), "draining connections");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("grace period over, closing the remaining connections");
+    }
+}
+
+/// Sends a request to its route.
+async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+    let path = request.uri().path().to_owned();
+    match (request.method(), path.as_str()) {
+        (&Method::POST, "/events") => ingress::events(app, request).await,
+        (_, "/events") => reply::method_not_allowed("POST"),
+        _ => admin::route(app, request).await,
+    }
+}
+
+/// A fixed body, as every route answers.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+}

@@ -1,0 +1,56 @@
+//! JSON replies with the error shape of the design: `{"error": {"message": ...}}`.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::{Response, StatusCode};
+use serde_json::json;
+
+pub type Body = Full<Bytes>;
+
+/// A JSON reply.
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    raw_json(
+        status,
+        serde_json::to_vec(value).expect("JSON values serialise"),
+    )
+}
+
+/// A reply whose body is already JSON.
+pub fn raw_json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// `{"error": {"message": ...}}` with a status.
+pub fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    json(status, &json!({"error": {"message": message.into()}}))
+}
+
+/// 503 with `Retry-After`.
+pub fn unavailable(message: &str, retry_after_secs: u64) -> Response<Body> {
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, message);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    response
+}
+
+pub fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut response = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method not allowed; use {allow}"),
+    );
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+pub fn not_found(path: &str) -> Response<Body> {
+    error(StatusCode::NOT_FOUND, format!("no route for {path}"))
+}

@@ -1,0 +1,567 @@
+//! The synchronous path: the billing posts to a real provisiond process, which calls real
+//! HTTP handler servers and real scripts, and answers.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+/// An HTTP handler that appends `tag` to `data.trail` and returns the envelope.
+async fn appender(tag: &'static str) -> HandlerServer {
+    HandlerServer::start(move |call| async move {
+        let mut envelope = call.json();
+        let trail = envelope["data"]["trail"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        envelope["data"]["trail"] = Value::String(trail + tag);
+        reply(200, envelope.to_string())
+    })
+    .await
+}
+
+/// A script that appends `tag` to `data.trail`, run through python3.
+fn appender_script(dir: &std::path::Path, tag: &str) -> String {
+    let path = script(
+        dir,
+        &format!("append-{tag}.py"),
+        &format!(
+            "#!/usr/bin/env python3\nimport json, sys\n\
+             env = json.load(sys.stdin)\n\
+             env['data']['trail'] = env['data'].get('trail', '') + '{tag}'\n\
+             json.dump(env, sys.stdout)\n"
+        ),
+    );
+    path.display().to_string()
+}
+
+fn http_handler(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        "[[handler]]\nname = \"{name}\"\nevents = [\"*\"]\nstage = \"before\"\nurl = {}\n{extra}\n",
+        toml_str(url)
+    )
+}
+
+fn script_handler(name: &str, path: &str, extra: &str) -> String {
+    format!(
+        "[[handler]]\nname = \"{name}\"\nevents = [\"*\"]\nstage = \"before\"\ncommand = [{}]\n{extra}\n",
+        toml_str(path)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn echo_handler_returns_exactly_what_the_billing_sent() {
+    let echo = HandlerServer::echo().await;
+    let config = format!(
+        "{SERVER}{}",
+        http_handler("echo", &echo.url("/echo"), "modifies = true")
+    );
+    let sidecar = Sidecar::start(&config);
+    let sent = r#"{"event":{"dt":"2026-11-26T10:00:00+00:00","events_id":"clients.update","object_id":12},"data":{"id":12,"name":"My changed name","balance":"-3.50","tags":["a","b"],"nested":{"z":1,"a":[1.5,null,true]}}}"#;
+    let response = http_client()
+        .post(sidecar.url("/events"))
+        .body(sent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/json",
+        "the billing gets JSON back"
+    );
+    assert_eq!(response.text().await.unwrap(), sent);
+
+    let calls = echo.calls();
+    assert_eq!(calls.len(), 1);
+    let call = &calls[0];
+    assert_eq!(call.method, "POST");
+    assert_eq!(call.path, "/echo");
+    assert_eq!(call.header("content-type"), Some("application/json"));
+    assert_eq!(call.header("x-provisioning-event"), Some("clients.update"));
+    assert_eq!(call.header("x-provisioning-handler"), Some("echo"));
+    assert_eq!(String::from_utf8_lossy(&call.body), sent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chain_runs_in_priority_order_each_seeing_the_previous_data() {
+    let first = appender("1").await;
+    let third = appender("3").await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let second = appender_script(dir.path(), "2");
+    // Declared out of order; a tie on priority keeps file order (4 before 5).
+    let tie_a = appender("4").await;
+    let tie_b = appender("5").await;
+    let config = format!(
+        "{SERVER}{}{}{}{}{}",
+        http_handler("third", &third.url("/"), "priority = 30\nmodifies = true"),
+        http_handler("tie-a", &tie_a.url("/"), "priority = 40\nmodifies = true"),
+        script_handler("second", &second, "priority = 20\nmodifies = true"),
+        http_handler("tie-b", &tie_b.url("/"), "priority = 40\nmodifies = true"),
+        http_handler("first", &first.url("/"), "priority = 10\nmodifies = true"),
+    );
+    let sidecar = Sidecar::start_in(dir, &config, &[]);
+    let (status, body) = sidecar
+        .send("clients.create", 7, json!({"name": "ACME"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"]["trail"], "12345");
+    assert_eq!(body["data"]["name"], "ACME");
+    assert_eq!(first.calls()[0].json()["data"].get("trail"), None);
+    assert_eq!(third.calls()[0].json()["data"]["trail"], "12");
+    assert_eq!(tie_a.calls()[0].json()["data"]["trail"], "123");
+    assert_eq!(tie_b.calls()[0].json()["data"]["trail"], "1234");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_forbid_stops_the_chain_with_the_handlers_message() {
+    let guard =
+        HandlerServer::fixed(403, r#"{"message": "client name must start with ACME"}"#).await;
+    let later = HandlerServer::echo().await;
+    let config = format!(
+        "{SERVER}{}{}",
+        http_handler("check-name", &guard.url("/"), "priority = 1"),
+        http_handler("later", &later.url("/"), "priority = 2"),
+    );
+    let sidecar = Sidecar::start(&config);
+    let (status, body) = sidecar
+        .send("clients.create", 1, json!({"name": "x"}))
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        body,
+        json!({"error": {"handler": "check-name", "message": "client name must start with ACME"}})
+    );
+    assert!(
+        later.calls().is_empty(),
+        "a later handler must not run after a deny"
+    );
+
+    // 409 and 422 forbid too; the message may be plain text.
+    for status_code in [409u16, 422] {
+        let guard =
+            HandlerServer::start(move |_| async move { reply(status_code, "no such plan\n") })
+                .await;
+        let sidecar = Sidecar::start(&format!(
+            "{SERVER}{}",
+            http_handler("g", &guard.url("/"), "")
+        ));
+        let (status, body) = sidecar.send("clients.create", 1, json!({})).await;
+        assert_eq!(status, 403);
+        assert_eq!(body["error"]["message"], "no such plan");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn script_forbid_carries_the_last_lines_of_stderr() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let deny = script(
+        dir.path(),
+        "deny.sh",
+        "#!/bin/sh\ncat >/dev/null\necho 'noise' >&2\necho 'balance too low' >&2\necho 'for client 9' >&2\nexit 1\n",
+    );
+    let silent = script(dir.path(), "silent.sh", "#!/bin/sh\nexit 3\n");
+    let later = HandlerServer::echo().await;
+    let config = format!(
+        "{SERVER}{}{}",
+        script_handler("deny-script", &deny.display().to_string(), "priority = 1"),
+        http_handler("later", &later.url("/"), "priority = 2"),
+    );
+    let config_silent = format!(
+        "{SERVER}{}",
+        script_handler("silent", &silent.display().to_string(), "")
+    );
+    let sidecar = Sidecar::start_in(dir, &config, &[]);
+    let (status, body) = sidecar.send("clients.balance_zero", 9, json!({})).await;
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["handler"], "deny-script");
+    assert_eq!(
+        body["error"]["message"],
+        "noise\nbalance too low\nfor client 9"
+    );
+    assert!(later.calls().is_empty());
+
+    let sidecar = Sidecar::start(&config_silent);
+    let (status, body) = sidecar.send("clients.balance_zero", 9, json!({})).await;
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["message"], "exited with status 3");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn script_gets_the_envelope_and_its_environment() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let out = dir.path().join("seen");
+    let path = script(
+        dir.path(),
+        "env.sh",
+        &format!(
+            "#!/bin/sh\ncat > {out}.stdin\nenv | sort > {out}.env\npwd > {out}.pwd\n",
+            out = out.display()
+        ),
+    );
+    let config = format!(
+        "{SERVER}{}",
+        script_handler(
+            "envy",
+            &path.display().to_string(),
+            "env = { SWITCH_API = \"http://switch:8080\" }"
+        )
+    );
+    let sidecar = Sidecar::start_in(dir, &config, &[("PROVISIOND_SECRET_THING", "hush")]);
+    let sent = envelope("clients_packages.activate", 77, json!({"plan": "gold"}));
+    let (status, _) = sidecar.post(sent.to_string()).await;
+    assert_eq!(status, 200);
+    let stdin: Value =
+        serde_json::from_slice(&std::fs::read(format!("{}.stdin", out.display())).unwrap())
+            .unwrap();
+    assert_eq!(stdin, sent, "the script reads the envelope on stdin");
+    let env = std::fs::read_to_string(format!("{}.env", out.display())).unwrap();
+    for line in [
+        "PROVISIONING_EVENT=clients.subscriptions.activate",
+        "PROVISIONING_OBJECT_ID=77",
+        "PROVISIONING_HANDLER=envy",
+        "PROVISIONING_ATTEMPT=1",
+        "SWITCH_API=http://switch:8080",
+    ] {
+        assert!(
+            env.lines().any(|l| l == line),
+            "{line} missing from:\n{env}"
+        );
+    }
+    assert!(env.lines().any(|l| l.starts_with("PATH=")));
+    assert!(
+        !env.contains("PROVISIOND_SECRET_THING"),
+        "the sidecar's own environment does not leak into scripts"
+    );
+    let pwd = std::fs::read_to_string(format!("{}.pwd", out.display())).unwrap();
+    assert_eq!(
+        std::fs::canonicalize(pwd.trim()).unwrap(),
+        std::fs::canonicalize(sidecar.dir.path()).unwrap(),
+        "scripts run in the config file's directory"
+    );
+}
+
+/// The three ways a handler fails, each under both `on_error` settings.
+#[tokio::test(flavor = "multi_thread")]
+async fn handler_failures_follow_on_error() {
+    let slow = HandlerServer::start(|call| async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        reply(200, call.body)
+    })
+    .await;
+    let garbage = HandlerServer::fixed(200, "<html>not json</html>").await;
+    let failures = [
+        ("timeout", slow.url("/"), "timed out after 300ms"),
+        ("refused", refused_url(), "cannot connect"),
+        ("garbage", garbage.url("/"), "reply is not an envelope"),
+    ];
+    for (kind, url, expected) in failures {
+        for on_error in ["allow", "deny"] {
+            let after = HandlerServer::echo().await;
+            let config = format!(
+                "{SERVER}{}{}",
+                http_handler(
+                    "flaky",
+                    &url,
+                    &format!(
+                        "priority = 1\nmodifies = true\ntimeout = \"300ms\"\non_error = \"{on_error}\""
+                    )
+                ),
+                http_handler("after", &after.url("/"), "priority = 2"),
+            );
+            let sidecar = Sidecar::start(&config);
+            let (status, body) = sidecar.send("clients.update", 3, json!({"a": 1})).await;
+            if on_error == "allow" {
+                assert_eq!(status, 200, "{kind} under allow: {body}");
+                assert_eq!(body["data"], json!({"a": 1}), "{kind}: data unchanged");
+                assert_eq!(after.calls().len(), 1, "{kind}: the chain goes on");
+            } else {
+                assert_eq!(status, 403, "{kind} under deny: {body}");
+                assert_eq!(body["error"]["handler"], "flaky");
+                let message = body["error"]["message"].as_str().unwrap();
+                assert!(message.starts_with("handler failed: "), "{message}");
+                assert!(message.contains(expected), "{kind}: {message}");
+                assert!(after.calls().is_empty(), "{kind}: the chain stops");
+            }
+            // Either way the sidecar keeps serving.
+            let (status, _) = sidecar.send("clients.update", 3, json!({})).await;
+            assert!(status == 200 || status == 403);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn other_statuses_are_errors_not_denials() {
+    let broken = HandlerServer::fixed(500, "database down").await;
+    let config = format!(
+        "{SERVER}{}",
+        http_handler("b", &broken.url("/"), "on_error = \"deny\"")
+    );
+    let sidecar = Sidecar::start(&config);
+    let (status, body) = sidecar.send("clients.update", 3, json!({})).await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        body["error"]["message"],
+        "handler failed: unexpected HTTP status 500: database down"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deadline_cuts_a_slow_chain_short() {
+    let slow = HandlerServer::start(|call| async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        reply(200, call.body)
+    })
+    .await;
+    let never = HandlerServer::echo().await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndeadline = \"1s\"\n{}{}{}{}",
+        http_handler("s1", &slow.url("/1"), "priority = 1"),
+        http_handler("s2", &slow.url("/2"), "priority = 2"),
+        http_handler("s3", &slow.url("/3"), "priority = 3"),
+        http_handler(
+            "fail-closed",
+            &never.url("/"),
+            "priority = 4\non_error = \"deny\""
+        ),
+    );
+    let sidecar = Sidecar::start(&config);
+    let started = Instant::now();
+    let (status, body) = sidecar.send("clients.update", 3, json!({})).await;
+    let took = started.elapsed();
+    // s1 and s2 finish (0.8s), s3 is cut at the deadline, fail-closed never runs.
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["handler"], "fail-closed");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("server.deadline (1s) ran out"),
+        "{body}"
+    );
+    assert!(never.calls().is_empty());
+    assert_eq!(slow.calls().len(), 3);
+    assert!(
+        took < Duration::from_secs(3),
+        "the chain stopped at the deadline ({took:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn filters_select_handlers_on_the_current_data() {
+    let dir = tempfile::TempDir::new().unwrap();
+    // Sets data.tier = "gold" for clients of company 3.
+    let tierer = HandlerServer::start(|call| async move {
+        let mut envelope = call.json();
+        envelope["data"]["tier"] = json!("gold");
+        reply(200, envelope.to_string())
+    })
+    .await;
+    let on_gold = HandlerServer::echo().await;
+    let on_negative = HandlerServer::echo().await;
+    let on_acme_mail = HandlerServer::echo().await;
+    let disabled = HandlerServer::echo().await;
+    let on_regex = HandlerServer::echo().await;
+    let config = format!(
+        "{SERVER}{}{}{}{}{}{}",
+        http_handler(
+            "tierer",
+            &tierer.url("/"),
+            "priority = 1\nmodifies = true\nmatch = { \"data.companies_id\" = 3 }"
+        ),
+        http_handler(
+            "on-gold",
+            &on_gold.url("/"),
+            "priority = 2\nmatch = { \"data.tier\" = { in = [\"gold\", \"platinum\"] } }"
+        ),
+        http_handler(
+            "on-negative",
+            &on_negative.url("/"),
+            "priority = 3\n[handler.match]\ndata.balance = { lt = 0 }\nevent.object_id = { ne = 1 }"
+        ),
+        http_handler(
+            "on-acme-mail",
+            &on_acme_mail.url("/"),
+            "priority = 4\nwhen = 'has(data.email) && data.email.endsWith(\"@acme.example\")'"
+        ),
+        http_handler(
+            "disabled",
+            &disabled.url("/"),
+            "priority = 5\nenabled = false"
+        ),
+        http_handler(
+            "on-regex",
+            &on_regex.url("/"),
+            "priority = 6\nmatch = { \"data.name\" = { regex = \"^ACME\" }, \"data.phone\" = { exists = false } }"
+        ),
+    );
+    let sidecar = Sidecar::start_in(dir, &config, &[]);
+
+    let (status, body) = sidecar
+        .send(
+            "clients.update",
+            5,
+            json!({"companies_id": "3", "balance": -2, "email": "a@acme.example", "name": "ACME Ltd"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["data"]["tier"], "gold");
+    assert_eq!(
+        on_gold.calls().len(),
+        1,
+        "matches data an earlier handler added"
+    );
+    assert_eq!(on_negative.calls().len(), 1);
+    assert_eq!(on_acme_mail.calls().len(), 1);
+    assert_eq!(on_regex.calls().len(), 1);
+
+    let (status, _) = sidecar
+        .send(
+            "clients.update",
+            1,
+            json!({"companies_id": 4, "balance": 5, "email": "b@other.example", "name": "Other", "phone": "1"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(tierer.calls().len(), 1, "companies_id 4 does not match");
+    assert_eq!(on_gold.calls().len(), 1, "no tier without the tierer");
+    assert_eq!(on_negative.calls().len(), 1);
+    assert_eq!(on_acme_mail.calls().len(), 1);
+    assert_eq!(on_regex.calls().len(), 1);
+    assert!(
+        disabled.calls().is_empty(),
+        "a disabled handler is never called"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_filter_that_fails_at_run_time_is_a_handler_error() {
+    let guarded = HandlerServer::echo().await;
+    let config = format!(
+        "{SERVER}{}",
+        http_handler(
+            "strict",
+            &guarded.url("/"),
+            "on_error = \"deny\"\nwhen = 'data.email.endsWith(\"@x\")'"
+        ),
+    );
+    let sidecar = Sidecar::start(&config);
+    let (status, body) = sidecar.send("clients.update", 1, json!({})).await;
+    assert_eq!(status, 403);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("handler failed: filter failed"),
+        "{body}"
+    );
+    assert!(guarded.calls().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_outside_the_catalogue_reach_wildcard_handlers_only() {
+    let any = HandlerServer::echo().await;
+    let clients = HandlerServer::echo().await;
+    let exact = HandlerServer::echo().await;
+    let config = format!(
+        "{SERVER}{}{}{}",
+        http_handler("any", &any.url("/"), ""),
+        http_handler("clients", &clients.url("/"), "").replace("[\"*\"]", "[\"clients.*\"]"),
+        http_handler("exact", &exact.url("/"), "").replace("[\"*\"]", "[\"clients.create\"]"),
+    );
+    let sidecar = Sidecar::start(&config);
+    let (status, body) = sidecar
+        .send("clients.loyalty.upgrade", 4, json!({"x": 1}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"], json!({"x": 1}));
+    assert_eq!(any.calls().len(), 1);
+    assert_eq!(clients.calls().len(), 1);
+    assert!(exact.calls().is_empty());
+    let (status, _) = sidecar.send("billing.new_thing", 4, json!({})).await;
+    assert_eq!(status, 200);
+    assert_eq!(any.calls().len(), 2);
+    assert_eq!(clients.calls().len(), 1);
+    // Aliases on the wire reach the handlers of the catalogue name.
+    let (status, _) = sidecar
+        .send("clients.custom_fields_update", 4, json!({}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        clients
+            .calls()
+            .last()
+            .unwrap()
+            .header("x-provisioning-event"),
+        Some("clients.custom_fields.update")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_a_clear_4xx_and_the_sidecar_keeps_serving() {
+    let echo = HandlerServer::echo().await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmax_body = \"1KiB\"\n{}",
+        http_handler("echo", &echo.url("/"), "")
+    );
+    let sidecar = Sidecar::start(&config);
+    let big = envelope("clients.update", 1, json!({"blob": "x".repeat(2000)})).to_string();
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("{not json".into(), 400, "body is not valid JSON"),
+        (
+            "[1, 2]".into(),
+            400,
+            "must be a JSON object with `event` and `data`, got an array",
+        ),
+        (
+            r#"{"event": {"events_id": "clients.update"}, "data": [1]}"#.into(),
+            400,
+            "`data` must be an object, got an array",
+        ),
+        (
+            r#"{"event": {"object_id": 1}, "data": {}}"#.into(),
+            400,
+            "missing `event.events_id`",
+        ),
+        (
+            r#"{"event": {"events_id": 5}, "data": {}}"#.into(),
+            400,
+            "`event.events_id` must be a non-empty string",
+        ),
+        (r#"{"data": {}}"#.into(), 400, "missing `event` object"),
+        (
+            r#"{"event": {"events_id": "clients.update"}}"#.into(),
+            400,
+            "missing `data` object",
+        ),
+        (big, 413, "larger than server.max_body (1024 bytes)"),
+    ];
+    for (body, want_status, want_message) in cases {
+        let (status, reply) = sidecar.post(body.clone()).await;
+        assert_eq!(status, want_status, "{body:.60}: {reply}");
+        let message = reply["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(want_message), "{body:.60}: {message}");
+        let (status, _) = sidecar.send("clients.update", 1, json!({})).await;
+        assert_eq!(status, 200, "still serving after {body:.60}");
+    }
+    assert_eq!(echo.calls().len(), 8, "no bad request reached a handler");
+
+    // A chunked body, with no Content-Length, that streams past the limit is cut off too.
+    let mut request =
+        b"POST /events HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..20 {
+        request.extend_from_slice(b"64\r\n");
+        request.extend_from_slice(&[b' '; 100]);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let response = raw_request(&sidecar.addr, &request).await;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+
+    let (status, reply) = sidecar.get("/events").await;
+    assert_eq!(status, 405, "{reply}");
+    let (status, _) = sidecar.get("/nope").await;
+    assert_eq!(status, 404);
+}

@@ -1,0 +1,368 @@
+//! Shared test helpers: a real provisiond process, real handler servers, real scripts.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// A `[server]` section that listens on a free loopback port.
+pub const SERVER: &str = "[server]\nlisten = \"127.0.0.1:0\"\n";
+
+/// The provisiond binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_provisiond")
+}
+
+/// A running provisiond process with its own directory and config file.
+pub struct Sidecar {
+    pub child: Child,
+    /// `host:port` it listens on.
+    pub addr: String,
+    pub dir: TempDir,
+    pub config_path: PathBuf,
+    logs: Arc<Mutex<Vec<String>>>,
+    client: reqwest::Client,
+}
+
+impl Sidecar {
+    /// Writes `config` to a fresh directory and starts provisiond on it.
+    pub fn start(config: &str) -> Self {
+        Self::start_in(TempDir::new().unwrap(), config, &[])
+    }
+
+    /// Starts provisiond in `dir` (its working directory) with `config` and extra env.
+    pub fn start_in(dir: TempDir, config: &str, env: &[(&str, &str)]) -> Self {
+        let config_path = dir.path().join("provisioning.toml");
+        std::fs::write(&config_path, config).unwrap();
+        Self::spawn(dir, config_path, env)
+    }
+
+    /// Starts provisiond on an existing config file.
+    pub fn spawn(dir: TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(binary());
+        command
+            .arg("run")
+            .arg("-c")
+            .arg(&config_path)
+            .args(["--log-format", "json", "--log-level", "debug"])
+            .current_dir(dir.path())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("provisiond starts");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Ok(v) = serde_json::from_str::<Value>(&line)
+                        && v["message"] == "listening"
+                    {
+                        let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
+                    }
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "provisiond did not start; its output:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+        };
+        Self {
+            child,
+            addr,
+            dir,
+            config_path,
+            logs,
+            client: http_client(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// POSTs a body to `/events`; returns the status and the body parsed as JSON
+    /// (`Value::String` with the text when it is not JSON).
+    pub async fn post(&self, body: impl Into<String>) -> (u16, Value) {
+        let response = self
+            .client
+            .post(self.url("/events"))
+            .header("content-type", "application/json")
+            .body(body.into())
+            .send()
+            .await
+            .expect("provisiond answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    /// POSTs an event built from a name and data.
+    pub async fn send(&self, event: &str, object_id: i64, data: Value) -> (u16, Value) {
+        self.post(envelope(event, object_id, data).to_string())
+            .await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self.client.get(self.url(path)).send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Every log line so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Log lines parsed as JSON.
+    pub fn log_records(&self) -> Vec<Value> {
+        self.logs()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits until a log record satisfies `pred`.
+    pub fn wait_for_log(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if let Some(v) = self.log_records().into_iter().find(|v| pred(v)) {
+                return Some(v);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
+    /// Waits for the process to exit; its status, or `None` on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP client for tests (reqwest is built without a default TLS provider).
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// An envelope as the billing sends it.
+pub fn envelope(event: &str, object_id: i64, data: Value) -> Value {
+    serde_json::json!({
+        "event": {"dt": "2026-11-26T10:00:00+00:00", "events_id": event, "object_id": object_id},
+        "data": data,
+    })
+}
+
+/// A request a handler server received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+    pub at: Instant,
+}
+
+impl Recorded {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("handler got JSON")
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A real HTTP handler on `127.0.0.1:0`, answering with a closure and recording calls.
+pub struct HandlerServer {
+    pub addr: SocketAddr,
+    calls: Arc<Mutex<Vec<Recorded>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub type Reply = Response<Full<Bytes>>;
+
+/// A reply with a status and a body.
+pub fn reply(status: u16, body: impl Into<Bytes>) -> Reply {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+    response
+}
+
+impl HandlerServer {
+    pub async fn start<F, Fut>(answer: F) -> Self
+    where
+        F: Fn(Recorded) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Reply> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let answer = Arc::new(answer);
+        let recorded = calls.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    break;
+                };
+                let answer = answer.clone();
+                let recorded = recorded.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                        let answer = answer.clone();
+                        let recorded = recorded.clone();
+                        async move {
+                            let (parts, body) = request.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let call = Recorded {
+                                method: parts.method.to_string(),
+                                path: parts.uri.path().to_owned(),
+                                headers: parts.headers,
+                                body,
+                                at: Instant::now(),
+                            };
+                            recorded.lock().unwrap().push(call.clone());
+                            Ok::<_, std::convert::Infallible>(answer(call).await)
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, calls, task }
+    }
+
+    /// The billing docs' echo handler: returns the request body unchanged.
+    pub async fn echo() -> Self {
+        Self::start(|call| async move { reply(200, call.body) }).await
+    }
+
+    /// Always answers `status` with `body`.
+    pub async fn fixed(status: u16, body: &'static str) -> Self {
+        Self::start(move |_| async move { reply(status, body) }).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn calls(&self) -> Vec<Recorded> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl Drop for HandlerServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A loopback address nothing listens on.
+pub fn refused_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    format!("http://{addr}/hook")
+}
+
+/// Writes an executable script.
+pub fn script(dir: &Path, name: &str, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// A TOML string literal.
+pub fn toml_str(s: impl AsRef<str>) -> String {
+    Value::String(s.as_ref().to_owned()).to_string()
+}
+
+/// Writes raw bytes to `addr` and reads the reply until the server closes or 2 s pass.
+pub async fn raw_request(addr: &str, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match tokio::time::timeout_at(until, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                out.extend_from_slice(&buf[..n]);
+                if out.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
