@@ -40,17 +40,34 @@ pub struct App {
     pub in_flight: Semaphore,
     /// Set when shutdown begins: new events get 503 with Retry-After.
     pub draining: AtomicBool,
+    /// The generation of the live snapshot, for tasks that must react to a new config.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl App {
     pub fn new(snapshot: Snapshot) -> Arc<Self> {
         let max_in_flight = snapshot.config.server.max_in_flight;
+        let (generation, _) = tokio::sync::watch::channel(snapshot.generation);
         Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             caller: Caller::new(),
             in_flight: Semaphore::new(max_in_flight),
             draining: AtomicBool::new(false),
+            generation,
         })
+    }
+
+    /// Makes `snapshot` the live config: events that arrive from now on use it, events in
+    /// flight finish with the one they started with. Subscribers are told.
+    pub fn publish(&self, snapshot: Snapshot) {
+        let generation = snapshot.generation;
+        self.snapshot.store(Arc::new(snapshot));
+        self.generation.send_replace(generation);
+    }
+
+    /// A receiver that sees the generation of every snapshot published from now on.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     pub fn is_draining(&self) -> bool {
