@@ -5,10 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::config::{Config, ConfigErrors, Stage};
+use crate::config::{Config, ConfigErrors};
 use crate::dispatch::Snapshot;
+use crate::reload;
 use crate::server::{App, Listener, serve};
 
 /// `provisiond check`: validate, print a summary or every error.
@@ -79,9 +80,25 @@ fn drop_null(value: &mut serde_json::Value) {
     map.values_mut().for_each(drop_null);
 }
 
-/// `provisiond run`: serve until SIGINT or SIGTERM.
-pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
-    let config = match Config::load(path) {
+/// `provisiond run`: serve until SIGINT or SIGTERM; reload on file changes (unless
+/// `watch` is false), SIGHUP and `POST /v1/reload`.
+pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
+    // Watch first, read second: a change made while the file is read is still seen.
+    let watcher = if watch {
+        match reload::watch::Watcher::start(path) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!(
+                    config = %path.display(), error = %e,
+                    "cannot watch the config; reload with SIGHUP or POST /v1/reload"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let config = match reload::load(path) {
         Ok(config) => config,
         Err(errors) => {
             print_errors(&errors);
@@ -89,27 +106,20 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let after = |h: &&std::sync::Arc<crate::config::Handler>| h.stage == Stage::After && h.enabled;
-    if let Some(h) = config.handlers.iter().find(after) {
-        eprintln!(
-            "provisiond: not started: handler {:?} has stage = \"after\", and this build \
-             cannot deliver after-stage events durably yet; remove it or set \
-             enabled = false",
-            h.name
-        );
-        return Ok(ExitCode::FAILURE);
-    }
     let listen = config.server.listen.clone();
     let grace = config.server.shutdown_grace;
     let listener = Listener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let handlers = config.handlers.len();
-    let app = App::new(Snapshot::new(config, 1));
+    let app = App::new(Snapshot::new(config, 1), path.to_path_buf());
     let shutdown = CancellationToken::new();
     crate::shutdown::watch(shutdown.clone()).context("cannot watch signals")?;
+    let hangup = reload::hangup().context("cannot watch SIGHUP")?;
+    let watching = watcher.is_some();
+    reload::spawn(app.clone(), watcher, hangup, shutdown.clone());
     info!(
-        addr = %listener.local_addr(), config = %path.display(), handlers,
+        addr = %listener.local_addr(), config = %path.display(), handlers, watching,
         version = env!("CARGO_PKG_VERSION"), "listening"
     );
     serve(listener, app, shutdown, grace).await;

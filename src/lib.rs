@@ -12,6 +12,8 @@
 //!   the before-stage chain.
 //! - [`filter`]: `match` conditions and `when` CEL expressions.
 //! - [`handlers`]: calling HTTP handlers and scripts.
+//! - [`reload`]: the file watcher, SIGHUP and `POST /v1/reload`, one path to a new
+//!   snapshot.
 //! - [`telemetry`], [`shutdown`]: logs and signals.
 //! - [`commands`]: the subcommands the binary runs.
 #![forbid(unsafe_code)]
@@ -22,6 +24,7 @@ pub mod dispatch;
 pub mod events;
 pub mod filter;
 pub mod handlers;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

@@ -34,7 +34,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve events (the default).
-    Run,
+    Run {
+        /// Do not watch the config file; reload only on SIGHUP or POST /v1/reload.
+        #[arg(long)]
+        no_watch: bool,
+    },
     /// Validate the config: print a summary, or every error with its line; exit 1 on error.
     Check,
     /// Print the config's JSON Schema.
@@ -43,13 +47,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run) {
+    match cli.command.unwrap_or(Command::Run { no_watch: false }) {
         Command::Check => commands::check(&cli.config),
         Command::Schema => {
             print!("{}", commands::schema());
             ExitCode::SUCCESS
         }
-        Command::Run => {
+        Command::Run { no_watch } => {
             if let Err(e) = telemetry::init(cli.log_format, cli.log_level.as_deref()) {
                 eprintln!("provisiond: {e:#}");
                 return ExitCode::FAILURE;
@@ -61,7 +65,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(commands::run(&cli.config)) {
+            match runtime.block_on(commands::run(&cli.config, !no_watch)) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("provisiond: {e:#}");

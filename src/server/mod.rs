@@ -2,10 +2,12 @@
 //! graceful drain. Routes live in [`ingress`] (`POST /events`) and [`admin`] (the rest).
 
 pub mod admin;
+mod config_api;
 pub mod ingress;
 mod reply;
 
 use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -28,6 +30,7 @@ use tracing::{debug, info, warn};
 use crate::config::Listen;
 use crate::dispatch::Snapshot;
 use crate::handlers::Caller;
+use crate::reload::{Outcome, Reloader, Trigger};
 
 pub use reply::Body;
 
@@ -42,19 +45,29 @@ pub struct App {
     pub draining: AtomicBool,
     /// The generation of the live snapshot, for tasks that must react to a new config.
     generation: tokio::sync::watch::Sender<u64>,
+    /// Reloads `snapshot` from the config file; see [`App::reload`].
+    pub reloader: Reloader,
 }
 
 impl App {
-    pub fn new(snapshot: Snapshot) -> Arc<Self> {
+    /// An app serving `snapshot`, loaded from the file `config_path`.
+    pub fn new(snapshot: Snapshot, config_path: PathBuf) -> Arc<Self> {
         let max_in_flight = snapshot.config.server.max_in_flight;
         let (generation, _) = tokio::sync::watch::channel(snapshot.generation);
         Arc::new(Self {
+            reloader: Reloader::new(config_path, &snapshot.config),
             snapshot: ArcSwap::from_pointee(snapshot),
             caller: Caller::new(),
             in_flight: Semaphore::new(max_in_flight),
             draining: AtomicBool::new(false),
             generation,
         })
+    }
+
+    /// Reads the config file again and publishes it if it is valid and different: the one
+    /// reload path, whatever the trigger.
+    pub async fn reload(&self, trigger: Trigger) -> Outcome {
+        self.reloader.reload(self, trigger).await
     }
 
     /// Makes `snapshot` the live config: events that arrive from now on use it, events in
