@@ -35,6 +35,65 @@ fn print_errors(errors: &ConfigErrors) {
     eprintln!("{file}: {n} error{}", if n == 1 { "" } else { "s" });
 }
 
+/// `provisiond explain`: which handlers an event with this data would run, and why the
+/// others would not. Calls nothing.
+pub fn explain(path: &Path, event: &str, data: Option<&str>, object_id: &str) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(errors) => {
+            print_errors(&errors);
+            return ExitCode::FAILURE;
+        }
+    };
+    let data = match crate::explain::read_data(data) {
+        Ok(data) => data,
+        Err(e) => {
+            eprintln!("provisiond: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let object_id = object_id
+        .parse::<i64>()
+        .map_or_else(|_| object_id.into(), serde_json::Value::from);
+    let envelope = match crate::explain::envelope(event, object_id, data.into()) {
+        Ok(envelope) => envelope,
+        Err(e) => {
+            eprintln!("provisiond: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!(
+        "{}",
+        crate::explain::explain(&config, &envelope).render(&config)
+    );
+    ExitCode::SUCCESS
+}
+
+/// `provisiond test`: run the config test cases in `cases`; exit 1 on any failure.
+pub fn test(path: &Path, cases: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(errors) => {
+            print_errors(&errors);
+            return ExitCode::FAILURE;
+        }
+    };
+    match crate::cases::run(&config, cases) {
+        Ok(results) => {
+            print!("{}", crate::cases::render(&results));
+            if results.iter().all(crate::cases::CaseResult::passed) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `provisiond schema`: the JSON Schema of `provisioning.toml`.
 pub fn schema() -> String {
     let schema = schemars::schema_for!(crate::config::RawConfig);

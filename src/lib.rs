@@ -14,14 +14,18 @@
 //! - [`handlers`]: calling HTTP handlers and scripts.
 //! - [`reload`]: the file watcher, SIGHUP and `POST /v1/reload`, one path to a new
 //!   snapshot.
+//! - [`explain`], [`cases`]: what dispatch would do with an envelope, worked out from the
+//!   config alone; `provisiond explain` and `provisiond test`.
 //! - [`telemetry`], [`shutdown`]: logs and signals.
 //! - [`commands`]: the subcommands the binary runs.
 #![forbid(unsafe_code)]
 
+pub mod cases;
 pub mod commands;
 pub mod config;
 pub mod dispatch;
 pub mod events;
+pub mod explain;
 pub mod filter;
 pub mod handlers;
 pub mod reload;

@@ -41,6 +41,24 @@ enum Command {
     },
     /// Validate the config: print a summary, or every error with its line; exit 1 on error.
     Check,
+    /// Show which handlers an event would run, in which order, and why the others would
+    /// not. Calls no handler.
+    Explain {
+        /// The event name, e.g. clients.create.
+        event: String,
+        /// The event's data: a JSON object in a file, or "-" for stdin ({} if not given).
+        #[arg(long, value_name = "FILE|-")]
+        data: Option<String>,
+        /// The event's object_id.
+        #[arg(long, default_value = "1")]
+        object_id: String,
+    },
+    /// Run config test cases: for each envelope, the handlers expected; exit 1 on any
+    /// failure.
+    Test {
+        /// The cases file ([[case]] tables).
+        cases: PathBuf,
+    },
     /// Print the config's JSON Schema.
     Schema,
 }
@@ -49,6 +67,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run { no_watch: false }) {
         Command::Check => commands::check(&cli.config),
+        Command::Explain {
+            event,
+            data,
+            object_id,
+        } => commands::explain(&cli.config, &event, data.as_deref(), &object_id),
+        Command::Test { cases } => commands::test(&cli.config, &cases),
         Command::Schema => {
             print!("{}", commands::schema());
             ExitCode::SUCCESS

@@ -403,6 +403,11 @@ impl Checker<'_> {
         if self.diags.len() > errors_before {
             return None;
         }
+        let filter_keys = [path.key("match").0, path.key("when").0];
+        let filter_from_env = self
+            .originals
+            .keys()
+            .any(|k| filter_keys.iter().any(|f| k.0.starts_with(f)));
         Some(Handler {
             name: raw.name.clone(),
             position: index,
@@ -419,6 +424,7 @@ impl Checker<'_> {
             filter,
             slots: Arc::new(tokio::sync::Semaphore::new(max_concurrency)),
             raw: raw.clone(),
+            filter_from_env,
         })
     }
 

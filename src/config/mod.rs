@@ -132,6 +132,9 @@ pub struct Handler {
     /// The handler as written (after `${VAR}` substitution): what a reload compares to
     /// tell a changed handler from an unchanged one.
     pub raw: RawHandler,
+    /// Whether `match` or `when` hold values substituted from the environment: then
+    /// `explain` does not show them.
+    pub filter_from_env: bool,
 }
 
 /// Shows what is safe to show: the target as written, never substituted secrets.
