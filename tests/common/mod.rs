@@ -254,6 +254,31 @@ impl Drop for Sidecar {
     }
 }
 
+/// Runs a provisiond command to the end: exit code, stdout, stderr. `stdin` is written to
+/// its standard input.
+pub fn cli(args: &[&str], env: &[(&str, &str)], stdin: &str) -> (i32, String, String) {
+    use std::io::Write;
+    let mut command = Command::new(binary());
+    command
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("provisiond starts");
+    // A command that does not read its input may close it first.
+    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A plain HTTP client for tests (reqwest is built without a default TLS provider).
 pub fn http_client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
