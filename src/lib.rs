@@ -13,7 +13,8 @@
 //! - [`filter`]: `match` conditions and `when` CEL expressions.
 //! - [`handlers`]: calling HTTP handlers and scripts.
 //! - [`telemetry`], [`shutdown`]: logs and signals.
-//! - [`commands`]: the subcommands the binary runs.
+//! - [`commands`]: the subcommands the binary runs; [`remote`]: the client they use to
+//!   talk to a running sidecar.
 #![forbid(unsafe_code)]
 
 pub mod commands;
@@ -22,6 +23,7 @@ pub mod dispatch;
 pub mod events;
 pub mod filter;
 pub mod handlers;
+pub mod remote;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

@@ -9,14 +9,27 @@ use hyper::body::Incoming;
 use hyper::header::CONTENT_LENGTH;
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, info_span, warn};
 
 use super::App;
 use super::reply::{self, Body};
 use crate::dispatch::{CallRecord, Outcome, run_before, select_after};
 use crate::events::Envelope;
 
+/// The header that carries the event id back, the same id every log line of the event has.
+pub const EVENT_ID_HEADER: &str = "x-provisioning-event-id";
+
 pub async fn events(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+    let id = crate::events::new_id("evt");
+    let span = info_span!("event", id = %id);
+    let mut response = handle(app, request).instrument(span).await;
+    if let Ok(value) = hyper::header::HeaderValue::from_str(&id) {
+        response.headers_mut().insert(EVENT_ID_HEADER, value);
+    }
+    response
+}
+
+async fn handle(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     if app.is_draining() {
         return reply::unavailable("provisiond is shutting down; retry shortly", 1);

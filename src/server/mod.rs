@@ -2,6 +2,7 @@
 //! graceful drain. Routes live in [`ingress`] (`POST /events`) and [`admin`] (the rest).
 
 pub mod admin;
+mod auth;
 pub mod ingress;
 mod reply;
 
@@ -198,6 +199,12 @@ pub async fn serve(
 /// Sends a request to its route.
 async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().to_owned();
+    if auth::protected(&path)
+        && let Some(token) = &app.snapshot.load().config.server.token
+        && !auth::authorized(token, request.headers())
+    {
+        return reply::unauthorized();
+    }
     match (request.method(), path.as_str()) {
         (&Method::POST, "/events") => ingress::events(app, request).await,
         (_, "/events") => reply::method_not_allowed("POST"),
