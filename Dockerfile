@@ -28,7 +28,7 @@ RUN apt-get update \
  && mkdir -p /etc/provisiond /var/lib/provisiond \
  && chown provisiond:provisiond /var/lib/provisiond
 COPY --from=build /src/target/release/provisiond /usr/local/bin/provisiond
-COPY provisioning.toml /etc/provisiond/provisioning.toml
+COPY examples/container/provisioning.toml /etc/provisiond/provisioning.toml
 USER provisiond:provisiond
 WORKDIR /var/lib/provisiond
 VOLUME ["/var/lib/provisiond"]
