@@ -12,7 +12,7 @@
 //!   the before-stage chain.
 //! - [`filter`]: `match` conditions and `when` CEL expressions.
 //! - [`handlers`]: calling HTTP handlers and scripts.
-//! - [`telemetry`], [`shutdown`]: logs and signals.
+//! - [`telemetry`], [`metrics`], [`shutdown`]: logs, Prometheus metrics, signals.
 //! - [`commands`]: the subcommands the binary runs; [`remote`]: the client they use to
 //!   talk to a running sidecar.
 #![forbid(unsafe_code)]
@@ -23,6 +23,7 @@ pub mod dispatch;
 pub mod events;
 pub mod filter;
 pub mod handlers;
+pub mod metrics;
 pub mod remote;
 pub mod server;
 pub mod shutdown;

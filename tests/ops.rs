@@ -391,3 +391,129 @@ async fn send_posts_an_envelope_and_prints_the_reply() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--data must hold a JSON object"));
 }
+
+/// Parses `/metrics` with an independent Prometheus text parser.
+async fn scrape(sidecar: &Sidecar) -> prometheus_parse::Scrape {
+    let response = sidecar
+        .client()
+        .get(sidecar.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let text = response.text().await.unwrap();
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines).unwrap_or_else(|e| panic!("{e}:\n{text}"))
+}
+
+/// The value of one sample, 0 when absent.
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(ref buckets) => {
+                buckets.last().map_or(0.0, |b| b.count)
+            }
+            _ => 0.0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_parse_as_prometheus_text_and_move_with_events() {
+    let echo = HandlerServer::echo().await;
+    let guard = HandlerServer::fixed(403, "no").await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ntoken = \"t\"\n{}{}",
+        http_handler("echo", &echo.url("/"), "priority = 1"),
+        http_handler(
+            "guard",
+            &guard.url("/"),
+            "priority = 2\nmatch = { \"data.block\" = true }"
+        ),
+    );
+    let sidecar = Sidecar::start(&config);
+    let before = scrape(&sidecar).await;
+    assert_eq!(sample(&before, "provisiond_config_generation", &[]), 1.0);
+
+    let client = sidecar.client();
+    let post = |body: String| {
+        client
+            .post(sidecar.url("/events"))
+            .bearer_auth("t")
+            .body(body)
+            .send()
+    };
+    for _ in 0..3 {
+        let r = post(envelope("clients.update", 1, json!({})).to_string())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = post(envelope("clients.update", 1, json!({"block": true})).to_string())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = post(envelope("brand.new", 1, json!({})).to_string())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = post("nope".into()).await.unwrap();
+    assert_eq!(r.status(), 400);
+
+    let after = scrape(&sidecar).await;
+    let events = |event, outcome| {
+        sample(
+            &after,
+            "provisiond_events_total",
+            &[("event", event), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(events("clients.update", "allowed"), 3.0);
+    assert_eq!(events("clients.update", "denied"), 1.0);
+    assert_eq!(
+        events("other", "allowed"),
+        1.0,
+        "unknown names share one label"
+    );
+    assert_eq!(events("unparsed", "bad_request"), 1.0);
+    let calls = |handler, outcome| {
+        sample(
+            &after,
+            "provisiond_handler_calls_total",
+            &[
+                ("handler", handler),
+                ("stage", "before"),
+                ("outcome", outcome),
+            ],
+        )
+    };
+    assert_eq!(calls("echo", "allowed"), 5.0);
+    assert_eq!(calls("guard", "denied"), 1.0);
+    assert!(
+        after
+            .samples
+            .iter()
+            .any(|s| s.metric == "provisiond_handler_duration_seconds"
+                && s.labels.get("handler") == Some("echo")),
+        "a latency histogram per handler"
+    );
+    assert!(
+        after
+            .samples
+            .iter()
+            .any(|s| s.metric == "provisiond_before_chain_duration_seconds")
+    );
+}

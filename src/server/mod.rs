@@ -43,18 +43,23 @@ pub struct App {
     pub draining: AtomicBool,
     /// The generation of the live snapshot, for tasks that must react to a new config.
     generation: tokio::sync::watch::Sender<u64>,
+    /// Renders `/metrics`.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 impl App {
     pub fn new(snapshot: Snapshot) -> Arc<Self> {
         let max_in_flight = snapshot.config.server.max_in_flight;
         let (generation, _) = tokio::sync::watch::channel(snapshot.generation);
+        let metrics = crate::metrics::install();
+        crate::metrics::generation(snapshot.generation);
         Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             caller: Caller::new(),
             in_flight: Semaphore::new(max_in_flight),
             draining: AtomicBool::new(false),
             generation,
+            metrics,
         })
     }
 
@@ -64,6 +69,7 @@ impl App {
         let generation = snapshot.generation;
         self.snapshot.store(Arc::new(snapshot));
         self.generation.send_replace(generation);
+        crate::metrics::generation(generation);
     }
 
     /// A receiver that sees the generation of every snapshot published from now on.
