@@ -16,8 +16,9 @@
 //!   snapshot.
 //! - [`explain`], [`cases`]: what dispatch would do with an envelope, worked out from the
 //!   config alone; `provisiond explain` and `provisiond test`.
-//! - [`telemetry`], [`shutdown`]: logs and signals.
-//! - [`commands`]: the subcommands the binary runs.
+//! - [`telemetry`], [`metrics`], [`shutdown`]: logs, Prometheus metrics, signals.
+//! - [`commands`]: the subcommands the binary runs; [`remote`]: the client they use to
+//!   talk to a running sidecar.
 #![forbid(unsafe_code)]
 
 pub mod cases;
@@ -28,7 +29,9 @@ pub mod events;
 pub mod explain;
 pub mod filter;
 pub mod handlers;
+pub mod metrics;
 pub mod reload;
+pub mod remote;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

@@ -61,6 +61,20 @@ enum Command {
     },
     /// Print the config's JSON Schema.
     Schema,
+    /// Post an envelope like the billing's to a running sidecar and print the reply.
+    Send {
+        /// The event name, e.g. clients.create.
+        event: String,
+        /// A file holding the `data` object as JSON, or - for stdin ({} when absent).
+        #[arg(long)]
+        data: Option<String>,
+        /// The event's object_id.
+        #[arg(long)]
+        object_id: Option<i64>,
+        /// The sidecar: http://host:port or unix:/path.sock (default: the config's listen).
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,6 +91,18 @@ fn main() -> ExitCode {
             print!("{}", commands::schema());
             ExitCode::SUCCESS
         }
+        Command::Send {
+            event,
+            data,
+            object_id,
+            url,
+        } => block_on(commands::send(
+            &cli.config,
+            url.as_deref(),
+            &event,
+            data.as_deref(),
+            object_id,
+        )),
         Command::Run { no_watch } => {
             if let Err(e) = telemetry::init(cli.log_format, cli.log_level.as_deref()) {
                 eprintln!("provisiond: {e:#}");
@@ -96,6 +122,27 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Runs a client command on a small runtime; errors print as one line.
+fn block_on(command: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("provisiond: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("provisiond: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -8,8 +8,7 @@
 pub mod exec;
 pub mod http;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -97,6 +96,16 @@ pub enum CallError {
     Timeout(Duration),
     #[error("no free slot within {} (max_concurrency = {})", humantime::format_duration(*.0), .1)]
     Busy(Duration, usize),
+    #[error(
+        "timed out after {}, {} of it waiting for a free slot (max_concurrency = {max_concurrency})",
+        humantime::format_duration(*timeout),
+        humantime::format_duration(*waited)
+    )]
+    QueuedTimeout {
+        timeout: Duration,
+        waited: Duration,
+        max_concurrency: usize,
+    },
     #[error("cannot connect: {0}")]
     Connect(String),
     #[error("request failed: {0}")]
@@ -138,7 +147,8 @@ impl Caller {
             .await
             .map_err(|_| CallError::Busy(call.timeout, handler.max_concurrency))?
             .expect("handler semaphores are never closed");
-        let remaining = call.timeout.saturating_sub(started.elapsed());
+        let waited = started.elapsed();
+        let remaining = call.timeout.saturating_sub(waited);
         if remaining.is_zero() {
             return Err(CallError::Busy(call.timeout, handler.max_concurrency));
         }
@@ -151,8 +161,16 @@ impl Caller {
             Target::Http(target) => http::call(&self.http, target, &call).await,
             Target::Script(target) => exec::call(target, &call).await,
         };
-        // Report the time the call was given, not what was left of it after the wait.
+        // Report the time the call was given, not what was left of it after the wait,
+        // and the wait when it was long enough to matter.
         result.map_err(|e| match e {
+            CallError::Timeout(_) if waited >= Duration::from_millis(10) => {
+                CallError::QueuedTimeout {
+                    timeout: allowed,
+                    waited: Duration::from_millis(waited.as_millis() as u64),
+                    max_concurrency: handler.max_concurrency,
+                }
+            }
             CallError::Timeout(_) => CallError::Timeout(allowed),
             other => other,
         })
@@ -165,20 +183,9 @@ impl Default for Caller {
     }
 }
 
-/// A fresh message id for a call that is not a stored delivery: `msg_` and 24 hex digits
-/// from the process start time and a counter, unique within and across runs.
+/// A fresh message id for a call that is not a stored delivery (`msg_...`).
 pub fn new_message_id() -> String {
-    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let start = *START.get_or_init(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-    });
-    format!(
-        "msg_{start:016x}{:08x}",
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    crate::events::new_id("msg")
 }
 
 /// At most [`EXCERPT`] bytes of `bytes` as text, cut at a character boundary.

@@ -303,6 +303,7 @@ impl Reloader {
 
     /// Counts the outcome, keeps or clears the last error, and logs it.
     fn record(&self, outcome: &Outcome, trigger: Trigger) {
+        crate::metrics::reload(outcome.result());
         let mut status = self.status.lock().expect("status lock");
         match outcome {
             Outcome::Applied {

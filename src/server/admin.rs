@@ -13,10 +13,38 @@ pub async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body>
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => reply::json(StatusCode::OK, &json!({"status": "ok"})),
         (_, "/healthz") => reply::method_not_allowed("GET"),
+        (&Method::GET, "/readyz") => ready(app),
+        (_, "/readyz") => reply::method_not_allowed("GET"),
+        (&Method::GET, "/metrics") => metrics(app),
+        (_, "/metrics") => reply::method_not_allowed("GET"),
         (&Method::GET, "/v1/config") => config_api::config(app),
         (_, "/v1/config") => reply::method_not_allowed("GET"),
         (&Method::POST, "/v1/reload") => config_api::reload(app).await,
         (_, "/v1/reload") => reply::method_not_allowed("POST"),
         (_, path) => reply::not_found(path),
     }
+}
+
+/// `GET /metrics`: the Prometheus text format.
+fn metrics(app: &App) -> Response<Body> {
+    app.metrics.run_upkeep();
+    let mut response = Response::new(super::full(app.metrics.render()));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// `GET /readyz`: 200 once a config is loaded and the sidecar is not draining; 503 while
+/// shutting down, so that a load balancer stops sending events first.
+fn ready(app: &App) -> Response<Body> {
+    if app.is_draining() {
+        return reply::unavailable("shutting down", 1);
+    }
+    let generation = app.snapshot.load().generation;
+    reply::json(
+        StatusCode::OK,
+        &json!({"status": "ready", "generation": generation}),
+    )
 }

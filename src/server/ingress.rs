@@ -9,20 +9,38 @@ use hyper::body::Incoming;
 use hyper::header::CONTENT_LENGTH;
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, info_span, warn};
 
 use super::App;
 use super::reply::{self, Body};
 use crate::dispatch::{CallRecord, Outcome, run_before, select_after};
 use crate::events::Envelope;
+use crate::metrics;
+
+/// The header that carries the event id back, the same id every log line of the event has.
+pub const EVENT_ID_HEADER: &str = "x-provisioning-event-id";
 
 pub async fn events(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+    let id = crate::events::new_id("evt");
+    let span = info_span!("event", id = %id);
+    metrics::in_flight(1.0);
+    let mut response = handle(app, request).instrument(span).await;
+    metrics::in_flight(-1.0);
+    if let Ok(value) = hyper::header::HeaderValue::from_str(&id) {
+        response.headers_mut().insert(EVENT_ID_HEADER, value);
+    }
+    response
+}
+
+async fn handle(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     if app.is_draining() {
+        metrics::event("unparsed".into(), "unavailable");
         return reply::unavailable("provisiond is shutting down; retry shortly", 1);
     }
     let Ok(_permit) = app.in_flight.try_acquire() else {
         warn!("too many events in flight, answering 503");
+        metrics::event("unparsed".into(), "unavailable");
         return reply::unavailable("too many events in flight; retry shortly", 1);
     };
     // One snapshot for the whole event, however long it takes and whatever reloads.
@@ -53,14 +71,17 @@ pub async fn events(app: &Arc<App>, request: Request<Incoming>) -> Response<Body
         Ok(envelope) => envelope,
         Err(e) => {
             warn!(error = %e, "bad request");
+            metrics::event("unparsed".into(), "bad_request");
             return reply::error(StatusCode::BAD_REQUEST, e.to_string());
         }
     };
     let event = envelope.name.clone();
     let object_id = envelope.object_id();
-    if !snapshot.plan.is_known(&event) {
+    let known = snapshot.plan.is_known(&event);
+    if !known {
         info!(event = %event, "event outside the catalogue, dispatching to wildcard handlers");
     }
+    let label = metrics::event_label(&event, known);
 
     let route = snapshot.plan.route(&event);
     let mut records: Vec<CallRecord> = Vec::new();
@@ -74,6 +95,10 @@ pub async fn events(app: &Arc<App>, request: Request<Incoming>) -> Response<Body
         &mut records,
     )
     .await;
+    metrics::before_chain(started.elapsed());
+    for record in &records {
+        metrics::handler_call(&record.handler, "before", record.outcome, record.duration);
+    }
 
     match outcome {
         Outcome::Denied { handler, message } => {
@@ -82,6 +107,7 @@ pub async fn events(app: &Arc<App>, request: Request<Incoming>) -> Response<Body
                 message = %message, duration_ms = ms(started), generation = snapshot.generation,
                 "event"
             );
+            metrics::event(label, "denied");
             reply::json(
                 StatusCode::FORBIDDEN,
                 &json!({"error": {"handler": handler, "message": message}}),
@@ -93,6 +119,7 @@ pub async fn events(app: &Arc<App>, request: Request<Incoming>) -> Response<Body
                 // `run` refuses after-stage handlers until the durable store exists, so a
                 // config that reaches here with one is a bug, and a 200 would lose it.
                 warn!(event = %event, "after-stage handlers selected but no store; answering 503");
+                metrics::event(label, "unavailable");
                 return reply::unavailable("the after stage is not available in this build", 60);
             }
             info!(
@@ -100,6 +127,7 @@ pub async fn events(app: &Arc<App>, request: Request<Incoming>) -> Response<Body
                 calls = records.len(), duration_ms = ms(started),
                 generation = snapshot.generation, "event"
             );
+            metrics::event(label, "allowed");
             let body = if modified {
                 Bytes::from(envelope.to_json())
             } else {
@@ -111,6 +139,7 @@ pub async fn events(app: &Arc<App>, request: Request<Incoming>) -> Response<Body
 }
 
 fn too_large(max: u64) -> Response<Body> {
+    metrics::event("unparsed".into(), "too_large");
     reply::error(
         StatusCode::PAYLOAD_TOO_LARGE,
         format!("body is larger than server.max_body ({max} bytes)"),

@@ -2,6 +2,7 @@
 //! graceful drain. Routes live in [`ingress`] (`POST /events`) and [`admin`] (the rest).
 
 pub mod admin;
+mod auth;
 mod config_api;
 pub mod ingress;
 mod reply;
@@ -45,6 +46,8 @@ pub struct App {
     pub draining: AtomicBool,
     /// The generation of the live snapshot, for tasks that must react to a new config.
     generation: tokio::sync::watch::Sender<u64>,
+    /// Renders `/metrics`.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// Reloads `snapshot` from the config file; see [`App::reload`].
     pub reloader: Reloader,
 }
@@ -54,6 +57,8 @@ impl App {
     pub fn new(snapshot: Snapshot, config_path: PathBuf) -> Arc<Self> {
         let max_in_flight = snapshot.config.server.max_in_flight;
         let (generation, _) = tokio::sync::watch::channel(snapshot.generation);
+        let metrics = crate::metrics::install();
+        crate::metrics::generation(snapshot.generation);
         Arc::new(Self {
             reloader: Reloader::new(config_path, &snapshot.config),
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -61,6 +66,7 @@ impl App {
             in_flight: Semaphore::new(max_in_flight),
             draining: AtomicBool::new(false),
             generation,
+            metrics,
         })
     }
 
@@ -76,6 +82,7 @@ impl App {
         let generation = snapshot.generation;
         self.snapshot.store(Arc::new(snapshot));
         self.generation.send_replace(generation);
+        crate::metrics::generation(generation);
     }
 
     /// A receiver that sees the generation of every snapshot published from now on.
@@ -211,6 +218,12 @@ pub async fn serve(
 /// Sends a request to its route.
 async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().to_owned();
+    if auth::protected(&path)
+        && let Some(token) = &app.snapshot.load().config.server.token
+        && !auth::authorized(token, request.headers())
+    {
+        return reply::unauthorized();
+    }
     match (request.method(), path.as_str()) {
         (&Method::POST, "/events") => ingress::events(app, request).await,
         (_, "/events") => reply::method_not_allowed("POST"),
