@@ -6,12 +6,13 @@
 
 mod before;
 mod common;
+mod reload;
 
 use std::time::Duration;
 
 use common::Row;
 
-const SCENARIOS: &[&str] = &["before"];
+const SCENARIOS: &[&str] = &["before", "reload"];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -42,6 +43,7 @@ fn main() {
         eprintln!("== {name}");
         let scenario_rows = match name {
             "before" => runtime.block_on(before::run(scale)),
+            "reload" => runtime.block_on(reload::run(scale)),
             _ => unreachable!(),
         };
         rows.extend(scenario_rows);
