@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 use crate::config::{Config, Handler, OnError, Stage};
 use crate::dispatch::Plan;
 use crate::events::{Envelope, EnvelopeError};
-use crate::filter::{FilterError, Verdict};
+use crate::filter::Verdict;
 
 /// What dispatch would do with one envelope.
 #[derive(Debug)]
@@ -106,13 +106,13 @@ pub fn explain(config: &Config, envelope: &Envelope) -> Explanation {
             Ok(Verdict::Pass) => out.before.push(handler.clone()),
             Ok(verdict) => skipped.push((handler.clone(), why_not(handler, verdict))),
             Err(e) if handler.on_error == OnError::Deny => {
-                out.denied = Some((handler.name.clone(), failure(handler, &e)));
+                out.denied = Some((handler.name.clone(), e.to_string()));
             }
             Err(e) => skipped.push((
                 handler.clone(),
                 Reason::FilterError(format!(
                     "{}; a handler error, skipped (on_error = \"allow\")",
-                    failure(handler, &e)
+                    e
                 )),
             )),
         }
@@ -127,7 +127,7 @@ pub fn explain(config: &Config, envelope: &Envelope) -> Explanation {
             Ok(verdict) => skipped.push((handler.clone(), why_not(handler, verdict))),
             Err(e) => skipped.push((
                 handler.clone(),
-                Reason::FilterError(format!("{}; no delivery", failure(handler, &e))),
+                Reason::FilterError(format!("{}; no delivery", e)),
             )),
         }
     }
@@ -157,31 +157,12 @@ pub fn explain(config: &Config, envelope: &Envelope) -> Explanation {
     out
 }
 
-/// A filter's failure, without the details when they may hold values from the
-/// environment.
-fn failure(handler: &Handler, error: &FilterError) -> String {
-    if handler.filter_from_env {
-        "filter failed (details not shown: the filter holds values from the environment)".to_owned()
-    } else {
-        error.to_string()
-    }
-}
-
 fn why_not(handler: &Handler, verdict: Verdict) -> Reason {
+    // `Filter::evaluate` already leaves out values from the environment, in conditions
+    // and in failures.
     match verdict {
-        Verdict::ConditionFalse(written) if handler.filter_from_env => {
-            let path = handler
-                .filter
-                .conditions
-                .iter()
-                .find(|c| c.to_string() == written)
-                .map_or("?", |c| c.path.as_str());
-            Reason::Condition(format!(
-                "a condition on {path} (its value comes from the environment, not shown)"
-            ))
-        }
-        Verdict::ConditionFalse(written) => Reason::Condition(written),
-        Verdict::WhenFalse if handler.filter_from_env => Reason::When(None),
+        Verdict::ConditionFalse(shown) => Reason::Condition(shown),
+        Verdict::WhenFalse if handler.filter.from_env => Reason::When(None),
         Verdict::WhenFalse => Reason::When(handler.filter.when.as_ref().map(|w| w.source.clone())),
         Verdict::Pass => unreachable!("a passing filter is no reason"),
     }

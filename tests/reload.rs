@@ -556,9 +556,17 @@ async fn post_reload_answers_applied_unchanged_or_rejected() {
     let metrics = metrics.as_str().unwrap();
     for result in ["applied", "unchanged", "rejected"] {
         let line = format!("provisiond_reloads_total{{result=\"{result}\"}} 1");
-        assert!(metrics.lines().any(|l| l == line), "no {line:?} in:\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in:\n{metrics}"
+        );
     }
-    assert!(metrics.lines().any(|l| l == "provisiond_config_generation 2"), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "provisiond_config_generation 2"),
+        "{metrics}"
+    );
 
     let (status, _) = sidecar.get("/v1/reload").await;
     assert_eq!(status, 405);

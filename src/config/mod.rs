@@ -132,9 +132,6 @@ pub struct Handler {
     /// The handler as written (after `${VAR}` substitution): what a reload compares to
     /// tell a changed handler from an unchanged one.
     pub raw: RawHandler,
-    /// Whether `match` or `when` hold values substituted from the environment: then
-    /// `explain` does not show them.
-    pub filter_from_env: bool,
 }
 
 /// Shows what is safe to show: the target as written, never substituted secrets.
@@ -403,6 +400,22 @@ retry = { attempts = 3, backoff = "100ms", max_backoff = "1s" }
         assert_eq!(s.argv[2], "t0ken");
         assert_eq!(script.retry.attempts, 3);
         assert!(!format!("{config:?}").contains("t0ken"), "{config:?}");
+    }
+
+    #[test]
+    fn error_messages_never_quote_values_from_the_environment() {
+        let errors = parse(
+            "[[handler]]\nname = \"a\"\nevents = [\"*\"]\nstage = \"before\"\n\
+             url = \"ftp://u:${CRM_TOKEN}@crm.example/\"\nmatch = { \"data.x\" = { regex = \"(${CRM_TOKEN}\" } }\n",
+        )
+        .unwrap_err();
+        let text = errors.to_string();
+        assert_eq!(errors.len(), 2, "{text}");
+        assert!(!text.contains("t0ken"), "{text}");
+        assert!(
+            text.contains("must be an http:// or https:// URL"),
+            "{text}"
+        );
     }
 
     #[test]
