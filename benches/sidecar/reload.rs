@@ -91,8 +91,6 @@ pub async fn run(scale: f64) -> Vec<Row> {
     }
     api.elapsed = started.elapsed();
 
-    let mut sorted: Vec<f64> = watched.latencies.iter().map(|d| ms(*d)).collect();
-    sorted.sort_by(f64::total_cmp);
     let in_order: Vec<f64> = watched.latencies.iter().map(|d| ms(*d)).collect();
     eprintln!("rename to serving, ms, in order: {in_order:.1?}");
     let max = watched.latencies.iter().max().copied().unwrap_or_default();
