@@ -407,6 +407,17 @@ match = { "data.balance" = { lt = 0 } }
     }
 
     #[test]
+    fn an_event_outside_the_catalogue_goes_to_wildcard_handlers() {
+        let e = explained("clients.loyalty.upgrade", json!({}));
+        assert!(!e.known);
+        assert_eq!(e.before_names(), ["late"]);
+        assert!(
+            e.render(&config())
+                .contains("neither in the catalogue nor in [events] extra")
+        );
+    }
+
+    #[test]
     fn a_failing_filter_with_on_error_deny_stops_the_chain() {
         let e = explained("clients.update", json!({"balance": {"not": "a number"}}));
         assert_eq!(e.before_names(), Vec::<String>::new());
