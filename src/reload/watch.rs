@@ -98,6 +98,7 @@ impl Watcher {
         }
         let own = self.config.parent().map(Path::to_path_buf);
         let mut watched = HashSet::new();
+        let mut failure = None;
         for dir in &interest.dirs {
             if self.dirs.contains(dir) {
                 watched.insert(dir.clone());
@@ -107,7 +108,7 @@ impl Watcher {
                 Ok(()) => {
                     watched.insert(dir.clone());
                 }
-                Err(e) if Some(dir) == own.as_ref() => return Err(e),
+                Err(e) if Some(dir) == own.as_ref() => failure = Some(e),
                 Err(e) => {
                     warn!(dir = %dir.display(), error = %e, "cannot watch a directory the config resolves through")
                 }
@@ -115,7 +116,7 @@ impl Watcher {
         }
         self.dirs = watched;
         *self.interest.lock().expect("interest lock") = interest;
-        Ok(())
+        failure.map_or(Ok(()), Err)
     }
 
     /// Waits for changes, lets them settle, reloads; until `shutdown`.
