@@ -5,16 +5,25 @@
 //! Load is always bounded (a fixed number of requests). Everything binds loopback.
 
 mod before;
+mod chain;
 mod common;
+mod hop;
+mod scripts;
+mod select;
 
 use std::time::Duration;
 
 use common::Row;
 
-const SCENARIOS: &[&str] = &["before"];
+const SCENARIOS: &[&str] = &["before", "chain", "select", "scripts"];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, upstream, ..] = args.as_slice()
+        && flag == "--serve-hop"
+    {
+        hop::serve(upstream);
+    }
     // `cargo bench` passes `--bench`; ignore flags we do not know.
     let quick = args.iter().any(|a| a == "--quick");
     let mut chosen: Vec<&str> = args
@@ -42,6 +51,9 @@ fn main() {
         eprintln!("== {name}");
         let scenario_rows = match name {
             "before" => runtime.block_on(before::run(scale)),
+            "chain" => runtime.block_on(chain::run(scale)),
+            "select" => select::run(scale),
+            "scripts" => runtime.block_on(scripts::run(scale)),
             _ => unreachable!(),
         };
         rows.extend(scenario_rows);
