@@ -24,6 +24,13 @@ fn main() {
     {
         hop::serve(upstream);
     }
+    if args.first().is_some_and(|a| a == "--serve-echo") {
+        // For profiling by hand: an echo handler that prints its address and runs on.
+        println!("{}", common::start_echo());
+        loop {
+            std::thread::park();
+        }
+    }
     // `cargo bench` passes `--bench`; ignore flags we do not know.
     let quick = args.iter().any(|a| a == "--quick");
     let mut chosen: Vec<&str> = args

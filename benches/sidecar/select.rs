@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use provisiond::config::Config;
 use provisiond::dispatch::{Snapshot, select_after};
 use provisiond::events::{CATALOGUE, Envelope};
+use provisiond::filter::CelInput;
 
 use crate::common::Row;
 
@@ -44,13 +45,14 @@ fn measure(snapshot: &Snapshot, envelope: &Envelope, rounds: usize) -> Duration 
     for _ in 0..rounds {
         let route = snapshot.plan.route(black_box(&envelope.name));
         let mut passed = 0;
+        let mut cel = CelInput::default();
         for handler in &route.before {
-            if handler.filter.evaluate(envelope).is_ok() {
+            if handler.filter.evaluate_with(envelope, &mut cel).is_ok() {
                 passed += 1;
             }
         }
         let mut records = Vec::new();
-        passed += select_after(&route, envelope, &mut records).len();
+        passed += select_after(&route, envelope, &mut cel, &mut records).len();
         black_box(passed);
     }
     started.elapsed() / rounds as u32
