@@ -15,6 +15,8 @@ use crate::filter::{CelInput, Verdict};
 use crate::handlers::{Call, Caller, EXCERPT, Reply, exec, new_message_id};
 
 /// How the before stage ended.
+// One per event, moved once: boxing the larger variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Outcome {
     /// Every handler allowed (or failed under `on_error = "allow"`).
