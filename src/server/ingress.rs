@@ -113,8 +113,12 @@ async fn handle(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
                 &json!({"error": {"handler": handler, "message": message}}),
             )
         }
-        Outcome::Allowed { envelope, modified } => {
-            let after = select_after(&route, &envelope, &mut records);
+        Outcome::Allowed {
+            envelope,
+            modified,
+            mut cel,
+        } => {
+            let after = select_after(&route, &envelope, &mut cel, &mut records);
             if !after.is_empty() {
                 // `run` refuses after-stage handlers until the durable store exists, so a
                 // config that reaches here with one is a bug, and a 200 would lose it.
