@@ -173,6 +173,23 @@ async fn a_configmap_update_reloads_once() {
     one_reload_per_change(configmap, configmap_update).await;
 }
 
+/// `provisioning.toml` a symlink to the file in a checkout beside it.
+fn symlinked(dir: &Path, text: &str) -> std::path::PathBuf {
+    std::fs::create_dir(dir.join("checkout")).unwrap();
+    std::fs::write(dir.join("checkout/provisioning.toml"), text).unwrap();
+    let path = dir.join("provisioning.toml");
+    std::os::unix::fs::symlink("checkout/provisioning.toml", &path).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writing_the_file_a_symlink_points_to_reloads_once() {
+    one_reload_per_change(symlinked, |dir, text| {
+        std::fs::write(dir.join("checkout/provisioning.toml"), text).unwrap();
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn changes_that_do_not_touch_the_config_do_not_reload() {
     let stamper = stamper().await;

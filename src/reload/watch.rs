@@ -6,8 +6,8 @@
 //! ConfigMap's files point through; a watch on the file itself would follow the old
 //! inode and miss both. Of the directory's events it keeps those about a name the config
 //! resolves through: the file's own name, the first step of a relative symlink (`..data`
-//! for a ConfigMap), and, when a symlink leads out of the directory, the real file in its
-//! own directory (watched too). Reads, opens and attribute changes are ignored, so that
+//! for a ConfigMap), and, when the file is a symlink, the real file in its own directory
+//! (watched too, and re-pointed after every change). Reads, opens and attribute changes are ignored, so that
 //! reading the file does not trigger another reload.
 //!
 //! Changes settle when no relevant event has come for [`SETTLE`] (or after [`MAX_SETTLE`]
@@ -160,10 +160,14 @@ impl Interest {
         {
             interest.paths.insert(dir.join(first));
         }
-        // A symlink out of the directory: watch the real file where it lives.
-        if let Ok(real) = std::fs::canonicalize(config) {
-            let inside = std::fs::canonicalize(dir).is_ok_and(|d| real.starts_with(d));
-            if !inside && let Some(real_dir) = real.parent() {
+        // A symlink: watch the real file where it lives, so that writing it there is
+        // seen. (For a ConfigMap that is the current `..<timestamp>` directory, which the
+        // next update replaces; `refresh` then moves the watch.)
+        if let Ok(real) = std::fs::canonicalize(config)
+            && let Some(real_dir) = real.parent()
+        {
+            let own = std::fs::canonicalize(dir).is_ok_and(|d| d == real_dir);
+            if !own {
                 interest.dirs.insert(real_dir.to_path_buf());
                 interest.paths.insert(real);
             }
@@ -204,7 +208,10 @@ mod tests {
         std::os::unix::fs::symlink("..data/provisioning.toml", &config).unwrap();
 
         let interest = Interest::of(&config);
-        assert_eq!(interest.dirs, HashSet::from([root.clone()]));
+        assert_eq!(
+            interest.dirs,
+            HashSet::from([root.clone(), stamped.clone()])
+        );
         let rename = EventKind::Modify(ModifyKind::Name(RenameMode::To));
         assert!(interest.wants(&event(rename, &root.join("..data"))));
         assert!(interest.wants(&event(
@@ -231,7 +238,7 @@ mod tests {
     }
 
     #[test]
-    fn a_symlink_out_of_the_directory_adds_the_real_files_directory() {
+    fn a_symlink_adds_the_real_files_directory() {
         let a = tempfile::TempDir::new().unwrap();
         let b = tempfile::TempDir::new().unwrap();
         let real = std::fs::canonicalize(b.path()).unwrap().join("real.toml");
