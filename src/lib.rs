@@ -12,16 +12,23 @@
 //!   the before-stage chain.
 //! - [`filter`]: `match` conditions and `when` CEL expressions.
 //! - [`handlers`]: calling HTTP handlers and scripts.
+//! - [`store`]: the redb file: the after stage's durable queue (written before the
+//!   billing hears 200), the dead letters, the execution log, the dedupe keys.
+//! - [`delivery`]: the after stage's workers: stored deliveries out to their handlers,
+//!   in order per entity, with retries, to the dead letters when they give up.
 //! - [`telemetry`], [`shutdown`]: logs and signals.
-//! - [`commands`]: the subcommands the binary runs.
+//! - [`commands`]: the subcommands the binary runs, including those that query a
+//!   running sidecar (`executions`, `deadletters`).
 #![forbid(unsafe_code)]
 
 pub mod commands;
 pub mod config;
+pub mod delivery;
 pub mod dispatch;
 pub mod events;
 pub mod filter;
 pub mod handlers;
 pub mod server;
 pub mod shutdown;
+pub mod store;
 pub mod telemetry;
