@@ -565,3 +565,214 @@ async fn bad_requests_get_a_clear_4xx_and_the_sidecar_keeps_serving() {
     let (status, _) = sidecar.get("/nope").await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_script_timeout_kills_its_whole_process_group() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let pids = dir.path().join("pids");
+    // The script starts a grandchild that would outlive it, then hangs.
+    let path = script(
+        dir.path(),
+        "hang.sh",
+        &format!(
+            "#!/bin/sh\nsleep 30 &\necho $! > {p}\necho $$ >> {p}\nsleep 30\n",
+            p = pids.display()
+        ),
+    );
+    let config = format!(
+        "{SERVER}{}",
+        script_handler(
+            "hang",
+            &path.display().to_string(),
+            "timeout = \"500ms\"\non_error = \"deny\""
+        )
+    );
+    let sidecar = Sidecar::start_in(dir, &config, &[]);
+    let (status, body) = sidecar.send("clients.update", 1, json!({})).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        "handler failed: timed out after 500ms"
+    );
+    let pids: Vec<i32> = std::fs::read_to_string(&pids)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2);
+    for pid in pids {
+        let gone = (0..100).any(|_| {
+            let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| !s.contains(") Z "));
+            if alive {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            !alive
+        });
+        assert!(
+            gone,
+            "process {pid} of the timed-out script is still running"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_concurrency_bounds_calls_of_one_handler() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let lock = dir.path().join("lock");
+    // Fails (exit 2) if another copy holds the lock: overlapping runs would be denied.
+    let path = script(
+        dir.path(),
+        "exclusive.sh",
+        &format!(
+            "#!/bin/sh\ncat >/dev/null\nmkdir {l} 2>/dev/null || {{ echo overlap >&2; exit 2; }}\nsleep 0.2\nrmdir {l}\n",
+            l = lock.display()
+        ),
+    );
+    let config = format!(
+        "{SERVER}{}",
+        script_handler(
+            "exclusive",
+            &path.display().to_string(),
+            "max_concurrency = 1\ntimeout = \"5s\""
+        )
+    );
+    let sidecar = std::sync::Arc::new(Sidecar::start_in(dir, &config, &[]));
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let sidecar = sidecar.clone();
+        tasks.push(tokio::spawn(async move {
+            sidecar.send("clients.update", i, json!({})).await
+        }));
+    }
+    for task in tasks {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+
+    // Waiting for a slot counts against the handler's timeout, and the error says so:
+    // with three calls at once and room for one, the first runs, the others wait.
+    let dir = tempfile::TempDir::new().unwrap();
+    let slow = script(dir.path(), "slow.sh", "#!/bin/sh\nsleep 1\n");
+    let config = format!(
+        "{SERVER}{}",
+        script_handler(
+            "slow",
+            &slow.display().to_string(),
+            "max_concurrency = 1\ntimeout = \"1500ms\"\non_error = \"deny\""
+        )
+    );
+    let sidecar = std::sync::Arc::new(Sidecar::start_in(dir, &config, &[]));
+    let (a, b, c) = tokio::join!(
+        sidecar.send("clients.update", 1, json!({})),
+        sidecar.send("clients.update", 2, json!({})),
+        sidecar.send("clients.update", 3, json!({}))
+    );
+    let mut outcomes: Vec<String> = [a, b, c]
+        .into_iter()
+        .map(|(status, body)| match status {
+            200 => "allowed".to_owned(),
+            _ => body["error"]["message"].as_str().unwrap().to_owned(),
+        })
+        .collect();
+    outcomes.sort();
+    assert_eq!(outcomes[0], "allowed", "{outcomes:?}");
+    for denied in &outcomes[1..] {
+        assert!(
+            denied.starts_with("handler failed: ")
+                && denied.contains("free slot")
+                && denied.contains("(max_concurrency = 1)"),
+            "{outcomes:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_script_output_is_an_error() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let huge = script(
+        dir.path(),
+        "huge.sh",
+        "#!/bin/sh\ncat >/dev/null\nhead -c 5000000 /dev/zero | tr '\\0' 'x'\n",
+    );
+    let garbage = script(dir.path(), "garbage.sh", "#!/bin/sh\necho 'ok then'\n");
+    let missing = dir.path().join("does-not-exist.sh");
+    let config = format!(
+        "{SERVER}{}",
+        script_handler("out", "PLACEHOLDER", "modifies = true\non_error = \"deny\"")
+    );
+    for (path, expected) in [
+        (
+            huge.display().to_string(),
+            "stdout is larger than 4194304 bytes",
+        ),
+        (
+            garbage.display().to_string(),
+            "reply is not an envelope (body is not valid JSON",
+        ),
+        (missing.display().to_string(), "cannot start"),
+    ] {
+        let sidecar = Sidecar::start(&config.replace("PLACEHOLDER", &path));
+        let (status, body) = sidecar.send("clients.update", 1, json!({})).await;
+        assert_eq!(status, 403, "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{message}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_log_line_per_event_with_outcome_and_duration() {
+    let echo = HandlerServer::echo().await;
+    let config = format!("{SERVER}{}", http_handler("echo", &echo.url("/"), ""));
+    let sidecar = Sidecar::start(&config);
+    let (status, _) = sidecar.send("clients.update", 42, json!({})).await;
+    assert_eq!(status, 200);
+    let line = sidecar
+        .wait_for_log(Duration::from_secs(5), |v| v["message"] == "event")
+        .expect("an event log line");
+    assert_eq!(line["level"], "INFO");
+    assert_eq!(line["event"], "clients.update");
+    assert_eq!(line["object_id"], "42");
+    assert_eq!(line["outcome"], "allowed");
+    assert!(line["duration_ms"].as_f64().is_some(), "{line}");
+    let call = sidecar
+        .wait_for_log(Duration::from_secs(5), |v| {
+            v["message"] == "handler allowed"
+        })
+        .expect("a debug line per handler call");
+    assert_eq!(call["level"], "DEBUG");
+    assert_eq!(call["handler"], "echo");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_the_event_in_flight_finish() {
+    let slow = HandlerServer::start(|call| async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        reply(200, call.body)
+    })
+    .await;
+    let config = format!("{SERVER}{}", http_handler("slow", &slow.url("/"), ""));
+    let mut sidecar = Sidecar::start(&config);
+    let client = http_client();
+    let url = sidecar.url("/events");
+    let body = envelope("clients.update", 1, json!({"k": "v"})).to_string();
+    let in_flight = tokio::spawn(async move { client.post(url).body(body).send().await });
+    // Signal once the handler has the request.
+    for _ in 0..200 {
+        if !slow.calls().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(slow.calls().len(), 1);
+    sidecar.signal(nix::sys::signal::Signal::SIGTERM);
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight event is answered");
+    assert_eq!(response.status(), 200);
+    let status = sidecar
+        .wait_exit(Duration::from_secs(10))
+        .expect("provisiond exits after draining");
+    assert!(status.success(), "{status:?}");
+}

@@ -97,6 +97,16 @@ pub enum CallError {
     Timeout(Duration),
     #[error("no free slot within {} (max_concurrency = {})", humantime::format_duration(*.0), .1)]
     Busy(Duration, usize),
+    #[error(
+        "timed out after {}, {} of it waiting for a free slot (max_concurrency = {max_concurrency})",
+        humantime::format_duration(*timeout),
+        humantime::format_duration(*waited)
+    )]
+    QueuedTimeout {
+        timeout: Duration,
+        waited: Duration,
+        max_concurrency: usize,
+    },
     #[error("cannot connect: {0}")]
     Connect(String),
     #[error("request failed: {0}")]
@@ -138,7 +148,8 @@ impl Caller {
             .await
             .map_err(|_| CallError::Busy(call.timeout, handler.max_concurrency))?
             .expect("handler semaphores are never closed");
-        let remaining = call.timeout.saturating_sub(started.elapsed());
+        let waited = started.elapsed();
+        let remaining = call.timeout.saturating_sub(waited);
         if remaining.is_zero() {
             return Err(CallError::Busy(call.timeout, handler.max_concurrency));
         }
@@ -148,8 +159,16 @@ impl Caller {
             ..call
         };
         let result = self.call_in_slot(call).await;
-        // Report the time the call was given, not what was left of it after the wait.
+        // Report the time the call was given, not what was left of it after the wait,
+        // and the wait when it was long enough to matter.
         result.map_err(|e| match e {
+            CallError::Timeout(_) if waited >= Duration::from_millis(10) => {
+                CallError::QueuedTimeout {
+                    timeout: allowed,
+                    waited: Duration::from_millis(waited.as_millis() as u64),
+                    max_concurrency: handler.max_concurrency,
+                }
+            }
             CallError::Timeout(_) => CallError::Timeout(allowed),
             other => other,
         })

@@ -1,0 +1,343 @@
+//! Shared bench parts: a loopback handler server, a provisiond process, load generators
+//! and latency statistics.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+
+/// One line of the results table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub scenario: String,
+    pub target: String,
+    pub requests: usize,
+    pub errors: usize,
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub note: String,
+}
+
+/// Latencies of one load run.
+pub struct Stats {
+    pub latencies: Vec<Duration>,
+    pub errors: usize,
+    pub elapsed: Duration,
+}
+
+impl Stats {
+    pub fn quantile(&self, q: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        if sorted.is_empty() {
+            return Duration::ZERO;
+        }
+        let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+        sorted[index]
+    }
+
+    pub fn rps(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn row(&self, scenario: &str, target: &str, note: impl Into<String>) -> Row {
+        Row {
+            scenario: scenario.into(),
+            target: target.into(),
+            requests: self.latencies.len() + self.errors,
+            errors: self.errors,
+            rps: self.rps(),
+            p50_ms: ms(self.quantile(0.5)),
+            p99_ms: ms(self.quantile(0.99)),
+            note: note.into(),
+        }
+    }
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The billing docs' echo handler on its own two-thread runtime, so that it does not
+/// share the load generator's threads.
+pub fn start_echo() -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let service =
+                        service_fn(|request: Request<hyper::body::Incoming>| async move {
+                            let body = request.into_body().collect().await?.to_bytes();
+                            Ok::<_, hyper::Error>(Response::new(Full::new(body)))
+                        });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    });
+    rx.recv().unwrap()
+}
+
+/// A provisiond process serving `config`, started from the release binary cargo built.
+pub struct Sidecar {
+    pub child: Child,
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    pub fn start(config: &str) -> Self {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("provisioning.toml");
+        std::fs::write(&path, config).unwrap();
+        Self::start_in(dir, &path)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, config: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_provisiond"))
+            .args([
+                "run",
+                "--log-format",
+                "json",
+                "--log-level",
+                "warn,provisiond=info",
+            ])
+            .arg("-c")
+            .arg(config)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("provisiond starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if !sent
+                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && v["message"] == "listening"
+                {
+                    let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
+                    sent = true;
+                }
+                // Keep draining so the sidecar never blocks on a full pipe.
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("provisiond listens");
+        Self {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> Option<u64> {
+        rss_of(self.child.id())
+    }
+}
+
+/// Samples a process's resident memory every 10 ms until stopped; keeps the peak.
+pub struct RssSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    pub fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+impl Sidecar {
+    pub fn sample_rss(&self) -> RssSampler {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pid = self.child.id();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(kib) = rss_of(pid) {
+                    peak = peak.max(kib);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        });
+        RssSampler { stop, thread }
+    }
+}
+
+fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(1024)
+        .tcp_nodelay(true)
+        .build()
+        .unwrap()
+}
+
+/// An envelope as the billing sends it.
+pub fn envelope(i: usize) -> Bytes {
+    Bytes::from(
+        serde_json::json!({
+            "event": {"dt": "2026-11-26T10:00:00+00:00", "events_id": "clients.update", "object_id": i % 1000},
+            "data": {"id": i % 1000, "name": "My changed name", "balance": "12.50", "companies_id": 3,
+                     "email": "ops@acme.example"},
+        })
+        .to_string(),
+    )
+}
+
+async fn one(client: &reqwest::Client, url: &str, body: Bytes) -> Option<Duration> {
+    let started = Instant::now();
+    let response = client.post(url).body(body).send().await.ok()?;
+    let ok = response.status().is_success();
+    let _ = response.bytes().await.ok()?;
+    ok.then(|| started.elapsed())
+}
+
+/// `concurrency` workers send `total` requests back to back, as fast as answers come.
+pub async fn closed_loop(url: &str, concurrency: usize, total: usize) -> Stats {
+    let client = client();
+    // Warm the connection pool.
+    for i in 0..concurrency.min(total) {
+        let _ = one(&client, url, envelope(i)).await;
+    }
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let client = client.clone();
+        let url = url.to_owned();
+        let next = next.clone();
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                match one(&client, &url, envelope(i)).await {
+                    Some(l) => latencies.push(l),
+                    None => errors += 1,
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut stats = Stats {
+        latencies: Vec::with_capacity(total),
+        errors: 0,
+        elapsed: Duration::ZERO,
+    };
+    for worker in workers {
+        let (latencies, errors) = worker.await.unwrap();
+        stats.latencies.extend(latencies);
+        stats.errors += errors;
+    }
+    stats.elapsed = started.elapsed();
+    stats
+}
+
+/// `total` requests at a fixed `rate` per second, each timed from its scheduled start,
+/// whatever the previous ones are doing (an open loop, as the billing sends).
+pub async fn open_loop(url: &str, rate: f64, total: usize) -> Stats {
+    let client = client();
+    for i in 0..32.min(total) {
+        let _ = one(&client, url, envelope(i)).await;
+    }
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        let due = started + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let client = client.clone();
+        let url = url.to_owned();
+        // Timed from the actual send: tokio's timer has a 1 ms grain, and timing from the
+        // due instant would add that grain to every sample. Sends never wait for earlier
+        // answers, so a slow reply cannot hide later latency.
+        tasks.push(tokio::spawn(async move {
+            one(&client, &url, envelope(i)).await
+        }));
+    }
+    let mut stats = Stats {
+        latencies: Vec::with_capacity(total),
+        errors: 0,
+        elapsed: Duration::ZERO,
+    };
+    for task in tasks {
+        match task.await.unwrap() {
+            Some(l) => stats.latencies.push(l),
+            None => stats.errors += 1,
+        }
+    }
+    stats.elapsed = started.elapsed();
+    stats
+}
+
+pub fn print_table(rows: &[Row]) {
+    println!(
+        "| scenario | target | requests | errors | req/s | p50 ms | p99 ms | note |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"
+    );
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {:.0} | {:.3} | {:.3} | {} |",
+            r.scenario, r.target, r.requests, r.errors, r.rps, r.p50_ms, r.p99_ms, r.note
+        );
+    }
+}

@@ -1,0 +1,54 @@
+//! The bench harness: `cargo bench --bench sidecar -- [SCENARIO...] [--quick]`.
+//!
+//! Every scenario runs its baseline in the same run, so the figures are ratios that hold
+//! on a noisy machine. Results go to stdout as a table and to `bench-results.json`.
+//! Load is always bounded (a fixed number of requests). Everything binds loopback.
+
+mod before;
+mod common;
+
+use std::time::Duration;
+
+use common::Row;
+
+const SCENARIOS: &[&str] = &["before"];
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` passes `--bench`; ignore flags we do not know.
+    let quick = args.iter().any(|a| a == "--quick");
+    let mut chosen: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .map(String::as_str)
+        .collect();
+    if chosen.is_empty() {
+        chosen = SCENARIOS.to_vec();
+    }
+    for name in &chosen {
+        if !SCENARIOS.contains(name) {
+            eprintln!("unknown scenario {name:?}; known: {}", SCENARIOS.join(", "));
+            std::process::exit(2);
+        }
+    }
+    let scale = if quick { 0.1 } else { 1.0 };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rows: Vec<Row> = Vec::new();
+    for name in chosen {
+        eprintln!("== {name}");
+        let scenario_rows = match name {
+            "before" => runtime.block_on(before::run(scale)),
+            _ => unreachable!(),
+        };
+        rows.extend(scenario_rows);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    common::print_table(&rows);
+    let path = "bench-results.json";
+    std::fs::write(path, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+    eprintln!("wrote {path}");
+}
