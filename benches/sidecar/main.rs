@@ -4,6 +4,7 @@
 //! on a noisy machine. Results go to stdout as a table and to `bench-results.json`.
 //! Load is always bounded (a fixed number of requests). Everything binds loopback.
 
+mod after;
 mod before;
 mod common;
 
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use common::Row;
 
-const SCENARIOS: &[&str] = &["before"];
+const SCENARIOS: &[&str] = &["before", "after"];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -42,6 +43,7 @@ fn main() {
         eprintln!("== {name}");
         let scenario_rows = match name {
             "before" => runtime.block_on(before::run(scale)),
+            "after" => runtime.block_on(after::run(scale)),
             _ => unreachable!(),
         };
         rows.extend(scenario_rows);

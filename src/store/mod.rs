@@ -10,6 +10,7 @@
 mod records;
 mod writer;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,9 +40,9 @@ const DELIVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("deliveries
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 /// Row id -> [`Execution`] (JSON), oldest first.
 const EXECUTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("executions");
-/// Dedupe key (SHA-256 of handler and body) -> when it was stored (unix ms).
-const DEDUPE: TableDefinition<&[u8; 32], u64> = TableDefinition::new("dedupe");
-/// The same keys by time, for pruning.
+/// (when it was stored, dedupe key): the dedupe keys (SHA-256 of handler and body) in
+/// time order. Appending is cheap and pruning takes the front; lookups go to a map the
+/// writer keeps in memory and rebuilds from this table at open.
 const DEDUPE_AGE: TableDefinition<(u64, &[u8; 32]), ()> = TableDefinition::new("dedupe_by_time");
 
 /// Requests waiting for the writer before senders wait too.
@@ -129,6 +130,7 @@ impl Store {
             reason,
         };
         let (next_delivery, next_execution) = prepare(&db).map_err(fail)?;
+        let dedupe = load_dedupe(&db).map_err(fail)?;
         let db = Arc::new(db);
         let (ops_tx, ops_rx) = mpsc::channel(OPS_CAPACITY);
         let (logs_tx, logs_rx) = mpsc::channel(LOG_CAPACITY);
@@ -138,6 +140,7 @@ impl Store {
             logs: logs_rx,
             next_delivery,
             next_execution,
+            dedupe,
         };
         let runtime = tokio::runtime::Handle::current();
         let thread = std::thread::Builder::new()
@@ -447,13 +450,25 @@ fn prepare(db: &Database) -> Result<(u64, u64), String> {
     };
     let max_delivery = last(DELIVERIES)?.max(last(DEAD)?);
     let max_execution = last(EXECUTIONS)?;
-    txn.open_table(DEDUPE).map_err(not_ours)?;
     txn.open_table(DEDUPE_AGE).map_err(not_ours)?;
     txn.commit().map_err(|e| e.to_string())?;
     Ok((
         counters.0.max(max_delivery + 1),
         counters.1.max(max_execution + 1),
     ))
+}
+
+/// The dedupe keys stored, each with its latest time.
+fn load_dedupe(db: &Database) -> Result<HashMap<[u8; 32], u64>, String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let table = txn.open_table(DEDUPE_AGE).map_err(|e| e.to_string())?;
+    let mut keys = HashMap::new();
+    for row in table.iter().map_err(|e| e.to_string())? {
+        let (key, _) = row.map_err(|e| e.to_string())?;
+        let (at, hash) = key.value();
+        keys.insert(*hash, at);
+    }
+    Ok(keys)
 }
 
 /// What to tell the operator when the file cannot be opened.

@@ -236,6 +236,38 @@ async fn dedupe_keys_expire_with_the_window() {
     };
     tokio::time::sleep(Duration::from_millis(5)).await;
     assert_eq!(store.prune(expire).await.unwrap(), 1);
+    // Pruned keys are forgotten: the same key is stored again, even with a long window.
+    let again = store
+        .enqueue(vec![item("a", "clients/1", "x", Some(1))], MINUTE)
+        .await
+        .unwrap();
+    assert!(again[0].is_some());
+}
+
+#[tokio::test]
+async fn dedupe_keys_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    let store = Store::open(&path).unwrap();
+    store
+        .enqueue(vec![item("a", "clients/1", "x", Some(3))], MINUTE)
+        .await
+        .unwrap();
+    store.close().await;
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    let again = store
+        .enqueue(
+            vec![
+                item("a", "clients/1", "x", Some(3)),
+                item("a", "clients/1", "x", Some(4)),
+            ],
+            MINUTE,
+        )
+        .await
+        .unwrap();
+    assert!(again[0].is_none());
+    assert!(again[1].is_some());
 }
 
 #[tokio::test]

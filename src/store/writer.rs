@@ -11,6 +11,7 @@
 //! delays the queue. A batch holding only log rows is committed without fsync; the next
 //! durable commit (at the latest the periodic prune) makes them durable.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, WriteTransaction};
@@ -18,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error};
 
 use super::records::{DeadLetter, Delivery, Execution, NewDelivery, now_ms};
-use super::{DEAD, DEDUPE, DEDUPE_AGE, DELIVERIES, EXECUTIONS, META, StoreError};
+use super::{DEAD, DEDUPE_AGE, DELIVERIES, EXECUTIONS, META, StoreError};
 
 /// Most requests applied in one transaction.
 const MAX_BATCH: usize = 2048;
@@ -117,6 +118,18 @@ pub struct Writer {
     pub logs: mpsc::Receiver<Vec<Execution>>,
     pub next_delivery: u64,
     pub next_execution: u64,
+    /// Dedupe key -> when it was last stored (unix ms): the index of `DEDUPE_AGE`.
+    pub dedupe: HashMap<[u8; 32], u64>,
+}
+
+/// Changes to the dedupe map made by a batch: undone if it fails, completed if it
+/// commits.
+#[derive(Default)]
+struct DedupeChanges {
+    /// Keys set, with what they held before.
+    set: Vec<([u8; 32], Option<u64>)>,
+    /// Keys pruned from the table, with the time they were pruned at.
+    pruned: Vec<([u8; 32], u64)>,
 }
 
 impl Writer {
@@ -180,12 +193,25 @@ impl Writer {
         let durable = last || !ops.is_empty();
         let (next_delivery, next_execution) = (self.next_delivery, self.next_execution);
         let mut answers = Vec::with_capacity(ops.len());
-        let result = self.apply(ops, rows, durable, &mut answers);
+        let mut changes = DedupeChanges::default();
+        let result = self.apply(ops, rows, durable, &mut answers, &mut changes);
         if let Err(e) = &result {
-            // Nothing of the batch was committed: the counters go back too.
+            // Nothing of the batch was committed: the counters and the map go back too.
             self.next_delivery = next_delivery;
             self.next_execution = next_execution;
+            for (key, old) in changes.set.into_iter().rev() {
+                match old {
+                    Some(at) => self.dedupe.insert(key, at),
+                    None => self.dedupe.remove(&key),
+                };
+            }
             error!(error = %e, "store write failed");
+        } else {
+            for (key, at) in changes.pruned {
+                if self.dedupe.get(&key) == Some(&at) {
+                    self.dedupe.remove(&key);
+                }
+            }
         }
         let failure = result.err();
         for answer in answers {
@@ -199,6 +225,7 @@ impl Writer {
         rows: Vec<Execution>,
         durable: bool,
         answers: &mut Vec<Answer>,
+        changes: &mut DedupeChanges,
     ) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(StoreError::write)?;
         if !durable {
@@ -214,7 +241,7 @@ impl Writer {
                     window,
                     reply,
                 } => {
-                    let stored = self.enqueue(&txn, items, window, now);
+                    let stored = self.enqueue(&txn, items, window, now, changes);
                     match stored {
                         Ok(v) => answers.push(Answer::Enqueued(reply, v)),
                         Err(e) => {
@@ -247,7 +274,7 @@ impl Writer {
                     dropped?;
                 }
                 Op::Prune { retention, reply } => {
-                    let pruned = prune(&txn, retention, now);
+                    let pruned = prune(&txn, retention, now, &mut changes.pruned);
                     answers.push(Answer::Pruned(reply, *pruned.as_ref().unwrap_or(&0)));
                     pruned?;
                 }
@@ -273,27 +300,22 @@ impl Writer {
         items: Vec<NewDelivery>,
         window: Duration,
         now: u64,
+        changes: &mut DedupeChanges,
     ) -> Result<Vec<Option<Delivery>>, StoreError> {
         let mut queue = txn.open_table(DELIVERIES).map_err(StoreError::write)?;
-        let mut dedupe = txn.open_table(DEDUPE).map_err(StoreError::write)?;
         let mut by_age = txn.open_table(DEDUPE_AGE).map_err(StoreError::write)?;
         let window = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
         let mut out = Vec::with_capacity(items.len());
         for item in items {
             if let Some(key) = item.dedupe {
-                let seen = dedupe
-                    .get(&key)
-                    .map_err(StoreError::write)?
-                    .map(|g| g.value());
-                if let Some(at) = seen {
-                    if now < at.saturating_add(window) {
-                        out.push(None);
-                        continue;
-                    }
-                    by_age.remove((at, &key)).map_err(StoreError::write)?;
+                let seen = self.dedupe.get(&key).copied();
+                if seen.is_some_and(|at| now < at.saturating_add(window)) {
+                    out.push(None);
+                    continue;
                 }
-                dedupe.insert(&key, now).map_err(StoreError::write)?;
+                // An older row for the key stays until pruned; the map has the newest.
                 by_age.insert((now, &key), ()).map_err(StoreError::write)?;
+                changes.set.push((key, self.dedupe.insert(key, now)));
             }
             let delivery = Delivery::new(self.next_delivery, item, now);
             self.next_delivery += 1;
@@ -395,7 +417,12 @@ fn settle_one(txn: &WriteTransaction, id: u64, settle: Settle, now: u64) -> Resu
 }
 
 /// Drops execution rows beyond the retention, and dedupe keys older than the window.
-fn prune(txn: &WriteTransaction, retention: Retention, now: u64) -> Result<usize, StoreError> {
+fn prune(
+    txn: &WriteTransaction,
+    retention: Retention,
+    now: u64,
+    pruned: &mut Vec<([u8; 32], u64)>,
+) -> Result<usize, StoreError> {
     let mut removed = 0;
     let oldest = now.saturating_sub(u64::try_from(retention.keep_age.as_millis()).unwrap_or(u64::MAX));
     let mut rows = txn.open_table(EXECUTIONS).map_err(StoreError::write)?;
@@ -413,9 +440,10 @@ fn prune(txn: &WriteTransaction, retention: Retention, now: u64) -> Result<usize
         rows.remove(key).map_err(StoreError::write)?;
         removed += 1;
     }
-    let cutoff = now.saturating_sub(u64::try_from(retention.dedupe_window.as_millis()).unwrap_or(u64::MAX));
+    let cutoff = now.saturating_sub(
+        u64::try_from(retention.dedupe_window.as_millis()).unwrap_or(u64::MAX),
+    );
     let mut by_age = txn.open_table(DEDUPE_AGE).map_err(StoreError::write)?;
-    let mut dedupe = txn.open_table(DEDUPE).map_err(StoreError::write)?;
     let mut expired = Vec::new();
     for entry in by_age
         .range((0u64, &[0u8; 32])..(cutoff, &[0u8; 32]))
@@ -423,16 +451,17 @@ fn prune(txn: &WriteTransaction, retention: Retention, now: u64) -> Result<usize
     {
         let (key, _) = entry.map_err(StoreError::write)?;
         let (at, hash) = key.value();
-        expired.push((at, *hash));
+        expired.push((*hash, at));
         if expired.len() >= PRUNE_LIMIT {
             break;
         }
     }
-    for (at, hash) in &expired {
+    for (hash, at) in &expired {
         by_age.remove((*at, hash)).map_err(StoreError::write)?;
-        dedupe.remove(hash).map_err(StoreError::write)?;
     }
-    Ok(removed + expired.len())
+    let n = expired.len();
+    pruned.extend(expired);
+    Ok(removed + n)
 }
 
 fn drop_dead(txn: &WriteTransaction, id: u64) -> Result<bool, StoreError> {
