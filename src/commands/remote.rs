@@ -29,13 +29,15 @@ impl Remote {
                     c.server.listen.to_string(),
                     c.server.token.map(|t| t.expose().to_owned()),
                 ),
-                Err(_) if !config.exists() => {
-                    (crate::config::DEFAULT_LISTEN.to_owned(), None)
-                }
+                Err(_) if !config.exists() => (crate::config::DEFAULT_LISTEN.to_owned(), None),
                 Err(errors) => anyhow::bail!(
                     "cannot read the listen address from {}: {}; pass --url",
                     config.display(),
-                    errors.iter().next().map(ToString::to_string).unwrap_or_default()
+                    errors
+                        .iter()
+                        .next()
+                        .map(ToString::to_string)
+                        .unwrap_or_default()
                 ),
             },
         };
@@ -218,7 +220,10 @@ pub fn dead_letters(remote: anyhow::Result<Remote>, command: DeadLetterCommand) 
                 limit,
                 json,
             } => {
-                let q = query_string(&[("handler", handler), ("limit", limit.map(|n| n.to_string()))]);
+                let q = query_string(&[
+                    ("handler", handler),
+                    ("limit", limit.map(|n| n.to_string())),
+                ]);
                 let reply = remote
                     .call(reqwest::Method::GET, &format!("/v1/deadletters{q}"))
                     .await?;
@@ -242,7 +247,10 @@ pub fn dead_letters(remote: anyhow::Result<Remote>, command: DeadLetterCommand) 
             }
             DeadLetterCommand::Replay { id } => {
                 let reply = remote
-                    .call(reqwest::Method::POST, &format!("/v1/deadletters/{id}/replay"))
+                    .call(
+                        reqwest::Method::POST,
+                        &format!("/v1/deadletters/{id}/replay"),
+                    )
                     .await?;
                 println!(
                     "dead letter {id} replayed as delivery {}",
@@ -279,7 +287,10 @@ mod tests {
             "handler": "crm", "event": "clients.create", "object_id": "12", "attempt": 2,
             "outcome": "failed", "code": 503, "duration_ms": 1.25, "error": "HTTP status 503"});
         let line = execution_line(&row);
-        assert!(line.starts_with("2026-11-26T10:00:00.000Z  after  crm"), "{line}");
+        assert!(
+            line.starts_with("2026-11-26T10:00:00.000Z  after  crm"),
+            "{line}"
+        );
         assert!(line.ends_with("503      1.2ms  HTTP status 503"), "{line}");
     }
 }

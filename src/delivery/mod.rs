@@ -34,7 +34,8 @@ use retry::Verdict;
 /// The dead-letter reason of a delivery whose handler a reload removed.
 pub const REMOVED: &str = "handler removed by a config reload";
 /// ... or turned into a before-stage handler.
-pub const NOT_AFTER: &str = "handler is no longer an after-stage handler (changed by a config reload)";
+pub const NOT_AFTER: &str =
+    "handler is no longer an after-stage handler (changed by a config reload)";
 
 /// One handler and one entity: the unit of ordering.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -255,7 +256,8 @@ async fn deliver(app: &Arc<App>, lane: &Lane, id: u64) -> bool {
                 warn!(handler = %fields.0, entity = %fields.1, delivery = id, attempt, %error, retry_in = ?wait, "delivery failed, retrying");
                 call.outcome = "failed";
                 call.error = Some(error.clone());
-                let next_at = now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+                let next_at =
+                    now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
                 delivery.attempts = attempt;
                 delivery.next_at = next_at;
                 Settle::Retry {

@@ -17,7 +17,9 @@ pub enum Verdict {
         retry_after: Option<Duration>,
     },
     /// Never worth another attempt: straight to the dead letters.
-    Gone { reason: String },
+    Gone {
+        reason: String,
+    },
 }
 
 /// HTTP: 2xx delivered, 410 gone, anything else retried (with `Retry-After` on 429 and
@@ -34,7 +36,9 @@ pub fn judge(result: &Result<Reply, CallError>) -> Verdict {
     };
     match reply {
         Reply::Http { status, .. } if (200..300).contains(status) => Verdict::Delivered,
-        Reply::Http { status: 410, body, .. } => Verdict::Gone {
+        Reply::Http {
+            status: 410, body, ..
+        } => Verdict::Gone {
             reason: with_excerpt("handler answered 410 Gone".into(), body),
         },
         Reply::Http {
@@ -135,7 +139,10 @@ mod tests {
         let asked = Some(Duration::from_secs(7));
         assert_eq!(delay(&RETRY, 1, asked, 0.3), Duration::from_secs(7));
         // A longer jittered wait is kept.
-        assert_eq!(delay(&RETRY, 5, Some(Duration::from_secs(2)), 0.9), Duration::from_secs(9));
+        assert_eq!(
+            delay(&RETRY, 5, Some(Duration::from_secs(2)), 0.9),
+            Duration::from_secs(9)
+        );
         // Never past max_backoff.
         assert_eq!(
             delay(&RETRY, 1, Some(Duration::from_secs(3600)), 0.0),
@@ -184,7 +191,10 @@ mod tests {
         // Retry-After only counts on 429 and 503.
         assert!(matches!(
             judge(&http(500, Some(4))),
-            Verdict::Retry { retry_after: None, .. }
+            Verdict::Retry {
+                retry_after: None,
+                ..
+            }
         ));
         assert!(matches!(
             judge(&Err(CallError::Connect("refused".into()))),

@@ -153,10 +153,7 @@ async fn replay(app: &Arc<App>, id: u64) -> Response<Body> {
             info!(dead_letter = id, delivery = delivery.id, handler = %delivery.handler, "dead letter replayed");
             let new_id = delivery.id;
             app.deliveries.submit(app, [(new_id, delivery.lane())]);
-            reply::json(
-                StatusCode::OK,
-                &json!({"replayed": id, "delivery": new_id}),
-            )
+            reply::json(StatusCode::OK, &json!({"replayed": id, "delivery": new_id}))
         }
         Ok(None) => unknown(id),
         Err(e) => store_error(&e),

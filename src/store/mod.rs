@@ -26,8 +26,8 @@ use tracing::{info, warn};
 pub use records::{
     DeadLetter, Delivery, Execution, ExecutionFilter, NewDelivery, now_ms, rfc3339, unix_ms,
 };
-pub use writer::{Retention, Settle};
 use writer::{Op, Writer, decode};
+pub use writer::{Retention, Settle};
 
 /// The layout this build reads and writes. A later release that changes it migrates
 /// files with a lower number at open; a file with a higher number is refused.
@@ -202,7 +202,7 @@ impl Store {
         self.request(|reply| Op::Settle {
             id,
             settle,
-            record,
+            record: record.map(Box::new),
             reply,
         })
         .await
@@ -338,7 +338,10 @@ impl Store {
             let (id, value) = row.map_err(StoreError::read)?;
             let mut row: Execution = decode(value.value())?;
             row.id = id.value();
-            if filter.since.is_some_and(|s| row.at.saturating_add(SLACK_MS) < s) {
+            if filter
+                .since
+                .is_some_and(|s| row.at.saturating_add(SLACK_MS) < s)
+            {
                 break;
             }
             if filter.matches(&row) {
@@ -411,9 +414,11 @@ fn prepare(db: &Database) -> Result<(u64, u64), String> {
             .map(|v| v.value());
         match version {
             None if existing.iter().any(|t| t != "meta") => {
-                return Err("the file is a redb database but not a provisiond store (it has \
+                return Err(
+                    "the file is a redb database but not a provisiond store (it has \
                             no schema version); point store.path at another file"
-                    .into());
+                        .into(),
+                );
             }
             None => {
                 meta.insert("schema_version", SCHEMA_VERSION)
@@ -480,9 +485,9 @@ fn open_reason(e: &DatabaseError) -> String {
                 "{io}; provisiond needs to write the file and its directory: fix the \
                  permissions or set store.path to a writable place"
             ),
-            ErrorKind::NotFound => format!(
-                "{io}; the directory does not exist: create it or set store.path"
-            ),
+            ErrorKind::NotFound => {
+                format!("{io}; the directory does not exist: create it or set store.path")
+            }
             ErrorKind::InvalidData => format!(
                 "the file is not a provisiond store or is damaged ({io}); move it aside \
                  (provisiond then starts with an empty store) or restore it from a backup"

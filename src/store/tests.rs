@@ -40,7 +40,10 @@ async fn enqueued_deliveries_are_pending_in_arrival_order() {
     let store = Store::memory().unwrap();
     let stored = store
         .enqueue(
-            vec![item("a", "clients/1", "x", None), item("b", "clients/2", "y", None)],
+            vec![
+                item("a", "clients/1", "x", None),
+                item("b", "clients/2", "y", None),
+            ],
             MINUTE,
         )
         .await
@@ -118,7 +121,10 @@ async fn settling_retries_delivers_and_dead_letters() {
         next_at: 42,
         error: "HTTP 500".into(),
     };
-    store.settle(ids[0], retry, Some(row("a", 1, "failed"))).await.unwrap();
+    store
+        .settle(ids[0], retry, Some(row("a", 1, "failed")))
+        .await
+        .unwrap();
     let d = store.delivery(ids[0]).unwrap().unwrap();
     assert_eq!((d.attempts, d.next_at), (1, 42));
     assert_eq!(d.last_error.as_deref(), Some("HTTP 500"));
@@ -281,7 +287,10 @@ async fn a_reopened_file_keeps_its_queue_and_never_reuses_ids() {
         .unwrap()[0]
         .clone()
         .unwrap();
-    store.settle(first.id, Settle::Delivered, None).await.unwrap();
+    store
+        .settle(first.id, Settle::Delivered, None)
+        .await
+        .unwrap();
     let second = store
         .enqueue(vec![item("a", "clients/1", "y", None)], MINUTE)
         .await
@@ -305,7 +314,9 @@ async fn a_reopened_file_keeps_its_queue_and_never_reuses_ids() {
     assert!(third.id > second.id);
     store.close().await;
     assert!(matches!(
-        store.enqueue(vec![item("a", "clients/1", "w", None)], MINUTE).await,
+        store
+            .enqueue(vec![item("a", "clients/1", "w", None)], MINUTE)
+            .await,
         Err(StoreError::Closed)
     ));
 }
@@ -364,7 +375,10 @@ async fn garbage_and_damaged_files_are_refused_without_a_panic() {
     let store = Store::open(&damaged).unwrap();
     for i in 0..50u8 {
         store
-            .enqueue(vec![item("a", "clients/1", &"x".repeat(2000), Some(i))], MINUTE)
+            .enqueue(
+                vec![item("a", "clients/1", &"x".repeat(2000), Some(i))],
+                MINUTE,
+            )
             .await
             .unwrap();
     }
@@ -388,4 +402,14 @@ async fn an_unwritable_place_is_refused_with_advice() {
     assert!(e.contains("create it or set store.path"), "{e}");
     let e = open_error(dir.path());
     assert!(e.contains("is a directory"), "{e}");
+}
+
+#[tokio::test]
+async fn a_file_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    let store = Store::open(&path).unwrap();
+    let e = open_error(&path);
+    assert!(e.contains("another process has it open"), "{e}");
+    store.close().await;
 }

@@ -8,8 +8,10 @@
 //! half-applied.
 //!
 //! Execution log rows come on a second, bounded channel, so that a burst of them never
-//! delays the queue. A batch holding only log rows is committed without fsync; the next
-//! durable commit (at the latest the periodic prune) makes them durable.
+//! delays the queue. A batch holding only log rows and delivery settlements is committed
+//! without fsync; the next durable commit (an enqueue, at the latest the periodic prune)
+//! makes it durable. A crash before that repeats those attempts: deliveries are at least
+//! once anyway.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -65,7 +67,7 @@ pub enum Op {
     Settle {
         id: u64,
         settle: Settle,
-        record: Option<Execution>,
+        record: Option<Box<Execution>>,
         reply: Reply<()>,
     },
     Replay {
@@ -190,7 +192,10 @@ impl Writer {
         if ops.is_empty() && rows.is_empty() {
             return;
         }
-        let durable = last || !ops.is_empty();
+        // Settlements and log rows can wait for the next durable commit: losing them in a
+        // crash repeats an attempt (deliveries are at least once) or a log row. What the
+        // billing or an operator was told is done (enqueue, replay, drop) cannot.
+        let durable = last || ops.iter().any(|op| !matches!(op, Op::Settle { .. }));
         let (next_delivery, next_execution) = (self.next_delivery, self.next_execution);
         let mut answers = Vec::with_capacity(ops.len());
         let mut changes = DedupeChanges::default();
@@ -259,7 +264,7 @@ impl Writer {
                     answers.push(Answer::Settled(reply));
                     settle_one(&txn, id, settle, now)?;
                     if let Some(record) = record {
-                        self.log(&txn, vec![record])?;
+                        self.log(&txn, vec![*record])?;
                     }
                 }
                 Op::Replay { id, reply } => {
@@ -424,7 +429,8 @@ fn prune(
     pruned: &mut Vec<([u8; 32], u64)>,
 ) -> Result<usize, StoreError> {
     let mut removed = 0;
-    let oldest = now.saturating_sub(u64::try_from(retention.keep_age.as_millis()).unwrap_or(u64::MAX));
+    let oldest =
+        now.saturating_sub(u64::try_from(retention.keep_age.as_millis()).unwrap_or(u64::MAX));
     let mut rows = txn.open_table(EXECUTIONS).map_err(StoreError::write)?;
     while removed < PRUNE_LIMIT {
         let too_many = rows.len().map_err(StoreError::write)? > retention.keep_rows;
@@ -440,9 +446,8 @@ fn prune(
         rows.remove(key).map_err(StoreError::write)?;
         removed += 1;
     }
-    let cutoff = now.saturating_sub(
-        u64::try_from(retention.dedupe_window.as_millis()).unwrap_or(u64::MAX),
-    );
+    let cutoff =
+        now.saturating_sub(u64::try_from(retention.dedupe_window.as_millis()).unwrap_or(u64::MAX));
     let mut by_age = txn.open_table(DEDUPE_AGE).map_err(StoreError::write)?;
     let mut expired = Vec::new();
     for entry in by_age
