@@ -18,11 +18,13 @@ use std::time::Duration;
 
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
 use super::records::{DeadLetter, Delivery, Execution, NewDelivery, now_ms};
 use super::{DEAD, DEDUPE_AGE, DELIVERIES, EXECUTIONS, META, StoreError};
 
+/// A commit slower than this is logged: the billing waits for enqueue commits.
+const SLOW_COMMIT: Duration = Duration::from_millis(100);
 /// Most requests applied in one transaction.
 const MAX_BATCH: usize = 2048;
 /// Most rows one prune removes from each table, so that a prune never holds the writer
@@ -199,7 +201,19 @@ impl Writer {
         let (next_delivery, next_execution) = (self.next_delivery, self.next_execution);
         let mut answers = Vec::with_capacity(ops.len());
         let mut changes = DedupeChanges::default();
+        let (n_ops, n_rows) = (ops.len(), rows.len());
+        let started = std::time::Instant::now();
         let result = self.apply(ops, rows, durable, &mut answers, &mut changes);
+        let took = started.elapsed();
+        if took > SLOW_COMMIT {
+            warn!(
+                ms = took.as_millis() as u64,
+                requests = n_ops,
+                log_rows = n_rows,
+                durable,
+                "slow store commit"
+            );
+        }
         if let Err(e) = &result {
             // Nothing of the batch was committed: the counters and the map go back too.
             self.next_delivery = next_delivery;
