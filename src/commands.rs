@@ -1,6 +1,6 @@
 //! The subcommands behind `src/main.rs`: each takes parsed arguments and does the work.
 
-mod remote;
+mod admin;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use remote::{DeadLetterCommand, ExecutionQuery, Remote, dead_letters, executions};
+pub use admin::{DeadLetterCommand, ExecutionQuery, dead_letters, executions};
 
 use crate::config::{Config, ConfigErrors};
 use crate::dispatch::Snapshot;
@@ -147,6 +147,43 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
     app.store.close().await;
     info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `provisiond send`: post an envelope like the billing's to a running sidecar and print
+/// the reply. Exit 0 on 200, 1 otherwise.
+pub async fn send(
+    config_path: &Path,
+    url: Option<&str>,
+    event: &str,
+    data: Option<&str>,
+    object_id: Option<i64>,
+) -> anyhow::Result<ExitCode> {
+    let data = match data {
+        Some(source) => crate::remote::read_json(source)?,
+        None => serde_json::json!({}),
+    };
+    if !data.is_object() {
+        anyhow::bail!("--data must hold a JSON object");
+    }
+    let body = crate::remote::envelope(event, object_id, data);
+    let remote = crate::remote::Remote::new(config_path, url)?;
+    let (status, text) = remote
+        .request(
+            reqwest::Method::POST,
+            "/events",
+            Some(bytes::Bytes::from(body.to_string())),
+        )
+        .await?;
+    let shown = serde_json::from_str::<serde_json::Value>(&text).map_or(text, |v| {
+        serde_json::to_string_pretty(&v).expect("JSON serialises")
+    });
+    eprintln!("HTTP {status}");
+    println!("{shown}");
+    Ok(if status == 200 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// How often the execution log and the dedupe keys are trimmed.

@@ -116,6 +116,25 @@ impl fmt::Display for EventPattern {
     }
 }
 
+/// A process-unique id: `prefix_` and 24 hex digits from the process start time and a
+/// counter, so ids also differ across restarts.
+pub fn new_id(prefix: &str) -> String {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static START: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let start = *START.get_or_init(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    format!(
+        "{prefix}_{start:016x}{:08x}",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 /// What is wrong with a request body that should have been an envelope.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EnvelopeError {

@@ -63,6 +63,9 @@ pub enum Op {
 pub struct When {
     pub source: String,
     program: Arc<cel::Program>,
+    /// Which variables the expression reads: only those are converted for it.
+    reads_event: bool,
+    reads_data: bool,
 }
 
 impl fmt::Debug for When {
@@ -131,13 +134,24 @@ impl Filter {
 
     /// Evaluates every condition, then `when`, stopping at the first that is false.
     pub fn evaluate(&self, envelope: &Envelope) -> Result<Verdict, FilterError> {
+        self.evaluate_with(envelope, &mut CelInput::default())
+    }
+
+    /// As [`Filter::evaluate`], reusing the CEL form of the envelope in `cel` (built on
+    /// first use). Keep one `CelInput` per version of the data: a handler's filters after
+    /// another's see the same conversion, and it must be dropped when the data changes.
+    pub fn evaluate_with(
+        &self,
+        envelope: &Envelope,
+        cel: &mut CelInput,
+    ) -> Result<Verdict, FilterError> {
         for condition in &self.conditions {
             if !condition.evaluate(envelope)? {
                 return Ok(Verdict::ConditionFalse(condition.to_string()));
             }
         }
         if let Some(when) = &self.when
-            && !when.evaluate(envelope)?
+            && !when.evaluate_with(envelope, cel)?
         {
             return Ok(Verdict::WhenFalse);
         }
@@ -396,6 +410,48 @@ fn order(have: &Value, want: &Value) -> Option<Ordering> {
     }
 }
 
+/// The envelope's `event` and `data` in CEL's own representation, converted once and
+/// lent to every `when` evaluated on the same data. (Binding a variable to a context by
+/// value converts the whole map again on every evaluation: that costs more than the
+/// expression.)
+#[derive(Debug, Default)]
+pub struct CelInput {
+    event: Option<Box<dyn cel::common::value::Val>>,
+    data: Option<Box<dyn cel::common::value::Val>>,
+}
+
+impl CelInput {
+    /// Converts what `when` reads and has not been converted yet.
+    fn prepare(&mut self, envelope: &Envelope, when: &When) -> Result<(), FilterError> {
+        fn convert(
+            map: &Map<String, Value>,
+        ) -> Result<Box<dyn cel::common::value::Val>, FilterError> {
+            let value = cel::to_value(map).map_err(|e| FilterError(format!("when: {e}")))?;
+            value
+                .try_into()
+                .map_err(|e: cel::ExecutionError| FilterError(format!("when: {e}")))
+        }
+        if when.reads_event && self.event.is_none() {
+            self.event = Some(convert(&envelope.event)?);
+        }
+        if when.reads_data && self.data.is_none() {
+            self.data = Some(convert(&envelope.data)?);
+        }
+        Ok(())
+    }
+}
+
+impl cel::context::VariableResolver for CelInput {
+    fn resolve<'b>(&'b self, variable: &str) -> Option<cel::common::value::CowVal<'b, 'b>> {
+        let value = match variable {
+            "event" => self.event.as_ref()?,
+            "data" => self.data.as_ref()?,
+            _ => return None,
+        };
+        Some(cel::common::value::CowVal::Borrowed(value.as_ref()))
+    }
+}
+
 /// The CEL environment, built once: building it registers the whole standard library.
 fn cel_env() -> &'static Arc<cel::Env> {
     static ENV: OnceLock<Arc<cel::Env>> = OnceLock::new();
@@ -413,18 +469,31 @@ impl When {
                 .join("; ");
             format!("invalid CEL expression: {text}")
         })?;
+        let references = program.references();
+        let (reads_event, reads_data) = (
+            references.has_variable("event"),
+            references.has_variable("data"),
+        );
         Ok(Self {
             source: source.to_owned(),
             program: Arc::new(program),
+            reads_event,
+            reads_data,
         })
     }
 
     pub fn evaluate(&self, envelope: &Envelope) -> Result<bool, FilterError> {
+        self.evaluate_with(envelope, &mut CelInput::default())
+    }
+
+    pub fn evaluate_with(
+        &self,
+        envelope: &Envelope,
+        cel: &mut CelInput,
+    ) -> Result<bool, FilterError> {
+        cel.prepare(envelope, self)?;
         let mut context = cel::Context::with_env(cel_env().clone());
-        context
-            .add_variable("event", &envelope.event)
-            .and_then(|()| context.add_variable("data", &envelope.data))
-            .map_err(|e| FilterError(format!("when: {e}")))?;
+        context.set_variable_resolver(&*cel);
         match self.program.execute(&context) {
             Ok(cel::Value::Bool(b)) => Ok(b),
             Ok(other) => Err(FilterError(format!(

@@ -16,9 +16,9 @@
 //!   billing hears 200), the dead letters, the execution log, the dedupe keys.
 //! - [`delivery`]: the after stage's workers: stored deliveries out to their handlers,
 //!   in order per entity, with retries, to the dead letters when they give up.
-//! - [`telemetry`], [`shutdown`]: logs and signals.
-//! - [`commands`]: the subcommands the binary runs, including those that query a
-//!   running sidecar (`executions`, `deadletters`).
+//! - [`telemetry`], [`metrics`], [`shutdown`]: logs, Prometheus metrics, signals.
+//! - [`commands`]: the subcommands the binary runs; [`remote`]: the client they use to
+//!   talk to a running sidecar.
 #![forbid(unsafe_code)]
 
 pub mod commands;
@@ -28,6 +28,8 @@ pub mod dispatch;
 pub mod events;
 pub mod filter;
 pub mod handlers;
+pub mod metrics;
+pub mod remote;
 pub mod server;
 pub mod shutdown;
 pub mod store;

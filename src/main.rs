@@ -39,6 +39,20 @@ enum Command {
     Check,
     /// Print the config's JSON Schema.
     Schema,
+    /// Post an envelope like the billing's to a running sidecar and print the reply.
+    Send {
+        /// The event name, e.g. clients.create.
+        event: String,
+        /// A file holding the `data` object as JSON, or - for stdin ({} when absent).
+        #[arg(long)]
+        data: Option<String>,
+        /// The event's object_id.
+        #[arg(long)]
+        object_id: Option<i64>,
+        /// The sidecar: http://host:port or unix:/path.sock (default: the config's listen).
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Show a running sidecar's execution log, newest first.
     Executions {
         #[command(flatten)]
@@ -75,13 +89,9 @@ enum Command {
 /// Where the running sidecar is.
 #[derive(clap::Args)]
 struct RemoteArgs {
-    /// The sidecar's address (http://127.0.0.1:8600 or unix:/path.sock); default: the
-    /// config's server.listen.
+    /// The sidecar: http://host:port or unix:/path.sock (default: the config's listen).
     #[arg(long)]
     url: Option<String>,
-    /// The bearer token; default: the config's server.token.
-    #[arg(long, env = "PROVISIOND_TOKEN", hide_env_values = true)]
-    token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -116,12 +126,6 @@ enum DeadLetters {
     },
 }
 
-impl RemoteArgs {
-    fn connect(self, config: &std::path::Path) -> anyhow::Result<commands::Remote> {
-        commands::Remote::new(self.url.as_deref(), config, self.token)
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
@@ -130,6 +134,18 @@ fn main() -> ExitCode {
             print!("{}", commands::schema());
             ExitCode::SUCCESS
         }
+        Command::Send {
+            event,
+            data,
+            object_id,
+            url,
+        } => block_on(commands::send(
+            &cli.config,
+            url.as_deref(),
+            &event,
+            data.as_deref(),
+            object_id,
+        )),
         Command::Executions {
             remote,
             event,
@@ -139,8 +155,9 @@ fn main() -> ExitCode {
             since,
             limit,
             json,
-        } => commands::executions(
-            remote.connect(&cli.config),
+        } => block_on(commands::executions(
+            &cli.config,
+            remote.url.as_deref(),
             commands::ExecutionQuery {
                 event,
                 handler,
@@ -150,7 +167,7 @@ fn main() -> ExitCode {
                 limit,
                 json,
             },
-        ),
+        )),
         Command::Deadletters { command } => {
             let (remote, command) = match command {
                 DeadLetters::List {
@@ -173,7 +190,11 @@ fn main() -> ExitCode {
                     (remote, commands::DeadLetterCommand::Drop { id })
                 }
             };
-            commands::dead_letters(remote.connect(&cli.config), command)
+            block_on(commands::dead_letters(
+                &cli.config,
+                remote.url.as_deref(),
+                command,
+            ))
         }
         Command::Run => {
             if let Err(e) = telemetry::init(cli.log_format, cli.log_level.as_deref()) {
@@ -194,6 +215,27 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Runs a client command on a small runtime; errors print as one line.
+fn block_on(command: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("provisiond: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("provisiond: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -36,7 +36,7 @@ pub fn init(format: LogFormat, level: Option<&str>) -> anyhow::Result<()> {
         builder
             .json()
             .flatten_event(true)
-            .with_current_span(false)
+            .with_current_span(true)
             .with_span_list(false)
             .try_init()
     } else {

@@ -335,10 +335,24 @@ pub fn print_table(rows: &[Row]) {
         "| scenario | target | requests | errors | req/s | p50 ms | p99 ms | note |\n\
          | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"
     );
+    let num = |v: f64, decimals: usize| {
+        if v.is_finite() {
+            format!("{v:.decimals$}")
+        } else {
+            "-".to_owned()
+        }
+    };
     for r in rows {
         println!(
-            "| {} | {} | {} | {} | {:.0} | {:.3} | {:.3} | {} |",
-            r.scenario, r.target, r.requests, r.errors, r.rps, r.p50_ms, r.p99_ms, r.note
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.scenario,
+            r.target,
+            r.requests,
+            r.errors,
+            num(r.rps, 0),
+            num(r.p50_ms, 3),
+            num(r.p99_ms, 3),
+            r.note
         );
     }
 }

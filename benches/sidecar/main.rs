@@ -6,16 +6,32 @@
 
 mod after;
 mod before;
+mod chain;
 mod common;
+mod hop;
+mod scripts;
+mod select;
 
 use std::time::Duration;
 
 use common::Row;
 
-const SCENARIOS: &[&str] = &["before", "after"];
+const SCENARIOS: &[&str] = &["before", "chain", "select", "scripts", "after"];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, upstream, ..] = args.as_slice()
+        && flag == "--serve-hop"
+    {
+        hop::serve(upstream);
+    }
+    if args.first().is_some_and(|a| a == "--serve-echo") {
+        // For profiling by hand: an echo handler that prints its address and runs on.
+        println!("{}", common::start_echo());
+        loop {
+            std::thread::park();
+        }
+    }
     // `cargo bench` passes `--bench`; ignore flags we do not know.
     let quick = args.iter().any(|a| a == "--quick");
     let mut chosen: Vec<&str> = args
@@ -43,6 +59,9 @@ fn main() {
         eprintln!("== {name}");
         let scenario_rows = match name {
             "before" => runtime.block_on(before::run(scale)),
+            "chain" => runtime.block_on(chain::run(scale)),
+            "select" => select::run(scale),
+            "scripts" => runtime.block_on(scripts::run(scale)),
             "after" => runtime.block_on(after::run(scale)),
             _ => unreachable!(),
         };

@@ -11,10 +11,12 @@ use tracing::{debug, warn};
 use super::{Route, fmt_duration};
 use crate::config::{Handler, OnError, Stage};
 use crate::events::Envelope;
-use crate::filter::Verdict;
+use crate::filter::{CelInput, Verdict};
 use crate::handlers::{Call, Caller, EXCERPT, Reply, exec, new_message_id};
 
 /// How the before stage ended.
+// One per event, moved once: boxing the larger variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Outcome {
     /// Every handler allowed (or failed under `on_error = "allow"`).
@@ -22,6 +24,8 @@ pub enum Outcome {
         envelope: Envelope,
         /// Whether any handler replaced the data.
         modified: bool,
+        /// The CEL form of the final envelope, for the after-stage filters.
+        cel: CelInput,
     },
     /// A handler forbade the action, or failed under `on_error = "deny"`.
     Denied { handler: String, message: String },
@@ -62,12 +66,13 @@ pub async fn run_before(
 ) -> Outcome {
     let object_id = envelope.object_id();
     let mut modified = false;
-    // The serialised envelope, kept until a handler changes the data.
+    // The serialised envelope and its CEL form, kept until a handler changes the data.
     let mut body: Option<Bytes> = None;
+    let mut cel = CelInput::default();
     for handler in &route.before {
         let started = Instant::now();
         let at = SystemTime::now();
-        let step = match handler.filter.evaluate(&envelope) {
+        let step = match handler.filter.evaluate_with(&envelope, &mut cel) {
             Ok(Verdict::Pass) => None,
             Ok(verdict) => {
                 debug!(handler = %handler.name, event = %envelope.name, ?verdict, "handler skipped by its filter");
@@ -143,6 +148,7 @@ pub async fn run_before(
                     envelope.data = data;
                     modified = true;
                     body = None;
+                    cel = CelInput::default();
                 }
                 records.push(record);
             }
@@ -174,7 +180,11 @@ pub async fn run_before(
             }
         }
     }
-    Outcome::Allowed { envelope, modified }
+    Outcome::Allowed {
+        envelope,
+        modified,
+        cel,
+    }
 }
 
 /// What a before-stage reply means.
@@ -285,11 +295,12 @@ fn deny_message(body: &[u8], status: u16) -> String {
 pub fn select_after(
     route: &Route,
     envelope: &Envelope,
+    cel: &mut CelInput,
     records: &mut Vec<CallRecord>,
 ) -> Vec<Arc<Handler>> {
     let mut selected = Vec::new();
     for handler in &route.after {
-        match handler.filter.evaluate(envelope) {
+        match handler.filter.evaluate_with(envelope, cel) {
             Ok(Verdict::Pass) => selected.push(handler.clone()),
             Ok(_) => {}
             Err(e) => {

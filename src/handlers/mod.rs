@@ -8,8 +8,7 @@
 pub mod exec;
 pub mod http;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -190,20 +189,9 @@ impl Default for Caller {
     }
 }
 
-/// A fresh message id for a call that is not a stored delivery: `msg_` and 24 hex digits
-/// from the process start time and a counter, unique within and across runs.
+/// A fresh message id for a call that is not a stored delivery (`msg_...`).
 pub fn new_message_id() -> String {
-    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let start = *START.get_or_init(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-    });
-    format!(
-        "msg_{start:016x}{:08x}",
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    crate::events::new_id("msg")
 }
 
 /// At most [`EXCERPT`] bytes of `bytes` as text, cut at a character boundary.

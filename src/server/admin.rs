@@ -14,6 +14,10 @@ pub async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body>
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => reply::json(StatusCode::OK, &json!({"status": "ok"})),
         (_, "/healthz") => reply::method_not_allowed("GET"),
+        (&Method::GET, "/readyz") => ready(app),
+        (_, "/readyz") => reply::method_not_allowed("GET"),
+        (&Method::GET, "/metrics") => metrics(app),
+        (_, "/metrics") => reply::method_not_allowed("GET"),
         (&Method::GET, "/v1/executions") => store_api::executions(app, request.uri()).await,
         (_, "/v1/executions") => reply::method_not_allowed("GET"),
         (m, p) if p == "/v1/deadletters" || p.starts_with("/v1/deadletters/") => {
@@ -21,4 +25,28 @@ pub async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body>
         }
         (_, path) => reply::not_found(path),
     }
+}
+
+/// `GET /metrics`: the Prometheus text format.
+fn metrics(app: &App) -> Response<Body> {
+    app.metrics.run_upkeep();
+    let mut response = Response::new(super::full(app.metrics.render()));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// `GET /readyz`: 200 once a config is loaded and the sidecar is not draining; 503 while
+/// shutting down, so that a load balancer stops sending events first.
+fn ready(app: &App) -> Response<Body> {
+    if app.is_draining() {
+        return reply::unavailable("shutting down", 1);
+    }
+    let generation = app.snapshot.load().generation;
+    reply::json(
+        StatusCode::OK,
+        &json!({"status": "ready", "generation": generation}),
+    )
 }

@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use hyper::header::CONTENT_LENGTH;
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, info_span, warn};
 
 use super::App;
 use super::reply::{self, Body};
@@ -17,15 +17,33 @@ use crate::delivery::Lane;
 use crate::dispatch::{CallRecord, Outcome, run_before, select_after};
 use crate::events::Envelope;
 use crate::handlers::new_message_id;
+use crate::metrics;
 use crate::store::{Execution, NewDelivery};
 
+/// The header that carries the event id back, the same id every log line of the event has.
+pub const EVENT_ID_HEADER: &str = "x-provisioning-event-id";
+
 pub async fn events(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+    let id = crate::events::new_id("evt");
+    let span = info_span!("event", id = %id);
+    metrics::in_flight(1.0);
+    let mut response = handle(app, request).instrument(span).await;
+    metrics::in_flight(-1.0);
+    if let Ok(value) = hyper::header::HeaderValue::from_str(&id) {
+        response.headers_mut().insert(EVENT_ID_HEADER, value);
+    }
+    response
+}
+
+async fn handle(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     if app.is_draining() {
+        metrics::event("unparsed".into(), "unavailable");
         return reply::unavailable("provisiond is shutting down; retry shortly", 1);
     }
     let Ok(_permit) = app.in_flight.try_acquire() else {
         warn!("too many events in flight, answering 503");
+        metrics::event("unparsed".into(), "unavailable");
         return reply::unavailable("too many events in flight; retry shortly", 1);
     };
     // One snapshot for the whole event, however long it takes and whatever reloads.
@@ -56,14 +74,17 @@ pub async fn events(app: &Arc<App>, request: Request<Incoming>) -> Response<Body
         Ok(envelope) => envelope,
         Err(e) => {
             warn!(error = %e, "bad request");
+            metrics::event("unparsed".into(), "bad_request");
             return reply::error(StatusCode::BAD_REQUEST, e.to_string());
         }
     };
     let event = envelope.name.clone();
     let object_id = envelope.object_id();
-    if !snapshot.plan.is_known(&event) {
+    let known = snapshot.plan.is_known(&event);
+    if !known {
         info!(event = %event, "event outside the catalogue, dispatching to wildcard handlers");
     }
+    let label = metrics::event_label(&event, known);
 
     let route = snapshot.plan.route(&event);
     let mut records: Vec<CallRecord> = Vec::new();
@@ -77,6 +98,10 @@ pub async fn events(app: &Arc<App>, request: Request<Incoming>) -> Response<Body
         &mut records,
     )
     .await;
+    metrics::before_chain(started.elapsed());
+    for record in &records {
+        metrics::handler_call(&record.handler, "before", record.outcome, record.duration);
+    }
 
     match outcome {
         Outcome::Denied { handler, message } => {
@@ -86,13 +111,18 @@ pub async fn events(app: &Arc<App>, request: Request<Incoming>) -> Response<Body
                 "event"
             );
             log_calls(app, records, &event, &object_id);
+            metrics::event(label, "denied");
             reply::json(
                 StatusCode::FORBIDDEN,
                 &json!({"error": {"handler": handler, "message": message}}),
             )
         }
-        Outcome::Allowed { envelope, modified } => {
-            let after = select_after(&route, &envelope, &mut records);
+        Outcome::Allowed {
+            envelope,
+            modified,
+            mut cel,
+        } => {
+            let after = select_after(&route, &envelope, &mut cel, &mut records);
             let reply_body = if modified {
                 Bytes::from(envelope.to_json())
             } else {
@@ -119,6 +149,7 @@ pub async fn events(app: &Arc<App>, request: Request<Incoming>) -> Response<Body
                     Err(e) => {
                         warn!(event = %event, object_id = %object_id, error = %e, "cannot store the deliveries, answering 503");
                         log_calls(app, records, &event, &object_id);
+                        metrics::event(label, "unavailable");
                         return reply::unavailable(
                             "the store cannot take the after-stage deliveries; retry shortly",
                             1,
@@ -141,6 +172,7 @@ pub async fn events(app: &Arc<App>, request: Request<Incoming>) -> Response<Body
                 calls = records.len(), queued, duration_ms = ms(started),
                 generation = snapshot.generation, "event"
             );
+            metrics::event(label, "allowed");
             log_calls(app, records, &event, &object_id);
             reply::raw_json(StatusCode::OK, reply_body)
         }
@@ -168,6 +200,7 @@ fn dedupe_key(handler: &str, body: &[u8]) -> [u8; 32] {
 }
 
 fn too_large(max: u64) -> Response<Body> {
+    metrics::event("unparsed".into(), "too_large");
     reply::error(
         StatusCode::PAYLOAD_TOO_LARGE,
         format!("body is larger than server.max_body ({max} bytes)"),

@@ -2,6 +2,7 @@
 //! graceful drain. Routes live in [`ingress`] (`POST /events`) and [`admin`] (the rest).
 
 pub mod admin;
+mod auth;
 pub mod ingress;
 mod reply;
 mod store_api;
@@ -49,12 +50,16 @@ pub struct App {
     pub deliveries: Deliveries,
     /// The generation of the live snapshot, for tasks that must react to a new config.
     generation: tokio::sync::watch::Sender<u64>,
+    /// Renders `/metrics`.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 impl App {
     pub fn new(snapshot: Snapshot, store: Store) -> Arc<Self> {
         let max_in_flight = snapshot.config.server.max_in_flight;
         let (generation, _) = tokio::sync::watch::channel(snapshot.generation);
+        let metrics = crate::metrics::install();
+        crate::metrics::generation(snapshot.generation);
         Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             caller: Caller::new(),
@@ -63,6 +68,7 @@ impl App {
             store,
             deliveries: Deliveries::new(),
             generation,
+            metrics,
         })
     }
 
@@ -72,6 +78,7 @@ impl App {
         let generation = snapshot.generation;
         self.snapshot.store(Arc::new(snapshot));
         self.generation.send_replace(generation);
+        crate::metrics::generation(generation);
     }
 
     /// A receiver that sees the generation of every snapshot published from now on.
@@ -207,6 +214,12 @@ pub async fn serve(
 /// Sends a request to its route.
 async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().to_owned();
+    if auth::protected(&path)
+        && let Some(token) = &app.snapshot.load().config.server.token
+        && !auth::authorized(token, request.headers())
+    {
+        return reply::unauthorized();
+    }
     match (request.method(), path.as_str()) {
         (&Method::POST, "/events") => ingress::events(app, request).await,
         (_, "/events") => reply::method_not_allowed("POST"),

@@ -51,6 +51,19 @@ pub fn method_not_allowed(allow: &'static str) -> Response<Body> {
     response
 }
 
+/// 401 with `WWW-Authenticate: Bearer`.
+pub fn unauthorized() -> Response<Body> {
+    let mut response = error(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong token: send \"Authorization: Bearer <server.token>\"",
+    );
+    response.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer"),
+    );
+    response
+}
+
 pub fn not_found(path: &str) -> Response<Body> {
     error(StatusCode::NOT_FOUND, format!("no route for {path}"))
 }

@@ -96,18 +96,38 @@ impl Sidecar {
                 );
             }
         };
+        let client = match addr.strip_prefix("unix:") {
+            Some(path) => {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                reqwest::Client::builder()
+                    .unix_socket(PathBuf::from(path))
+                    .build()
+                    .unwrap()
+            }
+            None => http_client(),
+        };
         Self {
             child,
             addr,
             dir,
             config_path,
             logs,
-            client: http_client(),
+            client,
         }
     }
 
+    /// A URL on the sidecar (over its unix socket when it listens on one).
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        if self.addr.starts_with("unix:") {
+            format!("http://localhost{path}")
+        } else {
+            format!("http://{}{path}", self.addr)
+        }
+    }
+
+    /// The client `post`, `send` and `get` use: it reaches a unix socket too.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
     }
 
     /// POSTs a body to `/events`; returns the status and the body parsed as JSON

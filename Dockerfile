@@ -1,0 +1,38 @@
+# provisiond container image.
+#
+#   docker build -t provisiond:latest .
+#   docker run --rm -p 8600:8600 \
+#     -v $PWD/provisioning.toml:/etc/provisiond/provisioning.toml:ro \
+#     -v provisiond-data:/var/lib/provisiond provisiond:latest
+#
+# The config is read from /etc/provisiond/provisioning.toml (mount the directory, not a
+# subPath, so that hot reload sees changes); the store lives on the volume at
+# /var/lib/provisiond, the working directory, so the default store.path lands there.
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY benches ./benches
+COPY examples ./examples
+COPY schema ./schema
+RUN cargo build --release --locked --bin provisiond \
+ && strip target/release/provisiond
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 provisiond \
+ && useradd --system --uid 10001 --gid provisiond --home-dir /var/lib/provisiond provisiond \
+ && mkdir -p /etc/provisiond /var/lib/provisiond \
+ && chown provisiond:provisiond /var/lib/provisiond
+COPY --from=build /src/target/release/provisiond /usr/local/bin/provisiond
+COPY examples/container/provisioning.toml /etc/provisiond/provisioning.toml
+USER provisiond:provisiond
+WORKDIR /var/lib/provisiond
+VOLUME ["/var/lib/provisiond"]
+ENV PROVISIOND_CONFIG=/etc/provisiond/provisioning.toml
+EXPOSE 8600
+ENTRYPOINT ["/usr/local/bin/provisiond"]
+CMD ["run", "--log-format", "json"]

@@ -1,0 +1,78 @@
+//! A chain of five before-stage handlers, each with `match` and `when` filters that pass,
+//! against the client calling the same five handlers one after another itself.
+
+use std::time::{Duration, Instant};
+
+use crate::common::{Row, Sidecar, Stats, client, envelope, ms, open_loop, start_echo};
+
+pub async fn run(scale: f64) -> Vec<Row> {
+    let echo = start_echo();
+    let mut config = String::from("[server]\nlisten = \"127.0.0.1:0\"\n");
+    for i in 1..=5 {
+        config.push_str(&format!(
+            "\n[[handler]]\nname = \"h{i}\"\nevents = [\"clients.*\"]\nstage = \"before\"\n\
+             priority = {i}\nurl = \"http://{echo}/h{i}\"\nmodifies = {}\n\
+             match = {{ \"data.companies_id\" = 3, \"data.balance\" = {{ gt = 0 }} }}\n\
+             when = 'has(data.email) && data.email.endsWith(\"@acme.example\")'\n",
+            i % 2 == 1
+        ));
+    }
+    let sidecar = Sidecar::start(&config);
+    let n = ((4000.0 * scale) as usize).max(100);
+    let rate = 500.0;
+
+    let direct = five_in_a_row(&format!("http://{echo}"), rate, n).await;
+    let through = open_loop(&sidecar.url("/events"), rate, n).await;
+    let added = through.quantile(0.99).saturating_sub(direct.quantile(0.99));
+    vec![
+        direct.row(
+            "chain of 5 filtered handlers, 500/s",
+            "direct, 5 calls in a row",
+            "",
+        ),
+        through.row(
+            "chain of 5 filtered handlers, 500/s",
+            "provisiond",
+            format!("adds p99 {:.3} ms", ms(added)),
+        ),
+    ]
+}
+
+/// The baseline: each event is five sequential calls from the client, one per handler.
+async fn five_in_a_row(base: &str, rate: f64, total: usize) -> Stats {
+    let client = client();
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        tokio::time::sleep_until((started + interval.mul_f64(i as f64)).into()).await;
+        let client = client.clone();
+        let base = base.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let begun = Instant::now();
+            for h in 1..=5 {
+                let response = client
+                    .post(format!("{base}/h{h}"))
+                    .body(envelope(i))
+                    .send()
+                    .await
+                    .ok()?;
+                response.bytes().await.ok()?;
+            }
+            Some(begun.elapsed())
+        }));
+    }
+    let mut stats = Stats {
+        latencies: Vec::with_capacity(total),
+        errors: 0,
+        elapsed: Duration::ZERO,
+    };
+    for task in tasks {
+        match task.await.unwrap() {
+            Some(l) => stats.latencies.push(l),
+            None => stats.errors += 1,
+        }
+    }
+    stats.elapsed = started.elapsed();
+    stats
+}

@@ -1,0 +1,90 @@
+//! The bare forwarding hop: the least any sidecar can cost. A few lines of hyper that
+//! take the request, forward the body to the handler over a pooled keep-alive client
+//! and return the reply, nothing else. It runs in a process of its own (this bench
+//! binary started again with `--serve-hop`), as provisiond does.
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// Serves the hop on a free port, printing it, forwarding to `upstream` (`host:port`).
+/// Never returns.
+pub fn serve(upstream: &str) -> ! {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = format!("http://{upstream}/");
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", listener.local_addr().unwrap());
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let _ = stream.set_nodelay(true);
+            let client = client.clone();
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let client = client.clone();
+                    let upstream = upstream.clone();
+                    async move {
+                        let body = request.into_body().collect().await.unwrap().to_bytes();
+                        let forward = Request::post(upstream.as_str())
+                            .header("content-type", "application/json")
+                            .body(Full::new(body))
+                            .unwrap();
+                        let reply = client.request(forward).await.unwrap();
+                        let (parts, body) = reply.into_parts();
+                        let body = body.collect().await.unwrap().to_bytes();
+                        Ok::<_, Infallible>(Response::from_parts(parts, Full::new(body)))
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+/// A hop process forwarding to `upstream`; killed on drop.
+pub struct Hop {
+    child: Child,
+    pub addr: String,
+}
+
+impl Hop {
+    pub fn start(upstream: &str) -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--serve-hop", upstream])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        Self {
+            child,
+            addr: line.trim().to_owned(),
+        }
+    }
+}
+
+impl Drop for Hop {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

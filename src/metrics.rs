@@ -1,0 +1,122 @@
+//! Prometheus metrics: the names, one place that records each kind, and the recorder.
+//!
+//! The recorder is process-global (the `metrics` crate's facade), installed once by
+//! [`install`]; code records through the small functions here so that names and labels
+//! are spelled in one place. Labels have bounded values: event names outside the
+//! catalogue and `[events] extra` are counted as `other`.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const EVENTS: &str = "provisiond_events_total";
+pub const EVENTS_IN_FLIGHT: &str = "provisiond_events_in_flight";
+pub const BEFORE_CHAIN_SECONDS: &str = "provisiond_before_chain_duration_seconds";
+pub const HANDLER_CALLS: &str = "provisiond_handler_calls_total";
+pub const HANDLER_SECONDS: &str = "provisiond_handler_duration_seconds";
+pub const QUEUE_DEPTH: &str = "provisiond_after_queue_depth";
+pub const QUEUE_OLDEST_SECONDS: &str = "provisiond_after_queue_oldest_age_seconds";
+pub const DEAD_LETTERS: &str = "provisiond_dead_letters";
+pub const RELOADS: &str = "provisiond_reloads_total";
+pub const CONFIG_GENERATION: &str = "provisiond_config_generation";
+
+/// Latency buckets, in seconds: from 100 µs to the longest sensible handler timeout.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// Installs the global recorder (once; later calls return the same handle) and
+/// describes every metric.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets(BUCKETS)
+                .expect("static buckets are valid")
+                .install_recorder()
+                .expect("the metrics recorder is installed once");
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(EVENTS, "Events received, by event name and outcome.");
+    describe_gauge!(EVENTS_IN_FLIGHT, "Events being handled now.");
+    describe_histogram!(
+        BEFORE_CHAIN_SECONDS,
+        metrics::Unit::Seconds,
+        "Time the before-stage chain took, per event."
+    );
+    describe_counter!(
+        HANDLER_CALLS,
+        "Handler calls, by handler, stage and outcome."
+    );
+    describe_histogram!(
+        HANDLER_SECONDS,
+        metrics::Unit::Seconds,
+        "Time one handler call took, by handler and stage."
+    );
+    describe_gauge!(QUEUE_DEPTH, "After-stage deliveries waiting, by handler.");
+    describe_gauge!(
+        QUEUE_OLDEST_SECONDS,
+        "Age of the oldest waiting after-stage delivery, in seconds."
+    );
+    describe_gauge!(DEAD_LETTERS, "Deliveries in the dead letters.");
+    describe_counter!(RELOADS, "Config reloads, by result.");
+    describe_gauge!(CONFIG_GENERATION, "Generation of the live config.");
+}
+
+/// The label for an event name: the name when the config knows it, else `other`.
+pub fn event_label(name: &str, known: bool) -> String {
+    if known {
+        name.to_owned()
+    } else {
+        "other".to_owned()
+    }
+}
+
+pub fn event(event: String, outcome: &'static str) {
+    counter!(EVENTS, "event" => event, "outcome" => outcome).increment(1);
+}
+
+pub fn before_chain(duration: Duration) {
+    histogram!(BEFORE_CHAIN_SECONDS).record(duration.as_secs_f64());
+}
+
+pub fn handler_call(handler: &str, stage: &'static str, outcome: &'static str, took: Duration) {
+    counter!(HANDLER_CALLS, "handler" => handler.to_owned(), "stage" => stage, "outcome" => outcome)
+        .increment(1);
+    histogram!(HANDLER_SECONDS, "handler" => handler.to_owned(), "stage" => stage)
+        .record(took.as_secs_f64());
+}
+
+pub fn in_flight(delta: f64) {
+    gauge!(EVENTS_IN_FLIGHT).increment(delta);
+}
+
+pub fn reload(result: &'static str) {
+    counter!(RELOADS, "result" => result).increment(1);
+}
+
+pub fn generation(generation: u64) {
+    gauge!(CONFIG_GENERATION).set(generation as f64);
+}
+
+pub fn queue(handler: &str, depth: u64) {
+    gauge!(QUEUE_DEPTH, "handler" => handler.to_owned()).set(depth as f64);
+}
+
+pub fn queue_oldest(age: Duration) {
+    gauge!(QUEUE_OLDEST_SECONDS).set(age.as_secs_f64());
+}
+
+pub fn dead_letters(count: u64) {
+    gauge!(DEAD_LETTERS).set(count as f64);
+}

@@ -1,0 +1,519 @@
+//! Operations and security: auth, unix socket, signing, limits, logs, secrets, `send`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+fn http_handler(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        "[[handler]]\nname = \"{name}\"\nevents = [\"*\"]\nstage = \"before\"\nurl = {}\n{extra}\n",
+        toml_str(url)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_guards_events_and_the_admin_api_but_not_health() {
+    let echo = HandlerServer::echo().await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ntoken = \"${{PROVISIOND_TOKEN}}\"\n{}",
+        http_handler("echo", &echo.url("/"), "")
+    );
+    let sidecar = Sidecar::start_in(
+        tempfile::TempDir::new().unwrap(),
+        &config,
+        &[("PROVISIOND_TOKEN", "t-0123456789")],
+    );
+    let body = envelope("clients.update", 1, json!({})).to_string();
+    let client = http_client();
+    let post = |auth: Option<&str>| {
+        let mut request = client.post(sidecar.url("/events")).body(body.clone());
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        request.send()
+    };
+    let response = post(None).await.unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    let reply: Value = response.json().await.unwrap();
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("token")
+    );
+    assert_eq!(post(Some("Bearer wrong")).await.unwrap().status(), 401);
+    assert_eq!(
+        post(Some("Bearer t-012345678")).await.unwrap().status(),
+        401
+    );
+    assert_eq!(post(Some("t-0123456789")).await.unwrap().status(), 401);
+    assert!(
+        echo.calls().is_empty(),
+        "no handler runs for a refused request"
+    );
+    assert_eq!(
+        post(Some("Bearer t-0123456789")).await.unwrap().status(),
+        200
+    );
+    assert_eq!(echo.calls().len(), 1);
+
+    let (status, _) = sidecar.get("/v1/config").await;
+    assert_eq!(status, 401, "the admin API needs the token");
+    let (status, _) = sidecar.get("/healthz").await;
+    assert_eq!(status, 200, "health stays open");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_full_flow_over_a_unix_socket() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = tempfile::TempDir::new().unwrap();
+    let socket = dir.path().join("provisiond.sock");
+    // A stale socket file from an earlier run is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let echo = HandlerServer::echo().await;
+    let config = format!(
+        "[server]\nlisten = \"unix:{}\"\n{}",
+        socket.display(),
+        http_handler("echo", &echo.url("/"), "modifies = true")
+    );
+    let sidecar = Sidecar::start_in(dir, &config, &[]);
+    assert_eq!(sidecar.addr, format!("unix:{}", socket.display()));
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+
+    let (status, body) = sidecar
+        .send("clients.create", 5, json!({"name": "x"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"]["name"], "x");
+    assert_eq!(echo.calls().len(), 1);
+    let (status, _) = sidecar.get("/healthz").await;
+    assert_eq!(status, 200);
+
+    // `send` reaches it through the config's listen address.
+    let out = std::process::Command::new(binary())
+        .args(["send", "clients.update", "--object-id", "6", "-c"])
+        .arg(&sidecar.config_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["event"]["object_id"], 6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signed_requests_verify_with_an_independent_verifier() {
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let echo = HandlerServer::echo().await;
+    let config = format!(
+        "{SERVER}{}",
+        http_handler("signed", &echo.url("/"), "secret = \"${HOOK_SECRET}\"")
+    );
+    let sidecar = Sidecar::start_in(
+        tempfile::TempDir::new().unwrap(),
+        &config,
+        &[("HOOK_SECRET", secret)],
+    );
+    let (status, _) = sidecar.send("clients.update", 1, json!({"a": 1})).await;
+    assert_eq!(status, 200);
+    let (status, _) = sidecar.send("clients.update", 1, json!({"a": 1})).await;
+    assert_eq!(status, 200);
+    let calls = echo.calls();
+    let verifier = standardwebhooks::Webhook::new(secret).unwrap();
+    for call in &calls {
+        verifier
+            .verify(&call.body, &call.headers)
+            .expect("the signature verifies");
+        assert!(call.header("webhook-signature").unwrap().starts_with("v1,"));
+    }
+    assert_ne!(
+        calls[0].header("webhook-id"),
+        calls[1].header("webhook-id"),
+        "two events are two messages"
+    );
+    // A tampered body, or a signature for another key, does not verify.
+    let mut tampered = calls[0].body.to_vec();
+    tampered[10] ^= 1;
+    assert!(verifier.verify(&tampered, &calls[0].headers).is_err());
+    let other = standardwebhooks::Webhook::new("whsec_QUJDREVGR0hJSktMTU5PUFFSU1RVVldY").unwrap();
+    assert!(other.verify(&calls[0].body, &calls[0].headers).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_from_the_environment_never_reach_the_logs() {
+    let failing = HandlerServer::fixed(500, "boom").await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ntoken = \"${{TOKEN}}\"\n{}{}",
+        http_handler(
+            "crm",
+            &format!("{}?key=${{CRM_KEY}}", failing.url("/hook")),
+            "headers = { Authorization = \"Bearer ${CRM_KEY}\" }\nsecret = \"${HOOK_SECRET}\""
+        ),
+        http_handler("down", "http://user:${CRM_PASS}@127.0.0.1:1/x", "")
+    );
+    let secrets = [
+        ("TOKEN", "tok-AAAA1111"),
+        ("CRM_KEY", "key-BBBB2222"),
+        ("CRM_PASS", "pass-CCCC3333"),
+        ("HOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+    ];
+    let sidecar = Sidecar::start_in(tempfile::TempDir::new().unwrap(), &config, &secrets);
+    let response = http_client()
+        .post(sidecar.url("/events"))
+        .bearer_auth("tok-AAAA1111")
+        .body(envelope("clients.update", 1, json!({})).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "both handlers fail under on_error = allow"
+    );
+    assert_eq!(failing.calls().len(), 1);
+    assert_eq!(
+        failing.calls()[0].header("authorization"),
+        Some("Bearer key-BBBB2222"),
+        "the handler does get the secret"
+    );
+    let logs = sidecar
+        .wait_for_log(Duration::from_secs(5), |v| v["message"] == "event")
+        .map(|_| sidecar.logs().join("\n"))
+        .unwrap();
+    assert!(logs.contains("handler failed"), "{logs}");
+    for (_, value) in secrets {
+        assert!(
+            !logs.contains(value),
+            "{value} leaked into the logs:\n{logs}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_log_line_of_an_event_carries_its_id() {
+    let echo = HandlerServer::echo().await;
+    let config = format!("{SERVER}{}", http_handler("echo", &echo.url("/"), ""));
+    let sidecar = Sidecar::start(&config);
+    let response = sidecar
+        .client()
+        .post(sidecar.url("/events"))
+        .body(envelope("clients.update", 1, json!({})).to_string())
+        .send()
+        .await
+        .unwrap();
+    let id = response.headers()["x-provisioning-event-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(id.starts_with("evt_"), "{id}");
+    sidecar
+        .wait_for_log(Duration::from_secs(5), |v| v["message"] == "event")
+        .unwrap();
+    let lines: Vec<Value> = sidecar
+        .log_records()
+        .into_iter()
+        .filter(|v| v["message"] == "event" || v["message"] == "handler allowed")
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for line in lines {
+        assert_eq!(line["span"]["id"], id.as_str(), "{line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_header_client_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sidecar = Sidecar::start("[server]\nlisten = \"127.0.0.1:0\"\nheader_timeout = \"1s\"\n");
+    let mut stream = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
+    stream
+        .write_all(b"POST /events HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    // One header byte every 200 ms: never finishing the headers.
+    let mut closed = false;
+    for _ in 0..40 {
+        if stream.write_all(b"X").await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) => {
+                // A 408 reply before the close is fine.
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(closed, "the connection is still open after 8 s");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let (status, _) = sidecar.get("/healthz").await;
+    assert_eq!(status, 200, "still serving others");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_the_in_flight_cap_the_billing_gets_503_and_the_sidecar_recovers() {
+    let slow = HandlerServer::start(|call| async move {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        reply(200, call.body)
+    })
+    .await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmax_in_flight = 2\n{}",
+        http_handler("slow", &slow.url("/"), "")
+    );
+    let sidecar = std::sync::Arc::new(Sidecar::start(&config));
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let sidecar = sidecar.clone();
+        tasks.push(tokio::spawn(async move {
+            let response = sidecar
+                .client()
+                .post(sidecar.url("/events"))
+                .body(envelope("clients.update", i, json!({})).to_string())
+                .send()
+                .await
+                .unwrap();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (response.status().as_u16(), retry_after)
+        }));
+    }
+    let mut ok = 0;
+    let mut busy = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            (200, _) => ok += 1,
+            (503, Some(retry_after)) => {
+                assert_eq!(retry_after, "1");
+                busy += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(ok + busy, 6);
+    assert!(ok >= 2 && busy >= 1, "ok {ok}, busy {busy}");
+    assert!(
+        slow.calls().len() <= ok,
+        "a refused event reaches no handler"
+    );
+    let (status, _) = sidecar.send("clients.update", 9, json!({})).await;
+    assert_eq!(status, 200, "recovers once the events in flight are done");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deeply_nested_json_is_refused_before_parsing() {
+    let config = "[server]\nlisten = \"127.0.0.1:0\"\nmax_depth = 8\n";
+    let sidecar = Sidecar::start(config);
+    let nested = format!(
+        r#"{{"event": {{"events_id": "clients.update"}}, "data": {{"x": {}1{}}}}}"#,
+        "[".repeat(10),
+        "]".repeat(10)
+    );
+    let (status, body) = sidecar.post(nested).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["message"], "body nests deeper than 8 levels");
+    let (status, _) = sidecar.send("clients.update", 1, json!({"x": [[1]]})).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_posts_an_envelope_and_prints_the_reply() {
+    let guard = HandlerServer::start(|call| async move {
+        let envelope = call.json();
+        if envelope["data"]["name"] == "blocked" {
+            reply(403, r#"{"message": "name is blocked"}"#)
+        } else {
+            reply(200, call.body)
+        }
+    })
+    .await;
+    let config = format!("{SERVER}{}", http_handler("guard", &guard.url("/"), ""));
+    let sidecar = Sidecar::start(&config);
+    let data = sidecar.dir.path().join("data.json");
+    std::fs::write(&data, r#"{"name": "ok"}"#).unwrap();
+    let run = |data_arg: &str, stdin: Option<&str>| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(binary())
+            .args([
+                "send",
+                "clients.create",
+                "--object-id",
+                "12",
+                "--data",
+                data_arg,
+            ])
+            .args(["--url", &format!("http://{}", sidecar.addr)])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).unwrap();
+        }
+        drop(input);
+        child.wait_with_output().unwrap()
+    };
+    let out = run(&data.display().to_string(), None);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 200"));
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["event"]["events_id"], "clients.create");
+    assert_eq!(reply["event"]["object_id"], 12);
+    assert!(reply["event"]["dt"].as_str().unwrap().starts_with("20"));
+    assert_eq!(reply["data"], json!({"name": "ok"}));
+
+    let out = run("-", Some(r#"{"name": "blocked"}"#));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 403"));
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["error"]["message"], "name is blocked");
+
+    let out = run("-", Some("[1]"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--data must hold a JSON object"));
+}
+
+/// Parses `/metrics` with an independent Prometheus text parser.
+async fn scrape(sidecar: &Sidecar) -> prometheus_parse::Scrape {
+    let response = sidecar
+        .client()
+        .get(sidecar.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let text = response.text().await.unwrap();
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines).unwrap_or_else(|e| panic!("{e}:\n{text}"))
+}
+
+/// The value of one sample, 0 when absent.
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(ref buckets) => {
+                buckets.last().map_or(0.0, |b| b.count)
+            }
+            _ => 0.0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_parse_as_prometheus_text_and_move_with_events() {
+    let echo = HandlerServer::echo().await;
+    let guard = HandlerServer::fixed(403, "no").await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ntoken = \"t\"\n{}{}",
+        http_handler("echo", &echo.url("/"), "priority = 1"),
+        http_handler(
+            "guard",
+            &guard.url("/"),
+            "priority = 2\nmatch = { \"data.block\" = true }"
+        ),
+    );
+    let sidecar = Sidecar::start(&config);
+    let before = scrape(&sidecar).await;
+    assert_eq!(sample(&before, "provisiond_config_generation", &[]), 1.0);
+
+    let client = sidecar.client();
+    let post = |body: String| {
+        client
+            .post(sidecar.url("/events"))
+            .bearer_auth("t")
+            .body(body)
+            .send()
+    };
+    for _ in 0..3 {
+        let r = post(envelope("clients.update", 1, json!({})).to_string())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = post(envelope("clients.update", 1, json!({"block": true})).to_string())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = post(envelope("brand.new", 1, json!({})).to_string())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = post("nope".into()).await.unwrap();
+    assert_eq!(r.status(), 400);
+
+    let after = scrape(&sidecar).await;
+    let events = |event, outcome| {
+        sample(
+            &after,
+            "provisiond_events_total",
+            &[("event", event), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(events("clients.update", "allowed"), 3.0);
+    assert_eq!(events("clients.update", "denied"), 1.0);
+    assert_eq!(
+        events("other", "allowed"),
+        1.0,
+        "unknown names share one label"
+    );
+    assert_eq!(events("unparsed", "bad_request"), 1.0);
+    let calls = |handler, outcome| {
+        sample(
+            &after,
+            "provisiond_handler_calls_total",
+            &[
+                ("handler", handler),
+                ("stage", "before"),
+                ("outcome", outcome),
+            ],
+        )
+    };
+    assert_eq!(calls("echo", "allowed"), 5.0);
+    assert_eq!(calls("guard", "denied"), 1.0);
+    assert!(
+        after
+            .samples
+            .iter()
+            .any(|s| s.metric == "provisiond_handler_duration_seconds"
+                && s.labels.get("handler") == Some("echo")),
+        "a latency histogram per handler"
+    );
+    assert!(
+        after
+            .samples
+            .iter()
+            .any(|s| s.metric == "provisiond_before_chain_duration_seconds")
+    );
+}
