@@ -865,3 +865,60 @@ async fn a_reload_that_removes_a_handler_dead_letters_its_queue_and_disabling_on
         .unwrap();
     assert_eq!(response.status(), 409);
 }
+
+/// The value of a metric line starting with `prefix` in Prometheus text.
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_show_the_queue_the_dead_letters_and_after_stage_calls() {
+    let gone = HandlerServer::fixed(410, "").await;
+    let config = format!(
+        "{SERVER}{}{}",
+        after_handler("down", &refused_url(), FAST),
+        after_handler("gone", &gone.url("/"), FAST)
+    );
+    let sidecar = Sidecar::start(&config);
+    sidecar.send("clients.update", 1, json!({"n": 1})).await;
+    sidecar.send("clients.update", 1, json!({"n": 2})).await;
+    sidecar.send("clients.update", 2, json!({"n": 3})).await;
+    wait_dead_letters(&sidecar, 3).await;
+    let (status, text) = sidecar.get("/metrics").await;
+    assert_eq!(status, 200);
+    let text = text.as_str().unwrap().to_owned();
+    assert_eq!(
+        metric(&text, "provisiond_after_queue_depth{handler=\"down\"}"),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "provisiond_after_queue_depth{handler=\"gone\"}"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "provisiond_dead_letters"),
+        Some(3.0),
+        "{text}"
+    );
+    assert!(metric(&text, "provisiond_after_queue_oldest_age_seconds").is_some_and(|a| a >= 0.0));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("provisiond_handler_calls_total")
+                && l.contains("handler=\"down\"")
+                && l.contains("stage=\"after\"")
+                && l.contains("outcome=\"failed\"")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("provisiond_handler_calls_total")
+                && l.contains("handler=\"gone\"")
+                && l.contains("outcome=\"dead\"")),
+        "{text}"
+    );
+}

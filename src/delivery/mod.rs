@@ -52,6 +52,8 @@ pub struct Deliveries {
     lanes: Mutex<HashMap<Lane, VecDeque<u64>>>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    /// Handlers whose queue depth `/metrics` has shown, so that an emptied one shows 0.
+    reported: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Deliveries {
@@ -94,6 +96,48 @@ impl Deliveries {
     /// Lanes with work right now.
     pub fn active_lanes(&self) -> usize {
         self.lanes.lock().expect("not poisoned").len()
+    }
+
+    /// Deliveries waiting per handler: each lane's queue and the one it works on.
+    pub fn depths(&self) -> HashMap<String, u64> {
+        let lanes = self.lanes.lock().expect("not poisoned");
+        let mut depths: HashMap<String, u64> = HashMap::new();
+        for (lane, queue) in lanes.iter() {
+            *depths.entry(lane.handler.clone()).or_default() += queue.len() as u64 + 1;
+        }
+        depths
+    }
+
+    /// Sets the after-stage gauges of `/metrics`: queue depth per handler (every
+    /// after-stage handler of `config`, and any other with deliveries waiting; 0 for one
+    /// that had some before), the oldest waiting delivery's age, the dead letters.
+    pub fn report_metrics(&self, store: &crate::store::Store, config: &crate::config::Config) {
+        let mut depths = self.depths();
+        for h in config.handlers.iter().filter(|h| h.stage == Stage::After) {
+            depths.entry(h.name.clone()).or_default();
+        }
+        {
+            let mut reported = self.reported.lock().expect("not poisoned");
+            for gone in reported.iter().filter(|h| !depths.contains_key(*h)) {
+                crate::metrics::queue(gone, 0);
+            }
+            reported.clear();
+            for (handler, depth) in &depths {
+                crate::metrics::queue(handler, *depth);
+                reported.insert(handler.clone());
+            }
+        }
+        match store.oldest_enqueued() {
+            Ok(oldest) => {
+                let age = oldest.map_or(0, |at| now_ms().saturating_sub(at));
+                crate::metrics::queue_oldest(Duration::from_millis(age));
+            }
+            Err(e) => warn!(error = %e, "cannot read the queue for metrics"),
+        }
+        match store.dead_letter_count() {
+            Ok(n) => crate::metrics::dead_letters(n),
+            Err(e) => warn!(error = %e, "cannot count the dead letters for metrics"),
+        }
     }
 
     /// Stops: lanes waiting (for a retry, a slot, a handler) stop at once; attempts in
@@ -214,6 +258,13 @@ async fn deliver(app: &Arc<App>, lane: &Lane, id: u64) -> bool {
         drop(slot);
         let duration = started.elapsed();
         let verdict = retry::judge(&result);
+        let outcome = match &verdict {
+            Verdict::Delivered => "delivered",
+            Verdict::Gone { .. } => "dead",
+            Verdict::Retry { .. } if retry::exhausted(&handler.retry, attempt) => "dead",
+            Verdict::Retry { .. } => "failed",
+        };
+        crate::metrics::handler_call(&handler.name, "after", outcome, duration);
         let mut call = CallRecord {
             at,
             handler: handler.name.clone(),

@@ -29,6 +29,8 @@ pub async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body>
 
 /// `GET /metrics`: the Prometheus text format.
 fn metrics(app: &App) -> Response<Body> {
+    app.deliveries
+        .report_metrics(&app.store, &app.snapshot.load().config);
     app.metrics.run_upkeep();
     let mut response = Response::new(super::full(app.metrics.render()));
     response.headers_mut().insert(

@@ -326,6 +326,28 @@ impl Store {
         table.len().map_err(StoreError::read)
     }
 
+    /// When the oldest delivery in the queue was accepted (unix ms); `None` when empty.
+    pub fn oldest_enqueued(&self) -> Result<Option<u64>, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Enqueued {
+            enqueued_at: u64,
+        }
+        let txn = self.read()?;
+        let table = txn.open_table(DELIVERIES).map_err(StoreError::read)?;
+        let Some((_, row)) = table.first().map_err(StoreError::read)? else {
+            return Ok(None);
+        };
+        let row: Enqueued = decode(row.value())?;
+        Ok(Some(row.enqueued_at))
+    }
+
+    /// Dead letters stored.
+    pub fn dead_letter_count(&self) -> Result<u64, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(DEAD).map_err(StoreError::read)?;
+        table.len().map_err(StoreError::read)
+    }
+
     /// Execution log rows matching `filter`, newest first.
     pub fn executions(&self, filter: &ExecutionFilter) -> Result<Vec<Execution>, StoreError> {
         // Rows are keyed in the order they were written, which can trail their start time
