@@ -110,21 +110,25 @@ impl Store {
             .set_check_integrity_on_open(true)
             .set_cache_size(64 << 20);
         let db = builder.create(path).map_err(|e| fail(open_reason(&e)))?;
-        Self::start(db, shown)
+        Self::start(db, shown, LOG_CAPACITY)
     }
 
     /// A store in memory, gone with the process: for tests.
     pub fn memory() -> Result<Self, StoreError> {
+        Self::memory_with(LOG_CAPACITY)
+    }
+
+    fn memory_with(log_capacity: usize) -> Result<Self, StoreError> {
         let db = Builder::new()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(|e| StoreError::Open {
                 path: "<memory>".into(),
                 reason: e.to_string(),
             })?;
-        Self::start(db, "<memory>".into())
+        Self::start(db, "<memory>".into(), log_capacity)
     }
 
-    fn start(db: Database, path: String) -> Result<Self, StoreError> {
+    fn start(db: Database, path: String, log_capacity: usize) -> Result<Self, StoreError> {
         let fail = |reason: String| StoreError::Open {
             path: path.clone(),
             reason,
@@ -133,7 +137,7 @@ impl Store {
         let dedupe = load_dedupe(&db).map_err(fail)?;
         let db = Arc::new(db);
         let (ops_tx, ops_rx) = mpsc::channel(OPS_CAPACITY);
-        let (logs_tx, logs_rx) = mpsc::channel(LOG_CAPACITY);
+        let (logs_tx, logs_rx) = mpsc::channel(log_capacity);
         let writer = Writer {
             db: db.clone(),
             ops: ops_rx,
@@ -258,6 +262,7 @@ impl Store {
         let n = rows.len() as u64;
         if self.inner.logs.try_send(rows).is_err() {
             let before = self.inner.dropped.fetch_add(n, Ordering::Relaxed);
+            crate::metrics::execution_log_dropped(n);
             if before == 0 || before / 1000 != (before + n) / 1000 {
                 warn!(
                     dropped = before + n,

@@ -413,3 +413,29 @@ async fn a_file_in_use_is_refused() {
     assert!(e.contains("another process has it open"), "{e}");
     store.close().await;
 }
+
+#[tokio::test]
+async fn log_rows_are_dropped_and_counted_when_the_writer_is_behind_never_waited_for() {
+    // Room for one batch: a burst of 1000 cannot all fit while the writer commits.
+    let store = Store::memory_with(1).unwrap();
+    let started = std::time::Instant::now();
+    for i in 0..1000 {
+        store.log(vec![row("a", i, "allowed")]);
+    }
+    assert!(started.elapsed() < Duration::from_secs(1), "log() waited");
+    let dropped = store.dropped_log_rows();
+    assert!(dropped > 0, "nothing dropped");
+    // What was not dropped is written; a durable request queued behind it flushes it.
+    store
+        .prune(retention(1_000_000, 3600 * 24 * 365 * 100))
+        .await
+        .unwrap();
+    let kept = store
+        .executions(&ExecutionFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .unwrap()
+        .len() as u64;
+    assert_eq!(kept + dropped, 1000);
+}
