@@ -12,6 +12,10 @@
 //!   the before-stage chain.
 //! - [`filter`]: `match` conditions and `when` CEL expressions.
 //! - [`handlers`]: calling HTTP handlers and scripts.
+//! - [`store`]: the redb file: the after stage's durable queue (written before the
+//!   billing hears 200), the dead letters, the execution log, the dedupe keys.
+//! - [`delivery`]: the after stage's workers: stored deliveries out to their handlers,
+//!   in order per entity, with retries, to the dead letters when they give up.
 //! - [`telemetry`], [`metrics`], [`shutdown`]: logs, Prometheus metrics, signals.
 //! - [`commands`]: the subcommands the binary runs; [`remote`]: the client they use to
 //!   talk to a running sidecar.
@@ -19,6 +23,7 @@
 
 pub mod commands;
 pub mod config;
+pub mod delivery;
 pub mod dispatch;
 pub mod events;
 pub mod filter;
@@ -27,4 +32,5 @@ pub mod metrics;
 pub mod remote;
 pub mod server;
 pub mod shutdown;
+pub mod store;
 pub mod telemetry;

@@ -5,6 +5,7 @@ pub mod admin;
 mod auth;
 pub mod ingress;
 mod reply;
+mod store_api;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -27,8 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::Listen;
+use crate::delivery::Deliveries;
 use crate::dispatch::Snapshot;
 use crate::handlers::Caller;
+use crate::store::Store;
 
 pub use reply::Body;
 
@@ -41,6 +44,10 @@ pub struct App {
     pub in_flight: Semaphore,
     /// Set when shutdown begins: new events get 503 with Retry-After.
     pub draining: AtomicBool,
+    /// The durable queue, dead letters and execution log.
+    pub store: Store,
+    /// The after stage's workers.
+    pub deliveries: Deliveries,
     /// The generation of the live snapshot, for tasks that must react to a new config.
     generation: tokio::sync::watch::Sender<u64>,
     /// Renders `/metrics`.
@@ -48,7 +55,7 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(snapshot: Snapshot) -> Arc<Self> {
+    pub fn new(snapshot: Snapshot, store: Store) -> Arc<Self> {
         let max_in_flight = snapshot.config.server.max_in_flight;
         let (generation, _) = tokio::sync::watch::channel(snapshot.generation);
         let metrics = crate::metrics::install();
@@ -58,6 +65,8 @@ impl App {
             caller: Caller::new(),
             in_flight: Semaphore::new(max_in_flight),
             draining: AtomicBool::new(false),
+            store,
+            deliveries: Deliveries::new(),
             generation,
             metrics,
         })
