@@ -1,16 +1,22 @@
 //! The subcommands behind `src/main.rs`: each takes parsed arguments and does the work.
 
+mod admin;
+
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+pub use admin::{DeadLetterCommand, ExecutionQuery, dead_letters, executions};
+
 use crate::config::{Config, ConfigErrors};
 use crate::dispatch::Snapshot;
 use crate::reload;
 use crate::server::{App, Listener, serve};
+use crate::store::{Retention, Store};
 
 /// `provisiond check`: validate, print a summary or every error.
 pub fn check(path: &Path) -> ExitCode {
@@ -171,17 +177,53 @@ pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let handlers = config.handlers.len();
-    let app = App::new(Snapshot::new(config, 1), path.to_path_buf());
+    let store = match Store::open(&config.store.path) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("provisiond: not started: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let app = App::new(Snapshot::new(config, 1), store, path.to_path_buf());
     let shutdown = CancellationToken::new();
     crate::shutdown::watch(shutdown.clone()).context("cannot watch signals")?;
     let hangup = reload::hangup().context("cannot watch SIGHUP")?;
     let watching = watcher.is_some();
     reload::spawn(app.clone(), watcher, hangup, shutdown.clone());
+    let pending = app
+        .deliveries
+        .resume(&app)
+        .context("cannot read the stored deliveries")?;
+    if pending > 0 {
+        info!(pending, "resuming stored deliveries");
+    }
+    let pruning = {
+        let app = app.clone();
+        app.store.clone().keep_pruned(
+            PRUNE_EVERY,
+            move || retention(&app.snapshot.load().config.store),
+            shutdown.clone(),
+        )
+    };
+    // On a signal the workers stop next to the listener, under the same grace period.
+    let stopping = {
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            if !app.deliveries.stop(grace).await {
+                warn!("grace period over, attempts in flight are left to the next start");
+            }
+        })
+    };
     info!(
         addr = %listener.local_addr(), config = %path.display(), handlers, watching,
-        version = env!("CARGO_PKG_VERSION"), "listening"
+        store = %app.store.path(), version = env!("CARGO_PKG_VERSION"), "listening"
     );
-    serve(listener, app, shutdown, grace).await;
+    serve(listener, app.clone(), shutdown, grace).await;
+    let _ = stopping.await;
+    let _ = pruning.await;
+    app.store.close().await;
     info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -221,4 +263,15 @@ pub async fn send(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// How often the execution log and the dedupe keys are trimmed.
+const PRUNE_EVERY: Duration = Duration::from_secs(5);
+
+fn retention(store: &crate::config::Store) -> Retention {
+    Retention {
+        keep_age: store.keep_age,
+        keep_rows: store.keep_rows,
+        dedupe_window: store.dedupe_window,
+    }
 }

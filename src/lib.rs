@@ -12,6 +12,10 @@
 //!   the before-stage chain.
 //! - [`filter`]: `match` conditions and `when` CEL expressions.
 //! - [`handlers`]: calling HTTP handlers and scripts.
+//! - [`store`]: the redb file: the after stage's durable queue (written before the
+//!   billing hears 200), the dead letters, the execution log, the dedupe keys.
+//! - [`delivery`]: the after stage's workers: stored deliveries out to their handlers,
+//!   in order per entity, with retries, to the dead letters when they give up.
 //! - [`reload`]: the file watcher, SIGHUP and `POST /v1/reload`, one path to a new
 //!   snapshot.
 //! - [`explain`], [`cases`]: what dispatch would do with an envelope, worked out from the
@@ -24,6 +28,7 @@
 pub mod cases;
 pub mod commands;
 pub mod config;
+pub mod delivery;
 pub mod dispatch;
 pub mod events;
 pub mod explain;
@@ -34,4 +39,5 @@ pub mod reload;
 pub mod remote;
 pub mod server;
 pub mod shutdown;
+pub mod store;
 pub mod telemetry;

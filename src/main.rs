@@ -75,6 +75,77 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Show a running sidecar's execution log, newest first.
+    Executions {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Only this event (e.g. clients.create).
+        #[arg(long)]
+        event: Option<String>,
+        /// Only this handler.
+        #[arg(long)]
+        handler: Option<String>,
+        /// Only this object id.
+        #[arg(long)]
+        object_id: Option<String>,
+        /// Only this outcome: allowed, denied, error, delivered, failed, dead.
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Only calls since a time (2026-11-26T10:00:00Z) or for a duration back (15m).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many rows (default 100, at most 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print the reply as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, replay or drop a running sidecar's dead letters.
+    Deadletters {
+        #[command(subcommand)]
+        command: DeadLetters,
+    },
+}
+
+/// Where the running sidecar is.
+#[derive(clap::Args)]
+struct RemoteArgs {
+    /// The sidecar: http://host:port or unix:/path.sock (default: the config's listen).
+    #[arg(long)]
+    url: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum DeadLetters {
+    /// List dead letters, oldest first.
+    List {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Only this handler's.
+        #[arg(long)]
+        handler: Option<String>,
+        /// At most this many (default 100, at most 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print the reply as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a dead letter back in the queue, behind its entity's pending deliveries.
+    Replay {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// The dead letter's id.
+        id: u64,
+    },
+    /// Delete a dead letter.
+    Drop {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// The dead letter's id.
+        id: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -103,6 +174,56 @@ fn main() -> ExitCode {
             data.as_deref(),
             object_id,
         )),
+        Command::Executions {
+            remote,
+            event,
+            handler,
+            object_id,
+            outcome,
+            since,
+            limit,
+            json,
+        } => block_on(commands::executions(
+            &cli.config,
+            remote.url.as_deref(),
+            commands::ExecutionQuery {
+                event,
+                handler,
+                object_id,
+                outcome,
+                since,
+                limit,
+                json,
+            },
+        )),
+        Command::Deadletters { command } => {
+            let (remote, command) = match command {
+                DeadLetters::List {
+                    remote,
+                    handler,
+                    limit,
+                    json,
+                } => (
+                    remote,
+                    commands::DeadLetterCommand::List {
+                        handler,
+                        limit,
+                        json,
+                    },
+                ),
+                DeadLetters::Replay { remote, id } => {
+                    (remote, commands::DeadLetterCommand::Replay { id })
+                }
+                DeadLetters::Drop { remote, id } => {
+                    (remote, commands::DeadLetterCommand::Drop { id })
+                }
+            };
+            block_on(commands::dead_letters(
+                &cli.config,
+                remote.url.as_deref(),
+                command,
+            ))
+        }
         Command::Run { no_watch } => {
             if let Err(e) = telemetry::init(cli.log_format, cli.log_level.as_deref()) {
                 eprintln!("provisiond: {e:#}");

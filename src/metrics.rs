@@ -19,6 +19,7 @@ pub const HANDLER_SECONDS: &str = "provisiond_handler_duration_seconds";
 pub const QUEUE_DEPTH: &str = "provisiond_after_queue_depth";
 pub const QUEUE_OLDEST_SECONDS: &str = "provisiond_after_queue_oldest_age_seconds";
 pub const DEAD_LETTERS: &str = "provisiond_dead_letters";
+pub const EXECUTION_LOG_DROPPED: &str = "provisiond_execution_log_dropped_total";
 pub const RELOADS: &str = "provisiond_reloads_total";
 pub const CONFIG_GENERATION: &str = "provisiond_config_generation";
 
@@ -69,6 +70,10 @@ fn describe() {
         "Age of the oldest waiting after-stage delivery, in seconds."
     );
     describe_gauge!(DEAD_LETTERS, "Deliveries in the dead letters.");
+    describe_counter!(
+        EXECUTION_LOG_DROPPED,
+        "Execution log rows dropped because the store's writer was behind."
+    );
     describe_counter!(RELOADS, "Config reloads, by result.");
     describe_gauge!(CONFIG_GENERATION, "Generation of the live config.");
 }
@@ -115,6 +120,10 @@ pub fn queue(handler: &str, depth: u64) {
 
 pub fn queue_oldest(age: Duration) {
     gauge!(QUEUE_OLDEST_SECONDS).set(age.as_secs_f64());
+}
+
+pub fn execution_log_dropped(rows: u64) {
+    counter!(EXECUTION_LOG_DROPPED).increment(rows);
 }
 
 pub fn dead_letters(count: u64) {

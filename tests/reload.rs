@@ -426,6 +426,55 @@ async fn fifty_rewrites_under_load_never_mix_configs_or_fail_a_request() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn removing_an_after_stage_handler_in_the_file_dead_letters_its_queue() {
+    let down = refused_url();
+    let retry = "retry = { attempts = 1000, backoff = \"50ms\", max_backoff = \"200ms\" }";
+    let kept = HandlerServer::fixed(200, "").await;
+    let with = format!(
+        "{SERVER}{}{}",
+        after_handler("crm", &down, retry),
+        after_handler("audit", &kept.url("/audit"), "")
+    );
+    let sidecar = Sidecar::start(&with);
+    for id in 1..=3 {
+        let (status, body) = sidecar.send("clients.create", id, json!({})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let without = format!(
+        "{SERVER}{}",
+        after_handler("audit", &kept.url("/audit"), "")
+    );
+    write_atomic(&sidecar.config_path, &without);
+    let config = sidecar
+        .wait_for_config(PATIENCE, |c| generation(c) == 2)
+        .await;
+    assert_eq!(config["handlers"].as_array().unwrap().len(), 1);
+
+    let mut letters = Vec::new();
+    for _ in 0..1500 {
+        let (status, body) = sidecar.get("/v1/deadletters").await;
+        assert_eq!(status, 200, "{body}");
+        letters = body["deadletters"].as_array().unwrap().clone();
+        if letters.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    for letter in &letters {
+        assert_eq!(letter["handler"], "crm", "{letter}");
+        assert_eq!(
+            letter["reason"], "handler removed by a config reload",
+            "{letter}"
+        );
+    }
+    assert!(
+        eventually(PATIENCE, || kept.calls().len() == 3).await,
+        "the handler kept still gets its deliveries"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_listen_change_is_reported_and_not_applied() {
     let stamper = stamper().await;
     let sidecar = Sidecar::start(&tagged(&stamper, "one"));

@@ -233,13 +233,14 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
-/// An envelope as the billing sends it.
+/// An envelope as the billing sends it; `seq` makes each one unique (the after stage
+/// would otherwise dedupe repeats).
 pub fn envelope(i: usize) -> Bytes {
     Bytes::from(
         serde_json::json!({
             "event": {"dt": "2026-11-26T10:00:00+00:00", "events_id": "clients.update", "object_id": i % 1000},
             "data": {"id": i % 1000, "name": "My changed name", "balance": "12.50", "companies_id": 3,
-                     "email": "ops@acme.example"},
+                     "email": "ops@acme.example", "seq": i},
         })
         .to_string(),
     )

@@ -4,6 +4,7 @@
 //! on a noisy machine. Results go to stdout as a table and to `bench-results.json`.
 //! Load is always bounded (a fixed number of requests). Everything binds loopback.
 
+mod after;
 mod before;
 mod chain;
 mod common;
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use common::Row;
 
-const SCENARIOS: &[&str] = &["before", "chain", "select", "scripts", "reload"];
+const SCENARIOS: &[&str] = &["before", "chain", "select", "scripts", "after", "reload"];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -62,6 +63,7 @@ fn main() {
             "chain" => runtime.block_on(chain::run(scale)),
             "select" => select::run(scale),
             "scripts" => runtime.block_on(scripts::run(scale)),
+            "after" => runtime.block_on(after::run(scale)),
             "reload" => runtime.block_on(reload::run(scale)),
             _ => unreachable!(),
         };

@@ -157,10 +157,7 @@ impl Caller {
             timeout: remaining,
             ..call
         };
-        let result = match &handler.target {
-            Target::Http(target) => http::call(&self.http, target, &call).await,
-            Target::Script(target) => exec::call(target, &call).await,
-        };
+        let result = self.call_in_slot(call).await;
         // Report the time the call was given, not what was left of it after the wait,
         // and the wait when it was long enough to matter.
         result.map_err(|e| match e {
@@ -174,6 +171,15 @@ impl Caller {
             CallError::Timeout(_) => CallError::Timeout(allowed),
             other => other,
         })
+    }
+
+    /// Calls a handler whose slot the caller already holds: the after stage waits for a
+    /// slot as long as it takes, since waiting is not a failed attempt.
+    pub async fn call_in_slot(&self, call: Call<'_>) -> Result<Reply, CallError> {
+        match &call.handler.target {
+            Target::Http(target) => http::call(&self.http, target, &call).await,
+            Target::Script(target) => exec::call(target, &call).await,
+        }
     }
 }
 

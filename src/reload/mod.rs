@@ -23,7 +23,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ConfigErrors, Listen, Stage};
+use crate::config::{Config, ConfigErrors, Listen};
 use crate::dispatch::Snapshot;
 use crate::server::App;
 
@@ -208,29 +208,7 @@ fn keep<T: PartialEq + Clone>(
 
 /// Reads and validates the config file: what start-up and every reload run.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let config = Config::load(path)?;
-    supported(&config)?;
-    Ok(config)
-}
-
-/// Refuses what this build cannot serve: enabled after-stage handlers need the durable
-/// store, and a 200 without it would lose their deliveries.
-fn supported(config: &Config) -> Result<(), ConfigErrors> {
-    let after = config
-        .handlers
-        .iter()
-        .find(|h| h.stage == Stage::After && h.enabled);
-    match after {
-        None => Ok(()),
-        Some(h) => Err(ConfigErrors::file(
-            &config.file,
-            format!(
-                "handler {:?} has stage = \"after\", and this build cannot deliver \
-                 after-stage events durably yet; remove it or set enabled = false",
-                h.name
-            ),
-        )),
-    }
+    Config::load(path)
 }
 
 /// The one reload path. Owned by [`App`]; see [`App::reload`].

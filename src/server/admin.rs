@@ -7,7 +7,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
 use super::reply::{self, Body};
-use super::{App, config_api};
+use super::{App, config_api, store_api};
 
 pub async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
     match (request.method(), request.uri().path()) {
@@ -21,12 +21,19 @@ pub async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body>
         (_, "/v1/config") => reply::method_not_allowed("GET"),
         (&Method::POST, "/v1/reload") => config_api::reload(app).await,
         (_, "/v1/reload") => reply::method_not_allowed("POST"),
+        (&Method::GET, "/v1/executions") => store_api::executions(app, request.uri()).await,
+        (_, "/v1/executions") => reply::method_not_allowed("GET"),
+        (m, p) if p == "/v1/deadletters" || p.starts_with("/v1/deadletters/") => {
+            store_api::dead_letters(app, m, request.uri()).await
+        }
         (_, path) => reply::not_found(path),
     }
 }
 
 /// `GET /metrics`: the Prometheus text format.
 fn metrics(app: &App) -> Response<Body> {
+    app.deliveries
+        .report_metrics(&app.store, &app.snapshot.load().config);
     app.metrics.run_upkeep();
     let mut response = Response::new(super::full(app.metrics.render()));
     response.headers_mut().insert(

@@ -13,9 +13,12 @@ use tracing::{Instrument as _, info, info_span, warn};
 
 use super::App;
 use super::reply::{self, Body};
+use crate::delivery::Lane;
 use crate::dispatch::{CallRecord, Outcome, run_before, select_after};
 use crate::events::Envelope;
+use crate::handlers::new_message_id;
 use crate::metrics;
+use crate::store::{Execution, NewDelivery};
 
 /// The header that carries the event id back, the same id every log line of the event has.
 pub const EVENT_ID_HEADER: &str = "x-provisioning-event-id";
@@ -107,6 +110,7 @@ async fn handle(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
                 message = %message, duration_ms = ms(started), generation = snapshot.generation,
                 "event"
             );
+            log_calls(app, records, &event, &object_id);
             metrics::event(label, "denied");
             reply::json(
                 StatusCode::FORBIDDEN,
@@ -119,27 +123,80 @@ async fn handle(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
             mut cel,
         } => {
             let after = select_after(&route, &envelope, &mut cel, &mut records);
+            let reply_body = if modified {
+                Bytes::from(envelope.to_json())
+            } else {
+                body.clone()
+            };
+            let mut queued = 0;
             if !after.is_empty() {
-                // `run` refuses after-stage handlers until the durable store exists, so a
-                // config that reaches here with one is a bug, and a 200 would lose it.
-                warn!(event = %event, "after-stage handlers selected but no store; answering 503");
-                metrics::event(label, "unavailable");
-                return reply::unavailable("the after stage is not available in this build", 60);
+                let window = snapshot.config.store.dedupe_window;
+                let items = after
+                    .iter()
+                    .map(|h| NewDelivery {
+                        handler: h.name.clone(),
+                        event: event.clone(),
+                        object_id: object_id.clone(),
+                        entity: envelope.entity(),
+                        message_id: new_message_id(),
+                        body: String::from_utf8_lossy(&reply_body).into_owned(),
+                        dedupe: (!window.is_zero()).then(|| dedupe_key(&h.name, &body)),
+                    })
+                    .collect();
+                // The 200 leaves only once the deliveries are on disk.
+                let stored = match app.store.enqueue(items, window).await {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        warn!(event = %event, object_id = %object_id, error = %e, "cannot store the deliveries, answering 503");
+                        log_calls(app, records, &event, &object_id);
+                        metrics::event(label, "unavailable");
+                        return reply::unavailable(
+                            "the store cannot take the after-stage deliveries; retry shortly",
+                            1,
+                        );
+                    }
+                };
+                let stored: Vec<(u64, Lane)> = stored
+                    .into_iter()
+                    .flatten()
+                    .map(|d| (d.id, d.lane()))
+                    .collect();
+                queued = stored.len();
+                if queued < after.len() {
+                    info!(event = %event, object_id = %object_id, duplicates = after.len() - queued, "identical envelope within store.dedupe_window, not delivered again");
+                }
+                app.deliveries.submit(app, stored);
             }
             info!(
                 event = %event, object_id = %object_id, outcome = "allowed", modified,
-                calls = records.len(), duration_ms = ms(started),
+                calls = records.len(), queued, duration_ms = ms(started),
                 generation = snapshot.generation, "event"
             );
             metrics::event(label, "allowed");
-            let body = if modified {
-                Bytes::from(envelope.to_json())
-            } else {
-                body
-            };
-            reply::raw_json(StatusCode::OK, body)
+            log_calls(app, records, &event, &object_id);
+            reply::raw_json(StatusCode::OK, reply_body)
         }
     }
+}
+
+/// Hands the calls made for an event to the execution log, without waiting.
+fn log_calls(app: &App, records: Vec<CallRecord>, event: &str, object_id: &str) {
+    let rows = records
+        .into_iter()
+        .map(|r| Execution::from_call(r, event, object_id, None))
+        .collect();
+    app.store.log(rows);
+}
+
+/// What makes two deliveries the same for `store.dedupe_window`: the handler, and the
+/// envelope exactly as the billing sent it (its bytes, before any handler changed it).
+fn dedupe_key(handler: &str, body: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut hash = sha2::Sha256::new();
+    hash.update(handler.as_bytes());
+    hash.update([0]);
+    hash.update(body);
+    hash.finalize().into()
 }
 
 fn too_large(max: u64) -> Response<Body> {

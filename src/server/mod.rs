@@ -6,6 +6,7 @@ mod auth;
 mod config_api;
 pub mod ingress;
 mod reply;
+mod store_api;
 
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -29,9 +30,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::Listen;
+use crate::delivery::Deliveries;
 use crate::dispatch::Snapshot;
 use crate::handlers::Caller;
 use crate::reload::{Outcome, Reloader, Trigger};
+use crate::store::Store;
 
 pub use reply::Body;
 
@@ -44,6 +47,10 @@ pub struct App {
     pub in_flight: Semaphore,
     /// Set when shutdown begins: new events get 503 with Retry-After.
     pub draining: AtomicBool,
+    /// The durable queue, dead letters and execution log.
+    pub store: Store,
+    /// The after stage's workers.
+    pub deliveries: Deliveries,
     /// The generation of the live snapshot, for tasks that must react to a new config.
     generation: tokio::sync::watch::Sender<u64>,
     /// Renders `/metrics`.
@@ -53,8 +60,8 @@ pub struct App {
 }
 
 impl App {
-    /// An app serving `snapshot`, loaded from the file `config_path`.
-    pub fn new(snapshot: Snapshot, config_path: PathBuf) -> Arc<Self> {
+    /// An app serving `snapshot` (loaded from the file `config_path`) with `store`.
+    pub fn new(snapshot: Snapshot, store: Store, config_path: PathBuf) -> Arc<Self> {
         let max_in_flight = snapshot.config.server.max_in_flight;
         let (generation, _) = tokio::sync::watch::channel(snapshot.generation);
         let metrics = crate::metrics::install();
@@ -65,6 +72,8 @@ impl App {
             caller: Caller::new(),
             in_flight: Semaphore::new(max_in_flight),
             draining: AtomicBool::new(false),
+            store,
+            deliveries: Deliveries::new(),
             generation,
             metrics,
         })

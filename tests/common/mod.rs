@@ -265,6 +265,152 @@ impl Sidecar {
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
+
+    /// Kills the process with SIGKILL (no chance to clean up) and hands back its
+    /// directory, so that a new process can start on the same config and store.
+    pub fn kill_9(mut self) -> (TempDir, PathBuf) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, TempDir::new().unwrap());
+        (dir, self.config_path.clone())
+    }
+
+    /// Waits for a clean exit after SIGTERM and hands back the directory.
+    pub fn terminate(mut self) -> (TempDir, PathBuf, std::process::ExitStatus) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self
+            .wait_exit(Duration::from_secs(30))
+            .expect("provisiond exits after SIGTERM");
+        let dir = std::mem::replace(&mut self.dir, TempDir::new().unwrap());
+        (dir, self.config_path.clone(), status)
+    }
+
+    /// Sends a request with any method to the admin API.
+    pub async fn request(&self, method: reqwest::Method, path: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .request(method, self.url(path))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+}
+
+/// Runs `provisiond ARGS` in `dir` and waits (30 s at most) for it to exit; its exit
+/// code, stdout and stderr.
+pub fn run_binary(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let mut child = Command::new(binary())
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .env_remove("PROVISIOND_CONFIG")
+        .env_remove("PROVISIOND_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("provisiond runs");
+    let until = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > until {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "provisiond {args:?} did not exit; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// provisiond in this test process: the library's `App` and `serve` on a loopback port,
+/// with a store in memory, for tests that must reach inside (publish a snapshot, close
+/// the store).
+pub struct InProcess {
+    pub app: Arc<provisiond::server::App>,
+    pub addr: String,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl InProcess {
+    pub async fn start(config: &str) -> Self {
+        use provisiond::server::{App, Listener, serve};
+        let config = provisiond::config::Config::parse(config, "provisioning.toml").unwrap();
+        let listener = Listener::bind(&config.server.listen).await.unwrap();
+        let addr = listener.local_addr();
+        let store = provisiond::store::Store::memory().unwrap();
+        let file = std::path::PathBuf::from(&config.file);
+        let app = App::new(provisiond::dispatch::Snapshot::new(config, 1), store, file);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            app.clone(),
+            shutdown.clone(),
+            Duration::from_secs(1),
+        ));
+        Self {
+            app,
+            addr,
+            shutdown,
+        }
+    }
+
+    /// Makes `config` the live config, as a reload does.
+    pub fn publish(&self, config: &str, generation: u64) {
+        let config = provisiond::config::Config::parse(config, "provisioning.toml").unwrap();
+        self.app
+            .publish(provisiond::dispatch::Snapshot::new(config, generation));
+    }
+
+    pub async fn send(&self, event: &str, object_id: i64, data: Value) -> reqwest::Response {
+        http_client()
+            .post(format!("http://{}/events", self.addr))
+            .body(envelope(event, object_id, data).to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Polls `check` until it holds or `timeout` passes; whether it held.
+pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An after-stage HTTP handler for every event.
+pub fn after_handler(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        "[[handler]]\nname = \"{name}\"\nevents = [\"*\"]\nstage = \"after\"\nurl = {}\n{extra}\n",
+        toml_str(url)
+    )
 }
 
 impl Drop for Sidecar {
@@ -355,7 +501,17 @@ impl HandlerServer {
         F: Fn(Recorded) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Reply> + Send + 'static,
     {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap(), answer).await
+    }
+
+    /// Like [`Self::start`], on a given address: a handler that comes up where one was
+    /// down.
+    pub async fn start_on<F, Fut>(addr: SocketAddr, answer: F) -> Self
+    where
+        F: Fn(Recorded) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Reply> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let calls = Arc::new(Mutex::new(Vec::new()));
         let answer = Arc::new(answer);
@@ -468,10 +624,13 @@ pub fn write_atomic(path: &Path, text: &str) {
 
 /// A loopback address nothing listens on.
 pub fn refused_url() -> String {
+    format!("http://{}/hook", free_addr())
+}
+
+/// A loopback address free right now.
+pub fn free_addr() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    format!("http://{addr}/hook")
+    listener.local_addr().unwrap()
 }
 
 /// Writes an executable script.

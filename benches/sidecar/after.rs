@@ -1,0 +1,137 @@
+//! After stage, one HTTP handler: events accepted per second when each is committed to
+//! the store before its 200, against the same sidecar whose handler does not take the
+//! event (nothing to store); the latency the commit adds at a steady rate; and how fast
+//! the stored deliveries then drain to the handler.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+use crate::common::{Row, Sidecar, closed_loop, ms, open_loop};
+
+fn config(handler: SocketAddr, events: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[handler]]\nname = \"crm\"\n\
+         events = [\"{events}\"]\nstage = \"after\"\nurl = \"http://{handler}/\"\n"
+    )
+}
+
+pub async fn run(scale: f64) -> Vec<Row> {
+    let (handler, delivered) = start_counter();
+    // The baseline's handler takes another event: same process, no store write.
+    let baseline = Sidecar::start(&config(handler, "clients.create"));
+    let stored = Sidecar::start(&config(handler, "clients.update"));
+    let n = |x: f64| ((x * scale) as usize).max(100);
+    let mut rows = Vec::new();
+
+    // Latency at a steady 2,000 events/s: what the commit adds to the reply.
+    let total_open = n(10_000.0);
+    let plain = open_loop(&baseline.url("/events"), 2000.0, total_open).await;
+    let durable = open_loop(&stored.url("/events"), 2000.0, total_open).await;
+    let added_p50 = durable.quantile(0.5).saturating_sub(plain.quantile(0.5));
+    let added_p99 = durable.quantile(0.99).saturating_sub(plain.quantile(0.99));
+    let scenario = "after, 1 HTTP handler, 2000/s";
+    rows.push(plain.row(scenario, "no delivery", ""));
+    rows.push(durable.row(
+        scenario,
+        "stored",
+        format!(
+            "commit adds p50 {:.3} ms, p99 {:.3} ms",
+            ms(added_p50),
+            ms(added_p99)
+        ),
+    ));
+    wait_for(&delivered, durable.latencies.len(), Duration::from_secs(60)).await;
+
+    // Saturated: 32 connections back to back. A fresh store, so that no envelope of the
+    // run above counts as a duplicate.
+    drop(stored);
+    let stored = Sidecar::start(&config(handler, "clients.update"));
+    let total = n(20_000.0);
+    let plain = closed_loop(&baseline.url("/events"), 32, total).await;
+    let before = delivered.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let durable = closed_loop(&stored.url("/events"), 32, total).await;
+    let accepted = durable.latencies.len();
+    let drained = wait_for(&delivered, before + accepted, Duration::from_secs(120)).await;
+    let scenario = "after, 1 HTTP handler, saturated";
+    rows.push(plain.row(scenario, "no delivery", ""));
+    let drain = match drained {
+        Some(at) => format!(
+            "all {accepted} delivered {:.1} s after the first send ({:.0} deliveries/s)",
+            (at - started).as_secs_f64(),
+            accepted as f64 / (at - started).as_secs_f64()
+        ),
+        None => format!(
+            "only {} of {accepted} delivered within 120 s",
+            delivered.load(Ordering::Relaxed) - before
+        ),
+    };
+    rows.push(durable.row(
+        scenario,
+        "stored",
+        format!(
+            "{:.2} x no-delivery throughput; {drain}",
+            durable.rps() / plain.rps()
+        ),
+    ));
+    rows
+}
+
+/// Waits until `count` reaches `target`; when it did, or `None` after `limit`.
+async fn wait_for(count: &AtomicUsize, target: usize, limit: Duration) -> Option<Instant> {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if count.load(Ordering::Relaxed) >= target {
+            return Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+/// A handler that answers 204 and counts, on a runtime thread of its own.
+fn start_counter() -> (SocketAddr, Arc<AtomicUsize>) {
+    let count = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let counter = count.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |_: Request<hyper::body::Incoming>| {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        async {
+                            let mut r = Response::new(Full::new(bytes::Bytes::new()));
+                            *r.status_mut() = hyper::StatusCode::NO_CONTENT;
+                            Ok::<_, hyper::Error>(r)
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    });
+    (rx.recv().unwrap(), count)
+}

@@ -1,0 +1,257 @@
+//! The store's admin routes: `GET /v1/executions`, `GET /v1/deadletters`,
+//! `GET|DELETE /v1/deadletters/{id}`, `POST /v1/deadletters/{id}/replay`.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use hyper::{Method, Response, StatusCode, Uri};
+use serde_json::json;
+use tracing::info;
+
+use super::App;
+use super::reply::{self, Body};
+use crate::store::{ExecutionFilter, StoreError, unix_ms};
+
+/// Rows a list returns unless `limit` says otherwise, and the most it may say.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+
+/// `GET /v1/executions?event=&handler=&object_id=&outcome=&since=&limit=`
+pub async fn executions(app: &Arc<App>, uri: &Uri) -> Response<Body> {
+    let mut filter = ExecutionFilter {
+        limit: DEFAULT_LIMIT,
+        ..Default::default()
+    };
+    for (key, value) in query(uri) {
+        let value = Some(value);
+        match key.as_str() {
+            "event" => filter.event = value.map(|v| crate::events::normalize(&v).into_owned()),
+            "handler" => filter.handler = value,
+            "object_id" => filter.object_id = value,
+            "outcome" => filter.outcome = value,
+            "since" => match parse_since(value.as_deref().unwrap_or_default()) {
+                Ok(at) => filter.since = Some(at),
+                Err(e) => return reply::error(StatusCode::BAD_REQUEST, e),
+            },
+            "limit" => match parse_limit(value.as_deref().unwrap_or_default()) {
+                Ok(n) => filter.limit = n,
+                Err(e) => return reply::error(StatusCode::BAD_REQUEST, e),
+            },
+            other => {
+                return reply::error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unknown filter {other:?}; use event, handler, object_id, outcome, \
+                         since, limit"
+                    ),
+                );
+            }
+        }
+    }
+    let store = app.store.clone();
+    let rows = tokio::task::spawn_blocking(move || store.executions(&filter)).await;
+    match rows.expect("the read does not panic") {
+        Ok(rows) => {
+            let rows: Vec<_> = rows.iter().map(|r| r.to_json()).collect();
+            reply::json(
+                StatusCode::OK,
+                &json!({"count": rows.len(), "executions": rows}),
+            )
+        }
+        Err(e) => store_error(&e),
+    }
+}
+
+/// `/v1/deadletters` and below.
+pub async fn dead_letters(app: &Arc<App>, method: &Method, uri: &Uri) -> Response<Body> {
+    let rest = uri
+        .path()
+        .strip_prefix("/v1/deadletters")
+        .unwrap_or_default();
+    let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+    match (method, parts.as_slice()) {
+        (&Method::GET, []) => list(app, uri).await,
+        (_, []) => reply::method_not_allowed("GET"),
+        (_, [id, ..]) if id.parse::<u64>().is_err() => reply::error(
+            StatusCode::NOT_FOUND,
+            format!("no dead letter {id:?}: ids are numbers"),
+        ),
+        (&Method::GET, [id]) => show(app, id.parse().expect("checked")).await,
+        (&Method::DELETE, [id]) => drop_one(app, id.parse().expect("checked")).await,
+        (_, [_]) => reply::method_not_allowed("GET, DELETE"),
+        (&Method::POST, [id, "replay"]) => replay(app, id.parse().expect("checked")).await,
+        (_, [_, "replay"]) => reply::method_not_allowed("POST"),
+        _ => reply::not_found(uri.path()),
+    }
+}
+
+async fn list(app: &Arc<App>, uri: &Uri) -> Response<Body> {
+    let mut handler = None;
+    let mut limit = DEFAULT_LIMIT;
+    for (key, value) in query(uri) {
+        match key.as_str() {
+            "handler" => handler = Some(value),
+            "limit" => match parse_limit(&value) {
+                Ok(n) => limit = n,
+                Err(e) => return reply::error(StatusCode::BAD_REQUEST, e),
+            },
+            other => {
+                return reply::error(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown filter {other:?}; use handler, limit"),
+                );
+            }
+        }
+    }
+    let store = app.store.clone();
+    let letters =
+        tokio::task::spawn_blocking(move || store.dead_letters(handler.as_deref(), limit)).await;
+    match letters.expect("the read does not panic") {
+        Ok(letters) => {
+            let letters: Vec<_> = letters.iter().map(|l| l.to_json()).collect();
+            reply::json(
+                StatusCode::OK,
+                &json!({"count": letters.len(), "deadletters": letters}),
+            )
+        }
+        Err(e) => store_error(&e),
+    }
+}
+
+async fn show(app: &Arc<App>, id: u64) -> Response<Body> {
+    match app.store.dead_letter(id) {
+        Ok(Some(letter)) => reply::json(StatusCode::OK, &letter.to_json()),
+        Ok(None) => unknown(id),
+        Err(e) => store_error(&e),
+    }
+}
+
+async fn replay(app: &Arc<App>, id: u64) -> Response<Body> {
+    let letter = match app.store.dead_letter(id) {
+        Ok(Some(letter)) => letter,
+        Ok(None) => return unknown(id),
+        Err(e) => return store_error(&e),
+    };
+    let handler = &letter.delivery.handler;
+    let known = app
+        .snapshot
+        .load()
+        .config
+        .handler(handler)
+        .is_some_and(|h| h.stage == crate::config::Stage::After);
+    if !known {
+        return reply::error(
+            StatusCode::CONFLICT,
+            format!(
+                "dead letter {id} is for handler {handler:?}, which the config has no \
+                 after-stage handler of; add it back, or drop the dead letter"
+            ),
+        );
+    }
+    match app.store.replay(id).await {
+        Ok(Some(delivery)) => {
+            info!(dead_letter = id, delivery = delivery.id, handler = %delivery.handler, "dead letter replayed");
+            let new_id = delivery.id;
+            app.deliveries.submit(app, [(new_id, delivery.lane())]);
+            reply::json(StatusCode::OK, &json!({"replayed": id, "delivery": new_id}))
+        }
+        Ok(None) => unknown(id),
+        Err(e) => store_error(&e),
+    }
+}
+
+async fn drop_one(app: &Arc<App>, id: u64) -> Response<Body> {
+    match app.store.drop_dead_letter(id).await {
+        Ok(true) => {
+            info!(dead_letter = id, "dead letter dropped");
+            reply::json(StatusCode::OK, &json!({"dropped": id}))
+        }
+        Ok(false) => unknown(id),
+        Err(e) => store_error(&e),
+    }
+}
+
+fn unknown(id: u64) -> Response<Body> {
+    reply::error(StatusCode::NOT_FOUND, format!("no dead letter {id}"))
+}
+
+fn store_error(e: &StoreError) -> Response<Body> {
+    tracing::warn!(error = %e, "store request failed");
+    reply::unavailable(&e.to_string(), 1)
+}
+
+/// The query string's pairs, percent-decoded.
+fn query(uri: &Uri) -> Vec<(String, String)> {
+    let Some(q) = uri.query() else {
+        return Vec::new();
+    };
+    reqwest::Url::parse(&format!("http://x/?{q}"))
+        .map(|u| u.query_pairs().into_owned().collect())
+        .unwrap_or_default()
+}
+
+fn parse_limit(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "limit must be a number from 1 to {MAX_LIMIT}, got {text:?}"
+        )),
+    }
+}
+
+/// `since`: an RFC 3339 time (`2026-11-26T10:00:00Z`) or a duration back from now
+/// (`15m`, `2h`).
+fn parse_since(text: &str) -> Result<u64, String> {
+    if let Ok(ago) = humantime::parse_duration(text) {
+        let at = SystemTime::now()
+            .checked_sub(ago)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        return Ok(unix_ms(at));
+    }
+    humantime::parse_rfc3339_weak(text)
+        .map(unix_ms)
+        .map_err(|_| {
+            format!(
+                "since must be a time (\"2026-11-26T10:00:00Z\") or a duration back from \
+                 now (\"15m\"), got {text:?}"
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn since_takes_a_time_or_a_duration() {
+        assert_eq!(parse_since("1970-01-01T00:00:02Z"), Ok(2000));
+        let ago = parse_since("10m").unwrap();
+        let expect = unix_ms(SystemTime::now() - Duration::from_secs(600));
+        assert!(ago.abs_diff(expect) < 5_000);
+        assert!(parse_since("yesterday").is_err());
+    }
+
+    #[test]
+    fn limits_are_bounded() {
+        assert_eq!(parse_limit("5"), Ok(5));
+        assert!(parse_limit("0").is_err());
+        assert!(parse_limit("1001").is_err());
+        assert!(parse_limit("x").is_err());
+    }
+
+    #[test]
+    fn queries_are_decoded() {
+        let uri: Uri = "/v1/executions?event=clients.create&since=2026-11-26T10%3A00%3A00Z"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            query(&uri),
+            [
+                ("event".to_owned(), "clients.create".to_owned()),
+                ("since".to_owned(), "2026-11-26T10:00:00Z".to_owned())
+            ]
+        );
+    }
+}

@@ -1,0 +1,544 @@
+//! The durable store: one redb file holding the after-stage queue, the dead letters, the
+//! execution log and the dedupe keys.
+//!
+//! Writes go through one writer thread ([`writer`]) that commits in groups; reads open
+//! their own read transaction wherever they run (redb readers never wait for the writer).
+//! The file carries a schema version in its `meta` table: a file from a newer release,
+//! or one that is not a provisiond store, is refused at open with a sentence that says
+//! what to do.
+
+mod records;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redb::{
+    Builder, Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    StorageError, TableDefinition,
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+pub use records::{
+    DeadLetter, Delivery, Execution, ExecutionFilter, NewDelivery, now_ms, rfc3339, unix_ms,
+};
+use writer::{Op, Writer, decode};
+pub use writer::{Retention, Settle};
+
+/// The layout this build reads and writes. A later release that changes it migrates
+/// files with a lower number at open; a file with a higher number is refused.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Delivery id -> [`Delivery`] (JSON). Ids grow with arrival, so key order is arrival order.
+const DELIVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("deliveries");
+/// Delivery id -> [`DeadLetter`] (JSON).
+const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// Row id -> [`Execution`] (JSON), oldest first.
+const EXECUTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("executions");
+/// (when it was stored, dedupe key): the dedupe keys (SHA-256 of handler and body) in
+/// time order. Appending is cheap and pruning takes the front; lookups go to a map the
+/// writer keeps in memory and rebuilds from this table at open.
+const DEDUPE_AGE: TableDefinition<(u64, &[u8; 32]), ()> = TableDefinition::new("dedupe_by_time");
+
+/// Requests waiting for the writer before senders wait too.
+const OPS_CAPACITY: usize = 8192;
+/// Batches of execution log rows waiting for the writer; beyond it rows are dropped.
+pub const LOG_CAPACITY: usize = 4096;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot use the store {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("store write failed: {0}")]
+    Write(String),
+    #[error("store read failed: {0}")]
+    Read(String),
+    #[error("the store holds an unreadable row ({0}); move the file aside to start afresh")]
+    Corrupt(String),
+    #[error("the store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    fn write(e: impl std::fmt::Display) -> Self {
+        Self::Write(e.to_string())
+    }
+
+    fn read(e: impl std::fmt::Display) -> Self {
+        Self::Read(e.to_string())
+    }
+}
+
+/// A handle on the open store; clones share it.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    path: String,
+    ops: mpsc::Sender<Op>,
+    logs: mpsc::Sender<Vec<Execution>>,
+    /// Execution log rows dropped because the writer was behind.
+    dropped: AtomicU64,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Store {
+    /// Opens the store at `path`, creating it when missing. Must run inside a tokio
+    /// runtime: the writer thread waits on its channels through it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let shown = path.display().to_string();
+        let fail = |reason: String| StoreError::Open {
+            path: shown.clone(),
+            reason,
+        };
+        if path.is_dir() {
+            return Err(fail(
+                "it is a directory; set store.path to a file name".into(),
+            ));
+        }
+        let mut builder = Builder::new();
+        // Checking the whole file at open turns damage into an error instead of a panic.
+        builder
+            .set_check_integrity_on_open(true)
+            .set_cache_size(64 << 20);
+        let db = builder.create(path).map_err(|e| fail(open_reason(&e)))?;
+        Self::start(db, shown, LOG_CAPACITY)
+    }
+
+    /// A store in memory, gone with the process: for tests.
+    pub fn memory() -> Result<Self, StoreError> {
+        Self::memory_with(LOG_CAPACITY)
+    }
+
+    fn memory_with(log_capacity: usize) -> Result<Self, StoreError> {
+        let db = Builder::new()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(|e| StoreError::Open {
+                path: "<memory>".into(),
+                reason: e.to_string(),
+            })?;
+        Self::start(db, "<memory>".into(), log_capacity)
+    }
+
+    fn start(db: Database, path: String, log_capacity: usize) -> Result<Self, StoreError> {
+        let fail = |reason: String| StoreError::Open {
+            path: path.clone(),
+            reason,
+        };
+        let (next_delivery, next_execution) = prepare(&db).map_err(fail)?;
+        let dedupe = load_dedupe(&db).map_err(fail)?;
+        let db = Arc::new(db);
+        let (ops_tx, ops_rx) = mpsc::channel(OPS_CAPACITY);
+        let (logs_tx, logs_rx) = mpsc::channel(log_capacity);
+        let writer = Writer {
+            db: db.clone(),
+            ops: ops_rx,
+            logs: logs_rx,
+            next_delivery,
+            next_execution,
+            dedupe,
+        };
+        let runtime = tokio::runtime::Handle::current();
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run(runtime))
+            .map_err(|e| fail(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                path,
+                ops: ops_tx,
+                logs: logs_tx,
+                dropped: AtomicU64::new(0),
+                writer: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// The file, as configured.
+    pub fn path(&self) -> &str {
+        &self.inner.path
+    }
+
+    async fn request<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .ops
+            .send(op(tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Stores deliveries durably; returns once they are committed. An item whose dedupe
+    /// key was stored within `window` is skipped: its slot in the reply is `None`.
+    pub async fn enqueue(
+        &self,
+        items: Vec<NewDelivery>,
+        window: Duration,
+    ) -> Result<Vec<Option<Delivery>>, StoreError> {
+        self.request(|reply| Op::Enqueue {
+            items,
+            window,
+            reply,
+        })
+        .await
+    }
+
+    /// Records how an attempt of delivery `id` ended, with its execution log row.
+    pub async fn settle(
+        &self,
+        id: u64,
+        settle: Settle,
+        record: Option<Execution>,
+    ) -> Result<(), StoreError> {
+        self.request(|reply| Op::Settle {
+            id,
+            settle,
+            record: record.map(Box::new),
+            reply,
+        })
+        .await
+    }
+
+    /// Moves dead letter `id` back to the queue under a new delivery id; `None` when there
+    /// is no such dead letter.
+    pub async fn replay(&self, id: u64) -> Result<Option<Delivery>, StoreError> {
+        self.request(|reply| Op::Replay { id, reply }).await
+    }
+
+    /// Deletes dead letter `id`; whether it existed.
+    pub async fn drop_dead_letter(&self, id: u64) -> Result<bool, StoreError> {
+        self.request(|reply| Op::Drop { id, reply }).await
+    }
+
+    /// Applies the retention; how many rows went.
+    pub async fn prune(&self, retention: Retention) -> Result<usize, StoreError> {
+        self.request(|reply| Op::Prune { retention, reply }).await
+    }
+
+    /// Applies the retention every `every` until `stop`. `retention` is asked each time,
+    /// so a reload's values apply.
+    pub fn keep_pruned(
+        self,
+        every: Duration,
+        retention: impl Fn() -> Retention + Send + 'static,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                match self.prune(retention()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(rows = n, "store pruned"),
+                    Err(e) => warn!(error = %e, "cannot prune the store"),
+                }
+            }
+        })
+    }
+
+    /// Adds execution log rows without waiting: they are written with the next batch.
+    /// When the writer is that far behind, they are dropped and counted, never waited for.
+    pub fn log(&self, rows: Vec<Execution>) {
+        if rows.is_empty() {
+            return;
+        }
+        let n = rows.len() as u64;
+        if self.inner.logs.try_send(rows).is_err() {
+            let before = self.inner.dropped.fetch_add(n, Ordering::Relaxed);
+            crate::metrics::execution_log_dropped(n);
+            if before == 0 || before / 1000 != (before + n) / 1000 {
+                warn!(
+                    dropped = before + n,
+                    "execution log is behind, rows dropped"
+                );
+            }
+        }
+    }
+
+    /// Execution log rows dropped so far because the writer was behind.
+    pub fn dropped_log_rows(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Writes what is queued and stops the writer. Later requests get
+    /// [`StoreError::Closed`].
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.ops.send(Op::Close { reply: tx }).await.is_ok() {
+            let _ = rx.await;
+        }
+        let thread = self.inner.writer.lock().expect("not poisoned").take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+
+    fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        self.inner.db.begin_read().map_err(StoreError::read)
+    }
+
+    /// One stored delivery.
+    pub fn delivery(&self, id: u64) -> Result<Option<Delivery>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(DELIVERIES).map_err(StoreError::read)?;
+        let Some(row) = table.get(id).map_err(StoreError::read)? else {
+            return Ok(None);
+        };
+        let mut delivery: Delivery = decode(row.value())?;
+        delivery.id = id;
+        Ok(Some(delivery))
+    }
+
+    /// Every stored delivery as (id, handler, entity), oldest first: what a start resumes.
+    pub fn pending(&self) -> Result<Vec<(u64, String, String)>, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Lane {
+            handler: String,
+            entity: String,
+        }
+        let txn = self.read()?;
+        let table = txn.open_table(DELIVERIES).map_err(StoreError::read)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(StoreError::read)? {
+            let (id, value) = row.map_err(StoreError::read)?;
+            let lane: Lane = decode(value.value())?;
+            out.push((id.value(), lane.handler, lane.entity));
+        }
+        Ok(out)
+    }
+
+    /// Deliveries waiting in the queue.
+    pub fn queue_depth(&self) -> Result<u64, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(DELIVERIES).map_err(StoreError::read)?;
+        table.len().map_err(StoreError::read)
+    }
+
+    /// When the oldest delivery in the queue was accepted (unix ms); `None` when empty.
+    pub fn oldest_enqueued(&self) -> Result<Option<u64>, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Enqueued {
+            enqueued_at: u64,
+        }
+        let txn = self.read()?;
+        let table = txn.open_table(DELIVERIES).map_err(StoreError::read)?;
+        let Some((_, row)) = table.first().map_err(StoreError::read)? else {
+            return Ok(None);
+        };
+        let row: Enqueued = decode(row.value())?;
+        Ok(Some(row.enqueued_at))
+    }
+
+    /// Dead letters stored.
+    pub fn dead_letter_count(&self) -> Result<u64, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(DEAD).map_err(StoreError::read)?;
+        table.len().map_err(StoreError::read)
+    }
+
+    /// Execution log rows matching `filter`, newest first.
+    pub fn executions(&self, filter: &ExecutionFilter) -> Result<Vec<Execution>, StoreError> {
+        // Rows are keyed in the order they were written, which can trail their start time
+        // by a little (a batch, or a long call): scan a minute past `since` before stopping.
+        const SLACK_MS: u64 = 60_000;
+        let txn = self.read()?;
+        let table = txn.open_table(EXECUTIONS).map_err(StoreError::read)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(StoreError::read)?.rev() {
+            let (id, value) = row.map_err(StoreError::read)?;
+            let mut row: Execution = decode(value.value())?;
+            row.id = id.value();
+            if filter
+                .since
+                .is_some_and(|s| row.at.saturating_add(SLACK_MS) < s)
+            {
+                break;
+            }
+            if filter.matches(&row) {
+                out.push(row);
+                if out.len() >= filter.limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Dead letters, oldest first; only `handler`'s when given.
+    pub fn dead_letters(
+        &self,
+        handler: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(DEAD).map_err(StoreError::read)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(StoreError::read)? {
+            let (id, value) = row.map_err(StoreError::read)?;
+            let mut letter: DeadLetter = decode(value.value())?;
+            letter.delivery.id = id.value();
+            if handler.is_none_or(|h| h == letter.delivery.handler) {
+                out.push(letter);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One dead letter.
+    pub fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(DEAD).map_err(StoreError::read)?;
+        let Some(row) = table.get(id).map_err(StoreError::read)? else {
+            return Ok(None);
+        };
+        let mut letter: DeadLetter = decode(row.value())?;
+        letter.delivery.id = id;
+        Ok(Some(letter))
+    }
+}
+
+/// Checks the schema version (writing it into a new file), creates the tables, and
+/// reads where the id counters stand.
+fn prepare(db: &Database) -> Result<(u64, u64), String> {
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    let not_ours = |e: redb::TableError| match e {
+        redb::TableError::Storage(e) => e.to_string(),
+        other => format!(
+            "the file is a redb database but not a provisiond store ({other}); point \
+             store.path at another file"
+        ),
+    };
+    let existing = txn
+        .list_tables()
+        .map_err(|e| e.to_string())?
+        .map(|t| redb::TableHandle::name(&t).to_owned())
+        .collect::<Vec<_>>();
+    let counters = {
+        let mut meta = txn.open_table(META).map_err(not_ours)?;
+        let version = meta
+            .get("schema_version")
+            .map_err(|e| e.to_string())?
+            .map(|v| v.value());
+        match version {
+            None if existing.iter().any(|t| t != "meta") => {
+                return Err(
+                    "the file is a redb database but not a provisiond store (it has \
+                            no schema version); point store.path at another file"
+                        .into(),
+                );
+            }
+            None => {
+                meta.insert("schema_version", SCHEMA_VERSION)
+                    .map_err(|e| e.to_string())?;
+                info!(schema_version = SCHEMA_VERSION, "store created");
+            }
+            Some(v) if v > SCHEMA_VERSION => {
+                return Err(format!(
+                    "it was written by a newer provisiond (store schema version {v}; this \
+                     build reads up to {SCHEMA_VERSION}); run that newer release, or move \
+                     the file aside to start with an empty store"
+                ));
+            }
+            Some(v) if v < SCHEMA_VERSION => {
+                // Version 1 is the first layout: nothing older exists to migrate.
+                return Err(format!("unknown store schema version {v}"));
+            }
+            Some(_) => {}
+        }
+        let get = |key| -> Result<u64, String> {
+            Ok(meta
+                .get(key)
+                .map_err(|e| e.to_string())?
+                .map_or(1, |v| v.value()))
+        };
+        (get("next_delivery_id")?, get("next_execution_id")?)
+    };
+    // Create every table, so that readers never meet a missing one; check that the ids
+    // stored are below the counters (they always are, unless the file was tampered with).
+    let last = |def: TableDefinition<u64, &[u8]>| -> Result<u64, String> {
+        let table = txn.open_table(def).map_err(not_ours)?;
+        let last = table.last().map_err(|e| e.to_string())?;
+        Ok(last.map_or(0, |(k, _)| k.value()))
+    };
+    let max_delivery = last(DELIVERIES)?.max(last(DEAD)?);
+    let max_execution = last(EXECUTIONS)?;
+    txn.open_table(DEDUPE_AGE).map_err(not_ours)?;
+    txn.commit().map_err(|e| e.to_string())?;
+    Ok((
+        counters.0.max(max_delivery + 1),
+        counters.1.max(max_execution + 1),
+    ))
+}
+
+/// The dedupe keys stored, each with its latest time.
+fn load_dedupe(db: &Database) -> Result<HashMap<[u8; 32], u64>, String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let table = txn.open_table(DEDUPE_AGE).map_err(|e| e.to_string())?;
+    let mut keys = HashMap::new();
+    for row in table.iter().map_err(|e| e.to_string())? {
+        let (key, _) = row.map_err(|e| e.to_string())?;
+        let (at, hash) = key.value();
+        keys.insert(*hash, at);
+    }
+    Ok(keys)
+}
+
+/// What to tell the operator when the file cannot be opened.
+fn open_reason(e: &DatabaseError) -> String {
+    use std::io::ErrorKind;
+    match e {
+        DatabaseError::Storage(StorageError::Io(io)) => match io.kind() {
+            ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => format!(
+                "{io}; provisiond needs to write the file and its directory: fix the \
+                 permissions or set store.path to a writable place"
+            ),
+            ErrorKind::NotFound => {
+                format!("{io}; the directory does not exist: create it or set store.path")
+            }
+            ErrorKind::InvalidData => format!(
+                "the file is not a provisiond store or is damaged ({io}); move it aside \
+                 (provisiond then starts with an empty store) or restore it from a backup"
+            ),
+            _ => format!("{io}"),
+        },
+        DatabaseError::Storage(StorageError::Corrupted(what)) => format!(
+            "the file is damaged ({what}); move it aside (provisiond then starts with an \
+             empty store) or restore it from a backup"
+        ),
+        DatabaseError::DatabaseAlreadyOpen => "another process has it open (is another \
+             provisiond running on the same file?); stop that one or give this one its own \
+             store.path"
+            .into(),
+        DatabaseError::UpgradeRequired(v) => format!(
+            "it uses redb file format {v}, which this build cannot read; open it with the \
+             release that wrote it, or move it aside"
+        ),
+        other => format!(
+            "{other}; move the file aside (provisiond then starts with an empty store) or \
+             restore it from a backup"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,242 @@
+//! What the store holds, as Rust types: deliveries, dead letters, execution log rows.
+//!
+//! Rows are stored as JSON (readable with any redb tool, and easy to extend: a new field
+//! with a default does not need a schema change). Times are unix milliseconds, so that
+//! they survive a restart and read the same in every process.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::config::Stage;
+use crate::dispatch::CallRecord;
+
+/// Milliseconds since the unix epoch.
+pub fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Now, in unix milliseconds.
+pub fn now_ms() -> u64 {
+    unix_ms(SystemTime::now())
+}
+
+/// A unix-milliseconds time as RFC 3339 (`2026-11-26T10:00:00.000Z`).
+pub fn rfc3339(ms: u64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// A delivery about to be stored: one event for one after-stage handler.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub handler: String,
+    pub event: String,
+    pub object_id: String,
+    /// `clients/12`: deliveries of one handler for one entity go out in arrival order.
+    pub entity: String,
+    /// `webhook-id`: the same on every attempt of this delivery.
+    pub message_id: String,
+    /// The envelope as the before stage left it, serialised.
+    pub body: String,
+    /// When set, the delivery is skipped if the same key was stored within the window.
+    pub dedupe: Option<[u8; 32]>,
+}
+
+/// A stored, not yet settled delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    #[serde(skip)]
+    pub id: u64,
+    pub handler: String,
+    pub event: String,
+    pub object_id: String,
+    pub entity: String,
+    pub message_id: String,
+    pub body: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Not before this time (unix ms).
+    pub next_at: u64,
+    /// When the billing's event was accepted (unix ms).
+    pub enqueued_at: u64,
+    /// What went wrong on the last attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl Delivery {
+    pub fn new(id: u64, new: NewDelivery, now: u64) -> Self {
+        Self {
+            id,
+            handler: new.handler,
+            event: new.event,
+            object_id: new.object_id,
+            entity: new.entity,
+            message_id: new.message_id,
+            body: new.body,
+            attempts: 0,
+            next_at: now,
+            enqueued_at: now,
+            last_error: None,
+        }
+    }
+}
+
+/// A delivery that will not be retried any more, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    #[serde(flatten)]
+    pub delivery: Delivery,
+    pub reason: String,
+    /// When it was given up (unix ms).
+    pub died_at: u64,
+}
+
+impl DeadLetter {
+    /// The JSON the admin API shows: the envelope parsed, times as RFC 3339.
+    pub fn to_json(&self) -> Value {
+        let d = &self.delivery;
+        json!({
+            "id": d.id,
+            "handler": d.handler,
+            "event": d.event,
+            "object_id": d.object_id,
+            "entity": d.entity,
+            "attempts": d.attempts,
+            "reason": self.reason,
+            "last_error": d.last_error,
+            "enqueued_at": rfc3339(d.enqueued_at),
+            "died_at": rfc3339(self.died_at),
+            "message_id": d.message_id,
+            "envelope": serde_json::from_str::<Value>(&d.body).unwrap_or(Value::String(d.body.clone())),
+        })
+    }
+}
+
+/// One handler call in the execution log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Execution {
+    #[serde(skip)]
+    pub id: u64,
+    /// When the call started (unix ms).
+    pub at: u64,
+    pub event: String,
+    pub object_id: String,
+    pub handler: String,
+    pub stage: Stage,
+    pub attempt: u32,
+    /// `allowed`, `denied`, `error` (before); `delivered`, `failed`, `dead` (after).
+    pub outcome: String,
+    pub duration_ms: f64,
+    /// HTTP status or exit code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i64>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub excerpt: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The delivery this call was an attempt of (after stage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<u64>,
+}
+
+impl Execution {
+    /// A row from a call the dispatch made.
+    pub fn from_call(
+        record: CallRecord,
+        event: &str,
+        object_id: &str,
+        delivery: Option<u64>,
+    ) -> Self {
+        Self {
+            id: 0,
+            at: unix_ms(record.at),
+            event: event.to_owned(),
+            object_id: object_id.to_owned(),
+            handler: record.handler,
+            stage: record.stage,
+            attempt: record.attempt,
+            outcome: record.outcome.to_owned(),
+            duration_ms: (record.duration.as_secs_f64() * 1e6).round() / 1e3,
+            code: record.code,
+            excerpt: record.excerpt,
+            error: record.error,
+            delivery,
+        }
+    }
+
+    /// The JSON the admin API shows.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "time": rfc3339(self.at),
+            "event": self.event,
+            "object_id": self.object_id,
+            "handler": self.handler,
+            "stage": self.stage,
+            "attempt": self.attempt,
+            "outcome": self.outcome,
+            "duration_ms": self.duration_ms,
+            "code": self.code,
+            "excerpt": self.excerpt,
+            "error": self.error,
+            "delivery": self.delivery,
+        })
+    }
+}
+
+/// Filters of `GET /v1/executions`; `None` matches everything.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExecutionFilter {
+    pub event: Option<String>,
+    pub handler: Option<String>,
+    pub object_id: Option<String>,
+    pub outcome: Option<String>,
+    /// Only rows at or after this time (unix ms).
+    pub since: Option<u64>,
+    pub limit: usize,
+}
+
+impl ExecutionFilter {
+    pub fn matches(&self, row: &Execution) -> bool {
+        let eq = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
+        eq(&self.event, &row.event)
+            && eq(&self.handler, &row.handler)
+            && eq(&self.object_id, &row.object_id)
+            && eq(&self.outcome, &row.outcome)
+            && self.since.is_none_or(|s| row.at >= s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_read_as_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_500), "1970-01-01T00:00:01.500Z");
+    }
+
+    #[test]
+    fn a_delivery_round_trips_without_its_id() {
+        let new = NewDelivery {
+            handler: "crm".into(),
+            event: "clients.create".into(),
+            object_id: "12".into(),
+            entity: "clients/12".into(),
+            message_id: "msg_1".into(),
+            body: r#"{"event":{},"data":{}}"#.into(),
+            dedupe: None,
+        };
+        let d = Delivery::new(7, new, 1000);
+        let bytes = serde_json::to_vec(&d).unwrap();
+        let mut back: Delivery = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(back.id, 0);
+        back.id = 7;
+        assert_eq!(back, d);
+    }
+}

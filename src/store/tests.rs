@@ -1,0 +1,441 @@
+use std::time::Duration;
+
+use super::*;
+use crate::config::Stage;
+
+fn item(handler: &str, entity: &str, body: &str, dedupe: Option<u8>) -> NewDelivery {
+    NewDelivery {
+        handler: handler.into(),
+        event: "clients.update".into(),
+        object_id: entity.rsplit('/').next().unwrap().into(),
+        entity: entity.into(),
+        message_id: format!("msg_{body}"),
+        body: body.into(),
+        dedupe: dedupe.map(|b| [b; 32]),
+    }
+}
+
+fn row(handler: &str, at: u64, outcome: &str) -> Execution {
+    Execution {
+        id: 0,
+        at,
+        event: "clients.update".into(),
+        object_id: "12".into(),
+        handler: handler.into(),
+        stage: Stage::Before,
+        attempt: 1,
+        outcome: outcome.into(),
+        duration_ms: 1.5,
+        code: Some(200),
+        excerpt: String::new(),
+        error: None,
+        delivery: None,
+    }
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn enqueued_deliveries_are_pending_in_arrival_order() {
+    let store = Store::memory().unwrap();
+    let stored = store
+        .enqueue(
+            vec![
+                item("a", "clients/1", "x", None),
+                item("b", "clients/2", "y", None),
+            ],
+            MINUTE,
+        )
+        .await
+        .unwrap();
+    let ids: Vec<u64> = stored.iter().map(|d| d.as_ref().unwrap().id).collect();
+    assert!(ids[0] < ids[1]);
+    let more = store
+        .enqueue(vec![item("a", "clients/1", "z", None)], MINUTE)
+        .await
+        .unwrap();
+    let pending = store.pending().unwrap();
+    assert_eq!(
+        pending,
+        vec![
+            (ids[0], "a".into(), "clients/1".into()),
+            (ids[1], "b".into(), "clients/2".into()),
+            (more[0].as_ref().unwrap().id, "a".into(), "clients/1".into()),
+        ]
+    );
+    let d = store.delivery(ids[1]).unwrap().unwrap();
+    assert_eq!((d.id, d.body.as_str(), d.attempts), (ids[1], "y", 0));
+    assert_eq!(store.queue_depth().unwrap(), 3);
+}
+
+#[tokio::test]
+async fn the_same_key_within_the_window_is_stored_once() {
+    let store = Store::memory().unwrap();
+    let first = store
+        .enqueue(vec![item("a", "clients/1", "x", Some(7))], MINUTE)
+        .await
+        .unwrap();
+    assert!(first[0].is_some());
+    // Again, and twice within one batch: skipped.
+    let again = store
+        .enqueue(
+            vec![
+                item("a", "clients/1", "x", Some(7)),
+                item("a", "clients/1", "y", Some(8)),
+                item("a", "clients/1", "y", Some(8)),
+            ],
+            MINUTE,
+        )
+        .await
+        .unwrap();
+    assert!(again[0].is_none());
+    assert!(again[1].is_some());
+    assert!(again[2].is_none());
+    // With a zero window the key has expired at once.
+    let later = store
+        .enqueue(vec![item("a", "clients/1", "x", Some(7))], Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(later[0].is_some());
+    assert_eq!(store.queue_depth().unwrap(), 3);
+}
+
+#[tokio::test]
+async fn settling_retries_delivers_and_dead_letters() {
+    let store = Store::memory().unwrap();
+    let ids: Vec<u64> = store
+        .enqueue(
+            vec![
+                item("a", "clients/1", "x", None),
+                item("a", "clients/2", "y", None),
+            ],
+            MINUTE,
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.unwrap().id)
+        .collect();
+    let retry = Settle::Retry {
+        attempts: 1,
+        next_at: 42,
+        error: "HTTP 500".into(),
+    };
+    store
+        .settle(ids[0], retry, Some(row("a", 1, "failed")))
+        .await
+        .unwrap();
+    let d = store.delivery(ids[0]).unwrap().unwrap();
+    assert_eq!((d.attempts, d.next_at), (1, 42));
+    assert_eq!(d.last_error.as_deref(), Some("HTTP 500"));
+
+    store.settle(ids[0], Settle::Delivered, None).await.unwrap();
+    assert!(store.delivery(ids[0]).unwrap().is_none());
+
+    let dead = Settle::Dead {
+        attempts: 3,
+        reason: "handler answered 410 Gone".into(),
+        error: Some("HTTP 410".into()),
+    };
+    store.settle(ids[1], dead, None).await.unwrap();
+    assert_eq!(store.queue_depth().unwrap(), 0);
+    let letters = store.dead_letters(None, 10).unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].delivery.id, ids[1]);
+    assert_eq!(letters[0].reason, "handler answered 410 Gone");
+    assert_eq!(letters[0].delivery.attempts, 3);
+    assert!(store.dead_letters(Some("other"), 10).unwrap().is_empty());
+
+    // Replay: back in the queue under a new id, same message id, attempts reset.
+    let replayed = store.replay(ids[1]).await.unwrap().unwrap();
+    assert!(replayed.id > ids[1]);
+    assert_eq!(replayed.message_id, "msg_y");
+    assert_eq!(replayed.attempts, 0);
+    assert!(store.dead_letter(ids[1]).unwrap().is_none());
+    assert_eq!(store.delivery(replayed.id).unwrap().unwrap().body, "y");
+    assert!(store.replay(ids[1]).await.unwrap().is_none());
+
+    // Drop.
+    let dead = Settle::Dead {
+        attempts: 1,
+        reason: "r".into(),
+        error: None,
+    };
+    store.settle(replayed.id, dead, None).await.unwrap();
+    assert!(store.drop_dead_letter(replayed.id).await.unwrap());
+    assert!(!store.drop_dead_letter(replayed.id).await.unwrap());
+    assert!(store.dead_letters(None, 10).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn execution_rows_are_filtered_newest_first_and_pruned() {
+    let store = Store::memory().unwrap();
+    let now = now_ms();
+    store.log(vec![
+        row("a", now - 10_000, "allowed"),
+        row("b", now - 5_000, "denied"),
+        row("a", now - 1_000, "error"),
+    ]);
+    // The log is written off the caller's path: wait for a durable request behind it.
+    store.prune(retention(1000, 3600)).await.unwrap();
+    let all = store
+        .executions(&ExecutionFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    let outcomes: Vec<&str> = all.iter().map(|r| r.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["error", "denied", "allowed"]);
+    assert!(all[0].id > all[1].id);
+    let only_a = store
+        .executions(&ExecutionFilter {
+            handler: Some("a".into()),
+            limit: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(only_a.len(), 1);
+    assert_eq!(only_a[0].outcome, "error");
+    let recent = store
+        .executions(&ExecutionFilter {
+            since: Some(now - 6_000),
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(recent.len(), 2);
+
+    // By rows: the newest two stay.
+    assert_eq!(store.prune(retention(2, 3600)).await.unwrap(), 1);
+    // By age: rows older than 3 s go.
+    assert_eq!(store.prune(retention(100, 3)).await.unwrap(), 1);
+    let left = store
+        .executions(&ExecutionFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].outcome, "error");
+}
+
+fn retention(rows: u64, age_secs: u64) -> Retention {
+    Retention {
+        keep_age: Duration::from_secs(age_secs),
+        keep_rows: rows,
+        dedupe_window: MINUTE,
+    }
+}
+
+#[tokio::test]
+async fn dedupe_keys_expire_with_the_window() {
+    let store = Store::memory().unwrap();
+    store
+        .enqueue(vec![item("a", "clients/1", "x", Some(1))], MINUTE)
+        .await
+        .unwrap();
+    let keep = retention(10, 60);
+    assert_eq!(store.prune(keep).await.unwrap(), 0);
+    let expire = Retention {
+        dedupe_window: Duration::ZERO,
+        ..keep
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(store.prune(expire).await.unwrap(), 1);
+    // Pruned keys are forgotten: the same key is stored again, even with a long window.
+    let again = store
+        .enqueue(vec![item("a", "clients/1", "x", Some(1))], MINUTE)
+        .await
+        .unwrap();
+    assert!(again[0].is_some());
+}
+
+#[tokio::test]
+async fn dedupe_keys_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    let store = Store::open(&path).unwrap();
+    store
+        .enqueue(vec![item("a", "clients/1", "x", Some(3))], MINUTE)
+        .await
+        .unwrap();
+    store.close().await;
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    let again = store
+        .enqueue(
+            vec![
+                item("a", "clients/1", "x", Some(3)),
+                item("a", "clients/1", "x", Some(4)),
+            ],
+            MINUTE,
+        )
+        .await
+        .unwrap();
+    assert!(again[0].is_none());
+    assert!(again[1].is_some());
+}
+
+#[tokio::test]
+async fn a_reopened_file_keeps_its_queue_and_never_reuses_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    let store = Store::open(&path).unwrap();
+    let first = store
+        .enqueue(vec![item("a", "clients/1", "x", None)], MINUTE)
+        .await
+        .unwrap()[0]
+        .clone()
+        .unwrap();
+    store
+        .settle(first.id, Settle::Delivered, None)
+        .await
+        .unwrap();
+    let second = store
+        .enqueue(vec![item("a", "clients/1", "y", None)], MINUTE)
+        .await
+        .unwrap()[0]
+        .clone()
+        .unwrap();
+    store.close().await;
+    drop(store);
+
+    let store = Store::open(&path).unwrap();
+    assert_eq!(
+        store.pending().unwrap(),
+        vec![(second.id, "a".into(), "clients/1".into())]
+    );
+    let third = store
+        .enqueue(vec![item("a", "clients/1", "z", None)], MINUTE)
+        .await
+        .unwrap()[0]
+        .clone()
+        .unwrap();
+    assert!(third.id > second.id);
+    store.close().await;
+    assert!(matches!(
+        store
+            .enqueue(vec![item("a", "clients/1", "w", None)], MINUTE)
+            .await,
+        Err(StoreError::Closed)
+    ));
+}
+
+fn open_error(path: &Path) -> String {
+    match Store::open(path) {
+        Ok(_) => panic!("{} opened", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("schema_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let e = open_error(&path);
+    assert!(e.contains(&path.display().to_string()), "{e}");
+    assert!(e.contains("newer provisiond"), "{e}");
+}
+
+#[tokio::test]
+async fn a_foreign_redb_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        const OTHER: TableDefinition<&str, &str> = TableDefinition::new("other");
+        txn.open_table(OTHER).unwrap().insert("k", "v").unwrap();
+        txn.commit().unwrap();
+    }
+    let e = open_error(&path);
+    assert!(e.contains("not a provisiond store"), "{e}");
+}
+
+#[tokio::test]
+async fn garbage_and_damaged_files_are_refused_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.db");
+    std::fs::write(&garbage, b"this is not a database\n".repeat(1000)).unwrap();
+    let e = open_error(&garbage);
+    assert!(e.contains("garbage.db"), "{e}");
+    assert!(e.contains("move it aside"), "{e}");
+
+    // A real store with its pages overwritten past the header.
+    let damaged = dir.path().join("damaged.db");
+    let store = Store::open(&damaged).unwrap();
+    for i in 0..50u8 {
+        store
+            .enqueue(
+                vec![item("a", "clients/1", &"x".repeat(2000), Some(i))],
+                MINUTE,
+            )
+            .await
+            .unwrap();
+    }
+    store.close().await;
+    drop(store);
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let len = bytes.len();
+    for b in &mut bytes[4096..len] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&damaged, bytes).unwrap();
+    let e = open_error(&damaged);
+    assert!(e.contains("damaged.db"), "{e}");
+    assert!(e.contains("move it aside"), "{e}");
+}
+
+#[tokio::test]
+async fn an_unwritable_place_is_refused_with_advice() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = open_error(&dir.path().join("missing/p.db"));
+    assert!(e.contains("create it or set store.path"), "{e}");
+    let e = open_error(dir.path());
+    assert!(e.contains("is a directory"), "{e}");
+}
+
+#[tokio::test]
+async fn a_file_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    let store = Store::open(&path).unwrap();
+    let e = open_error(&path);
+    assert!(e.contains("another process has it open"), "{e}");
+    store.close().await;
+}
+
+#[tokio::test]
+async fn log_rows_are_dropped_and_counted_when_the_writer_is_behind_never_waited_for() {
+    // Room for one batch: a burst of 1000 cannot all fit while the writer commits.
+    let store = Store::memory_with(1).unwrap();
+    let started = std::time::Instant::now();
+    for i in 0..1000 {
+        store.log(vec![row("a", i, "allowed")]);
+    }
+    assert!(started.elapsed() < Duration::from_secs(1), "log() waited");
+    let dropped = store.dropped_log_rows();
+    assert!(dropped > 0, "nothing dropped");
+    // What was not dropped is written; a durable request queued behind it flushes it.
+    store
+        .prune(retention(1_000_000, 3600 * 24 * 365 * 100))
+        .await
+        .unwrap();
+    let kept = store
+        .executions(&ExecutionFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .unwrap()
+        .len() as u64;
+    assert_eq!(kept + dropped, 1000);
+}

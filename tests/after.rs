@@ -1,0 +1,932 @@
+//! The after stage: a real provisiond process stores deliveries before it answers, and
+//! delivers them to real HTTP handlers and scripts, in order per entity, with retries,
+//! dead letters, dedupe, and an execution log; across kill -9 and SIGTERM.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+/// Fast retries, so that tests never wait long.
+const FAST: &str = "retry = { attempts = 1000, backoff = \"10ms\", max_backoff = \"100ms\" }";
+
+/// `(object_id, data.seq)` of a call.
+fn key(call: &Recorded) -> (i64, i64) {
+    let v = call.json();
+    (
+        v["event"]["object_id"].as_i64().unwrap(),
+        v["data"]["seq"].as_i64().unwrap(),
+    )
+}
+
+/// Per entity, the seqs in the order they arrived.
+fn by_entity(keys: impl IntoIterator<Item = (i64, i64)>) -> HashMap<i64, Vec<i64>> {
+    let mut map: HashMap<i64, Vec<i64>> = HashMap::new();
+    for (entity, seq) in keys {
+        map.entry(entity).or_default().push(seq);
+    }
+    map
+}
+
+/// Sends `per_entity` events to each entity, one entity per task, each entity's in order;
+/// returns the (object_id, seq) that got a 200. A task stops at its first failure.
+async fn send_all(url: String, entities: Vec<i64>, per_entity: i64) -> Vec<(i64, i64)> {
+    send_counting(url, entities, per_entity, Arc::default()).await
+}
+
+/// [`send_all`], counting the 200s in `progress` as they come.
+async fn send_counting(
+    url: String,
+    entities: Vec<i64>,
+    per_entity: i64,
+    progress: Arc<AtomicUsize>,
+) -> Vec<(i64, i64)> {
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for entity in entities {
+        let (url, acked, progress) = (url.clone(), acked.clone(), progress.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = http_client();
+            for seq in 0..per_entity {
+                let body = envelope("clients.update", entity, json!({"seq": seq}));
+                let sent = client
+                    .post(&url)
+                    .body(body.to_string())
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status() == 200 => {
+                        acked.lock().unwrap().push((entity, seq));
+                        progress.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => return,
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    Arc::try_unwrap(acked).unwrap().into_inner().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_event_that_got_200_survives_kill_9_and_arrives_in_order_per_entity() {
+    let addr = free_addr();
+    let config = format!(
+        "{SERVER}{}",
+        after_handler("crm", &format!("http://{addr}/hook"), FAST)
+    );
+    let sidecar = Sidecar::start(&config);
+    let url = sidecar.url("/events");
+    let progress = Arc::new(AtomicUsize::new(0));
+    let sending = tokio::spawn(send_counting(url, (1..=50).collect(), 20, progress.clone()));
+    // Kill it mid-way: some events answered, others not yet sent.
+    let halfway = eventually(Duration::from_secs(60), || {
+        progress.load(Ordering::SeqCst) >= 500
+    })
+    .await;
+    assert!(
+        halfway,
+        "only {} events accepted",
+        progress.load(Ordering::SeqCst)
+    );
+    let (dir, config_path) = sidecar.kill_9();
+    let acked = sending.await.unwrap();
+    assert!(
+        acked.len() >= 500 && acked.len() < 1000,
+        "{} acked",
+        acked.len()
+    );
+
+    // Restart; the handler is still down, then comes up.
+    let sidecar = Sidecar::spawn(dir, config_path, &[]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let handler = HandlerServer::start_on(addr, |_| async { reply(200, "") }).await;
+    let all_there = eventually(Duration::from_secs(90), || {
+        let got: std::collections::HashSet<(i64, i64)> = handler.calls().iter().map(key).collect();
+        acked.iter().all(|k| got.contains(k))
+    })
+    .await;
+    let calls: Vec<(i64, i64)> = handler.calls().iter().map(key).collect();
+    assert!(
+        all_there,
+        "{} of {} acknowledged events arrived",
+        calls.len(),
+        acked.len()
+    );
+    for (entity, seqs) in by_entity(calls) {
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "entity {entity} out of order or repeated: {seqs:?}"
+        );
+    }
+    drop(sidecar);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flaky_handler_keeps_order_per_entity_and_entities_do_not_block_each_other() {
+    let counter = Arc::new(AtomicUsize::new(0));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let delivered = Arc::new(Mutex::new(Vec::new()));
+    let handler = {
+        let (counter, in_flight, most, delivered) = (
+            counter.clone(),
+            in_flight.clone(),
+            most.clone(),
+            delivered.clone(),
+        );
+        HandlerServer::start(move |call| {
+            let (counter, in_flight, most, delivered) = (
+                counter.clone(),
+                in_flight.clone(),
+                most.clone(),
+                delivered.clone(),
+            );
+            async move {
+                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                let k = key(&call);
+                if k.0 == 999 {
+                    // One entity whose handler side is broken for good.
+                    return reply(503, "down for this client");
+                }
+                if counter.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                    return reply(500, "flaky");
+                }
+                delivered.lock().unwrap().push(k);
+                reply(200, "")
+            }
+        })
+        .await
+    };
+    let config = format!(
+        "{SERVER}{}",
+        after_handler(
+            "crm",
+            &handler.url("/"),
+            &format!("{FAST}\nmax_concurrency = 4")
+        )
+    );
+    let sidecar = Sidecar::start(&config);
+    let mut entities: Vec<i64> = (1..=50).collect();
+    entities.push(999);
+    let acked = send_all(sidecar.url("/events"), entities, 10).await;
+    assert_eq!(acked.len(), 510);
+
+    let done = eventually(Duration::from_secs(60), || {
+        delivered.lock().unwrap().len() >= 500
+    })
+    .await;
+    assert!(done, "{} delivered", delivered.lock().unwrap().len());
+    let delivered = by_entity(delivered.lock().unwrap().clone());
+    assert_eq!(delivered.len(), 50);
+    for (entity, seqs) in &delivered {
+        assert_eq!(seqs, &(0..10).collect::<Vec<_>>(), "entity {entity}");
+    }
+    // Every call, failed ones included, went out in order per entity: a later event was
+    // never tried while an earlier one waited for its retry.
+    let all = by_entity(handler.calls().iter().map(key));
+    for (entity, seqs) in &all {
+        assert!(
+            seqs.windows(2).all(|w| w[0] <= w[1]),
+            "entity {entity}: {seqs:?}"
+        );
+    }
+    // Entity 999 is still stuck on its first event; everyone else got through.
+    assert!(all[&999].iter().all(|&s| s == 0), "{:?}", all[&999]);
+    let most = most.load(Ordering::SeqCst);
+    assert!(most <= 4, "{most} calls at once, max_concurrency is 4");
+    assert!(most >= 2, "entities went one at a time");
+    drop(sidecar);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gone_goes_to_the_dead_letters_replay_delivers_and_delete_removes() {
+    let gone = Arc::new(AtomicBool::new(true));
+    let handler = {
+        let gone = gone.clone();
+        HandlerServer::start(move |_| {
+            let gone = gone.load(Ordering::SeqCst);
+            async move {
+                if gone {
+                    reply(410, r#"{"message": "client unknown"}"#)
+                } else {
+                    reply(204, "")
+                }
+            }
+        })
+        .await
+    };
+    let config = format!("{SERVER}{}", after_handler("crm", &handler.url("/"), FAST));
+    let sidecar = Sidecar::start(&config);
+    let (status, _) = sidecar
+        .send("clients.create", 12, json!({"name": "ACME"}))
+        .await;
+    assert_eq!(status, 200);
+
+    let letters = wait_dead_letters(&sidecar, 1).await;
+    let letter = &letters[0];
+    assert_eq!(
+        letter["reason"],
+        r#"handler answered 410 Gone: {"message": "client unknown"}"#
+    );
+    assert_eq!(letter["handler"], "crm");
+    assert_eq!(letter["event"], "clients.create");
+    assert_eq!(letter["object_id"], "12");
+    assert_eq!(letter["entity"], "clients/12");
+    assert_eq!(letter["attempts"], 1, "410 is not retried");
+    assert_eq!(letter["envelope"]["data"]["name"], "ACME");
+    assert_eq!(handler.calls().len(), 1);
+    let id = letter["id"].as_u64().unwrap();
+
+    // Replay: delivered, and gone from the dead letters.
+    gone.store(false, Ordering::SeqCst);
+    let (status, body) = sidecar
+        .request(
+            reqwest::Method::POST,
+            &format!("/v1/deadletters/{id}/replay"),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["replayed"], id);
+    assert!(body["delivery"].as_u64().unwrap() > id);
+    assert!(eventually(Duration::from_secs(10), || handler.calls().len() == 2).await);
+    assert_eq!(handler.calls()[1].json()["data"]["name"], "ACME");
+    assert_eq!(wait_dead_letters(&sidecar, 0).await.len(), 0);
+    let (status, _) = sidecar
+        .request(
+            reqwest::Method::POST,
+            &format!("/v1/deadletters/{id}/replay"),
+        )
+        .await;
+    assert_eq!(status, 404, "a replayed dead letter is no longer one");
+
+    // Delete.
+    gone.store(true, Ordering::SeqCst);
+    sidecar.send("clients.create", 13, json!({})).await;
+    let letters = wait_dead_letters(&sidecar, 1).await;
+    let id = letters[0]["id"].as_u64().unwrap();
+    let path = format!("/v1/deadletters/{id}");
+    let (status, body) = sidecar.request(reqwest::Method::GET, &path).await;
+    assert_eq!((status, &body["object_id"]), (200, &json!("13")));
+    let (status, body) = sidecar.request(reqwest::Method::DELETE, &path).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"dropped": id}));
+    assert_eq!(wait_dead_letters(&sidecar, 0).await.len(), 0);
+    let (status, body) = sidecar.request(reqwest::Method::DELETE, &path).await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["message"], format!("no dead letter {id}"));
+    let (status, _) = sidecar
+        .request(reqwest::Method::GET, "/v1/deadletters/nope")
+        .await;
+    assert_eq!(status, 404);
+}
+
+/// Polls `GET /v1/deadletters` until it lists `n`; the list.
+async fn wait_dead_letters(sidecar: &Sidecar, n: usize) -> Vec<Value> {
+    let mut last = Vec::new();
+    for _ in 0..500 {
+        let (status, body) = sidecar.get("/v1/deadletters").await;
+        assert_eq!(status, 200, "{body}");
+        last = body["deadletters"].as_array().unwrap().clone();
+        if last.len() == n {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("expected {n} dead letters, have {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_after_is_honoured_and_exhausted_deliveries_keep_their_last_error() {
+    let handler = HandlerServer::start(|_| async {
+        let mut r = reply(503, "busy");
+        r.headers_mut()
+            .insert("retry-after", hyper::header::HeaderValue::from_static("1"));
+        r
+    })
+    .await;
+    let config = format!(
+        "{SERVER}{}",
+        after_handler(
+            "crm",
+            &handler.url("/"),
+            "retry = { attempts = 3, backoff = \"10ms\", max_backoff = \"5s\" }"
+        )
+    );
+    let sidecar = Sidecar::start(&config);
+    sidecar.send("clients.update", 5, json!({})).await;
+    let letters = wait_dead_letters(&sidecar, 1).await;
+    assert_eq!(
+        letters[0]["reason"],
+        "gave up after 3 attempts; last error: HTTP status 503: busy"
+    );
+    assert_eq!(letters[0]["last_error"], "HTTP status 503: busy");
+    assert_eq!(letters[0]["attempts"], 3);
+    let calls = handler.calls();
+    assert_eq!(calls.len(), 3);
+    for pair in calls.windows(2) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(
+            gap >= Duration::from_millis(950),
+            "retried after {gap:?} despite Retry-After: 1"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_keeps_its_webhook_id_across_retries() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let n = n.clone();
+        HandlerServer::start(move |_| {
+            let first_two = n.fetch_add(1, Ordering::SeqCst) < 2;
+            async move { reply(if first_two { 500 } else { 200 }, "") }
+        })
+        .await
+    };
+    let config = format!(
+        "{SERVER}{}",
+        after_handler(
+            "crm",
+            &handler.url("/"),
+            &format!("{FAST}\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"")
+        )
+    );
+    let sidecar = Sidecar::start(&config);
+    sidecar.send("clients.update", 5, json!({})).await;
+    assert!(eventually(Duration::from_secs(10), || handler.calls().len() == 3).await);
+    let ids: Vec<String> = handler
+        .calls()
+        .iter()
+        .map(|c| c.header("webhook-id").unwrap().to_owned())
+        .collect();
+    assert!(ids[0].starts_with("msg_"), "{ids:?}");
+    assert!(ids.iter().all(|id| id == &ids[0]), "{ids:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(handler.calls().len(), 3, "delivered once, then left alone");
+    drop(sidecar);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_envelope_twice_is_delivered_once_even_across_a_restart() {
+    let handler = HandlerServer::fixed(200, "").await;
+    let config = format!("{SERVER}{}", after_handler("crm", &handler.url("/"), FAST));
+    let sidecar = Sidecar::start(&config);
+    let same = envelope("clients.update", 3, json!({"name": "x"})).to_string();
+    for _ in 0..2 {
+        let (status, body) = sidecar.post(same.clone()).await;
+        assert_eq!(status, 200, "a duplicate still gets its 200");
+        assert_eq!(body["data"]["name"], "x");
+    }
+    // A different envelope for the same entity is delivered.
+    sidecar
+        .send("clients.update", 3, json!({"name": "y"}))
+        .await;
+    assert!(eventually(Duration::from_secs(10), || handler.calls().len() == 2).await);
+    // The dedupe key was committed with the delivery, before the 200: it survives kill -9.
+    let (dir, path) = sidecar.kill_9();
+    let sidecar = Sidecar::spawn(dir, path, &[]);
+    let (status, _) = sidecar.post(same.clone()).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let names: Vec<Value> = handler
+        .calls()
+        .iter()
+        .map(|c| c.json()["data"]["name"].clone())
+        .collect();
+    // "y" may come twice: its settlement was not yet durable when the process was killed
+    // (at least once). "x" must not.
+    assert_eq!(names.iter().filter(|n| *n == "x").count(), 1, "{names:?}");
+    assert!(names.contains(&json!("y")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_no_dedupe_window_the_same_envelope_is_delivered_again() {
+    let handler = HandlerServer::fixed(200, "").await;
+    let config = format!(
+        "{SERVER}[store]\ndedupe_window = \"0s\"\n{}",
+        after_handler("crm", &handler.url("/"), FAST)
+    );
+    let sidecar = Sidecar::start(&config);
+    let same = envelope("clients.update", 3, json!({})).to_string();
+    sidecar.post(same.clone()).await;
+    sidecar.post(same).await;
+    assert!(eventually(Duration::from_secs(10), || handler.calls().len() == 2).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_denied_event_gets_no_after_stage_delivery() {
+    let guard = HandlerServer::start(|call| async move {
+        if call.json()["data"]["name"] == "bad" {
+            reply(403, r#"{"message": "no"}"#)
+        } else {
+            reply(200, "")
+        }
+    })
+    .await;
+    let after = HandlerServer::fixed(200, "").await;
+    let config = format!(
+        "{SERVER}[[handler]]\nname = \"guard\"\nevents = [\"*\"]\nstage = \"before\"\nurl = {}\n{}",
+        toml_str(guard.url("/")),
+        after_handler("crm", &after.url("/"), FAST)
+    );
+    let sidecar = Sidecar::start(&config);
+    let (status, _) = sidecar
+        .send("clients.create", 1, json!({"name": "bad"}))
+        .await;
+    assert_eq!(status, 403);
+    let (status, _) = sidecar
+        .send("clients.create", 2, json!({"name": "good"}))
+        .await;
+    assert_eq!(status, 200);
+    assert!(eventually(Duration::from_secs(10), || after.calls().len() == 1).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let calls = after.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].json()["data"]["name"], "good");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_after_stage_gets_the_data_as_the_before_stage_left_it() {
+    let upper = HandlerServer::start(|call| async move {
+        let mut v = call.json();
+        v["data"]["name"] = json!(v["data"]["name"].as_str().unwrap().to_uppercase());
+        reply(200, v.to_string())
+    })
+    .await;
+    let after = HandlerServer::fixed(200, "").await;
+    let config = format!(
+        "{SERVER}[[handler]]\nname = \"upper\"\nevents = [\"*\"]\nstage = \"before\"\nmodifies = true\nurl = {}\n{}",
+        toml_str(upper.url("/")),
+        after_handler("crm", &after.url("/"), FAST)
+    );
+    let sidecar = Sidecar::start(&config);
+    let (status, body) = sidecar
+        .send("clients.create", 1, json!({"name": "acme"}))
+        .await;
+    assert_eq!((status, &body["data"]["name"]), (200, &json!("ACME")));
+    assert!(eventually(Duration::from_secs(10), || after.calls().len() == 1).await);
+    assert_eq!(after.calls()[0].json(), body);
+    assert_eq!(
+        after.calls()[0].header("x-provisioning-handler"),
+        Some("crm")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_script_is_delivered_on_exit_0_and_retried_otherwise() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let path = script(
+        dir.path(),
+        "block.sh",
+        &format!(
+            "#!/bin/sh\ncat > {out}/attempt-$PROVISIONING_ATTEMPT\n\
+             if [ \"$PROVISIONING_ATTEMPT\" -lt 3 ]; then echo \"switch busy\" >&2; exit 1; fi\n",
+            out = out.display()
+        ),
+    );
+    let config = format!(
+        "{SERVER}[[handler]]\nname = \"block\"\nevents = [\"clients.balance_zero\"]\nstage = \"after\"\ncommand = [{}]\n{FAST}\n",
+        toml_str(path.display().to_string())
+    );
+    let sidecar = Sidecar::start_in(dir, &config, &[]);
+    sidecar.send("clients.balance_zero", 9, json!({})).await;
+    let done = out.join("attempt-3");
+    assert!(eventually(Duration::from_secs(10), || done.exists()).await);
+    let rows = wait_executions(&sidecar, "handler=block", 3).await;
+    let outcomes: Vec<(&str, i64)> = rows
+        .iter()
+        .map(|r| (r["outcome"].as_str().unwrap(), r["code"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(outcomes, [("delivered", 0), ("failed", 1), ("failed", 1)]);
+    assert_eq!(rows[1]["error"], "exited with status 1: switch busy");
+    let body: Value =
+        serde_json::from_slice(&std::fs::read(out.join("attempt-1")).unwrap()).unwrap();
+    assert_eq!(body["event"]["events_id"], "clients.balance_zero");
+}
+
+/// Polls `GET /v1/executions?QUERY` until it has `n` rows; the rows.
+async fn wait_executions(sidecar: &Sidecar, query: &str, n: usize) -> Vec<Value> {
+    let mut last = Vec::new();
+    for _ in 0..500 {
+        let (status, body) = sidecar.get(&format!("/v1/executions?{query}")).await;
+        assert_eq!(status, 200, "{body}");
+        last = body["executions"].as_array().unwrap().clone();
+        if last.len() == n {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("expected {n} rows for {query:?}, have {last:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_execution_log_records_both_stages_with_their_fields_and_filters() {
+    let check = HandlerServer::fixed(200, "fine").await;
+    let n = Arc::new(AtomicUsize::new(0));
+    let crm = {
+        let n = n.clone();
+        HandlerServer::start(move |_| {
+            let first = n.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    reply(500, "try later")
+                } else {
+                    reply(200, "ok")
+                }
+            }
+        })
+        .await
+    };
+    let config = format!(
+        "{SERVER}[[handler]]\nname = \"check\"\nevents = [\"clients.*\"]\nstage = \"before\"\nurl = {}\n{}",
+        toml_str(check.url("/")),
+        after_handler("crm", &crm.url("/"), FAST)
+    );
+    let sidecar = Sidecar::start(&config);
+    let before_send = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    sidecar.send("clients.create", 12, json!({})).await;
+    sidecar.send("clients.update", 13, json!({})).await;
+    // 2 before-stage calls, and for crm: 500 then 200 for one event, 200 for the other.
+    let rows = wait_executions(&sidecar, "", 5).await;
+
+    let before: Vec<&Value> = rows.iter().filter(|r| r["stage"] == "before").collect();
+    assert_eq!(before.len(), 2);
+    let row = before.iter().find(|r| r["object_id"] == "12").unwrap();
+    assert_eq!(row["handler"], "check");
+    assert_eq!(row["event"], "clients.create");
+    assert_eq!(row["attempt"], 1);
+    assert_eq!(row["outcome"], "allowed");
+    assert_eq!(row["code"], 200);
+    assert_eq!(row["excerpt"], "fine");
+    assert_eq!(row["error"], Value::Null);
+    assert_eq!(row["delivery"], Value::Null);
+    assert!(row["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert!(
+        row["time"].as_str().unwrap() >= before_send.as_str(),
+        "{row}"
+    );
+    assert!(row["id"].as_u64().is_some());
+
+    let failed = wait_executions(&sidecar, "outcome=failed", 1).await;
+    let failed = &failed[0];
+    assert_eq!(failed["stage"], "after");
+    assert_eq!(failed["handler"], "crm");
+    assert_eq!(failed["attempt"], 1);
+    assert_eq!(failed["code"], 500);
+    assert_eq!(failed["error"], "HTTP status 500: try later");
+    let delivery = failed["delivery"].as_u64().unwrap();
+    let delivered = wait_executions(&sidecar, "outcome=delivered", 2).await;
+    let retried = delivered
+        .iter()
+        .find(|r| r["delivery"] == delivery)
+        .expect("the failed delivery was delivered later");
+    assert_eq!(retried["attempt"], 2);
+    assert_eq!(retried["object_id"], failed["object_id"]);
+
+    // Filters.
+    assert_eq!(wait_executions(&sidecar, "handler=check", 2).await.len(), 2);
+    let twelve = rows.iter().filter(|r| r["object_id"] == "12").count();
+    let on_12 = wait_executions(&sidecar, "object_id=12", twelve).await;
+    assert!(on_12.iter().all(|r| r["object_id"] == "12"));
+    let creates = wait_executions(&sidecar, "event=clients.create&handler=check", 1).await;
+    assert_eq!(creates[0]["object_id"], "12");
+    let newest = wait_executions(&sidecar, "limit=1", 1).await;
+    assert_eq!(newest[0]["id"], rows[0]["id"]);
+    wait_executions(&sidecar, "since=2999-01-01T00:00:00Z", 0).await;
+    assert_eq!(wait_executions(&sidecar, "since=1h", 5).await.len(), 5);
+    let (status, body) = sidecar.get("/v1/executions?colour=blue").await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown filter \"colour\""),
+        "{body}"
+    );
+    let (status, _) = sidecar.get("/v1/executions?limit=0").await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_the_attempt_in_flight_finish_and_keeps_the_rest() {
+    let slow = Arc::new(AtomicBool::new(true));
+    let handler = {
+        let slow = slow.clone();
+        HandlerServer::start(move |_| {
+            let slow = slow.load(Ordering::SeqCst);
+            async move {
+                if slow {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                }
+                reply(200, "")
+            }
+        })
+        .await
+    };
+    let config = format!(
+        "{SERVER}{}",
+        after_handler(
+            "crm",
+            &handler.url("/"),
+            &format!("{FAST}\ntimeout = \"10s\"")
+        )
+    );
+    let sidecar = Sidecar::start(&config);
+    for seq in 0..3 {
+        let (status, _) = sidecar.send("clients.update", 1, json!({"seq": seq})).await;
+        assert_eq!(status, 200);
+    }
+    assert!(eventually(Duration::from_secs(10), || handler.calls().len() == 1).await);
+    let (dir, path, status) = sidecar.terminate();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        handler.calls().len(),
+        1,
+        "nothing new started after SIGTERM"
+    );
+
+    slow.store(false, Ordering::SeqCst);
+    let sidecar = Sidecar::spawn(dir, path, &[]);
+    assert!(eventually(Duration::from_secs(10), || handler.calls().len() == 3).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seqs: Vec<i64> = handler.calls().iter().map(|c| key(c).1).collect();
+    assert_eq!(
+        seqs,
+        [0, 1, 2],
+        "the finished attempt was recorded, not repeated"
+    );
+    drop(sidecar);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unusable_store_stops_start_up_with_a_clear_message() {
+    // Unwritable: a directory this process may not write to (as root, /sys).
+    let dir = tempfile::TempDir::new().unwrap();
+    let locked = dir.path().join("locked");
+    std::fs::create_dir(&locked).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o500)).unwrap();
+    let unwritable = if std::fs::write(locked.join("probe"), b"").is_ok() {
+        "/sys/provisiond-test.db".to_owned()
+    } else {
+        locked.join("provisiond.db").display().to_string()
+    };
+    let config = format!("{SERVER}[store]\npath = {}\n", toml_str(&unwritable));
+    std::fs::write(dir.path().join("p.toml"), &config).unwrap();
+    let (code, _, stderr) = run_binary(dir.path(), &["run", "-c", "p.toml"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot use the store {unwritable}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    assert!(
+        stderr.contains("set store.path to a writable place"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // Corrupt: not a store at all.
+    std::fs::write(
+        dir.path().join("provisiond.db"),
+        b"PK\x03\x04 not a store".repeat(500),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("p.toml"), SERVER).unwrap();
+    let (code, _, stderr) = run_binary(dir.path(), &["run", "-c", "p.toml"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot use the store provisiond.db"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("move it aside"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_lists_replays_and_drops_dead_letters_of_a_running_sidecar() {
+    let handler = HandlerServer::fixed(410, "no such client").await;
+    let config = format!("{SERVER}{}", after_handler("crm", &handler.url("/"), FAST));
+    let sidecar = Sidecar::start(&config);
+    sidecar.send("clients.create", 12, json!({})).await;
+    sidecar.send("clients.create", 13, json!({})).await;
+    let letters = wait_dead_letters(&sidecar, 2).await;
+    let first = letters[0]["id"].as_u64().unwrap().to_string();
+    let second = letters[1]["id"].as_u64().unwrap().to_string();
+    let url = format!("http://{}", sidecar.addr);
+    let dir = sidecar.dir.path();
+
+    let (code, out, err) = run_binary(dir, &["deadletters", "list", "--url", &url]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with(&first), "{out}");
+    assert!(
+        lines[0].contains("crm") && lines[0].contains("handler answered 410 Gone: no such client"),
+        "{out}"
+    );
+    let (code, out, _) = run_binary(dir, &["deadletters", "list", "--url", &url, "--json"]);
+    assert_eq!(code, 0);
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["count"], 2);
+
+    let (code, out, err) = run_binary(dir, &["executions", "--url", &url, "--object-id", "13"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.contains("after") && out.contains("dead") && out.contains("410"),
+        "{out}"
+    );
+
+    let (code, out, err) = run_binary(dir, &["deadletters", "drop", &second, "--url", &url]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), format!("dead letter {second} dropped"));
+    let (code, _, err) = run_binary(dir, &["deadletters", "drop", &second, "--url", &url]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("no dead letter {second} (HTTP 404)")),
+        "{err}"
+    );
+
+    let (code, out, err) = run_binary(dir, &["deadletters", "replay", &first, "--url", &url]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with(&format!("dead letter {first} replayed as delivery ")),
+        "{out}"
+    );
+    assert!(eventually(Duration::from_secs(10), || handler.calls().len() == 3).await);
+
+    // Without --url, the address comes from the config file.
+    let other = tempfile::TempDir::new().unwrap();
+    std::fs::write(
+        other.path().join("provisioning.toml"),
+        format!("[server]\nlisten = \"{}\"\n", sidecar.addr),
+    )
+    .unwrap();
+    let listed = wait_dead_letters(&sidecar, 1).await;
+    let (code, out, err) = run_binary(other.path(), &["deadletters", "list"]);
+    assert_eq!(code, 0, "{err}");
+    let id = listed[0]["id"].as_u64().unwrap().to_string();
+    assert!(out.starts_with(&id), "{out}");
+
+    // Nothing listening: a clear error.
+    let (code, _, err) = run_binary(
+        other.path(),
+        &["executions", "--url", &format!("http://{}", free_addr())],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot reach provisiond at"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_that_cannot_take_the_deliveries_answers_503_never_200() {
+    let handler = HandlerServer::fixed(200, "").await;
+    let config = format!(
+        "{SERVER}[[handler]]\nname = \"crm\"\nevents = [\"clients.*\"]\nstage = \"after\"\nurl = {}\n",
+        toml_str(handler.url("/"))
+    );
+    let sidecar = InProcess::start(&config).await;
+    assert_eq!(
+        sidecar.send("clients.create", 1, json!({})).await.status(),
+        200
+    );
+    sidecar.app.store.close().await;
+    let response = sidecar.send("clients.create", 2, json!({})).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("store cannot take"),
+        "{body}"
+    );
+    // An event with no after-stage handler does not need the store.
+    let response = sidecar.send("importd.process_success", 3, json!({})).await;
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_removes_a_handler_dead_letters_its_queue_and_disabling_one_pauses_it() {
+    let down = refused_url();
+    let with = |extra: &str| {
+        format!(
+            "{SERVER}{}",
+            after_handler("crm", &down, &format!("{FAST}\n{extra}"))
+        ) + &after_handler("crm2", &down, FAST)
+    };
+    let sidecar = InProcess::start(&with("")).await;
+    for id in 1..=3 {
+        assert_eq!(
+            sidecar.send("clients.create", id, json!({})).await.status(),
+            200
+        );
+    }
+    // Disabled: the deliveries wait, stored, and are not dead-lettered.
+    sidecar.publish(&with("enabled = false"), 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let store = sidecar.app.store.clone();
+    assert!(store.dead_letters(None, 10).unwrap().is_empty());
+    assert_eq!(store.queue_depth().unwrap(), 6);
+
+    // Removed: crm's three go to the dead letters at once, with the reason; crm2's stay.
+    let without = format!("{SERVER}{}", after_handler("crm2", &down, FAST));
+    sidecar.publish(&without, 3);
+    assert!(
+        eventually(Duration::from_secs(5), || store
+            .dead_letters(None, 10)
+            .unwrap()
+            .len()
+            == 3)
+        .await
+    );
+    for letter in store.dead_letters(None, 10).unwrap() {
+        assert_eq!(letter.delivery.handler, "crm");
+        assert_eq!(letter.reason, "handler removed by a config reload");
+    }
+    assert_eq!(store.queue_depth().unwrap(), 3);
+
+    // A dead letter of a handler the config lacks cannot be replayed.
+    let id = store.dead_letters(None, 1).unwrap()[0].delivery.id;
+    let response = http_client()
+        .post(format!(
+            "http://{}/v1/deadletters/{id}/replay",
+            sidecar.addr
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
+}
+
+/// The value of a metric line starting with `prefix` in Prometheus text.
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_show_the_queue_the_dead_letters_and_after_stage_calls() {
+    let gone = HandlerServer::fixed(410, "").await;
+    let config = format!(
+        "{SERVER}{}{}",
+        after_handler("down", &refused_url(), FAST),
+        after_handler("gone", &gone.url("/"), FAST)
+    );
+    let sidecar = Sidecar::start(&config);
+    sidecar.send("clients.update", 1, json!({"n": 1})).await;
+    sidecar.send("clients.update", 1, json!({"n": 2})).await;
+    sidecar.send("clients.update", 2, json!({"n": 3})).await;
+    wait_dead_letters(&sidecar, 3).await;
+    let (status, text) = sidecar.get("/metrics").await;
+    assert_eq!(status, 200);
+    let text = text.as_str().unwrap().to_owned();
+    assert_eq!(
+        metric(&text, "provisiond_after_queue_depth{handler=\"down\"}"),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "provisiond_after_queue_depth{handler=\"gone\"}"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "provisiond_dead_letters"),
+        Some(3.0),
+        "{text}"
+    );
+    assert!(metric(&text, "provisiond_after_queue_oldest_age_seconds").is_some_and(|a| a >= 0.0));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("provisiond_handler_calls_total")
+                && l.contains("handler=\"down\"")
+                && l.contains("stage=\"after\"")
+                && l.contains("outcome=\"failed\"")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("provisiond_handler_calls_total")
+                && l.contains("handler=\"gone\"")
+                && l.contains("outcome=\"dead\"")),
+        "{text}"
+    );
+}
