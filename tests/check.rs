@@ -212,4 +212,20 @@ async fn the_default_config_serves() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"]["name"], "Acme ltd");
+
+    // The after-stage script is delivered to, durably, and the execution log says so.
+    let (status, _) = sidecar.send("clients.balance_zero", 2, json!({})).await;
+    assert_eq!(status, 200);
+    let mut delivered = false;
+    for _ in 0..100 {
+        let (_, log) = sidecar
+            .get("/v1/executions?handler=block-on-switch&outcome=delivered")
+            .await;
+        if log["count"].as_u64() == Some(1) {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(delivered, "block-on-switch was not delivered to");
 }
