@@ -14,6 +14,7 @@ pub use admin::{DeadLetterCommand, ExecutionQuery, dead_letters, executions};
 
 use crate::config::{Config, ConfigErrors};
 use crate::dispatch::Snapshot;
+use crate::reload;
 use crate::server::{App, Listener, serve};
 use crate::store::{Retention, Store};
 
@@ -38,6 +39,65 @@ fn print_errors(errors: &ConfigErrors) {
     let file = errors.iter().next().map_or("config", |e| e.file.as_str());
     let n = errors.len();
     eprintln!("{file}: {n} error{}", if n == 1 { "" } else { "s" });
+}
+
+/// `provisiond explain`: which handlers an event with this data would run, and why the
+/// others would not. Calls nothing.
+pub fn explain(path: &Path, event: &str, data: Option<&str>, object_id: &str) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(errors) => {
+            print_errors(&errors);
+            return ExitCode::FAILURE;
+        }
+    };
+    let data = match crate::explain::read_data(data) {
+        Ok(data) => data,
+        Err(e) => {
+            eprintln!("provisiond: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let object_id = object_id
+        .parse::<i64>()
+        .map_or_else(|_| object_id.into(), serde_json::Value::from);
+    let envelope = match crate::explain::envelope(event, object_id, data.into()) {
+        Ok(envelope) => envelope,
+        Err(e) => {
+            eprintln!("provisiond: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!(
+        "{}",
+        crate::explain::explain(&config, &envelope).render(&config)
+    );
+    ExitCode::SUCCESS
+}
+
+/// `provisiond test`: run the config test cases in `cases`; exit 1 on any failure.
+pub fn test(path: &Path, cases: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(errors) => {
+            print_errors(&errors);
+            return ExitCode::FAILURE;
+        }
+    };
+    match crate::cases::run(&config, cases) {
+        Ok(results) => {
+            print!("{}", crate::cases::render(&results));
+            if results.iter().all(crate::cases::CaseResult::passed) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `provisiond schema`: the JSON Schema of `provisioning.toml`.
@@ -85,9 +145,25 @@ fn drop_null(value: &mut serde_json::Value) {
     map.values_mut().for_each(drop_null);
 }
 
-/// `provisiond run`: serve until SIGINT or SIGTERM.
-pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
-    let config = match Config::load(path) {
+/// `provisiond run`: serve until SIGINT or SIGTERM; reload on file changes (unless
+/// `watch` is false), SIGHUP and `POST /v1/reload`.
+pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
+    // Watch first, read second: a change made while the file is read is still seen.
+    let watcher = if watch {
+        match reload::watch::Watcher::start(path) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!(
+                    config = %path.display(), error = %e,
+                    "cannot watch the config; reload with SIGHUP or POST /v1/reload"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let config = match reload::load(path) {
         Ok(config) => config,
         Err(errors) => {
             print_errors(&errors);
@@ -108,9 +184,12 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let app = App::new(Snapshot::new(config, 1), store);
+    let app = App::new(Snapshot::new(config, 1), store, path.to_path_buf());
     let shutdown = CancellationToken::new();
     crate::shutdown::watch(shutdown.clone()).context("cannot watch signals")?;
+    let hangup = reload::hangup().context("cannot watch SIGHUP")?;
+    let watching = watcher.is_some();
+    reload::spawn(app.clone(), watcher, hangup, shutdown.clone());
     let pending = app
         .deliveries
         .resume(&app)
@@ -138,7 +217,7 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
         })
     };
     info!(
-        addr = %listener.local_addr(), config = %path.display(), handlers,
+        addr = %listener.local_addr(), config = %path.display(), handlers, watching,
         store = %app.store.path(), version = env!("CARGO_PKG_VERSION"), "listening"
     );
     serve(listener, app.clone(), shutdown, grace).await;

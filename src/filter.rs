@@ -25,6 +25,10 @@ pub const OPERATORS: &[&str] = &[
 pub struct Filter {
     pub conditions: Vec<Condition>,
     pub when: Option<When>,
+    /// Whether `match` or `when` hold values substituted from the environment. Then
+    /// [`Filter::evaluate`] never shows them: a false condition is named by its path
+    /// only, and failures come without details.
+    pub from_env: bool,
 }
 
 /// Which part of the envelope a path starts in.
@@ -126,7 +130,11 @@ impl Filter {
             },
         };
         if errors.is_empty() {
-            Ok(Self { conditions, when })
+            Ok(Self {
+                conditions,
+                when,
+                from_env: false,
+            })
         } else {
             Err(errors)
         }
@@ -146,16 +154,40 @@ impl Filter {
         cel: &mut CelInput,
     ) -> Result<Verdict, FilterError> {
         for condition in &self.conditions {
-            if !condition.evaluate(envelope)? {
-                return Ok(Verdict::ConditionFalse(condition.to_string()));
+            let holds = condition
+                .evaluate(envelope)
+                .map_err(|e| self.hide(e, &condition.path))?;
+            if !holds {
+                return Ok(Verdict::ConditionFalse(if self.from_env {
+                    format!(
+                        "a condition on {} (its value comes from the environment, not shown)",
+                        condition.path
+                    )
+                } else {
+                    condition.to_string()
+                }));
             }
         }
         if let Some(when) = &self.when
-            && !when.evaluate_with(envelope, cel)?
+            && !when
+                .evaluate_with(envelope, cel)
+                .map_err(|e| self.hide(e, "when"))?
         {
             return Ok(Verdict::WhenFalse);
         }
         Ok(Verdict::Pass)
+    }
+
+    /// `error`, or only where it happened when the filter holds values from the
+    /// environment (a comparison's message names the value it compared with).
+    fn hide(&self, error: FilterError, place: &str) -> FilterError {
+        if self.from_env {
+            FilterError(format!(
+                "{place}: details not shown, the filter holds values from the environment"
+            ))
+        } else {
+            error
+        }
     }
 }
 
@@ -523,6 +555,28 @@ mod tests {
 
     fn passes(f: &Filter, data: Value) -> bool {
         f.evaluate(&envelope(data)).unwrap() == Verdict::Pass
+    }
+
+    #[test]
+    fn values_from_the_environment_are_not_shown() {
+        let mut f = filter(json!({"data.balance": {"lt": "s3cret-42"}}), None);
+        let shown = f.evaluate(&envelope(json!({}))).unwrap();
+        assert_eq!(
+            shown,
+            Verdict::ConditionFalse("data.balance lt \"s3cret-42\"".into())
+        );
+        f.from_env = true;
+        let hidden = f.evaluate(&envelope(json!({}))).unwrap();
+        assert_eq!(
+            hidden,
+            Verdict::ConditionFalse(
+                "a condition on data.balance (its value comes from the environment, not shown)"
+                    .into()
+            )
+        );
+        let failure = f.evaluate(&envelope(json!({"balance": [1]}))).unwrap_err();
+        assert!(!failure.to_string().contains("s3cret"), "{failure}");
+        assert!(failure.to_string().contains("data.balance"), "{failure}");
     }
 
     #[test]

@@ -16,19 +16,26 @@
 //!   billing hears 200), the dead letters, the execution log, the dedupe keys.
 //! - [`delivery`]: the after stage's workers: stored deliveries out to their handlers,
 //!   in order per entity, with retries, to the dead letters when they give up.
+//! - [`reload`]: the file watcher, SIGHUP and `POST /v1/reload`, one path to a new
+//!   snapshot.
+//! - [`explain`], [`cases`]: what dispatch would do with an envelope, worked out from the
+//!   config alone; `provisiond explain` and `provisiond test`.
 //! - [`telemetry`], [`metrics`], [`shutdown`]: logs, Prometheus metrics, signals.
 //! - [`commands`]: the subcommands the binary runs; [`remote`]: the client they use to
 //!   talk to a running sidecar.
 #![forbid(unsafe_code)]
 
+pub mod cases;
 pub mod commands;
 pub mod config;
 pub mod delivery;
 pub mod dispatch;
 pub mod events;
+pub mod explain;
 pub mod filter;
 pub mod handlers;
 pub mod metrics;
+pub mod reload;
 pub mod remote;
 pub mod server;
 pub mod shutdown;

@@ -34,9 +34,31 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve events (the default).
-    Run,
+    Run {
+        /// Do not watch the config file; reload only on SIGHUP or POST /v1/reload.
+        #[arg(long)]
+        no_watch: bool,
+    },
     /// Validate the config: print a summary, or every error with its line; exit 1 on error.
     Check,
+    /// Show which handlers an event would run, in which order, and why the others would
+    /// not. Calls no handler.
+    Explain {
+        /// The event name, e.g. clients.create.
+        event: String,
+        /// The event's data: a JSON object in a file, or "-" for stdin ({} if not given).
+        #[arg(long, value_name = "FILE|-")]
+        data: Option<String>,
+        /// The event's object_id.
+        #[arg(long, default_value = "1")]
+        object_id: String,
+    },
+    /// Run config test cases: for each envelope, the handlers expected; exit 1 on any
+    /// failure.
+    Test {
+        /// The cases file ([[case]] tables).
+        cases: PathBuf,
+    },
     /// Print the config's JSON Schema.
     Schema,
     /// Post an envelope like the billing's to a running sidecar and print the reply.
@@ -128,8 +150,14 @@ enum DeadLetters {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run) {
+    match cli.command.unwrap_or(Command::Run { no_watch: false }) {
         Command::Check => commands::check(&cli.config),
+        Command::Explain {
+            event,
+            data,
+            object_id,
+        } => commands::explain(&cli.config, &event, data.as_deref(), &object_id),
+        Command::Test { cases } => commands::test(&cli.config, &cases),
         Command::Schema => {
             print!("{}", commands::schema());
             ExitCode::SUCCESS
@@ -196,7 +224,7 @@ fn main() -> ExitCode {
                 command,
             ))
         }
-        Command::Run => {
+        Command::Run { no_watch } => {
             if let Err(e) = telemetry::init(cli.log_format, cli.log_level.as_deref()) {
                 eprintln!("provisiond: {e:#}");
                 return ExitCode::FAILURE;
@@ -208,7 +236,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(commands::run(&cli.config)) {
+            match runtime.block_on(commands::run(&cli.config, !no_watch)) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("provisiond: {e:#}");

@@ -165,6 +165,11 @@ impl Sidecar {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The directory holding the config (and the working directory).
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
     /// Resident memory in KiB, from /proc.
     pub fn rss_kib(&self) -> Option<u64> {
         rss_of(self.child.id())

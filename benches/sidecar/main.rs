@@ -9,6 +9,7 @@ mod before;
 mod chain;
 mod common;
 mod hop;
+mod reload;
 mod scripts;
 mod select;
 
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use common::Row;
 
-const SCENARIOS: &[&str] = &["before", "chain", "select", "scripts", "after"];
+const SCENARIOS: &[&str] = &["before", "chain", "select", "scripts", "after", "reload"];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -63,6 +64,7 @@ fn main() {
             "select" => select::run(scale),
             "scripts" => runtime.block_on(scripts::run(scale)),
             "after" => runtime.block_on(after::run(scale)),
+            "reload" => runtime.block_on(reload::run(scale)),
             _ => unreachable!(),
         };
         rows.extend(scenario_rows);

@@ -45,7 +45,16 @@ pub fn compile(
             return Err(ConfigErrors(errors));
         }
     };
-    let mut diags = doc.substitute_env(env);
+    // The values substituted from the environment, to keep them out of messages.
+    let substituted = std::cell::RefCell::new(Vec::new());
+    let recording = |name: &str| {
+        let value = env(name);
+        if let Some(v) = &value {
+            substituted.borrow_mut().push(v.clone());
+        }
+        value
+    };
+    let mut diags = doc.substitute_env(&recording);
     let (parsed, more) = doc.deserialize();
     diags.extend(more);
 
@@ -57,7 +66,30 @@ pub fn compile(
     if checker.diags.is_empty() {
         Ok(config)
     } else {
-        Err(ConfigErrors(doc.resolve(file, checker.diags)))
+        let mut errors = doc.resolve(file, checker.diags);
+        hide_substituted(&mut errors, &substituted.into_inner());
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Replaces every value that came from the environment with `***` in error messages: a
+/// message may quote a value (a URL with the wrong scheme, a bad regex), and errors go
+/// to logs and `GET /v1/config`. Values shorter than 4 characters are left: they are no
+/// secrets, and masking them would garble messages.
+fn hide_substituted(errors: &mut [super::ConfigError], values: &[String]) {
+    let mut values: Vec<&str> = values
+        .iter()
+        .map(String::as_str)
+        .filter(|v| v.trim().len() >= 4)
+        .collect();
+    // Longest first, so that a value containing another is hidden whole.
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    for error in errors {
+        for value in &values {
+            if error.message.contains(value) {
+                error.message = error.message.replace(value, "***");
+            }
+        }
     }
 }
 
@@ -390,8 +422,16 @@ impl Checker<'_> {
         };
         let retry = self.retry(raw.retry.as_ref(), &path.key("retry"), defaults.retry);
 
+        let filter_keys = [path.key("match").0, path.key("when").0];
+        let filter_from_env = self
+            .originals
+            .keys()
+            .any(|k| filter_keys.iter().any(|f| k.0.starts_with(f)));
         let filter = match Filter::compile(raw.match_.as_ref(), raw.when.as_deref()) {
-            Ok(f) => f,
+            Ok(f) => Filter {
+                from_env: filter_from_env,
+                ..f
+            },
             Err(errors) => {
                 for (rel, message) in errors {
                     self.error(path.join(&rel), message);

@@ -404,6 +404,22 @@ retry = { attempts = 3, backoff = "100ms", max_backoff = "1s" }
     }
 
     #[test]
+    fn error_messages_never_quote_values_from_the_environment() {
+        let errors = parse(
+            "[[handler]]\nname = \"a\"\nevents = [\"*\"]\nstage = \"before\"\n\
+             url = \"ftp://u:${CRM_TOKEN}@crm.example/\"\nmatch = { \"data.x\" = { regex = \"(${CRM_TOKEN}\" } }\n",
+        )
+        .unwrap_err();
+        let text = errors.to_string();
+        assert_eq!(errors.len(), 2, "{text}");
+        assert!(!text.contains("t0ken"), "{text}");
+        assert!(
+            text.contains("must be an http:// or https:// URL"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn stage_is_required_and_syntax_errors_have_positions() {
         let errors = parse("[[handler]]\nname = \"x\"\nevents = [\"*\"]\nurl = \"http://a/\"\n")
             .unwrap_err();

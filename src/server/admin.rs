@@ -1,4 +1,4 @@
-//! Everything but `/events`: health now; metrics and the `/v1` admin API as they land.
+//! Everything but `/events`: health, the `/v1` admin API; metrics as they land.
 
 use std::sync::Arc;
 
@@ -6,9 +6,8 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
-use super::App;
 use super::reply::{self, Body};
-use super::store_api;
+use super::{App, config_api, store_api};
 
 pub async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
     match (request.method(), request.uri().path()) {
@@ -18,6 +17,10 @@ pub async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body>
         (_, "/readyz") => reply::method_not_allowed("GET"),
         (&Method::GET, "/metrics") => metrics(app),
         (_, "/metrics") => reply::method_not_allowed("GET"),
+        (&Method::GET, "/v1/config") => config_api::config(app),
+        (_, "/v1/config") => reply::method_not_allowed("GET"),
+        (&Method::POST, "/v1/reload") => config_api::reload(app).await,
+        (_, "/v1/reload") => reply::method_not_allowed("POST"),
         (&Method::GET, "/v1/executions") => store_api::executions(app, request.uri()).await,
         (_, "/v1/executions") => reply::method_not_allowed("GET"),
         (m, p) if p == "/v1/deadletters" || p.starts_with("/v1/deadletters/") => {

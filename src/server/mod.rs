@@ -3,11 +3,13 @@
 
 pub mod admin;
 mod auth;
+mod config_api;
 pub mod ingress;
 mod reply;
 mod store_api;
 
 use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -31,6 +33,7 @@ use crate::config::Listen;
 use crate::delivery::Deliveries;
 use crate::dispatch::Snapshot;
 use crate::handlers::Caller;
+use crate::reload::{Outcome, Reloader, Trigger};
 use crate::store::Store;
 
 pub use reply::Body;
@@ -52,15 +55,19 @@ pub struct App {
     generation: tokio::sync::watch::Sender<u64>,
     /// Renders `/metrics`.
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Reloads `snapshot` from the config file; see [`App::reload`].
+    pub reloader: Reloader,
 }
 
 impl App {
-    pub fn new(snapshot: Snapshot, store: Store) -> Arc<Self> {
+    /// An app serving `snapshot` (loaded from the file `config_path`) with `store`.
+    pub fn new(snapshot: Snapshot, store: Store, config_path: PathBuf) -> Arc<Self> {
         let max_in_flight = snapshot.config.server.max_in_flight;
         let (generation, _) = tokio::sync::watch::channel(snapshot.generation);
         let metrics = crate::metrics::install();
         crate::metrics::generation(snapshot.generation);
         Arc::new(Self {
+            reloader: Reloader::new(config_path, &snapshot.config),
             snapshot: ArcSwap::from_pointee(snapshot),
             caller: Caller::new(),
             in_flight: Semaphore::new(max_in_flight),
@@ -70,6 +77,12 @@ impl App {
             generation,
             metrics,
         })
+    }
+
+    /// Reads the config file again and publishes it if it is valid and different: the one
+    /// reload path, whatever the trigger.
+    pub async fn reload(&self, trigger: Trigger) -> Outcome {
+        self.reloader.reload(self, trigger).await
     }
 
     /// Makes `snapshot` the live config: events that arrive from now on use it, events in

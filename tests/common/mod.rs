@@ -52,9 +52,21 @@ impl Sidecar {
 
     /// Starts provisiond on an existing config file.
     pub fn spawn(dir: TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> Self {
+        Self::spawn_with(dir, config_path, env, &[])
+    }
+
+    /// Starts provisiond on an existing config file, with more `run` arguments (e.g.
+    /// `--no-watch`).
+    pub fn spawn_with(
+        dir: TempDir,
+        config_path: PathBuf,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Self {
         let mut command = Command::new(binary());
         command
             .arg("run")
+            .args(args)
             .arg("-c")
             .arg(&config_path)
             .args(["--log-format", "json", "--log-level", "debug"])
@@ -151,6 +163,49 @@ impl Sidecar {
     pub async fn send(&self, event: &str, object_id: i64, data: Value) -> (u16, Value) {
         self.post(envelope(event, object_id, data).to_string())
             .await
+    }
+
+    /// POSTs `body` to an admin path such as `/v1/reload`.
+    pub async fn post_to(&self, path: &str, body: impl Into<String>) -> (u16, Value) {
+        let response = self
+            .client
+            .post(self.url(path))
+            .body(body.into())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// `GET /v1/config`.
+    pub async fn live_config(&self) -> Value {
+        let (status, body) = self.get("/v1/config").await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Polls `GET /v1/config` until `pred` holds; the last body seen, or a panic after
+    /// `timeout`.
+    pub async fn wait_for_config(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let until = Instant::now() + timeout;
+        loop {
+            let config = self.live_config().await;
+            if pred(&config) {
+                return config;
+            }
+            if Instant::now() > until {
+                panic!(
+                    "/v1/config never got there; last:\n{config:#}\nlogs:\n{}",
+                    self.logs().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
@@ -297,7 +352,8 @@ impl InProcess {
         let listener = Listener::bind(&config.server.listen).await.unwrap();
         let addr = listener.local_addr();
         let store = provisiond::store::Store::memory().unwrap();
-        let app = App::new(provisiond::dispatch::Snapshot::new(config, 1), store);
+        let file = std::path::PathBuf::from(&config.file);
+        let app = App::new(provisiond::dispatch::Snapshot::new(config, 1), store, file);
         let shutdown = tokio_util::sync::CancellationToken::new();
         tokio::spawn(serve(
             listener,
@@ -362,6 +418,31 @@ impl Drop for Sidecar {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs a provisiond command to the end: exit code, stdout, stderr. `stdin` is written to
+/// its standard input.
+pub fn cli(args: &[&str], env: &[(&str, &str)], stdin: &str) -> (i32, String, String) {
+    use std::io::Write;
+    let mut command = Command::new(binary());
+    command
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("provisiond starts");
+    // A command that does not read its input may close it first.
+    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A plain HTTP client for tests (reqwest is built without a default TLS provider).
@@ -496,6 +577,49 @@ impl Drop for HandlerServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A handler that stamps the path it was called on into `data.stamps` and returns the
+/// envelope (use it with `modifies = true`): the reply shows which handlers ran, in order.
+/// Paths containing `/slow` answer after 20 ms.
+pub async fn stamper() -> HandlerServer {
+    HandlerServer::start(|call| async move {
+        if call.path.contains("/slow") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut envelope = call.json();
+        let mut stamps = envelope["data"]["stamps"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        stamps.push(Value::String(call.path.clone()));
+        envelope["data"]["stamps"] = Value::Array(stamps);
+        reply(200, envelope.to_string())
+    })
+    .await
+}
+
+/// The `data.stamps` of a reply from handlers built with [`stamper`].
+pub fn stamps(body: &Value) -> Vec<String> {
+    body["data"]["stamps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|v| v.as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Replaces a file the way editors and GitOps tools do: a temporary file beside it,
+/// renamed over it.
+pub fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// A loopback address nothing listens on.

@@ -1,0 +1,470 @@
+//! `provisiond explain`: which handlers an envelope would go to, in which order, and why
+//! every other handler would not; worked out from the config alone, calling nothing.
+//!
+//! It follows dispatch ([`crate::dispatch`]) step by step: the same plan, the same
+//! filters, the same `on_error` rules. What it cannot know is what handlers answer: it
+//! assumes each before-stage handler allows and leaves the data as it was, so filters
+//! are evaluated on the data given. `provisiond test` ([`crate::cases`]) checks its
+//! answers against expectations.
+
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+
+use crate::config::{Config, Handler, OnError, Stage};
+use crate::dispatch::Plan;
+use crate::events::{Envelope, EnvelopeError};
+use crate::filter::Verdict;
+
+/// What dispatch would do with one envelope.
+#[derive(Debug)]
+pub struct Explanation {
+    /// The event name, normalised.
+    pub event: String,
+    /// `event.object_id` as text.
+    pub object_id: String,
+    /// Whether the name is in the catalogue or `[events] extra`.
+    pub known: bool,
+    /// Before-stage handlers that would be called, in order.
+    pub before: Vec<Arc<Handler>>,
+    /// After-stage handlers that would get a delivery, in order.
+    pub after: Vec<Arc<Handler>>,
+    /// The before-stage handler whose failing filter would deny the event
+    /// (`on_error = "deny"`), with the failure.
+    pub denied: Option<(String, String)>,
+    /// Every other handler, in file order, with the reason.
+    pub not_run: Vec<(Arc<Handler>, Reason)>,
+}
+
+/// Why a handler would not run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// `enabled = false`.
+    Disabled,
+    /// None of its `events` patterns matches.
+    Events,
+    /// A `match` condition is false: shown as written, or only its path when its value
+    /// comes from the environment.
+    Condition(String),
+    /// Its `when` expression is false: shown, unless it holds values from the
+    /// environment.
+    When(Option<String>),
+    /// Its filter fails on this data; for a before-stage handler with
+    /// `on_error = "allow"` that means it is skipped, for an after-stage one no delivery.
+    FilterError(String),
+    /// An earlier before-stage handler denies the event first.
+    NotReached(String),
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Disabled => f.write_str("disabled (enabled = false)"),
+            Self::Events => f.write_str("its events do not match"),
+            Self::Condition(c) => write!(f, "match condition false: {c}"),
+            Self::When(Some(source)) => write!(f, "when is false: {source}"),
+            Self::When(None) => f.write_str(
+                "when is false (the expression holds values from the environment, not shown)",
+            ),
+            Self::FilterError(e) => write!(f, "{e}"),
+            Self::NotReached(by) => write!(f, "not reached: {by} denies the event first"),
+        }
+    }
+}
+
+/// The envelope `explain EVENT --data ... --object-id ...` stands for.
+pub fn envelope(event: &str, object_id: Value, data: Value) -> Result<Envelope, EnvelopeError> {
+    let dt = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    Envelope::from_value(json!({
+        "event": {"dt": dt, "events_id": event, "object_id": object_id},
+        "data": data,
+    }))
+}
+
+/// Works out what dispatch would do with `envelope` under `config`.
+pub fn explain(config: &Config, envelope: &Envelope) -> Explanation {
+    let plan = Plan::new(config);
+    let route = plan.route(&envelope.name);
+    let mut out = Explanation {
+        event: envelope.name.clone(),
+        object_id: envelope.object_id(),
+        known: plan.is_known(&envelope.name),
+        before: Vec::new(),
+        after: Vec::new(),
+        denied: None,
+        not_run: Vec::new(),
+    };
+    let mut skipped: Vec<(Arc<Handler>, Reason)> = Vec::new();
+
+    for handler in &route.before {
+        if let Some((by, _)) = &out.denied {
+            skipped.push((handler.clone(), Reason::NotReached(by.clone())));
+            continue;
+        }
+        match handler.filter.evaluate(envelope) {
+            Ok(Verdict::Pass) => out.before.push(handler.clone()),
+            Ok(verdict) => skipped.push((handler.clone(), why_not(handler, verdict))),
+            Err(e) if handler.on_error == OnError::Deny => {
+                out.denied = Some((handler.name.clone(), e.to_string()));
+            }
+            Err(e) => skipped.push((
+                handler.clone(),
+                Reason::FilterError(format!(
+                    "{}; a handler error, skipped (on_error = \"allow\")",
+                    e
+                )),
+            )),
+        }
+    }
+    for handler in &route.after {
+        if let Some((by, _)) = &out.denied {
+            skipped.push((handler.clone(), Reason::NotReached(by.clone())));
+            continue;
+        }
+        match handler.filter.evaluate(envelope) {
+            Ok(Verdict::Pass) => out.after.push(handler.clone()),
+            Ok(verdict) => skipped.push((handler.clone(), why_not(handler, verdict))),
+            Err(e) => skipped.push((
+                handler.clone(),
+                Reason::FilterError(format!("{}; no delivery", e)),
+            )),
+        }
+    }
+
+    for handler in &config.handlers {
+        let denier = out
+            .denied
+            .as_ref()
+            .is_some_and(|(by, _)| *by == handler.name);
+        let runs = out
+            .before
+            .iter()
+            .chain(&out.after)
+            .any(|h| Arc::ptr_eq(h, handler));
+        if runs || denier {
+            continue;
+        }
+        let reason = if !handler.enabled {
+            Reason::Disabled
+        } else if let Some(i) = skipped.iter().position(|(h, _)| Arc::ptr_eq(h, handler)) {
+            skipped.swap_remove(i).1
+        } else {
+            Reason::Events
+        };
+        out.not_run.push((handler.clone(), reason));
+    }
+    out
+}
+
+fn why_not(handler: &Handler, verdict: Verdict) -> Reason {
+    // `Filter::evaluate` already leaves out values from the environment, in conditions
+    // and in failures.
+    match verdict {
+        Verdict::ConditionFalse(shown) => Reason::Condition(shown),
+        Verdict::WhenFalse if handler.filter.from_env => Reason::When(None),
+        Verdict::WhenFalse => Reason::When(handler.filter.when.as_ref().map(|w| w.source.clone())),
+        Verdict::Pass => unreachable!("a passing filter is no reason"),
+    }
+}
+
+impl Explanation {
+    /// The before-stage handler names that would be called, in order.
+    pub fn before_names(&self) -> Vec<String> {
+        self.before.iter().map(|h| h.name.clone()).collect()
+    }
+
+    /// The after-stage handler names that would get a delivery, in order.
+    pub fn after_names(&self) -> Vec<String> {
+        self.after.iter().map(|h| h.name.clone()).collect()
+    }
+
+    /// Why `name` would not run, if it is a handler that would not.
+    pub fn reason(&self, name: &str) -> Option<String> {
+        if let Some((by, failure)) = &self.denied
+            && by == name
+        {
+            return Some(format!("denies the event: {failure} (on_error = \"deny\")"));
+        }
+        self.not_run
+            .iter()
+            .find(|(h, _)| h.name == name)
+            .map(|(h, r)| match r {
+                Reason::Events => format!("{r}: {}", patterns(h)),
+                _ => r.to_string(),
+            })
+    }
+
+    /// The text `explain` prints.
+    pub fn render(&self, config: &Config) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{}, object_id {}, config {}",
+            self.event, self.object_id, config.file
+        );
+        if !self.known {
+            let _ = writeln!(
+                out,
+                "note: {} is neither in the catalogue nor in [events] extra; only handlers \
+                 with a \"*\" or prefix pattern take it",
+                self.event
+            );
+        }
+        let width = config
+            .handlers
+            .iter()
+            .map(|h| h.name.len())
+            .max()
+            .unwrap_or(0);
+
+        let _ = writeln!(out, "\nbefore stage, in this order:");
+        for (i, h) in self.before.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "  {}. {:<width$}  priority {:<4}  {}{}",
+                i + 1,
+                h.name,
+                h.priority,
+                h.describe_target(),
+                if h.modifies {
+                    "  (may change the data)"
+                } else {
+                    ""
+                },
+            );
+        }
+        if let Some((by, failure)) = &self.denied {
+            let _ = writeln!(
+                out,
+                "  {}. {by:<width$}  its filter fails, and on_error = \"deny\": the event is \
+                 denied ({failure})",
+                self.before.len() + 1,
+            );
+        } else if self.before.is_empty() {
+            let _ = writeln!(out, "  (none)");
+        }
+
+        let _ = writeln!(out, "\nafter stage, once the event is allowed:");
+        for (i, h) in self.after.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "  {}. {:<width$}  priority {:<4}  {}",
+                i + 1,
+                h.name,
+                h.priority,
+                h.describe_target(),
+            );
+        }
+        if self.after.is_empty() {
+            let _ = writeln!(
+                out,
+                "  (none{})",
+                if self.denied.is_some() {
+                    ": denied"
+                } else {
+                    ""
+                }
+            );
+        }
+
+        if !self.not_run.is_empty() {
+            let _ = writeln!(out, "\nnot run:");
+            for (h, reason) in &self.not_run {
+                let reason = match reason {
+                    Reason::Events => format!("{reason}: {}", patterns(h)),
+                    _ => reason.to_string(),
+                };
+                let stage = match h.stage {
+                    Stage::Before => "before",
+                    Stage::After => "after",
+                };
+                let _ = writeln!(out, "  {:<width$}  {stage:<6}  {reason}", h.name);
+            }
+        }
+
+        out.push_str(
+            "\nexplain calls no handler: filters were evaluated on the data given, as if\n\
+             every before-stage handler allowed the event and left the data unchanged. A\n\
+             handler may deny the event, and one marked \"may change the data\" may change\n\
+             what the filters after it see.\n",
+        );
+        out
+    }
+}
+
+fn patterns(h: &Handler) -> String {
+    let list: Vec<String> = h
+        .events
+        .iter()
+        .map(|p| format!("{:?}", p.to_string()))
+        .collect();
+    format!("events = [{}]", list.join(", "))
+}
+
+/// Reads `--data`: a JSON object, from a file or `-` (stdin); `{}` when not given.
+pub fn read_data(source: Option<&str>) -> Result<Map<String, Value>, String> {
+    let text = match source {
+        None => return Ok(Map::new()),
+        Some("-") => std::io::read_to_string(std::io::stdin())
+            .map_err(|e| format!("cannot read the data from stdin: {e}"))?,
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the data from {path}: {e}"))?,
+    };
+    match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(format!(
+            "the data must be a JSON object, got {}",
+            crate::events::type_name(&other)
+        )),
+        Err(e) => Err(format!("the data is not valid JSON: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[[handler]]
+name = "late"
+events = ["clients.*"]
+stage = "before"
+priority = 50
+url = "http://127.0.0.1:1/late"
+
+[[handler]]
+name = "early"
+events = ["clients.create"]
+stage = "before"
+priority = 5
+url = "http://127.0.0.1:1/early"
+modifies = true
+
+[[handler]]
+name = "vip"
+events = ["clients.create"]
+stage = "before"
+url = "http://127.0.0.1:1/vip"
+match = { "data.vip" = true }
+
+[[handler]]
+name = "acme"
+events = ["clients.create"]
+stage = "before"
+url = "http://127.0.0.1:1/acme"
+when = 'data.name.startsWith("ACME")'
+
+[[handler]]
+name = "off"
+events = ["*"]
+stage = "before"
+enabled = false
+url = "http://127.0.0.1:1/off"
+
+[[handler]]
+name = "balance"
+events = ["clients.balance_zero"]
+stage = "before"
+url = "http://127.0.0.1:1/balance"
+
+[[handler]]
+name = "strict"
+events = ["clients.update"]
+stage = "before"
+url = "http://127.0.0.1:1/strict"
+priority = 1
+on_error = "deny"
+match = { "data.balance" = { lt = 0 } }
+"#;
+
+    fn config() -> Config {
+        Config::parse(CONFIG, "p.toml").unwrap()
+    }
+
+    fn explained(event: &str, data: Value) -> Explanation {
+        explain(&config(), &envelope(event, json!(1), data).unwrap())
+    }
+
+    #[test]
+    fn runs_in_priority_order_and_says_why_not() {
+        let e = explained("clients.create", json!({"name": "ACME ltd", "vip": false}));
+        assert_eq!(e.before_names(), ["early", "late", "acme"]);
+        assert_eq!(
+            e.reason("vip").unwrap(),
+            "match condition false: data.vip = true"
+        );
+        assert_eq!(e.reason("off").unwrap(), "disabled (enabled = false)");
+        assert_eq!(
+            e.reason("balance").unwrap(),
+            "its events do not match: events = [\"clients.balance_zero\"]"
+        );
+        let e = explained("clients.create", json!({"name": "Other"}));
+        assert_eq!(
+            e.reason("acme").unwrap(),
+            "when is false: data.name.startsWith(\"ACME\")"
+        );
+    }
+
+    #[test]
+    fn an_event_outside_the_catalogue_goes_to_wildcard_handlers() {
+        let e = explained("clients.loyalty.upgrade", json!({}));
+        assert!(!e.known);
+        assert_eq!(e.before_names(), ["late"]);
+        assert!(
+            e.render(&config())
+                .contains("neither in the catalogue nor in [events] extra")
+        );
+    }
+
+    #[test]
+    fn a_failing_filter_with_on_error_deny_stops_the_chain() {
+        let e = explained("clients.update", json!({"balance": {"not": "a number"}}));
+        assert_eq!(e.before_names(), Vec::<String>::new());
+        let (by, failure) = e.denied.clone().unwrap();
+        assert_eq!(by, "strict");
+        assert!(failure.contains("cannot be compared"), "{failure}");
+        assert_eq!(
+            e.reason("late").unwrap(),
+            "not reached: strict denies the event first"
+        );
+        let text = e.render(&config());
+        assert!(text.contains("the event is denied"), "{text}");
+    }
+
+    #[test]
+    fn filters_from_the_environment_are_not_shown() {
+        let text = r#"
+[[handler]]
+name = "company"
+events = ["clients.create"]
+stage = "before"
+url = "http://127.0.0.1:1/c"
+match = { "data.companies_id" = { lt = "${COMPANY}" } }
+[[handler]]
+name = "keyed"
+events = ["clients.create"]
+stage = "before"
+url = "http://127.0.0.1:1/k"
+when = 'data.key == "${COMPANY}"'
+"#;
+        let config = Config::parse_with_env(text, "p.toml", std::path::Path::new("."), &|_| {
+            Some("hidden-42".into())
+        })
+        .unwrap();
+        let e = explain(
+            &config,
+            &envelope("clients.create", json!(1), json!({"key": "k"})).unwrap(),
+        );
+        let rendered = e.render(&config);
+        assert!(!rendered.contains("hidden-42"), "{rendered}");
+        assert!(
+            rendered.contains("a condition on data.companies_id"),
+            "{rendered}"
+        );
+        assert!(
+            rendered.contains("when is false (the expression"),
+            "{rendered}"
+        );
+    }
+}

@@ -1,0 +1,420 @@
+//! Reload: one path from the config file to a new live snapshot, fed by three triggers.
+//!
+//! The file watcher ([`watch`]), SIGHUP and `POST /v1/reload` all call
+//! [`Reloader::reload`], one reload at a time. It reads and validates the whole file with
+//! the same code as start-up ([`load`]), builds the new snapshot off to the side, and
+//! swaps it in with [`App::publish`] only when it is complete and different. A file that
+//! fails validation changes nothing live: its errors are logged, counted and kept for
+//! `GET /v1/config` until a good file loads.
+//!
+//! Settings the listener reads once at start ([`Fixed`]) cannot change while running:
+//! a reload that changes them applies everything else, keeps their running values, and
+//! reports them as needing a restart.
+
+mod diff;
+pub mod watch;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ConfigErrors, Listen};
+use crate::dispatch::Snapshot;
+use crate::server::App;
+
+pub use diff::Changes;
+
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The file watcher saw the file change.
+    Watch,
+    /// SIGHUP.
+    Signal,
+    /// `POST /v1/reload`.
+    Api,
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Watch => "watch",
+            Self::Signal => "signal",
+            Self::Api => "api",
+        })
+    }
+}
+
+/// What a reload did.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A new snapshot is live.
+    Applied {
+        generation: u64,
+        changes: Changes,
+        restart_needed: Vec<Pending>,
+    },
+    /// The file holds the config already live (perhaps with other comments or layout):
+    /// nothing was swapped.
+    Unchanged {
+        generation: u64,
+        restart_needed: Vec<Pending>,
+    },
+    /// The file is not a valid config: the live one stays.
+    Rejected {
+        generation: u64,
+        errors: ConfigErrors,
+    },
+}
+
+impl Outcome {
+    /// `applied`, `unchanged` or `rejected`.
+    pub fn result(&self) -> &'static str {
+        match self {
+            Self::Applied { .. } => "applied",
+            Self::Unchanged { .. } => "unchanged",
+            Self::Rejected { .. } => "rejected",
+        }
+    }
+}
+
+/// A setting whose new value waits for a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// The key, e.g. `server.listen`.
+    pub setting: &'static str,
+    /// The value in the file.
+    pub file: String,
+    /// The value in use.
+    pub running: String,
+}
+
+/// The last reload that was rejected, kept until a good file loads.
+#[derive(Debug, Clone)]
+pub struct LastError {
+    pub at: SystemTime,
+    pub trigger: Trigger,
+    /// Each error as `file:line:col: key.path: message`.
+    pub errors: Vec<String>,
+}
+
+/// Reloads so far, for `/v1/config` and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub applied: u64,
+    pub unchanged: u64,
+    pub rejected: u64,
+    pub last_error: Option<LastError>,
+    /// Settings changed in the file that keep their running values until a restart.
+    pub restart_needed: Vec<Pending>,
+}
+
+/// Settings read once at start: the listener, its limits, the store file.
+#[derive(Debug, Clone)]
+pub struct Fixed {
+    listen: Listen,
+    max_in_flight: usize,
+    max_connections: usize,
+    header_timeout: Duration,
+    shutdown_grace: Duration,
+    store_path: PathBuf,
+}
+
+impl Fixed {
+    pub fn of(config: &Config) -> Self {
+        Self {
+            listen: config.server.listen.clone(),
+            max_in_flight: config.server.max_in_flight,
+            max_connections: config.server.max_connections,
+            header_timeout: config.server.header_timeout,
+            shutdown_grace: config.server.shutdown_grace,
+            store_path: config.store.path.clone(),
+        }
+    }
+
+    /// Puts the running values back into `config`; returns the settings whose file
+    /// value differed.
+    fn pin(&self, config: &mut Config) -> Vec<Pending> {
+        let mut pending = Vec::new();
+        let server = &mut config.server;
+        let store = &mut config.store;
+        keep(
+            &mut pending,
+            "server.listen",
+            &mut server.listen,
+            &self.listen,
+            Listen::to_string,
+        );
+        keep(
+            &mut pending,
+            "server.max_in_flight",
+            &mut server.max_in_flight,
+            &self.max_in_flight,
+            usize::to_string,
+        );
+        keep(
+            &mut pending,
+            "server.max_connections",
+            &mut server.max_connections,
+            &self.max_connections,
+            usize::to_string,
+        );
+        keep(
+            &mut pending,
+            "server.header_timeout",
+            &mut server.header_timeout,
+            &self.header_timeout,
+            |d| crate::dispatch::fmt_duration(*d),
+        );
+        keep(
+            &mut pending,
+            "server.shutdown_grace",
+            &mut server.shutdown_grace,
+            &self.shutdown_grace,
+            |d| crate::dispatch::fmt_duration(*d),
+        );
+        keep(
+            &mut pending,
+            "store.path",
+            &mut store.path,
+            &self.store_path,
+            |p| p.display().to_string(),
+        );
+        pending
+    }
+}
+
+fn keep<T: PartialEq + Clone>(
+    pending: &mut Vec<Pending>,
+    setting: &'static str,
+    value: &mut T,
+    running: &T,
+    show: impl Fn(&T) -> String,
+) {
+    if value != running {
+        pending.push(Pending {
+            setting,
+            file: show(value),
+            running: show(running),
+        });
+        *value = running.clone();
+    }
+}
+
+/// Reads and validates the config file: what start-up and every reload run.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    Config::load(path)
+}
+
+/// The one reload path. Owned by [`App`]; see [`App::reload`].
+#[derive(Debug)]
+pub struct Reloader {
+    path: PathBuf,
+    fixed: Fixed,
+    /// Held for the whole of a reload: reloads run one at a time.
+    running: tokio::sync::Mutex<()>,
+    status: Mutex<Status>,
+}
+
+impl Reloader {
+    /// A reloader for the file `path`, which `config` (generation 1) was loaded from.
+    pub fn new(path: PathBuf, config: &Config) -> Self {
+        Self {
+            path,
+            fixed: Fixed::of(config),
+            running: tokio::sync::Mutex::new(()),
+            status: Mutex::new(Status::default()),
+        }
+    }
+
+    /// The config file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn status(&self) -> Status {
+        self.status.lock().expect("status lock").clone()
+    }
+
+    /// Reads the file and makes it live if it is valid and different. Events in flight
+    /// keep the snapshot they started with.
+    pub async fn reload(&self, app: &App, trigger: Trigger) -> Outcome {
+        let _one_at_a_time = self.running.lock().await;
+        let path = self.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || read(&path))
+            .await
+            .unwrap_or_else(|e| Err(ConfigErrors::file("config", format!("reload failed: {e}"))));
+        let live = app.snapshot.load_full();
+        let outcome = match loaded {
+            Err(errors) => Outcome::Rejected {
+                generation: live.generation,
+                errors,
+            },
+            Ok(mut config) => {
+                let restart_needed = self.fixed.pin(&mut config);
+                let changes = Changes::between(&live.config, &config);
+                if changes.is_empty() {
+                    Outcome::Unchanged {
+                        generation: live.generation,
+                        restart_needed,
+                    }
+                } else {
+                    diff::keep_unchanged_handlers(&live.config, &mut config);
+                    let generation = live.generation + 1;
+                    app.publish(Snapshot::new(config, generation));
+                    Outcome::Applied {
+                        generation,
+                        changes,
+                        restart_needed,
+                    }
+                }
+            }
+        };
+        self.record(&outcome, trigger);
+        outcome
+    }
+
+    /// Counts the outcome, keeps or clears the last error, and logs it.
+    fn record(&self, outcome: &Outcome, trigger: Trigger) {
+        crate::metrics::reload(outcome.result());
+        let mut status = self.status.lock().expect("status lock");
+        match outcome {
+            Outcome::Applied {
+                generation,
+                changes,
+                restart_needed,
+            } => {
+                status.applied += 1;
+                status.last_error = None;
+                status.restart_needed.clone_from(restart_needed);
+                info!(
+                    %trigger, generation, added = %changes.added.join(", "),
+                    removed = %changes.removed.join(", "), changed = %changes.changed.join(", "),
+                    settings = %changes.settings.join(", "), "config reloaded"
+                );
+                log_pending(restart_needed);
+            }
+            Outcome::Unchanged {
+                generation,
+                restart_needed,
+            } => {
+                status.unchanged += 1;
+                status.last_error = None;
+                status.restart_needed.clone_from(restart_needed);
+                info!(%trigger, generation, "config unchanged");
+                log_pending(restart_needed);
+            }
+            Outcome::Rejected { generation, errors } => {
+                status.rejected += 1;
+                for e in errors.iter() {
+                    error!(%trigger, error = %e, "config error");
+                }
+                error!(
+                    %trigger, generation, errors = errors.len(),
+                    "config rejected, keeping the running one"
+                );
+                status.last_error = Some(LastError {
+                    at: SystemTime::now(),
+                    trigger,
+                    errors: errors.iter().map(ToString::to_string).collect(),
+                });
+            }
+        }
+    }
+}
+
+fn log_pending(pending: &[Pending]) {
+    for p in pending {
+        warn!(
+            setting = p.setting, file = %p.file, running = %p.running,
+            "setting needs a restart, keeping the running value"
+        );
+    }
+}
+
+/// [`load`], plus one rule for reloads only: an empty file is refused. An in-place write
+/// empties the file before it writes the new text; were that moment read, the empty
+/// config would remove every handler. (To run without handlers, write a comment.)
+fn read(path: &Path) -> Result<Config, ConfigErrors> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+        return Err(ConfigErrors::file(
+            &path.display().to_string(),
+            "the file is empty (a write in progress?); to run without handlers, write a \
+             comment in it",
+        ));
+    }
+    load(path)
+}
+
+/// Starts the triggers: the watcher's settle-then-reload loop (unless `watcher` is
+/// `None`) and SIGHUP. Both end when `shutdown` is cancelled.
+pub fn spawn(
+    app: std::sync::Arc<App>,
+    watcher: Option<watch::Watcher>,
+    hangup: Signal,
+    shutdown: CancellationToken,
+) {
+    if let Some(watcher) = watcher {
+        tokio::spawn(watcher.run(app.clone(), shutdown.clone()));
+    }
+    tokio::spawn(on_hangup(app, hangup, shutdown));
+}
+
+/// Registers SIGHUP. Call it before the listener is announced: until then the signal's
+/// default action ends the process.
+pub fn hangup() -> std::io::Result<Signal> {
+    signal(SignalKind::hangup())
+}
+
+async fn on_hangup(app: std::sync::Arc<App>, mut hangup: Signal, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            received = hangup.recv() => {
+                if received.is_none() {
+                    return;
+                }
+                info!(signal = "SIGHUP", "reloading the config");
+                app.reload(Trigger::Signal).await;
+            }
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::parse(text, "p.toml").unwrap()
+    }
+
+    #[test]
+    fn fixed_settings_keep_their_running_values() {
+        let running = config("[server]\nlisten = \"127.0.0.1:1\"\n[store]\npath = \"a.db\"\n");
+        let mut new = config(
+            "[server]\nlisten = \"127.0.0.1:2\"\nmax_in_flight = 3\ndeadline = \"1s\"\n\
+             [store]\npath = \"b.db\"\n",
+        );
+        let pending = Fixed::of(&running).pin(&mut new);
+        let settings: Vec<&str> = pending.iter().map(|p| p.setting).collect();
+        assert_eq!(
+            settings,
+            ["server.listen", "server.max_in_flight", "store.path"]
+        );
+        assert_eq!(pending[0].file, "127.0.0.1:2");
+        assert_eq!(pending[0].running, "127.0.0.1:1");
+        assert_eq!(new.server.listen, running.server.listen);
+        assert_eq!(new.store.path, running.store.path);
+        assert_eq!(
+            new.server.deadline,
+            Duration::from_secs(1),
+            "the rest applies"
+        );
+    }
+}

@@ -1,0 +1,256 @@
+//! The file watcher: notices that the config file may have changed, waits until changes
+//! settle, and asks for one reload.
+//!
+//! It watches the config file's *directory*, not the file: editors and `sed -i` write a
+//! new file and rename it over the old one, and Kubernetes swaps the `..data` symlink a
+//! ConfigMap's files point through; a watch on the file itself would follow the old
+//! inode and miss both. Of the directory's events it keeps those about a name the config
+//! resolves through: the file's own name, the first step of a relative symlink (`..data`
+//! for a ConfigMap), and, when the file is a symlink, the real file in its own directory
+//! (watched too, and re-pointed after every change). Reads, opens and attribute changes are ignored, so that
+//! reading the file does not trigger another reload.
+//!
+//! Changes settle when no relevant event has come for [`SETTLE`] (or after [`MAX_SETTLE`]
+//! at most, for a file that never stops changing); then the whole file is read and
+//! validated by the one reload path. Several writes, a rename and a cleanup thus make one
+//! reload.
+
+use std::collections::HashSet;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+use notify::{Event, RecommendedWatcher, RecursiveMode, Watcher as _};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::Trigger;
+use crate::server::App;
+
+/// Quiet time after the last relevant event before the file is read.
+pub const SETTLE: Duration = Duration::from_millis(200);
+/// Longest wait from the first event of a burst to the reload.
+pub const MAX_SETTLE: Duration = Duration::from_secs(2);
+
+/// A running directory watch on the config file.
+pub struct Watcher {
+    config: PathBuf,
+    inner: RecommendedWatcher,
+    /// Directories watched now.
+    dirs: HashSet<PathBuf>,
+    interest: Arc<Mutex<Interest>>,
+    changed: Arc<Notify>,
+}
+
+/// The paths whose events may mean the config changed, and the directories holding them.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Interest {
+    paths: HashSet<PathBuf>,
+    dirs: HashSet<PathBuf>,
+}
+
+impl Watcher {
+    /// Starts watching the directory of `config`. Start it before the config is first
+    /// read, so that no change between the read and the watch goes unseen.
+    pub fn start(config: &Path) -> notify::Result<Self> {
+        let config = std::path::absolute(config)?;
+        let interest = Arc::new(Mutex::new(Interest::default()));
+        let changed = Arc::new(Notify::new());
+        let inner = {
+            let interest = interest.clone();
+            let changed = changed.clone();
+            notify::recommended_watcher(move |event: notify::Result<Event>| match event {
+                Ok(event) => {
+                    let relevant = interest.lock().expect("interest lock").wants(&event);
+                    if relevant {
+                        debug!(kind = ?event.kind, paths = ?event.paths, "config may have changed");
+                        changed.notify_one();
+                    }
+                }
+                Err(e) => {
+                    // Lost events (e.g. a queue overflow): read the file to be sure.
+                    warn!(error = %e, "config watcher error");
+                    changed.notify_one();
+                }
+            })?
+        };
+        let mut watcher = Self {
+            config,
+            inner,
+            dirs: HashSet::new(),
+            interest,
+            changed,
+        };
+        watcher.refresh()?;
+        Ok(watcher)
+    }
+
+    /// Points the watches at where the config resolves now: a symlink may lead somewhere
+    /// else than at the last look. Fails only when the config's own directory cannot be
+    /// watched.
+    fn refresh(&mut self) -> notify::Result<()> {
+        let interest = Interest::of(&self.config);
+        for dir in self.dirs.difference(&interest.dirs) {
+            let _ = self.inner.unwatch(dir);
+        }
+        let own = self.config.parent().map(Path::to_path_buf);
+        let mut watched = HashSet::new();
+        let mut failure = None;
+        for dir in &interest.dirs {
+            if self.dirs.contains(dir) {
+                watched.insert(dir.clone());
+                continue;
+            }
+            match self.inner.watch(dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    watched.insert(dir.clone());
+                }
+                Err(e) if Some(dir) == own.as_ref() => failure = Some(e),
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %e, "cannot watch a directory the config resolves through")
+                }
+            }
+        }
+        self.dirs = watched;
+        *self.interest.lock().expect("interest lock") = interest;
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Waits for changes, lets them settle, reloads; until `shutdown`.
+    pub async fn run(mut self, app: Arc<App>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = self.changed.notified() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let last_chance = Instant::now() + MAX_SETTLE;
+            loop {
+                tokio::select! {
+                    () = self.changed.notified() => {}
+                    () = tokio::time::sleep(SETTLE) => break,
+                    () = tokio::time::sleep_until(last_chance) => break,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+            if let Err(e) = self.refresh() {
+                warn!(error = %e, "cannot watch the config's directory; reload with SIGHUP or POST /v1/reload");
+            }
+            app.reload(Trigger::Watch).await;
+        }
+    }
+}
+
+impl Interest {
+    /// Where `config` (absolute) resolves through now.
+    fn of(config: &Path) -> Self {
+        let mut interest = Self::default();
+        let Some(dir) = config.parent() else {
+            return interest;
+        };
+        interest.dirs.insert(dir.to_path_buf());
+        interest.paths.insert(config.to_path_buf());
+        // A relative symlink such as `..data/provisioning.toml`: its first step is a name
+        // in this directory, which a ConfigMap update swaps.
+        if let Ok(target) = std::fs::read_link(config)
+            && target.is_relative()
+            && let Some(Component::Normal(first)) = target.components().next()
+        {
+            interest.paths.insert(dir.join(first));
+        }
+        // A symlink: watch the real file where it lives, so that writing it there is
+        // seen. (For a ConfigMap that is the current `..<timestamp>` directory, which the
+        // next update replaces; `refresh` then moves the watch.)
+        if let Ok(real) = std::fs::canonicalize(config)
+            && let Some(real_dir) = real.parent()
+        {
+            let own = std::fs::canonicalize(dir).is_ok_and(|d| d == real_dir);
+            if !own {
+                interest.dirs.insert(real_dir.to_path_buf());
+                interest.paths.insert(real);
+            }
+        }
+        interest
+    }
+
+    /// Whether `event` may have changed what the config file reads as.
+    fn wants(&self, event: &Event) -> bool {
+        let kind = match event.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+            EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_)) => false,
+            _ => true,
+        };
+        // No paths: the watcher lost track (e.g. a rescan is needed).
+        kind && (event.paths.is_empty() || event.paths.iter().any(|p| self.paths.contains(p)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, DataChange, MetadataKind, RenameMode};
+
+    fn event(kind: EventKind, path: &Path) -> Event {
+        Event::new(kind).add_path(path.to_path_buf())
+    }
+
+    #[test]
+    fn the_file_and_the_configmap_symlink_are_of_interest() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let stamped = root.join("..2026_01_01_00_00_00.1");
+        std::fs::create_dir(&stamped).unwrap();
+        std::fs::write(stamped.join("provisioning.toml"), "").unwrap();
+        std::os::unix::fs::symlink("..2026_01_01_00_00_00.1", root.join("..data")).unwrap();
+        let config = root.join("provisioning.toml");
+        std::os::unix::fs::symlink("..data/provisioning.toml", &config).unwrap();
+
+        let interest = Interest::of(&config);
+        assert_eq!(
+            interest.dirs,
+            HashSet::from([root.clone(), stamped.clone()])
+        );
+        let rename = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        assert!(interest.wants(&event(rename, &root.join("..data"))));
+        assert!(interest.wants(&event(
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            &config
+        )));
+        assert!(!interest.wants(&event(
+            EventKind::Create(CreateKind::Folder),
+            &root.join("..2026_01_01_00_00_00.2")
+        )));
+        assert!(!interest.wants(&event(
+            EventKind::Create(CreateKind::File),
+            &root.join("..data_tmp")
+        )));
+        assert!(!interest.wants(&event(
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            &config
+        )));
+        assert!(!interest.wants(&event(
+            EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
+            &config
+        )));
+        assert!(interest.wants(&Event::new(EventKind::Other)));
+    }
+
+    #[test]
+    fn a_symlink_adds_the_real_files_directory() {
+        let a = tempfile::TempDir::new().unwrap();
+        let b = tempfile::TempDir::new().unwrap();
+        let real = std::fs::canonicalize(b.path()).unwrap().join("real.toml");
+        std::fs::write(&real, "").unwrap();
+        let config = std::fs::canonicalize(a.path())
+            .unwrap()
+            .join("provisioning.toml");
+        std::os::unix::fs::symlink(&real, &config).unwrap();
+        let interest = Interest::of(&config);
+        assert!(interest.dirs.contains(real.parent().unwrap()));
+        let write = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        assert!(interest.wants(&event(write, &real)));
+        assert!(!interest.wants(&event(write, &real.with_file_name("other.toml"))));
+    }
+}

@@ -1,0 +1,136 @@
+//! `GET /v1/config` (what is live, and how reloads went) and `POST /v1/reload`.
+//!
+//! Handlers are shown by what is safe to show: name, stage, priority, events, and the
+//! target as written in the file (before `${VAR}` substitution). Tokens, secrets,
+//! headers, script environments and filters never appear.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use hyper::{Response, StatusCode};
+use serde_json::{Map, Value, json};
+
+use super::App;
+use super::reply::{self, Body};
+use crate::config::{Handler, OnError, Stage};
+use crate::reload::{Outcome, Pending, Trigger};
+
+/// `GET /v1/config`.
+pub fn config(app: &Arc<App>) -> Response<Body> {
+    let snapshot = app.snapshot.load_full();
+    let config = &snapshot.config;
+    let status = app.reloader.status();
+
+    let handlers: Vec<Value> = config.handlers.iter().map(|h| describe(h)).collect();
+    let mut events = Map::new();
+    for name in config.known_events() {
+        let route = snapshot.plan.route(name);
+        let names = |hs: &[Arc<Handler>]| hs.iter().map(|h| h.name.clone()).collect::<Vec<_>>();
+        events.insert(
+            name.to_owned(),
+            json!({"before": names(&route.before), "after": names(&route.after)}),
+        );
+    }
+    let last_error = status.last_error.as_ref().map(|e| {
+        json!({
+            "at": time(e.at),
+            "trigger": e.trigger.to_string(),
+            "message": format!("the config file was rejected ({} error{}); the config shown is still live",
+                e.errors.len(), if e.errors.len() == 1 { "" } else { "s" }),
+            "errors": e.errors,
+        })
+    });
+    reply::json(
+        StatusCode::OK,
+        &json!({
+            "generation": snapshot.generation,
+            "loaded_at": time(snapshot.loaded_at),
+            "file": config.file,
+            "hash": config.hash,
+            "handlers": handlers,
+            "events": events,
+            "reloads": {
+                "applied": status.applied,
+                "unchanged": status.unchanged,
+                "rejected": status.rejected,
+            },
+            "last_error": last_error,
+            "restart_needed": pending(&status.restart_needed),
+        }),
+    )
+}
+
+/// `POST /v1/reload`: 200 with `applied` or `unchanged`, 422 with `rejected` and the
+/// errors.
+pub async fn reload(app: &Arc<App>) -> Response<Body> {
+    match app.reload(Trigger::Api).await {
+        Outcome::Applied {
+            generation,
+            changes,
+            restart_needed,
+        } => reply::json(
+            StatusCode::OK,
+            &json!({
+                "result": "applied",
+                "generation": generation,
+                "added": changes.added,
+                "removed": changes.removed,
+                "changed": changes.changed,
+                "settings": changes.settings,
+                "restart_needed": pending(&restart_needed),
+            }),
+        ),
+        Outcome::Unchanged {
+            generation,
+            restart_needed,
+        } => reply::json(
+            StatusCode::OK,
+            &json!({
+                "result": "unchanged",
+                "generation": generation,
+                "restart_needed": pending(&restart_needed),
+            }),
+        ),
+        Outcome::Rejected { generation, errors } => {
+            let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            reply::json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &json!({
+                    "result": "rejected",
+                    "generation": generation,
+                    "error": {
+                        "message": format!(
+                            "the config file was rejected ({} error{}); the running config stays",
+                            errors.len(), if errors.len() == 1 { "" } else { "s" }
+                        ),
+                        "errors": errors,
+                    },
+                }),
+            )
+        }
+    }
+}
+
+fn describe(h: &Handler) -> Value {
+    json!({
+        "name": h.name,
+        "stage": match h.stage { Stage::Before => "before", Stage::After => "after" },
+        "priority": h.priority,
+        "enabled": h.enabled,
+        "events": h.events.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "target": h.describe_target(),
+        "modifies": h.modifies,
+        "on_error": match h.on_error { OnError::Allow => "allow", OnError::Deny => "deny" },
+        "timeout": crate::dispatch::fmt_duration(h.timeout),
+    })
+}
+
+fn pending(list: &[Pending]) -> Value {
+    list.iter()
+        .map(|p| json!({"setting": p.setting, "file": p.file, "running": p.running}))
+        .collect()
+}
+
+fn time(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}

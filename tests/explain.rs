@@ -1,0 +1,295 @@
+//! `provisiond explain` and `provisiond test` on a config with filters, priorities, a
+//! disabled handler and both stages; and the example cases files.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+const CONFIG: &str = r#"
+[[handler]]
+name = "crm-check"
+events = ["clients.create", "clients.update"]
+stage = "before"
+priority = 20
+url = "http://127.0.0.1:5001/check?key=${CRM_KEY}"
+on_error = "deny"
+
+[[handler]]
+name = "tidy-name"
+events = ["clients.*"]
+stage = "before"
+priority = 10
+command = ["hooks/tidy.py", "--token", "${CRM_KEY}"]
+modifies = true
+match = { "data.name" = { exists = true } }
+
+[[handler]]
+name = "vip"
+events = ["clients.create"]
+stage = "before"
+priority = 5
+url = "http://127.0.0.1:5002/vip"
+match = { "data.companies_id" = 3 }
+
+[[handler]]
+name = "acme"
+events = ["clients.create"]
+stage = "before"
+url = "http://127.0.0.1:5003/acme"
+when = 'has(data.email) && data.email.endsWith("@acme.example")'
+
+[[handler]]
+name = "paused"
+events = ["*"]
+stage = "before"
+priority = 1
+url = "http://127.0.0.1:5004/"
+enabled = false
+
+[[handler]]
+name = "block-on-switch"
+events = ["clients.balance_zero"]
+stage = "after"
+command = ["hooks/block.sh"]
+
+[[handler]]
+name = "crm-sync"
+events = ["clients.*"]
+stage = "after"
+priority = 50
+url = "http://crm.example/sync"
+match = { "data.balance" = { lt = 0 } }
+"#;
+
+const ENV: &[(&str, &str)] = &[("CRM_KEY", "key-SECRET-9")];
+
+fn config_file(dir: &Path) -> String {
+    let path = dir.join("provisioning.toml");
+    std::fs::write(&path, CONFIG).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn explain_lists_who_runs_in_order_and_why_the_others_do_not() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = config_file(dir.path());
+    let data = r#"{"name": "  acme", "companies_id": 4, "email": "ops@acme.example"}"#;
+    let (code, stdout, stderr) = cli(
+        &[
+            "explain",
+            "clients.create",
+            "--data",
+            "-",
+            "--object-id",
+            "12",
+            "-c",
+            &config,
+        ],
+        ENV,
+        data,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let expected = format!(
+        "clients.create, object_id 12, config {config}
+
+before stage, in this order:
+  1. tidy-name        priority 10    hooks/tidy.py --token ${{CRM_KEY}}  (may change the data)
+  2. crm-check        priority 20    POST http://127.0.0.1:5001/check?key=${{CRM_KEY}}
+  3. acme             priority 100   POST http://127.0.0.1:5003/acme
+
+after stage, once the event is allowed:
+  (none)
+
+not run:
+  vip              before  match condition false: data.companies_id = 3
+  paused           before  disabled (enabled = false)
+  block-on-switch  after   its events do not match: events = [\"clients.balance_zero\"]
+  crm-sync         after   match condition false: data.balance lt 0
+
+explain calls no handler: filters were evaluated on the data given, as if
+every before-stage handler allowed the event and left the data unchanged. A
+handler may deny the event, and one marked \"may change the data\" may change
+what the filters after it see.
+"
+    );
+    assert_eq!(stdout, expected);
+    assert!(!stdout.contains("SECRET"));
+
+    // Another envelope: the VIP goes first, the CEL expression is false, and the after
+    // stage takes the event.
+    let data_file = dir.path().join("data.json");
+    std::fs::write(&data_file, r#"{"companies_id": "3", "balance": -2.5}"#).unwrap();
+    let (code, stdout, stderr) = cli(
+        &[
+            "explain",
+            "clients.update",
+            "--data",
+            data_file.to_str().unwrap(),
+            "-c",
+            &config,
+        ],
+        ENV,
+        "",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    for line in [
+        "  1. crm-check        priority 20 ",
+        "  1. crm-sync         priority 50    POST http://crm.example/sync",
+        "  tidy-name        before  match condition false: data.name exists = true",
+        "  vip              before  its events do not match: events = [\"clients.create\"]",
+        "  acme             before  its events do not match",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+
+    let (code, stdout, _) = cli(
+        &["explain", "clients.create", "--data", "-", "-c", &config],
+        ENV,
+        r#"{"companies_id": 3, "email": "x@example.org"}"#,
+    );
+    assert_eq!(code, 0);
+    assert!(stdout.contains("  1. vip "), "{stdout}");
+    assert!(
+        stdout.contains(
+            "  acme             before  when is false: has(data.email) && data.email.endsWith(\"@acme.example\")"
+        ),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn explain_refuses_bad_input() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = config_file(dir.path());
+    let (code, _, stderr) = cli(
+        &["explain", "clients.create", "--data", "-", "-c", &config],
+        ENV,
+        "[1, 2]",
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("the data must be a JSON object, got an array"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = cli(&["explain", "clients.create", "-c", &config], &[], "");
+    assert_eq!(code, 1, "a config that does not load cannot be explained");
+    assert!(
+        stderr.contains("environment variable `CRM_KEY` is not set"),
+        "{stderr}"
+    );
+}
+
+const CASES: &str = r#"
+[[case]]
+name = "a new ACME client is tidied, checked, then tagged"
+event = "clients.create"
+data = { name = "  acme", email = "ops@acme.example" }
+before = ["tidy-name", "crm-check", "acme"]
+after = []
+
+[[case]]
+name = "a client in debt is synced"
+envelope = { event = { events_id = "clients.update", object_id = 4 }, data = { balance = -1 } }
+before = ["crm-check"]
+after = ["crm-sync"]
+
+[[case]]
+name = "the VIP check runs for company 3"
+event = "clients.create"
+data = { companies_id = 3 }
+before = ["crm-check", "vip"]
+after = []
+
+[[case]]
+name = "the paused handler runs for a balance drop"
+event = "clients.balance_zero"
+data = { name = "x" }
+before = ["paused", "tidy-name"]
+after = ["block-on-switch"]
+"#;
+
+#[test]
+fn test_passes_and_fails_cases_with_the_reasons() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = config_file(dir.path());
+    let cases = dir.path().join("cases.toml");
+    std::fs::write(&cases, CASES).unwrap();
+    let (code, stdout, stderr) = cli(&["test", "-c", &config, cases.to_str().unwrap()], ENV, "");
+    assert_eq!(code, 1, "a failing case fails the run: {stdout}{stderr}");
+    assert_eq!(
+        stdout,
+        "ok    a new ACME client is tidied, checked, then tagged
+ok    a client in debt is synced
+FAIL  the VIP check runs for company 3
+        before: expected [crm-check, vip], got [vip, crm-check]
+          order differs (priority, then file order)
+FAIL  the paused handler runs for a balance drop
+        before: expected [paused, tidy-name], got [tidy-name]
+          - paused: disabled (enabled = false)
+4 cases: 2 passed, 2 failed
+"
+    );
+
+    // Fixed expectations pass, and exit 0.
+    let fixed = CASES
+        .replace(
+            "before = [\"crm-check\", \"vip\"]",
+            "before = [\"vip\", \"crm-check\"]",
+        )
+        .replace(
+            "before = [\"paused\", \"tidy-name\"]",
+            "before = [\"tidy-name\"]",
+        );
+    std::fs::write(&cases, fixed).unwrap();
+    let (code, stdout, stderr) = cli(&["test", "-c", &config, cases.to_str().unwrap()], ENV, "");
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.ends_with("4 cases: 4 passed, 0 failed\n"),
+        "{stdout}"
+    );
+
+    // A mistake in the cases file is an error, not a pass.
+    std::fs::write(
+        &cases,
+        "[[case]]\nname = \"x\"\nevent = \"clients.create\"\nbefore = []\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = cli(&["test", "-c", &config, cases.to_str().unwrap()], ENV, "");
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stderr.contains("missing field `after`"), "{stderr}");
+}
+
+#[test]
+fn the_example_cases_pass() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut found = 0;
+    for (config, cases) in [
+        (
+            "examples/configs/filters.toml",
+            "examples/configs/filters.cases.toml",
+        ),
+        (
+            "examples/kubernetes/provisioning.toml",
+            "examples/kubernetes/provisioning.cases.toml",
+        ),
+    ] {
+        let config = root.join(config);
+        let cases = root.join(cases);
+        let (code, stdout, stderr) = cli(
+            &[
+                "test",
+                "-c",
+                config.to_str().unwrap(),
+                cases.to_str().unwrap(),
+            ],
+            &[("CRM_TOKEN", "ci-dummy")],
+            "",
+        );
+        assert_eq!(code, 0, "{}: {stdout}{stderr}", cases.display());
+        assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+        found += 1;
+    }
+    assert_eq!(found, 2);
+}

@@ -1,0 +1,704 @@
+//! Hot reload against a real provisiond process: real files changed the ways operators
+//! and tools change them, real signals, `GET /v1/config` and `POST /v1/reload`.
+//!
+//! Handlers are [`stamper`]s: a reply's `data.stamps` shows which config's handlers ran.
+//! Nothing here asserts how long a reload takes; outcomes are polled with generous
+//! timeouts.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+/// How long "eventually" may take on a loaded machine.
+const PATIENCE: Duration = Duration::from_secs(30);
+/// Longer than the watcher takes to settle and reload: what a test waits before it
+/// checks that no further reload came.
+const QUIET: Duration = Duration::from_millis(1500);
+
+/// A config with one before-stage handler that stamps `/{tag}`.
+fn tagged(stamper: &HandlerServer, tag: &str) -> String {
+    format!(
+        "{SERVER}\n[[handler]]\nname = \"stamp\"\nevents = [\"*\"]\nstage = \"before\"\n\
+         modifies = true\nurl = {}\n",
+        toml_str(stamper.url(&format!("/{tag}")))
+    )
+}
+
+fn generation(config: &Value) -> u64 {
+    config["generation"].as_u64().unwrap()
+}
+
+fn reloads(config: &Value, result: &str) -> u64 {
+    config["reloads"][result].as_u64().unwrap()
+}
+
+async fn served_by(sidecar: &Sidecar) -> Vec<String> {
+    let (status, body) = sidecar
+        .send("clients.update", 7, json!({"name": "x"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    stamps(&body)
+}
+
+/// Starts a sidecar on config "one", changes the file to config "two" with `change`, and
+/// checks that exactly one reload happened and the next event is served by "two".
+async fn one_reload_per_change(
+    setup: impl FnOnce(&Path, &str) -> std::path::PathBuf,
+    change: impl FnOnce(&Path, &str),
+) {
+    let stamper = stamper().await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let config_path = setup(dir.path(), &tagged(&stamper, "one"));
+    let sidecar = Sidecar::spawn(dir, config_path.clone(), &[]);
+    assert_eq!(served_by(&sidecar).await, ["/one"]);
+
+    change(sidecar.dir.path(), &tagged(&stamper, "two"));
+    sidecar
+        .wait_for_config(PATIENCE, |c| generation(c) == 2)
+        .await;
+    assert_eq!(
+        served_by(&sidecar).await,
+        ["/two"],
+        "the next event uses the new handler"
+    );
+
+    tokio::time::sleep(QUIET).await;
+    let config = sidecar.live_config().await;
+    assert_eq!(generation(&config), 2, "{config:#}");
+    assert_eq!(
+        reloads(&config, "applied"),
+        1,
+        "exactly one reload: {config:#}"
+    );
+    assert_eq!(reloads(&config, "rejected"), 0, "{config:#}");
+    assert!(config["last_error"].is_null(), "{config:#}");
+    let summary = sidecar
+        .wait_for_log(PATIENCE, |r| r["message"] == "config reloaded")
+        .unwrap();
+    assert_eq!(summary["changed"], "stamp", "{summary}");
+    assert_eq!(summary["trigger"], "watch", "{summary}");
+}
+
+/// A plain file in the directory.
+fn plain(dir: &Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("provisioning.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_in_place_write_reloads_once() {
+    one_reload_per_change(plain, |dir, text| {
+        use std::io::Write;
+        // Same inode, truncated and written in two pieces, as some editors do.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(dir.join("provisioning.toml"))
+            .unwrap();
+        let (head, tail) = text.split_at(text.len() / 2);
+        file.write_all(head.as_bytes()).unwrap();
+        file.flush().unwrap();
+        file.write_all(tail.as_bytes()).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_editor_rename_save_reloads_once() {
+    one_reload_per_change(plain, |dir, text| {
+        // What vim and most editors do: write a swap/backup file, then rename over.
+        std::fs::write(dir.join(".provisioning.toml.swp"), "swap").unwrap();
+        write_atomic(&dir.join("provisioning.toml"), text);
+        std::fs::remove_file(dir.join(".provisioning.toml.swp")).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sed_in_place_reloads_once() {
+    one_reload_per_change(plain, |dir, _| {
+        let status = std::process::Command::new("sed")
+            .args(["-i", "s#/one\"#/two\"#"])
+            .arg(dir.join("provisioning.toml"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delete_and_create_again_reloads_once() {
+    one_reload_per_change(plain, |dir, text| {
+        let path = dir.join("provisioning.toml");
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, text).unwrap();
+    })
+    .await;
+}
+
+/// The layout of a Kubernetes ConfigMap volume: `provisioning.toml` ->
+/// `..data/provisioning.toml`, `..data` -> `..<timestamp>`.
+fn configmap(dir: &Path, text: &str) -> std::path::PathBuf {
+    let stamped = "..2026_11_26_10_00_00.000000001";
+    std::fs::create_dir(dir.join(stamped)).unwrap();
+    std::fs::write(dir.join(stamped).join("provisioning.toml"), text).unwrap();
+    std::os::unix::fs::symlink(stamped, dir.join("..data")).unwrap();
+    let path = dir.join("provisioning.toml");
+    std::os::unix::fs::symlink("..data/provisioning.toml", &path).unwrap();
+    path
+}
+
+/// An update as the kubelet makes it: a new timestamped directory, a `..data_tmp`
+/// symlink to it renamed over `..data`, the old directory removed.
+fn configmap_update(dir: &Path, text: &str) {
+    let old = std::fs::read_link(dir.join("..data")).unwrap();
+    let stamped = "..2026_11_26_10_05_00.000000002";
+    std::fs::create_dir(dir.join(stamped)).unwrap();
+    std::fs::write(dir.join(stamped).join("provisioning.toml"), text).unwrap();
+    std::os::unix::fs::symlink(stamped, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    std::fs::remove_dir_all(dir.join(old)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_configmap_update_reloads_once() {
+    one_reload_per_change(configmap, configmap_update).await;
+}
+
+/// `provisioning.toml` a symlink to the file in a checkout beside it.
+fn symlinked(dir: &Path, text: &str) -> std::path::PathBuf {
+    std::fs::create_dir(dir.join("checkout")).unwrap();
+    std::fs::write(dir.join("checkout/provisioning.toml"), text).unwrap();
+    let path = dir.join("provisioning.toml");
+    std::os::unix::fs::symlink("checkout/provisioning.toml", &path).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writing_the_file_a_symlink_points_to_reloads_once() {
+    one_reload_per_change(symlinked, |dir, text| {
+        std::fs::write(dir.join("checkout/provisioning.toml"), text).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_that_do_not_touch_the_config_do_not_reload() {
+    let stamper = stamper().await;
+    let text = tagged(&stamper, "one");
+    let sidecar = Sidecar::start(&text);
+    let dir = sidecar.dir.path();
+
+    // Other files in the directory, a backup beside it, attributes of the file itself.
+    std::fs::write(dir.join("notes.txt"), "x").unwrap();
+    std::fs::write(dir.join("provisioning.toml.bak"), "not toml [").unwrap();
+    write_atomic(&dir.join("other.toml"), "x = 1");
+    let _ = std::fs::read_to_string(&sidecar.config_path).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&sidecar.config_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    tokio::time::sleep(QUIET).await;
+    let config = sidecar.live_config().await;
+    for result in ["applied", "unchanged", "rejected"] {
+        assert_eq!(reloads(&config, result), 0, "{result}: {config:#}");
+    }
+
+    // The same text written again, and a comment added: read, and found unchanged.
+    std::fs::write(&sidecar.config_path, &text).unwrap();
+    sidecar
+        .wait_for_config(PATIENCE, |c| reloads(c, "unchanged") == 1)
+        .await;
+    write_atomic(&sidecar.config_path, &format!("# reviewed\n{text}"));
+    let config = sidecar
+        .wait_for_config(PATIENCE, |c| reloads(c, "unchanged") == 2)
+        .await;
+    assert_eq!(generation(&config), 1, "{config:#}");
+    assert_eq!(reloads(&config, "applied"), 0);
+    assert_eq!(served_by(&sidecar).await, ["/one"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_file_keeps_the_old_config_until_it_is_fixed() {
+    let stamper = stamper().await;
+    let sidecar = Sidecar::start(&tagged(&stamper, "one"));
+    let broken = format!(
+        "{}timeout = \"soon\"\ncolour = \"red\"\n",
+        tagged(&stamper, "two")
+    );
+    let bad_line = broken.lines().count() - 1;
+    write_atomic(&sidecar.config_path, &broken);
+
+    let config = sidecar
+        .wait_for_config(PATIENCE, |c| !c["last_error"].is_null())
+        .await;
+    assert_eq!(generation(&config), 1, "{config:#}");
+    assert_eq!(reloads(&config, "rejected"), 1);
+    let errors: Vec<&str> = config["last_error"]["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    let file = sidecar.config_path.display().to_string();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].starts_with(&format!(
+            "{file}:{bad_line}:11: handler[0].timeout: invalid duration"
+        )),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with(&format!(
+            "{file}:{}:1: handler[0].colour: unknown key",
+            bad_line + 1
+        )),
+        "{errors:?}"
+    );
+    assert_eq!(config["last_error"]["trigger"], "watch");
+    assert!(
+        config["handlers"][0]["target"]
+            .as_str()
+            .unwrap()
+            .ends_with("/one"),
+        "/v1/config shows the config still live: {config:#}"
+    );
+    assert_eq!(
+        served_by(&sidecar).await,
+        ["/one"],
+        "the old config still serves"
+    );
+    let logged = sidecar
+        .wait_for_log(PATIENCE, |r| r["message"] == "config error")
+        .unwrap();
+    assert_eq!(logged["error"], errors[0], "the log names file:line:col");
+    assert!(
+        sidecar
+            .wait_for_log(PATIENCE, |r| r["message"]
+                == "config rejected, keeping the running one"
+                && r["errors"] == 2)
+            .is_some()
+    );
+
+    // A file emptied, as an in-place write does for a moment, is refused too.
+    std::fs::write(&sidecar.config_path, "").unwrap();
+    let config = sidecar
+        .wait_for_config(PATIENCE, |c| reloads(c, "rejected") == 2)
+        .await;
+    assert!(
+        config["last_error"]["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("the file is empty"),
+        "{config:#}"
+    );
+    assert_eq!(served_by(&sidecar).await, ["/one"]);
+
+    write_atomic(&sidecar.config_path, &tagged(&stamper, "two"));
+    let config = sidecar
+        .wait_for_config(PATIENCE, |c| generation(c) == 2)
+        .await;
+    assert!(
+        config["last_error"].is_null(),
+        "a good file clears the error: {config:#}"
+    );
+    assert_eq!(reloads(&config, "rejected"), 2);
+    assert_eq!(served_by(&sidecar).await, ["/two"]);
+}
+
+/// A config whose two before-stage handlers both stamp `generation`; the first answers
+/// slowly, so that reloads land while events are between the two.
+fn stamped_twice(stamper: &HandlerServer, generation: usize) -> String {
+    format!(
+        "{SERVER}\n\
+         [[handler]]\nname = \"second\"\nevents = [\"*\"]\nstage = \"before\"\npriority = 20\n\
+         modifies = true\non_error = \"deny\"\nurl = {}\n\n\
+         [[handler]]\nname = \"first\"\nevents = [\"*\"]\nstage = \"before\"\npriority = 10\n\
+         modifies = true\non_error = \"deny\"\nurl = {}\n",
+        toml_str(stamper.url(&format!("/{generation}/b"))),
+        toml_str(stamper.url(&format!("/{generation}/slow"))),
+    )
+}
+
+/// The generation both stamps of a reply name; panics on a mix.
+fn one_generation(body: &Value) -> usize {
+    let stamps = stamps(body);
+    let numbers: Vec<usize> = stamps
+        .iter()
+        .map(|s| s.split('/').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(stamps.len(), 2, "both handlers ran: {body}");
+    assert!(
+        stamps[0].ends_with("/slow") && stamps[1].ends_with("/b"),
+        "{body}"
+    );
+    assert_eq!(numbers[0], numbers[1], "one event saw two configs: {body}");
+    numbers[0]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_rewrites_under_load_never_mix_configs_or_fail_a_request() {
+    const WRITES: usize = 50;
+    const SENDERS: usize = 4;
+    const MAX_EVENTS: usize = 4000;
+    let stamper = stamper().await;
+    let sidecar = Arc::new(Sidecar::start(&stamped_twice(&stamper, 1)));
+    let done = Arc::new(AtomicBool::new(false));
+
+    let mut senders = Vec::new();
+    for sender in 0..SENDERS {
+        let sidecar = sidecar.clone();
+        let done = done.clone();
+        senders.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for i in 0..MAX_EVENTS {
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+                let (status, body) = sidecar
+                    .send(
+                        "clients.update",
+                        (sender * MAX_EVENTS + i) as i64,
+                        json!({}),
+                    )
+                    .await;
+                assert_eq!(status, 200, "no request fails: {body}");
+                seen.push(one_generation(&body));
+            }
+            seen
+        }));
+    }
+
+    // Valid configs 2, 3, ... alternate with broken ones.
+    let mut last_valid = 1;
+    for write in 0..WRITES {
+        if write % 2 == 0 {
+            last_valid += 1;
+            write_atomic(&sidecar.config_path, &stamped_twice(&stamper, last_valid));
+        } else {
+            let broken = stamped_twice(&stamper, 999).replace("priority = 10", "priority = \"x\"");
+            write_atomic(&sidecar.config_path, &broken);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The last write is a broken one: the last valid config is what serves.
+    let config = sidecar
+        .wait_for_config(PATIENCE, |c| {
+            !c["last_error"].is_null()
+                && c["handlers"][1]["target"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with(&format!("/{last_valid}/slow"))
+        })
+        .await;
+    done.store(true, Ordering::Relaxed);
+
+    let mut all = Vec::new();
+    for sender in senders {
+        let seen = sender.await.unwrap();
+        assert!(
+            seen.windows(2).all(|w| w[0] <= w[1]),
+            "an event never sees an older config than the one before it: {seen:?}"
+        );
+        all.extend(seen);
+    }
+    let mut distinct = all.clone();
+    distinct.dedup();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert!(all.len() >= 100, "a steady stream: {} events", all.len());
+    assert!(
+        distinct.len() >= 5,
+        "events were served across many generations: {distinct:?}"
+    );
+    assert!(distinct.iter().all(|g| *g <= last_valid), "{distinct:?}");
+    assert!(reloads(&config, "applied") >= 5, "{config:#}");
+    assert!(reloads(&config, "rejected") >= 5, "{config:#}");
+    let (status, body) = sidecar.send("clients.create", 1, json!({})).await;
+    assert_eq!(status, 200);
+    assert_eq!(one_generation(&body), last_valid);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn removing_an_after_stage_handler_in_the_file_dead_letters_its_queue() {
+    let down = refused_url();
+    let retry = "retry = { attempts = 1000, backoff = \"50ms\", max_backoff = \"200ms\" }";
+    let kept = HandlerServer::fixed(200, "").await;
+    let with = format!(
+        "{SERVER}{}{}",
+        after_handler("crm", &down, retry),
+        after_handler("audit", &kept.url("/audit"), "")
+    );
+    let sidecar = Sidecar::start(&with);
+    for id in 1..=3 {
+        let (status, body) = sidecar.send("clients.create", id, json!({})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let without = format!(
+        "{SERVER}{}",
+        after_handler("audit", &kept.url("/audit"), "")
+    );
+    write_atomic(&sidecar.config_path, &without);
+    let config = sidecar
+        .wait_for_config(PATIENCE, |c| generation(c) == 2)
+        .await;
+    assert_eq!(config["handlers"].as_array().unwrap().len(), 1);
+
+    let mut letters = Vec::new();
+    for _ in 0..1500 {
+        let (status, body) = sidecar.get("/v1/deadletters").await;
+        assert_eq!(status, 200, "{body}");
+        letters = body["deadletters"].as_array().unwrap().clone();
+        if letters.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    for letter in &letters {
+        assert_eq!(letter["handler"], "crm", "{letter}");
+        assert_eq!(
+            letter["reason"], "handler removed by a config reload",
+            "{letter}"
+        );
+    }
+    assert!(
+        eventually(PATIENCE, || kept.calls().len() == 3).await,
+        "the handler kept still gets its deliveries"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listen_change_is_reported_and_not_applied() {
+    let stamper = stamper().await;
+    let sidecar = Sidecar::start(&tagged(&stamper, "one"));
+    let moved =
+        |tag| tagged(&stamper, tag).replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");
+
+    // Only the listener differs: nothing to swap, a restart to ask for.
+    write_atomic(&sidecar.config_path, &moved("one"));
+    let config = sidecar
+        .wait_for_config(PATIENCE, |c| reloads(c, "unchanged") == 1)
+        .await;
+    assert_eq!(generation(&config), 1);
+    assert_eq!(
+        config["restart_needed"],
+        json!([{"setting": "server.listen", "file": "127.0.0.1:1", "running": "127.0.0.1:0"}])
+    );
+    let warned = sidecar
+        .wait_for_log(PATIENCE, |r| {
+            r["message"] == "setting needs a restart, keeping the running value"
+        })
+        .unwrap();
+    assert_eq!(warned["setting"], "server.listen");
+
+    // With a handler change too: the handler applies, the listener stays.
+    write_atomic(&sidecar.config_path, &moved("two"));
+    let config = sidecar
+        .wait_for_config(PATIENCE, |c| generation(c) == 2)
+        .await;
+    assert_eq!(config["restart_needed"][0]["setting"], "server.listen");
+    assert_eq!(
+        served_by(&sidecar).await,
+        ["/two"],
+        "still served on the old address"
+    );
+
+    // Back to the running value: nothing pending any more.
+    write_atomic(&sidecar.config_path, &tagged(&stamper, "two"));
+    sidecar
+        .wait_for_config(PATIENCE, |c| {
+            reloads(c, "unchanged") == 2 && c["restart_needed"] == json!([])
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads() {
+    let stamper = stamper().await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = plain(dir.path(), &tagged(&stamper, "one"));
+    let sidecar = Sidecar::spawn_with(dir, path, &[], &["--no-watch"]);
+
+    write_atomic(&sidecar.config_path, &tagged(&stamper, "two"));
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        generation(&sidecar.live_config().await),
+        1,
+        "--no-watch does not watch"
+    );
+    assert_eq!(served_by(&sidecar).await, ["/one"]);
+
+    sidecar.signal(nix::sys::signal::Signal::SIGHUP);
+    sidecar
+        .wait_for_config(PATIENCE, |c| generation(c) == 2)
+        .await;
+    assert_eq!(served_by(&sidecar).await, ["/two"]);
+    let logged = sidecar
+        .wait_for_log(PATIENCE, |r| r["message"] == "config reloaded")
+        .unwrap();
+    assert_eq!(logged["trigger"], "signal");
+
+    sidecar.signal(nix::sys::signal::Signal::SIGHUP);
+    let config = sidecar
+        .wait_for_config(PATIENCE, |c| reloads(c, "unchanged") == 1)
+        .await;
+    assert_eq!(generation(&config), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn post_reload_answers_applied_unchanged_or_rejected() {
+    let stamper = stamper().await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = plain(dir.path(), &tagged(&stamper, "one"));
+    let sidecar = Sidecar::spawn_with(dir, path, &[], &["--no-watch"]);
+
+    let (status, body) = sidecar.post_to("/v1/reload", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"result": "unchanged", "generation": 1, "restart_needed": []})
+    );
+
+    let added = format!(
+        "{}\n[[handler]]\nname = \"audit\"\nevents = [\"clients.delete\"]\nstage = \"before\"\n\
+         url = {}\n",
+        tagged(&stamper, "two"),
+        toml_str(stamper.url("/audit"))
+    );
+    write_atomic(&sidecar.config_path, &added);
+    let (status, body) = sidecar.post_to("/v1/reload", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"result": "applied", "generation": 2, "added": ["audit"], "removed": [],
+               "changed": ["stamp"], "settings": [], "restart_needed": []})
+    );
+    assert_eq!(served_by(&sidecar).await, ["/two"]);
+
+    let no_stage = added.replace("stage = \"before\"\nurl", "url");
+    // The `[[handler]]` line above `name = "audit"`, 1-based.
+    let line = no_stage
+        .lines()
+        .position(|l| l.contains("\"audit\""))
+        .unwrap();
+    write_atomic(&sidecar.config_path, &no_stage);
+    let (status, body) = sidecar.post_to("/v1/reload", "").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["result"], "rejected");
+    assert_eq!(body["generation"], 2);
+    let file = sidecar.config_path.display().to_string();
+    let errors = body["error"]["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{body}");
+    assert!(
+        errors[0]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{file}:{line}:1: handler[1]: missing `stage`")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("running config stays")
+    );
+    let config = sidecar.live_config().await;
+    assert_eq!(config["last_error"]["trigger"], "api");
+    assert_eq!(config["last_error"]["errors"], json!(errors));
+    assert_eq!(
+        config["reloads"],
+        json!({"applied": 1, "unchanged": 1, "rejected": 1})
+    );
+
+    let (status, metrics) = sidecar.get("/metrics").await;
+    assert_eq!(status, 200);
+    let metrics = metrics.as_str().unwrap();
+    for result in ["applied", "unchanged", "rejected"] {
+        let line = format!("provisiond_reloads_total{{result=\"{result}\"}} 1");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "provisiond_config_generation 2"),
+        "{metrics}"
+    );
+
+    let (status, _) = sidecar.get("/v1/reload").await;
+    assert_eq!(status, 405);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn v1_config_shows_dispatch_order_and_no_secret() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let text = format!(
+        r#"{SERVER}
+[[handler]]
+name = "late"
+events = ["clients.*"]
+stage = "before"
+priority = 50
+url = "http://crm.example/hook?key=${{CRM_KEY}}"
+headers = {{ Authorization = "Bearer ${{CRM_KEY}}" }}
+secret = "whsec_c2VjcmV0LXNpZ25pbmcta2V5"
+
+[[handler]]
+name = "early"
+events = ["clients.create"]
+stage = "before"
+priority = 5
+command = ["/bin/true", "${{CRM_KEY}}"]
+env = {{ API_KEY = "${{CRM_KEY}}" }}
+
+[[handler]]
+name = "off"
+events = ["*"]
+stage = "before"
+enabled = false
+url = "http://127.0.0.1:1/off"
+"#
+    );
+    let path = plain(dir.path(), &text);
+    let sidecar = Sidecar::spawn(dir, path, &[("CRM_KEY", "key-SECRET-2")]);
+    let (status, raw) = sidecar.get("/v1/config").await;
+    assert_eq!(status, 200);
+    let shown = raw.to_string();
+    for secret in ["SECRET", "c2VjcmV0", "whsec_", "Bearer"] {
+        assert!(!shown.contains(secret), "{secret} in {raw:#}");
+    }
+    assert_eq!(raw["generation"], 1);
+    assert_eq!(raw["hash"].as_str().unwrap().len(), 64);
+    assert!(raw["loaded_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(
+        raw["events"]["clients.create"],
+        json!({"before": ["early", "late"], "after": []})
+    );
+    assert_eq!(
+        raw["events"]["clients.update"],
+        json!({"before": ["late"], "after": []})
+    );
+    assert_eq!(
+        raw["events"]["importd.process_failed"],
+        json!({"before": [], "after": []})
+    );
+    assert_eq!(
+        raw["handlers"][0]["target"],
+        "POST http://crm.example/hook?key=${CRM_KEY}"
+    );
+    assert_eq!(raw["handlers"][1]["target"], "/bin/true ${CRM_KEY}");
+    assert_eq!(raw["handlers"][2]["enabled"], false);
+    assert_eq!(raw["handlers"][2]["name"], "off");
+    assert!(raw["last_error"].is_null());
+    let logs = sidecar.logs().join("\n");
+    assert!(!logs.contains("SECRET"), "{logs}");
+}
