@@ -815,7 +815,13 @@ async fn a_store_that_cannot_take_the_deliveries_answers_503_never_200() {
         sidecar.send("clients.create", 1, json!({})).await.status(),
         200
     );
+    let ready = |sidecar: &InProcess| {
+        let url = format!("http://{}/readyz", sidecar.addr);
+        async move { http_client().get(url).send().await.unwrap().status() }
+    };
+    assert_eq!(ready(&sidecar).await, 200);
     sidecar.app.store.close().await;
+    assert_eq!(ready(&sidecar).await, 503, "not ready without the store");
     let response = sidecar.send("clients.create", 2, json!({})).await;
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "1");

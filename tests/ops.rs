@@ -65,6 +65,11 @@ async fn the_token_guards_events_and_the_admin_api_but_not_health() {
     assert_eq!(status, 401, "the admin API needs the token");
     let (status, _) = sidecar.get("/healthz").await;
     assert_eq!(status, 200, "health stays open");
+    let (status, ready) = sidecar.get("/readyz").await;
+    assert_eq!(status, 200, "readiness stays open: {ready}");
+    assert_eq!(ready["generation"], 1);
+    let (status, _) = sidecar.get("/metrics").await;
+    assert_eq!(status, 200, "metrics stay open");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -43,15 +43,18 @@ fn metrics(app: &App) -> Response<Body> {
     response
 }
 
-/// `GET /readyz`: 200 once a config is loaded and the sidecar is not draining; 503 while
-/// shutting down, so that a load balancer stops sending events first.
+/// `GET /readyz`: 200 when a config is loaded and the store is open; 503 while shutting
+/// down or when the store cannot take writes, so that traffic goes elsewhere first.
 fn ready(app: &App) -> Response<Body> {
     if app.is_draining() {
         return reply::unavailable("shutting down", 1);
     }
+    if !app.store.is_open() {
+        return reply::unavailable("the store is not open", 5);
+    }
     let generation = app.snapshot.load().generation;
     reply::json(
         StatusCode::OK,
-        &json!({"status": "ready", "generation": generation}),
+        &json!({"status": "ready", "generation": generation, "store": app.store.path()}),
     )
 }

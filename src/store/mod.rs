@@ -181,6 +181,11 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Whether the store can take writes: its writer runs and the file answers a read.
+    pub fn is_open(&self) -> bool {
+        !self.inner.ops.is_closed() && self.inner.db.begin_read().is_ok()
+    }
+
     /// Stores deliveries durably; returns once they are committed. An item whose dedupe
     /// key was stored within `window` is skipped: its slot in the reply is `None`.
     pub async fn enqueue(
