@@ -4,6 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+/// mimalloc instead of the system allocator: events allocate on the runtime's threads and
+/// free on the store writer's and the log writer's, and glibc's arenas contend on that.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use provisiond::commands;
 use provisiond::telemetry::{self, LogFormat};
 
@@ -225,10 +230,14 @@ fn main() -> ExitCode {
             ))
         }
         Command::Run { no_watch } => {
-            if let Err(e) = telemetry::init(cli.log_format, cli.log_level.as_deref()) {
-                eprintln!("provisiond: {e:#}");
-                return ExitCode::FAILURE;
-            }
+            // Held to the end of `run`: dropping it flushes the log lines still queued.
+            let _logs = match telemetry::init(cli.log_format, cli.log_level.as_deref()) {
+                Ok(guard) => guard,
+                Err(e) => {
+                    eprintln!("provisiond: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {

@@ -2,6 +2,7 @@
 
 use std::io::IsTerminal as _;
 
+use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
 
 /// `--log-format`.
@@ -18,7 +19,12 @@ pub enum LogFormat {
 
 /// Installs the global subscriber. The level comes from `level` (`--log-level`), else
 /// `RUST_LOG`, else `info`.
-pub fn init(format: LogFormat, level: Option<&str>) -> anyhow::Result<()> {
+///
+/// Lines are formatted where they happen but written by a thread of their own, in
+/// batches: an event's path never waits on stderr. Keep the returned guard until exit;
+/// dropping it flushes what is queued. If stderr cannot keep up at all (over 128k lines
+/// behind), lines are dropped rather than slowing the billing down.
+pub fn init(format: LogFormat, level: Option<&str>) -> anyhow::Result<WorkerGuard> {
     let filter = match level {
         Some(level) => EnvFilter::try_new(level)?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -29,9 +35,11 @@ pub fn init(format: LogFormat, level: Option<&str>) -> anyhow::Result<()> {
         LogFormat::Pretty => false,
         LogFormat::Auto => !terminal,
     };
+    let (writer, guard) =
+        tracing_appender::non_blocking(std::io::BufWriter::new(std::io::stderr()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let result = if json {
         builder
             .json()
@@ -42,5 +50,6 @@ pub fn init(format: LogFormat, level: Option<&str>) -> anyhow::Result<()> {
     } else {
         builder.with_ansi(terminal).with_target(false).try_init()
     };
-    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))?;
+    Ok(guard)
 }

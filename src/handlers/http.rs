@@ -13,13 +13,16 @@ use crate::config::{HttpTarget, SigningKey};
 
 /// The client every HTTP handler shares: keep-alive pool, no redirects (a handler that
 /// redirects is misconfigured, and following one would re-send the envelope elsewhere),
-/// no proxy from the environment.
+/// no retries of its own, no proxy from the environment.
 pub fn client() -> reqwest::Client {
     // reqwest is built without a default crypto provider; install ring once. An error
     // only means one is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        // No hidden retries: a POST repeated behind the caller's back could provision
+        // twice; the after stage retries deliveries itself, with backoff.
+        .retry(reqwest::retry::never())
         .no_proxy()
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(256)

@@ -27,6 +27,8 @@ use super::{DEAD, DEDUPE_AGE, DELIVERIES, EXECUTIONS, META, StoreError};
 const SLOW_COMMIT: Duration = Duration::from_millis(100);
 /// Most requests applied in one transaction.
 const MAX_BATCH: usize = 2048;
+/// Longest a batch of execution log rows alone waits for company before its commit.
+const LOG_LINGER: Duration = Duration::from_millis(50);
 /// Most rows one prune removes from each table, so that a prune never holds the writer
 /// for long; the next one goes on.
 const PRUNE_LIMIT: usize = 20_000;
@@ -163,6 +165,12 @@ impl Writer {
                 let Ok(r) = self.logs.try_recv() else { break };
                 rows.extend(r);
             }
+            if ops.is_empty() && !rows.is_empty() {
+                // Only log rows: let more gather before committing, so that a steady
+                // stream of events costs a commit per LOG_LINGER, not per event. A
+                // request arriving meanwhile ends the wait and shares the commit.
+                self.linger(&runtime, &mut ops, &mut rows);
+            }
             if let Some(at) = ops.iter().position(|op| matches!(op, Op::Close { .. })) {
                 // Requests behind the close are answered with an error, below.
                 let Op::Close { reply } = ops.remove(at) else {
@@ -188,6 +196,28 @@ impl Writer {
             refuse(op);
         }
         debug!("store writer stopped");
+    }
+
+    /// Waits up to [`LOG_LINGER`] for a request to share the commit with, then takes the
+    /// log rows that came meanwhile. Log rows alone do not wake the writer while it
+    /// lingers: under load that would be a thread wake-up per event.
+    fn linger(
+        &mut self,
+        runtime: &tokio::runtime::Handle,
+        ops: &mut Vec<Op>,
+        rows: &mut Vec<Execution>,
+    ) {
+        let until = tokio::time::Instant::now() + LOG_LINGER;
+        runtime.block_on(async {
+            tokio::select! {
+                op = self.ops.recv() => ops.extend(op),
+                () = tokio::time::sleep_until(until) => {}
+            }
+        });
+        while rows.len() < MAX_BATCH {
+            let Ok(more) = self.logs.try_recv() else { break };
+            rows.extend(more);
+        }
     }
 
     fn batch(&mut self, ops: Vec<Op>, rows: Vec<Execution>, last: bool) {
