@@ -82,6 +82,50 @@ fn check_reports_every_mistake_with_its_line_and_column() {
     assert!(stderr.contains(&format!("{file}: 8 errors")), "{stderr}");
 }
 
+/// A handler whose `stage` is missing or misspelt is still checked through: one run of
+/// `check` shows everything to fix.
+#[test]
+fn check_reports_the_other_mistakes_of_a_handler_with_a_bad_required_key() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("provisioning.toml");
+    std::fs::write(
+        &path,
+        r#"[[handler]]
+name = "b c"
+events = ["clients*"]
+url = "http://127.0.0.1:5001/"
+
+[[handler]]
+name = "b"
+events = ["clients.create"]
+stage = "Before"
+priority = "high"
+url = "http://127.0.0.1:5001/"
+retry = { attempts = 3, backoff = "1s" }
+"#,
+    )
+    .unwrap();
+    let (code, _, stderr) = check(&path, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    let file = path.display().to_string();
+    let expected = [
+        format!("{file}:1:1: handler[0]: missing `stage`"),
+        format!("{file}:2:8: handler[0].name: \"b c\" is not a valid handler name"),
+        format!("{file}:3:11: handler[0].events[0]: `clients*` is not a valid event name"),
+        format!("{file}:9:9: handler[1].stage: unknown value `Before`"),
+        format!("{file}:10:12: handler[1].priority: invalid type"),
+        format!("{file}:12:9: handler[1].retry: only applies to the after stage"),
+    ];
+    for want in &expected {
+        assert!(
+            stderr.lines().any(|l| l.starts_with(want.as_str())),
+            "missing {want:?} in:\n{stderr}"
+        );
+    }
+    // Nothing about the placeholders put in for the missing stage.
+    assert!(stderr.contains(&format!("{file}: 6 errors")), "{stderr}");
+}
+
 #[test]
 fn check_names_syntax_errors_and_missing_files() {
     let dir = tempfile::TempDir::new().unwrap();

@@ -61,8 +61,11 @@ pub fn compile(
     let mut checker = Checker {
         diags,
         originals: &doc.originals,
+        synthetic: &parsed.synthetic,
     };
     let config = checker.config(&parsed.raw, &parsed.handler_index, file, base, text);
+    // A placeholder is only ever put in for a key whose error was reported.
+    debug_assert!(parsed.synthetic.is_empty() || !checker.diags.is_empty());
     if checker.diags.is_empty() {
         Ok(config)
     } else {
@@ -98,11 +101,22 @@ fn hide_substituted(errors: &mut [super::ConfigError], values: &[String]) {
 struct Checker<'a> {
     diags: Vec<Diag>,
     originals: &'a HashMap<KeyPath, String>,
+    /// Paths of placeholders the raw layer put in for missing or wrong required keys.
+    synthetic: &'a [KeyPath],
 }
 
 impl Checker<'_> {
+    /// Records a problem, unless it is about a placeholder (see [`Self::is_synthetic`]).
     fn error(&mut self, path: KeyPath, message: impl Into<String>) {
-        self.diags.push(Diag::at(path, message));
+        if !self.is_synthetic(&path) {
+            self.diags.push(Diag::at(path, message));
+        }
+    }
+
+    /// Whether `path` is, or is under, a placeholder value: what the file had there was
+    /// already reported, and anything said about the placeholder would be noise.
+    fn is_synthetic(&self, path: &KeyPath) -> bool {
+        self.synthetic.iter().any(|s| path.0.starts_with(&s.0))
     }
 
     fn duration(&mut self, value: Option<&str>, path: KeyPath, default: Duration) -> Duration {
@@ -389,7 +403,9 @@ impl Checker<'_> {
         let target = self.target(raw, path, base);
 
         let stage = raw.stage;
-        if stage == Stage::After {
+        if self.is_synthetic(&path.key("stage")) {
+            // The stage is not known, so neither is which keys it allows.
+        } else if stage == Stage::After {
             if raw.modifies.is_some() {
                 self.error(
                     path.key("modifies"),

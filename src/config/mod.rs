@@ -419,6 +419,81 @@ retry = { attempts = 3, backoff = "100ms", max_backoff = "1s" }
         );
     }
 
+    /// The lines of the errors `text` gives, to compare whole.
+    fn error_lines(text: &str) -> Vec<String> {
+        let errors = parse(text).unwrap_err();
+        errors.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_handler_with_a_missing_or_wrong_required_key_is_still_checked() {
+        let text = r#"[[handler]]
+name = "b c"
+events = ["clients*"]
+url = "http://127.0.0.1:1/x"
+
+[[handler]]
+name = "b"
+events = ["clients.create"]
+stage = "Before"
+priority = "high"
+url = "http://127.0.0.1:1/x"
+retry = { attempts = 3 }
+"#;
+        assert_eq!(
+            error_lines(text),
+            [
+                "p.toml:1:1: handler[0]: missing `stage`: say \"before\" (may modify, allow or \
+                 forbid) or \"after\" (notified durably)",
+                "p.toml:2:8: handler[0].name: \"b c\" is not a valid handler name: use letters, \
+                 digits, '-' and '_'",
+                "p.toml:3:11: handler[0].events[0]: `clients*` is not a valid event name \
+                 (dot-separated lower-case words, a prefix such as \"clients.*\", or \"*\")",
+                "p.toml:9:9: handler[1].stage: unknown value `Before`, expected `before` or `after`",
+                "p.toml:10:12: handler[1].priority: invalid type: string \"high\", expected an \
+                 integer",
+                "p.toml:12:9: handler[1].retry: only applies to the after stage; a before-stage \
+                 handler is called once, see `on_error`",
+            ]
+        );
+    }
+
+    #[test]
+    fn placeholders_for_missing_keys_cause_no_errors_of_their_own() {
+        // Two handlers without a name are no duplicates, one without events does not
+        // "name no event", and one without a stage may have after-stage keys.
+        let text = "[[handler]]\nevents = [\"*\"]\nstage = \"after\"\nurl = \"http://a/\"\n\
+                    [[handler]]\nstage = \"before\"\nurl = \"http://a/\"\n\
+                    [[handler]]\nname = \"c\"\nevents = [\"*\"]\nurl = \"http://a/\"\n\
+                    retry = { attempts = 2 }\nmodifies = true\n";
+        assert_eq!(
+            error_lines(text),
+            [
+                "p.toml:1:1: handler[0]: missing `name`",
+                "p.toml:5:1: handler[1]: missing `name`",
+                "p.toml:5:1: handler[1]: missing `events`",
+                "p.toml:8:1: handler[2]: missing `stage`: say \"before\" (may modify, allow or \
+                 forbid) or \"after\" (notified durably)",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_mistake_in_a_header_table_is_pinned_to_its_key() {
+        // The span of `[handler.retry]` does not cover its keys; the error must still
+        // name the key, and the handler's other problems must still be found.
+        let text = "[[handler]]\nevents = [\"*\"]\nstage = \"after\"\nurl = \"http://a/\"\n\
+                    [handler.retry]\natempts = 3\n";
+        assert_eq!(
+            error_lines(text),
+            [
+                "p.toml:1:1: handler[0]: missing `name`",
+                "p.toml:6:1: handler[0].retry.atempts: unknown key `atempts`, expected one of \
+                 `attempts`, `backoff`, `max_backoff`",
+            ]
+        );
+    }
+
     #[test]
     fn stage_is_required_and_syntax_errors_have_positions() {
         let errors = parse("[[handler]]\nname = \"x\"\nevents = [\"*\"]\nurl = \"http://a/\"\n")
