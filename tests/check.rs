@@ -144,6 +144,35 @@ fn check_names_syntax_errors_and_missing_files() {
     assert!(stderr.contains("cannot read the file"), "{stderr}");
 }
 
+/// One `]` left out is one error, at the line after it, with a hint; not the parser's
+/// cascade of errors while it recovers.
+#[test]
+fn check_reports_a_missing_bracket_once_with_a_hint() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("provisioning.toml");
+    let mut text = String::from(
+        "[[handler]]\nname = \"a\"\nevents = [\"clients.create\", \"clients.update\"\n\
+         stage = \"before\"\nurl = \"http://127.0.0.1:5001/\"\n",
+    );
+    for i in 0..5 {
+        text.push_str(&format!(
+            "\n[[handler]]\nname = \"h{i}\"\nevents = [\"*\"]\nstage = \"after\"\n\
+             url = \"http://127.0.0.1:5001/\"\n"
+        ));
+    }
+    std::fs::write(&path, text).unwrap();
+    let (code, _, stderr) = check(&path, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    let file = path.display().to_string();
+    assert_eq!(
+        stderr,
+        format!(
+            "{file}:4:1: invalid TOML: missing comma between array elements, expected `,` \
+             (is a `]` missing on an earlier line?)\n{file}: 1 error\n"
+        )
+    );
+}
+
 #[test]
 fn check_summarises_a_good_file_and_hides_secrets() {
     let dir = tempfile::TempDir::new().unwrap();

@@ -495,6 +495,25 @@ retry = { attempts = 3 }
     }
 
     #[test]
+    fn a_missing_bracket_is_one_syntax_error_with_a_hint() {
+        let text = "[[handler]]\nname = \"a\"\nevents = [\"clients.create\", \"clients.update\"\n\
+                    stage = \"before\"\nurl = \"http://a/\"\n\n\
+                    [[handler]]\nname = \"b\"\nevents = [\"*\"]\nstage = \"after\"\n";
+        assert_eq!(
+            error_lines(text),
+            [
+                "p.toml:4:1: invalid TOML: missing comma between array elements, expected `,` \
+              (is a `]` missing on an earlier line?)"
+            ]
+        );
+        // A bracket left open on the same line needs no hint beyond the parser's.
+        assert_eq!(
+            error_lines("[server\nlisten = 1\n"),
+            ["p.toml:1:8: invalid TOML: unclosed table, expected `]`"]
+        );
+    }
+
+    #[test]
     fn stage_is_required_and_syntax_errors_have_positions() {
         let errors = parse("[[handler]]\nname = \"x\"\nevents = [\"*\"]\nurl = \"http://a/\"\n")
             .unwrap_err();

@@ -61,18 +61,12 @@ pub struct Parsed {
 pub const SECTIONS: &[&str] = &["server", "store", "defaults", "events", "handler"];
 
 impl<'i> Document<'i> {
-    /// Parses TOML syntax. Syntax errors are all returned, each with its span.
+    /// Parses TOML syntax. Only the first syntax error is returned: what the parser
+    /// reports after it, while recovering, is mostly noise caused by the first.
     pub fn parse(text: &'i str) -> Result<Self, Vec<Diag>> {
         let (root, errors) = DeTable::parse_recoverable(text);
-        if !errors.is_empty() {
-            return Err(errors
-                .into_iter()
-                .map(|e| Diag {
-                    path: KeyPath::root(),
-                    span: e.span(),
-                    message: format!("invalid TOML: {}", e.message().trim()),
-                })
-                .collect());
+        if let Some(first) = errors.first() {
+            return Err(vec![syntax_error(text, first)]);
         }
         Ok(Self {
             text,
@@ -177,6 +171,44 @@ impl<'i> Document<'i> {
     pub fn resolve(&self, file: &str, diags: Vec<Diag>) -> Vec<ConfigError> {
         resolve(self.text, file, diags, |p| self.span_of(p))
     }
+}
+
+/// A TOML syntax error, with a hint when it is likely caused by a bracket left open on
+/// an earlier line: the parser then stumbles on the next line, not at the real mistake.
+fn syntax_error(text: &str, error: &toml::de::Error) -> Diag {
+    let message = error.message().trim();
+    let span = error.span();
+    let at_line_start = span.as_ref().is_some_and(|s| starts_line(text, s.start));
+    let hint = match closing_bracket(message) {
+        Some(bracket) if at_line_start => {
+            format!(" (is a `{bracket}` missing on an earlier line?)")
+        }
+        _ => String::new(),
+    };
+    Diag {
+        path: KeyPath::root(),
+        span,
+        message: format!("invalid TOML: {message}{hint}"),
+    }
+}
+
+/// The bracket that closes what a syntax error `message` is about (an array, an inline
+/// table, a table header), if it is about one.
+fn closing_bracket(message: &str) -> Option<char> {
+    if message.contains("array") || message.starts_with("unclosed table") {
+        Some(']')
+    } else if message.contains("inline table") || message.contains("key-value pairs") {
+        Some('}')
+    } else {
+        None
+    }
+}
+
+/// Whether only blanks come before `offset` on its line.
+fn starts_line(text: &str, offset: usize) -> bool {
+    let before = &text[..offset.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    before[line_start..].trim().is_empty()
 }
 
 /// Turns diagnostics into sorted errors, looking up missing spans with `span_of`.
