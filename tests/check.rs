@@ -207,6 +207,31 @@ headers = { Authorization = "Bearer ${CRM_KEY}" }
     );
 }
 
+/// The summary shows a URL as written in the file, `${...}` and all, with only the
+/// password masked; not percent-encoded by a round trip through a URL parser.
+#[test]
+fn check_shows_urls_as_written_with_the_password_masked() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        r#"[[handler]]
+name = "crm"
+events = ["clients.*"]
+stage = "before"
+url = "http://user:${PW}@crm/${PATHX:-def}/$${literal}"
+"#,
+    )
+    .unwrap();
+    let (code, stdout, stderr) = check(&path, &[("PW", "pw-789")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("  POST http://user:***@crm/${PATHX:-def}/$${literal}\n"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("pw-789"), "{stdout}");
+}
+
 /// Every config the project ships, and the default one.
 fn shipped_configs() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -732,17 +732,77 @@ fn parse_listen(text: &str) -> Result<Listen, String> {
     })
 }
 
-/// A URL with any password replaced by `***`; text that is not a URL comes back as is.
+/// The URL as written with its password, if any, replaced by `***`:
+/// `scheme://user:PASSWORD@host/...` -> `scheme://user:***@host/...`. The rest stays byte
+/// for byte as written; a round trip through `Url` would percent-encode `${VAR}`.
 fn without_password(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let start = scheme_end + 3;
+    let rest = &url[start..];
+    let authority = &rest[..outside_refs(rest)
+        .find(|&(_, c)| matches!(c, '/' | '?' | '#'))
+        .map_or(rest.len(), |(i, _)| i)];
+    let Some(at) = outside_refs(authority)
+        .filter(|&(_, c)| c == '@')
+        .last()
+        .map(|(i, _)| i)
+    else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    match outside_refs(userinfo).find(|&(_, c)| c == ':') {
+        Some((colon, _)) if colon + 1 < userinfo.len() => {
+            format!("{}{}:***{}", &url[..start], &userinfo[..colon], &rest[at..])
         }
         _ => url.to_owned(),
     }
 }
 
+/// The characters of `text` with their byte offsets, leaving out those inside `${...}`
+/// references (whose defaults may hold `/`, `:` or `@`).
+fn outside_refs(text: &str) -> impl Iterator<Item = (usize, char)> + '_ {
+    let mut depth = 0usize;
+    text.char_indices().filter(move |&(i, c)| {
+        if c == '$' && text[i..].starts_with("${") {
+            depth += 1;
+        } else if c == '}' && depth > 0 {
+            depth -= 1;
+            return false;
+        }
+        depth == 0
+    })
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_password_of_a_url_is_masked() {
+        for (written, shown) in [
+            (
+                "http://user:${PW}@crm/${PATHX:-def}/$${literal}",
+                "http://user:***@crm/${PATHX:-def}/$${literal}",
+            ),
+            (
+                "https://u:p%40ss@h:8443/a?b=c#d",
+                "https://u:***@h:8443/a?b=c#d",
+            ),
+            ("http://u:${PW:-a/b@c}@h/x", "http://u:***@h/x"),
+            ("http://${USER:-a:b}:pw@h/", "http://${USER:-a:b}:***@h/"),
+            ("http://user@h/a:b@c", "http://user@h/a:b@c"),
+            ("http://h/?q=a:b@c", "http://h/?q=a:b@c"),
+            ("http://user:@h/", "http://user:@h/"),
+            ("${CRM_URL}", "${CRM_URL}"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(without_password(written), shown, "{written}");
+        }
+    }
 }

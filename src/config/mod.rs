@@ -176,7 +176,7 @@ pub enum Target {
 #[derive(Debug)]
 pub struct HttpTarget {
     pub url: reqwest::Url,
-    /// The URL as written in the file (before substitution), with any password removed.
+    /// The URL as written in the file (before substitution), with any password masked.
     pub shown_url: String,
     pub method: reqwest::Method,
     pub headers: reqwest::header::HeaderMap,
@@ -401,6 +401,17 @@ retry = { attempts = 3, backoff = "100ms", max_backoff = "1s" }
         assert_eq!(s.argv[2], "t0ken");
         assert_eq!(script.retry.attempts, 3);
         assert!(!format!("{config:?}").contains("t0ken"), "{config:?}");
+    }
+
+    #[test]
+    fn targets_are_shown_as_written_with_the_password_masked() {
+        let text = "[[handler]]\nname = \"a\"\nevents = [\"*\"]\nstage = \"before\"\n\
+                    url = \"http://user:${CRM_TOKEN}@crm/${PATHX:-def}/$${literal}\"\n";
+        let config = parse(text).unwrap();
+        assert_eq!(
+            config.handler("a").unwrap().describe_target(),
+            "POST http://user:***@crm/${PATHX:-def}/$${literal}"
+        );
     }
 
     #[test]
