@@ -232,6 +232,42 @@ url = "http://user:${PW}@crm/${PATHX:-def}/$${literal}"
     assert!(!stdout.contains("pw-789"), "{stdout}");
 }
 
+/// A bad URL that came from the environment: the message says so and shows the URL as
+/// written, never the value.
+#[test]
+fn check_never_prints_a_bad_url_from_the_environment() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        "[[handler]]\nname = \"crm\"\nevents = [\"Clients.Create\"]\nstage = \"before\"\n\
+         url = \"${CRM_URL}\"\ntimeout = \"-5s\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = check(&path, &[("CRM_URL", "ftp://token-9871@crm/")]);
+    assert_eq!(code, 1, "{stderr}");
+    let file = path.display().to_string();
+    for want in [
+        format!(
+            "{file}:3:11: handler[0].events[0]: `Clients.Create` is not a valid event name: \
+             event names are lower-case (did you mean \"clients.create\"?)"
+        ),
+        format!(
+            "{file}:5:7: handler[0].url: \"${{CRM_URL}}\" must be an http:// or https:// URL \
+             (the value came from the environment variable `CRM_URL`)"
+        ),
+        format!(
+            "{file}:6:11: handler[0].timeout: invalid duration \"-5s\": durations cannot be negative"
+        ),
+    ] {
+        assert!(
+            stderr.lines().any(|l| l == want),
+            "missing {want:?} in:\n{stderr}"
+        );
+    }
+    assert!(!stderr.contains("token-9871"), "{stderr}");
+}
+
 /// Every config the project ships, and the default one.
 fn shipped_configs() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -121,6 +121,13 @@ impl Checker<'_> {
 
     fn duration(&mut self, value: Option<&str>, path: KeyPath, default: Duration) -> Duration {
         let Some(text) = value else { return default };
+        if text.trim().starts_with('-') {
+            self.error(
+                path,
+                format!("invalid duration {text:?}: durations cannot be negative"),
+            );
+            return default;
+        }
         match humantime::parse_duration(text.trim()) {
             Ok(d) => d,
             Err(e) => {
@@ -493,50 +500,10 @@ impl Checker<'_> {
         }
         let mut patterns = Vec::new();
         for (i, text) in raw.events.iter().enumerate() {
-            let pattern = match EventPattern::parse(text) {
-                Ok(p) => p,
-                Err(e) => {
-                    self.error(path.index(i), e);
-                    continue;
-                }
-            };
-            let hint = |candidates: &mut dyn Iterator<Item = &str>| {
-                events::suggest(text, candidates)
-                    .map(|s| format!(" (did you mean \"{s}\"?)"))
-                    .unwrap_or_default()
-            };
-            match &pattern {
-                EventPattern::Exact(name) if !known.iter().any(|k| k == name) => {
-                    let hint = hint(&mut known.iter().map(String::as_str));
-                    self.error(
-                        path.index(i),
-                        format!(
-                            "unknown event {text:?}{hint}; list events the billing's \
-                             catalogue lacks in [events] extra"
-                        ),
-                    );
-                    continue;
-                }
-                EventPattern::Prefix(prefix) if !known.iter().any(|k| k.starts_with(prefix)) => {
-                    let prefixes: Vec<String> = known
-                        .iter()
-                        .flat_map(|k| {
-                            k.match_indices('.')
-                                .map(|(at, _)| format!("{}.*", &k[..at]))
-                                .collect::<Vec<_>>()
-                        })
-                        .collect();
-                    let hint = hint(&mut prefixes.iter().map(String::as_str));
-                    self.error(
-                        path.index(i),
-                        format!("{text:?} matches no known event{hint}"),
-                    );
-                    continue;
-                }
-                _ => {}
-            }
-            if !patterns.contains(&pattern) {
-                patterns.push(pattern);
+            match event_pattern(text, known) {
+                Ok(pattern) if !patterns.contains(&pattern) => patterns.push(pattern),
+                Ok(_) => {}
+                Err(message) => self.error(path.index(i), message),
             }
         }
         patterns
@@ -582,17 +549,29 @@ impl Checker<'_> {
 
     fn http_target(&mut self, raw: &RawHandler, url: &str, path: &KeyPath) -> Option<Target> {
         let url_path = path.key("url");
+        // When the value came from `${VAR}`, messages show the URL as written, never the
+        // value, and say where the value came from.
+        let written = self.originals.get(&url_path).map(String::as_str);
+        let (shown, from_env) = match written {
+            Some(w) => (without_password(w), from_env_note(w)),
+            None => (url.to_owned(), String::new()),
+        };
         let parsed = match reqwest::Url::parse(url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
             Ok(u) => {
+                let shown = if written.is_some() {
+                    &shown
+                } else {
+                    u.as_str()
+                };
                 self.error(
                     url_path.clone(),
-                    format!("{:?} must be an http:// or https:// URL", u.as_str()),
+                    format!("{shown:?} must be an http:// or https:// URL{from_env}"),
                 );
                 None
             }
             Err(e) => {
-                self.error(url_path.clone(), format!("invalid URL: {e}"));
+                self.error(url_path.clone(), format!("invalid URL: {e}{from_env}"));
                 None
             }
         };
@@ -636,9 +615,8 @@ impl Checker<'_> {
             }
             key.map(SigningKey)
         });
-        let written = self.originals.get(&url_path).map_or(url, String::as_str);
         Some(Target::Http(HttpTarget {
-            shown_url: without_password(written),
+            shown_url: without_password(written.unwrap_or(url)),
             url: parsed?,
             method,
             headers,
@@ -701,6 +679,57 @@ impl Checker<'_> {
     }
 }
 
+/// One entry of a handler's `events`, checked against the `known` event names.
+fn event_pattern(text: &str, known: &[String]) -> Result<EventPattern, String> {
+    let pattern = match EventPattern::parse(text) {
+        Ok(pattern) => pattern,
+        Err(_) if text.chars().any(|c| c.is_ascii_uppercase()) => {
+            let lower = text.to_ascii_lowercase();
+            let hint = EventPattern::parse(&lower)
+                .map(|p| did_you_mean(&lower, &p, known))
+                .unwrap_or_default();
+            return Err(format!(
+                "`{text}` is not a valid event name: event names are lower-case{hint}"
+            ));
+        }
+        Err(e) => return Err(e),
+    };
+    match &pattern {
+        EventPattern::Exact(name) if !known.contains(name) => Err(format!(
+            "unknown event {text:?}{}; list events the billing's catalogue lacks in \
+             [events] extra",
+            did_you_mean(text, &pattern, known)
+        )),
+        EventPattern::Prefix(prefix) if !known.iter().any(|k| k.starts_with(prefix)) => {
+            Err(format!(
+                "{text:?} matches no known event{}",
+                did_you_mean(text, &pattern, known)
+            ))
+        }
+        _ => Ok(pattern),
+    }
+}
+
+/// ` (did you mean "clients.create"?)`: the known event name, or for a prefix pattern the
+/// known prefix ("clients.*"), closest to `text`; empty when none is close.
+fn did_you_mean(text: &str, pattern: &EventPattern, known: &[String]) -> String {
+    let candidates: Vec<String> = match pattern {
+        EventPattern::Exact(_) => known.to_vec(),
+        EventPattern::Prefix(_) => known
+            .iter()
+            .flat_map(|k| {
+                k.match_indices('.')
+                    .map(|(at, _)| format!("{}.*", &k[..at]))
+                    .collect::<Vec<_>>()
+            })
+            .collect(),
+        EventPattern::Any => Vec::new(),
+    };
+    events::suggest(text, candidates.iter().map(String::as_str))
+        .map(|s| format!(" (did you mean \"{s}\"?)"))
+        .unwrap_or_default()
+}
+
 /// `[defaults]`, filled in.
 struct Defaults {
     timeout: Duration,
@@ -757,6 +786,23 @@ fn without_password(url: &str) -> String {
             format!("{}{}:***{}", &url[..start], &userinfo[..colon], &rest[at..])
         }
         _ => url.to_owned(),
+    }
+}
+
+/// ` (the value came from the environment variable `CRM_URL`)`, naming the variables
+/// that `written` refers to.
+fn from_env_note(written: &str) -> String {
+    let names: Vec<String> = super::source::env_references(written)
+        .iter()
+        .map(|name| format!("`{name}`"))
+        .collect();
+    match names.as_slice() {
+        [] => String::new(),
+        [one] => format!(" (the value came from the environment variable {one})"),
+        many => format!(
+            " (the value came from the environment variables {})",
+            many.join(", ")
+        ),
     }
 }
 

@@ -415,6 +415,36 @@ retry = { attempts = 3, backoff = "100ms", max_backoff = "1s" }
     }
 
     #[test]
+    fn messages_say_what_is_wrong_in_the_users_words() {
+        let text = r#"[[handler]]
+name = "a"
+events = ["Clients.Create", "CLIENTS.*", "Clients.Crate", "Foo.Bar"]
+stage = "before"
+url = "${CRM_TOKEN}"
+timeout = "-1s"
+on_error = 1
+"#;
+        assert_eq!(
+            error_lines(text),
+            [
+                "p.toml:3:11: handler[0].events[0]: `Clients.Create` is not a valid event name: \
+                 event names are lower-case (did you mean \"clients.create\"?)",
+                "p.toml:3:29: handler[0].events[1]: `CLIENTS.*` is not a valid event name: \
+                 event names are lower-case (did you mean \"clients.*\"?)",
+                "p.toml:3:42: handler[0].events[2]: `Clients.Crate` is not a valid event name: \
+                 event names are lower-case (did you mean \"clients.create\"?)",
+                "p.toml:3:59: handler[0].events[3]: `Foo.Bar` is not a valid event name: event \
+                 names are lower-case",
+                "p.toml:5:7: handler[0].url: invalid URL: relative URL without a base (the value \
+                 came from the environment variable `CRM_TOKEN`)",
+                "p.toml:6:11: handler[0].timeout: invalid duration \"-1s\": durations cannot be \
+                 negative",
+                "p.toml:7:12: handler[0].on_error: invalid type: expected a string",
+            ]
+        );
+    }
+
+    #[test]
     fn error_messages_never_quote_values_from_the_environment() {
         let errors = parse(
             "[[handler]]\nname = \"a\"\nevents = [\"*\"]\nstage = \"before\"\n\
@@ -425,7 +455,10 @@ retry = { attempts = 3, backoff = "100ms", max_backoff = "1s" }
         assert_eq!(errors.len(), 2, "{text}");
         assert!(!text.contains("t0ken"), "{text}");
         assert!(
-            text.contains("must be an http:// or https:// URL"),
+            text.contains(
+                "handler[0].url: \"ftp://u:***@crm.example/\" must be an http:// or https:// \
+                 URL (the value came from the environment variable `CRM_TOKEN`)"
+            ),
             "{text}"
         );
     }

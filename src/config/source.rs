@@ -350,6 +350,30 @@ pub fn expand_env(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result
     Ok(out)
 }
 
+/// The names of the variables `text` refers to with `${NAME}` or `${NAME:-default}`, in
+/// order, each once; `$${` (a literal `${`) is skipped.
+pub fn env_references(text: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        let after = &rest[at + 1..];
+        if let Some(literal) = after.strip_prefix("${") {
+            rest = literal;
+            continue;
+        }
+        rest = after;
+        let Some(inner) = after.strip_prefix('{') else {
+            continue;
+        };
+        let expr = inner.split('}').next().unwrap_or_default();
+        let name = expr.split(":-").next().unwrap_or_default();
+        if !name.is_empty() && !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names
+}
+
 /// A stand-in for a required key that is missing, or whose value was wrong and removed.
 pub enum StandIn {
     /// What the file evidently meant (`stage = "Before"` read as "before"); the wrong
@@ -570,6 +594,10 @@ fn tidy(message: &str) -> String {
             _ => format!("missing `{field}`"),
         };
     }
+    if message == "wanted string or table" {
+        // toml's words for an enum given a number, boolean or array.
+        return "invalid type: expected a string".to_owned();
+    }
     let mut message = message
         .replace("unknown field", "unknown key")
         .replace("unknown variant", "unknown value")
@@ -614,6 +642,15 @@ mod tests {
         );
         assert!(expand_env("${1X}", &env).is_err());
         assert!(expand_env("${TOKEN", &env).is_err());
+    }
+
+    #[test]
+    fn finds_the_variables_a_value_refers_to() {
+        assert_eq!(
+            env_references("${A}://u:${B:-x}@h/$${C}/${A}/$5"),
+            ["A", "B"]
+        );
+        assert!(env_references("http://h/").is_empty());
     }
 
     #[test]
