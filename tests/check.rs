@@ -317,9 +317,22 @@ fn the_checked_in_schema_is_current() {
     );
     let schema: serde_json::Value = serde_json::from_str(&generated).unwrap();
     assert_eq!(schema["additionalProperties"], false);
+    let handler = &schema["$defs"]["RawHandler"]["properties"];
+    assert_eq!(handler["stage"]["$ref"], "#/$defs/Stage");
+    // What an editor can check and complete beyond types.
+    assert_eq!(handler["name"]["pattern"], "^[A-Za-z0-9_-]+$");
+    assert_eq!(handler["events"]["minItems"], 1);
+    assert_eq!(handler["method"]["enum"], json!(["POST", "PUT", "PATCH"]));
+    assert_eq!(handler["method"]["default"], "POST");
+    assert_eq!(handler["priority"]["default"], 100);
+    assert_eq!(handler["enabled"]["default"], true);
+    assert_eq!(handler["modifies"]["default"], false);
+    assert_eq!(handler["max_concurrency"]["minimum"], 1);
+    let server = &schema["$defs"]["RawServer"]["properties"];
+    assert_eq!(server["listen"]["default"], "127.0.0.1:8600");
     assert_eq!(
-        schema["$defs"]["RawHandler"]["properties"]["stage"]["$ref"],
-        "#/$defs/Stage"
+        schema["$defs"]["RawDefaults"]["properties"]["timeout"]["default"],
+        "5s"
     );
 }
 
