@@ -268,6 +268,33 @@ fn check_never_prints_a_bad_url_from_the_environment() {
     assert!(!stderr.contains("token-9871"), "{stderr}");
 }
 
+/// A script that is not there (yet) is a warning, not an error: it may be deployed
+/// separately from the config.
+#[test]
+fn check_warns_about_a_missing_script_and_still_passes() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        "[[handler]]\nname = \"x\"\nevents = [\"*\"]\nstage = \"after\"\n\
+         command = [\"./nope.sh\", \"--flag\"]\n\n\
+         [[handler]]\nname = \"y\"\nevents = [\"*\"]\nstage = \"after\"\ncommand = [\"true\"]\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = check(&path, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(": ok, 2 handlers"), "{stdout}");
+    let script = dir.path().join("nope.sh");
+    assert_eq!(
+        stderr,
+        format!(
+            "warning: handler \"x\": command \"./nope.sh\" not found at {} (fine if it is \
+             deployed separately)\n",
+            script.display()
+        )
+    );
+}
+
 /// Every config the project ships, and the default one.
 fn shipped_configs() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

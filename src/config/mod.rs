@@ -248,6 +248,20 @@ impl Config {
             .chain(self.extra_events.iter().map(String::as_str))
     }
 
+    /// Problems that do not stop the config from loading, one line each, as `check`
+    /// prints them after `warning: `. So far: a script handler whose program is a path
+    /// (it holds a `/`) that is not there or not executable. It may well be deployed
+    /// separately from the file, so this is no error.
+    pub fn warnings(&self) -> Vec<String> {
+        self.handlers
+            .iter()
+            .filter_map(|h| match &h.target {
+                Target::Script(script) => script_warning(&h.name, script),
+                Target::Http(_) => None,
+            })
+            .collect()
+    }
+
     /// A one-paragraph summary, as `check` prints it.
     pub fn summary(&self) -> String {
         let count = |stage| {
@@ -285,6 +299,35 @@ impl Config {
         }
         text
     }
+}
+
+/// What is wrong with a script handler's program, if anything can be seen from here.
+fn script_warning(handler: &str, script: &ScriptTarget) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let program = Path::new(&script.argv[0]);
+    if !script.argv[0].contains('/') {
+        return None; // looked up in PATH when it runs
+    }
+    let problem = match std::fs::metadata(program) {
+        Err(_) => "not found",
+        Ok(m) if !m.is_file() => "is not a file",
+        Ok(m) if m.permissions().mode() & 0o111 == 0 => "is not executable",
+        Ok(_) => return None,
+    };
+    let written = &script.shown_argv[0];
+    // A path made from `${VAR}` is not shown resolved: values from the environment stay
+    // out of the output.
+    let at = if written.contains("${") {
+        String::new()
+    } else {
+        let absolute = std::path::absolute(program).unwrap_or_else(|_| program.to_path_buf());
+        format!(" at {}", absolute.display())
+    };
+    Some(format!(
+        "handler {handler:?}: command {written:?} {problem}{at} (fine if it is deployed \
+         separately)"
+    ))
 }
 
 #[cfg(test)]
@@ -440,6 +483,58 @@ on_error = 1
                 "p.toml:6:11: handler[0].timeout: invalid duration \"-1s\": durations cannot be \
                  negative",
                 "p.toml:7:12: handler[0].on_error: invalid type: expected a string",
+            ]
+        );
+    }
+
+    #[test]
+    fn warns_about_scripts_that_are_not_there_or_not_executable() {
+        use std::os::unix::fs::PermissionsExt as _;
+
+        let dir = tempfile::TempDir::new().unwrap();
+        let write = |name: &str, mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write("ok.sh", 0o755);
+        write("plain.sh", 0o644);
+        std::fs::create_dir(dir.path().join("hooks")).unwrap();
+        let handler = |name: &str, program: &str| {
+            format!(
+                "[[handler]]\nname = \"{name}\"\nevents = [\"*\"]\nstage = \"after\"\n\
+                 command = [\"{program}\"]\n"
+            )
+        };
+        let text = [
+            handler("ok", "./ok.sh"),
+            handler("on-path", "true"),
+            handler("missing", "./nope.sh"),
+            handler("plain", "./plain.sh"),
+            handler("dir", "hooks/"),
+            handler("from-env", "${CRM_TOKEN}/x.sh"),
+        ]
+        .concat();
+        let config = Config::parse_with_env(&text, "p.toml", dir.path(), &env).unwrap();
+        let base = dir.path().display();
+        assert_eq!(
+            config.warnings(),
+            [
+                format!(
+                    "handler \"missing\": command \"./nope.sh\" not found at {base}/nope.sh \
+                     (fine if it is deployed separately)"
+                ),
+                format!(
+                    "handler \"plain\": command \"./plain.sh\" is not executable at \
+                     {base}/plain.sh (fine if it is deployed separately)"
+                ),
+                format!(
+                    "handler \"dir\": command \"hooks/\" is not a file at {base}/hooks/ (fine \
+                     if it is deployed separately)"
+                ),
+                "handler \"from-env\": command \"${CRM_TOKEN}/x.sh\" not found (fine if it is \
+                 deployed separately)"
+                    .to_owned(),
             ]
         );
     }
