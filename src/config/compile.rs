@@ -209,7 +209,9 @@ impl Checker<'_> {
         let mut handlers = Vec::new();
         for (raw_handler, &index) in raw.handler.iter().zip(handler_index) {
             let path = KeyPath::root().key("handler").index(index);
-            if let Some(first) = seen.get(&raw_handler.name) {
+            if self.is_synthetic(&path.key("name")) {
+                // A placeholder name clashes with nothing.
+            } else if let Some(first) = seen.get(&raw_handler.name) {
                 self.error(
                     path.key("name"),
                     format!(

@@ -599,12 +599,15 @@ retry = { attempts = 3 }
 
     #[test]
     fn placeholders_for_missing_keys_cause_no_errors_of_their_own() {
-        // Two handlers without a name are no duplicates, one without events does not
-        // "name no event", and one without a stage may have after-stage keys.
+        // Two handlers without a name are no duplicates (of each other or of a real
+        // handler with the placeholder's name), one without events does not "name no
+        // event", and one without a stage may have after-stage keys.
         let text = "[[handler]]\nevents = [\"*\"]\nstage = \"after\"\nurl = \"http://a/\"\n\
                     [[handler]]\nstage = \"before\"\nurl = \"http://a/\"\n\
                     [[handler]]\nname = \"c\"\nevents = [\"*\"]\nurl = \"http://a/\"\n\
-                    retry = { attempts = 2 }\nmodifies = true\n";
+                    retry = { attempts = 2 }\nmodifies = true\n\
+                    [[handler]]\nname = \"\"\nevents = [\"*\"]\nstage = \"after\"\n\
+                    url = \"http://a/\"\n";
         assert_eq!(
             error_lines(text),
             [
@@ -613,6 +616,8 @@ retry = { attempts = 3 }
                 "p.toml:5:1: handler[1]: missing `events`",
                 "p.toml:8:1: handler[2]: missing `stage`: say \"before\" (may modify, allow or \
                  forbid) or \"after\" (notified durably)",
+                "p.toml:15:8: handler[3].name: \"\" is not a valid handler name: use letters, \
+                 digits, '-' and '_'",
             ]
         );
     }
