@@ -387,8 +387,7 @@ pub enum StandIn {
 pub trait Recover: DeserializeOwned {
     /// The stand-in for the required key `field`, given the value the file had for it
     /// (removed because it was wrong), if any. `None`: the table cannot be recovered.
-    fn stand_in(field: &str, written: Option<&DeValue<'_>>) -> Option<StandIn> {
-        let _ = (field, written);
+    fn stand_in(_field: &str, _written: Option<&DeValue<'_>>) -> Option<StandIn> {
         None
     }
 }
@@ -454,10 +453,12 @@ impl Recovery<'_> {
                 .map(|s| locate(&value, s.start))
                 .unwrap_or_default();
             if rel.is_empty() {
+                // About the table as a whole: only a missing required key can be mended.
                 let Some(field) = missing_field(error.message()) else {
                     self.report(base.clone(), span, error.message());
                     return None;
                 };
+                // A key removed for a wrong value was reported then; say nothing twice.
                 let written = removed.iter().find(|(k, _)| *k == field).map(|(_, v)| v);
                 if written.is_none() {
                     self.report(base.clone(), span, error.message());
@@ -475,6 +476,7 @@ impl Recovery<'_> {
                 }
                 continue;
             }
+            // A key or element at fault: report it, take it out, try again.
             self.report(base.join(&rel), span, error.message());
             let gone = remove(&mut value, &rel.0)?;
             if let [Seg::Key(key)] = rel.0.as_slice() {
