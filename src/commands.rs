@@ -18,11 +18,15 @@ use crate::reload;
 use crate::server::{App, Listener, serve};
 use crate::store::{Retention, Store};
 
-/// `provisiond check`: validate, print a summary or every error.
+/// `provisiond check`: validate, print a summary or every error. Warnings (a script
+/// that is not there) go to stderr and do not fail the check.
 pub fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
             println!("{}", config.summary());
+            for warning in config.warnings() {
+                eprintln!("warning: {warning}");
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {

@@ -82,6 +82,50 @@ fn check_reports_every_mistake_with_its_line_and_column() {
     assert!(stderr.contains(&format!("{file}: 8 errors")), "{stderr}");
 }
 
+/// A handler whose `stage` is missing or misspelt is still checked through: one run of
+/// `check` shows everything to fix.
+#[test]
+fn check_reports_the_other_mistakes_of_a_handler_with_a_bad_required_key() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("provisioning.toml");
+    std::fs::write(
+        &path,
+        r#"[[handler]]
+name = "b c"
+events = ["clients*"]
+url = "http://127.0.0.1:5001/"
+
+[[handler]]
+name = "b"
+events = ["clients.create"]
+stage = "Before"
+priority = "high"
+url = "http://127.0.0.1:5001/"
+retry = { attempts = 3, backoff = "1s" }
+"#,
+    )
+    .unwrap();
+    let (code, _, stderr) = check(&path, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    let file = path.display().to_string();
+    let expected = [
+        format!("{file}:1:1: handler[0]: missing `stage`"),
+        format!("{file}:2:8: handler[0].name: \"b c\" is not a valid handler name"),
+        format!("{file}:3:11: handler[0].events[0]: `clients*` is not a valid event name"),
+        format!("{file}:9:9: handler[1].stage: unknown value `Before`"),
+        format!("{file}:10:12: handler[1].priority: invalid type"),
+        format!("{file}:12:9: handler[1].retry: only applies to the after stage"),
+    ];
+    for want in &expected {
+        assert!(
+            stderr.lines().any(|l| l.starts_with(want.as_str())),
+            "missing {want:?} in:\n{stderr}"
+        );
+    }
+    // Nothing about the placeholders put in for the missing stage.
+    assert!(stderr.contains(&format!("{file}: 6 errors")), "{stderr}");
+}
+
 /// A bad file at start-up is an error exit with the same messages as `check`, in the
 /// log's format.
 #[test]
@@ -136,6 +180,35 @@ fn check_names_syntax_errors_and_missing_files() {
     assert!(stderr.contains("cannot read the file"), "{stderr}");
 }
 
+/// One `]` left out is one error, at the line after it, with a hint; not the parser's
+/// cascade of errors while it recovers.
+#[test]
+fn check_reports_a_missing_bracket_once_with_a_hint() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("provisioning.toml");
+    let mut text = String::from(
+        "[[handler]]\nname = \"a\"\nevents = [\"clients.create\", \"clients.update\"\n\
+         stage = \"before\"\nurl = \"http://127.0.0.1:5001/\"\n",
+    );
+    for i in 0..5 {
+        text.push_str(&format!(
+            "\n[[handler]]\nname = \"h{i}\"\nevents = [\"*\"]\nstage = \"after\"\n\
+             url = \"http://127.0.0.1:5001/\"\n"
+        ));
+    }
+    std::fs::write(&path, text).unwrap();
+    let (code, _, stderr) = check(&path, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    let file = path.display().to_string();
+    assert_eq!(
+        stderr,
+        format!(
+            "{file}:4:1: invalid TOML: missing comma between array elements, expected `,` \
+             (is a `]` missing on an earlier line?)\n{file}: 1 error\n"
+        )
+    );
+}
+
 #[test]
 fn check_summarises_a_good_file_and_hides_secrets() {
     let dir = tempfile::TempDir::new().unwrap();
@@ -167,6 +240,94 @@ headers = { Authorization = "Bearer ${CRM_KEY}" }
     assert!(
         !stdout.contains("tok-123") && !stdout.contains("key-456"),
         "{stdout}"
+    );
+}
+
+/// The summary shows a URL as written in the file, `${...}` and all, with only the
+/// password masked; not percent-encoded by a round trip through a URL parser.
+#[test]
+fn check_shows_urls_as_written_with_the_password_masked() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        r#"[[handler]]
+name = "crm"
+events = ["clients.*"]
+stage = "before"
+url = "http://user:${PW}@crm/${PATHX:-def}/$${literal}"
+"#,
+    )
+    .unwrap();
+    let (code, stdout, stderr) = check(&path, &[("PW", "pw-789")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("  POST http://user:***@crm/${PATHX:-def}/$${literal}\n"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("pw-789"), "{stdout}");
+}
+
+/// A bad URL that came from the environment: the message says so and shows the URL as
+/// written, never the value.
+#[test]
+fn check_never_prints_a_bad_url_from_the_environment() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        "[[handler]]\nname = \"crm\"\nevents = [\"Clients.Create\"]\nstage = \"before\"\n\
+         url = \"${CRM_URL}\"\ntimeout = \"-5s\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = check(&path, &[("CRM_URL", "ftp://token-9871@crm/")]);
+    assert_eq!(code, 1, "{stderr}");
+    let file = path.display().to_string();
+    for want in [
+        format!(
+            "{file}:3:11: handler[0].events[0]: `Clients.Create` is not a valid event name: \
+             event names are lower-case (did you mean \"clients.create\"?)"
+        ),
+        format!(
+            "{file}:5:7: handler[0].url: \"${{CRM_URL}}\" must be an http:// or https:// URL \
+             (the value came from the environment variable `CRM_URL`)"
+        ),
+        format!(
+            "{file}:6:11: handler[0].timeout: invalid duration \"-5s\": durations cannot be negative"
+        ),
+    ] {
+        assert!(
+            stderr.lines().any(|l| l == want),
+            "missing {want:?} in:\n{stderr}"
+        );
+    }
+    assert!(!stderr.contains("token-9871"), "{stderr}");
+}
+
+/// A script that is not there (yet) is a warning, not an error: it may be deployed
+/// separately from the config.
+#[test]
+fn check_warns_about_a_missing_script_and_still_passes() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        "[[handler]]\nname = \"x\"\nevents = [\"*\"]\nstage = \"after\"\n\
+         command = [\"./nope.sh\", \"--flag\"]\n\n\
+         [[handler]]\nname = \"y\"\nevents = [\"*\"]\nstage = \"after\"\ncommand = [\"true\"]\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = check(&path, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(": ok, 2 handlers"), "{stdout}");
+    let script = dir.path().join("nope.sh");
+    assert_eq!(
+        stderr,
+        format!(
+            "warning: handler \"x\": command \"./nope.sh\" not found at {} (fine if it is \
+             deployed separately)\n",
+            script.display()
+        )
     );
 }
 
@@ -219,9 +380,22 @@ fn the_checked_in_schema_is_current() {
     );
     let schema: serde_json::Value = serde_json::from_str(&generated).unwrap();
     assert_eq!(schema["additionalProperties"], false);
+    let handler = &schema["$defs"]["RawHandler"]["properties"];
+    assert_eq!(handler["stage"]["$ref"], "#/$defs/Stage");
+    // What an editor can check and complete beyond types.
+    assert_eq!(handler["name"]["pattern"], "^[A-Za-z0-9_-]+$");
+    assert_eq!(handler["events"]["minItems"], 1);
+    assert_eq!(handler["method"]["enum"], json!(["POST", "PUT", "PATCH"]));
+    assert_eq!(handler["method"]["default"], "POST");
+    assert_eq!(handler["priority"]["default"], 100);
+    assert_eq!(handler["enabled"]["default"], true);
+    assert_eq!(handler["modifies"]["default"], false);
+    assert_eq!(handler["max_concurrency"]["minimum"], 1);
+    let server = &schema["$defs"]["RawServer"]["properties"];
+    assert_eq!(server["listen"]["default"], "127.0.0.1:8600");
     assert_eq!(
-        schema["$defs"]["RawHandler"]["properties"]["stage"]["$ref"],
-        "#/$defs/Stage"
+        schema["$defs"]["RawDefaults"]["properties"]["timeout"]["default"],
+        "5s"
     );
 }
 

@@ -139,3 +139,34 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Placeholders stand in for missing required keys so that the rest of a handler is
+    /// checked, but a handler without `name`, `events` or `stage` never loads.
+    #[test]
+    fn a_handler_without_a_required_key_never_loads(
+        missing in prop::sample::select(vec!["name", "events", "stage"]),
+        stage in prop::sample::select(vec!["before", "after", "Before", "AFTER", "x"]),
+        extra in prop::collection::btree_map(
+            "(priority|retry|modifies|on_error|timeout|x)", toml_value(), 0..3),
+    ) {
+        let mut handler = toml::Table::new();
+        handler.insert("name".into(), "h".into());
+        handler.insert("events".into(), toml::Value::Array(vec!["*".into()]));
+        handler.insert("stage".into(), stage.into());
+        handler.insert("url".into(), "http://127.0.0.1:1/".into());
+        handler.extend(extra);
+        handler.remove(missing);
+        let mut doc = toml::Table::new();
+        doc.insert("handler".into(), toml::Value::Array(vec![toml::Value::Table(handler)]));
+        let text = toml::to_string(&doc).unwrap();
+        let errors = Config::parse_with_env(&text, "p.toml", std::path::Path::new("."), &|_| None)
+            .expect_err("loaded a handler without a required key");
+        prop_assert!(
+            errors.iter().any(|e| e.message.contains(&format!("missing `{missing}`"))),
+            "{} in:\n{}", errors, text
+        );
+    }
+}

@@ -61,8 +61,11 @@ pub fn compile(
     let mut checker = Checker {
         diags,
         originals: &doc.originals,
+        synthetic: &parsed.synthetic,
     };
     let config = checker.config(&parsed.raw, &parsed.handler_index, file, base, text);
+    // A placeholder is only ever put in for a key whose error was reported.
+    debug_assert!(parsed.synthetic.is_empty() || !checker.diags.is_empty());
     if checker.diags.is_empty() {
         Ok(config)
     } else {
@@ -98,15 +101,33 @@ fn hide_substituted(errors: &mut [super::ConfigError], values: &[String]) {
 struct Checker<'a> {
     diags: Vec<Diag>,
     originals: &'a HashMap<KeyPath, String>,
+    /// Paths of placeholders the raw layer put in for missing or wrong required keys.
+    synthetic: &'a [KeyPath],
 }
 
 impl Checker<'_> {
+    /// Records a problem, unless it is about a placeholder (see [`Self::is_synthetic`]).
     fn error(&mut self, path: KeyPath, message: impl Into<String>) {
-        self.diags.push(Diag::at(path, message));
+        if !self.is_synthetic(&path) {
+            self.diags.push(Diag::at(path, message));
+        }
+    }
+
+    /// Whether `path` is, or is under, a placeholder value: what the file had there was
+    /// already reported, and anything said about the placeholder would be noise.
+    fn is_synthetic(&self, path: &KeyPath) -> bool {
+        self.synthetic.iter().any(|s| path.0.starts_with(&s.0))
     }
 
     fn duration(&mut self, value: Option<&str>, path: KeyPath, default: Duration) -> Duration {
         let Some(text) = value else { return default };
+        if text.trim().starts_with('-') {
+            self.error(
+                path,
+                format!("invalid duration {text:?}: durations cannot be negative"),
+            );
+            return default;
+        }
         match humantime::parse_duration(text.trim()) {
             Ok(d) => d,
             Err(e) => {
@@ -188,7 +209,9 @@ impl Checker<'_> {
         let mut handlers = Vec::new();
         for (raw_handler, &index) in raw.handler.iter().zip(handler_index) {
             let path = KeyPath::root().key("handler").index(index);
-            if let Some(first) = seen.get(&raw_handler.name) {
+            if self.is_synthetic(&path.key("name")) {
+                // A placeholder name clashes with nothing.
+            } else if let Some(first) = seen.get(&raw_handler.name) {
                 self.error(
                     path.key("name"),
                     format!(
@@ -389,7 +412,9 @@ impl Checker<'_> {
         let target = self.target(raw, path, base);
 
         let stage = raw.stage;
-        if stage == Stage::After {
+        if self.is_synthetic(&path.key("stage")) {
+            // The stage is not known, so neither is which keys it allows.
+        } else if stage == Stage::After {
             if raw.modifies.is_some() {
                 self.error(
                     path.key("modifies"),
@@ -477,50 +502,10 @@ impl Checker<'_> {
         }
         let mut patterns = Vec::new();
         for (i, text) in raw.events.iter().enumerate() {
-            let pattern = match EventPattern::parse(text) {
-                Ok(p) => p,
-                Err(e) => {
-                    self.error(path.index(i), e);
-                    continue;
-                }
-            };
-            let hint = |candidates: &mut dyn Iterator<Item = &str>| {
-                events::suggest(text, candidates)
-                    .map(|s| format!(" (did you mean \"{s}\"?)"))
-                    .unwrap_or_default()
-            };
-            match &pattern {
-                EventPattern::Exact(name) if !known.iter().any(|k| k == name) => {
-                    let hint = hint(&mut known.iter().map(String::as_str));
-                    self.error(
-                        path.index(i),
-                        format!(
-                            "unknown event {text:?}{hint}; list events the billing's \
-                             catalogue lacks in [events] extra"
-                        ),
-                    );
-                    continue;
-                }
-                EventPattern::Prefix(prefix) if !known.iter().any(|k| k.starts_with(prefix)) => {
-                    let prefixes: Vec<String> = known
-                        .iter()
-                        .flat_map(|k| {
-                            k.match_indices('.')
-                                .map(|(at, _)| format!("{}.*", &k[..at]))
-                                .collect::<Vec<_>>()
-                        })
-                        .collect();
-                    let hint = hint(&mut prefixes.iter().map(String::as_str));
-                    self.error(
-                        path.index(i),
-                        format!("{text:?} matches no known event{hint}"),
-                    );
-                    continue;
-                }
-                _ => {}
-            }
-            if !patterns.contains(&pattern) {
-                patterns.push(pattern);
+            match event_pattern(text, known) {
+                Ok(pattern) if !patterns.contains(&pattern) => patterns.push(pattern),
+                Ok(_) => {}
+                Err(message) => self.error(path.index(i), message),
             }
         }
         patterns
@@ -566,17 +551,29 @@ impl Checker<'_> {
 
     fn http_target(&mut self, raw: &RawHandler, url: &str, path: &KeyPath) -> Option<Target> {
         let url_path = path.key("url");
+        // When the value came from `${VAR}`, messages show the URL as written, never the
+        // value, and say where the value came from.
+        let written = self.originals.get(&url_path).map(String::as_str);
+        let (shown, from_env) = match written {
+            Some(w) => (without_password(w), from_env_note(w)),
+            None => (url.to_owned(), String::new()),
+        };
         let parsed = match reqwest::Url::parse(url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
             Ok(u) => {
+                let shown = if written.is_some() {
+                    &shown
+                } else {
+                    u.as_str()
+                };
                 self.error(
                     url_path.clone(),
-                    format!("{:?} must be an http:// or https:// URL", u.as_str()),
+                    format!("{shown:?} must be an http:// or https:// URL{from_env}"),
                 );
                 None
             }
             Err(e) => {
-                self.error(url_path.clone(), format!("invalid URL: {e}"));
+                self.error(url_path.clone(), format!("invalid URL: {e}{from_env}"));
                 None
             }
         };
@@ -620,9 +617,8 @@ impl Checker<'_> {
             }
             key.map(SigningKey)
         });
-        let written = self.originals.get(&url_path).map_or(url, String::as_str);
         Some(Target::Http(HttpTarget {
-            shown_url: without_password(written),
+            shown_url: without_password(written.unwrap_or(url)),
             url: parsed?,
             method,
             headers,
@@ -685,6 +681,57 @@ impl Checker<'_> {
     }
 }
 
+/// One entry of a handler's `events`, checked against the `known` event names.
+fn event_pattern(text: &str, known: &[String]) -> Result<EventPattern, String> {
+    let pattern = match EventPattern::parse(text) {
+        Ok(pattern) => pattern,
+        Err(_) if text.chars().any(|c| c.is_ascii_uppercase()) => {
+            let lower = text.to_ascii_lowercase();
+            let hint = EventPattern::parse(&lower)
+                .map(|p| did_you_mean(&lower, &p, known))
+                .unwrap_or_default();
+            return Err(format!(
+                "`{text}` is not a valid event name: event names are lower-case{hint}"
+            ));
+        }
+        Err(e) => return Err(e),
+    };
+    match &pattern {
+        EventPattern::Exact(name) if !known.contains(name) => Err(format!(
+            "unknown event {text:?}{}; list events the billing's catalogue lacks in \
+             [events] extra",
+            did_you_mean(text, &pattern, known)
+        )),
+        EventPattern::Prefix(prefix) if !known.iter().any(|k| k.starts_with(prefix)) => {
+            Err(format!(
+                "{text:?} matches no known event{}",
+                did_you_mean(text, &pattern, known)
+            ))
+        }
+        _ => Ok(pattern),
+    }
+}
+
+/// ` (did you mean "clients.create"?)`: the known event name, or for a prefix pattern the
+/// known prefix ("clients.*"), closest to `text`; empty when none is close.
+fn did_you_mean(text: &str, pattern: &EventPattern, known: &[String]) -> String {
+    let candidates: Vec<String> = match pattern {
+        EventPattern::Exact(_) => known.to_vec(),
+        EventPattern::Prefix(_) => known
+            .iter()
+            .flat_map(|k| {
+                k.match_indices('.')
+                    .map(|(at, _)| format!("{}.*", &k[..at]))
+                    .collect::<Vec<_>>()
+            })
+            .collect(),
+        EventPattern::Any => Vec::new(),
+    };
+    events::suggest(text, candidates.iter().map(String::as_str))
+        .map(|s| format!(" (did you mean \"{s}\"?)"))
+        .unwrap_or_default()
+}
+
 /// `[defaults]`, filled in.
 struct Defaults {
     timeout: Duration,
@@ -716,17 +763,94 @@ fn parse_listen(text: &str) -> Result<Listen, String> {
     })
 }
 
-/// A URL with any password replaced by `***`; text that is not a URL comes back as is.
+/// The URL as written with its password, if any, replaced by `***`:
+/// `scheme://user:PASSWORD@host/...` -> `scheme://user:***@host/...`. The rest stays byte
+/// for byte as written; a round trip through `Url` would percent-encode `${VAR}`.
 fn without_password(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let start = scheme_end + 3;
+    let rest = &url[start..];
+    let authority = &rest[..outside_refs(rest)
+        .find(|&(_, c)| matches!(c, '/' | '?' | '#'))
+        .map_or(rest.len(), |(i, _)| i)];
+    let Some(at) = outside_refs(authority)
+        .filter(|&(_, c)| c == '@')
+        .last()
+        .map(|(i, _)| i)
+    else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    match outside_refs(userinfo).find(|&(_, c)| c == ':') {
+        Some((colon, _)) if colon + 1 < userinfo.len() => {
+            format!("{}{}:***{}", &url[..start], &userinfo[..colon], &rest[at..])
         }
         _ => url.to_owned(),
     }
 }
 
+/// ` (the value came from the environment variable `CRM_URL`)`, naming the variables
+/// that `written` refers to.
+fn from_env_note(written: &str) -> String {
+    let names: Vec<String> = super::source::env_references(written)
+        .iter()
+        .map(|name| format!("`{name}`"))
+        .collect();
+    match names.as_slice() {
+        [] => String::new(),
+        [one] => format!(" (the value came from the environment variable {one})"),
+        many => format!(
+            " (the value came from the environment variables {})",
+            many.join(", ")
+        ),
+    }
+}
+
+/// The characters of `text` with their byte offsets, leaving out those inside `${...}`
+/// references (whose defaults may hold `/`, `:` or `@`).
+fn outside_refs(text: &str) -> impl Iterator<Item = (usize, char)> + '_ {
+    let mut depth = 0usize;
+    text.char_indices().filter(move |&(i, c)| {
+        if c == '$' && text[i..].starts_with("${") {
+            depth += 1;
+        } else if c == '}' && depth > 0 {
+            depth -= 1;
+            return false;
+        }
+        depth == 0
+    })
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_password_of_a_url_is_masked() {
+        for (written, shown) in [
+            (
+                "http://user:${PW}@crm/${PATHX:-def}/$${literal}",
+                "http://user:***@crm/${PATHX:-def}/$${literal}",
+            ),
+            (
+                "https://u:p%40ss@h:8443/a?b=c#d",
+                "https://u:***@h:8443/a?b=c#d",
+            ),
+            ("http://u:${PW:-a/b@c}@h/x", "http://u:***@h/x"),
+            ("http://${USER:-a:b}:pw@h/", "http://${USER:-a:b}:***@h/"),
+            ("http://user@h/a:b@c", "http://user@h/a:b@c"),
+            ("http://h/?q=a:b@c", "http://h/?q=a:b@c"),
+            ("http://user:@h/", "http://user:@h/"),
+            ("${CRM_URL}", "${CRM_URL}"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(without_password(written), shown, "{written}");
+        }
+    }
 }

@@ -176,7 +176,7 @@ pub enum Target {
 #[derive(Debug)]
 pub struct HttpTarget {
     pub url: reqwest::Url,
-    /// The URL as written in the file (before substitution), with any password removed.
+    /// The URL as written in the file (before substitution), with any password masked.
     pub shown_url: String,
     pub method: reqwest::Method,
     pub headers: reqwest::header::HeaderMap,
@@ -248,6 +248,20 @@ impl Config {
             .chain(self.extra_events.iter().map(String::as_str))
     }
 
+    /// Problems that do not stop the config from loading, one line each, as `check`
+    /// prints them after `warning: `. So far: a script handler whose program is a path
+    /// (it holds a `/`) that is not there or not executable. It may well be deployed
+    /// separately from the file, so this is no error.
+    pub fn warnings(&self) -> Vec<String> {
+        self.handlers
+            .iter()
+            .filter_map(|h| match &h.target {
+                Target::Script(script) => script_warning(&h.name, script),
+                Target::Http(_) => None,
+            })
+            .collect()
+    }
+
     /// A one-paragraph summary, as `check` prints it.
     pub fn summary(&self) -> String {
         let count = |stage| {
@@ -285,6 +299,35 @@ impl Config {
         }
         text
     }
+}
+
+/// What is wrong with a script handler's program, if anything can be seen from here.
+fn script_warning(handler: &str, script: &ScriptTarget) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let program = Path::new(&script.argv[0]);
+    if !script.argv[0].contains('/') {
+        return None; // looked up in PATH when it runs
+    }
+    let problem = match std::fs::metadata(program) {
+        Err(_) => "not found",
+        Ok(m) if !m.is_file() => "is not a file",
+        Ok(m) if m.permissions().mode() & 0o111 == 0 => "is not executable",
+        Ok(_) => return None,
+    };
+    let written = &script.shown_argv[0];
+    // A path made from `${VAR}` is not shown resolved: values from the environment stay
+    // out of the output.
+    let at = if written.contains("${") {
+        String::new()
+    } else {
+        let absolute = std::path::absolute(program).unwrap_or_else(|_| program.to_path_buf());
+        format!(" at {}", absolute.display())
+    };
+    Some(format!(
+        "handler {handler:?}: command {written:?} {problem}{at} (fine if it is deployed \
+         separately)"
+    ))
 }
 
 #[cfg(test)]
@@ -404,6 +447,99 @@ retry = { attempts = 3, backoff = "100ms", max_backoff = "1s" }
     }
 
     #[test]
+    fn targets_are_shown_as_written_with_the_password_masked() {
+        let text = "[[handler]]\nname = \"a\"\nevents = [\"*\"]\nstage = \"before\"\n\
+                    url = \"http://user:${CRM_TOKEN}@crm/${PATHX:-def}/$${literal}\"\n";
+        let config = parse(text).unwrap();
+        assert_eq!(
+            config.handler("a").unwrap().describe_target(),
+            "POST http://user:***@crm/${PATHX:-def}/$${literal}"
+        );
+    }
+
+    #[test]
+    fn messages_say_what_is_wrong_in_the_users_words() {
+        let text = r#"[[handler]]
+name = "a"
+events = ["Clients.Create", "CLIENTS.*", "Clients.Crate", "Foo.Bar"]
+stage = "before"
+url = "${CRM_TOKEN}"
+timeout = "-1s"
+on_error = 1
+"#;
+        assert_eq!(
+            error_lines(text),
+            [
+                "p.toml:3:11: handler[0].events[0]: `Clients.Create` is not a valid event name: \
+                 event names are lower-case (did you mean \"clients.create\"?)",
+                "p.toml:3:29: handler[0].events[1]: `CLIENTS.*` is not a valid event name: \
+                 event names are lower-case (did you mean \"clients.*\"?)",
+                "p.toml:3:42: handler[0].events[2]: `Clients.Crate` is not a valid event name: \
+                 event names are lower-case (did you mean \"clients.create\"?)",
+                "p.toml:3:59: handler[0].events[3]: `Foo.Bar` is not a valid event name: event \
+                 names are lower-case",
+                "p.toml:5:7: handler[0].url: invalid URL: relative URL without a base (the value \
+                 came from the environment variable `CRM_TOKEN`)",
+                "p.toml:6:11: handler[0].timeout: invalid duration \"-1s\": durations cannot be \
+                 negative",
+                "p.toml:7:12: handler[0].on_error: invalid type: expected a string",
+            ]
+        );
+    }
+
+    #[test]
+    fn warns_about_scripts_that_are_not_there_or_not_executable() {
+        use std::os::unix::fs::PermissionsExt as _;
+
+        let dir = tempfile::TempDir::new().unwrap();
+        let write = |name: &str, mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write("ok.sh", 0o755);
+        write("plain.sh", 0o644);
+        std::fs::create_dir(dir.path().join("hooks")).unwrap();
+        let handler = |name: &str, program: &str| {
+            format!(
+                "[[handler]]\nname = \"{name}\"\nevents = [\"*\"]\nstage = \"after\"\n\
+                 command = [\"{program}\"]\n"
+            )
+        };
+        let text = [
+            handler("ok", "./ok.sh"),
+            handler("on-path", "true"),
+            handler("missing", "./nope.sh"),
+            handler("plain", "./plain.sh"),
+            handler("dir", "hooks/"),
+            handler("from-env", "${CRM_TOKEN}/x.sh"),
+        ]
+        .concat();
+        let config = Config::parse_with_env(&text, "p.toml", dir.path(), &env).unwrap();
+        let base = dir.path().display();
+        assert_eq!(
+            config.warnings(),
+            [
+                format!(
+                    "handler \"missing\": command \"./nope.sh\" not found at {base}/nope.sh \
+                     (fine if it is deployed separately)"
+                ),
+                format!(
+                    "handler \"plain\": command \"./plain.sh\" is not executable at \
+                     {base}/plain.sh (fine if it is deployed separately)"
+                ),
+                format!(
+                    "handler \"dir\": command \"hooks/\" is not a file at {base}/hooks/ (fine \
+                     if it is deployed separately)"
+                ),
+                "handler \"from-env\": command \"${CRM_TOKEN}/x.sh\" not found (fine if it is \
+                 deployed separately)"
+                    .to_owned(),
+            ]
+        );
+    }
+
+    #[test]
     fn error_messages_never_quote_values_from_the_environment() {
         let errors = parse(
             "[[handler]]\nname = \"a\"\nevents = [\"*\"]\nstage = \"before\"\n\
@@ -414,8 +550,110 @@ retry = { attempts = 3, backoff = "100ms", max_backoff = "1s" }
         assert_eq!(errors.len(), 2, "{text}");
         assert!(!text.contains("t0ken"), "{text}");
         assert!(
-            text.contains("must be an http:// or https:// URL"),
+            text.contains(
+                "handler[0].url: \"ftp://u:***@crm.example/\" must be an http:// or https:// \
+                 URL (the value came from the environment variable `CRM_TOKEN`)"
+            ),
             "{text}"
+        );
+    }
+
+    /// The lines of the errors `text` gives, to compare whole.
+    fn error_lines(text: &str) -> Vec<String> {
+        let errors = parse(text).unwrap_err();
+        errors.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_handler_with_a_missing_or_wrong_required_key_is_still_checked() {
+        let text = r#"[[handler]]
+name = "b c"
+events = ["clients*"]
+url = "http://127.0.0.1:1/x"
+
+[[handler]]
+name = "b"
+events = ["clients.create"]
+stage = "Before"
+priority = "high"
+url = "http://127.0.0.1:1/x"
+retry = { attempts = 3 }
+"#;
+        assert_eq!(
+            error_lines(text),
+            [
+                "p.toml:1:1: handler[0]: missing `stage`: say \"before\" (may modify, allow or \
+                 forbid) or \"after\" (notified durably)",
+                "p.toml:2:8: handler[0].name: \"b c\" is not a valid handler name: use letters, \
+                 digits, '-' and '_'",
+                "p.toml:3:11: handler[0].events[0]: `clients*` is not a valid event name \
+                 (dot-separated lower-case words, a prefix such as \"clients.*\", or \"*\")",
+                "p.toml:9:9: handler[1].stage: unknown value `Before`, expected `before` or `after`",
+                "p.toml:10:12: handler[1].priority: invalid type: string \"high\", expected an \
+                 integer",
+                "p.toml:12:9: handler[1].retry: only applies to the after stage; a before-stage \
+                 handler is called once, see `on_error`",
+            ]
+        );
+    }
+
+    #[test]
+    fn placeholders_for_missing_keys_cause_no_errors_of_their_own() {
+        // Two handlers without a name are no duplicates (of each other or of a real
+        // handler with the placeholder's name), one without events does not "name no
+        // event", and one without a stage may have after-stage keys.
+        let text = "[[handler]]\nevents = [\"*\"]\nstage = \"after\"\nurl = \"http://a/\"\n\
+                    [[handler]]\nstage = \"before\"\nurl = \"http://a/\"\n\
+                    [[handler]]\nname = \"c\"\nevents = [\"*\"]\nurl = \"http://a/\"\n\
+                    retry = { attempts = 2 }\nmodifies = true\n\
+                    [[handler]]\nname = \"\"\nevents = [\"*\"]\nstage = \"after\"\n\
+                    url = \"http://a/\"\n";
+        assert_eq!(
+            error_lines(text),
+            [
+                "p.toml:1:1: handler[0]: missing `name`",
+                "p.toml:5:1: handler[1]: missing `name`",
+                "p.toml:5:1: handler[1]: missing `events`",
+                "p.toml:8:1: handler[2]: missing `stage`: say \"before\" (may modify, allow or \
+                 forbid) or \"after\" (notified durably)",
+                "p.toml:15:8: handler[3].name: \"\" is not a valid handler name: use letters, \
+                 digits, '-' and '_'",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_mistake_in_a_header_table_is_pinned_to_its_key() {
+        // The span of `[handler.retry]` does not cover its keys; the error must still
+        // name the key, and the handler's other problems must still be found.
+        let text = "[[handler]]\nevents = [\"*\"]\nstage = \"after\"\nurl = \"http://a/\"\n\
+                    [handler.retry]\natempts = 3\n";
+        assert_eq!(
+            error_lines(text),
+            [
+                "p.toml:1:1: handler[0]: missing `name`",
+                "p.toml:6:1: handler[0].retry.atempts: unknown key `atempts`, expected one of \
+                 `attempts`, `backoff`, `max_backoff`",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_bracket_is_one_syntax_error_with_a_hint() {
+        let text = "[[handler]]\nname = \"a\"\nevents = [\"clients.create\", \"clients.update\"\n\
+                    stage = \"before\"\nurl = \"http://a/\"\n\n\
+                    [[handler]]\nname = \"b\"\nevents = [\"*\"]\nstage = \"after\"\n";
+        assert_eq!(
+            error_lines(text),
+            [
+                "p.toml:4:1: invalid TOML: missing comma between array elements, expected `,` \
+              (is a `]` missing on an earlier line?)"
+            ]
+        );
+        // A bracket left open on the same line needs no hint beyond the parser's.
+        assert_eq!(
+            error_lines("[server\nlisten = 1\n"),
+            ["p.toml:1:8: invalid TOML: unclosed table, expected `]`"]
         );
     }
 

@@ -33,24 +33,32 @@ pub struct RawConfig {
 pub struct RawServer {
     /// Where to listen: "host:port" (default "127.0.0.1:8600") or "unix:/path/to.sock".
     /// Changing it needs a restart.
+    #[schemars(extend("default" = "127.0.0.1:8600"))]
     pub listen: Option<String>,
     /// When set, `/events` and `/v1/*` need "Authorization: Bearer <token>". Give it
     /// through the environment: "${PROVISIOND_TOKEN}".
     pub token: Option<String>,
     /// Largest accepted request body, with a unit ("1MiB", the default). Larger: 413.
+    #[schemars(extend("default" = "1MiB"))]
     pub max_body: Option<String>,
     /// Budget for one event's whole before-stage chain ("10s" by default). Handlers left
     /// when it runs out are treated as errors.
+    #[schemars(extend("default" = "10s"))]
     pub deadline: Option<String>,
     /// Deepest JSON nesting accepted in a request body (default 64).
+    #[schemars(range(min = 1), extend("default" = 64))]
     pub max_depth: Option<u32>,
     /// Events handled at once; over it the billing gets 503 with Retry-After (default 1024).
+    #[schemars(range(min = 1), extend("default" = 1024))]
     pub max_in_flight: Option<u32>,
     /// Open client connections at once; further ones wait to be accepted (default 1024).
+    #[schemars(range(min = 1), extend("default" = 1024))]
     pub max_connections: Option<u32>,
     /// Time a client has to send its request headers ("10s" by default).
+    #[schemars(extend("default" = "10s"))]
     pub header_timeout: Option<String>,
     /// On SIGTERM, how long in-flight events and deliveries may take to finish ("10s").
+    #[schemars(extend("default" = "10s"))]
     pub shutdown_grace: Option<String>,
 }
 
@@ -60,9 +68,11 @@ pub struct RawServer {
 pub struct RawStore {
     /// The redb file (default "provisiond.db", relative to the working directory).
     /// Changing it needs a restart.
+    #[schemars(extend("default" = "provisiond.db"))]
     pub path: Option<String>,
     /// An identical envelope arriving again within this window is not delivered to
     /// after-stage handlers twice ("10m" by default; "0s" turns it off).
+    #[schemars(extend("default" = "10m"))]
     pub dedupe_window: Option<String>,
     /// How much of the execution log to keep.
     pub keep_executions: Option<RawRetention>,
@@ -74,8 +84,10 @@ pub struct RawStore {
 #[serde(deny_unknown_fields)]
 pub struct RawRetention {
     /// Oldest row kept ("7d" by default).
+    #[schemars(extend("default" = "7d"))]
     pub age: Option<String>,
     /// Most rows kept (100000 by default).
+    #[schemars(range(min = 1), extend("default" = 100000))]
     pub rows: Option<u64>,
 }
 
@@ -84,11 +96,14 @@ pub struct RawRetention {
 #[serde(deny_unknown_fields)]
 pub struct RawDefaults {
     /// Time one call of a handler may take ("5s" by default).
+    #[schemars(extend("default" = "5s"))]
     pub timeout: Option<String>,
     /// What a before-stage handler's failure means: "allow" (skip it, the default) or
     /// "deny" (fail closed).
+    #[schemars(extend("default" = "allow"))]
     pub on_error: Option<OnError>,
     /// Calls of one handler at once (16 by default).
+    #[schemars(range(min = 1), extend("default" = 16))]
     pub max_concurrency: Option<u32>,
     /// Retries of after-stage deliveries.
     pub retry: Option<RawRetry>,
@@ -130,6 +145,7 @@ pub enum OnError {
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
     /// Attempts in all, the first included, before the delivery goes to the dead letters.
+    #[schemars(range(min = 1))]
     pub attempts: Option<u32>,
     /// The first wait; each retry doubles it, up to `max_backoff`.
     pub backoff: Option<String>,
@@ -142,19 +158,24 @@ pub struct RawRetry {
 #[serde(deny_unknown_fields)]
 pub struct RawHandler {
     /// Unique name: letters, digits, '-' and '_'.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_-]+$"))]
     pub name: String,
     /// Events this handler takes: names ("clients.create"), prefixes at any depth
     /// ("clients.*"), or "*" for every event.
+    #[schemars(length(min = 1))]
     pub events: Vec<String>,
     /// "before" (may modify, allow or forbid) or "after" (notified durably). Required.
     pub stage: Stage,
     /// Lower runs first (default 100); ties keep file order.
+    #[schemars(extend("default" = 100))]
     pub priority: Option<i64>,
     /// `false` keeps the handler in the file but out of dispatch.
+    #[schemars(extend("default" = true))]
     pub enabled: Option<bool>,
     /// HTTP handler: the URL the envelope is sent to.
     pub url: Option<String>,
     /// HTTP handler: the method ("POST" by default, or "PUT", "PATCH").
+    #[schemars(extend("enum" = ["POST", "PUT", "PATCH"], "default" = "POST"))]
     pub method: Option<String>,
     /// HTTP handler: extra request headers.
     pub headers: Option<BTreeMap<String, String>>,
@@ -168,12 +189,14 @@ pub struct RawHandler {
     /// Script handler: the working directory.
     pub workdir: Option<String>,
     /// Before stage: take the reply's data as the new data.
+    #[schemars(extend("default" = false))]
     pub modifies: Option<bool>,
     /// Before stage: "allow" skips this handler when it fails, "deny" forbids.
     pub on_error: Option<OnError>,
     /// Time one call may take, with a unit ("5s").
     pub timeout: Option<String>,
     /// Calls of this handler at once (default 16).
+    #[schemars(range(min = 1))]
     pub max_concurrency: Option<u32>,
     /// After stage: retries of a failed delivery.
     pub retry: Option<RawRetry>,

@@ -5,7 +5,8 @@
 //! Each section and each `[[handler]]` is deserialised on its own. When serde stops at an
 //! error, the offending key is found from the error's span, reported, removed, and the
 //! table is tried again; a handler with a bad `timeout` and an unknown key gets both
-//! reported.
+//! reported. A required key that is missing (or was removed) gets a stand-in value (see
+//! [`Recover`]), so that the handler is still built and its other keys still checked.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -50,24 +51,22 @@ pub struct Document<'i> {
 pub struct Parsed {
     pub raw: RawConfig,
     pub handler_index: Vec<usize>,
+    /// The key paths of placeholder values put in for required keys that were missing or
+    /// wrong. Their errors were reported; the compile step does not report errors at or
+    /// under these paths, which would be about the placeholder, not the file.
+    pub synthetic: Vec<KeyPath>,
 }
 
 /// The top-level sections, in the order the docs list them.
 pub const SECTIONS: &[&str] = &["server", "store", "defaults", "events", "handler"];
 
 impl<'i> Document<'i> {
-    /// Parses TOML syntax. Syntax errors are all returned, each with its span.
+    /// Parses TOML syntax. Only the first syntax error is returned: what the parser
+    /// reports after it, while recovering, is mostly noise caused by the first.
     pub fn parse(text: &'i str) -> Result<Self, Vec<Diag>> {
         let (root, errors) = DeTable::parse_recoverable(text);
-        if !errors.is_empty() {
-            return Err(errors
-                .into_iter()
-                .map(|e| Diag {
-                    path: KeyPath::root(),
-                    span: e.span(),
-                    message: format!("invalid TOML: {}", e.message().trim()),
-                })
-                .collect());
+        if let Some(first) = errors.first() {
+            return Err(vec![syntax_error(text, first)]);
         }
         Ok(Self {
             text,
@@ -94,17 +93,22 @@ impl<'i> Document<'i> {
         let mut diags = Vec::new();
         let mut raw = RawConfig::default();
         let mut handler_index = Vec::new();
+        let mut synthetic = Vec::new();
         for (key, value) in self.root.get_ref().iter() {
             let name = key.get_ref().as_ref();
             let path = KeyPath::root().key(name);
+            let mut recovery = Recovery {
+                diags: &mut diags,
+                synthetic: &mut synthetic,
+            };
             match name {
-                "server" => raw.server = recover::<RawServer>(value, &path, &mut diags),
-                "store" => raw.store = recover::<RawStore>(value, &path, &mut diags),
-                "defaults" => raw.defaults = recover::<RawDefaults>(value, &path, &mut diags),
-                "events" => raw.events = recover::<RawEvents>(value, &path, &mut diags),
+                "server" => raw.server = recovery.recover::<RawServer>(value, &path),
+                "store" => raw.store = recovery.recover::<RawStore>(value, &path),
+                "defaults" => raw.defaults = recovery.recover::<RawDefaults>(value, &path),
+                "events" => raw.events = recovery.recover::<RawEvents>(value, &path),
                 "handler" => {
                     let Some(items) = value.get_ref().as_array() else {
-                        diags.push(Diag {
+                        recovery.diags.push(Diag {
                             path,
                             span: Some(value.span()),
                             message: "must be an array of tables: write each handler as \
@@ -114,7 +118,7 @@ impl<'i> Document<'i> {
                         continue;
                     };
                     for (i, item) in items.iter().enumerate() {
-                        if let Some(h) = recover::<RawHandler>(item, &path.index(i), &mut diags) {
+                        if let Some(h) = recovery.recover::<RawHandler>(item, &path.index(i)) {
                             raw.handler.push(h);
                             handler_index.push(i);
                         }
@@ -124,7 +128,7 @@ impl<'i> Document<'i> {
                     let hint = crate::events::suggest(other, SECTIONS.iter().copied())
                         .map(|s| format!(" (did you mean `{s}`?)"))
                         .unwrap_or_default();
-                    diags.push(Diag {
+                    recovery.diags.push(Diag {
                         path,
                         span: Some(key.span()),
                         message: format!(
@@ -135,7 +139,12 @@ impl<'i> Document<'i> {
                 }
             }
         }
-        (Parsed { raw, handler_index }, diags)
+        let parsed = Parsed {
+            raw,
+            handler_index,
+            synthetic,
+        };
+        (parsed, diags)
     }
 
     /// The span of the value at `path`, or of the deepest part of it that exists.
@@ -162,6 +171,44 @@ impl<'i> Document<'i> {
     pub fn resolve(&self, file: &str, diags: Vec<Diag>) -> Vec<ConfigError> {
         resolve(self.text, file, diags, |p| self.span_of(p))
     }
+}
+
+/// A TOML syntax error, with a hint when it is likely caused by a bracket left open on
+/// an earlier line: the parser then stumbles on the next line, not at the real mistake.
+fn syntax_error(text: &str, error: &toml::de::Error) -> Diag {
+    let message = error.message().trim();
+    let span = error.span();
+    let at_line_start = span.as_ref().is_some_and(|s| starts_line(text, s.start));
+    let hint = match closing_bracket(message) {
+        Some(bracket) if at_line_start => {
+            format!(" (is a `{bracket}` missing on an earlier line?)")
+        }
+        _ => String::new(),
+    };
+    Diag {
+        path: KeyPath::root(),
+        span,
+        message: format!("invalid TOML: {message}{hint}"),
+    }
+}
+
+/// The bracket that closes what a syntax error `message` is about (an array, an inline
+/// table, a table header), if it is about one.
+fn closing_bracket(message: &str) -> Option<char> {
+    if message.contains("array") || message.starts_with("unclosed table") {
+        Some(']')
+    } else if message.contains("inline table") || message.contains("key-value pairs") {
+        Some('}')
+    } else {
+        None
+    }
+}
+
+/// Whether only blanks come before `offset` on its line.
+fn starts_line(text: &str, offset: usize) -> bool {
+    let before = &text[..offset.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    before[line_start..].trim().is_empty()
 }
 
 /// Turns diagnostics into sorted errors, looking up missing spans with `span_of`.
@@ -303,89 +350,207 @@ pub fn expand_env(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result
     Ok(out)
 }
 
-/// Deserialises `value` as `T`, reporting and removing offending keys until it succeeds
-/// or the error is about the table as a whole.
-fn recover<T: DeserializeOwned>(
-    value: &Spanned<DeValue<'_>>,
-    base: &KeyPath,
-    diags: &mut Vec<Diag>,
-) -> Option<T> {
-    let mut value = value.clone();
-    let mut removed: Vec<String> = Vec::new();
-    // Each round removes one key, so a table can take at most as many rounds as it has
-    // values; the bound only guards against a loop if removal ever fails to progress.
-    for _ in 0..256 {
-        let error = match T::deserialize(ValueDeserializer::from(value.clone())) {
-            Ok(t) => return Some(t),
-            Err(e) => e,
+/// The names of the variables `text` refers to with `${NAME}` or `${NAME:-default}`, in
+/// order, each once; `$${` (a literal `${`) is skipped.
+pub fn env_references(text: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        let after = &rest[at + 1..];
+        if let Some(literal) = after.strip_prefix("${") {
+            rest = literal;
+            continue;
+        }
+        rest = after;
+        let Some(inner) = after.strip_prefix('{') else {
+            continue;
         };
-        let span = error.span();
-        let rel = span
-            .as_ref()
-            .map(|s| locate(&value, s.start))
-            .unwrap_or_default();
-        let message = tidy(error.message());
-        if rel.is_empty() {
-            let suppressed = missing_field(error.message()).is_some_and(|f| removed.contains(&f));
-            if !suppressed {
-                diags.push(Diag {
-                    path: base.clone(),
-                    span,
-                    message,
-                });
-            }
-            return None;
-        }
-        diags.push(Diag {
-            path: base.join(&rel),
-            span,
-            message,
-        });
-        if let Some(Seg::Key(first)) = rel.0.first() {
-            removed.push(first.clone());
-        }
-        if !remove(&mut value, &rel.0) {
-            return None;
+        let expr = inner.split('}').next().unwrap_or_default();
+        let name = expr.split(":-").next().unwrap_or_default();
+        if !name.is_empty() && !names.contains(&name) {
+            names.push(name);
         }
     }
-    None
+    names
+}
+
+/// A stand-in for a required key that is missing, or whose value was wrong and removed.
+pub enum StandIn {
+    /// What the file evidently meant (`stage = "Before"` read as "before"); the wrong
+    /// value is still reported, but the rest of the handler is checked against this one.
+    Meant(DeValue<'static>),
+    /// A neutral value that only lets deserialisation go on: nothing about it is reported.
+    Placeholder(DeValue<'static>),
+}
+
+/// A raw type that [`Recovery::recover`] can deserialise past its mistakes.
+pub trait Recover: DeserializeOwned {
+    /// The stand-in for the required key `field`, given the value the file had for it
+    /// (removed because it was wrong), if any. `None`: the table cannot be recovered.
+    fn stand_in(_field: &str, _written: Option<&DeValue<'_>>) -> Option<StandIn> {
+        None
+    }
+}
+
+impl Recover for RawServer {}
+impl Recover for RawStore {}
+impl Recover for RawDefaults {}
+impl Recover for RawEvents {}
+
+impl Recover for RawHandler {
+    /// Placeholders that cause no errors of their own: an empty `name` (never a valid
+    /// one, so it clashes with no real handler's), `events = ["*"]` (not "must name at
+    /// least one event"), `stage = "before"`. A misspelt stage such as "Before" or
+    /// "AFTER" is taken as meant, so that stage rules (`retry`, `modifies`) are checked.
+    fn stand_in(field: &str, written: Option<&DeValue<'_>>) -> Option<StandIn> {
+        let text = |s: &str| DeValue::String(s.to_owned().into());
+        match field {
+            "name" => Some(StandIn::Placeholder(text(""))),
+            "events" => {
+                let mut any = toml::de::DeArray::new();
+                any.push(Spanned::new(0..0, text("*")));
+                Some(StandIn::Placeholder(DeValue::Array(any)))
+            }
+            "stage" => {
+                let meant = match written {
+                    Some(DeValue::String(s)) => s.trim().to_ascii_lowercase(),
+                    _ => String::new(),
+                };
+                Some(match meant.as_str() {
+                    "before" | "after" => StandIn::Meant(text(&meant)),
+                    _ => StandIn::Placeholder(text("before")),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Where [`Recovery::recover`] puts what it finds.
+struct Recovery<'a> {
+    diags: &'a mut Vec<Diag>,
+    synthetic: &'a mut Vec<KeyPath>,
+}
+
+impl Recovery<'_> {
+    /// Deserialises `value` as `T`, reporting and removing offending keys, and standing
+    /// in for missing required ones, until it succeeds or the error is about the table
+    /// as a whole.
+    fn recover<T: Recover>(&mut self, value: &Spanned<DeValue<'_>>, base: &KeyPath) -> Option<T> {
+        let mut value = value.clone();
+        // The top-level keys removed so far, with the values they had.
+        let mut removed: Vec<(String, Spanned<DeValue<'_>>)> = Vec::new();
+        // Each round removes or adds one key, so a table takes few rounds; the bound only
+        // guards against a loop if that ever fails to progress.
+        for _ in 0..256 {
+            let error = match T::deserialize(ValueDeserializer::from(value.clone())) {
+                Ok(t) => return Some(t),
+                Err(e) => e,
+            };
+            let span = error.span();
+            let rel = span
+                .as_ref()
+                .map(|s| locate(&value, s.start))
+                .unwrap_or_default();
+            if rel.is_empty() {
+                // About the table as a whole: only a missing required key can be mended.
+                let Some(field) = missing_field(error.message()) else {
+                    self.report(base.clone(), span, error.message());
+                    return None;
+                };
+                // A key removed for a wrong value was reported then; say nothing twice.
+                let written = removed.iter().find(|(k, _)| *k == field).map(|(_, v)| v);
+                if written.is_none() {
+                    self.report(base.clone(), span, error.message());
+                }
+                let stand_in = T::stand_in(&field, written.map(Spanned::get_ref))?;
+                let stand_in = match stand_in {
+                    StandIn::Meant(v) => v,
+                    StandIn::Placeholder(v) => {
+                        self.synthetic.push(base.key(field.as_str()));
+                        v
+                    }
+                };
+                if !insert(&mut value, &field, stand_in) {
+                    return None;
+                }
+                continue;
+            }
+            // A key or element at fault: report it, take it out, try again.
+            self.report(base.join(&rel), span, error.message());
+            let gone = remove(&mut value, &rel.0)?;
+            if let [Seg::Key(key)] = rel.0.as_slice() {
+                removed.push((key.clone(), gone));
+            }
+        }
+        None
+    }
+
+    fn report(&mut self, path: KeyPath, span: Option<Range<usize>>, message: &str) {
+        self.diags.push(Diag {
+            path,
+            span,
+            message: tidy(message),
+        });
+    }
+}
+
+/// Adds `key = stand_in` to the table `value`, with an empty span so that no error
+/// position ever falls in it; false when `value` is not a table.
+fn insert(value: &mut Spanned<DeValue<'_>>, key: &str, stand_in: DeValue<'static>) -> bool {
+    let DeValue::Table(table) = value.get_mut() else {
+        return false;
+    };
+    let key = Spanned::new(0..0, std::borrow::Cow::Owned(key.to_owned()));
+    table.insert(key, Spanned::new(0..0, stand_in));
+    true
 }
 
 /// The path, relative to `value`, of the deepest key or element whose key or value
-/// covers `offset`.
+/// covers `offset`. Every child is searched, not only those whose span covers `offset`:
+/// the span of a table written as a `[handler.retry]` header does not cover its keys.
 fn locate(value: &Spanned<DeValue<'_>>, offset: usize) -> KeyPath {
     let mut path = KeyPath::root();
-    let mut current = value;
-    loop {
-        let next = match current.get_ref() {
-            DeValue::Table(table) => table.iter().find_map(|(k, v)| {
-                let in_key = k.span().contains(&offset);
-                let in_value = v.span().contains(&offset);
-                (in_key || in_value).then(|| (Seg::Key(k.get_ref().to_string()), v, in_key))
-            }),
-            DeValue::Array(items) => items
-                .iter()
-                .enumerate()
-                .find(|(_, v)| v.span().contains(&offset))
-                .map(|(i, v)| (Seg::Index(i), v, false)),
-            _ => None,
-        };
-        let Some((seg, next, at_key)) = next else {
-            return path;
-        };
-        path.0.push(seg);
-        if at_key {
-            return path;
-        }
-        current = next;
+    locate_below(value, offset, &mut path);
+    path
+}
+
+/// Pushes onto `path` the steps from `value` down to `offset`; false when no key or
+/// element below `value` covers it (and `path` is left as it was).
+fn locate_below(value: &Spanned<DeValue<'_>>, offset: usize, path: &mut KeyPath) -> bool {
+    match value.get_ref() {
+        DeValue::Table(table) => table.iter().any(|(k, v)| {
+            let seg = Seg::Key(k.get_ref().to_string());
+            locate_at(seg, k.span().contains(&offset), v, offset, path)
+        }),
+        DeValue::Array(items) => items
+            .iter()
+            .enumerate()
+            .any(|(i, v)| locate_at(Seg::Index(i), false, v, offset, path)),
+        _ => false,
     }
 }
 
-/// Removes the value at `path`; false when there was nothing there.
-fn remove(value: &mut Spanned<DeValue<'_>>, path: &[Seg]) -> bool {
-    let Some((last, parents)) = path.split_last() else {
-        return false;
-    };
+/// Whether `offset` is in the child `seg` of a table or array (its key when `in_key`, its
+/// value, or deeper); if so, pushes the steps there onto `path`.
+fn locate_at(
+    seg: Seg,
+    in_key: bool,
+    child: &Spanned<DeValue<'_>>,
+    offset: usize,
+    path: &mut KeyPath,
+) -> bool {
+    path.0.push(seg);
+    if in_key || locate_below(child, offset, path) || child.span().contains(&offset) {
+        return true;
+    }
+    path.0.pop();
+    false
+}
+
+/// Removes the value at `path` and returns it; `None` when there was nothing there.
+fn remove<'i>(value: &mut Spanned<DeValue<'i>>, path: &[Seg]) -> Option<Spanned<DeValue<'i>>> {
+    let (last, parents) = path.split_last()?;
     let mut current = value;
     for seg in parents {
         let next = match (seg, current.get_mut()) {
@@ -393,19 +558,16 @@ fn remove(value: &mut Spanned<DeValue<'_>>, path: &[Seg]) -> bool {
             (Seg::Index(i), DeValue::Array(a)) => a.get_mut(*i),
             _ => None,
         };
-        match next {
-            Some(n) => current = n,
-            None => return false,
-        }
+        current = next?;
     }
     match (last, current.get_mut()) {
-        (Seg::Key(k), DeValue::Table(t)) => t.remove(k.as_str()).is_some(),
+        (Seg::Key(k), DeValue::Table(t)) => t.remove(k.as_str()),
         (Seg::Index(i), DeValue::Array(a)) => {
             let mut kept = toml::de::DeArray::new();
-            let mut found = false;
+            let mut found = None;
             for (j, item) in a.iter().enumerate() {
                 if j == *i {
-                    found = true;
+                    found = Some(item.clone());
                 } else {
                     kept.push(item.clone());
                 }
@@ -413,7 +575,7 @@ fn remove(value: &mut Spanned<DeValue<'_>>, path: &[Seg]) -> bool {
             *a = kept;
             found
         }
-        _ => false,
+        _ => None,
     }
 }
 
@@ -433,6 +595,10 @@ fn tidy(message: &str) -> String {
                 .to_owned(),
             _ => format!("missing `{field}`"),
         };
+    }
+    if message == "wanted string or table" {
+        // toml's words for an enum given a number, boolean or array.
+        return "invalid type: expected a string".to_owned();
     }
     let mut message = message
         .replace("unknown field", "unknown key")
@@ -478,6 +644,15 @@ mod tests {
         );
         assert!(expand_env("${1X}", &env).is_err());
         assert!(expand_env("${TOKEN", &env).is_err());
+    }
+
+    #[test]
+    fn finds_the_variables_a_value_refers_to() {
+        assert_eq!(
+            env_references("${A}://u:${B:-x}@h/$${C}/${A}/$5"),
+            ["A", "B"]
+        );
+        assert!(env_references("http://h/").is_empty());
     }
 
     #[test]
