@@ -103,9 +103,9 @@ enum Command {
         /// A file holding the `data` object as JSON, or - for stdin ({} when absent).
         #[arg(long)]
         data: Option<String>,
-        /// The event's object_id.
-        #[arg(long)]
-        object_id: Option<i64>,
+        /// The event's object_id: an integer, as the billing's ids are.
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = object_id)]
+        object_id: i64,
         /// The sidecar: http://host:port or unix:/path.sock (default: the config's listen).
         #[arg(long)]
         url: Option<String>,
@@ -296,6 +296,13 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `send --object-id`: an integer, said plainly when it is not.
+fn object_id(text: &str) -> Result<i64, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| "must be an integer, as the billing's object ids are".to_owned())
 }
 
 /// Runs a client command on a small runtime; errors print as one line.

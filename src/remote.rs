@@ -77,7 +77,7 @@ impl Remote {
 }
 
 /// An envelope as the billing would send it, dated now.
-pub fn envelope(event: &str, object_id: Option<i64>, data: serde_json::Value) -> serde_json::Value {
+pub fn envelope(event: &str, object_id: i64, data: serde_json::Value) -> serde_json::Value {
     let dt = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     serde_json::json!({
         "event": {"dt": dt, "events_id": event, "object_id": object_id},

@@ -144,3 +144,50 @@ fn run_takes_its_options_with_or_without_the_subcommand() {
     let record: Value = serde_json::from_str(&line).expect("a JSON log line");
     assert_eq!(record["watching"], false, "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_defaults_the_object_id_to_1_and_wants_an_integer() {
+    let echo = HandlerServer::echo().await;
+    let config = format!(
+        "{SERVER}[[handler]]\nname = \"echo\"\nevents = [\"*\"]\nstage = \"before\"\nurl = {}\n",
+        toml_str(echo.url("/"))
+    );
+    let sidecar = Sidecar::start(&config);
+    let url = format!("http://{}", sidecar.addr);
+    let dir = sidecar.dir.path();
+
+    let (code, out, err) = run_binary(dir, &["send", "clients.update", "--url", &url]);
+    assert_eq!(code, 0, "{err}");
+    let reply: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(reply["event"]["object_id"], 1, "{reply}");
+    assert_eq!(echo.calls()[0].json()["event"]["object_id"], 1);
+
+    let (code, out, err) = run_binary(
+        dir,
+        &["send", "clients.update", "--object-id", "12", "--url", &url],
+    );
+    assert_eq!(code, 0, "{err}");
+    let reply: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(reply["event"]["object_id"], 12);
+
+    let (code, _, err) = run_binary(
+        dir,
+        &[
+            "send",
+            "clients.update",
+            "--object-id",
+            "C-12",
+            "--url",
+            &url,
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(
+            "invalid value 'C-12' for '--object-id <N>': must be an integer, as the billing's \
+             object ids are"
+        ),
+        "{err}"
+    );
+    assert_eq!(echo.calls().len(), 2, "nothing is sent for a bad id");
+}
