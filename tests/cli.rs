@@ -191,3 +191,69 @@ async fn send_defaults_the_object_id_to_1_and_wants_an_integer() {
     );
     assert_eq!(echo.calls().len(), 2, "nothing is sent for a bad id");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_commands_say_when_the_config_does_not_load_and_when_nothing_matches() {
+    let sidecar = Sidecar::start(SERVER);
+    let url = format!("http://{}", sidecar.addr);
+
+    // The config names the sidecar but does not load: without --url the commands cannot
+    // know where it is, and say so instead of quietly trying the default address.
+    let dir = tempfile::TempDir::new().unwrap();
+    std::fs::write(
+        dir.path().join("provisioning.toml"),
+        format!(
+            "[server]\nlisten = \"{}\"\ntoken = \"${{PROVISIOND_CLI_TEST_UNSET}}\"\n",
+            sidecar.addr
+        ),
+    )
+    .unwrap();
+    // (`send` warns the same way; not run here, as it would post to whatever listens on
+    // the default address.)
+    for args in [&["executions"][..], &["deadletters", "list"]] {
+        let (_, _, err) = run_binary(dir.path(), args);
+        let first = err.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with(
+                "provisiond: warning: cannot load the config: provisioning.toml:3:9: \
+                 server.token: environment variable `PROVISIOND_CLI_TEST_UNSET` is not set"
+            ) && first
+                .ends_with("; trying http://127.0.0.1:8600 (give --url to choose the sidecar)"),
+            "{args:?}: {err}"
+        );
+    }
+
+    // With --url it goes there, and warns that no token is sent.
+    let (code, out, err) = run_binary(dir.path(), &["executions", "--url", &url]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(lines[0].ends_with("; sending no token"), "{err}");
+    assert_eq!(lines[1], "no executions match");
+
+    // No config file at all and --url: nothing to warn about. Empty answers are said.
+    let empty = tempfile::TempDir::new().unwrap();
+    for (args, said) in [
+        (&["executions", "--url", &url][..], "no executions match\n"),
+        (
+            &["executions", "--handler", "crm", "--url", &url],
+            "no executions match\n",
+        ),
+        (&["deadletters", "list", "--url", &url], "no dead letters\n"),
+        (
+            &["deadletters", "list", "--handler", "crm", "--url", &url],
+            "no dead letters match\n",
+        ),
+    ] {
+        let (code, out, err) = run_binary(empty.path(), args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert_eq!(out, "", "{args:?}: stdout holds rows only");
+        assert_eq!(err, said, "{args:?}");
+    }
+    // --json prints the reply as it is.
+    let (code, out, err) = run_binary(empty.path(), &["executions", "--json", "--url", &url]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    let reply: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(reply["count"], 0);
+}
