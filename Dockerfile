@@ -2,7 +2,7 @@
 #
 #   docker build -t provisiond:latest .
 #   docker run --rm -p 8600:8600 \
-#     -v $PWD/provisioning.toml:/etc/provisiond/provisioning.toml:ro \
+#     -v "$PWD/config:/etc/provisiond:ro" \
 #     -v provisiond-data:/var/lib/provisiond provisiond:latest
 #
 # The config is read from /etc/provisiond/provisioning.toml (mount the directory, not a

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use admin::{DeadLetterCommand, ExecutionQuery, dead_letters, executions};
 
@@ -163,24 +163,32 @@ pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    // Start-up failures go through the log, so that they come in the log's format (JSON
+    // lines in a container) like everything else.
     let config = match reload::load(path) {
         Ok(config) => config,
         Err(errors) => {
-            print_errors(&errors);
-            eprintln!("provisiond: not started, fix the config first");
+            for e in errors.iter() {
+                error!(error = %e, "invalid config");
+            }
+            error!(config = %path.display(), errors = errors.len(), "not started, fix the config first");
             return Ok(ExitCode::FAILURE);
         }
     };
     let listen = config.server.listen.clone();
     let grace = config.server.shutdown_grace;
-    let listener = Listener::bind(&listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = match Listener::bind(&listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            error!(listen = %listen, error = %e, "not started: cannot listen");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
     let handlers = config.handlers.len();
     let store = match Store::open(&config.store.path) {
         Ok(store) => store,
         Err(e) => {
-            eprintln!("provisiond: not started: {e}");
+            error!(error = %e, "not started");
             return Ok(ExitCode::FAILURE);
         }
     };

@@ -41,6 +41,7 @@ pub fn install() -> PrometheusHandle {
                 .install_recorder()
                 .expect("the metrics recorder is installed once");
             describe();
+            zero();
             handle
         })
         .clone()
@@ -76,6 +77,15 @@ fn describe() {
     );
     describe_counter!(RELOADS, "Config reloads, by result.");
     describe_gauge!(CONFIG_GENERATION, "Generation of the live config.");
+}
+
+/// Makes the counters an operator alerts on exist from the start, at 0: `increase()`
+/// over a series that appears already at 1 would miss the first bad push after a start.
+fn zero() {
+    for result in ["applied", "unchanged", "rejected"] {
+        counter!(RELOADS, "result" => result).absolute(0);
+    }
+    counter!(EXECUTION_LOG_DROPPED).absolute(0);
 }
 
 /// The label for an event name: the name when the config knows it, else `other`.

@@ -1,4 +1,5 @@
-//! SIGINT and SIGTERM: the first starts a graceful drain, the second quits at once.
+//! SIGINT and SIGTERM: the first starts a graceful drain, the second quits at once
+//! (exit status 130 or 143, as if killed by the signal).
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -18,12 +19,13 @@ pub fn watch(token: CancellationToken) -> std::io::Result<()> {
             "shutting down; a second signal quits at once"
         );
         token.cancel();
-        let name = tokio::select! {
-            _ = interrupt.recv() => "SIGINT",
-            _ = terminate.recv() => "SIGTERM",
+        let (name, code) = tokio::select! {
+            _ = interrupt.recv() => ("SIGINT", 130),
+            _ = terminate.recv() => ("SIGTERM", 143),
         };
         warn!(signal = name, "second signal, quitting now");
-        std::process::exit(130);
+        // 128 + the signal's number, as a shell reports a process killed by it.
+        std::process::exit(code);
     });
     Ok(())
 }

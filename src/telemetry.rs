@@ -18,7 +18,8 @@ pub enum LogFormat {
 }
 
 /// Installs the global subscriber. The level comes from `level` (`--log-level`), else
-/// `RUST_LOG`, else `info`.
+/// `RUST_LOG`, else `info`. A bare level (`debug`) applies to provisiond's own lines, with
+/// the libraries it uses kept at `warn`; a filter (`info,hyper=debug`) is used as given.
 ///
 /// Lines are formatted where they happen but written by a thread of their own, in
 /// batches: an event's path never waits on stderr. Keep the returned guard until exit;
@@ -26,8 +27,16 @@ pub enum LogFormat {
 /// behind), lines are dropped rather than slowing the billing down.
 pub fn init(format: LogFormat, level: Option<&str>) -> anyhow::Result<WorkerGuard> {
     let filter = match level {
-        Some(level) => EnvFilter::try_new(level)?,
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        Some(level) => EnvFilter::try_new(scoped(level))
+            .map_err(|e| anyhow::anyhow!("invalid --log-level {level:?}: {e}"))?,
+        None => match std::env::var("RUST_LOG") {
+            Ok(value) if !value.trim().is_empty() => EnvFilter::try_new(scoped(&value))
+                .unwrap_or_else(|e| {
+                    eprintln!("provisiond: ignoring RUST_LOG={value:?}: {e}; logging at info");
+                    EnvFilter::new("info")
+                }),
+            _ => EnvFilter::new(scoped("info")),
+        },
     };
     let terminal = std::io::stderr().is_terminal();
     let json = match format {
@@ -52,4 +61,27 @@ pub fn init(format: LogFormat, level: Option<&str>) -> anyhow::Result<WorkerGuar
     };
     result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))?;
     Ok(guard)
+}
+
+/// `debug` means provisiond's debug lines, not every dependency's: a bare level becomes
+/// `warn,provisiond=<level>` (or stays as it is when it is at most `warn`).
+fn scoped(filter: &str) -> String {
+    let level = filter.trim().to_ascii_lowercase();
+    match level.as_str() {
+        "debug" | "trace" | "info" => format!("warn,provisiond={level}"),
+        _ => filter.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scoped;
+
+    #[test]
+    fn bare_levels_scope_to_provisiond() {
+        assert_eq!(scoped("debug"), "warn,provisiond=debug");
+        assert_eq!(scoped("INFO"), "warn,provisiond=info");
+        assert_eq!(scoped("warn"), "warn");
+        assert_eq!(scoped("info,hyper=debug"), "info,hyper=debug");
+    }
 }

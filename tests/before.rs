@@ -138,6 +138,13 @@ async fn http_forbid_stops_the_chain_with_the_handlers_message() {
         later.calls().is_empty(),
         "a later handler must not run after a deny"
     );
+    let line = sidecar
+        .wait_for_log(Duration::from_secs(5), |v| {
+            v["message"] == "event" && v["outcome"] == "denied"
+        })
+        .expect("the event's log line keeps its message and says why");
+    assert_eq!(line["handler"], "check-name");
+    assert_eq!(line["reason"], "client name must start with ACME");
 
     // 409 and 422 forbid too; the message may be plain text.
     for status_code in [409u16, 422] {
@@ -766,6 +773,32 @@ async fn sigterm_lets_the_event_in_flight_finish() {
     }
     assert_eq!(slow.calls().len(), 1);
     sidecar.signal(nix::sys::signal::Signal::SIGTERM);
+    // While it drains, a new event hears "not now", and readiness says so too.
+    let mut refused = None;
+    for _ in 0..100 {
+        let response = http_client()
+            .post(sidecar.url("/events"))
+            .body(envelope("clients.update", 2, json!({})).to_string())
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 503 {
+            refused = Some(response);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let refused = refused.expect("a new event during the drain gets 503");
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_eq!(refused.headers()["connection"], "close");
+    let (status, _) = sidecar.get("/readyz").await;
+    assert_eq!(status, 503, "not ready while draining");
+    assert_eq!(
+        slow.calls().len(),
+        1,
+        "the refused event reached no handler"
+    );
+
     let response = in_flight
         .await
         .unwrap()
@@ -775,4 +808,36 @@ async fn sigterm_lets_the_event_in_flight_finish() {
         .wait_exit(Duration::from_secs(10))
         .expect("provisiond exits after draining");
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_quits_at_once() {
+    let slow = HandlerServer::start(|call| async move {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        reply(200, call.body)
+    })
+    .await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"30s\"\n{}",
+        http_handler("slow", &slow.url("/"), "")
+    );
+    let mut sidecar = Sidecar::start(&config);
+    let client = http_client();
+    let url = sidecar.url("/events");
+    let body = envelope("clients.update", 1, json!({})).to_string();
+    let _in_flight = tokio::spawn(async move { client.post(url).body(body).send().await });
+    for _ in 0..200 {
+        if !slow.calls().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sidecar.signal(nix::sys::signal::Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(sidecar.is_running(), "the first signal drains (30 s grace)");
+    sidecar.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = sidecar
+        .wait_exit(Duration::from_secs(5))
+        .expect("the second signal quits at once");
+    assert_eq!(status.code(), Some(143), "{status:?}");
 }

@@ -82,6 +82,42 @@ fn check_reports_every_mistake_with_its_line_and_column() {
     assert!(stderr.contains(&format!("{file}: 8 errors")), "{stderr}");
 }
 
+/// A bad file at start-up is an error exit with the same messages as `check`, in the
+/// log's format.
+#[test]
+fn run_refuses_a_bad_file_with_the_messages_of_check() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("provisioning.toml");
+    std::fs::write(&path, MISTAKES).unwrap();
+    let (_, _, checked) = check(&path, &[]);
+    let out = Command::new(binary())
+        .args(["run", "--log-format", "json", "-c"])
+        .arg(&path)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let errors: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["message"] == "invalid config")
+        .map(|l| l["error"].as_str().unwrap())
+        .collect();
+    let expected: Vec<&str> = checked
+        .lines()
+        .filter(|l| !l.ends_with(" errors"))
+        .collect();
+    assert_eq!(errors, expected);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "not started, fix the config first")
+    );
+}
+
 #[test]
 fn check_names_syntax_errors_and_missing_files() {
     let dir = tempfile::TempDir::new().unwrap();

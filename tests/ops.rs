@@ -452,6 +452,23 @@ async fn metrics_parse_as_prometheus_text_and_move_with_events() {
     let sidecar = Sidecar::start(&config);
     let before = scrape(&sidecar).await;
     assert_eq!(sample(&before, "provisiond_config_generation", &[]), 1.0);
+    // What an operator alerts on exists from the start, at 0.
+    for result in ["applied", "unchanged", "rejected"] {
+        assert!(
+            before
+                .samples
+                .iter()
+                .any(|s| s.metric == "provisiond_reloads_total"
+                    && s.labels.get("result") == Some(result)),
+            "provisiond_reloads_total{{result={result:?}}} is missing at start"
+        );
+    }
+    assert!(
+        before
+            .samples
+            .iter()
+            .any(|s| s.metric == "provisiond_execution_log_dropped_total")
+    );
 
     let client = sidecar.client();
     let post = |body: String| {

@@ -153,7 +153,7 @@ pub async fn run_before(
                 records.push(record);
             }
             Step::Deny(message) => {
-                debug!(handler = %handler.name, event = %envelope.name, ?duration, %message, "handler denied");
+                debug!(handler = %handler.name, event = %envelope.name, ?duration, reason = %message, "handler denied");
                 record.outcome = "denied";
                 records.push(record);
                 return Outcome::Denied {

@@ -107,7 +107,7 @@ async fn handle(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
         Outcome::Denied { handler, message } => {
             info!(
                 event = %event, object_id = %object_id, outcome = "denied", handler = %handler,
-                message = %message, duration_ms = ms(started), generation = snapshot.generation,
+                reason = %message, duration_ms = ms(started), generation = snapshot.generation,
                 "event"
             );
             log_calls(app, records, &event, &object_id);
@@ -207,6 +207,7 @@ fn too_large(max: u64) -> Response<Body> {
     )
 }
 
+/// Milliseconds since `since`, to the microsecond.
 fn ms(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64() * 1000.0
+    (since.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0
 }

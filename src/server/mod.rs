@@ -45,6 +45,7 @@ pub struct App {
     pub caller: Caller,
     /// Events being handled; over `server.max_in_flight` the billing gets 503.
     pub in_flight: Semaphore,
+    max_in_flight: usize,
     /// Set when shutdown begins: new events get 503 with Retry-After.
     pub draining: AtomicBool,
     /// The durable queue, dead letters and execution log.
@@ -71,6 +72,7 @@ impl App {
             snapshot: ArcSwap::from_pointee(snapshot),
             caller: Caller::new(),
             in_flight: Semaphore::new(max_in_flight),
+            max_in_flight,
             draining: AtomicBool::new(false),
             store,
             deliveries: Deliveries::new(),
@@ -97,6 +99,12 @@ impl App {
     /// A receiver that sees the generation of every snapshot published from now on.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.generation.subscribe()
+    }
+
+    /// Events between arrival and reply right now.
+    pub fn events_in_flight(&self) -> usize {
+        self.max_in_flight
+            .saturating_sub(self.in_flight.available_permits())
     }
 
     pub fn is_draining(&self) -> bool {
@@ -182,6 +190,21 @@ pub async fn serve(
         .header_read_timeout(server.header_timeout)
         .keep_alive(true);
 
+    let spawn = |stream, permit: Option<tokio::sync::OwnedSemaphorePermit>| {
+        let app = app.clone();
+        let service = service_fn(move |request| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(route(&app, request).await) }
+        });
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    };
+
     loop {
         let permit = tokio::select! {
             permit = connections.clone().acquire_owned() => permit.expect("never closed"),
@@ -199,24 +222,34 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
-        let app = app.clone();
-        let service = service_fn(move |request| {
-            let app = app.clone();
-            async move { Ok::<_, Infallible>(route(&app, request).await) }
-        });
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(error = %e, "connection ended with an error");
-            }
-            drop(permit);
-        });
+        spawn(stream, Some(permit));
     }
 
-    drop(listener);
+    // Draining: the events in flight finish; new ones, on new connections or kept-alive
+    // ones, are answered 503 with Retry-After (and the connection closed), so the billing
+    // hears "not now" rather than a refused connection. Then the listener closes.
     app.draining.store(true, Ordering::Relaxed);
-    info!(grace = %crate::dispatch::fmt_duration(grace), "draining connections");
-    if tokio::time::timeout(grace, graceful.shutdown())
+    let until = tokio::time::Instant::now() + grace;
+    info!(
+        grace = %crate::dispatch::fmt_duration(grace), in_flight = app.events_in_flight(),
+        "draining: new events get 503 while those in flight finish"
+    );
+    while app.events_in_flight() > 0 {
+        tokio::select! {
+            accepted = listener.accept() => {
+                if let Ok(stream) = accepted {
+                    spawn(stream, None);
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            () = tokio::time::sleep_until(until) => break,
+        }
+    }
+    drop(listener);
+    let left = until
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(Duration::from_millis(100));
+    if tokio::time::timeout(left, graceful.shutdown())
         .await
         .is_err()
     {
@@ -233,11 +266,19 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
     {
         return reply::unauthorized();
     }
-    match (request.method(), path.as_str()) {
+    let mut response = match (request.method(), path.as_str()) {
         (&Method::POST, "/events") => ingress::events(app, request).await,
         (_, "/events") => reply::method_not_allowed("POST"),
         _ => admin::route(app, request).await,
+    };
+    if app.is_draining() {
+        // Ask the client to reconnect, to whoever serves after us.
+        response.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
     }
+    response
 }
 
 /// A fixed body, as every route answers.

@@ -215,7 +215,9 @@ impl Writer {
             }
         });
         while rows.len() < MAX_BATCH {
-            let Ok(more) = self.logs.try_recv() else { break };
+            let Ok(more) = self.logs.try_recv() else {
+                break;
+            };
             rows.extend(more);
         }
     }
