@@ -10,24 +10,24 @@
 //! before = ["require-client-name", "normalize-name"]
 //! after = []
 //! ```
+//!
+//! `before` and `after` are required (`[]` for none): an omitted list would leave a
+//! stage unchecked without anyone noticing. An event name outside the catalogue and
+//! `[events] extra` fails the case as a likely typo, with a "did you mean" hint, unless
+//! the case says `unknown_event = true`. A mistake in the file itself is an error, not a
+//! failed case: every one is reported, one line each, as `file:line:column: message`.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::path::Path;
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::config::Config;
 use crate::events::Envelope;
 use crate::explain::{self, Explanation};
-
-/// A cases file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CasesFile {
-    #[serde(default)]
-    case: Vec<Case>,
-}
 
 /// One `[[case]]`.
 #[derive(Debug, Deserialize)]
@@ -47,7 +47,70 @@ struct Case {
     before: Vec<String>,
     /// The after-stage handlers expected to get a delivery, in order.
     after: Vec<String>,
+    /// The event is outside the catalogue and `[events] extra` on purpose (to test what
+    /// the wildcard handlers do with it). Without it, such a name fails the case as a
+    /// likely typo.
+    #[serde(default)]
+    unknown_event: bool,
 }
+
+/// The keys a case takes, and what to say when a required one is missing.
+const KEYS: &[&str] = &[
+    "name",
+    "event",
+    "object_id",
+    "data",
+    "envelope",
+    "before",
+    "after",
+    "unknown_event",
+];
+const REQUIRED: &[(&str, &str)] = &[
+    ("name", "what the case is about, printed with its result"),
+    (
+        "before",
+        "list the before-stage handlers expected, in order, [] for none",
+    ),
+    (
+        "after",
+        "list the after-stage handlers expected, in order, [] for none",
+    ),
+];
+
+/// What is wrong with a cases file: every problem found, one line each, as
+/// `file:line:column: message`, in file order. Shown as `check` shows config errors:
+/// the lines, then `file: N errors`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CasesError {
+    pub file: String,
+    pub problems: Vec<String>,
+}
+
+impl CasesError {
+    fn one(file: &str, message: impl fmt::Display) -> Self {
+        Self {
+            file: file.to_owned(),
+            problems: vec![format!("{file}: {message}")],
+        }
+    }
+}
+
+impl fmt::Display for CasesError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for p in &self.problems {
+            writeln!(f, "{p}")?;
+        }
+        let n = self.problems.len();
+        write!(
+            f,
+            "{}: {n} error{}",
+            self.file,
+            if n == 1 { "" } else { "s" }
+        )
+    }
+}
+
+impl std::error::Error for CasesError {}
 
 /// How one case went.
 #[derive(Debug)]
@@ -64,47 +127,175 @@ impl CaseResult {
 }
 
 /// Reads the cases file and runs every case against `config`. An error means the file
-/// itself is wrong (not TOML, unknown keys, a case without an event).
-pub fn run(config: &Config, path: &Path) -> Result<Vec<CaseResult>, String> {
-    let file = path.display();
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("{file}: cannot read the file: {e}"))?;
-    let cases: CasesFile =
-        toml::from_str(&text).map_err(|e| format!("{file}: {}", e.to_string().trim_end()))?;
-    if cases.case.is_empty() {
-        return Err(format!("{file}: no [[case]] in the file"));
+/// itself is wrong (not TOML, unknown or missing keys, a case without an event); it
+/// lists every such problem.
+pub fn run(config: &Config, path: &Path) -> Result<Vec<CaseResult>, CasesError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CasesError::one(&file, format_args!("cannot read the file: {e}")))?;
+    let cases = parse(&text, &file)?;
+    Ok(cases
+        .into_iter()
+        .map(|(case, envelope)| run_case(config, case, &envelope))
+        .collect())
+}
+
+fn run_case(config: &Config, case: Case, envelope: &Envelope) -> CaseResult {
+    let explanation = explain::explain(config, envelope);
+    let mut problems = Vec::new();
+    match (explanation.known, case.unknown_event) {
+        (false, false) => problems.push(format!(
+            "unknown event {:?}{}: neither in the catalogue nor in [events] extra; fix the \
+             name, or set unknown_event = true to test an event outside them",
+            explanation.event,
+            explanation.hint(),
+        )),
+        (true, true) => problems.push(format!(
+            "unknown_event = true, but {:?} is a known event",
+            explanation.event
+        )),
+        _ => {}
     }
-    let mut results = Vec::new();
-    for (i, case) in cases.case.into_iter().enumerate() {
-        let envelope =
-            envelope(&case).map_err(|e| format!("{file}: case[{i}] {:?}: {e}", case.name))?;
-        let explanation = explain::explain(config, &envelope);
-        let mut problems = Vec::new();
-        for name in case.before.iter().chain(&case.after) {
-            if config.handler(name).is_none() {
-                problems.push(format!("no handler is named {name:?} in {}", config.file));
+    for name in case.before.iter().chain(&case.after) {
+        if config.handler(name).is_none() {
+            problems.push(format!("no handler is named {name:?} in {}", config.file));
+        }
+    }
+    compare(
+        "before",
+        &case.before,
+        &explanation.before_names(),
+        &explanation,
+        &mut problems,
+    );
+    compare(
+        "after",
+        &case.after,
+        &explanation.after_names(),
+        &explanation,
+        &mut problems,
+    );
+    CaseResult {
+        name: case.name,
+        problems,
+    }
+}
+
+/// The cases in `text`, each with its envelope; or every problem in the file.
+fn parse(text: &str, file: &str) -> Result<Vec<(Case, Envelope)>, CasesError> {
+    // Problems with the byte offset they are at.
+    let mut problems: Vec<(usize, String)> = Vec::new();
+    let (root, syntax) = DeTable::parse_recoverable(text);
+    for e in &syntax {
+        let at = e.span().map_or(0, |s| s.start);
+        problems.push((at, format!("invalid TOML: {}", one_line(e.message()))));
+    }
+    let mut cases = Vec::new();
+    if syntax.is_empty() {
+        for (key, value) in root.get_ref().iter() {
+            let name: &str = key.get_ref().as_ref();
+            if name != "case" {
+                let hint = crate::events::suggest(name, ["case"])
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                problems.push((
+                    key.span().start,
+                    format!("unknown key `{name}`{hint}; a cases file holds [[case]] tables"),
+                ));
+                continue;
+            }
+            let Some(items) = value.get_ref().as_array() else {
+                problems.push((
+                    value.span().start,
+                    "`case` must be an array of tables: write each case as [[case]]".into(),
+                ));
+                continue;
+            };
+            for (i, item) in items.iter().enumerate() {
+                match parse_case(i, item) {
+                    Ok(case) => cases.push(case),
+                    Err(found) => problems.extend(found),
+                }
             }
         }
-        compare(
-            "before",
-            &case.before,
-            &explanation.before_names(),
-            &explanation,
-            &mut problems,
-        );
-        compare(
-            "after",
-            &case.after,
-            &explanation.after_names(),
-            &explanation,
-            &mut problems,
-        );
-        results.push(CaseResult {
-            name: case.name,
-            problems,
-        });
     }
-    Ok(results)
+    if problems.is_empty() && cases.is_empty() {
+        return Err(CasesError::one(file, "no [[case]] in the file"));
+    }
+    if problems.is_empty() {
+        return Ok(cases);
+    }
+    problems.sort_by_key(|(at, _)| *at);
+    Err(CasesError {
+        file: file.to_owned(),
+        problems: problems
+            .into_iter()
+            .map(|(at, message)| {
+                let (line, column) = line_col(text, at);
+                format!("{file}:{line}:{column}: {message}")
+            })
+            .collect(),
+    })
+}
+
+/// One `[[case]]` table, checked key by key so that all its problems are reported.
+fn parse_case(
+    i: usize,
+    item: &Spanned<DeValue<'_>>,
+) -> Result<(Case, Envelope), Vec<(usize, String)>> {
+    let at = item.span().start;
+    let Some(table) = item.get_ref().as_table() else {
+        return Err(vec![(at, format!("case #{}: must be a table", i + 1))]);
+    };
+    let label = match table.get("name").and_then(|v| v.get_ref().as_str()) {
+        Some(name) => format!("case {name:?}"),
+        None => format!("case #{}", i + 1),
+    };
+    let mut problems = Vec::new();
+    for (key, _) in table.iter() {
+        let key_name: &str = key.get_ref().as_ref();
+        if !KEYS.contains(&key_name) {
+            let hint = crate::events::suggest(key_name, KEYS.iter().copied())
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            problems.push((
+                key.span().start,
+                format!(
+                    "{label}: unknown key `{key_name}`{hint}; a case takes {}",
+                    KEYS.join(", ")
+                ),
+            ));
+        }
+    }
+    for (key, what) in REQUIRED {
+        if table.get(*key).is_none() {
+            problems.push((at, format!("{label}: missing `{key}` ({what})")));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let case = Case::deserialize(ValueDeserializer::from(item.clone())).map_err(|e| {
+        let at = e.span().map_or(at, |s| s.start);
+        vec![(at, format!("{label}: {}", one_line(e.message())))]
+    })?;
+    let envelope = envelope(&case).map_err(|e| vec![(at, format!("{label}: {e}"))])?;
+    Ok((case, envelope))
+}
+
+/// A toml message on one line.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
 }
 
 fn envelope(case: &Case) -> Result<Envelope, String> {
@@ -202,7 +393,7 @@ url = "http://127.0.0.1:1/a"
 match = { "data.name" = { exists = true } }
 "#;
 
-    fn run_cases(cases: &str) -> Result<Vec<CaseResult>, String> {
+    fn run_cases(cases: &str) -> Result<Vec<CaseResult>, CasesError> {
         let dir = tempfile::TempDir::new().unwrap();
         let path = dir.path().join("cases.toml");
         std::fs::write(&path, cases).unwrap();
@@ -254,11 +445,74 @@ after = []
 
     #[test]
     fn bad_cases_files_are_errors() {
-        let e = run_cases("[[case]]\nname = \"x\"\nbefore = []\nafter = []\n").unwrap_err();
-        assert!(e.contains("case[0] \"x\": give `event`"), "{e}");
-        let e = run_cases("[[case]]\nname = \"x\"\nevent = \"a.b\"\nbefre = []\n").unwrap_err();
-        assert!(e.contains("unknown field `befre`"), "{e}");
+        let problems = |text| run_cases(text).unwrap_err().problems;
+        let file = |e: &[String]| e[0].split(':').next().unwrap().to_owned();
+        let e = problems("[[case]]\nname = \"x\"\nbefore = []\nafter = []\n");
+        assert!(
+            e[0].ends_with(":1:1: case \"x\": give `event` (and `data`) or `envelope`"),
+            "{e:?}"
+        );
+        assert!(file(&e).ends_with("cases.toml"), "{e:?}");
+        let e = problems("[[case]]\nname = \"x\"\nevent = \"a.b\"\nbefre = []\n");
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[0].ends_with(":1:1: case \"x\": missing `before` (list the before-stage handlers expected, in order, [] for none)"), "{e:?}");
+        assert!(e[1].ends_with(":1:1: case \"x\": missing `after` (list the after-stage handlers expected, in order, [] for none)"), "{e:?}");
+        assert!(
+            e[2].contains(":4:1: case \"x\": unknown key `befre` (did you mean `before`?)"),
+            "{e:?}"
+        );
+        let e = problems("[[case]]\nname = \"x\"\nevent = \"a.b\"\nbefore = \"a\"\nafter = []\n");
+        assert!(
+            e[0].contains(":4:10: case \"x\": invalid type: string \"a\", expected a sequence"),
+            "{e:?}"
+        );
+        let e = problems("[[case]]\nname = \"x\n");
+        assert!(e[0].contains(":2:10: invalid TOML: "), "{e:?}");
+        assert!(!e[0].contains('\n'), "{e:?}");
         let e = run_cases("# nothing\n").unwrap_err();
-        assert!(e.contains("no [[case]]"), "{e}");
+        assert!(
+            e.problems[0].ends_with("cases.toml: no [[case]] in the file"),
+            "{e:?}"
+        );
+        assert!(e.to_string().ends_with("cases.toml: 1 error"), "{e}");
+    }
+
+    #[test]
+    fn a_case_on_an_unknown_event_fails_unless_it_says_so() {
+        let results = run_cases(
+            r#"
+[[case]]
+name = "typo"
+event = "clients.crate"
+before = []
+after = []
+[[case]]
+name = "on purpose"
+event = "clients.loyalty.upgrade"
+unknown_event = true
+before = []
+after = []
+[[case]]
+name = "an alias of a known name"
+event = "clients_packages.renew"
+unknown_event = true
+before = []
+after = []
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            results[0].problems,
+            [
+                "unknown event \"clients.crate\" (did you mean \"clients.create\"?): neither in \
+              the catalogue nor in [events] extra; fix the name, or set unknown_event = true \
+              to test an event outside them"
+            ]
+        );
+        assert!(results[1].passed(), "{:?}", results[1]);
+        assert_eq!(
+            results[2].problems,
+            ["unknown_event = true, but \"clients.subscriptions.renew\" is a known event"]
+        );
     }
 }

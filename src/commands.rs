@@ -247,7 +247,7 @@ pub async fn send(
     url: Option<&str>,
     event: &str,
     data: Option<&str>,
-    object_id: Option<i64>,
+    object_id: i64,
 ) -> anyhow::Result<ExitCode> {
     let data = match data {
         Some(source) => crate::remote::read_json(source)?,

@@ -26,6 +26,8 @@ pub struct Explanation {
     pub object_id: String,
     /// Whether the name is in the catalogue or `[events] extra`.
     pub known: bool,
+    /// For a name that is not: the closest one that is, if any is close.
+    pub suggestion: Option<String>,
     /// Before-stage handlers that would be called, in order.
     pub before: Vec<Arc<Handler>>,
     /// After-stage handlers that would get a delivery, in order.
@@ -86,10 +88,17 @@ pub fn envelope(event: &str, object_id: Value, data: Value) -> Result<Envelope, 
 pub fn explain(config: &Config, envelope: &Envelope) -> Explanation {
     let plan = Plan::new(config);
     let route = plan.route(&envelope.name);
+    let known = plan.is_known(&envelope.name);
+    let suggestion = if known {
+        None
+    } else {
+        crate::events::suggest(&envelope.name, config.known_events()).map(str::to_owned)
+    };
     let mut out = Explanation {
         event: envelope.name.clone(),
         object_id: envelope.object_id(),
-        known: plan.is_known(&envelope.name),
+        known,
+        suggestion,
         before: Vec::new(),
         after: Vec::new(),
         denied: None,
@@ -169,6 +178,15 @@ fn why_not(handler: &Handler, verdict: Verdict) -> Reason {
 }
 
 impl Explanation {
+    /// ` (did you mean "clients.create"?)` for an unknown name close to a known one;
+    /// else empty.
+    pub fn hint(&self) -> String {
+        self.suggestion
+            .as_ref()
+            .map(|s| format!(" (did you mean {s:?}?)"))
+            .unwrap_or_default()
+    }
+
     /// The before-stage handler names that would be called, in order.
     pub fn before_names(&self) -> Vec<String> {
         self.before.iter().map(|h| h.name.clone()).collect()
@@ -206,9 +224,10 @@ impl Explanation {
         if !self.known {
             let _ = writeln!(
                 out,
-                "note: {} is neither in the catalogue nor in [events] extra; only handlers \
+                "note: {} is neither in the catalogue nor in [events] extra{}; only handlers \
                  with a \"*\" or prefix pattern take it",
-                self.event
+                self.event,
+                self.hint(),
             );
         }
         let width = config
@@ -410,11 +429,18 @@ match = { "data.balance" = { lt = 0 } }
     fn an_event_outside_the_catalogue_goes_to_wildcard_handlers() {
         let e = explained("clients.loyalty.upgrade", json!({}));
         assert!(!e.known);
+        assert_eq!(e.suggestion, None);
         assert_eq!(e.before_names(), ["late"]);
         assert!(
             e.render(&config())
-                .contains("neither in the catalogue nor in [events] extra")
+                .contains("neither in the catalogue nor in [events] extra; only")
         );
+        let e = explained("clients.crate", json!({}));
+        assert_eq!(e.suggestion.as_deref(), Some("clients.create"));
+        assert!(e.render(&config()).contains(
+            "clients.crate is neither in the catalogue nor in [events] extra \
+                 (did you mean \"clients.create\"?)"
+        ));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// mimalloc instead of the system allocator: events allocate on the runtime's threads and
 /// free on the store writer's and the log writer's, and glibc's arenas contend on that
@@ -16,6 +16,8 @@ use provisiond::telemetry::{self, LogFormat};
 
 /// A sidecar that dispatches JeraSoft Billing's provisioning events to the handlers in
 /// provisioning.toml.
+///
+/// Without a subcommand it serves (`run`): the options below are `run`'s.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
@@ -28,24 +30,47 @@ struct Cli {
         default_value = "provisioning.toml"
     )]
     config: PathBuf,
-    /// Log format: pretty on a terminal and JSON otherwise, unless set.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
-    log_format: LogFormat,
-    /// Log level or filter (e.g. "debug", "provisiond=debug"); overrides RUST_LOG.
-    #[arg(long, global = true)]
-    log_level: Option<String>,
+    /// `run`'s options, when no subcommand is given.
+    #[command(flatten)]
+    run: RunArgs,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// Options of `run`, the default command; no other command logs.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Log format: auto (the default) is pretty on a terminal and JSON otherwise.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Log level or filter (e.g. "debug", "provisiond=debug"); overrides RUST_LOG.
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Do not watch the config file; reload only on SIGHUP or POST /v1/reload.
+    #[arg(long)]
+    no_watch: bool,
+}
+
+impl RunArgs {
+    fn is_set(&self) -> bool {
+        self.log_format.is_some() || self.log_level.is_some() || self.no_watch
+    }
+
+    /// `provisiond --log-level debug run --log-format json`: both apply, those after
+    /// `run` win.
+    fn or(self, outer: Self) -> Self {
+        Self {
+            log_format: self.log_format.or(outer.log_format),
+            log_level: self.log_level.or(outer.log_level),
+            no_watch: self.no_watch || outer.no_watch,
+        }
+    }
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Serve events (the default).
-    Run {
-        /// Do not watch the config file; reload only on SIGHUP or POST /v1/reload.
-        #[arg(long)]
-        no_watch: bool,
-    },
+    Run(RunArgs),
     /// Validate the config: print a summary, or every error with its line; exit 1 on error.
     Check,
     /// Show which handlers an event would run, in which order, and why the others would
@@ -67,7 +92,12 @@ enum Command {
         cases: PathBuf,
     },
     /// Print the config's JSON Schema.
-    Schema,
+    Schema {
+        /// Accepted and ignored: the schema does not depend on a config. Hidden so that
+        /// `schema --help` does not offer it.
+        #[arg(short, long, hide = true)]
+        config: Option<PathBuf>,
+    },
     /// Post an envelope like the billing's to a running sidecar and print the reply.
     Send {
         /// The event name, e.g. clients.create.
@@ -75,9 +105,9 @@ enum Command {
         /// A file holding the `data` object as JSON, or - for stdin ({} when absent).
         #[arg(long)]
         data: Option<String>,
-        /// The event's object_id.
-        #[arg(long)]
-        object_id: Option<i64>,
+        /// The event's object_id: an integer, as the billing's ids are.
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = object_id)]
+        object_id: i64,
         /// The sidecar: http://host:port or unix:/path.sock (default: the config's listen).
         #[arg(long)]
         url: Option<String>,
@@ -157,7 +187,18 @@ enum DeadLetters {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run { no_watch: false }) {
+    let command = match cli.command {
+        None => Command::Run(cli.run),
+        Some(Command::Run(args)) => Command::Run(args.or(cli.run)),
+        Some(_) if cli.run.is_set() => Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--log-format, --log-level and --no-watch are options of `run` only",
+            )
+            .exit(),
+        Some(command) => command,
+    };
+    match command {
         Command::Check => commands::check(&cli.config),
         Command::Explain {
             event,
@@ -165,7 +206,7 @@ fn main() -> ExitCode {
             object_id,
         } => commands::explain(&cli.config, &event, data.as_deref(), &object_id),
         Command::Test { cases } => commands::test(&cli.config, &cases),
-        Command::Schema => {
+        Command::Schema { .. } => {
             print!("{}", commands::schema());
             ExitCode::SUCCESS
         }
@@ -231,9 +272,10 @@ fn main() -> ExitCode {
                 command,
             ))
         }
-        Command::Run { no_watch } => {
+        Command::Run(args) => {
             // Held to the end of `run`: dropping it flushes the log lines still queued.
-            let _logs = match telemetry::init(cli.log_format, cli.log_level.as_deref()) {
+            let format = args.log_format.unwrap_or_default();
+            let _logs = match telemetry::init(format, args.log_level.as_deref()) {
                 Ok(guard) => guard,
                 Err(e) => {
                     eprintln!("provisiond: {e:#}");
@@ -247,7 +289,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(commands::run(&cli.config, !no_watch)) {
+            match runtime.block_on(commands::run(&cli.config, !args.no_watch)) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("provisiond: {e:#}");
@@ -256,6 +298,13 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `send --object-id`: an integer, said plainly when it is not.
+fn object_id(text: &str) -> Result<i64, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| "must be an integer, as the billing's object ids are".to_owned())
 }
 
 /// Runs a client command on a small runtime; errors print as one line.

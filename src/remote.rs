@@ -6,7 +6,27 @@ use std::path::Path;
 use anyhow::Context as _;
 use bytes::Bytes;
 
-use crate::config::{Config, Listen};
+use crate::config::{Config, ConfigErrors, Listen};
+
+/// Where a client command looks for the sidecar when neither `--url` nor a config says:
+/// the default `server.listen`.
+fn fallback() -> String {
+    format!("http://{}", crate::config::DEFAULT_LISTEN)
+}
+
+/// "cannot load the config: FILE:LINE:COL: ...", the first error on one line, and how
+/// many more there are.
+fn not_loaded(errors: &ConfigErrors) -> String {
+    let first = errors
+        .iter()
+        .next()
+        .map_or_else(String::new, |e| e.to_string().replace('\n', " "));
+    let more = match errors.len() {
+        0 | 1 => String::new(),
+        n => format!(" (and {} more; `provisiond check` lists them)", n - 1),
+    };
+    format!("cannot load the config: {first}{more}")
+}
 
 /// A client for one running provisiond.
 pub struct Remote {
@@ -19,8 +39,31 @@ pub struct Remote {
 impl Remote {
     /// Uses `url` (`http://host:port` or `unix:/path.sock`) when given, else the listen
     /// address of the config at `config_path`. The token comes from that config.
+    ///
+    /// A config that does not load is not fatal (the sidecar may be elsewhere, or the
+    /// file not at hand), but it is said, on one line of stderr: without `--url`, with
+    /// the address used instead (the default listen address); with `--url`, when the file exists, as
+    /// the request then goes without a token.
     pub fn new(config_path: &Path, url: Option<&str>) -> anyhow::Result<Self> {
-        let config = Config::load(config_path).ok();
+        let config = match Config::load(config_path) {
+            Ok(config) => Some(config),
+            Err(errors) => {
+                if url.is_none() {
+                    eprintln!(
+                        "provisiond: warning: {}; trying {} (give --url to choose the \
+                         sidecar)",
+                        not_loaded(&errors),
+                        fallback()
+                    );
+                } else if config_path.exists() {
+                    eprintln!(
+                        "provisiond: warning: {}; sending no token",
+                        not_loaded(&errors)
+                    );
+                }
+                None
+            }
+        };
         let token = config
             .as_ref()
             .and_then(|c| c.server.token.as_ref())
@@ -30,7 +73,7 @@ impl Remote {
             None => match config.as_ref().map(|c| &c.server.listen) {
                 Some(Listen::Unix(path)) => format!("unix:{}", path.display()),
                 Some(Listen::Tcp(addr)) => format!("http://{addr}"),
-                None => "http://127.0.0.1:8600".to_owned(),
+                None => fallback(),
             },
         };
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -77,7 +120,7 @@ impl Remote {
 }
 
 /// An envelope as the billing would send it, dated now.
-pub fn envelope(event: &str, object_id: Option<i64>, data: serde_json::Value) -> serde_json::Value {
+pub fn envelope(event: &str, object_id: i64, data: serde_json::Value) -> serde_json::Value {
     let dt = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     serde_json::json!({
         "event": {"dt": dt, "events_id": event, "object_id": object_id},

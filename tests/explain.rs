@@ -250,15 +250,77 @@ FAIL  the paused handler runs for a balance drop
         "{stdout}"
     );
 
-    // A mistake in the cases file is an error, not a pass.
+    // A mistake in the cases file is an error, not a pass: every one, one line each,
+    // with its place in the file.
     std::fs::write(
         &cases,
-        "[[case]]\nname = \"x\"\nevent = \"clients.create\"\nbefore = []\n",
+        "[[case]]\nname = \"x\"\nevent = \"clients.create\"\nbefore = []\n\n\
+         [[case]]\nname = \"y\"\nevent = \"clients.create\"\nbefore = []\nafter = []\n\
+         outcome = \"allow\"\n",
     )
     .unwrap();
     let (code, stdout, stderr) = cli(&["test", "-c", &config, cases.to_str().unwrap()], ENV, "");
     assert_eq!(code, 1, "{stdout}");
-    assert!(stderr.contains("missing field `after`"), "{stderr}");
+    assert_eq!(stdout, "", "no case runs from a broken file");
+    let file = cases.display();
+    assert_eq!(
+        stderr,
+        format!(
+            "{file}:1:1: case \"x\": missing `after` (list the after-stage handlers expected, \
+             in order, [] for none)\n\
+             {file}:11:1: case \"y\": unknown key `outcome`; a case takes name, event, \
+             object_id, data, envelope, before, after, unknown_event\n\
+             {file}: 2 errors\n"
+        )
+    );
+}
+
+#[test]
+fn a_typo_in_an_event_name_is_caught_with_a_hint() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = config_file(dir.path());
+    let (code, stdout, stderr) = cli(&["explain", "clients.crate", "-c", &config], ENV, "");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(
+            "note: clients.crate is neither in the catalogue nor in [events] extra \
+             (did you mean \"clients.create\"?)"
+        ),
+        "{stdout}"
+    );
+
+    // In a case it fails the case (it would pass, with nothing expected, if the name
+    // were not checked), unless the case says the name is unknown on purpose.
+    let cases = dir.path().join("cases.toml");
+    std::fs::write(
+        &cases,
+        r#"
+[[case]]
+name = "typo"
+event = "clients.crate"
+before = []
+after = []
+
+[[case]]
+name = "a future event goes to the wildcard handlers only"
+event = "clients.loyalty.upgrade"
+unknown_event = true
+data = { name = "x" }
+before = ["tidy-name"]
+after = []
+"#,
+    )
+    .unwrap();
+    let (code, stdout, stderr) = cli(&["test", "-c", &config, cases.to_str().unwrap()], ENV, "");
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert_eq!(
+        stdout,
+        "FAIL  typo
+        unknown event \"clients.crate\" (did you mean \"clients.create\"?): neither in the catalogue nor in [events] extra; fix the name, or set unknown_event = true to test an event outside them
+ok    a future event goes to the wildcard handlers only
+2 cases: 1 passed, 1 failed
+"
+    );
 }
 
 #[test]

@@ -88,7 +88,14 @@ pub async fn executions(
             println!("{reply:#}");
             return Ok(ExitCode::SUCCESS);
         }
-        for row in reply["executions"].as_array().into_iter().flatten() {
+        let rows = reply["executions"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice);
+        if rows.is_empty() {
+            // On stderr, like the warnings: stdout holds rows only, for scripts.
+            eprintln!("no executions match");
+        }
+        for row in rows {
             println!("{}", execution_line(row));
         }
         Ok(ExitCode::SUCCESS)
@@ -135,6 +142,7 @@ pub async fn dead_letters(
                 limit,
                 json,
             } => {
+                let filtered = handler.is_some();
                 let q = query_string(&[
                     ("handler", handler),
                     ("limit", limit.map(|n| n.to_string())),
@@ -149,7 +157,20 @@ pub async fn dead_letters(
                     println!("{reply:#}");
                     return Ok(ExitCode::SUCCESS);
                 }
-                for letter in reply["deadletters"].as_array().into_iter().flatten() {
+                let letters = reply["deadletters"]
+                    .as_array()
+                    .map_or(&[][..], Vec::as_slice);
+                if letters.is_empty() {
+                    eprintln!(
+                        "{}",
+                        if filtered {
+                            "no dead letters match"
+                        } else {
+                            "no dead letters"
+                        }
+                    );
+                }
+                for letter in letters {
                     let s = |k: &str| letter[k].as_str().unwrap_or("-").to_owned();
                     println!(
                         "{:<6} {}  {:<20} {:<30} {:<8} attempts {:<3} {}",

@@ -1,8 +1,9 @@
 //! `GET /v1/config` (what is live, and how reloads went) and `POST /v1/reload`.
 //!
-//! Handlers are shown by what is safe to show: name, stage, priority, events, and the
-//! target as written in the file (before `${VAR}` substitution). Tokens, secrets,
-//! headers, script environments and filters never appear.
+//! Handlers are shown by what is safe to show: name, stage, priority, events, the
+//! target as written in the file (before `${VAR}` substitution), and the settings that
+//! apply to its stage. Tokens, secrets, headers, script environments and filters never
+//! appear.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -12,7 +13,7 @@ use serde_json::{Map, Value, json};
 
 use super::App;
 use super::reply::{self, Body};
-use crate::config::{Handler, OnError, Stage};
+use crate::config::{Handler, Stage};
 use crate::reload::{Outcome, Pending, Trigger};
 
 /// `GET /v1/config`.
@@ -111,18 +112,39 @@ pub async fn reload(app: &Arc<App>) -> Response<Body> {
     }
 }
 
+/// A handler with the settings that apply to its stage: a before-stage handler may
+/// modify and has an `on_error`; an after-stage one has a `retry` instead. Both have a
+/// `timeout` and a `max_concurrency`.
 fn describe(h: &Handler) -> Value {
-    json!({
-        "name": h.name,
-        "stage": match h.stage { Stage::Before => "before", Stage::After => "after" },
-        "priority": h.priority,
-        "enabled": h.enabled,
-        "events": h.events.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "target": h.describe_target(),
-        "modifies": h.modifies,
-        "on_error": match h.on_error { OnError::Allow => "allow", OnError::Deny => "deny" },
-        "timeout": crate::dispatch::fmt_duration(h.timeout),
-    })
+    let duration = crate::dispatch::fmt_duration;
+    let mut shown = Map::new();
+    let mut put = |key: &str, value: Value| {
+        shown.insert(key.to_owned(), value);
+    };
+    put("name", json!(h.name));
+    put("stage", json!(h.stage));
+    put("priority", json!(h.priority));
+    put("enabled", json!(h.enabled));
+    let events: Vec<String> = h.events.iter().map(ToString::to_string).collect();
+    put("events", json!(events));
+    put("target", json!(h.describe_target()));
+    match h.stage {
+        Stage::Before => {
+            put("modifies", json!(h.modifies));
+            put("on_error", json!(h.on_error));
+        }
+        Stage::After => put(
+            "retry",
+            json!({
+                "attempts": h.retry.attempts,
+                "backoff": duration(h.retry.backoff),
+                "max_backoff": duration(h.retry.max_backoff),
+            }),
+        ),
+    }
+    put("timeout", json!(duration(h.timeout)));
+    put("max_concurrency", json!(h.max_concurrency));
+    Value::Object(shown)
 }
 
 fn pending(list: &[Pending]) -> Value {

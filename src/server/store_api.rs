@@ -16,6 +16,10 @@ use crate::store::{ExecutionFilter, StoreError, unix_ms};
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
 
+/// Every outcome the execution log holds: the before stage's, then the after stage's
+/// (see `CallRecord::outcome` in `dispatch::chain` and the delivery workers).
+const OUTCOMES: &[&str] = &["allowed", "denied", "error", "delivered", "failed", "dead"];
+
 /// `GET /v1/executions?event=&handler=&object_id=&outcome=&since=&limit=`
 pub async fn executions(app: &Arc<App>, uri: &Uri) -> Response<Body> {
     let mut filter = ExecutionFilter {
@@ -28,7 +32,10 @@ pub async fn executions(app: &Arc<App>, uri: &Uri) -> Response<Body> {
             "event" => filter.event = value.map(|v| crate::events::normalize(&v).into_owned()),
             "handler" => filter.handler = value,
             "object_id" => filter.object_id = value,
-            "outcome" => filter.outcome = value,
+            "outcome" => match parse_outcome(value.as_deref().unwrap_or_default()) {
+                Ok(outcome) => filter.outcome = Some(outcome),
+                Err(e) => return reply::error(StatusCode::BAD_REQUEST, e),
+            },
             "since" => match parse_since(value.as_deref().unwrap_or_default()) {
                 Ok(at) => filter.since = Some(at),
                 Err(e) => return reply::error(StatusCode::BAD_REQUEST, e),
@@ -193,10 +200,27 @@ fn query(uri: &Uri) -> Vec<(String, String)> {
 fn parse_limit(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+        Ok(n) if n > MAX_LIMIT => Err(format!(
+            "limit is at most {MAX_LIMIT}, got {n}; narrow the query with since or the other \
+             filters"
+        )),
         _ => Err(format!(
-            "limit must be a number from 1 to {MAX_LIMIT}, got {text:?}"
+            "limit must be a whole number from 1 to {MAX_LIMIT} (at most {MAX_LIMIT}), got \
+             {text:?}"
         )),
     }
+}
+
+/// `outcome`: one the log can hold, else an error listing them. A value no row can have
+/// would otherwise answer an empty list, as if nothing had happened.
+fn parse_outcome(text: &str) -> Result<String, String> {
+    if OUTCOMES.contains(&text) {
+        return Ok(text.to_owned());
+    }
+    Err(format!(
+        "unknown outcome {text:?}; use allowed, denied or error (before stage), \
+         delivered, failed or dead (after stage)"
+    ))
 }
 
 /// `since`: an RFC 3339 time (`2026-11-26T10:00:00Z`) or a duration back from now
@@ -236,9 +260,29 @@ mod tests {
     #[test]
     fn limits_are_bounded() {
         assert_eq!(parse_limit("5"), Ok(5));
-        assert!(parse_limit("0").is_err());
-        assert!(parse_limit("1001").is_err());
+        assert_eq!(parse_limit("1000"), Ok(1000));
+        assert!(parse_limit("0").unwrap_err().contains("from 1 to 1000"));
+        assert!(
+            parse_limit("1001")
+                .unwrap_err()
+                .starts_with("limit is at most 1000, got 1001")
+        );
         assert!(parse_limit("x").is_err());
+    }
+
+    #[test]
+    fn outcomes_are_those_the_log_holds() {
+        for outcome in OUTCOMES {
+            assert_eq!(parse_outcome(outcome).as_deref(), Ok(*outcome));
+        }
+        let e = parse_outcome("bogus").unwrap_err();
+        assert!(
+            e.starts_with("unknown outcome \"bogus\"; use allowed"),
+            "{e}"
+        );
+        for outcome in OUTCOMES {
+            assert!(e.contains(outcome), "{e}");
+        }
     }
 
     #[test]
