@@ -5,10 +5,11 @@
 //! are spelled in one place. Labels have bounded values: event names outside the
 //! catalogue and `[events] extra` are counted as `other`.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{LazyLock, OnceLock, RwLock};
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub const EVENTS: &str = "provisiond_events_total";
@@ -97,23 +98,99 @@ pub fn event_label(name: &str, known: bool) -> String {
     }
 }
 
+// Every event records several metrics. Building a metric's key (labels, allocations, a
+// registry lookup) costs more than the increment, so the handles are kept, per label
+// set, the first time they are used: later events only find them and add.
+
+/// Handles kept by a string label and a `&'static str` one.
+type Handles<T> = RwLock<HashMap<String, HashMap<&'static str, T>>>;
+
+/// The handle for `(first, second)`, made by `make` on first use.
+fn kept<T: Clone>(
+    handles: &Handles<T>,
+    first: &str,
+    second: &'static str,
+    make: impl FnOnce() -> T,
+) -> T {
+    if let Some(found) = handles
+        .read()
+        .expect("metric handles lock")
+        .get(first)
+        .and_then(|inner| inner.get(second))
+    {
+        return found.clone();
+    }
+    let made = make();
+    handles
+        .write()
+        .expect("metric handles lock")
+        .entry(first.to_owned())
+        .or_default()
+        .insert(second, made.clone());
+    made
+}
+
 pub fn event(event: String, outcome: &'static str) {
-    counter!(EVENTS, "event" => event, "outcome" => outcome).increment(1);
+    static KEPT: LazyLock<Handles<Counter>> = LazyLock::new(Default::default);
+    kept(
+        &KEPT,
+        &event,
+        outcome,
+        || counter!(EVENTS, "event" => event.clone(), "outcome" => outcome),
+    )
+    .increment(1);
 }
 
 pub fn before_chain(duration: Duration) {
-    histogram!(BEFORE_CHAIN_SECONDS).record(duration.as_secs_f64());
+    static KEPT: LazyLock<Histogram> = LazyLock::new(|| histogram!(BEFORE_CHAIN_SECONDS));
+    KEPT.record(duration.as_secs_f64());
+}
+
+/// One handler's metrics in one stage: a call counter per outcome and the latencies.
+#[derive(Clone)]
+struct Calls {
+    by_outcome: Vec<(&'static str, Counter)>,
+    time: Histogram,
+}
+
+impl Calls {
+    /// Registers every outcome of the stage at once, so that each series exists (at 0)
+    /// from the handler's first call.
+    fn new(handler: &str, stage: &'static str) -> Self {
+        let outcomes: &[&'static str] = match stage {
+            "before" => &["allowed", "denied", "error"],
+            _ => &["delivered", "failed", "dead", "error"],
+        };
+        Self {
+            by_outcome: outcomes
+                .iter()
+                .map(|&outcome| (outcome, call_counter(handler, stage, outcome)))
+                .collect(),
+            time: histogram!(HANDLER_SECONDS, "handler" => handler.to_owned(), "stage" => stage),
+        }
+    }
+}
+
+fn call_counter(handler: &str, stage: &'static str, outcome: &'static str) -> Counter {
+    counter!(
+        HANDLER_CALLS,
+        "handler" => handler.to_owned(), "stage" => stage, "outcome" => outcome
+    )
 }
 
 pub fn handler_call(handler: &str, stage: &'static str, outcome: &'static str, took: Duration) {
-    counter!(HANDLER_CALLS, "handler" => handler.to_owned(), "stage" => stage, "outcome" => outcome)
-        .increment(1);
-    histogram!(HANDLER_SECONDS, "handler" => handler.to_owned(), "stage" => stage)
-        .record(took.as_secs_f64());
+    static KEPT: LazyLock<Handles<Calls>> = LazyLock::new(Default::default);
+    let calls = kept(&KEPT, handler, stage, || Calls::new(handler, stage));
+    match calls.by_outcome.iter().find(|(known, _)| *known == outcome) {
+        Some((_, counter)) => counter.increment(1),
+        None => call_counter(handler, stage, outcome).increment(1),
+    }
+    calls.time.record(took.as_secs_f64());
 }
 
 pub fn in_flight(delta: f64) {
-    gauge!(EVENTS_IN_FLIGHT).increment(delta);
+    static KEPT: LazyLock<Gauge> = LazyLock::new(|| gauge!(EVENTS_IN_FLIGHT));
+    KEPT.increment(delta);
 }
 
 pub fn reload(result: &'static str) {

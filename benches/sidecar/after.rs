@@ -37,7 +37,7 @@ pub async fn run(scale: f64) -> Vec<Row> {
     let durable = open_loop(&stored.url("/events"), 2000.0, total_open).await;
     let added_p50 = durable.quantile(0.5).saturating_sub(plain.quantile(0.5));
     let added_p99 = durable.quantile(0.99).saturating_sub(plain.quantile(0.99));
-    let scenario = "after, 1 HTTP handler, 2000/s";
+    let scenario = "4. after, 1 HTTP handler, 2000/s";
     rows.push(plain.row(scenario, "no delivery", ""));
     rows.push(durable.row(
         scenario,
@@ -61,7 +61,7 @@ pub async fn run(scale: f64) -> Vec<Row> {
     let durable = closed_loop(&stored.url("/events"), 32, total).await;
     let accepted = durable.latencies.len();
     let drained = wait_for(&delivered, before + accepted, Duration::from_secs(120)).await;
-    let scenario = "after, 1 HTTP handler, saturated";
+    let scenario = "4. after, 1 HTTP handler, saturated";
     rows.push(plain.row(scenario, "no delivery", ""));
     let drain = match drained {
         Some(at) => format!(

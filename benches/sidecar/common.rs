@@ -65,6 +65,57 @@ impl Stats {
     }
 }
 
+/// Repeated runs of one target, interleaved by the caller with the runs of its baselines,
+/// so that a burst of noise on the machine hits one round of each rather than all of
+/// one target. Figures are medians over the rounds.
+#[derive(Default)]
+pub struct Rounds {
+    pub runs: Vec<Stats>,
+}
+
+impl Rounds {
+    pub fn push(&mut self, stats: Stats) {
+        self.runs.push(stats);
+    }
+
+    pub fn median(&self, f: impl Fn(&Stats) -> f64) -> f64 {
+        median(self.runs.iter().map(f).collect())
+    }
+
+    /// The median, over rounds, of this target's p-quantile minus the baseline's in the
+    /// same round, in ms.
+    pub fn added(&self, baseline: &Rounds, q: f64) -> f64 {
+        median(
+            self.runs
+                .iter()
+                .zip(&baseline.runs)
+                .map(|(a, b)| ms(a.quantile(q)) - ms(b.quantile(q)))
+                .collect(),
+        )
+    }
+
+    pub fn row(&self, scenario: &str, target: &str, note: impl Into<String>) -> Row {
+        Row {
+            scenario: scenario.into(),
+            target: target.into(),
+            requests: self.runs.iter().map(|s| s.latencies.len() + s.errors).sum(),
+            errors: self.runs.iter().map(|s| s.errors).sum(),
+            rps: self.median(Stats::rps),
+            p50_ms: self.median(|s| ms(s.quantile(0.5))),
+            p99_ms: self.median(|s| ms(s.quantile(0.99))),
+            note: note.into(),
+        }
+    }
+}
+
+pub fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -171,6 +222,10 @@ impl Sidecar {
     }
 
     /// Resident memory in KiB, from /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn rss_kib(&self) -> Option<u64> {
         rss_of(self.child.id())
     }
@@ -206,6 +261,24 @@ impl Sidecar {
         });
         RssSampler { stop, thread }
     }
+}
+
+/// CPU time (user + system) a process has used so far, from /proc.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name, in clock
+    // ticks: USER_HZ, which Linux fixes at 100 for everything it shows user space.
+    Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / 100.0)
 }
 
 fn rss_of(pid: u32) -> Option<u64> {
@@ -254,13 +327,28 @@ async fn one(client: &reqwest::Client, url: &str, body: Bytes) -> Option<Duratio
     ok.then(|| started.elapsed())
 }
 
+/// Fills the client's pool (and, behind a sidecar, the sidecar's own pool to its
+/// handler) with `width` connections, so that runs measure the steady state rather than
+/// connection set-up: three waves of `width` requests at once.
+pub async fn warm(client: &reqwest::Client, url: &str, width: usize) {
+    for wave in 0..3 {
+        let tasks: Vec<_> = (0..width)
+            .map(|i| {
+                let client = client.clone();
+                let url = url.to_owned();
+                tokio::spawn(async move { one(&client, &url, envelope(wave * width + i)).await })
+            })
+            .collect();
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
 /// `concurrency` workers send `total` requests back to back, as fast as answers come.
 pub async fn closed_loop(url: &str, concurrency: usize, total: usize) -> Stats {
     let client = client();
-    // Warm the connection pool.
-    for i in 0..concurrency.min(total) {
-        let _ = one(&client, url, envelope(i)).await;
-    }
+    warm(&client, url, concurrency).await;
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -302,9 +390,7 @@ pub async fn closed_loop(url: &str, concurrency: usize, total: usize) -> Stats {
 /// whatever the previous ones are doing (an open loop, as the billing sends).
 pub async fn open_loop(url: &str, rate: f64, total: usize) -> Stats {
     let client = client();
-    for i in 0..32.min(total) {
-        let _ = one(&client, url, envelope(i)).await;
-    }
+    warm(&client, url, 16).await;
     let interval = Duration::from_secs_f64(1.0 / rate);
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(total);

@@ -82,6 +82,12 @@ impl Hop {
     }
 }
 
+impl Hop {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Hop {
     fn drop(&mut self) {
         let _ = self.child.kill();

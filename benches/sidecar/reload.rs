@@ -96,7 +96,7 @@ pub async fn run(scale: f64) -> Vec<Row> {
     let max = watched.latencies.iter().max().copied().unwrap_or_default();
     vec![
         watched.row(
-            "reload, rename to serving (31 handlers)",
+            "7. reload, rename to serving (31 handlers)",
             "file watcher",
             format!(
                 "{} reloads; includes the 200 ms settle time; max {:.1} ms",
@@ -105,7 +105,7 @@ pub async fn run(scale: f64) -> Vec<Row> {
             ),
         ),
         api.row(
-            "reload, POST /v1/reload (31 handlers)",
+            "7. reload, POST /v1/reload (31 handlers)",
             "admin API",
             "read + validate + swap, one round trip",
         ),

@@ -34,9 +34,9 @@ pub async fn run(scale: f64) -> Vec<Row> {
     ));
     let through = closed_loop(&sidecar.url("/events"), concurrency, n).await;
     let ratio = through.rps() / baseline.rps();
-    rows.push(baseline.row("script handler, 8 at once", "webhook 2.8", ""));
+    rows.push(baseline.row("5. script handler, 8 at once", "webhook 2.8", ""));
     rows.push(through.row(
-        "script handler, 8 at once",
+        "5. script handler, 8 at once",
         "provisiond",
         format!("{ratio:.2} x webhook"),
     ));

@@ -78,7 +78,7 @@ pub fn run(scale: f64) -> Vec<Row> {
     let big_2 = measure(&big, &envelope, rounds);
     let per_event = |d: Duration| d.as_secs_f64() * 1e6;
     let row = |target: &str, d: Duration, note: String| Row {
-        scenario: "select 10 of 1,000 handlers".into(),
+        scenario: "3. select 10 of 1,000 handlers".into(),
         target: target.into(),
         requests: rounds * 2,
         errors: 0,

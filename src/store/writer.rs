@@ -28,7 +28,7 @@ const SLOW_COMMIT: Duration = Duration::from_millis(100);
 /// Most requests applied in one transaction.
 const MAX_BATCH: usize = 2048;
 /// Longest a batch of execution log rows alone waits for company before its commit.
-const LOG_LINGER: Duration = Duration::from_millis(50);
+const LOG_LINGER: Duration = Duration::from_millis(1000);
 /// Most rows one prune removes from each table, so that a prune never holds the writer
 /// for long; the next one goes on.
 const PRUNE_LIMIT: usize = 20_000;

@@ -63,6 +63,9 @@ impl Sidecar {
         env: &[(&str, &str)],
         args: &[&str],
     ) -> Self {
+        // Before the process exists: nothing after the spawn may panic and leave it
+        // running (a struct that was never built is never dropped).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut command = Command::new(binary());
         command
             .arg("run")
