@@ -68,7 +68,8 @@ fn main() {
             _ => unreachable!(),
         };
         rows.extend(scenario_rows);
-        std::thread::sleep(Duration::from_millis(200));
+        // Let the last scenario's processes exit and their files settle first.
+        std::thread::sleep(Duration::from_secs(2));
     }
     common::print_table(&rows);
     let path = "bench-results.json";
