@@ -85,6 +85,9 @@ struct Inner {
     path: String,
     ops: mpsc::Sender<Op>,
     logs: mpsc::Sender<Vec<Execution>>,
+    log_capacity: usize,
+    /// Tells a lingering writer that the log channel is half full: commit now.
+    log_pressure: Arc<tokio::sync::Notify>,
     /// Execution log rows dropped because the writer was behind.
     dropped: AtomicU64,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -138,10 +141,12 @@ impl Store {
         let db = Arc::new(db);
         let (ops_tx, ops_rx) = mpsc::channel(OPS_CAPACITY);
         let (logs_tx, logs_rx) = mpsc::channel(log_capacity);
+        let log_pressure = Arc::new(tokio::sync::Notify::new());
         let writer = Writer {
             db: db.clone(),
             ops: ops_rx,
             logs: logs_rx,
+            log_pressure: log_pressure.clone(),
             next_delivery,
             next_execution,
             dedupe,
@@ -157,6 +162,8 @@ impl Store {
                 path,
                 ops: ops_tx,
                 logs: logs_tx,
+                log_capacity,
+                log_pressure,
                 dropped: AtomicU64::new(0),
                 writer: Mutex::new(Some(thread)),
             }),
@@ -265,7 +272,11 @@ impl Store {
             return;
         }
         let n = rows.len() as u64;
-        if self.inner.logs.try_send(rows).is_err() {
+        let sent = self.inner.logs.try_send(rows);
+        if self.inner.logs.capacity() < self.inner.log_capacity / 2 {
+            self.inner.log_pressure.notify_one();
+        }
+        if sent.is_err() {
             let before = self.inner.dropped.fetch_add(n, Ordering::Relaxed);
             crate::metrics::execution_log_dropped(n);
             if before == 0 || before / 1000 != (before + n) / 1000 {

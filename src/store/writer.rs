@@ -122,6 +122,8 @@ pub struct Writer {
     pub db: std::sync::Arc<Database>,
     pub ops: mpsc::Receiver<Op>,
     pub logs: mpsc::Receiver<Vec<Execution>>,
+    /// Notified when the log channel is half full: a lingering writer commits at once.
+    pub log_pressure: std::sync::Arc<tokio::sync::Notify>,
     pub next_delivery: u64,
     pub next_execution: u64,
     /// Dedupe key -> when it was last stored (unix ms): the index of `DEDUPE_AGE`.
@@ -165,10 +167,12 @@ impl Writer {
                 let Ok(r) = self.logs.try_recv() else { break };
                 rows.extend(r);
             }
-            if ops.is_empty() && !rows.is_empty() {
-                // Only log rows: let more gather before committing, so that a steady
-                // stream of events costs a commit per LOG_LINGER, not per event. A
-                // request arriving meanwhile ends the wait and shares the commit.
+            if ops.is_empty() && !rows.is_empty() && self.logs.is_empty() {
+                // Only log rows, and none left waiting: let more gather before
+                // committing, so that a steady stream of events costs a commit per
+                // LOG_LINGER, not per event. A request arriving meanwhile, or the log
+                // channel filling up to half, ends the wait. (With rows still waiting,
+                // there is no lingering: the writer is behind and catches up.)
                 self.linger(&runtime, &mut ops, &mut rows);
             }
             if let Some(at) = ops.iter().position(|op| matches!(op, Op::Close { .. })) {
@@ -208,9 +212,11 @@ impl Writer {
         rows: &mut Vec<Execution>,
     ) {
         let until = tokio::time::Instant::now() + LOG_LINGER;
+        let pressure = self.log_pressure.clone();
         runtime.block_on(async {
             tokio::select! {
                 op = self.ops.recv() => ops.extend(op),
+                () = pressure.notified() => {}
                 () = tokio::time::sleep_until(until) => {}
             }
         });
