@@ -439,3 +439,31 @@ async fn log_rows_are_dropped_and_counted_when_the_writer_is_behind_never_waited
         .len() as u64;
     assert_eq!(kept + dropped, 1000);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_steady_stream_of_log_rows_is_kept_though_the_writer_lingers() {
+    // A channel of 16 batches and a writer that waits up to a second for company: a
+    // stream of 400 batches over about 0.4 s would overflow it unless a half-full
+    // channel ends the wait.
+    let store = Store::memory_with(16).unwrap();
+    for i in 0..400 {
+        store.log(vec![row("a", i, "allowed")]);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(store.dropped_log_rows(), 0, "rows were dropped");
+    let mut kept = 0;
+    for _ in 0..100 {
+        kept = store
+            .executions(&ExecutionFilter {
+                limit: 1000,
+                ..Default::default()
+            })
+            .unwrap()
+            .len();
+        if kept == 400 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(kept, 400);
+}
