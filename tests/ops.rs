@@ -539,3 +539,33 @@ async fn metrics_parse_as_prometheus_text_and_move_with_events() {
             .any(|s| s.metric == "provisiond_before_chain_duration_seconds")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_over_the_cap_wait_until_one_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sidecar = Sidecar::start("[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\n");
+    // Two clients hold their connections open without a request.
+    let first = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A third connects (the kernel's backlog takes it) but is not served meanwhile.
+    let mut third = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let early = tokio::time::timeout(Duration::from_millis(700), third.read(&mut buf)).await;
+    assert!(early.is_err(), "served over the cap: {early:?}");
+    // One of the first two goes away: the third is served.
+    drop(first);
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("served once a connection closed")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
