@@ -8,13 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use http_body_util::Full;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-
-use crate::common::{Row, Sidecar, closed_loop, ms, open_loop};
+use crate::common::{Row, Sidecar, closed_loop, ms, open_loop, reply, start_server};
 
 fn config(handler: SocketAddr, events: &str) -> String {
     format!(
@@ -100,38 +94,10 @@ async fn wait_for(count: &AtomicUsize, target: usize, limit: Duration) -> Option
 /// A handler that answers 204 and counts, on a runtime thread of its own.
 fn start_counter() -> (SocketAddr, Arc<AtomicUsize>) {
     let count = Arc::new(AtomicUsize::new(0));
-    let (tx, rx) = std::sync::mpsc::channel();
     let counter = count.clone();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |_: Request<hyper::body::Incoming>| {
-                        counter.fetch_add(1, Ordering::Relaxed);
-                        async {
-                            let mut r = Response::new(Full::new(bytes::Bytes::new()));
-                            *r.status_mut() = hyper::StatusCode::NO_CONTENT;
-                            Ok::<_, hyper::Error>(r)
-                        }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+    let addr = start_server(move |_| {
+        counter.fetch_add(1, Ordering::Relaxed);
+        async { reply(hyper::StatusCode::NO_CONTENT, b"") }
     });
-    (rx.recv().unwrap(), count)
+    (addr, count)
 }

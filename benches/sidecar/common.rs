@@ -120,9 +120,14 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// The billing docs' echo handler on its own two-thread runtime, so that it does not
-/// share the load generator's threads.
-pub fn start_echo() -> SocketAddr {
+/// A loopback HTTP server answering every request with `answer`, on a thread and a
+/// one-worker runtime of its own, so that it does not share the load generator's
+/// threads. Returns its address.
+pub fn start_server<F, Fut>(answer: F) -> SocketAddr
+where
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -138,12 +143,12 @@ pub fn start_echo() -> SocketAddr {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                let answer = answer.clone();
                 tokio::spawn(async move {
-                    let service =
-                        service_fn(|request: Request<hyper::body::Incoming>| async move {
-                            let body = request.into_body().collect().await?.to_bytes();
-                            Ok::<_, hyper::Error>(Response::new(Full::new(body)))
-                        });
+                    let service = service_fn(move |request| {
+                        let reply = answer(request);
+                        async move { Ok::<_, std::convert::Infallible>(reply.await) }
+                    });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
@@ -152,6 +157,26 @@ pub fn start_echo() -> SocketAddr {
         });
     });
     rx.recv().unwrap()
+}
+
+/// The billing docs' echo handler: the request body back.
+pub fn start_echo() -> SocketAddr {
+    start_server(|request: Request<hyper::body::Incoming>| async move {
+        let body = request
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Response::new(Full::new(body))
+    })
+}
+
+/// A reply with a status and a body.
+pub fn reply(status: hyper::StatusCode, body: &'static [u8]) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body)));
+    *response.status_mut() = status;
+    response
 }
 
 /// A provisiond process serving `config`, started from the release binary cargo built.

@@ -12,13 +12,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::StatusCode;
 
-use crate::common::{Row, Sidecar, Stats, client, ms};
+use crate::common::{Row, Sidecar, Stats, client, ms, reply, start_server};
 
 const RELOADS: usize = 50;
 /// Longer than the watcher's settle time, so that two renames never merge into one
@@ -145,32 +141,5 @@ async fn served_by(client: &reqwest::Client, url: &str) -> Option<String> {
 
 /// A handler that forbids everything, on its own thread and runtime.
 fn start_denier() -> SocketAddr {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let service = service_fn(|_: Request<hyper::body::Incoming>| async {
-                        let mut response =
-                            Response::new(Full::new(Bytes::from_static(b"{\"message\":\"no\"}")));
-                        *response.status_mut() = StatusCode::FORBIDDEN;
-                        Ok::<_, hyper::Error>(response)
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-    });
-    rx.recv().unwrap()
+    start_server(|_| async { reply(StatusCode::FORBIDDEN, b"{\"message\":\"no\"}") })
 }

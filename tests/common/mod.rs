@@ -156,10 +156,7 @@ impl Sidecar {
             .send()
             .await
             .expect("provisiond answers");
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        (status, value)
+        status_and_json(response).await
     }
 
     /// POSTs an event built from a name and data.
@@ -177,12 +174,7 @@ impl Sidecar {
             .send()
             .await
             .unwrap();
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        status_and_json(response).await
     }
 
     /// `GET /v1/config`.
@@ -213,12 +205,7 @@ impl Sidecar {
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let response = self.client.get(self.url(path)).send().await.unwrap();
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        status_and_json(response).await
     }
 
     /// Every log line so far.
@@ -296,12 +283,7 @@ impl Sidecar {
             .send()
             .await
             .unwrap();
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        status_and_json(response).await
     }
 }
 
@@ -452,6 +434,17 @@ pub fn cli(args: &[&str], env: &[(&str, &str)], stdin: &str) -> (i32, String, St
 pub fn http_client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// A reply's status, and its body as JSON (`Value::String` with the text when it is not
+/// JSON).
+pub async fn status_and_json(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 /// An envelope as the billing sends it.
