@@ -1,9 +1,9 @@
 //! A chain of five before-stage handlers, each with `match` and `when` filters that pass,
 //! against the client calling the same five handlers one after another itself.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::common::{Rounds, Row, Sidecar, Stats, client, envelope, open_loop, start_echo};
+use crate::common::{Rounds, Row, Sidecar, Stats, client, envelope, open_loop, paced, start_echo};
 
 pub async fn run(scale: f64) -> Vec<Row> {
     let echo = start_echo();
@@ -45,14 +45,11 @@ pub async fn run(scale: f64) -> Vec<Row> {
 async fn five_in_a_row(base: &str, rate: f64, total: usize) -> Stats {
     let client = client();
     crate::common::warm(&client, &format!("{base}/h1"), 16).await;
-    let interval = Duration::from_secs_f64(1.0 / rate);
-    let started = Instant::now();
-    let mut tasks = Vec::with_capacity(total);
-    for i in 0..total {
-        tokio::time::sleep_until((started + interval.mul_f64(i as f64)).into()).await;
+    let base = base.to_owned();
+    paced(rate, total, move |i| {
         let client = client.clone();
-        let base = base.to_owned();
-        tasks.push(tokio::spawn(async move {
+        let base = base.clone();
+        async move {
             let begun = Instant::now();
             for h in 1..=5 {
                 let response = client
@@ -64,19 +61,7 @@ async fn five_in_a_row(base: &str, rate: f64, total: usize) -> Stats {
                 response.bytes().await.ok()?;
             }
             Some(begun.elapsed())
-        }));
-    }
-    let mut stats = Stats {
-        latencies: Vec::with_capacity(total),
-        errors: 0,
-        elapsed: Duration::ZERO,
-    };
-    for task in tasks {
-        match task.await.unwrap() {
-            Some(l) => stats.latencies.push(l),
-            None => stats.errors += 1,
         }
-    }
-    stats.elapsed = started.elapsed();
-    stats
+    })
+    .await
 }

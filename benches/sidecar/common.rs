@@ -416,20 +416,30 @@ pub async fn closed_loop(url: &str, concurrency: usize, total: usize) -> Stats {
 pub async fn open_loop(url: &str, rate: f64, total: usize) -> Stats {
     let client = client();
     warm(&client, url, 16).await;
+    let url = url.to_owned();
+    paced(rate, total, move |i| {
+        let client = client.clone();
+        let url = url.clone();
+        async move { one(&client, &url, envelope(i)).await }
+    })
+    .await
+}
+
+/// Starts `send(i)` for `i` in `0..total` at `rate` per second, each on schedule
+/// whatever the earlier ones are doing, and collects the latencies they report (`None`
+/// is an error). Each send times itself from its actual start: tokio's timer has a 1 ms
+/// grain, and timing from the due instant would add that grain to every sample.
+pub async fn paced<F, Fut>(rate: f64, total: usize, send: F) -> Stats
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Option<Duration>> + Send + 'static,
+{
     let interval = Duration::from_secs_f64(1.0 / rate);
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(total);
     for i in 0..total {
-        let due = started + interval.mul_f64(i as f64);
-        tokio::time::sleep_until(due.into()).await;
-        let client = client.clone();
-        let url = url.to_owned();
-        // Timed from the actual send: tokio's timer has a 1 ms grain, and timing from the
-        // due instant would add that grain to every sample. Sends never wait for earlier
-        // answers, so a slow reply cannot hide later latency.
-        tasks.push(tokio::spawn(async move {
-            one(&client, &url, envelope(i)).await
-        }));
+        tokio::time::sleep_until((started + interval.mul_f64(i as f64)).into()).await;
+        tasks.push(tokio::spawn(send(i)));
     }
     let mut stats = Stats {
         latencies: Vec::with_capacity(total),
