@@ -19,7 +19,7 @@ use std::time::Duration;
 pub use compile::DEFAULT_LISTEN;
 pub use error::{ConfigError, ConfigErrors, KeyPath, Seg};
 pub use raw::{OnError, RawConfig, RawHandler, Stage};
-pub use source::expand_env;
+pub use source::{expand_env, line_col};
 
 use crate::events::EventPattern;
 use crate::filter::Filter;
