@@ -179,6 +179,8 @@ function askToken(rejected) {
   }
   updateSession();
   if (!dialog.open) {
+    const main = $('main');
+    if (!main.querySelector('h1')) main.replaceChildren(h('p', { class: 'muted' }, 'Waiting for the token…'));
     $('token-input').value = '';
     dialog.showModal();
     $('token-input').focus();
@@ -332,7 +334,7 @@ function overviewView(config, samples) {
         const q = depth.find((s) => s.labels.handler === x.name);
         return h('tr', { dataset: { handler: x.name }, class: x.enabled ? null : 'disabled' },
           h('td', { class: 'num muted' }, i + 1),
-          h('td', {}, h('strong', {}, x.name), x.enabled ? null : h('span', { class: 'badge neutral' }, '○ disabled')),
+          h('td', { class: 'name' }, h('strong', {}, x.name), x.enabled ? null : h('span', { class: 'badge neutral' }, '○ disabled')),
           h('td', {}, stageTag(x.stage)),
           h('td', { class: 'num' }, x.priority),
           h('td', {}, x.events.map((e) => h('code', { class: 'chip' }, e))),
@@ -409,7 +411,10 @@ async function executions(main, params, id) {
     const query = new URLSearchParams(filters).toString();
     const body = await api(`/v1/executions${query ? `?${query}` : ''}`);
     if (id !== state.renderId) return;
-    holder.replaceChildren(executionTable(body.executions, filters));
+    // Newest first by the time a call started: the log numbers before-stage rows when
+    // their batch is written, which can be after the after-stage rows of the same event.
+    const rows = body.executions.slice().sort((a, b) => Date.parse(b.time) - Date.parse(a.time) || b.id - a.id);
+    holder.replaceChildren(executionTable(rows, filters));
     status.replaceChildren(`${body.count} row${body.count === 1 ? '' : 's'}, newest first`,
       state.live ? ` · refreshing every ${REFRESH_MS / 1000} s` : ' · live refresh paused',
       ' · updated ', time(new Date().toISOString()));
