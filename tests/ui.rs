@@ -351,13 +351,21 @@ async fn an_event_sent_with_send_shows_in_executions_and_its_filter_finds_it() {
     };
     let echo = HandlerServer::echo().await;
     let config = format!(
-        "{SERVER}\n{}{}",
+        "{SERVER}\n{}{}{}",
         handler(
             "check-name",
             "\"clients.create\"",
             "before",
             &echo.url("/check"),
             ""
+        ),
+        // Down: its calls are errors, skipped (on_error = "allow").
+        handler(
+            "fraud-check",
+            "\"clients.*\"",
+            "before",
+            &refused_url(),
+            "priority = 200"
         ),
         handler("crm-sync", "\"clients.*\"", "after", &echo.url("/crm"), ""),
     );
@@ -381,10 +389,10 @@ async fn an_event_sent_with_send_shows_in_executions_and_its_filter_finds_it() {
         assert_eq!(code, 0, "{err}");
     }
     browser.open(&sidecar, "executions").await;
-    // Both calls of both events: the before stage's and the after stage's.
-    until("four executions on the page", || async {
+    // Every call of both events: the before stage's two and the after stage's.
+    until("six executions on the page", || async {
         let ids = browser.texts("#executions-table a.object-link").await;
-        (ids.len() == 4).then_some(())
+        (ids.len() == 6).then_some(())
     })
     .await;
     let table = browser.text("#executions-table").await.unwrap();
@@ -393,6 +401,7 @@ async fn an_event_sent_with_send_shows_in_executions_and_its_filter_finds_it() {
         "crm-sync",
         "✓ allowed",
         "✓ delivered",
+        "✕ error",
         "clients.create",
     ] {
         assert!(table.contains(text), "{text} missing from:\n{table}");
@@ -405,7 +414,7 @@ async fn an_event_sent_with_send_shows_in_executions_and_its_filter_finds_it() {
         (!ids.is_empty() && ids.iter().all(|id| id == "4242")).then_some(ids)
     })
     .await;
-    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(ids.len(), 3, "{ids:?}");
     let address = browser.client.current_url().await.unwrap();
     assert_eq!(address.fragment(), Some("/executions?object_id=4242"));
 
