@@ -276,7 +276,7 @@ fn handler(name: &str, events: &str, stage: &str, url: &str, extra: &str) -> Str
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_overview_shows_the_loaded_handlers_and_a_rejected_reload() {
+async fn the_overview_shows_the_handlers_a_rejected_reload_and_settings_waiting_for_a_restart() {
     let _one = ONE_AT_A_TIME.lock().await;
     let Some(browser) = Browser::start().await else {
         return;
@@ -340,6 +340,17 @@ async fn the_overview_shows_the_loaded_handlers_and_a_rejected_reload() {
             .contains("check-name")
     );
     browser.screenshot("overview-reload-rejected").await;
+
+    // A good file clears the error; a setting read only at start waits for a restart.
+    let fixed = config.replacen(SERVER, &format!("{SERVER}max_in_flight = 7\n"), 1);
+    std::fs::write(&sidecar.config_path, fixed).unwrap();
+    let (status, body) = sidecar.post_to("/v1/reload", "").await;
+    assert_eq!(status, 200, "{body}");
+    browser.wait_text("#restart-needed", "max_in_flight").await;
+    assert!(
+        browser.text("#reload-error").await.is_none(),
+        "the error is still shown"
+    );
     browser.close().await;
 }
 

@@ -509,7 +509,7 @@ async function deadletters(main, params, id) {
   const handler = params.get('handler') || '';
   const toolbar = h('div', { class: 'toolbar' });
   const holder = h('div', { id: 'deadletters' });
-  const form = h('form', { class: 'filters', onsubmit: (e) => {
+  const form = h('form', { class: 'inline-form', onsubmit: (e) => {
     e.preventDefault();
     const p = new URLSearchParams();
     if (form.elements.handler.value) p.set('handler', form.elements.handler.value);
@@ -522,7 +522,7 @@ async function deadletters(main, params, id) {
   main.replaceChildren(h('h1', {}, 'Dead letters'),
     h('p', { class: 'muted' }, 'Deliveries whose retries ran out, that got 410 Gone, or whose handler a reload removed. ' +
       'Replay puts one back in its queue (behind what its entity queued since, attempts from 1); drop deletes it.'),
-    form, toolbar, holder);
+    h('div', { class: 'filters' }, form, toolbar), holder);
 
   let letters = [];
   const draw = async () => {
@@ -681,6 +681,7 @@ async function explain(main) {
     try {
       const answer = await api('/v1/explain', { method: 'POST', headers: { 'Content-Type': 'application/json' },
         body: JSON.stringify({ event: s.event, data, object_id: objectId }) });
+      s.answer = answer;
       result.replaceChildren(...explainView(answer));
     } catch (err) {
       result.replaceChildren(h('div', { class: 'alert bad', id: 'explain-error' }, err.message));
@@ -691,16 +692,22 @@ async function explain(main) {
     h('label', { class: 'field' }, h('span', {}, 'Event'), h('input', { name: 'event', id: 'explain-event', list: 'explain-events', value: s.event, required: true, size: 32 })),
     h('label', { class: 'field' }, h('span', {}, 'Object id'), h('input', { name: 'object_id', id: 'explain-object-id', value: s.object_id, size: 8 }))),
   h('label', { class: 'field wide' }, h('span', {}, 'Data (a JSON object, as the billing sends in "data")'),
-    h('textarea', { name: 'data', id: 'explain-data', rows: 8, spellcheck: 'false' }, s.data)),
+    h('textarea', { name: 'data', id: 'explain-data', rows: 10, spellcheck: 'false' }, s.data)),
   h('div', {}, h('button', { type: 'submit', class: 'primary', id: 'explain-submit' }, 'Explain')));
+  if (!s.answer) {
+    result.replaceChildren(emptyState('Nothing explained yet.',
+      'Give an event name and its data, then press Explain. The answer uses the config the sidecar runs now.'));
+  } else {
+    result.replaceChildren(...explainView(s.answer));
+  }
   main.replaceChildren(h('h1', {}, 'Explain'),
     h('p', { class: 'muted' }, 'Which handlers an event with this data would run under the live config, in which order, ' +
       'and why the others would not. Nothing is called: filters are evaluated on the data given, as if every before-stage handler allowed it unchanged.'),
-    form, result);
+    h('div', { class: 'explain-layout' }, form, result));
 }
 
 function explainView(a) {
-  const out = [h('h2', {}, code(a.event), `, object_id ${a.object_id}`, h('span', { class: 'muted small' }, ` · config generation ${a.generation}`))];
+  const out = [h('h2', { class: 'explain-title' }, code(a.event), `, object_id ${a.object_id}`, h('span', { class: 'muted small' }, ` · config generation ${a.generation}`))];
   if (!a.known) {
     out.push(h('p', { class: 'alert warn' }, `⚠ ${a.event} is neither in the catalogue nor in [events] extra`,
       a.suggestion ? ` (did you mean ${a.suggestion}?)` : '', '; only handlers with a "*" or prefix pattern take it.'));
