@@ -476,7 +476,11 @@ async fn a_dead_letter_is_replayed_from_the_page_and_delivered_and_others_droppe
                         .push(call.json()["event"]["object_id"].clone());
                     reply(200, "{}")
                 } else {
-                    reply(503, "switch is down for maintenance")
+                    // Markup in a reply is shown as text, never run.
+                    reply(
+                        503,
+                        "switch is down for maintenance <img src=x onerror=\"window.pwned=1\">",
+                    )
                 }
             }
         })
@@ -518,7 +522,10 @@ async fn a_dead_letter_is_replayed_from_the_page_and_delivered_and_others_droppe
     })
     .await;
     let table = browser.text("#deadletters-table").await.unwrap();
-    assert!(table.contains("switch is down for maintenance"), "{table}");
+    assert!(
+        table.contains("switch is down for maintenance <img src=x onerror=\"window.pwned=1\">"),
+        "{table}"
+    );
     assert!(table.contains("crm-sync"), "{table}");
     // A row opens to its stored envelope.
     browser
@@ -532,6 +539,12 @@ async fn a_dead_letter_is_replayed_from_the_page_and_delivered_and_others_droppe
         "{detail}"
     );
     browser.screenshot("deadletters").await;
+    let pwned = browser
+        .client
+        .execute("return window.pwned === undefined;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(pwned, json!(true), "the reply's markup ran");
 
     // The handler is back; replay the first from the page, through the confirmation.
     healthy.store(true, Ordering::SeqCst);
