@@ -61,7 +61,9 @@ impl Browser {
             if std::env::var_os("CI").is_some() {
                 panic!("{message}; .ci/run installs them");
             }
-            eprintln!("note: {message}; skipping this test");
+            // Past the test harness's capture, so that the note shows in `cargo test`.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "note: {message}; skipping this test");
             return None;
         }
         let port = free_addr().port();
