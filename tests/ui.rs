@@ -450,6 +450,13 @@ async fn an_event_sent_with_send_shows_in_executions_and_its_filter_finds_it() {
     })
     .await;
     assert_eq!(rows.len(), 2);
+    // A filter the API refuses says why, under the form.
+    browser.open(&sidecar, "executions?since=yesterday").await;
+    let refused = browser
+        .wait_text("#filter-error", "The filters were refused")
+        .await;
+    assert!(refused.contains("since must be a time"), "{refused}");
+    assert!(browser.text("#executions-filters").await.is_some());
     // A filter no row matches says so, and what to do.
     browser.open(&sidecar, "executions?outcome=dead").await;
     browser

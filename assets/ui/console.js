@@ -409,7 +409,17 @@ async function executions(main, params, id) {
 
   const draw = async () => {
     const query = new URLSearchParams(filters).toString();
-    const body = await api(`/v1/executions${query ? `?${query}` : ''}`);
+    let body;
+    try {
+      body = await api(`/v1/executions${query ? `?${query}` : ''}`);
+    } catch (e) {
+      if (e.status !== 400 || id !== state.renderId) throw e;
+      // A filter the API refuses: keep the form, say what to fix.
+      holder.replaceChildren(h('div', { class: 'alert bad', id: 'filter-error' },
+        h('strong', {}, 'The filters were refused: '), e.message, '. Fix them above and apply again.'));
+      status.replaceChildren();
+      return;
+    }
     if (id !== state.renderId) return;
     // Newest first by the time a call started: the log numbers before-stage rows when
     // their batch is written, which can be after the after-stage rows of the same event.
