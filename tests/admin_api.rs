@@ -125,6 +125,7 @@ retry = {{ attempts = 12, backoff = "1s", max_backoff = "10m" }}
 async fn v1_explain_says_what_the_explain_command_says_and_names_what_is_wrong_in_a_body() {
     let config = format!(
         r#"{SERVER}token = "s3cret"
+max_body = "4KiB"
 
 [[handler]]
 name = "vip"
@@ -262,6 +263,14 @@ url = "http://127.0.0.1:1/balance"
         let got = answer["error"]["message"].as_str().unwrap();
         assert!(got.starts_with(message), "{body}: {got}");
     }
+    // A body over server.max_body is refused unread, as on /events.
+    let big = json!({"event": "clients.create", "data": {"note": "x".repeat(5000)}}).to_string();
+    let (status, answer) = explain(big, Some("s3cret")).await;
+    assert_eq!(status, 413, "{answer}");
+    assert_eq!(
+        answer["error"]["message"],
+        "body is larger than server.max_body (4096 bytes)"
+    );
     let response = sidecar
         .client()
         .get(sidecar.url("/v1/explain"))
