@@ -1171,6 +1171,15 @@ async fn a_full_disk_is_survived_without_a_restart() {
         )
         .await;
     assert_eq!(status, 503);
+    // The log says what failed, not that the store is closed.
+    let failure = sidecar
+        .wait_for_log(Duration::from_secs(5), |v| {
+            v["message"] == "cannot store the deliveries, answering 503"
+        })
+        .expect("the refusal is logged");
+    let error = failure["error"].as_str().unwrap_or_default();
+    assert!(!error.contains("closed"), "{failure}");
+    assert!(error.contains("store write failed"), "{failure}");
 
     // Space is freed: the store takes writes again by itself.
     std::fs::remove_file(&filler).unwrap();
