@@ -30,6 +30,39 @@ pub const CATALOGUE: &[&str] = &[
     "importd.process_failed",
 ];
 
+/// The kind of entity each catalogue event is about. Custom fields belong to the
+/// client: `clients.custom_fields.update` is about the client, as `clients.update` is.
+const ENTITIES: &[(&str, &str)] = &[
+    ("clients.create", "clients"),
+    ("clients.update", "clients"),
+    ("clients.delete", "clients"),
+    ("clients.archive", "clients"),
+    ("clients.custom_fields.update", "clients"),
+    ("clients.balance_zero", "clients"),
+    ("clients.balance_notzero", "clients"),
+    ("clients.accounts.create", "clients.accounts"),
+    ("clients.accounts.update", "clients.accounts"),
+    ("clients.accounts.delete", "clients.accounts"),
+    ("clients.subscriptions.assign", "clients.subscriptions"),
+    ("clients.subscriptions.activate", "clients.subscriptions"),
+    ("clients.subscriptions.deactivate", "clients.subscriptions"),
+    ("clients.subscriptions.renew", "clients.subscriptions"),
+    ("clients.subscriptions.close", "clients.subscriptions"),
+    ("email_rates_manager.import", "email_rates_manager"),
+    ("importd.process_success", "importd"),
+    ("importd.process_failed", "importd"),
+];
+
+/// The kind of entity an event (its normalised name) is about: for a catalogue event,
+/// what the catalogue says; for any other, the name without its last part
+/// (`invoices.paid` is about `invoices`; a name without a dot is its own kind).
+pub fn entity_kind(name: &str) -> &str {
+    match ENTITIES.iter().find(|(event, _)| *event == name) {
+        Some((_, kind)) => kind,
+        None => name.rsplit_once('.').map_or(name, |(kind, _)| kind),
+    }
+}
+
 /// Maps an alias the billing (or an operator) may use to its catalogue name. Names that
 /// are not aliases come back unchanged and borrowed.
 pub fn normalize(name: &str) -> Cow<'_, str> {
@@ -228,14 +261,10 @@ impl Envelope {
         }
     }
 
-    /// The entity this event is about: the event name without its last part, then the
-    /// object id (`clients/12`, `clients.accounts/7`).
+    /// The entity this event is about, then the object id: see [`entity_kind`]
+    /// (`clients/12`, `clients.accounts/7`).
     pub fn entity(&self) -> String {
-        let kind = self
-            .name
-            .rsplit_once('.')
-            .map_or(self.name.as_str(), |(k, _)| k);
-        format!("{kind}/{}", self.object_id())
+        format!("{}/{}", entity_kind(&self.name), self.object_id())
     }
 
     /// The envelope as JSON: `event`, then `data`, then any other keys the billing sent.
@@ -367,6 +396,65 @@ mod tests {
         assert_eq!(parse(&deep), Err(EnvelopeError::TooDeep(DEFAULT_MAX_DEPTH)));
         let in_string = r#"{"event":{"events_id":"a.b"},"data":{"x":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}}"#;
         assert!(parse(in_string).is_ok());
+    }
+
+    #[test]
+    fn catalogue_events_take_their_entity_from_the_catalogue() {
+        let entity = |name: &str, id: &str| {
+            let body =
+                format!(r#"{{"event":{{"events_id":"{name}","object_id":"{id}"}},"data":{{}}}}"#);
+            Envelope::parse(body.as_bytes(), DEFAULT_MAX_DEPTH)
+                .unwrap()
+                .entity()
+        };
+        // Everything about the client itself is the client, custom fields included.
+        for name in [
+            "clients.create",
+            "clients.update",
+            "clients.delete",
+            "clients.archive",
+            "clients.custom_fields.update",
+            "clients.custom_fields_update",
+            "clients.balance_zero",
+            "clients.balance_notzero",
+        ] {
+            assert_eq!(entity(name, "12"), "clients/12", "{name}");
+        }
+        for name in [
+            "clients.accounts.create",
+            "clients.accounts.update",
+            "clients.accounts.delete",
+        ] {
+            assert_eq!(entity(name, "7"), "clients.accounts/7", "{name}");
+        }
+        for action in ["assign", "activate", "deactivate", "renew", "close"] {
+            assert_eq!(
+                entity(&format!("clients.subscriptions.{action}"), "3"),
+                "clients.subscriptions/3"
+            );
+            assert_eq!(
+                entity(&format!("clients_packages.{action}"), "3"),
+                "clients.subscriptions/3"
+            );
+        }
+        assert_eq!(entity("importd.process_failed", "5"), "importd/5");
+        assert_eq!(
+            entity("email_rates_manager.import", "5"),
+            "email_rates_manager/5"
+        );
+        // Outside the catalogue: the name without its last part, then the object id.
+        assert_eq!(
+            entity("clients.custom_fields.delete", "12"),
+            "clients.custom_fields/12"
+        );
+        assert_eq!(entity("invoices.paid", "9"), "invoices/9");
+        assert_eq!(entity("ping", "1"), "ping/1");
+    }
+
+    #[test]
+    fn every_catalogue_event_has_its_entity_listed() {
+        let listed: Vec<&str> = ENTITIES.iter().map(|(event, _)| *event).collect();
+        assert_eq!(listed, CATALOGUE);
     }
 
     #[test]

@@ -947,3 +947,58 @@ async fn metrics_show_the_queue_the_dead_letters_and_after_stage_calls() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clients_custom_fields_update_waits_behind_the_clients_update_before_it() {
+    // clients.update fails until the custom fields event has arrived, or for 2 s: were
+    // the two events different entities, the custom fields one would be delivered first.
+    let first_seen = Arc::new(Mutex::new(None::<std::time::Instant>));
+    let delivered = Arc::new(Mutex::new(Vec::<String>::new()));
+    let handler = {
+        let (first_seen, delivered) = (first_seen.clone(), delivered.clone());
+        HandlerServer::start(move |call| {
+            let (first_seen, delivered) = (first_seen.clone(), delivered.clone());
+            async move {
+                let event = call.json()["event"]["events_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned();
+                let mut delivered = delivered.lock().unwrap();
+                let custom_seen = delivered.iter().any(|e| e != "clients.update");
+                let first = *first_seen.lock().unwrap().get_or_insert(call.at);
+                if event == "clients.update"
+                    && !custom_seen
+                    && first.elapsed() < Duration::from_secs(2)
+                {
+                    return reply(500, "not yet");
+                }
+                delivered.push(event);
+                reply(200, "")
+            }
+        })
+        .await
+    };
+    let config = format!("{SERVER}{}", after_handler("crm", &handler.url("/"), FAST));
+    let sidecar = Sidecar::start(&config);
+    let (status, _) = sidecar
+        .send("clients.update", 12, json!({"name": "x"}))
+        .await;
+    assert_eq!(status, 200);
+    assert!(eventually(Duration::from_secs(10), || !handler.calls().is_empty()).await);
+    let (status, _) = sidecar
+        .send("clients.custom_fields.update", 12, json!({"vip": true}))
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        eventually(Duration::from_secs(20), || delivered.lock().unwrap().len()
+            == 2)
+        .await,
+        "{:?}",
+        delivered.lock().unwrap()
+    );
+    assert_eq!(
+        *delivered.lock().unwrap(),
+        ["clients.update", "clients.custom_fields.update"],
+        "both are about client 12: delivered in the order they arrived"
+    );
+}
