@@ -185,6 +185,16 @@ pub enum EnvelopeError {
     BadEventsId(&'static str),
     #[error("`event.object_id` must be a number or a string, got {0}")]
     BadObjectId(&'static str),
+    /// A value a script could not be given in its environment (and no log line or
+    /// header should carry): `field` is `event.events_id` or `event.object_id`.
+    #[error("`{field}` must not hold control characters (found U+{code:04X} at character {at})")]
+    ControlCharacter {
+        field: &'static str,
+        code: u32,
+        at: usize,
+    },
+    #[error("`{field}` is {len} bytes long; at most {MAX_ID_LEN} are accepted")]
+    TooLong { field: &'static str, len: usize },
     #[error("missing `data` object")]
     MissingData,
     #[error("`data` must be an object, got {0}")]
@@ -206,6 +216,9 @@ pub struct Envelope {
     /// Other top-level keys of the body, kept and echoed back.
     pub extra: Map<String, Value>,
 }
+
+/// Longest `event.events_id` and `event.object_id` accepted, in bytes.
+pub const MAX_ID_LEN: usize = 256;
 
 /// JSON nesting deeper than this is refused before parsing.
 pub const DEFAULT_MAX_DEPTH: usize = 64;
@@ -232,11 +245,15 @@ impl Envelope {
         };
         let name = match event.get("events_id") {
             None | Some(Value::Null) => return Err(EnvelopeError::MissingEventsId),
-            Some(Value::String(s)) if !s.is_empty() => normalize(s).into_owned(),
+            Some(Value::String(s)) if !s.is_empty() => {
+                check_id("event.events_id", s)?;
+                normalize(s).into_owned()
+            }
             Some(other) => return Err(EnvelopeError::BadEventsId(type_name(other))),
         };
         match event.get("object_id") {
-            None | Some(Value::Null | Value::Number(_) | Value::String(_)) => {}
+            None | Some(Value::Null | Value::Number(_)) => {}
+            Some(Value::String(s)) => check_id("event.object_id", s)?,
             Some(other) => return Err(EnvelopeError::BadObjectId(type_name(other))),
         }
         let data = match body.remove("data") {
@@ -293,6 +310,28 @@ impl Envelope {
             extra: &self.extra,
         })
         .expect("a JSON map always serialises")
+    }
+}
+
+/// Refuses an event name or object id that could not reach a script whole: a script
+/// gets both in its environment, which cannot hold a NUL, and a value longer than the
+/// kernel's limit for one variable makes the script fail to start. Control characters
+/// (newlines included) and over-long values are refused for every handler alike, so
+/// that the answer never depends on which handlers would run.
+fn check_id(field: &'static str, value: &str) -> Result<(), EnvelopeError> {
+    if value.len() > MAX_ID_LEN {
+        return Err(EnvelopeError::TooLong {
+            field,
+            len: value.len(),
+        });
+    }
+    match value.chars().enumerate().find(|(_, c)| c.is_control()) {
+        Some((at, c)) => Err(EnvelopeError::ControlCharacter {
+            field,
+            code: u32::from(c),
+            at: at + 1,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -455,6 +494,41 @@ mod tests {
     fn every_catalogue_event_has_its_entity_listed() {
         let listed: Vec<&str> = ENTITIES.iter().map(|(event, _)| *event).collect();
         assert_eq!(listed, CATALOGUE);
+    }
+
+    #[test]
+    fn ids_a_script_could_not_be_given_are_refused_naming_the_field() {
+        let parse = |id: Value, name: &str| {
+            let body =
+                serde_json::json!({"event": {"events_id": name, "object_id": id}, "data": {}});
+            Envelope::parse(body.to_string().as_bytes(), DEFAULT_MAX_DEPTH)
+        };
+        for (id, name, field) in [
+            (Value::from("12\u{0}"), "clients.update", "event.object_id"),
+            (Value::from("1\n2"), "clients.update", "event.object_id"),
+            (
+                Value::from("x".repeat(200_000)),
+                "clients.update",
+                "event.object_id",
+            ),
+            (Value::from(12), "clients.update\u{0}", "event.events_id"),
+            (Value::from(12), "clients.\u{7f}update", "event.events_id"),
+            (Value::from(12), &"a".repeat(200_000), "event.events_id"),
+        ] {
+            let error = parse(id, name).expect_err("refused").to_string();
+            assert!(error.contains(&format!("`{field}`")), "{error}");
+        }
+        // At the limit, and any printable text, are fine.
+        let longest = "9".repeat(MAX_ID_LEN);
+        assert_eq!(
+            parse(Value::from(longest.as_str()), "clients.update")
+                .unwrap()
+                .object_id(),
+            longest
+        );
+        assert!(parse(Value::from("x".repeat(MAX_ID_LEN + 1)), "clients.update").is_err());
+        assert!(parse(Value::from("Zürich-12 / ünïcode"), "clients.update").is_ok());
+        assert!(parse(Value::from(12), &"a".repeat(MAX_ID_LEN)).is_ok());
     }
 
     #[test]

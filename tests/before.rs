@@ -624,6 +624,49 @@ async fn a_script_timeout_kills_its_whole_process_group() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn ids_no_script_could_be_given_get_a_400_naming_the_field_never_a_skipped_check() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let ran = dir.path().join("ran");
+    // A validating script that forbids everything, under the default on_error = "allow":
+    // were it skipped (a spawn failure), the event would get 200.
+    let path = script(
+        dir.path(),
+        "validate.sh",
+        &format!(
+            "#!/bin/sh\necho \"$PROVISIONING_OBJECT_ID\" >> {}\necho 'not allowed' >&2\nexit 1\n",
+            ran.display()
+        ),
+    );
+    let config = format!(
+        "{SERVER}{}",
+        script_handler("validate", &path.display().to_string(), "")
+    );
+    let sidecar = Sidecar::start_in(dir, &config, &[]);
+    let long = "7".repeat(200_000);
+    for (events_id, object_id, field) in [
+        ("clients.update", json!("12\u{0}"), "event.object_id"),
+        ("clients.update", json!(long), "event.object_id"),
+        ("clients.update\u{0}", json!(12), "event.events_id"),
+        (long.as_str(), json!(12), "event.events_id"),
+    ] {
+        let body = json!({"event": {"events_id": events_id, "object_id": object_id}, "data": {}});
+        let (status, reply) = sidecar.post(body.to_string()).await;
+        assert_eq!(status, 400, "{field}: {reply}");
+        let message = reply["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("`{field}`")), "{message}");
+        assert!(
+            message.len() < 300,
+            "the message does not quote the value: {message}"
+        );
+    }
+    // An ordinary id still meets the script, which forbids it.
+    let (status, reply) = sidecar.send("clients.update", 12, json!({})).await;
+    assert_eq!(status, 403, "{reply}");
+    assert_eq!(reply["error"]["message"], "not allowed");
+    assert_eq!(std::fs::read_to_string(&ran).unwrap(), "12\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn max_concurrency_bounds_calls_of_one_handler() {
     let dir = tempfile::TempDir::new().unwrap();
     let lock = dir.path().join("lock");
