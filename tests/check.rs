@@ -163,6 +163,40 @@ fn run_refuses_a_bad_file_with_the_messages_of_check() {
 }
 
 #[test]
+fn an_empty_file_is_refused_alike_by_check_and_run() {
+    let dir = tempfile::TempDir::new().unwrap();
+    for text in ["", "\n  \n"] {
+        let path = dir.path().join("provisioning.toml");
+        std::fs::write(&path, text).unwrap();
+        let (code, stdout, stderr) = check(&path, &[]);
+        assert_eq!(code, 1, "check passed an empty file: {stdout}");
+        let file = path.display().to_string();
+        assert!(
+            stderr.starts_with(&format!("{file}: the file is empty")),
+            "{stderr}"
+        );
+        let out = Command::new(binary())
+            .args(["run", "--log-format", "json", "-c"])
+            .arg(&path)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "run started on an empty file");
+        let logged = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            logged.contains(&format!("{file}: the file is empty")),
+            "{logged}"
+        );
+    }
+    // A comment is a config without handlers, for whoever wants one.
+    let path = dir.path().join("comment.toml");
+    std::fs::write(&path, "# no handlers yet\n").unwrap();
+    let (code, stdout, stderr) = check(&path, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("0 handlers"), "{stdout}");
+}
+
+#[test]
 fn check_names_syntax_errors_and_missing_files() {
     let dir = tempfile::TempDir::new().unwrap();
     let path = dir.path().join("broken.toml");

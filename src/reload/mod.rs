@@ -246,7 +246,7 @@ impl Reloader {
     pub async fn reload(&self, app: &App, trigger: Trigger) -> Outcome {
         let _one_at_a_time = self.running.lock().await;
         let path = self.path.clone();
-        let loaded = tokio::task::spawn_blocking(move || read(&path))
+        let loaded = tokio::task::spawn_blocking(move || load(&path))
             .await
             .unwrap_or_else(|e| Err(ConfigErrors::file("config", format!("reload failed: {e}"))));
         let live = app.snapshot.load_full();
@@ -337,20 +337,6 @@ fn log_pending(pending: &[Pending]) {
     }
 }
 
-/// [`load`], plus one rule for reloads only: an empty file is refused. An in-place write
-/// empties the file before it writes the new text; were that moment read, the empty
-/// config would remove every handler. (To run without handlers, write a comment.)
-fn read(path: &Path) -> Result<Config, ConfigErrors> {
-    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
-        return Err(ConfigErrors::file(
-            &path.display().to_string(),
-            "the file is empty (a write in progress?); to run without handlers, write a \
-             comment in it",
-        ));
-    }
-    load(path)
-}
-
 /// Starts the triggers: the watcher's settle-then-reload loop (unless `watcher` is
 /// `None`) and SIGHUP. Both end when `shutdown` is cancelled.
 pub fn spawn(
@@ -392,6 +378,47 @@ mod tests {
 
     fn config(text: &str) -> Config {
         Config::parse(text, "p.toml").unwrap()
+    }
+
+    /// An in-place writer truncates the file and writes it again, over and over, while
+    /// the file is read: no read may ever take the emptied file for a config.
+    #[test]
+    fn a_file_emptied_while_it_is_read_is_never_loaded_as_empty() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("p.toml");
+        // Every shorter prefix of this text fails to load, so a read that is not of
+        // the whole text is an error, never a config with fewer handlers.
+        let text = "[[handler]]\nname = \"a\"\nevents = [\"*\"]\nurl = \"http://127.0.0.1:1/\"\n\
+                    stage = \"after\"";
+        std::fs::write(&path, text).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                use std::io::Write as _;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut file = std::fs::File::create(&path).unwrap(); // truncates
+                    std::thread::yield_now();
+                    file.write_all(text.as_bytes()).unwrap();
+                }
+            })
+        };
+        let (mut loaded, mut refused) = (0, 0);
+        for _ in 0..20_000 {
+            match load(&path) {
+                Ok(config) => {
+                    assert_eq!(config.handlers.len(), 1, "an emptied file was loaded");
+                    loaded += 1;
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(
+            loaded > 0 && refused > 0,
+            "{loaded} loaded, {refused} refused"
+        );
     }
 
     #[test]
