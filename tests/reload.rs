@@ -639,6 +639,38 @@ async fn post_reload_answers_applied_unchanged_or_rejected() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_duration_past_the_bound_is_a_rejected_reload_and_events_go_on() {
+    let stamper = stamper().await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = plain(dir.path(), &tagged(&stamper, "one"));
+    let sidecar = Sidecar::spawn_with(dir, path, &[], &["--no-watch"]);
+    let text = tagged(&stamper, "two").replace(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\ndeadline = \"500000000000y\"",
+    );
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("deadline"))
+        .unwrap()
+        + 1;
+    write_atomic(&sidecar.config_path, &text);
+    let (status, body) = sidecar.post_to("/v1/reload", "").await;
+    assert_eq!(status, 422, "{body}");
+    let file = sidecar.config_path.display().to_string();
+    let error = body["error"]["errors"][0].as_str().unwrap();
+    assert!(
+        error.starts_with(&format!("{file}:{line}:12: server.deadline: ")),
+        "{error}"
+    );
+    assert!(error.contains("at most 1 year"), "{error}");
+    assert_eq!(
+        served_by(&sidecar).await,
+        ["/one"],
+        "the running config serves"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn v1_config_shows_dispatch_order_and_no_secret() {
     let dir = tempfile::TempDir::new().unwrap();
     let text = format!(

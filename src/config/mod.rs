@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use compile::DEFAULT_LISTEN;
+pub use compile::{DEFAULT_LISTEN, MAX_DURATION};
 pub use error::{ConfigError, ConfigErrors, KeyPath, Seg};
 pub use raw::{OnError, RawConfig, RawHandler, Stage};
 pub use source::{expand_env, line_col};
