@@ -638,6 +638,90 @@ async fn post_reload_answers_applied_unchanged_or_rejected() {
     assert_eq!(status, 405);
 }
 
+/// `sha256sum FILE`, as an operator would compare it.
+fn sha256sum(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn v1_config_hash_is_the_file_on_disk_after_an_unchanged_reload() {
+    let stamper = stamper().await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = plain(dir.path(), &tagged(&stamper, "one"));
+    let sidecar = Sidecar::spawn_with(dir, path, &[], &["--no-watch"]);
+    let config = sidecar.live_config().await;
+    assert_eq!(config["hash"], sha256sum(&sidecar.config_path));
+
+    // Only a comment differs: unchanged, same generation, the new file's hash.
+    write_atomic(
+        &sidecar.config_path,
+        &format!("# reviewed in #42\n{}", tagged(&stamper, "one")),
+    );
+    let (status, body) = sidecar.post_to("/v1/reload", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"], "unchanged", "{body}");
+    let config = sidecar.live_config().await;
+    assert_eq!(generation(&config), 1, "{config:#}");
+    assert_eq!(
+        config["hash"],
+        sha256sum(&sidecar.config_path),
+        "{config:#}"
+    );
+
+    // A rejected file leaves the hash of the file the live config came from.
+    let live = config["hash"].clone();
+    write_atomic(&sidecar.config_path, "[server\n");
+    let (status, _) = sidecar.post_to("/v1/reload", "").await;
+    assert_eq!(status, 422);
+    assert_eq!(sidecar.live_config().await["hash"], live);
+
+    // Applied: the new file's hash, a new generation.
+    write_atomic(&sidecar.config_path, &tagged(&stamper, "two"));
+    let (status, _) = sidecar.post_to("/v1/reload", "").await;
+    assert_eq!(status, 200);
+    let config = sidecar.live_config().await;
+    assert_eq!(generation(&config), 2);
+    assert_eq!(config["hash"], sha256sum(&sidecar.config_path));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_changes_only_restart_settings_says_so() {
+    let stamper = stamper().await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = plain(dir.path(), &tagged(&stamper, "one"));
+    let sidecar = Sidecar::spawn_with(dir, path, &[], &["--no-watch"]);
+    write_atomic(
+        &sidecar.config_path,
+        &tagged(&stamper, "one").replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:1\"\nmax_in_flight = 7",
+        ),
+    );
+    let (status, body) = sidecar.post_to("/v1/reload", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"], "unchanged", "{body}");
+    let logged = sidecar
+        .wait_for_log(PATIENCE, |r| {
+            r["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("config unchanged"))
+        })
+        .unwrap();
+    assert_eq!(
+        logged["message"], "config unchanged but for settings that need a restart",
+        "{logged}"
+    );
+    assert_eq!(
+        logged["restart_needed"], "server.listen, server.max_in_flight",
+        "{logged}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_duration_past_the_bound_is_a_rejected_reload_and_events_go_on() {
     let stamper = stamper().await;

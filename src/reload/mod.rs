@@ -112,6 +112,10 @@ pub struct Status {
     pub last_error: Option<LastError>,
     /// Settings changed in the file that keep their running values until a restart.
     pub restart_needed: Vec<Pending>,
+    /// SHA-256 (hex) of the file the live config was last read from: the file at start,
+    /// then at each reload that was applied or found unchanged (a comment-only change
+    /// swaps nothing, but the file on disk is that one). A rejected file leaves it.
+    pub hash: String,
 }
 
 /// Settings read once at start: the listener, its limits, the store file.
@@ -228,7 +232,10 @@ impl Reloader {
             path,
             fixed: Fixed::of(config),
             running: tokio::sync::Mutex::new(()),
-            status: Mutex::new(Status::default()),
+            status: Mutex::new(Status {
+                hash: config.hash.clone(),
+                ..Status::default()
+            }),
         }
     }
 
@@ -250,12 +257,14 @@ impl Reloader {
             .await
             .unwrap_or_else(|e| Err(ConfigErrors::file("config", format!("reload failed: {e}"))));
         let live = app.snapshot.load_full();
+        let mut read_hash = None;
         let outcome = match loaded {
             Err(errors) => Outcome::Rejected {
                 generation: live.generation,
                 errors,
             },
             Ok(mut config) => {
+                read_hash = Some(config.hash.clone());
                 let restart_needed = self.fixed.pin(&mut config);
                 let changes = Changes::between(&live.config, &config);
                 if changes.is_empty() {
@@ -275,6 +284,9 @@ impl Reloader {
                 }
             }
         };
+        if let Some(hash) = read_hash {
+            self.status.lock().expect("status lock").hash = hash;
+        }
         self.record(&outcome, trigger);
         outcome
     }
@@ -306,7 +318,15 @@ impl Reloader {
                 status.unchanged += 1;
                 status.last_error = None;
                 status.restart_needed.clone_from(restart_needed);
-                info!(%trigger, generation, "config unchanged");
+                if restart_needed.is_empty() {
+                    info!(%trigger, generation, "config unchanged");
+                } else {
+                    let settings: Vec<&str> = restart_needed.iter().map(|p| p.setting).collect();
+                    info!(
+                        %trigger, generation, restart_needed = %settings.join(", "),
+                        "config unchanged but for settings that need a restart"
+                    );
+                }
                 log_pending(restart_needed);
             }
             Outcome::Rejected { generation, errors } => {
