@@ -115,28 +115,34 @@ impl App {
 /// A bound listener: TCP, or a unix socket.
 pub enum Listener {
     Tcp(TcpListener),
-    Unix(UnixListener, std::path::PathBuf),
+    Unix(UnixListener, UnixPath),
+}
+
+/// The path of a unix socket this process created, and the file it created there
+/// (device and inode): on drop, only that file is removed.
+pub struct UnixPath {
+    path: PathBuf,
+    created: (u64, u64),
 }
 
 impl Listener {
-    /// Binds `listen`. A unix socket replaces a stale socket file and gets mode 0660.
+    /// Binds `listen`. A unix socket gets mode 0660. A socket file already at the path is
+    /// replaced only when it is stale (connecting to it is refused); when another process
+    /// answers on it, binding fails and the file is left alone.
     pub async fn bind(listen: &Listen) -> std::io::Result<Self> {
         match listen {
             Listen::Tcp(addr) => Ok(Self::Tcp(TcpListener::bind(addr).await?)),
             Listen::Unix(path) => {
-                use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
-                if let Ok(meta) = std::fs::symlink_metadata(path) {
-                    if !meta.file_type().is_socket() {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::AlreadyExists,
-                            format!("{} exists and is not a socket", path.display()),
-                        ));
-                    }
-                    std::fs::remove_file(path)?;
-                }
+                use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+                remove_stale_socket(path)?;
                 let listener = UnixListener::bind(path)?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-                Ok(Self::Unix(listener, path.clone()))
+                let meta = std::fs::symlink_metadata(path)?;
+                let path = UnixPath {
+                    path: path.clone(),
+                    created: (meta.dev(), meta.ino()),
+                };
+                std::fs::set_permissions(&path.path, std::fs::Permissions::from_mode(0o660))?;
+                Ok(Self::Unix(listener, path))
             }
         }
     }
@@ -147,7 +153,7 @@ impl Listener {
             Self::Tcp(l) => l
                 .local_addr()
                 .map_or_else(|e| format!("?({e})"), |a| a.to_string()),
-            Self::Unix(_, path) => format!("unix:{}", path.display()),
+            Self::Unix(_, path) => format!("unix:{}", path.path.display()),
         }
     }
 
@@ -166,10 +172,54 @@ impl Listener {
 }
 
 impl Drop for Listener {
+    /// Removes the socket file this listener created, if it is still the one at the
+    /// path: a socket another instance bound there since (after someone removed ours)
+    /// is not ours to remove.
     fn drop(&mut self) {
-        if let Self::Unix(_, path) = self {
-            let _ = std::fs::remove_file(path);
+        use std::os::unix::fs::MetadataExt as _;
+        if let Self::Unix(_, path) = self
+            && std::fs::symlink_metadata(&path.path)
+                .is_ok_and(|m| (m.dev(), m.ino()) == path.created)
+        {
+            let _ = std::fs::remove_file(&path.path);
         }
+    }
+}
+
+/// Makes room for a unix socket at `path`: nothing there is fine; a socket nobody
+/// answers on (left by a process that was killed) is removed; a socket that accepts a
+/// connection belongs to a live process and is an error, as is anything not a socket.
+fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::FileTypeExt as _;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Error::new(
+            ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(Error::new(
+            ErrorKind::AddrInUse,
+            format!(
+                "another provisiond is listening on {} (stop it, or give this one another \
+                 server.listen)",
+                path.display()
+            ),
+        )),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Err(e) => Err(Error::new(
+            e.kind(),
+            format!(
+                "{} exists and cannot be checked for a live listener: {e}",
+                path.display()
+            ),
+        )),
     }
 }
 
