@@ -658,3 +658,15 @@ async fn connections_over_the_cap_wait_until_one_closes() {
         String::from_utf8_lossy(&buf[..n])
     );
 }
+
+/// The helpers that tests use for "nothing listens there" hold their ports: connecting
+/// is refused, and a handler can still start there later.
+#[tokio::test(flavor = "multi_thread")]
+async fn reserved_test_ports_refuse_connections_and_can_host_a_handler_later() {
+    let addr = free_addr();
+    let refused = tokio::net::TcpStream::connect(addr).await.unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    let handler = HandlerServer::start_on(addr, |_| async { reply(200, "up") }).await;
+    let answer = http_client().get(handler.url("/")).send().await.unwrap();
+    assert_eq!(answer.text().await.unwrap(), "up");
+}
