@@ -943,7 +943,16 @@ async fn a_second_signal_quits_at_once() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     sidecar.signal(nix::sys::signal::Signal::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The first signal drains (30 s grace): it says so, and new events hear "not now".
+    sidecar
+        .wait_for_log(Duration::from_secs(10), |r| {
+            r["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("draining"))
+        })
+        .expect("the first signal starts draining");
+    let (status, _) = sidecar.send("clients.update", 2, json!({})).await;
+    assert_eq!(status, 503, "draining");
     assert!(sidecar.is_running(), "the first signal drains (30 s grace)");
     sidecar.signal(nix::sys::signal::Signal::SIGTERM);
     let status = sidecar
