@@ -423,8 +423,13 @@ mod tests {
                 }
             })
         };
-        let (mut loaded, mut refused) = (0, 0);
-        for _ in 0..20_000 {
+        // At least 20,000 reads, and on until both outcomes were seen (the race was run),
+        // for 20 s at most: a starved writer thread makes the test slower, not wrong.
+        let (mut loaded, mut refused, mut reads) = (0, 0, 0);
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while reads < 20_000 || ((loaded == 0 || refused == 0) && std::time::Instant::now() < until)
+        {
+            reads += 1;
             match load(&path) {
                 Ok(config) => {
                     assert_eq!(config.handlers.len(), 1, "an emptied file was loaded");
