@@ -22,6 +22,8 @@ pub const QUEUE_OLDEST_SECONDS: &str = "provisiond_after_queue_oldest_age_second
 pub const DEAD_LETTERS: &str = "provisiond_dead_letters";
 pub const EXECUTION_LOG_DROPPED: &str = "provisiond_execution_log_dropped_total";
 pub const RELOADS: &str = "provisiond_reloads_total";
+pub const STORE_UNREADABLE_ROWS: &str = "provisiond_store_unreadable_rows_total";
+pub const STORE_WRITABLE: &str = "provisiond_store_writable";
 pub const CONFIG_GENERATION: &str = "provisiond_config_generation";
 
 /// Latency buckets, in seconds: from 100 µs to the longest sensible handler timeout.
@@ -77,6 +79,14 @@ fn describe() {
         "Execution log rows dropped because the store's writer was behind."
     );
     describe_counter!(RELOADS, "Config reloads, by result.");
+    describe_counter!(
+        STORE_UNREADABLE_ROWS,
+        "Unreadable queued rows moved to the dead letters when the store was opened."
+    );
+    describe_gauge!(
+        STORE_WRITABLE,
+        "1 while the store takes writes, 0 while they fail (a full disk, an I/O error)."
+    );
     describe_gauge!(CONFIG_GENERATION, "Generation of the live config.");
 }
 
@@ -211,6 +221,14 @@ pub fn queue_oldest(age: Duration) {
 
 pub fn execution_log_dropped(rows: u64) {
     counter!(EXECUTION_LOG_DROPPED).increment(rows);
+}
+
+pub fn store_unreadable_rows(rows: u64) {
+    counter!(STORE_UNREADABLE_ROWS).absolute(rows);
+}
+
+pub fn store_writable(writable: bool) {
+    gauge!(STORE_WRITABLE).set(if writable { 1.0 } else { 0.0 });
 }
 
 pub fn dead_letters(count: u64) {

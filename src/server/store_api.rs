@@ -156,10 +156,9 @@ async fn replay(app: &Arc<App>, id: u64) -> Response<Body> {
         );
     }
     match app.store.replay(id).await {
-        Ok(Some(delivery)) => {
-            info!(dead_letter = id, delivery = delivery.id, handler = %delivery.handler, "dead letter replayed");
-            let new_id = delivery.id;
-            app.deliveries.submit(app, [(new_id, delivery.lane())]);
+        Ok(Some(new_id)) => {
+            // The lane has it from the commit, whether or not this request lives on.
+            info!(dead_letter = id, delivery = new_id, handler = %handler, "dead letter replayed");
             reply::json(StatusCode::OK, &json!({"replayed": id, "delivery": new_id}))
         }
         Ok(None) => unknown(id),

@@ -48,7 +48,7 @@ async fn enqueued_deliveries_are_pending_in_arrival_order() {
         )
         .await
         .unwrap();
-    let ids: Vec<u64> = stored.iter().map(|d| d.as_ref().unwrap().id).collect();
+    let ids: Vec<u64> = stored.iter().map(|d| d.unwrap()).collect();
     assert!(ids[0] < ids[1]);
     let more = store
         .enqueue(vec![item("a", "clients/1", "z", None)], MINUTE)
@@ -60,7 +60,7 @@ async fn enqueued_deliveries_are_pending_in_arrival_order() {
         vec![
             (ids[0], "a".into(), "clients/1".into()),
             (ids[1], "b".into(), "clients/2".into()),
-            (more[0].as_ref().unwrap().id, "a".into(), "clients/1".into()),
+            (more[0].unwrap(), "a".into(), "clients/1".into()),
         ]
     );
     let d = store.delivery(ids[1]).unwrap().unwrap();
@@ -114,7 +114,7 @@ async fn settling_retries_delivers_and_dead_letters() {
         .await
         .unwrap()
         .into_iter()
-        .map(|d| d.unwrap().id)
+        .map(|d| d.unwrap())
         .collect();
     let retry = Settle::Retry {
         attempts: 1,
@@ -147,12 +147,14 @@ async fn settling_retries_delivers_and_dead_letters() {
     assert!(store.dead_letters(Some("other"), 10).unwrap().is_empty());
 
     // Replay: back in the queue under a new id, same message id, attempts reset.
-    let replayed = store.replay(ids[1]).await.unwrap().unwrap();
-    assert!(replayed.id > ids[1]);
+    let replayed_id = store.replay(ids[1]).await.unwrap().unwrap();
+    assert!(replayed_id > ids[1]);
+    let replayed = store.delivery(replayed_id).unwrap().unwrap();
+    assert_eq!(replayed.id, replayed_id);
     assert_eq!(replayed.message_id, "msg_y");
     assert_eq!(replayed.attempts, 0);
     assert!(store.dead_letter(ids[1]).unwrap().is_none());
-    assert_eq!(store.delivery(replayed.id).unwrap().unwrap().body, "y");
+    assert_eq!(replayed.body, "y");
     assert!(store.replay(ids[1]).await.unwrap().is_none());
 
     // Drop.
@@ -161,9 +163,9 @@ async fn settling_retries_delivers_and_dead_letters() {
         reason: "r".into(),
         error: None,
     };
-    store.settle(replayed.id, dead, None).await.unwrap();
-    assert!(store.drop_dead_letter(replayed.id).await.unwrap());
-    assert!(!store.drop_dead_letter(replayed.id).await.unwrap());
+    store.settle(replayed_id, dead, None).await.unwrap();
+    assert!(store.drop_dead_letter(replayed_id).await.unwrap());
+    assert!(!store.drop_dead_letter(replayed_id).await.unwrap());
     assert!(store.dead_letters(None, 10).unwrap().is_empty());
 }
 
@@ -285,17 +287,12 @@ async fn a_reopened_file_keeps_its_queue_and_never_reuses_ids() {
         .enqueue(vec![item("a", "clients/1", "x", None)], MINUTE)
         .await
         .unwrap()[0]
-        .clone()
         .unwrap();
-    store
-        .settle(first.id, Settle::Delivered, None)
-        .await
-        .unwrap();
+    store.settle(first, Settle::Delivered, None).await.unwrap();
     let second = store
         .enqueue(vec![item("a", "clients/1", "y", None)], MINUTE)
         .await
         .unwrap()[0]
-        .clone()
         .unwrap();
     store.close().await;
     drop(store);
@@ -303,15 +300,14 @@ async fn a_reopened_file_keeps_its_queue_and_never_reuses_ids() {
     let store = Store::open(&path).unwrap();
     assert_eq!(
         store.pending().unwrap(),
-        vec![(second.id, "a".into(), "clients/1".into())]
+        vec![(second, "a".into(), "clients/1".into())]
     );
     let third = store
         .enqueue(vec![item("a", "clients/1", "z", None)], MINUTE)
         .await
         .unwrap()[0]
-        .clone()
         .unwrap();
-    assert!(third.id > second.id);
+    assert!(third > second);
     store.close().await;
     assert!(matches!(
         store
