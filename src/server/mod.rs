@@ -137,7 +137,7 @@ impl Listener {
             Listen::Tcp(addr) => Ok(Self::Tcp(TcpListener::bind(addr).await?)),
             Listen::Unix(path) => {
                 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
-                remove_stale_socket(path)?;
+                remove_stale_socket(path).await?;
                 let listener = UnixListener::bind(path)?;
                 let meta = std::fs::symlink_metadata(path)?;
                 let path = UnixPath {
@@ -191,8 +191,9 @@ impl Drop for Listener {
 
 /// Makes room for a unix socket at `path`: nothing there is fine; a socket nobody
 /// answers on (left by a process that was killed) is removed; a socket that accepts a
-/// connection belongs to a live process and is an error, as is anything not a socket.
-fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
+/// connection, or whose backlog is full, belongs to a live process and is an error, as
+/// is anything not a socket.
+async fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
     use std::os::unix::fs::FileTypeExt as _;
     let meta = match std::fs::symlink_metadata(path) {
@@ -206,16 +207,12 @@ fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
             format!("{} exists and is not a socket", path.display()),
         ));
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(Error::new(
-            ErrorKind::AddrInUse,
-            format!(
-                "another provisiond is listening on {} (stop it, or give this one another \
-                 server.listen)",
-                path.display()
-            ),
-        )),
+    // A non-blocking connect: a live listener with a full backlog answers at once
+    // (`WouldBlock`) instead of holding this start-up until it has room.
+    match tokio::net::UnixStream::connect(path).await {
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Ok(_) => Err(in_use(path)),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => Err(in_use(path)),
         Err(e) => Err(Error::new(
             e.kind(),
             format!(
@@ -224,6 +221,17 @@ fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
             ),
         )),
     }
+}
+
+fn in_use(path: &std::path::Path) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!(
+            "another provisiond is listening on {} (stop it, or give this one another \
+             server.listen)",
+            path.display()
+        ),
+    )
 }
 
 /// Serves until `shutdown` is cancelled, then stops accepting and gives open connections
@@ -339,4 +347,54 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
 /// A fixed body, as every route answers.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_a_stale_socket_is_removed() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("p.sock");
+        assert!(remove_stale_socket(&path).await.is_ok(), "nothing there");
+
+        // Bound and gone (a killed process): removed.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        remove_stale_socket(&path).await.unwrap();
+        assert!(!path.exists());
+
+        // Alive, even with its backlog full: refused at once, and left alone.
+        let _live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut held = Vec::new();
+        let full = tokio::time::timeout(Duration::from_secs(10), async {
+            for _ in 0..100_000 {
+                match tokio::net::UnixStream::connect(&path).await {
+                    Ok(stream) => held.push(stream),
+                    Err(e) => return e.kind(),
+                }
+            }
+            std::io::ErrorKind::Other
+        })
+        .await
+        .expect("connecting to a full backlog does not wait");
+        assert_eq!(full, std::io::ErrorKind::WouldBlock);
+        let error = tokio::time::timeout(Duration::from_secs(5), remove_stale_socket(&path))
+            .await
+            .expect("no wait for room in the backlog")
+            .unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(
+            error
+                .to_string()
+                .contains("another provisiond is listening")
+        );
+        assert!(path.exists());
+
+        // Not a socket: left alone.
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        assert!(remove_stale_socket(&file).await.is_err());
+        assert!(file.exists());
+    }
 }
