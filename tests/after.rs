@@ -1066,7 +1066,7 @@ async fn post_and_hang_up(addr: &str, body: &str) {
     );
     stream.write_all(request.as_bytes()).await.unwrap();
     // An RST, not a FIN: the server sees the connection gone while it works.
-    stream.set_linger(Some(Duration::ZERO)).unwrap();
+    stream.set_zero_linger().unwrap();
     drop(stream);
 }
 
@@ -1318,4 +1318,117 @@ async fn a_full_disk_is_survived_without_a_restart() {
     let seen = delivered(&crm);
     let lost: Vec<_> = acked.iter().filter(|i| !seen.contains(i)).collect();
     assert!(all, "acknowledged but not delivered: {lost:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_upload_is_cut_at_the_deadline_and_frees_its_slot() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let config = "[server]\nlisten = \"127.0.0.1:0\"\ndeadline = \"300ms\"\nmax_in_flight = 1\n";
+    let sidecar = Sidecar::start(config);
+    let mut stream = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
+    stream
+        .write_all(b"POST /events HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"event\":")
+        .await
+        .unwrap();
+    // The rest never comes: the sidecar answers by itself.
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut reply)).await;
+    assert!(read.is_ok(), "no answer to a stalled upload");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("server.deadline"), "{reply}");
+    // Its in-flight slot (the only one) is free again.
+    let (status, body) = sidecar.send("clients.create", 1, json!({})).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_up_event_leaves_the_in_flight_gauge() {
+    let slow = HandlerServer::start(|_| async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        reply(200, "")
+    })
+    .await;
+    let config = format!(
+        "{SERVER}[[handler]]\nname = \"slow\"\nevents = [\"*\"]\nstage = \"before\"\nurl = \"{}\"\n",
+        slow.url("/")
+    );
+    let sidecar = Sidecar::start(&config);
+    let mut streams = Vec::new();
+    for i in 0..5 {
+        use tokio::io::AsyncWriteExt as _;
+        let body = envelope("clients.update", i, json!({})).to_string();
+        let mut stream = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
+        let request = format!(
+            "POST /events HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        streams.push(stream);
+    }
+    // Every event reached the handler, so each is in flight; then the billing hangs up.
+    assert!(eventually(Duration::from_secs(10), || slow.calls().len() == 5).await);
+    for stream in streams {
+        stream.set_zero_linger().unwrap();
+    }
+    // None is in flight any more, once the handler has answered them.
+    let mut last = None;
+    for _ in 0..100 {
+        let (_, text) = sidecar.get("/metrics").await;
+        last = metric(text.as_str().unwrap(), "provisiond_events_in_flight");
+        if last == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(last, Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_of_more_lanes_than_memory_holds_is_delivered_in_order() {
+    // More entities than a handler keeps lanes in memory: most wait in the store only,
+    // and come in as lanes finish.
+    let cap = provisiond::delivery::LANES_PER_HANDLER;
+    let entities = cap as i64 + 500;
+    // The handler holds every call until the gate opens: meanwhile all lanes wait.
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    let crm = HandlerServer::start(move |call| {
+        let mut opened = opened.clone();
+        async move {
+            let _ = opened.wait_for(|open| *open).await;
+            reply(200, call.body)
+        }
+    })
+    .await;
+    let config = format!(
+        "{SERVER}{}",
+        after_handler("crm", &crm.url("/"), &format!("{FAST}\ntimeout = \"120s\""))
+    );
+    let sidecar = Sidecar::start(&config);
+    let mut acked = Vec::new();
+    let all: Vec<i64> = (0..entities).collect();
+    for chunk in all.chunks(64) {
+        acked.extend(send_all(sidecar.url("/events"), chunk.to_vec(), 2).await);
+    }
+    assert_eq!(acked.len(), entities as usize * 2);
+    let (_, text) = sidecar.get("/metrics").await;
+    let text = text.as_str().unwrap().to_owned();
+    assert_eq!(
+        metric(&text, "provisiond_after_queue_depth{handler=\"crm\"}"),
+        Some(acked.len() as f64),
+        "{text}"
+    );
+    let lanes = metric(&text, "provisiond_after_lanes_in_memory").unwrap();
+    assert!(lanes <= cap as f64, "{lanes} lanes in memory");
+    gate.send_replace(true);
+    let all = eventually(Duration::from_secs(120), || {
+        crm.calls().len() >= acked.len()
+    })
+    .await;
+    assert!(all, "{} of {} delivered", crm.calls().len(), acked.len());
+    let calls = crm.calls();
+    assert_eq!(calls.len(), acked.len(), "duplicates delivered");
+    for (entity, seqs) in by_entity(calls.iter().map(key)) {
+        assert_eq!(seqs, vec![0, 1], "entity {entity} out of order");
+    }
 }

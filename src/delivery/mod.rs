@@ -63,7 +63,7 @@ pub const NOT_AFTER: &str =
     "handler is no longer an after-stage handler (changed by a config reload)";
 
 /// Lanes one handler keeps in memory at most; the rest wait in the store.
-pub const LANES_PER_HANDLER: usize = 4096;
+pub const LANES_PER_HANDLER: usize = 1024;
 
 /// Longest wait between two tries of a store operation that failed.
 const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
@@ -532,6 +532,7 @@ impl Deliveries {
             }
         }
         crate::metrics::store_writable(store.is_open());
+        crate::metrics::lanes_in_memory(self.active_lanes());
         match store.oldest_enqueued() {
             Ok(oldest) => {
                 let age = oldest.map_or(0, |at| now_ms().saturating_sub(at));

@@ -288,27 +288,32 @@ impl Store {
                     () = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                // A prune removes at most PRUNE_LIMIT rows of each table: go on at once
-                // while it comes back full, so that pruning keeps up with any rate.
-                loop {
-                    match self.prune(retention()).await {
-                        Ok(0) => break,
-                        Ok(n) if n < PRUNE_LIMIT => {
-                            tracing::debug!(rows = n, "store pruned");
-                            break;
-                        }
-                        Ok(n) => tracing::debug!(rows = n, "store pruned, more to prune"),
-                        Err(e) => {
-                            warn!(error = %e, "cannot prune the store");
-                            break;
-                        }
-                    }
-                    if stop.is_cancelled() {
-                        return;
-                    }
+                match self.prune_all(retention(), &stop).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(rows = n, "store pruned"),
+                    Err(e) => warn!(error = %e, "cannot prune the store"),
                 }
             }
         })
+    }
+
+    /// Applies the retention until nothing is left to prune (or `stop`): one prune
+    /// removes at most [`PRUNE_LIMIT`] rows of each table, so that other requests get
+    /// their turn between two; going on at once while one comes back full keeps up with
+    /// any rate. How many rows went.
+    pub async fn prune_all(
+        &self,
+        retention: Retention,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<usize, StoreError> {
+        let mut total = 0;
+        loop {
+            let n = self.prune(retention).await?;
+            total += n;
+            if n < PRUNE_LIMIT || stop.is_cancelled() {
+                return Ok(total);
+            }
+        }
     }
 
     /// Adds execution log rows without waiting: they are written with the next batch.

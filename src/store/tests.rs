@@ -1,3 +1,4 @@
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::*;
@@ -487,4 +488,192 @@ async fn a_steady_stream_of_log_rows_is_kept_though_the_writer_lingers() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(kept, 400);
+}
+
+#[tokio::test]
+async fn an_unreadable_queued_row_goes_to_the_dead_letters_at_open_not_the_start() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("provisiond.db");
+    let store = Store::open(&path).unwrap();
+    let ids = store
+        .enqueue(
+            vec![
+                item("a", "clients/1", "x", None),
+                item("a", "clients/2", "y", None),
+            ],
+            MINUTE,
+        )
+        .await
+        .unwrap();
+    store.close().await;
+    drop(store);
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(DELIVERIES)
+            .unwrap()
+            .insert(ids[0].unwrap(), b"{not json".as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.quarantined(), 1);
+    assert_eq!(
+        store.pending().unwrap(),
+        vec![(ids[1].unwrap(), "a".into(), "clients/2".into())]
+    );
+    let letter = store.dead_letter(ids[0].unwrap()).unwrap().unwrap();
+    assert!(
+        letter.reason.starts_with("unreadable row in the queue"),
+        "{}",
+        letter.reason
+    );
+    assert_eq!(letter.delivery.body, "{not json");
+    store.close().await;
+}
+
+#[tokio::test]
+async fn one_bad_request_fails_alone_not_the_others_of_its_batch() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("provisiond.db");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(DEAD)
+            .unwrap()
+            .insert(5, b"{damaged".as_slice())
+            .unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("schema_version", SCHEMA_VERSION)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    // Many enqueues and the replay of the damaged dead letter, sent at once: the writer
+    // takes them in one batch.
+    let mut enqueues = Vec::new();
+    for n in 0..50u8 {
+        let store = store.clone();
+        enqueues.push(tokio::spawn(async move {
+            store
+                .enqueue(
+                    vec![item("a", &format!("clients/{n}"), "x", Some(n))],
+                    MINUTE,
+                )
+                .await
+        }));
+    }
+    let replay = {
+        let store = store.clone();
+        tokio::spawn(async move { store.replay(5).await })
+    };
+    for e in enqueues {
+        assert!(e.await.unwrap().unwrap()[0].is_some());
+    }
+    let e = replay.await.unwrap().unwrap_err();
+    assert!(matches!(e, StoreError::Corrupt(_)), "{e}");
+    assert_eq!(store.queue_depth().unwrap(), 50);
+    // And the store still takes writes.
+    assert!(store.is_open());
+    store.close().await;
+}
+
+#[tokio::test]
+async fn every_commit_tells_the_sink_its_deliveries_in_id_order() {
+    let store = Store::memory().unwrap();
+    let told = Arc::new(Mutex::new(Vec::new()));
+    {
+        let told = told.clone();
+        store.on_commit(Box::new(move |queued| {
+            told.lock().unwrap().extend(queued);
+        }));
+    }
+    let mut tasks = Vec::new();
+    for n in 0..20u8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .enqueue(
+                    vec![
+                        item("a", "clients/1", &n.to_string(), None),
+                        item("b", "clients/1", &n.to_string(), Some(n)),
+                    ],
+                    MINUTE,
+                )
+                .await
+                .unwrap()
+        }));
+    }
+    // A requester that is gone before the commit (the billing hung up): the sink still
+    // hears of its delivery.
+    let gone = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .enqueue(vec![item("a", "clients/2", "z", None)], MINUTE)
+                .await
+        })
+    };
+    gone.abort();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stored = store.pending().unwrap();
+    assert!(eventually_true(|| told.lock().unwrap().len() == stored.len()).await);
+    let told: Vec<(u64, String, String)> = told
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|q| (q.id, q.handler.clone(), q.entity.clone()))
+        .collect();
+    assert_eq!(told, stored);
+}
+
+async fn eventually_true(mut check: impl FnMut() -> bool) -> bool {
+    for _ in 0..200 {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn pruning_goes_on_while_a_prune_comes_back_full() {
+    let store = Store::memory().unwrap();
+    let rows: Vec<Execution> = (0..(PRUNE_LIMIT as u64 * 2 + 500))
+        .map(|i| row("a", i, "allowed"))
+        .collect();
+    for chunk in rows.chunks(1000) {
+        store.log(chunk.to_vec());
+        // Give the writer its rows before the channel fills.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let wrote = eventually_true(|| {
+        store
+            .executions(&ExecutionFilter {
+                limit: usize::MAX,
+                ..Default::default()
+            })
+            .is_ok_and(|r| r.len() == rows.len())
+    });
+    assert!(wrote.await, "all rows written");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let keep = retention(100, 3600 * 24 * 365 * 100);
+    let pruned = store.prune_all(keep, &stop).await.unwrap();
+    assert_eq!(pruned, rows.len() - 100);
+    let left = store
+        .executions(&ExecutionFilter {
+            limit: usize::MAX,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        left.len(),
+        100,
+        "one round of pruning brings the log within its limit"
+    );
+    store.close().await;
 }
