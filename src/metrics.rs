@@ -18,6 +18,7 @@ pub const BEFORE_CHAIN_SECONDS: &str = "provisiond_before_chain_duration_seconds
 pub const HANDLER_CALLS: &str = "provisiond_handler_calls_total";
 pub const HANDLER_SECONDS: &str = "provisiond_handler_duration_seconds";
 pub const QUEUE_DEPTH: &str = "provisiond_after_queue_depth";
+pub const HANDLER_OLDEST_SECONDS: &str = "provisiond_after_handler_oldest_age_seconds";
 pub const LANES_IN_MEMORY: &str = "provisiond_after_lanes_in_memory";
 pub const QUEUE_OLDEST_SECONDS: &str = "provisiond_after_queue_oldest_age_seconds";
 pub const DEAD_LETTERS: &str = "provisiond_dead_letters";
@@ -75,6 +76,10 @@ fn describe() {
         "Age of the oldest waiting after-stage delivery, in seconds."
     );
     describe_gauge!(DEAD_LETTERS, "Deliveries in the dead letters.");
+    describe_gauge!(
+        HANDLER_OLDEST_SECONDS,
+        "Age of the oldest after-stage delivery being worked on, by handler, in seconds."
+    );
     describe_gauge!(
         LANES_IN_MEMORY,
         "After-stage lanes (handler and entity) held in memory; the rest wait in the store."
@@ -230,6 +235,10 @@ pub fn execution_log_dropped(rows: u64) {
 
 pub fn store_unreadable_rows(rows: u64) {
     counter!(STORE_UNREADABLE_ROWS).absolute(rows);
+}
+
+pub fn handler_oldest(handler: &str, age: Duration) {
+    gauge!(HANDLER_OLDEST_SECONDS, "handler" => handler.to_owned()).set(age.as_secs_f64());
 }
 
 pub fn lanes_in_memory(lanes: usize) {

@@ -983,6 +983,28 @@ async fn metrics_show_the_queue_the_dead_letters_and_after_stage_calls() {
         "{text}"
     );
     assert!(metric(&text, "provisiond_after_queue_oldest_age_seconds").is_some_and(|a| a >= 0.0));
+    // The down handler's oldest delivery is waiting, and ages; the other has nothing.
+    let mut age = None;
+    for _ in 0..100 {
+        let (_, text) = sidecar.get("/metrics").await;
+        age = metric(
+            text.as_str().unwrap(),
+            "provisiond_after_handler_oldest_age_seconds{handler=\"down\"}",
+        );
+        if age.is_some_and(|a| a > 0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(age.is_some_and(|a| a > 0.0), "{age:?}");
+    assert_eq!(
+        metric(
+            &text,
+            "provisiond_after_handler_oldest_age_seconds{handler=\"gone\"}"
+        ),
+        Some(0.0),
+        "{text}"
+    );
     assert!(
         text.lines()
             .any(|l| l.starts_with("provisiond_handler_calls_total")

@@ -306,6 +306,7 @@ function overviewView(config, samples) {
   }
 
   const depth = metric(samples, 'provisiond_after_queue_depth');
+  const oldestBy = metric(samples, 'provisiond_after_handler_oldest_age_seconds');
   const queued = depth.reduce((n, s) => n + s.value, 0);
   const oldest = metric(samples, 'provisiond_after_queue_oldest_age_seconds')[0];
   const dead = metric(samples, 'provisiond_dead_letters')[0];
@@ -332,6 +333,8 @@ function overviewView(config, samples) {
     out.push(table(['#', 'name', 'stage', 'priority', 'events', 'target', 'settings', 'queued'],
       config.handlers.map((x, i) => {
         const q = depth.find((s) => s.labels.handler === x.name);
+        const o = oldestBy.find((s) => s.labels.handler === x.name);
+        const waiting = q && q.value > 0 && o && o.value > 0 ? ` · oldest ${age(o.value)}` : '';
         return h('tr', { dataset: { handler: x.name }, class: x.enabled ? null : 'disabled' },
           h('td', { class: 'num muted' }, i + 1),
           h('td', { class: 'name' }, h('strong', {}, x.name), x.enabled ? null : h('span', { class: 'badge neutral' }, '○ disabled')),
@@ -340,10 +343,10 @@ function overviewView(config, samples) {
           h('td', {}, x.events.map((e) => h('code', { class: 'chip' }, e))),
           h('td', { class: 'target' }, code(x.target)),
           h('td', { class: 'small' }, settings(x)),
-          h('td', { class: 'num' }, x.stage === 'after' ? String(q ? q.value : 0) : h('span', { class: 'muted' }, '—')));
+          h('td', { class: 'num' }, x.stage === 'after' ? String(q ? q.value : 0) + waiting : h('span', { class: 'muted' }, '—')));
       }), 'handlers-table'));
     if (oldest) {
-      out.push(h('p', { class: 'muted small' }, 'Queued: after-stage deliveries waiting (provisiond_after_queue_depth). ' +
+      out.push(h('p', { class: 'muted small' }, 'Queued: after-stage deliveries waiting (provisiond_after_queue_depth), with the age of the oldest one being worked on. ' +
         `The oldest waiting delivery, over all handlers, is ${oldest.value > 0 ? age(oldest.value) + ' old' : 'none'}.`));
     }
   }

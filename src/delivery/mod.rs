@@ -132,6 +132,8 @@ struct HandlerLanes {
 
 struct LaneQueue {
     ids: VecDeque<u64>,
+    /// The delivery the lane's task works on: its oldest.
+    current: Option<u64>,
     /// The highest id the lane has had: a later word of a lower one is old news.
     last: u64,
 }
@@ -141,6 +143,7 @@ impl LaneQueue {
         let last = ids.last().copied().unwrap_or(0);
         Self {
             ids: ids.into(),
+            current: None,
             last,
         }
     }
@@ -426,11 +429,10 @@ impl Deliveries {
     fn next(&self, lane: &Lane) -> Option<u64> {
         let mut state = self.state.lock().expect("not poisoned");
         let lanes = state.handlers.get_mut(&lane.handler)?;
-        if let Some(id) = lanes
-            .lanes
-            .get_mut(&lane.entity)
-            .and_then(|l| l.ids.pop_front())
+        if let Some(queue) = lanes.lanes.get_mut(&lane.entity)
+            && let Some(id) = queue.ids.pop_front()
         {
+            queue.current = Some(id);
             return Some(id);
         }
         lanes.lanes.remove(&lane.entity);
@@ -512,6 +514,23 @@ impl Deliveries {
             .collect()
     }
 
+    /// Per handler, the oldest delivery its lanes in memory hold (the one a lane works
+    /// on comes before its queue).
+    fn oldest_ids(&self) -> Vec<(String, u64)> {
+        let state = self.state.lock().expect("not poisoned");
+        state
+            .handlers
+            .iter()
+            .filter_map(|(h, l)| {
+                l.lanes
+                    .values()
+                    .filter_map(|q| q.current.or_else(|| q.ids.front().copied()))
+                    .min()
+                    .map(|id| (h.clone(), id))
+            })
+            .collect()
+    }
+
     /// Sets the after-stage gauges of `/metrics`: queue depth per handler (every
     /// after-stage handler of `config`, and any other with deliveries waiting; 0 for one
     /// that had some before), the oldest waiting delivery's age, the dead letters.
@@ -520,14 +539,24 @@ impl Deliveries {
         for h in config.handlers.iter().filter(|h| h.stage == Stage::After) {
             depths.entry(h.name.clone()).or_default();
         }
+        let mut ages: HashMap<String, Duration> = HashMap::new();
+        for (handler, id) in self.oldest_ids() {
+            if let Ok(Some(d)) = store.delivery(id) {
+                let age = Duration::from_millis(now_ms().saturating_sub(d.enqueued_at));
+                ages.insert(handler, age);
+            }
+        }
         {
             let mut reported = self.reported.lock().expect("not poisoned");
             for gone in reported.iter().filter(|h| !depths.contains_key(*h)) {
                 crate::metrics::queue(gone, 0);
+                crate::metrics::handler_oldest(gone, Duration::ZERO);
             }
             reported.clear();
             for (handler, depth) in &depths {
                 crate::metrics::queue(handler, *depth);
+                let age = ages.get(handler).copied().unwrap_or_default();
+                crate::metrics::handler_oldest(handler, age);
                 reported.insert(handler.clone());
             }
         }
