@@ -319,7 +319,8 @@ async fn deliver(app: &Arc<App>, lane: &Lane, id: u64) -> bool {
             }
         };
         let done = !matches!(settle, Settle::Retry { .. });
-        let row = Execution::from_call(call, &delivery.event, &delivery.object_id, Some(id));
+        let row = Execution::from_call(call, &delivery.event, &delivery.object_id, Some(id))
+            .event_id(delivery.event_id.clone());
         record(app, id, settle, Some(row)).await;
         if done {
             return true;

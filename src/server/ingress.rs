@@ -27,7 +27,7 @@ pub async fn events(app: &Arc<App>, request: Request<Incoming>) -> Response<Body
     let id = crate::events::new_id("evt");
     let span = info_span!("event", id = %id);
     metrics::in_flight(1.0);
-    let mut response = handle(app, request).instrument(span).await;
+    let mut response = handle(app, request, &id).instrument(span).await;
     metrics::in_flight(-1.0);
     if let Ok(value) = hyper::header::HeaderValue::from_str(&id) {
         response.headers_mut().insert(EVENT_ID_HEADER, value);
@@ -35,7 +35,7 @@ pub async fn events(app: &Arc<App>, request: Request<Incoming>) -> Response<Body
     response
 }
 
-async fn handle(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+async fn handle(app: &Arc<App>, request: Request<Incoming>, id: &str) -> Response<Body> {
     let started = Instant::now();
     if app.is_draining() {
         metrics::event("unparsed".into(), "unavailable");
@@ -110,7 +110,7 @@ async fn handle(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
                 reason = %message, duration_ms = ms(started), generation = snapshot.generation,
                 "event"
             );
-            log_calls(app, records, &event, &object_id);
+            log_calls(app, records, &event, &object_id, id);
             metrics::event(label, "denied");
             reply::json(
                 StatusCode::FORBIDDEN,
@@ -141,6 +141,7 @@ async fn handle(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
                         message_id: new_message_id(),
                         body: String::from_utf8_lossy(&reply_body).into_owned(),
                         dedupe: (!window.is_zero()).then(|| dedupe_key(&h.name, &body)),
+                        event_id: Some(id.to_owned()),
                     })
                     .collect();
                 // The 200 leaves only once the deliveries are on disk.
@@ -148,7 +149,7 @@ async fn handle(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
                     Ok(stored) => stored,
                     Err(e) => {
                         warn!(event = %event, object_id = %object_id, error = %e, "cannot store the deliveries, answering 503");
-                        log_calls(app, records, &event, &object_id);
+                        log_calls(app, records, &event, &object_id, id);
                         metrics::event(label, "unavailable");
                         return reply::unavailable(
                             "the store cannot take the after-stage deliveries; retry shortly",
@@ -173,17 +174,17 @@ async fn handle(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
                 generation = snapshot.generation, "event"
             );
             metrics::event(label, "allowed");
-            log_calls(app, records, &event, &object_id);
+            log_calls(app, records, &event, &object_id, id);
             reply::raw_json(StatusCode::OK, reply_body)
         }
     }
 }
 
 /// Hands the calls made for an event to the execution log, without waiting.
-fn log_calls(app: &App, records: Vec<CallRecord>, event: &str, object_id: &str) {
+fn log_calls(app: &App, records: Vec<CallRecord>, event: &str, object_id: &str, id: &str) {
     let rows = records
         .into_iter()
-        .map(|r| Execution::from_call(r, event, object_id, None))
+        .map(|r| Execution::from_call(r, event, object_id, None).event_id(Some(id.to_owned())))
         .collect();
     app.store.log(rows);
 }

@@ -12,6 +12,7 @@ fn item(handler: &str, entity: &str, body: &str, dedupe: Option<u8>) -> NewDeliv
         message_id: format!("msg_{body}"),
         body: body.into(),
         dedupe: dedupe.map(|b| [b; 32]),
+        event_id: None,
     }
 }
 
@@ -30,6 +31,7 @@ fn row(handler: &str, at: u64, outcome: &str) -> Execution {
         excerpt: String::new(),
         error: None,
         delivery: None,
+        event_id: None,
     }
 }
 

@@ -20,7 +20,9 @@ use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, WriteTran
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
-use super::records::{DeadLetter, Delivery, Execution, NewDelivery, now_ms};
+use super::records::{
+    DeadLetter, DeadLetterFilter, DeadLetterKey, Delivery, Execution, NewDelivery, Replayed, now_ms,
+};
 use super::{DEAD, DEDUPE_AGE, DELIVERIES, EXECUTIONS, META, StoreError};
 
 /// A commit slower than this is logged: the billing waits for enqueue commits.
@@ -82,6 +84,18 @@ pub enum Op {
         id: u64,
         reply: Reply<bool>,
     },
+    /// Every dead letter matching `filter` whose handler is in `handlers` back to the
+    /// queue, in one transaction, in their id order.
+    ReplayMatching {
+        filter: DeadLetterFilter,
+        handlers: Vec<String>,
+        reply: Reply<Replayed>,
+    },
+    /// Every dead letter matching `filter` deleted, in one transaction.
+    DropMatching {
+        filter: DeadLetterFilter,
+        reply: Reply<usize>,
+    },
     Prune {
         retention: Retention,
         reply: Reply<usize>,
@@ -97,6 +111,8 @@ enum Answer {
     Settled(Reply<()>),
     Replayed(Reply<Option<Delivery>>, Option<Delivery>),
     Dropped(Reply<bool>, bool),
+    ReplayedMatching(Reply<Replayed>, Replayed),
+    DroppedMatching(Reply<usize>, usize),
     Pruned(Reply<usize>, usize),
 }
 
@@ -108,11 +124,15 @@ impl Answer {
             (Answer::Settled(tx), None) => drop(tx.send(Ok(()))),
             (Answer::Replayed(tx, v), None) => drop(tx.send(Ok(v))),
             (Answer::Dropped(tx, v), None) => drop(tx.send(Ok(v))),
+            (Answer::ReplayedMatching(tx, v), None) => drop(tx.send(Ok(v))),
+            (Answer::DroppedMatching(tx, v), None) => drop(tx.send(Ok(v))),
             (Answer::Pruned(tx, v), None) => drop(tx.send(Ok(v))),
             (Answer::Enqueued(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
             (Answer::Settled(tx), Some(e)) => drop(tx.send(Err(e.clone()))),
             (Answer::Replayed(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
             (Answer::Dropped(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
+            (Answer::ReplayedMatching(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
+            (Answer::DroppedMatching(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
             (Answer::Pruned(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
         }
     }
@@ -330,6 +350,28 @@ impl Writer {
                     answers.push(Answer::Dropped(reply, *dropped.as_ref().unwrap_or(&false)));
                     dropped?;
                 }
+                Op::ReplayMatching {
+                    filter,
+                    handlers,
+                    reply,
+                } => {
+                    let replayed = self.replay_matching(&txn, &filter, &handlers, now);
+                    match replayed {
+                        Ok(v) => answers.push(Answer::ReplayedMatching(reply, v)),
+                        Err(e) => {
+                            answers.push(Answer::ReplayedMatching(reply, Replayed::default()));
+                            return Err(e);
+                        }
+                    }
+                }
+                Op::DropMatching { filter, reply } => {
+                    let dropped = drop_matching(&txn, &filter);
+                    answers.push(Answer::DroppedMatching(
+                        reply,
+                        *dropped.as_ref().unwrap_or(&0),
+                    ));
+                    dropped?;
+                }
                 Op::Prune { retention, reply } => {
                     let pruned = prune(&txn, retention, now, &mut changes.pruned);
                     answers.push(Answer::Pruned(reply, *pruned.as_ref().unwrap_or(&0)));
@@ -408,6 +450,55 @@ impl Writer {
             .insert(delivery.id, encode(&delivery).as_slice())
             .map_err(StoreError::write)?;
         Ok(Some(delivery))
+    }
+
+    /// The bulk form of [`Self::replay`]: the matching dead letters, taken in id order
+    /// (the order their events arrived), get new ids in that order, so each entity's
+    /// replayed deliveries go out in their original order, behind what it queued since.
+    fn replay_matching(
+        &mut self,
+        txn: &WriteTransaction,
+        filter: &DeadLetterFilter,
+        handlers: &[String],
+        now: u64,
+    ) -> Result<Replayed, StoreError> {
+        let mut out = Replayed::default();
+        let mut dead = txn.open_table(DEAD).map_err(StoreError::write)?;
+        let mut queue = txn.open_table(DELIVERIES).map_err(StoreError::write)?;
+        let skipped = &mut out.skipped_handlers;
+        let mut n_skipped = 0;
+        let taken = dead
+            .extract_if(|_, value| {
+                let Ok(key) = serde_json::from_slice::<DeadLetterKey>(value) else {
+                    return false;
+                };
+                if !filter.matches(&key) {
+                    return false;
+                }
+                if handlers.iter().any(|h| *h == key.handler) {
+                    return true;
+                }
+                n_skipped += 1;
+                skipped.insert(key.handler);
+                false
+            })
+            .map_err(StoreError::write)?;
+        for entry in taken {
+            let (_, value) = entry.map_err(StoreError::write)?;
+            let letter: DeadLetter = decode(value.value())?;
+            let mut delivery = letter.delivery;
+            delivery.id = self.next_delivery;
+            self.next_delivery += 1;
+            delivery.attempts = 0;
+            delivery.next_at = now;
+            delivery.last_error = None;
+            queue
+                .insert(delivery.id, encode(&delivery).as_slice())
+                .map_err(StoreError::write)?;
+            out.deliveries.push(delivery);
+        }
+        out.skipped = n_skipped;
+        Ok(out)
     }
 
     fn log(&mut self, txn: &WriteTransaction, rows: Vec<Execution>) -> Result<(), StoreError> {
@@ -527,6 +618,19 @@ fn drop_dead(txn: &WriteTransaction, id: u64) -> Result<bool, StoreError> {
     Ok(existed)
 }
 
+/// Deletes every dead letter matching `filter`; how many.
+fn drop_matching(txn: &WriteTransaction, filter: &DeadLetterFilter) -> Result<usize, StoreError> {
+    let mut dead = txn.open_table(DEAD).map_err(StoreError::write)?;
+    let mut n = 0;
+    dead.retain(|_, value| {
+        let take = serde_json::from_slice::<DeadLetterKey>(value).is_ok_and(|k| filter.matches(&k));
+        n += usize::from(take);
+        !take
+    })
+    .map_err(StoreError::write)?;
+    Ok(n)
+}
+
 fn refuse(op: Op) {
     let closed = StoreError::Closed;
     match op {
@@ -534,6 +638,8 @@ fn refuse(op: Op) {
         Op::Settle { reply, .. } => drop(reply.send(Err(closed))),
         Op::Replay { reply, .. } => drop(reply.send(Err(closed))),
         Op::Drop { reply, .. } => drop(reply.send(Err(closed))),
+        Op::ReplayMatching { reply, .. } => drop(reply.send(Err(closed))),
+        Op::DropMatching { reply, .. } => drop(reply.send(Err(closed))),
         Op::Prune { reply, .. } => drop(reply.send(Err(closed))),
         Op::Close { reply } => drop(reply.send(())),
     }
