@@ -23,6 +23,8 @@ pub const DEAD_LETTERS: &str = "provisiond_dead_letters";
 pub const EXECUTION_LOG_DROPPED: &str = "provisiond_execution_log_dropped_total";
 pub const RELOADS: &str = "provisiond_reloads_total";
 pub const CONFIG_GENERATION: &str = "provisiond_config_generation";
+pub const BUILD_INFO: &str = "provisiond_build_info";
+pub const RESTART_NEEDED: &str = "provisiond_restart_needed_settings";
 
 /// Latency buckets, in seconds: from 100 µs to the longest sensible handler timeout.
 const BUCKETS: &[f64] = &[
@@ -78,6 +80,14 @@ fn describe() {
     );
     describe_counter!(RELOADS, "Config reloads, by result.");
     describe_gauge!(CONFIG_GENERATION, "Generation of the live config.");
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the labels say which build runs (version)."
+    );
+    describe_gauge!(
+        RESTART_NEEDED,
+        "Settings changed in the config file that keep their running values until a restart."
+    );
 }
 
 /// Makes the counters an operator alerts on exist from the start, at 0: `increase()`
@@ -87,6 +97,8 @@ fn zero() {
         counter!(RELOADS, "result" => result).absolute(0);
     }
     counter!(EXECUTION_LOG_DROPPED).absolute(0);
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    gauge!(RESTART_NEEDED).set(0.0);
 }
 
 /// The label for an event name: the name when the config knows it, else `other`.
@@ -215,4 +227,9 @@ pub fn execution_log_dropped(rows: u64) {
 
 pub fn dead_letters(count: u64) {
     gauge!(DEAD_LETTERS).set(count as f64);
+}
+
+/// How many settings wait for a restart (`restart_needed` in `/v1/config`).
+pub fn restart_needed(settings: usize) {
+    gauge!(RESTART_NEEDED).set(settings as f64);
 }
