@@ -135,8 +135,8 @@ async fn every_metric_the_kit_uses_is_served() {
         );
     }
     // Outside provisiond's own, the rules use only Prometheus' `up`.
+    let words = regex::Regex::new(r"\b([a-z_]+)\{").unwrap();
     for expr in alert_exprs(&rules) {
-        let words = regex::Regex::new(r"\b([a-z_]+)\{").unwrap();
         for name in words.captures_iter(&expr).map(|c| c[1].to_owned()) {
             assert!(name.starts_with("provisiond_") || name == "up", "{expr}");
         }

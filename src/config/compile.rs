@@ -258,10 +258,11 @@ impl Checker<'_> {
             Some(t) => Some(Secret::new(t.to_owned())),
             None => None,
         };
-        if raw.token.is_none() && !raw.allow_insecure.unwrap_or(false) {
-            if let Some(message) = insecure(&listen) {
-                self.error(path.key("listen"), message);
-            }
+        if raw.token.is_none()
+            && !raw.allow_insecure.unwrap_or(false)
+            && let Some(message) = insecure(&listen)
+        {
+            self.error(path.key("listen"), message);
         }
         Server {
             listen,

@@ -36,17 +36,9 @@ pub async fn executions(app: &Arc<App>, uri: &Uri) -> Response<Body> {
             "handler" => filter.handler = value,
             "object_id" => filter.object_id = value,
             "event_id" => filter.event_id = value,
-            "after" => match value.as_deref().unwrap_or_default().parse::<u64>() {
+            "after" => match parse_after(value.as_deref().unwrap_or_default()) {
                 Ok(id) => filter.after = Some(id),
-                Err(_) => {
-                    return reply::error(
-                        StatusCode::BAD_REQUEST,
-                        format!(
-                            "after must be a row id (a whole number), got {:?}",
-                            value.unwrap_or_default()
-                        ),
-                    );
-                }
+                Err(e) => return reply::error(StatusCode::BAD_REQUEST, e),
             },
             "outcome" => match parse_outcome(value.as_deref().unwrap_or_default()) {
                 Ok(outcome) => filter.outcome = Some(outcome),
@@ -355,6 +347,12 @@ fn query(uri: &Uri) -> Vec<(String, String)> {
     reqwest::Url::parse(&format!("http://x/?{q}"))
         .map(|u| u.query_pairs().into_owned().collect())
         .unwrap_or_default()
+}
+
+/// `after`: a row id.
+fn parse_after(text: &str) -> Result<u64, String> {
+    text.parse()
+        .map_err(|_| format!("after must be a row id (a whole number), got {text:?}"))
 }
 
 fn parse_limit(text: &str) -> Result<usize, String> {

@@ -475,7 +475,7 @@ impl Writer {
                 if !filter.matches(&key) {
                     return false;
                 }
-                if handlers.iter().any(|h| *h == key.handler) {
+                if handlers.contains(&key.handler) {
                     return true;
                 }
                 n_skipped += 1;
