@@ -298,11 +298,6 @@ pub async fn dead_letters(
                         "no dead letters"
                     }
                 );
-            } else {
-                println!(
-                    "{:<6} {:<24}  {:<20} {:<30} {:<8} {:<12} REASON",
-                    "ID", "DIED", "HANDLER", "EVENT", "OBJECT", "ATTEMPTS"
-                );
             }
             for letter in letters {
                 let s = |k: &str| letter[k].as_str().unwrap_or("-").to_owned();
