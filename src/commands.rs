@@ -206,7 +206,7 @@ pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
     reload::spawn(app.clone(), watcher, hangup, shutdown.clone());
     let pending = app
         .deliveries
-        .resume(&app)
+        .resume(&app.store)
         .context("cannot read the stored deliveries")?;
     if pending > 0 {
         info!(pending, "resuming stored deliveries");

@@ -7,7 +7,8 @@
 //!
 //! - [`config`]: `provisioning.toml` from text to an immutable, validated [`config::Config`].
 //! - [`events`]: the event catalogue, aliases, patterns, and the billing's envelope.
-//! - [`server`]: the listener; `POST /events` ([`server::ingress`]) and the admin routes.
+//! - [`server`]: the listener; `POST /events` ([`server::ingress`]), the admin routes and
+//!   the web console (`/ui`).
 //! - [`dispatch`]: the config snapshot and its plan (handlers by event, in order), and
 //!   the before-stage chain.
 //! - [`filter`]: `match` conditions and `when` CEL expressions.

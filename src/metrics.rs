@@ -18,10 +18,13 @@ pub const BEFORE_CHAIN_SECONDS: &str = "provisiond_before_chain_duration_seconds
 pub const HANDLER_CALLS: &str = "provisiond_handler_calls_total";
 pub const HANDLER_SECONDS: &str = "provisiond_handler_duration_seconds";
 pub const QUEUE_DEPTH: &str = "provisiond_after_queue_depth";
+pub const LANES_IN_MEMORY: &str = "provisiond_after_lanes_in_memory";
 pub const QUEUE_OLDEST_SECONDS: &str = "provisiond_after_queue_oldest_age_seconds";
 pub const DEAD_LETTERS: &str = "provisiond_dead_letters";
 pub const EXECUTION_LOG_DROPPED: &str = "provisiond_execution_log_dropped_total";
 pub const RELOADS: &str = "provisiond_reloads_total";
+pub const STORE_UNREADABLE_ROWS: &str = "provisiond_store_unreadable_rows_total";
+pub const STORE_WRITABLE: &str = "provisiond_store_writable";
 pub const CONFIG_GENERATION: &str = "provisiond_config_generation";
 pub const BUILD_INFO: &str = "provisiond_build_info";
 pub const RESTART_NEEDED: &str = "provisiond_restart_needed_settings";
@@ -74,11 +77,23 @@ fn describe() {
         "Age of the oldest waiting after-stage delivery, in seconds."
     );
     describe_gauge!(DEAD_LETTERS, "Deliveries in the dead letters.");
+    describe_gauge!(
+        LANES_IN_MEMORY,
+        "After-stage lanes (handler and entity) held in memory; the rest wait in the store."
+    );
     describe_counter!(
         EXECUTION_LOG_DROPPED,
         "Execution log rows dropped because the store's writer was behind."
     );
     describe_counter!(RELOADS, "Config reloads, by result.");
+    describe_counter!(
+        STORE_UNREADABLE_ROWS,
+        "Unreadable queued rows moved to the dead letters when the store was opened."
+    );
+    describe_gauge!(
+        STORE_WRITABLE,
+        "1 while the store takes writes, 0 while they fail (a full disk, an I/O error)."
+    );
     describe_gauge!(CONFIG_GENERATION, "Generation of the live config.");
     describe_gauge!(
         BUILD_INFO,
@@ -223,6 +238,18 @@ pub fn queue_oldest(age: Duration) {
 
 pub fn execution_log_dropped(rows: u64) {
     counter!(EXECUTION_LOG_DROPPED).increment(rows);
+}
+
+pub fn store_unreadable_rows(rows: u64) {
+    counter!(STORE_UNREADABLE_ROWS).absolute(rows);
+}
+
+pub fn lanes_in_memory(lanes: usize) {
+    gauge!(LANES_IN_MEMORY).set(lanes as f64);
+}
+
+pub fn store_writable(writable: bool) {
+    gauge!(STORE_WRITABLE).set(if writable { 1.0 } else { 0.0 });
 }
 
 pub fn dead_letters(count: u64) {

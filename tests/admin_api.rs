@@ -120,3 +120,163 @@ retry = {{ attempts = 12, backoff = "1s", max_backoff = "10m" }}
         })
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn v1_explain_says_what_the_explain_command_says_and_names_what_is_wrong_in_a_body() {
+    let config = format!(
+        r#"{SERVER}token = "s3cret"
+max_body = "4KiB"
+
+[[handler]]
+name = "vip"
+events = ["clients.update"]
+stage = "before"
+priority = 5
+url = "http://127.0.0.1:1/vip"
+match = {{ "data.vip" = true }}
+
+[[handler]]
+name = "strict"
+events = ["clients.update"]
+stage = "before"
+priority = 1
+url = "http://127.0.0.1:1/strict"
+modifies = true
+
+[[handler]]
+name = "crm"
+events = ["clients.*"]
+stage = "after"
+command = ["/bin/true", "--key", "${{API_KEY}}"]
+
+[[handler]]
+name = "balance"
+events = ["clients.balance_zero"]
+stage = "before"
+url = "http://127.0.0.1:1/balance"
+"#
+    );
+    let sidecar = Sidecar::start_in(
+        tempfile::TempDir::new().unwrap(),
+        &config,
+        &[("API_KEY", "key-SECRET-7")],
+    );
+    let explain = |body: String, token: Option<&'static str>| {
+        let mut request = sidecar.client().post(sidecar.url("/v1/explain")).body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move { status_and_json(request.send().await.unwrap()).await }
+    };
+    let body =
+        json!({"event": "clients.update", "data": {"vip": false}, "object_id": 2}).to_string();
+
+    // Like every /v1 route, it needs the token.
+    let (status, _) = explain(body.clone(), None).await;
+    assert_eq!(status, 401);
+
+    let (status, answer) = explain(body, Some("s3cret")).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["event"], "clients.update");
+    assert_eq!(answer["object_id"], "2");
+    assert_eq!(answer["known"], true);
+    assert_eq!(
+        answer["before"],
+        json!([{"name": "strict", "priority": 1, "target": "POST http://127.0.0.1:1/strict", "modifies": true}])
+    );
+    assert_eq!(
+        answer["after"],
+        json!([{"name": "crm", "priority": 100, "target": "/bin/true --key ${API_KEY}"}])
+    );
+    assert_eq!(
+        answer["not_run"],
+        json!([
+            {"name": "vip", "stage": "before", "reason": "match condition false: data.vip = true"},
+            {"name": "balance", "stage": "before",
+             "reason": "its events do not match: events = [\"clients.balance_zero\"]"},
+        ])
+    );
+    assert_eq!(answer["denied"], json!(null));
+    assert!(!answer.to_string().contains("SECRET"), "{answer}");
+
+    // `text` is the command's output, word for word, from the same config file.
+    let config_path = sidecar.config_path.to_str().unwrap();
+    let (code, out, err) = cli(
+        &[
+            "explain",
+            "clients.update",
+            "--data",
+            "-",
+            "--object-id",
+            "2",
+            "-c",
+            config_path,
+        ],
+        &[("API_KEY", "key-SECRET-7")],
+        r#"{"vip": false}"#,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(answer["text"], out);
+
+    // An unknown event is explained, with a hint, as the command does.
+    let (status, answer) = explain(
+        json!({"event": "clients.updte"}).to_string(),
+        Some("s3cret"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (answer["known"].clone(), answer["suggestion"].clone()),
+        (json!(false), json!("clients.update"))
+    );
+
+    // Bad bodies are 400s that say what is wrong.
+    for (body, message) in [
+        ("{\"event\": ", "the body is not valid JSON"),
+        (
+            "[1]",
+            "the body must be a JSON object with event, data, object_id, got",
+        ),
+        (
+            r#"{"data": {}}"#,
+            "missing `event`: the event name, e.g. \"clients.create\"",
+        ),
+        (
+            r#"{"event": 12}"#,
+            "`event` must be a string (the event name), got",
+        ),
+        (
+            r#"{"event": "clients.create", "data": [1]}"#,
+            "`data` must be a JSON object, got",
+        ),
+        (
+            r#"{"event": "clients.create", "object_id": [1]}"#,
+            "`object_id` must be a number or a string, got",
+        ),
+        (
+            r#"{"event": "clients.create", "obj_id": 1}"#,
+            "unknown key \"obj_id\"; the body takes event, data, object_id",
+        ),
+    ] {
+        let (status, answer) = explain(body.to_owned(), Some("s3cret")).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        let got = answer["error"]["message"].as_str().unwrap();
+        assert!(got.starts_with(message), "{body}: {got}");
+    }
+    // A body over server.max_body is refused unread, as on /events.
+    let big = json!({"event": "clients.create", "data": {"note": "x".repeat(5000)}}).to_string();
+    let (status, answer) = explain(big, Some("s3cret")).await;
+    assert_eq!(status, 413, "{answer}");
+    assert_eq!(
+        answer["error"]["message"],
+        "body is larger than server.max_body (4096 bytes)"
+    );
+    let response = sidecar
+        .client()
+        .get(sidecar.url("/v1/explain"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+}

@@ -947,3 +947,381 @@ async fn metrics_show_the_queue_the_dead_letters_and_after_stage_calls() {
         "{text}"
     );
 }
+
+/// Sends `body` as a POST to `/events` over a raw connection and resets the connection
+/// at once, without reading the reply: a billing that hangs up.
+async fn post_and_hang_up(addr: &str, body: &str) {
+    use tokio::io::AsyncWriteExt as _;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // An RST, not a FIN: the server sees the connection gone while it works.
+    stream.set_zero_linger().unwrap();
+    drop(stream);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hang_ups_at_any_moment_then_retries_lose_no_delivery() {
+    let crm = HandlerServer::echo().await;
+    let config = format!("{SERVER}{}", after_handler("crm", &crm.url("/"), FAST));
+    let sidecar = Sidecar::start(&config);
+    const N: i64 = 300;
+    let bodies: Vec<String> = (0..N)
+        .map(|i| envelope("clients.update", i, json!({"seq": i})).to_string())
+        .collect();
+    // Each envelope once with a hang-up, 30 at a time, so that hang-ups land while
+    // commits are in progress.
+    for chunk in bodies.chunks(30) {
+        let mut tasks = Vec::new();
+        for body in chunk {
+            let (addr, body) = (sidecar.addr.clone(), body.clone());
+            tasks.push(tokio::spawn(
+                async move { post_and_hang_up(&addr, &body).await },
+            ));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+    // The billing's retries: the same bytes, answered 200 (stored now or deduped).
+    for body in &bodies {
+        let (status, reply) = sidecar.post(body.clone()).await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    let all_delivered = eventually(Duration::from_secs(30), || {
+        let seen: std::collections::HashSet<i64> = crm.calls().iter().map(|c| key(c).0).collect();
+        seen.len() == N as usize
+    })
+    .await;
+    let seen: std::collections::HashSet<i64> = crm.calls().iter().map(|c| key(c).0).collect();
+    assert!(
+        all_delivered,
+        "{} of {N} envelopes answered 200 reached the handler",
+        seen.len()
+    );
+    // A hang-up is no reason to deliver twice: the retry was deduped.
+    assert_eq!(crm.calls().len(), N as usize, "duplicates delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_events_of_one_entity_are_attempted_in_store_order() {
+    let crm = HandlerServer::echo().await;
+    let config = format!("{SERVER}{}", after_handler("crm", &crm.url("/"), FAST));
+    let sidecar = Sidecar::start(&config);
+    const CLIENTS: i64 = 8;
+    const EACH: i64 = 40;
+    let mut tasks = Vec::new();
+    for client in 0..CLIENTS {
+        let url = sidecar.url("/events");
+        tasks.push(tokio::spawn(async move {
+            let http = http_client();
+            for n in 0..EACH {
+                let seq = client * 1000 + n;
+                let body = envelope("clients.update", 7, json!({"seq": seq}));
+                let r = http.post(&url).body(body.to_string()).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let total = (CLIENTS * EACH) as usize;
+    assert!(eventually(Duration::from_secs(30), || crm.calls().len() >= total).await);
+    // The handler's order is the store's: delivery ids only grow, in the execution log
+    // (which lists newest first) as at the handler.
+    let mut rows = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let fetched = std::thread::scope(|s| {
+                s.spawn(|| {
+                    let rt = tokio::runtime::Runtime::new().unwrap();
+                    rt.block_on(sidecar.get("/v1/executions?handler=crm&limit=1000"))
+                })
+                .join()
+                .unwrap()
+            });
+            rows = fetched.1["executions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            rows.len() >= total
+        })
+        .await,
+        "the execution log has {} of {total} attempts",
+        rows.len()
+    );
+    let ids: Vec<u64> = rows
+        .iter()
+        .rev()
+        .map(|r| r["delivery"].as_u64().unwrap())
+        .collect();
+    let out_of_order = ids.windows(2).filter(|w| w[0] >= w[1]).count();
+    assert_eq!(out_of_order, 0, "attempts out of store order: {ids:?}");
+    // Each client's events, answered one after another, arrive in its order; nothing
+    // arrives twice.
+    let seqs: Vec<i64> = crm.calls().iter().map(|c| key(c).1).collect();
+    assert_eq!(seqs.len(), total, "duplicates delivered");
+    for client in 0..CLIENTS {
+        let mine: Vec<i64> = seqs
+            .iter()
+            .copied()
+            .filter(|s| s / 1000 == client)
+            .collect();
+        let mut sorted = mine.clone();
+        sorted.sort_unstable();
+        assert_eq!(mine, sorted, "client {client}'s events out of order");
+    }
+}
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop; `None` where this
+/// process may not mount (not root, or no mount namespace of its own).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::TempDir::new().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Self { dir })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_disk_is_survived_without_a_restart() {
+    let Some(disk) = Tmpfs::mount("4m") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root and must be able to mount a tmpfs"
+        );
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    // Space taken by something else, freed later.
+    let filler = disk.dir.path().join("filler");
+    std::fs::write(&filler, vec![0u8; 2 << 20]).unwrap();
+    // The handler is down until the end, so that the queue grows.
+    let up = Arc::new(AtomicBool::new(false));
+    let crm = {
+        let up = up.clone();
+        HandlerServer::start(move |_| {
+            let up = up.load(Ordering::SeqCst);
+            async move { reply(if up { 200 } else { 503 }, "") }
+        })
+        .await
+    };
+    let store = disk.dir.path().join("provisiond.db");
+    let config = format!(
+        "{SERVER}[store]\npath = {:?}\n{}",
+        store.display().to_string(),
+        after_handler(
+            "crm",
+            &crm.url("/"),
+            "retry = { attempts = 1000, backoff = \"200ms\", max_backoff = \"1s\" }"
+        )
+    );
+    let sidecar = Sidecar::start(&config);
+    let padding = "x".repeat(8 << 10);
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for i in 0..2000 {
+        let (status, _) = sidecar
+            .send("clients.update", i, json!({"seq": i, "padding": padding}))
+            .await;
+        match status {
+            200 => acked.push(i),
+            503 => {
+                refused = Some(i);
+                break;
+            }
+            other => panic!("event {i}: {other}"),
+        }
+    }
+    let refused = refused.expect("the disk filled up");
+    assert!(!acked.is_empty());
+    // Full: not ready, and events get 503 (with Retry-After), never 200.
+    let ready = sidecar
+        .client()
+        .get(sidecar.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let (status, _) = sidecar
+        .send(
+            "clients.update",
+            refused,
+            json!({"seq": refused, "padding": padding}),
+        )
+        .await;
+    assert_eq!(status, 503);
+
+    // Space is freed: the store takes writes again by itself.
+    std::fs::remove_file(&filler).unwrap();
+    let mut recovered = false;
+    for _ in 0..100 {
+        let ready = sidecar
+            .client()
+            .get(sidecar.url("/readyz"))
+            .send()
+            .await
+            .unwrap();
+        if ready.status() == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "/readyz stayed 503 after space was freed");
+    for i in refused..refused + 10 {
+        let (status, body) = sidecar.send("clients.update", i, json!({"seq": i})).await;
+        assert_eq!(status, 200, "{body}");
+        acked.push(i);
+    }
+    // Every event answered 200, before and after, is delivered.
+    up.store(true, Ordering::SeqCst);
+    let delivered = |crm: &HandlerServer| -> std::collections::HashSet<i64> {
+        crm.calls()
+            .iter()
+            .filter(|c| !c.body.is_empty())
+            .map(|c| key(c).0)
+            .collect()
+    };
+    let all = eventually(Duration::from_secs(30), || {
+        let seen = delivered(&crm);
+        acked.iter().all(|i| seen.contains(i))
+    })
+    .await;
+    let seen = delivered(&crm);
+    let lost: Vec<_> = acked.iter().filter(|i| !seen.contains(i)).collect();
+    assert!(all, "acknowledged but not delivered: {lost:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_upload_is_cut_at_the_deadline_and_frees_its_slot() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let config = "[server]\nlisten = \"127.0.0.1:0\"\ndeadline = \"300ms\"\nmax_in_flight = 1\n";
+    let sidecar = Sidecar::start(config);
+    let mut stream = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
+    stream
+        .write_all(b"POST /events HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"event\":")
+        .await
+        .unwrap();
+    // The rest never comes: the sidecar answers by itself.
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut reply)).await;
+    assert!(read.is_ok(), "no answer to a stalled upload");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("server.deadline"), "{reply}");
+    // Its in-flight slot (the only one) is free again.
+    let (status, body) = sidecar.send("clients.create", 1, json!({})).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_up_event_leaves_the_in_flight_gauge() {
+    let slow = HandlerServer::start(|_| async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        reply(200, "")
+    })
+    .await;
+    let config = format!(
+        "{SERVER}[[handler]]\nname = \"slow\"\nevents = [\"*\"]\nstage = \"before\"\nurl = \"{}\"\n",
+        slow.url("/")
+    );
+    let sidecar = Sidecar::start(&config);
+    let mut streams = Vec::new();
+    for i in 0..5 {
+        use tokio::io::AsyncWriteExt as _;
+        let body = envelope("clients.update", i, json!({})).to_string();
+        let mut stream = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
+        let request = format!(
+            "POST /events HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        streams.push(stream);
+    }
+    // Every event reached the handler, so each is in flight; then the billing hangs up.
+    assert!(eventually(Duration::from_secs(10), || slow.calls().len() == 5).await);
+    for stream in streams {
+        stream.set_zero_linger().unwrap();
+    }
+    // None is in flight any more, once the handler has answered them.
+    let mut last = None;
+    for _ in 0..100 {
+        let (_, text) = sidecar.get("/metrics").await;
+        last = metric(text.as_str().unwrap(), "provisiond_events_in_flight");
+        if last == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(last, Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_of_more_lanes_than_memory_holds_is_delivered_in_order() {
+    // More entities than a handler keeps lanes in memory: most wait in the store only,
+    // and come in as lanes finish.
+    let cap = provisiond::delivery::LANES_PER_HANDLER;
+    let entities = cap as i64 + 500;
+    // The handler holds every call until the gate opens: meanwhile all lanes wait.
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    let crm = HandlerServer::start(move |call| {
+        let mut opened = opened.clone();
+        async move {
+            let _ = opened.wait_for(|open| *open).await;
+            reply(200, call.body)
+        }
+    })
+    .await;
+    let config = format!(
+        "{SERVER}{}",
+        after_handler("crm", &crm.url("/"), &format!("{FAST}\ntimeout = \"120s\""))
+    );
+    let sidecar = Sidecar::start(&config);
+    let mut acked = Vec::new();
+    let all: Vec<i64> = (0..entities).collect();
+    for chunk in all.chunks(64) {
+        acked.extend(send_all(sidecar.url("/events"), chunk.to_vec(), 2).await);
+    }
+    assert_eq!(acked.len(), entities as usize * 2);
+    let (_, text) = sidecar.get("/metrics").await;
+    let text = text.as_str().unwrap().to_owned();
+    assert_eq!(
+        metric(&text, "provisiond_after_queue_depth{handler=\"crm\"}"),
+        Some(acked.len() as f64),
+        "{text}"
+    );
+    let lanes = metric(&text, "provisiond_after_lanes_in_memory").unwrap();
+    assert!(lanes <= cap as f64, "{lanes} lanes in memory");
+    gate.send_replace(true);
+    let all = eventually(Duration::from_secs(120), || {
+        crm.calls().len() >= acked.len()
+    })
+    .await;
+    assert!(all, "{} of {} delivered", crm.calls().len(), acked.len());
+    let calls = crm.calls();
+    assert_eq!(calls.len(), acked.len(), "duplicates delivered");
+    for (entity, seqs) in by_entity(calls.iter().map(key)) {
+        assert_eq!(seqs, vec![0, 1], "entity {entity} out of order");
+    }
+}

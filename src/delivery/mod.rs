@@ -13,10 +13,35 @@
 //! (or turned into a before-stage one) sends its queued deliveries to the dead letters;
 //! a disabled handler's deliveries wait, stored, until it is enabled again.
 
+//! The after stage: it takes an allowed event's deliveries into the store, hands what
+//! the store committed to the lanes, and works the lanes: stored deliveries out to their
+//! handlers, in order per entity, with retries, until delivered or dead-lettered.
+//!
+//! A *lane* is one handler and one entity (`crm` + `clients/12`). The store's writer
+//! tells [`Deliveries::intake`] of every delivery it stored, after each commit and in id
+//! order, whether or not the request that caused it is still waiting: so nothing stored
+//! is ever without a lane, and a lane's ids are in store order. Each lane with work has
+//! one task that takes its deliveries strictly in that order and works on one until it
+//! is settled: delivered, or moved to the dead letters. While it waits for a retry, the
+//! lane's later deliveries wait behind it; other lanes go on. Calls of one handler at
+//! once are bounded by its `max_concurrency` slots, which a lane waits for without a
+//! time limit (waiting for a slot is not a failed attempt).
+//!
+//! Memory is bounded whatever the backlog: a handler keeps at most [`LANES_PER_HANDLER`]
+//! lanes in memory, each with the ids of its stored deliveries (8 bytes each), and a body
+//! is read from the store only for the attempt that sends it. Deliveries of lanes beyond
+//! the bound stay in the store only (the handler is *spilled*); when half its lanes are
+//! done, a scan of the store brings in the next ones ([`Deliveries::refill`]).
+//!
+//! Every attempt looks its handler up in the *current* snapshot, so a reload's changes
+//! (URL, timeout, retry) apply to deliveries already queued. A handler a reload removed
+//! (or turned into a before-stage one) sends its queued deliveries to the dead letters;
+//! a disabled handler's deliveries wait, stored, until it is enabled again.
+
 pub mod retry;
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -26,9 +51,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{Handler, Stage};
 use crate::dispatch::CallRecord;
-use crate::handlers::Call;
+use crate::handlers::{Call, new_message_id};
 use crate::server::App;
-use crate::store::{Delivery, Execution, Settle, now_ms};
+use crate::store::{Execution, NewDelivery, Queued, Settle, Store, StoreError, now_ms};
 use retry::Verdict;
 
 /// The dead-letter reason of a delivery whose handler a reload removed.
@@ -37,6 +62,12 @@ pub const REMOVED: &str = "handler removed by a config reload";
 pub const NOT_AFTER: &str =
     "handler is no longer an after-stage handler (changed by a config reload)";
 
+/// Lanes one handler keeps in memory at most; the rest wait in the store.
+pub const LANES_PER_HANDLER: usize = 1024;
+
+/// Longest wait between two tries of a store operation that failed.
+const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// One handler and one entity: the unit of ordering.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Lane {
@@ -44,74 +75,450 @@ pub struct Lane {
     pub entity: String,
 }
 
+/// An allowed event, as the after stage takes it.
+pub struct Intake<'a> {
+    pub event: &'a str,
+    pub object_id: &'a str,
+    pub entity: String,
+    /// The envelope as the before stage left it: what the handlers receive.
+    pub body: &'a [u8],
+    /// The billing's bytes: what makes two deliveries the same for the dedupe window.
+    pub original: &'a [u8],
+    pub dedupe_window: Duration,
+    /// The event's `X-Provisioning-Event-Id`, kept on its deliveries for the log rows.
+    pub event_id: &'a str,
+}
+
+/// What [`Deliveries::accept`] stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub queued: usize,
+    /// Handlers that had the identical envelope within the dedupe window.
+    pub duplicates: usize,
+}
+
 /// The lanes with work, and the tasks working them.
-#[derive(Default)]
 pub struct Deliveries {
-    /// Delivery ids not yet started, per lane, in arrival order. A lane is in the map
-    /// exactly while its task runs.
-    lanes: Mutex<HashMap<Lane, VecDeque<u64>>>,
+    state: Mutex<State>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    /// Lane tasks are started from the store's writer thread too.
+    runtime: tokio::runtime::Handle,
+    /// The app the lane tasks work for; set by [`Deliveries::attach`].
+    app: std::sync::OnceLock<Weak<App>>,
     /// Handlers whose queue depth `/metrics` has shown, so that an emptied one shows 0.
-    reported: Mutex<std::collections::HashSet<String>>,
+    reported: Mutex<HashSet<String>>,
+}
+
+#[derive(Default)]
+struct State {
+    /// False until the start's scan of the store is in: until then every stored delivery
+    /// might have earlier ones of its lane in the store, so none starts a lane.
+    resumed: bool,
+    handlers: HashMap<String, HandlerLanes>,
+}
+
+/// One handler's lanes in memory.
+#[derive(Default)]
+struct HandlerLanes {
+    /// Entity -> its lane. A lane is in the map exactly while its task runs, and holds
+    /// every stored delivery of the lane but the one its task works on.
+    lanes: HashMap<String, LaneQueue>,
+    /// Some stored deliveries of this handler are in no lane in memory.
+    spilled: bool,
+    /// A scan for them runs.
+    refilling: bool,
+    /// Deliveries of this handler in the store, settled or not yet: the queue depth.
+    depth: u64,
+}
+
+struct LaneQueue {
+    ids: VecDeque<u64>,
+    /// The highest id the lane has had: a later word of a lower one is old news.
+    last: u64,
+}
+
+impl LaneQueue {
+    fn new(ids: Vec<u64>) -> Self {
+        let last = ids.last().copied().unwrap_or(0);
+        Self {
+            ids: ids.into(),
+            last,
+        }
+    }
+
+    fn push(&mut self, id: u64) {
+        if id > self.last {
+            self.ids.push_back(id);
+            self.last = id;
+        }
+    }
+}
+
+impl Default for Deliveries {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Deliveries {
+    /// Must run inside a tokio runtime: lane tasks are started on it.
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            state: Mutex::default(),
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            runtime: tokio::runtime::Handle::current(),
+            app: std::sync::OnceLock::new(),
+            reported: Mutex::default(),
+        }
     }
 
-    /// Hands stored deliveries to their lanes, starting a task for a lane without one.
-    /// Ids must come in arrival order.
-    pub fn submit(&self, app: &Arc<App>, stored: impl IntoIterator<Item = (u64, Lane)>) {
+    /// Connects the lanes to the store's commits: from now on every delivery the store
+    /// commits reaches its lane from the writer, in id order.
+    pub fn attach(app: &Arc<App>) {
+        let _ = app.deliveries.app.set(Arc::downgrade(app));
+        let weak = Arc::downgrade(app);
+        app.store.on_commit(Box::new(move |queued| {
+            if let Some(app) = weak.upgrade() {
+                app.deliveries.intake(queued);
+            }
+        }));
+    }
+
+    /// Stores one delivery per handler for an allowed event, durably; returns once they
+    /// are committed. The lanes hear of them from the commit itself.
+    pub async fn accept(
+        &self,
+        store: &Store,
+        handlers: &[Arc<Handler>],
+        event: Intake<'_>,
+    ) -> Result<Accepted, StoreError> {
+        if handlers.is_empty() {
+            return Ok(Accepted {
+                queued: 0,
+                duplicates: 0,
+            });
+        }
+        let window = event.dedupe_window;
+        let body = String::from_utf8_lossy(event.body).into_owned();
+        let items = handlers
+            .iter()
+            .map(|h| NewDelivery {
+                handler: h.name.clone(),
+                event: event.event.to_owned(),
+                object_id: event.object_id.to_owned(),
+                entity: event.entity.clone(),
+                message_id: new_message_id(),
+                body: body.clone(),
+                dedupe: (!window.is_zero()).then(|| dedupe_key(&h.name, event.original)),
+                event_id: Some(event.event_id.to_owned()),
+            })
+            .collect();
+        let stored = store.enqueue(items, window).await?;
+        let queued = stored.iter().flatten().count();
+        Ok(Accepted {
+            queued,
+            duplicates: stored.len() - queued,
+        })
+    }
+
+    /// Takes deliveries the store just committed (in id order) into their lanes,
+    /// starting a task for a lane without one. Called by the store's writer.
+    fn intake(&self, queued: Vec<Queued>) {
         if self.stop.is_cancelled() {
             // Stopping: they stay stored for the next start.
             return;
         }
-        let mut lanes = self.lanes.lock().expect("not poisoned");
-        for (id, lane) in stored {
-            match lanes.get_mut(&lane) {
-                Some(queue) => queue.push_back(id),
-                None => {
-                    lanes.insert(lane.clone(), VecDeque::from([id]));
-                    self.tasks.spawn(run_lane(app.clone(), lane));
-                }
+        let mut state = self.state.lock().expect("not poisoned");
+        let resumed = state.resumed;
+        for Queued {
+            id,
+            handler,
+            entity,
+        } in queued
+        {
+            let lanes = match state.handlers.get_mut(&handler) {
+                Some(lanes) => lanes,
+                None => state.handlers.entry(handler.clone()).or_default(),
+            };
+            lanes.depth += 1;
+            if let Some(lane) = lanes.lanes.get_mut(&entity) {
+                lane.push(id);
+            } else if resumed && !lanes.spilled && lanes.lanes.len() < LANES_PER_HANDLER {
+                lanes.lanes.insert(entity.clone(), LaneQueue::new(vec![id]));
+                self.start_lane(Lane { handler, entity });
+            } else {
+                lanes.spilled = true;
             }
         }
     }
 
-    /// Picks up what the store holds from before this start.
-    pub fn resume(&self, app: &Arc<App>) -> Result<usize, crate::store::StoreError> {
-        let pending = app.store.pending()?;
-        let n = pending.len();
-        self.submit(
-            app,
-            pending
-                .into_iter()
-                .map(|(id, handler, entity)| (id, Lane { handler, entity })),
-        );
+    fn start_lane(&self, lane: Lane) {
+        let Some(app) = self.app.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        self.tasks.spawn_on(run_lane(app, lane), &self.runtime);
+    }
+
+    /// Picks up what the store holds from before this start; how many deliveries.
+    pub fn resume(&self, store: &Store) -> Result<u64, StoreError> {
+        let n = self.refill(store, None)?;
+        self.refill_again();
         Ok(n)
     }
 
-    /// Lanes with work right now.
-    pub fn active_lanes(&self) -> usize {
-        self.lanes.lock().expect("not poisoned").len()
+    /// Brings stored deliveries that are in no lane in memory into lanes, up to the bound
+    /// per handler: of every handler at the start (`only` = `None`), else of one spilled
+    /// handler. Returns how many stored deliveries the scan saw.
+    ///
+    /// The scan runs without the lock over one view of the queue; then, under the lock,
+    /// a second look at what was committed since completes the new lanes, and ids the
+    /// writer hands over later are taken only when above a lane's last.
+    fn refill(&self, store: &Store, only: Option<&str>) -> Result<u64, StoreError> {
+        #[derive(Default)]
+        struct Found {
+            lanes: HashMap<String, Vec<u64>>,
+            /// Deliveries left in the store only.
+            more: bool,
+            count: u64,
+        }
+        // What is in memory now, and room for more.
+        let known: HashMap<String, (HashSet<String>, usize)> = {
+            let state = self.state.lock().expect("not poisoned");
+            state
+                .handlers
+                .iter()
+                .filter(|(h, _)| only.is_none_or(|o| o == h.as_str()))
+                .map(|(h, l)| {
+                    let room = LANES_PER_HANDLER.saturating_sub(l.lanes.len());
+                    (h.clone(), (l.lanes.keys().cloned().collect(), room))
+                })
+                .collect()
+        };
+        let mut found: HashMap<String, Found> = HashMap::new();
+        let mut seen = 0;
+        let mut last_id = 0;
+        let outcome = store.scan_queue(0, |id, handler, entity| {
+            last_id = id;
+            if only.is_some_and(|o| o != handler) {
+                return;
+            }
+            seen += 1;
+            let (in_memory, room) = known
+                .get(handler)
+                .map_or((false, LANES_PER_HANDLER), |(k, room)| {
+                    (k.contains(entity), *room)
+                });
+            let f = match found.get_mut(handler) {
+                Some(f) => f,
+                None => found.entry(handler.to_owned()).or_default(),
+            };
+            f.count += 1;
+            if in_memory {
+                return;
+            }
+            if let Some(ids) = f.lanes.get_mut(entity) {
+                ids.push(id);
+            } else if f.lanes.len() < room {
+                f.lanes.insert(entity.to_owned(), vec![id]);
+            } else {
+                f.more = true;
+            }
+        });
+        let mut state = self.state.lock().expect("not poisoned");
+        let tail = outcome.and_then(|()| {
+            store.scan_queue(last_id, |id, handler, entity| {
+                if only.is_some_and(|o| o != handler) {
+                    return;
+                }
+                let in_memory = state
+                    .handlers
+                    .get(handler)
+                    .is_some_and(|l| l.lanes.contains_key(entity));
+                if in_memory {
+                    return;
+                }
+                let f = match found.get_mut(handler) {
+                    Some(f) => f,
+                    None => found.entry(handler.to_owned()).or_default(),
+                };
+                match f.lanes.get_mut(entity) {
+                    Some(ids) => ids.push(id),
+                    None => f.more = true,
+                }
+            })
+        });
+        if let Err(e) = tail {
+            // Try again later; what was in memory stays as it was.
+            for (handler, _) in known {
+                if let Some(lanes) = state.handlers.get_mut(&handler) {
+                    lanes.refilling = false;
+                    lanes.spilled = true;
+                }
+            }
+            if only.is_none() {
+                state.resumed = false;
+            }
+            return Err(e);
+        }
+        // Handlers with nothing stored come out of the scan as nothing spilled.
+        for handler in known.keys() {
+            found.entry(handler.clone()).or_default();
+        }
+        let mut start = Vec::new();
+        for (handler, f) in found {
+            let lanes = state.handlers.entry(handler.clone()).or_default();
+            let mut more = f.more;
+            // A lane in memory when the scan began that has finished since may have had
+            // deliveries committed behind it that no lane took: look again.
+            if let Some((was, _)) = known.get(&handler)
+                && was.iter().any(|e| !lanes.lanes.contains_key(e))
+            {
+                more = true;
+            }
+            for (entity, ids) in f.lanes {
+                match lanes.lanes.get_mut(&entity) {
+                    Some(lane) => ids.into_iter().for_each(|id| lane.push(id)),
+                    None => {
+                        lanes.lanes.insert(entity.clone(), LaneQueue::new(ids));
+                        start.push(Lane {
+                            handler: handler.clone(),
+                            entity,
+                        });
+                    }
+                }
+            }
+            if only.is_none() {
+                lanes.depth = f.count;
+            }
+            lanes.spilled = more;
+            lanes.refilling = false;
+        }
+        if only.is_none() {
+            state.resumed = true;
+        }
+        drop(state);
+        for lane in start {
+            self.start_lane(lane);
+        }
+        Ok(seen)
+    }
+}
+
+/// What the current config says about a delivery's handler.
+enum Found {
+    Ready(Arc<Handler>),
+    Disabled,
+    Dead(&'static str),
+}
+
+fn find(app: &App, name: &str) -> Found {
+    let snapshot = app.snapshot.load();
+    match snapshot.config.handler(name) {
+        None => Found::Dead(REMOVED),
+        Some(h) if h.stage != Stage::After => Found::Dead(NOT_AFTER),
+        Some(h) if !h.enabled => Found::Disabled,
+        Some(h) => Found::Ready(h.clone()),
+    }
+}
+
+impl Deliveries {
+    /// The next delivery of `lane`, or `None` when it has no more: the lane then leaves
+    /// memory (and a spilled handler with room scans the store for more).
+    fn next(&self, lane: &Lane) -> Option<u64> {
+        let mut state = self.state.lock().expect("not poisoned");
+        let lanes = state.handlers.get_mut(&lane.handler)?;
+        if let Some(id) = lanes
+            .lanes
+            .get_mut(&lane.entity)
+            .and_then(|l| l.ids.pop_front())
+        {
+            return Some(id);
+        }
+        lanes.lanes.remove(&lane.entity);
+        if lanes.spilled && !lanes.refilling && lanes.lanes.len() <= LANES_PER_HANDLER / 2 {
+            lanes.refilling = true;
+            drop(state);
+            self.spawn_refill(lane.handler.clone());
+        }
+        None
     }
 
-    /// Deliveries waiting per handler: each lane's queue and the one it works on.
-    pub fn depths(&self) -> HashMap<String, u64> {
-        let lanes = self.lanes.lock().expect("not poisoned");
-        let mut depths: HashMap<String, u64> = HashMap::new();
-        for (lane, queue) in lanes.iter() {
-            *depths.entry(lane.handler.clone()).or_default() += queue.len() as u64 + 1;
+    fn spawn_refill(&self, handler: String) {
+        let Some(app) = self.app.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        self.tasks.spawn_on(
+            async move {
+                let this = app.clone();
+                let scanned = tokio::task::spawn_blocking(move || {
+                    this.deliveries.refill(&this.store, Some(&handler))
+                })
+                .await;
+                match scanned {
+                    Ok(Ok(n)) => debug!(deliveries = n, "lanes refilled from the store"),
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "cannot scan the store for waiting deliveries, trying again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => error!(error = %e, "lane refill failed"),
+                }
+                app.deliveries.refill_again();
+            },
+            &self.runtime,
+        );
+    }
+
+    /// Starts another scan for every spilled handler with room and no scan running.
+    fn refill_again(&self) {
+        if self.stop.is_cancelled() {
+            return;
         }
-        depths
+        let mut due = Vec::new();
+        {
+            let mut state = self.state.lock().expect("not poisoned");
+            for (handler, lanes) in &mut state.handlers {
+                if lanes.spilled && !lanes.refilling && lanes.lanes.len() <= LANES_PER_HANDLER / 2 {
+                    lanes.refilling = true;
+                    due.push(handler.clone());
+                }
+            }
+        }
+        for handler in due {
+            self.spawn_refill(handler);
+        }
+    }
+
+    /// A delivery of `handler` left the store (delivered or dead-lettered).
+    fn settled(&self, handler: &str) {
+        let mut state = self.state.lock().expect("not poisoned");
+        if let Some(lanes) = state.handlers.get_mut(handler) {
+            lanes.depth = lanes.depth.saturating_sub(1);
+        }
+    }
+
+    /// Lanes in memory right now.
+    pub fn active_lanes(&self) -> usize {
+        let state = self.state.lock().expect("not poisoned");
+        state.handlers.values().map(|l| l.lanes.len()).sum()
+    }
+
+    /// Deliveries waiting per handler, in memory or in the store only.
+    pub fn depths(&self) -> HashMap<String, u64> {
+        let state = self.state.lock().expect("not poisoned");
+        state
+            .handlers
+            .iter()
+            .filter(|(_, l)| l.depth > 0)
+            .map(|(h, l)| (h.clone(), l.depth))
+            .collect()
     }
 
     /// Sets the after-stage gauges of `/metrics`: queue depth per handler (every
     /// after-stage handler of `config`, and any other with deliveries waiting; 0 for one
     /// that had some before), the oldest waiting delivery's age, the dead letters.
-    pub fn report_metrics(&self, store: &crate::store::Store, config: &crate::config::Config) {
+    pub fn report_metrics(&self, store: &Store, config: &crate::config::Config) {
         let mut depths = self.depths();
         for h in config.handlers.iter().filter(|h| h.stage == Stage::After) {
             depths.entry(h.name.clone()).or_default();
@@ -127,6 +534,8 @@ impl Deliveries {
                 reported.insert(handler.clone());
             }
         }
+        crate::metrics::store_writable(store.is_open());
+        crate::metrics::lanes_in_memory(self.active_lanes());
         match store.oldest_enqueued() {
             Ok(oldest) => {
                 let age = oldest.map_or(0, |at| now_ms().saturating_sub(at));
@@ -151,38 +560,39 @@ impl Deliveries {
 }
 
 async fn run_lane(app: Arc<App>, lane: Lane) {
-    let this = &app.deliveries;
-    loop {
-        let next = {
-            let mut lanes = this.lanes.lock().expect("not poisoned");
-            match lanes.get_mut(&lane).and_then(VecDeque::pop_front) {
-                Some(id) => id,
-                None => {
-                    lanes.remove(&lane);
-                    return;
-                }
-            }
-        };
-        if !deliver(&app, &lane, next).await {
+    while let Some(id) = app.deliveries.next(&lane) {
+        if !deliver(&app, &lane, id).await {
             return;
         }
     }
 }
 
-/// What the current config says about a delivery's handler.
-enum Found {
-    Ready(Arc<Handler>),
-    Disabled,
-    Dead(&'static str),
+/// Waits before trying a failed store operation again: false when provisiond stops
+/// meanwhile.
+async fn store_backoff(stop: &CancellationToken, wait: &mut Duration) -> bool {
+    let this = *wait;
+    *wait = (*wait * 2).min(STORE_RETRY_MAX);
+    tokio::select! {
+        biased;
+        () = stop.cancelled() => false,
+        () = tokio::time::sleep(this) => true,
+    }
 }
 
-fn find(app: &App, name: &str) -> Found {
-    let snapshot = app.snapshot.load();
-    match snapshot.config.handler(name) {
-        None => Found::Dead(REMOVED),
-        Some(h) if h.stage != Stage::After => Found::Dead(NOT_AFTER),
-        Some(h) if !h.enabled => Found::Disabled,
-        Some(h) => Found::Ready(h.clone()),
+/// Reads delivery `id`, trying again while the store fails; `Ok(None)` when it is not
+/// stored (settled already), `Err(())` when provisiond stops.
+async fn read_delivery(app: &App, id: u64) -> Result<Option<crate::store::Delivery>, ()> {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match app.store.delivery(id) {
+            Ok(found) => return Ok(found),
+            Err(e) => {
+                warn!(delivery = id, error = %e, "cannot read a delivery, trying again");
+                if !store_backoff(&app.deliveries.stop, &mut wait).await {
+                    return Err(());
+                }
+            }
+        }
     }
 }
 
@@ -190,15 +600,14 @@ fn find(app: &App, name: &str) -> Found {
 async fn deliver(app: &Arc<App>, lane: &Lane, id: u64) -> bool {
     let stop = &app.deliveries.stop;
     let mut generations = app.subscribe();
-    let mut delivery = match app.store.delivery(id) {
+    let mut delivery = match read_delivery(app, id).await {
         Ok(Some(d)) => d,
         Ok(None) => return true,
-        Err(e) => {
-            // Left in the store; the next start tries again.
-            error!(delivery = id, error = %e, "cannot read a delivery, skipped until restart");
-            return true;
-        }
+        Err(()) => return false,
     };
+    // The body is read again for each attempt: a lane waiting for a retry or a slot
+    // holds no body.
+    delivery.body = String::new();
     loop {
         if stop.is_cancelled() {
             return false;
@@ -212,8 +621,7 @@ async fn deliver(app: &Arc<App>, lane: &Lane, id: u64) -> bool {
                     reason: reason.to_owned(),
                     error: None,
                 };
-                record(app, id, settle, None).await;
-                return true;
+                return record(app, lane, id, settle, None).await;
             }
             Found::Disabled => {
                 debug!(handler = %lane.handler, delivery = id, "handler disabled, delivery waits");
@@ -240,6 +648,11 @@ async fn deliver(app: &Arc<App>, lane: &Lane, id: u64) -> bool {
             () = stop.cancelled() => return false,
             slot = handler.slots.clone().acquire_owned() => slot.expect("handler slots are never closed"),
         };
+        let body = match read_delivery(app, id).await {
+            Ok(Some(d)) => d.body,
+            Ok(None) => return true,
+            Err(()) => return false,
+        };
         let attempt = delivery.attempts + 1;
         let at = SystemTime::now();
         let started = Instant::now();
@@ -249,7 +662,7 @@ async fn deliver(app: &Arc<App>, lane: &Lane, id: u64) -> bool {
                 handler: &handler,
                 event: &delivery.event,
                 object_id: &delivery.object_id,
-                body: Bytes::from(delivery.body.clone()),
+                body: Bytes::from(body),
                 attempt,
                 message_id: &delivery.message_id,
                 timeout: handler.timeout,
@@ -321,19 +734,38 @@ async fn deliver(app: &Arc<App>, lane: &Lane, id: u64) -> bool {
         let done = !matches!(settle, Settle::Retry { .. });
         let row = Execution::from_call(call, &delivery.event, &delivery.object_id, Some(id))
             .event_id(delivery.event_id.clone());
-        record(app, id, settle, Some(row)).await;
+        if !record(app, lane, id, settle, Some(row)).await {
+            return false;
+        }
         if done {
             return true;
         }
     }
 }
 
-/// Stores how an attempt ended. A failure is logged and otherwise ignored: the delivery's
+/// Stores how an attempt ended, trying again while the store fails: the lane does not
+/// move on before its delivery is settled in the store (that would break its order, and
+/// leave the delivery stored and unattempted). False when provisiond stops first: the
 /// stored state is then older than the truth, which at worst repeats an attempt after a
 /// restart (deliveries are at least once).
-async fn record(app: &App, id: u64, settle: Settle, row: Option<Execution>) {
-    if let Err(e) = app.store.settle(id, settle, row).await {
-        error!(delivery = id, error = %e, "cannot record a delivery attempt");
+async fn record(app: &App, lane: &Lane, id: u64, settle: Settle, row: Option<Execution>) -> bool {
+    let gone = !matches!(settle, Settle::Retry { .. });
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match app.store.settle(id, settle.clone(), row.clone()).await {
+            Ok(()) => {
+                if gone {
+                    app.deliveries.settled(&lane.handler);
+                }
+                return true;
+            }
+            Err(e) => {
+                error!(delivery = id, error = %e, "cannot record a delivery attempt, trying again");
+                if !store_backoff(&app.deliveries.stop, &mut wait).await {
+                    return false;
+                }
+            }
+        }
     }
 }
 
@@ -344,12 +776,13 @@ async fn changed(generations: &mut tokio::sync::watch::Receiver<u64>) {
     }
 }
 
-impl Delivery {
-    /// The lane this delivery goes out in.
-    pub fn lane(&self) -> Lane {
-        Lane {
-            handler: self.handler.clone(),
-            entity: self.entity.clone(),
-        }
-    }
+/// What makes two deliveries the same for `store.dedupe_window`: the handler, and the
+/// envelope exactly as the billing sent it (its bytes, before any handler changed it).
+fn dedupe_key(handler: &str, body: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut hash = sha2::Sha256::new();
+    hash.update(handler.as_bytes());
+    hash.update([0]);
+    hash.update(body);
+    hash.finalize().into()
 }

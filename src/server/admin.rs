@@ -1,4 +1,8 @@
-//! Everything but `/events`: health, the `/v1` admin API; metrics as they land.
+//! Everything but `/events`: health, the `/v1` admin API, the web console; metrics as
+//! they land.
+
+mod explain_api;
+mod ui;
 
 use std::sync::Arc;
 
@@ -23,6 +27,9 @@ pub async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body>
         (_, "/v1/reload") => reply::method_not_allowed("POST"),
         (&Method::GET, "/v1/executions") => store_api::executions(app, request.uri()).await,
         (_, "/v1/executions") => reply::method_not_allowed("GET"),
+        (&Method::POST, "/v1/explain") => explain_api::explain(app, request).await,
+        (_, "/v1/explain") => reply::method_not_allowed("POST"),
+        (m, p) if p == "/ui" || p.starts_with("/ui/") => ui::asset(m, p),
         (_, p) if p == "/v1/deadletters" || p.starts_with("/v1/deadletters/") => {
             store_api::dead_letters(app, request).await
         }

@@ -7,7 +7,8 @@ use subtle::ConstantTimeEq as _;
 use crate::config::Secret;
 
 /// Whether a path needs the token when one is configured. Health and metrics stay open
-/// so that probes and scrapers need no secret.
+/// so that probes and scrapers need no secret; so do the console's static files (`/ui`),
+/// whose every data call goes to `/v1` with the token.
 pub fn protected(path: &str) -> bool {
     path == "/events" || path == "/v1" || path.starts_with("/v1/")
 }
@@ -48,5 +49,6 @@ mod tests {
         assert!(!authorized(&token, &HeaderMap::new()));
         assert!(protected("/events") && protected("/v1/config"));
         assert!(!protected("/healthz") && !protected("/metrics") && !protected("/v10"));
+        assert!(!protected("/ui") && !protected("/ui/console.js") && protected("/v1/explain"));
     }
 }

@@ -13,29 +13,55 @@ use tracing::{Instrument as _, info, info_span, warn};
 
 use super::App;
 use super::reply::{self, Body};
-use crate::delivery::Lane;
-use crate::dispatch::{CallRecord, Outcome, run_before, select_after};
+use crate::delivery::Intake;
+use crate::dispatch::{CallRecord, Outcome, Snapshot, run_before, select_after};
 use crate::events::Envelope;
-use crate::handlers::new_message_id;
 use crate::metrics;
-use crate::store::{Execution, NewDelivery};
+use crate::store::Execution;
 
 /// The header that carries the event id back, the same id every log line of the event has.
 pub const EVENT_ID_HEADER: &str = "x-provisioning-event-id";
 
-pub async fn events(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+/// `snapshot` is the config the request was authorised under: the event keeps it to the
+/// end, whatever reloads meanwhile.
+pub async fn events(
+    app: &Arc<App>,
+    snapshot: Arc<Snapshot>,
+    request: Request<Incoming>,
+) -> Response<Body> {
     let id = crate::events::new_id("evt");
     let span = info_span!("event", id = %id);
-    metrics::in_flight(1.0);
-    let mut response = handle(app, request, &id).instrument(span).await;
-    metrics::in_flight(-1.0);
+    // A guard, so that a request dropped mid-way (the billing hung up) still counts down.
+    let _in_flight = InFlight::enter();
+    let mut response = handle(app, snapshot, request, &id).instrument(span).await;
     if let Ok(value) = hyper::header::HeaderValue::from_str(&id) {
         response.headers_mut().insert(EVENT_ID_HEADER, value);
     }
     response
 }
 
-async fn handle(app: &Arc<App>, request: Request<Incoming>, id: &str) -> Response<Body> {
+/// One event in the `provisiond_events_in_flight` gauge, for as long as it lives.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> Self {
+        metrics::in_flight(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::in_flight(-1.0);
+    }
+}
+
+async fn handle(
+    app: &Arc<App>,
+    snapshot: Arc<Snapshot>,
+    request: Request<Incoming>,
+    id: &str,
+) -> Response<Body> {
     let started = Instant::now();
     if app.is_draining() {
         metrics::event("unparsed".into(), "unavailable");
@@ -46,8 +72,6 @@ async fn handle(app: &Arc<App>, request: Request<Incoming>, id: &str) -> Respons
         metrics::event("unparsed".into(), "unavailable");
         return reply::unavailable("too many events in flight; retry shortly", 1);
     };
-    // One snapshot for the whole event, however long it takes and whatever reloads.
-    let snapshot = app.snapshot.load_full();
     let server = &snapshot.config.server;
 
     let declared = request
@@ -59,14 +83,37 @@ async fn handle(app: &Arc<App>, request: Request<Incoming>, id: &str) -> Respons
         return too_large(server.max_body);
     }
     let limit = usize::try_from(server.max_body).unwrap_or(usize::MAX);
-    let body: Bytes = match Limited::new(request.into_body(), limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(server.max_body),
-        Err(e) => {
+    // Reading the body counts against the deadline: a stalled upload must not hold an
+    // in-flight slot for longer than an event may take.
+    let deadline = started + server.deadline;
+    let read = Limited::new(request.into_body(), limit).collect();
+    let body: Bytes = match tokio::time::timeout_at(deadline.into(), read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return too_large(server.max_body);
+        }
+        Ok(Err(e)) => {
+            metrics::event("unparsed".into(), "bad_request");
             return reply::error(
                 StatusCode::BAD_REQUEST,
                 format!("could not read the body: {e}"),
             );
+        }
+        Err(_) => {
+            warn!(deadline = ?server.deadline, "request body not received within server.deadline");
+            metrics::event("unparsed".into(), "timeout");
+            let mut response = reply::error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within server.deadline ({})",
+                    crate::dispatch::fmt_duration(server.deadline)
+                ),
+            );
+            response.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+            return response;
         }
     };
 
@@ -88,7 +135,6 @@ async fn handle(app: &Arc<App>, request: Request<Incoming>, id: &str) -> Respons
 
     let route = snapshot.plan.route(&event);
     let mut records: Vec<CallRecord> = Vec::new();
-    let deadline = started + server.deadline;
     let outcome = run_before(
         &app.caller,
         &route,
@@ -128,45 +174,31 @@ async fn handle(app: &Arc<App>, request: Request<Incoming>, id: &str) -> Respons
             } else {
                 body.clone()
             };
-            let mut queued = 0;
-            if !after.is_empty() {
-                let window = snapshot.config.store.dedupe_window;
-                let items = after
-                    .iter()
-                    .map(|h| NewDelivery {
-                        handler: h.name.clone(),
-                        event: event.clone(),
-                        object_id: object_id.clone(),
-                        entity: envelope.entity(),
-                        message_id: new_message_id(),
-                        body: String::from_utf8_lossy(&reply_body).into_owned(),
-                        dedupe: (!window.is_zero()).then(|| dedupe_key(&h.name, &body)),
-                        event_id: Some(id.to_owned()),
-                    })
-                    .collect();
-                // The 200 leaves only once the deliveries are on disk.
-                let stored = match app.store.enqueue(items, window).await {
-                    Ok(stored) => stored,
-                    Err(e) => {
-                        warn!(event = %event, object_id = %object_id, error = %e, "cannot store the deliveries, answering 503");
-                        log_calls(app, records, &event, &object_id, id);
-                        metrics::event(label, "unavailable");
-                        return reply::unavailable(
-                            "the store cannot take the after-stage deliveries; retry shortly",
-                            1,
-                        );
-                    }
-                };
-                let stored: Vec<(u64, Lane)> = stored
-                    .into_iter()
-                    .flatten()
-                    .map(|d| (d.id, d.lane()))
-                    .collect();
-                queued = stored.len();
-                if queued < after.len() {
-                    info!(event = %event, object_id = %object_id, duplicates = after.len() - queued, "identical envelope within store.dedupe_window, not delivered again");
+            let intake = Intake {
+                event: &event,
+                object_id: &object_id,
+                entity: envelope.entity(),
+                body: &reply_body,
+                original: &body,
+                dedupe_window: snapshot.config.store.dedupe_window,
+                event_id: id,
+            };
+            // The 200 leaves only once the deliveries are on disk.
+            let accepted = match app.deliveries.accept(&app.store, &after, intake).await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(event = %event, object_id = %object_id, error = %e, "cannot store the deliveries, answering 503");
+                    log_calls(app, records, &event, &object_id, id);
+                    metrics::event(label, "unavailable");
+                    return reply::unavailable(
+                        "the store cannot take the after-stage deliveries; retry shortly",
+                        1,
+                    );
                 }
-                app.deliveries.submit(app, stored);
+            };
+            let queued = accepted.queued;
+            if accepted.duplicates > 0 {
+                info!(event = %event, object_id = %object_id, duplicates = accepted.duplicates, "identical envelope within store.dedupe_window, not delivered again");
             }
             info!(
                 event = %event, object_id = %object_id, outcome = "allowed", modified,
@@ -187,17 +219,6 @@ fn log_calls(app: &App, records: Vec<CallRecord>, event: &str, object_id: &str, 
         .map(|r| Execution::from_call(r, event, object_id, None).event_id(Some(id.to_owned())))
         .collect();
     app.store.log(rows);
-}
-
-/// What makes two deliveries the same for `store.dedupe_window`: the handler, and the
-/// envelope exactly as the billing sent it (its bytes, before any handler changed it).
-fn dedupe_key(handler: &str, body: &[u8]) -> [u8; 32] {
-    use sha2::Digest as _;
-    let mut hash = sha2::Sha256::new();
-    hash.update(handler.as_bytes());
-    hash.update([0]);
-    hash.update(body);
-    hash.finalize().into()
 }
 
 fn too_large(max: u64) -> Response<Body> {

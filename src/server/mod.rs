@@ -67,7 +67,8 @@ impl App {
         let (generation, _) = tokio::sync::watch::channel(snapshot.generation);
         let metrics = crate::metrics::install();
         crate::metrics::generation(snapshot.generation);
-        Arc::new(Self {
+        crate::metrics::store_unreadable_rows(store.quarantined() as u64);
+        let app = Arc::new(Self {
             reloader: Reloader::new(config_path, &snapshot.config),
             snapshot: ArcSwap::from_pointee(snapshot),
             caller: Caller::new(),
@@ -78,7 +79,9 @@ impl App {
             deliveries: Deliveries::new(),
             generation,
             metrics,
-        })
+        });
+        Deliveries::attach(&app);
+        app
     }
 
     /// Reads the config file again and publishes it if it is valid and different: the one
@@ -260,14 +263,16 @@ pub async fn serve(
 /// Sends a request to its route.
 async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().to_owned();
+    // One snapshot for the token check and the whole event, whatever reloads meanwhile.
+    let snapshot = app.snapshot.load_full();
     if auth::protected(&path)
-        && let Some(token) = &app.snapshot.load().config.server.token
+        && let Some(token) = &snapshot.config.server.token
         && !auth::authorized(token, request.headers())
     {
         return reply::unauthorized();
     }
     let mut response = match (request.method(), path.as_str()) {
-        (&Method::POST, "/events") => ingress::events(app, request).await,
+        (&Method::POST, "/events") => ingress::events(app, snapshot, request).await,
         (_, "/events") => reply::method_not_allowed("POST"),
         _ => admin::route(app, request).await,
     };

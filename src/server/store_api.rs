@@ -175,10 +175,9 @@ async fn replay(app: &Arc<App>, id: u64) -> Response<Body> {
         );
     }
     match app.store.replay(id).await {
-        Ok(Some(delivery)) => {
-            info!(dead_letter = id, delivery = delivery.id, handler = %delivery.handler, "dead letter replayed");
-            let new_id = delivery.id;
-            app.deliveries.submit(app, [(new_id, delivery.lane())]);
+        Ok(Some(new_id)) => {
+            // The lane has it from the commit, whether or not this request lives on.
+            info!(dead_letter = id, delivery = new_id, handler = %handler, "dead letter replayed");
             reply::json(StatusCode::OK, &json!({"replayed": id, "delivery": new_id}))
         }
         Ok(None) => unknown(id),
@@ -284,17 +283,16 @@ async fn replay_matching(app: &Arc<App>, filter: DeadLetterFilter) -> Response<B
         .collect();
     match app.store.replay_matching(filter, handlers).await {
         Ok(replayed) => {
-            let n = replayed.deliveries.len();
-            if n > 0 {
+            // The lanes have the deliveries from the commit, in id order.
+            let n = replayed.ids.len();
+            if let Some(first) = replayed.ids.first() {
                 info!(
                     replayed = n,
                     skipped = replayed.skipped,
-                    first = replayed.deliveries[0].id,
+                    first,
                     "dead letters replayed"
                 );
             }
-            app.deliveries
-                .submit(app, replayed.deliveries.iter().map(|d| (d.id, d.lane())));
             let mut body = json!({"replayed": n, "skipped": replayed.skipped});
             if replayed.skipped > 0 {
                 let names: Vec<&str> = replayed

@@ -11,10 +11,12 @@ mod records;
 mod writer;
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
 
 use redb::{
     Builder, Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata,
@@ -24,11 +26,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 pub use records::{
-    DeadLetter, DeadLetterFilter, Delivery, Execution, ExecutionFilter, NewDelivery, Replayed,
-    now_ms, rfc3339, unix_ms,
+    DeadLetter, DeadLetterFilter, Delivery, Execution, ExecutionFilter, NewDelivery, Queued,
+    Replayed, now_ms, rfc3339, unix_ms,
 };
-use writer::{Op, Writer, decode};
-pub use writer::{Retention, Settle};
+use writer::{Op, Parts, Writer, decode};
+pub use writer::{PRUNE_LIMIT, Retention, Settle, Sink};
 
 /// The layout this build reads and writes. A later release that changes it migrates
 /// files with a lower number at open; a file with a higher number is refused.
@@ -82,8 +84,14 @@ pub struct Store {
 }
 
 struct Inner {
-    db: Arc<Database>,
+    /// The open file; empty for a moment while the writer reopens it after a storage
+    /// error.
+    db: Arc<ArcSwapOption<Database>>,
     path: String,
+    /// False while writes fail (a full disk, an I/O error): `/readyz` says not ready.
+    writable: Arc<AtomicBool>,
+    /// Told of every delivery stored, by the writer, after each commit.
+    sink: Arc<OnceLock<Sink>>,
     ops: mpsc::Sender<Op>,
     logs: mpsc::Sender<Vec<Execution>>,
     log_capacity: usize,
@@ -91,6 +99,8 @@ struct Inner {
     log_pressure: Arc<tokio::sync::Notify>,
     /// Execution log rows dropped because the writer was behind.
     dropped: AtomicU64,
+    /// Unreadable queued rows that opening moved to the dead letters.
+    quarantined: usize,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -108,13 +118,8 @@ impl Store {
                 "it is a directory; set store.path to a file name".into(),
             ));
         }
-        let mut builder = Builder::new();
-        // Checking the whole file at open turns damage into an error instead of a panic.
-        builder
-            .set_check_integrity_on_open(true)
-            .set_cache_size(64 << 20);
-        let db = builder.create(path).map_err(|e| fail(open_reason(&e)))?;
-        Self::start(db, shown, LOG_CAPACITY)
+        let db = open_file(path).map_err(|e| fail(open_reason(&e)))?;
+        Self::start(db, shown, Some(path.to_path_buf()), LOG_CAPACITY)
     }
 
     /// A store in memory, gone with the process: for tests.
@@ -129,29 +134,43 @@ impl Store {
                 path: "<memory>".into(),
                 reason: e.to_string(),
             })?;
-        Self::start(db, "<memory>".into(), log_capacity)
+        Self::start(db, "<memory>".into(), None, log_capacity)
     }
 
-    fn start(db: Database, path: String, log_capacity: usize) -> Result<Self, StoreError> {
+    fn start(
+        db: Database,
+        path: String,
+        file: Option<PathBuf>,
+        log_capacity: usize,
+    ) -> Result<Self, StoreError> {
         let fail = |reason: String| StoreError::Open {
             path: path.clone(),
             reason,
         };
-        let (next_delivery, next_execution) = prepare(&db).map_err(fail)?;
+        let Prepared {
+            next_delivery,
+            next_execution,
+            quarantined,
+        } = prepare(&db).map_err(fail)?;
         let dedupe = load_dedupe(&db).map_err(fail)?;
-        let db = Arc::new(db);
+        let db = Arc::new(ArcSwapOption::from_pointee(db));
         let (ops_tx, ops_rx) = mpsc::channel(OPS_CAPACITY);
         let (logs_tx, logs_rx) = mpsc::channel(log_capacity);
         let log_pressure = Arc::new(tokio::sync::Notify::new());
-        let writer = Writer {
+        let writable = Arc::new(AtomicBool::new(true));
+        let sink = Arc::new(OnceLock::new());
+        let writer = Writer::new(Parts {
             db: db.clone(),
+            path: file,
             ops: ops_rx,
             logs: logs_rx,
             log_pressure: log_pressure.clone(),
             next_delivery,
             next_execution,
             dedupe,
-        };
+            sink: sink.clone(),
+            writable: writable.clone(),
+        });
         let runtime = tokio::runtime::Handle::current();
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
@@ -161,11 +180,14 @@ impl Store {
             inner: Arc::new(Inner {
                 db,
                 path,
+                writable,
+                sink,
                 ops: ops_tx,
                 logs: logs_tx,
                 log_capacity,
                 log_pressure,
                 dropped: AtomicU64::new(0),
+                quarantined,
                 writer: Mutex::new(Some(thread)),
             }),
         })
@@ -189,18 +211,28 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Whether the store can take writes: its writer runs and the file answers a read.
+    /// Whether the store can take writes: its writer runs, the file is open, and the
+    /// last write succeeded (after a failed one, the writer probes by itself).
     pub fn is_open(&self) -> bool {
-        !self.inner.ops.is_closed() && self.inner.db.begin_read().is_ok()
+        !self.inner.ops.is_closed()
+            && self.inner.writable.load(Ordering::Relaxed)
+            && self.read().is_ok()
     }
 
-    /// Stores deliveries durably; returns once they are committed. An item whose dedupe
-    /// key was stored within `window` is skipped: its slot in the reply is `None`.
+    /// Sets what the writer tells of each commit's stored deliveries (ids and lanes, in
+    /// id order), before anyone hears of the commit. Only the first call counts.
+    pub fn on_commit(&self, sink: Sink) {
+        let _ = self.inner.sink.set(sink);
+    }
+
+    /// Stores deliveries durably; returns once they are committed, with their ids. An
+    /// item whose dedupe key was stored within `window` is skipped: its slot in the reply
+    /// is `None`.
     pub async fn enqueue(
         &self,
         items: Vec<NewDelivery>,
         window: Duration,
-    ) -> Result<Vec<Option<Delivery>>, StoreError> {
+    ) -> Result<Vec<Option<u64>>, StoreError> {
         self.request(|reply| Op::Enqueue {
             items,
             window,
@@ -225,9 +257,9 @@ impl Store {
         .await
     }
 
-    /// Moves dead letter `id` back to the queue under a new delivery id; `None` when there
-    /// is no such dead letter.
-    pub async fn replay(&self, id: u64) -> Result<Option<Delivery>, StoreError> {
+    /// Moves dead letter `id` back to the queue under a new delivery id (returned);
+    /// `None` when there is no such dead letter.
+    pub async fn replay(&self, id: u64) -> Result<Option<u64>, StoreError> {
         self.request(|reply| Op::Replay { id, reply }).await
     }
 
@@ -279,13 +311,32 @@ impl Store {
                     () = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                match self.prune(retention()).await {
+                match self.prune_all(retention(), &stop).await {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(rows = n, "store pruned"),
                     Err(e) => warn!(error = %e, "cannot prune the store"),
                 }
             }
         })
+    }
+
+    /// Applies the retention until nothing is left to prune (or `stop`): one prune
+    /// removes at most [`PRUNE_LIMIT`] rows of each table, so that other requests get
+    /// their turn between two; going on at once while one comes back full keeps up with
+    /// any rate. How many rows went.
+    pub async fn prune_all(
+        &self,
+        retention: Retention,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<usize, StoreError> {
+        let mut total = 0;
+        loop {
+            let n = self.prune(retention).await?;
+            total += n;
+            if n < PRUNE_LIMIT || stop.is_cancelled() {
+                return Ok(total);
+            }
+        }
     }
 
     /// Adds execution log rows without waiting: they are written with the next batch.
@@ -311,6 +362,11 @@ impl Store {
         }
     }
 
+    /// Unreadable queued rows that opening the file moved to the dead letters.
+    pub fn quarantined(&self) -> usize {
+        self.inner.quarantined
+    }
+
     /// Execution log rows dropped so far because the writer was behind.
     pub fn dropped_log_rows(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)
@@ -330,7 +386,11 @@ impl Store {
     }
 
     fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
-        self.inner.db.begin_read().map_err(StoreError::read)
+        let db = self.inner.db.load();
+        let db = db
+            .as_ref()
+            .ok_or_else(|| StoreError::Read("the store file is being reopened".into()))?;
+        db.begin_read().map_err(StoreError::read)
     }
 
     /// One stored delivery.
@@ -345,21 +405,42 @@ impl Store {
         Ok(Some(delivery))
     }
 
-    /// Every stored delivery as (id, handler, entity), oldest first: what a start resumes.
-    pub fn pending(&self) -> Result<Vec<(u64, String, String)>, StoreError> {
+    /// Calls `each` with (id, handler, entity) of every stored delivery with an id above
+    /// `after`, oldest first, from one consistent view of the queue. A row that cannot be
+    /// read is skipped (start-up moves such rows to the dead letters).
+    pub fn scan_queue(
+        &self,
+        after: u64,
+        mut each: impl FnMut(u64, &str, &str),
+    ) -> Result<(), StoreError> {
         #[derive(serde::Deserialize)]
-        struct Lane {
-            handler: String,
-            entity: String,
+        struct Lane<'a> {
+            #[serde(borrow)]
+            handler: std::borrow::Cow<'a, str>,
+            #[serde(borrow)]
+            entity: std::borrow::Cow<'a, str>,
         }
         let txn = self.read()?;
         let table = txn.open_table(DELIVERIES).map_err(StoreError::read)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(StoreError::read)? {
+        let Some(from) = after.checked_add(1) else {
+            return Ok(());
+        };
+        for row in table.range(from..).map_err(StoreError::read)? {
             let (id, value) = row.map_err(StoreError::read)?;
-            let lane: Lane = decode(value.value())?;
-            out.push((id.value(), lane.handler, lane.entity));
+            match serde_json::from_slice::<Lane>(value.value()) {
+                Ok(lane) => each(id.value(), &lane.handler, &lane.entity),
+                Err(e) => warn!(delivery = id.value(), error = %e, "unreadable delivery skipped"),
+            }
         }
+        Ok(())
+    }
+
+    /// Every stored delivery as (id, handler, entity), oldest first.
+    pub fn pending(&self) -> Result<Vec<(u64, String, String)>, StoreError> {
+        let mut out = Vec::new();
+        self.scan_queue(0, |id, handler, entity| {
+            out.push((id, handler.to_owned(), entity.to_owned()));
+        })?;
         Ok(out)
     }
 
@@ -458,9 +539,17 @@ impl Store {
     }
 }
 
-/// Checks the schema version (writing it into a new file), creates the tables, and
-/// reads where the id counters stand.
-fn prepare(db: &Database) -> Result<(u64, u64), String> {
+/// What opening found.
+struct Prepared {
+    next_delivery: u64,
+    next_execution: u64,
+    /// Unreadable queued rows moved to the dead letters.
+    quarantined: usize,
+}
+
+/// Checks the schema version (writing it into a new file), creates the tables, reads
+/// where the id counters stand, and moves unreadable queued rows aside.
+fn prepare(db: &Database) -> Result<Prepared, String> {
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     let not_ours = |e: redb::TableError| match e {
         redb::TableError::Storage(e) => e.to_string(),
@@ -522,13 +611,70 @@ fn prepare(db: &Database) -> Result<(u64, u64), String> {
         Ok(last.map_or(0, |(k, _)| k.value()))
     };
     let max_delivery = last(DELIVERIES)?.max(last(DEAD)?);
+    let quarantined = quarantine(&txn).map_err(|e| e.to_string())?;
     let max_execution = last(EXECUTIONS)?;
     txn.open_table(DEDUPE_AGE).map_err(not_ours)?;
     txn.commit().map_err(|e| e.to_string())?;
-    Ok((
-        counters.0.max(max_delivery + 1),
-        counters.1.max(max_execution + 1),
-    ))
+    Ok(Prepared {
+        next_delivery: counters.0.max(max_delivery + 1),
+        next_execution: counters.1.max(max_execution + 1),
+        quarantined,
+    })
+}
+
+/// Moves queued rows that cannot be read to the dead letters, with the reason, so that
+/// one damaged row neither stops the start nor blocks its lane. Returns how many.
+fn quarantine(txn: &redb::WriteTransaction) -> Result<usize, StoreError> {
+    let mut queue = txn.open_table(DELIVERIES).map_err(StoreError::write)?;
+    let mut bad = Vec::new();
+    for row in queue.iter().map_err(StoreError::read)? {
+        let (id, value) = row.map_err(StoreError::read)?;
+        if let Err(e) = serde_json::from_slice::<Delivery>(value.value()) {
+            bad.push((
+                id.value(),
+                String::from_utf8_lossy(value.value()).into_owned(),
+                e,
+            ));
+        }
+    }
+    let mut dead = txn.open_table(DEAD).map_err(StoreError::write)?;
+    for (id, raw, e) in &bad {
+        warn!(delivery = id, error = %e, "unreadable delivery in the queue, moved to the dead letters");
+        let letter = DeadLetter {
+            delivery: Delivery {
+                id: *id,
+                handler: String::new(),
+                event: String::new(),
+                object_id: String::new(),
+                entity: String::new(),
+                message_id: String::new(),
+                body: raw.clone(),
+                attempts: 0,
+                next_at: 0,
+                enqueued_at: 0,
+                last_error: None,
+                event_id: None,
+            },
+            reason: format!(
+                "unreadable row in the queue ({e}); the stored bytes are kept as the envelope"
+            ),
+            died_at: now_ms(),
+        };
+        queue.remove(*id).map_err(StoreError::write)?;
+        dead.insert(*id, writer::encode(&letter).as_slice())
+            .map_err(StoreError::write)?;
+    }
+    Ok(bad.len())
+}
+
+/// Opens (or creates) the file, checking all of it: damage is then an error, not a
+/// panic later.
+fn open_file(path: &Path) -> Result<Database, DatabaseError> {
+    let mut builder = Builder::new();
+    builder
+        .set_check_integrity_on_open(true)
+        .set_cache_size(64 << 20);
+    builder.create(path)
 }
 
 /// The dedupe keys stored, each with its latest time.

@@ -1,3 +1,4 @@
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::*;
@@ -50,7 +51,7 @@ async fn enqueued_deliveries_are_pending_in_arrival_order() {
         )
         .await
         .unwrap();
-    let ids: Vec<u64> = stored.iter().map(|d| d.as_ref().unwrap().id).collect();
+    let ids: Vec<u64> = stored.iter().map(|d| d.unwrap()).collect();
     assert!(ids[0] < ids[1]);
     let more = store
         .enqueue(vec![item("a", "clients/1", "z", None)], MINUTE)
@@ -62,7 +63,7 @@ async fn enqueued_deliveries_are_pending_in_arrival_order() {
         vec![
             (ids[0], "a".into(), "clients/1".into()),
             (ids[1], "b".into(), "clients/2".into()),
-            (more[0].as_ref().unwrap().id, "a".into(), "clients/1".into()),
+            (more[0].unwrap(), "a".into(), "clients/1".into()),
         ]
     );
     let d = store.delivery(ids[1]).unwrap().unwrap();
@@ -116,7 +117,7 @@ async fn settling_retries_delivers_and_dead_letters() {
         .await
         .unwrap()
         .into_iter()
-        .map(|d| d.unwrap().id)
+        .map(|d| d.unwrap())
         .collect();
     let retry = Settle::Retry {
         attempts: 1,
@@ -149,12 +150,14 @@ async fn settling_retries_delivers_and_dead_letters() {
     assert!(store.dead_letters(Some("other"), 10).unwrap().is_empty());
 
     // Replay: back in the queue under a new id, same message id, attempts reset.
-    let replayed = store.replay(ids[1]).await.unwrap().unwrap();
-    assert!(replayed.id > ids[1]);
+    let replayed_id = store.replay(ids[1]).await.unwrap().unwrap();
+    assert!(replayed_id > ids[1]);
+    let replayed = store.delivery(replayed_id).unwrap().unwrap();
+    assert_eq!(replayed.id, replayed_id);
     assert_eq!(replayed.message_id, "msg_y");
     assert_eq!(replayed.attempts, 0);
     assert!(store.dead_letter(ids[1]).unwrap().is_none());
-    assert_eq!(store.delivery(replayed.id).unwrap().unwrap().body, "y");
+    assert_eq!(replayed.body, "y");
     assert!(store.replay(ids[1]).await.unwrap().is_none());
 
     // Drop.
@@ -163,9 +166,9 @@ async fn settling_retries_delivers_and_dead_letters() {
         reason: "r".into(),
         error: None,
     };
-    store.settle(replayed.id, dead, None).await.unwrap();
-    assert!(store.drop_dead_letter(replayed.id).await.unwrap());
-    assert!(!store.drop_dead_letter(replayed.id).await.unwrap());
+    store.settle(replayed_id, dead, None).await.unwrap();
+    assert!(store.drop_dead_letter(replayed_id).await.unwrap());
+    assert!(!store.drop_dead_letter(replayed_id).await.unwrap());
     assert!(store.dead_letters(None, 10).unwrap().is_empty());
 }
 
@@ -173,14 +176,14 @@ async fn settling_retries_delivers_and_dead_letters() {
 async fn dead(store: &Store, items: Vec<NewDelivery>) -> Vec<u64> {
     let stored = store.enqueue(items, MINUTE).await.unwrap();
     let mut ids = Vec::new();
-    for d in stored.into_iter().map(Option::unwrap) {
+    for id in stored.into_iter().map(Option::unwrap) {
         let gone = Settle::Dead {
             attempts: 2,
             reason: "gone".into(),
             error: None,
         };
-        store.settle(d.id, gone, None).await.unwrap();
-        ids.push(d.id);
+        store.settle(id, gone, None).await.unwrap();
+        ids.push(id);
     }
     ids
 }
@@ -204,7 +207,6 @@ async fn bulk_replay_takes_the_matches_in_their_order_and_leaves_unknown_handler
         .enqueue(vec![item("a", "clients/1", "6", None)], MINUTE)
         .await
         .unwrap()[0]
-        .clone()
         .unwrap();
 
     let filter = DeadLetterFilter {
@@ -215,16 +217,16 @@ async fn bulk_replay_takes_the_matches_in_their_order_and_leaves_unknown_handler
         .replay_matching(filter, vec!["a".into(), "b".into()])
         .await
         .unwrap();
-    let bodies: Vec<&str> = replayed
-        .deliveries
+    let new_ids = replayed.ids.clone();
+    let deliveries: Vec<Delivery> = new_ids
         .iter()
-        .map(|d| d.body.as_str())
+        .map(|id| store.delivery(*id).unwrap().unwrap())
         .collect();
+    let bodies: Vec<&str> = deliveries.iter().map(|d| d.body.as_str()).collect();
     assert_eq!(bodies, ["1", "2", "4"]);
-    let new_ids: Vec<u64> = replayed.deliveries.iter().map(|d| d.id).collect();
     assert!(new_ids.windows(2).all(|w| w[0] < w[1]), "{new_ids:?}");
-    assert!(new_ids[0] > queued.id);
-    assert!(replayed.deliveries.iter().all(|d| d.attempts == 0));
+    assert!(new_ids[0] > queued);
+    assert!(deliveries.iter().all(|d| d.attempts == 0));
     assert_eq!(replayed.skipped, 1);
     assert_eq!(
         replayed.skipped_handlers.iter().collect::<Vec<_>>(),
@@ -251,7 +253,7 @@ async fn bulk_replay_takes_the_matches_in_their_order_and_leaves_unknown_handler
             .replay_matching(none, vec!["a".into()])
             .await
             .unwrap()
-            .deliveries
+            .ids
             .is_empty()
     );
     let before = DeadLetterFilter {
@@ -263,8 +265,8 @@ async fn bulk_replay_takes_the_matches_in_their_order_and_leaves_unknown_handler
         .replay_matching(before, vec!["a".into()])
         .await
         .unwrap();
-    assert_eq!(replayed.deliveries.len(), 1);
-    assert_eq!(replayed.deliveries[0].body, "3");
+    assert_eq!(replayed.ids.len(), 1);
+    assert_eq!(store.delivery(replayed.ids[0]).unwrap().unwrap().body, "3");
 }
 
 #[tokio::test]
@@ -415,17 +417,12 @@ async fn a_reopened_file_keeps_its_queue_and_never_reuses_ids() {
         .enqueue(vec![item("a", "clients/1", "x", None)], MINUTE)
         .await
         .unwrap()[0]
-        .clone()
         .unwrap();
-    store
-        .settle(first.id, Settle::Delivered, None)
-        .await
-        .unwrap();
+    store.settle(first, Settle::Delivered, None).await.unwrap();
     let second = store
         .enqueue(vec![item("a", "clients/1", "y", None)], MINUTE)
         .await
         .unwrap()[0]
-        .clone()
         .unwrap();
     store.close().await;
     drop(store);
@@ -433,15 +430,14 @@ async fn a_reopened_file_keeps_its_queue_and_never_reuses_ids() {
     let store = Store::open(&path).unwrap();
     assert_eq!(
         store.pending().unwrap(),
-        vec![(second.id, "a".into(), "clients/1".into())]
+        vec![(second, "a".into(), "clients/1".into())]
     );
     let third = store
         .enqueue(vec![item("a", "clients/1", "z", None)], MINUTE)
         .await
         .unwrap()[0]
-        .clone()
         .unwrap();
-    assert!(third.id > second.id);
+    assert!(third > second);
     store.close().await;
     assert!(matches!(
         store
@@ -596,4 +592,192 @@ async fn a_steady_stream_of_log_rows_is_kept_though_the_writer_lingers() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(kept, 400);
+}
+
+#[tokio::test]
+async fn an_unreadable_queued_row_goes_to_the_dead_letters_at_open_not_the_start() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("provisiond.db");
+    let store = Store::open(&path).unwrap();
+    let ids = store
+        .enqueue(
+            vec![
+                item("a", "clients/1", "x", None),
+                item("a", "clients/2", "y", None),
+            ],
+            MINUTE,
+        )
+        .await
+        .unwrap();
+    store.close().await;
+    drop(store);
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(DELIVERIES)
+            .unwrap()
+            .insert(ids[0].unwrap(), b"{not json".as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.quarantined(), 1);
+    assert_eq!(
+        store.pending().unwrap(),
+        vec![(ids[1].unwrap(), "a".into(), "clients/2".into())]
+    );
+    let letter = store.dead_letter(ids[0].unwrap()).unwrap().unwrap();
+    assert!(
+        letter.reason.starts_with("unreadable row in the queue"),
+        "{}",
+        letter.reason
+    );
+    assert_eq!(letter.delivery.body, "{not json");
+    store.close().await;
+}
+
+#[tokio::test]
+async fn one_bad_request_fails_alone_not_the_others_of_its_batch() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("provisiond.db");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(DEAD)
+            .unwrap()
+            .insert(5, b"{damaged".as_slice())
+            .unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("schema_version", SCHEMA_VERSION)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    // Many enqueues and the replay of the damaged dead letter, sent at once: the writer
+    // takes them in one batch.
+    let mut enqueues = Vec::new();
+    for n in 0..50u8 {
+        let store = store.clone();
+        enqueues.push(tokio::spawn(async move {
+            store
+                .enqueue(
+                    vec![item("a", &format!("clients/{n}"), "x", Some(n))],
+                    MINUTE,
+                )
+                .await
+        }));
+    }
+    let replay = {
+        let store = store.clone();
+        tokio::spawn(async move { store.replay(5).await })
+    };
+    for e in enqueues {
+        assert!(e.await.unwrap().unwrap()[0].is_some());
+    }
+    let e = replay.await.unwrap().unwrap_err();
+    assert!(matches!(e, StoreError::Corrupt(_)), "{e}");
+    assert_eq!(store.queue_depth().unwrap(), 50);
+    // And the store still takes writes.
+    assert!(store.is_open());
+    store.close().await;
+}
+
+#[tokio::test]
+async fn every_commit_tells_the_sink_its_deliveries_in_id_order() {
+    let store = Store::memory().unwrap();
+    let told = Arc::new(Mutex::new(Vec::new()));
+    {
+        let told = told.clone();
+        store.on_commit(Box::new(move |queued| {
+            told.lock().unwrap().extend(queued);
+        }));
+    }
+    let mut tasks = Vec::new();
+    for n in 0..20u8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .enqueue(
+                    vec![
+                        item("a", "clients/1", &n.to_string(), None),
+                        item("b", "clients/1", &n.to_string(), Some(n)),
+                    ],
+                    MINUTE,
+                )
+                .await
+                .unwrap()
+        }));
+    }
+    // A requester that is gone before the commit (the billing hung up): the sink still
+    // hears of its delivery.
+    let gone = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .enqueue(vec![item("a", "clients/2", "z", None)], MINUTE)
+                .await
+        })
+    };
+    gone.abort();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stored = store.pending().unwrap();
+    assert!(eventually_true(|| told.lock().unwrap().len() == stored.len()).await);
+    let told: Vec<(u64, String, String)> = told
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|q| (q.id, q.handler.clone(), q.entity.clone()))
+        .collect();
+    assert_eq!(told, stored);
+}
+
+async fn eventually_true(mut check: impl FnMut() -> bool) -> bool {
+    for _ in 0..200 {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn pruning_goes_on_while_a_prune_comes_back_full() {
+    let store = Store::memory().unwrap();
+    let rows: Vec<Execution> = (0..(PRUNE_LIMIT as u64 * 2 + 500))
+        .map(|i| row("a", i, "allowed"))
+        .collect();
+    for chunk in rows.chunks(1000) {
+        store.log(chunk.to_vec());
+        // Give the writer its rows before the channel fills.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let wrote = eventually_true(|| {
+        store
+            .executions(&ExecutionFilter {
+                limit: usize::MAX,
+                ..Default::default()
+            })
+            .is_ok_and(|r| r.len() == rows.len())
+    });
+    assert!(wrote.await, "all rows written");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let keep = retention(100, 3600 * 24 * 365 * 100);
+    let pruned = store.prune_all(keep, &stop).await.unwrap();
+    assert_eq!(pruned, rows.len() - 100);
+    let left = store
+        .executions(&ExecutionFilter {
+            limit: usize::MAX,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        left.len(),
+        100,
+        "one round of pruning brings the log within its limit"
+    );
+    store.close().await;
 }

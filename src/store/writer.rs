@@ -3,9 +3,24 @@
 //! Requests arrive on a channel; the writer takes the first, then everything else already
 //! waiting, applies the lot in one write transaction, commits once (one fsync), and only
 //! then answers each request. Many events in flight therefore share one commit, and no
-//! request hears "done" for a write that is not on disk. If anything in a batch fails,
-//! the transaction is dropped and every request of the batch gets the error: nothing is
-//! half-applied.
+//! request hears "done" for a write that is not on disk.
+//!
+//! Faults stay where they belong:
+//! - if a batch fails, nothing of it is committed, and each request is tried again in a
+//!   transaction of its own, so that one bad request fails alone;
+//! - every request hears the real error, whatever step failed;
+//! - a failed write poisons a redb handle (every later write says "previous I/O
+//!   error"), so after a storage error the writer reopens the file, at most once a
+//!   second, probing by itself while no request comes, and the store reports itself
+//!   unwritable ([`super::Store::is_writable`]) until a write succeeds again. The
+//!   settlements committed without fsync since the last durable commit are kept in memory
+//!   and applied again after a reopen, so a full disk never brings back a delivery that
+//!   was already settled.
+//!
+//! After each commit the writer hands the deliveries it stored (enqueued or replayed) to
+//! the sink ([`super::Store::on_commit`]), in id order, before it answers anyone: the
+//! after stage learns of every stored delivery from the commit itself, whether or not
+//! the request that caused it is still there.
 //!
 //! Execution log rows come on a second, bounded channel, so that a burst of them never
 //! delays the queue. A batch holding only log rows and delivery settlements is committed
@@ -14,14 +29,19 @@
 //! once anyway.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use super::records::{
-    DeadLetter, DeadLetterFilter, DeadLetterKey, Delivery, Execution, NewDelivery, Replayed, now_ms,
+    DeadLetter, DeadLetterFilter, DeadLetterKey, Delivery, Execution, NewDelivery, Queued,
+    Replayed, now_ms,
 };
 use super::{DEAD, DEDUPE_AGE, DELIVERIES, EXECUTIONS, META, StoreError};
 
@@ -32,8 +52,12 @@ const MAX_BATCH: usize = 2048;
 /// Longest a batch of execution log rows alone waits for company before its commit.
 const LOG_LINGER: Duration = Duration::from_millis(1000);
 /// Most rows one prune removes from each table, so that a prune never holds the writer
-/// for long; the next one goes on.
-const PRUNE_LIMIT: usize = 20_000;
+/// for long; the caller prunes again at once while a prune comes back full.
+pub const PRUNE_LIMIT: usize = 20_000;
+/// After a storage error: how often the writer tries to reopen the file.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
+/// Settlements kept for a reopen before a commit is made durable anyway.
+const REDO_MAX: usize = 10_000;
 
 /// How a delivery attempt ended, as the store records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,13 +86,16 @@ pub struct Retention {
     pub dedupe_window: Duration,
 }
 
+/// Told of the deliveries each commit stored, in id order.
+pub type Sink = Box<dyn Fn(Vec<Queued>) + Send + Sync>;
+
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 pub enum Op {
     Enqueue {
         items: Vec<NewDelivery>,
         window: Duration,
-        reply: Reply<Vec<Option<Delivery>>>,
+        reply: Reply<Vec<Option<u64>>>,
     },
     Settle {
         id: u64,
@@ -78,7 +105,7 @@ pub enum Op {
     },
     Replay {
         id: u64,
-        reply: Reply<Option<Delivery>>,
+        reply: Reply<Option<u64>>,
     },
     Drop {
         id: u64,
@@ -105,49 +132,71 @@ pub enum Op {
     },
 }
 
-/// An answer held until the commit.
-enum Answer {
-    Enqueued(Reply<Vec<Option<Delivery>>>, Vec<Option<Delivery>>),
-    Settled(Reply<()>),
-    Replayed(Reply<Option<Delivery>>, Option<Delivery>),
-    Dropped(Reply<bool>, bool),
-    ReplayedMatching(Reply<Replayed>, Replayed),
-    DroppedMatching(Reply<usize>, usize),
-    Pruned(Reply<usize>, usize),
+/// What a request did, held until its commit.
+enum Done {
+    Enqueued(Vec<Option<u64>>),
+    Settled,
+    Replayed(Option<u64>),
+    Dropped(bool),
+    ReplayedMatching(Replayed),
+    DroppedMatching(usize),
+    Pruned(usize),
 }
 
-impl Answer {
-    fn send(self, failure: Option<&StoreError>) {
-        // A requester that went away (the billing hung up) is no reason to stop.
-        match (self, failure) {
-            (Answer::Enqueued(tx, v), None) => drop(tx.send(Ok(v))),
-            (Answer::Settled(tx), None) => drop(tx.send(Ok(()))),
-            (Answer::Replayed(tx, v), None) => drop(tx.send(Ok(v))),
-            (Answer::Dropped(tx, v), None) => drop(tx.send(Ok(v))),
-            (Answer::ReplayedMatching(tx, v), None) => drop(tx.send(Ok(v))),
-            (Answer::DroppedMatching(tx, v), None) => drop(tx.send(Ok(v))),
-            (Answer::Pruned(tx, v), None) => drop(tx.send(Ok(v))),
-            (Answer::Enqueued(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
-            (Answer::Settled(tx), Some(e)) => drop(tx.send(Err(e.clone()))),
-            (Answer::Replayed(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
-            (Answer::Dropped(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
-            (Answer::ReplayedMatching(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
-            (Answer::DroppedMatching(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
-            (Answer::Pruned(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
+impl Op {
+    /// Answers the request. A requester that went away (the billing hung up) is no reason
+    /// to stop: what it asked for is committed, and the sink has the deliveries.
+    fn answer(self, result: Result<Done, StoreError>) {
+        match (self, result) {
+            (Op::Enqueue { reply, .. }, Ok(Done::Enqueued(v))) => drop(reply.send(Ok(v))),
+            (Op::Settle { reply, .. }, Ok(Done::Settled)) => drop(reply.send(Ok(()))),
+            (Op::Replay { reply, .. }, Ok(Done::Replayed(v))) => drop(reply.send(Ok(v))),
+            (Op::Drop { reply, .. }, Ok(Done::Dropped(v))) => drop(reply.send(Ok(v))),
+            (Op::ReplayMatching { reply, .. }, Ok(Done::ReplayedMatching(v))) => {
+                drop(reply.send(Ok(v)));
+            }
+            (Op::DropMatching { reply, .. }, Ok(Done::DroppedMatching(v))) => {
+                drop(reply.send(Ok(v)));
+            }
+            (Op::Prune { reply, .. }, Ok(Done::Pruned(v))) => drop(reply.send(Ok(v))),
+            (op, Ok(_)) => op.answer(Err(StoreError::Write("mismatched answer".into()))),
+            (Op::Enqueue { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+            (Op::Settle { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+            (Op::Replay { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+            (Op::Drop { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+            (Op::ReplayMatching { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+            (Op::DropMatching { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+            (Op::Prune { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+            (Op::Close { reply }, _) => drop(reply.send(())),
         }
     }
 }
 
-pub struct Writer {
-    pub db: std::sync::Arc<Database>,
+/// What the writer needs from the store that starts it.
+pub struct Parts {
+    pub db: Arc<ArcSwapOption<Database>>,
+    /// The file, for reopening after a storage error; `None` for a store in memory.
+    pub path: Option<PathBuf>,
     pub ops: mpsc::Receiver<Op>,
     pub logs: mpsc::Receiver<Vec<Execution>>,
     /// Notified when the log channel is half full: a lingering writer commits at once.
-    pub log_pressure: std::sync::Arc<tokio::sync::Notify>,
+    pub log_pressure: Arc<tokio::sync::Notify>,
     pub next_delivery: u64,
     pub next_execution: u64,
     /// Dedupe key -> when it was last stored (unix ms): the index of `DEDUPE_AGE`.
     pub dedupe: HashMap<[u8; 32], u64>,
+    pub sink: Arc<OnceLock<Sink>>,
+    /// False while writes fail; what `/readyz` reports.
+    pub writable: Arc<AtomicBool>,
+}
+
+pub struct Writer {
+    parts: Parts,
+    /// Settlements committed without fsync since the last durable commit: what a reopen
+    /// after a storage error must apply again.
+    redo: Vec<(u64, Settle)>,
+    /// Set by a storage error: when the file was last (re)tried, and what failed.
+    broken: Option<(Instant, StoreError)>,
 }
 
 /// Changes to the dedupe map made by a batch: undone if it fails, completed if it
@@ -160,34 +209,62 @@ struct DedupeChanges {
     pruned: Vec<([u8; 32], u64)>,
 }
 
+/// What the writer waits for next.
+enum Next {
+    Op(Op),
+    Rows(Vec<Execution>),
+    /// Broken and idle: time to try the file again.
+    Probe,
+    Closed,
+}
+
 impl Writer {
+    pub fn new(parts: Parts) -> Self {
+        Self {
+            parts,
+            redo: Vec::new(),
+            broken: None,
+        }
+    }
+
     /// Runs until a `Close` request, or until every sender is gone.
     pub fn run(mut self, runtime: tokio::runtime::Handle) {
         let mut closing = None;
         while closing.is_none() {
             let mut ops = Vec::new();
             let mut rows = Vec::new();
-            let first = runtime.block_on(async {
+            let broken = self.broken.is_some();
+            let p = &mut self.parts;
+            let next = runtime.block_on(async {
                 tokio::select! {
                     biased;
-                    op = self.ops.recv() => op.map(Ok),
-                    rows = self.logs.recv() => rows.map(Err),
+                    op = p.ops.recv() => op.map_or(Next::Closed, Next::Op),
+                    rows = p.logs.recv() => rows.map_or(Next::Closed, Next::Rows),
+                    () = tokio::time::sleep(REOPEN_EVERY), if broken => Next::Probe,
                 }
             });
-            match first {
-                Some(Ok(op)) => ops.push(op),
-                Some(Err(r)) => rows.extend(r),
-                None => break,
+            match next {
+                Next::Op(op) => ops.push(op),
+                Next::Rows(r) => rows.extend(r),
+                Next::Probe => {
+                    let _ = self.recover();
+                    continue;
+                }
+                Next::Closed => break,
             }
             while ops.len() < MAX_BATCH {
-                let Ok(op) = self.ops.try_recv() else { break };
+                let Ok(op) = self.parts.ops.try_recv() else {
+                    break;
+                };
                 ops.push(op);
             }
             while rows.len() < MAX_BATCH {
-                let Ok(r) = self.logs.try_recv() else { break };
+                let Ok(r) = self.parts.logs.try_recv() else {
+                    break;
+                };
                 rows.extend(r);
             }
-            if ops.is_empty() && !rows.is_empty() && self.logs.is_empty() {
+            if ops.is_empty() && !rows.is_empty() && self.parts.logs.is_empty() {
                 // Only log rows, and none left waiting: let more gather before
                 // committing, so that a steady stream of events costs a commit per
                 // LOG_LINGER, not per event. A request arriving meanwhile, or the log
@@ -202,11 +279,11 @@ impl Writer {
                 };
                 closing = Some(reply);
                 // The log rows still waiting are written with the last batch.
-                while let Ok(r) = self.logs.try_recv() {
+                while let Ok(r) = self.parts.logs.try_recv() {
                     rows.extend(r);
                 }
                 for late in ops.drain(at..) {
-                    refuse(late);
+                    late.answer(Err(StoreError::Closed));
                 }
             }
             self.batch(ops, rows, closing.is_some());
@@ -215,9 +292,9 @@ impl Writer {
             let _ = reply.send(());
         }
         // Anything sent after the close hears that the store is closed.
-        self.ops.close();
-        while let Ok(op) = self.ops.try_recv() {
-            refuse(op);
+        self.parts.ops.close();
+        while let Ok(op) = self.parts.ops.try_recv() {
+            op.answer(Err(StoreError::Closed));
         }
         debug!("store writer stopped");
     }
@@ -232,16 +309,17 @@ impl Writer {
         rows: &mut Vec<Execution>,
     ) {
         let until = tokio::time::Instant::now() + LOG_LINGER;
-        let pressure = self.log_pressure.clone();
+        let pressure = self.parts.log_pressure.clone();
+        let p = &mut self.parts;
         runtime.block_on(async {
             tokio::select! {
-                op = self.ops.recv() => ops.extend(op),
+                op = p.ops.recv() => ops.extend(op),
                 () = pressure.notified() => {}
                 () = tokio::time::sleep_until(until) => {}
             }
         });
         while rows.len() < MAX_BATCH {
-            let Ok(more) = self.logs.try_recv() else {
+            let Ok(more) = self.parts.logs.try_recv() else {
                 break;
             };
             rows.extend(more);
@@ -252,176 +330,274 @@ impl Writer {
         if ops.is_empty() && rows.is_empty() {
             return;
         }
+        if let Err(e) = self.recover() {
+            // The file cannot take writes yet: answer at once, so the billing hears 503
+            // now instead of waiting for a write that will fail.
+            if !rows.is_empty() {
+                warn!(
+                    rows = rows.len(),
+                    "execution log rows lost: the store cannot take writes"
+                );
+            }
+            for op in ops {
+                op.answer(Err(e.clone()));
+            }
+            return;
+        }
         // Settlements and log rows can wait for the next durable commit: losing them in a
         // crash repeats an attempt (deliveries are at least once) or a log row. What the
         // billing or an operator was told is done (enqueue, replay, drop) cannot.
-        let durable = last || ops.iter().any(|op| !matches!(op, Op::Settle { .. }));
-        let (next_delivery, next_execution) = (self.next_delivery, self.next_execution);
-        let mut answers = Vec::with_capacity(ops.len());
+        let durable = last
+            || self.redo.len() >= REDO_MAX
+            || ops.iter().any(|op| !matches!(op, Op::Settle { .. }));
+        match self.commit(&ops, &rows, durable) {
+            Ok(done) => {
+                for (op, done) in ops.into_iter().zip(done) {
+                    op.answer(Ok(done));
+                }
+            }
+            Err(e) if ops.len() <= 1 || self.broken.is_some() => {
+                for op in ops {
+                    op.answer(Err(e.clone()));
+                }
+            }
+            Err(e) => {
+                // One request can spoil a batch (an unreadable row it touches): try each
+                // alone, so the others go through.
+                warn!(error = %e, requests = ops.len(), "store batch failed, trying its requests one by one");
+                for op in ops {
+                    let durable = last || !matches!(op, Op::Settle { .. });
+                    let result = self
+                        .commit(std::slice::from_ref(&op), &[], durable)
+                        .map(|mut done| done.remove(0));
+                    op.answer(result);
+                }
+                if !rows.is_empty() && self.broken.is_none() {
+                    let _ = self.commit(&[], &rows, last);
+                }
+            }
+        }
+    }
+
+    /// Applies `ops` and `rows` in one transaction and commits it; on success the sink
+    /// has been told of the deliveries stored. On failure nothing is committed and the
+    /// writer's counters and dedupe map are as before.
+    fn commit(
+        &mut self,
+        ops: &[Op],
+        rows: &[Execution],
+        durable: bool,
+    ) -> Result<Vec<Done>, StoreError> {
+        let (next_delivery, next_execution) = (self.parts.next_delivery, self.parts.next_execution);
         let mut changes = DedupeChanges::default();
-        let (n_ops, n_rows) = (ops.len(), rows.len());
-        let started = std::time::Instant::now();
-        let result = self.apply(ops, rows, durable, &mut answers, &mut changes);
+        let mut queued = Vec::new();
+        let started = Instant::now();
+        let result = self.apply(ops, rows, durable, &mut changes, &mut queued);
         let took = started.elapsed();
         if took > SLOW_COMMIT {
             warn!(
-                ms = took.as_millis() as u64,
-                requests = n_ops,
-                log_rows = n_rows,
+                ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+                requests = ops.len(),
+                log_rows = rows.len(),
                 durable,
                 "slow store commit"
             );
         }
-        if let Err(e) = &result {
-            // Nothing of the batch was committed: the counters and the map go back too.
-            self.next_delivery = next_delivery;
-            self.next_execution = next_execution;
-            for (key, old) in changes.set.into_iter().rev() {
-                match old {
-                    Some(at) => self.dedupe.insert(key, at),
-                    None => self.dedupe.remove(&key),
-                };
-            }
-            error!(error = %e, "store write failed");
-        } else {
-            for (key, at) in changes.pruned {
-                if self.dedupe.get(&key) == Some(&at) {
-                    self.dedupe.remove(&key);
+        match result {
+            Ok(done) => {
+                for (key, at) in changes.pruned {
+                    if self.parts.dedupe.get(&key) == Some(&at) {
+                        self.parts.dedupe.remove(&key);
+                    }
                 }
+                if durable {
+                    self.redo.clear();
+                } else {
+                    self.redo.extend(ops.iter().filter_map(|op| match op {
+                        Op::Settle { id, settle, .. } => Some((*id, settle.clone())),
+                        _ => None,
+                    }));
+                }
+                if !queued.is_empty()
+                    && let Some(sink) = self.parts.sink.get()
+                {
+                    sink(queued);
+                }
+                Ok(done)
+            }
+            Err(e) => {
+                // Nothing of the transaction was committed: the counters and the map go
+                // back too.
+                self.parts.next_delivery = next_delivery;
+                self.parts.next_execution = next_execution;
+                for (key, old) in changes.set.into_iter().rev() {
+                    match old {
+                        Some(at) => self.parts.dedupe.insert(key, at),
+                        None => self.parts.dedupe.remove(&key),
+                    };
+                }
+                if matches!(e, StoreError::Write(_)) {
+                    error!(error = %e, "store write failed; the store is unwritable until a write succeeds");
+                    self.parts.writable.store(false, Ordering::Relaxed);
+                    self.broken = Some((Instant::now(), e.clone()));
+                } else {
+                    error!(error = %e, "store request failed");
+                }
+                Err(e)
             }
         }
-        let failure = result.err();
-        for answer in answers {
-            answer.send(failure.as_ref());
+    }
+
+    /// After a storage error: reopens the file (at most once per [`REOPEN_EVERY`]) and
+    /// makes one durable write, applying again the settlements the lost handle had
+    /// committed without fsync. Ok when the store takes writes.
+    fn recover(&mut self) -> Result<(), StoreError> {
+        let Some((tried, error)) = &self.broken else {
+            return Ok(());
+        };
+        if tried.elapsed() < REOPEN_EVERY {
+            return Err(error.clone());
         }
+        match self.reopen() {
+            Ok(()) => {
+                info!("store writable again");
+                self.broken = None;
+                self.parts.writable.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                debug!(error = %e, "store still unwritable");
+                self.broken = Some((Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        if let Some(path) = &self.parts.path {
+            // A handle that saw a failed write refuses every later one: let it go (readers
+            // still using it finish first), then open the file again.
+            self.parts.db.store(None);
+            let db = super::open_file(path).map_err(StoreError::write)?;
+            self.parts.db.store(Some(Arc::new(db)));
+        }
+        let db = self.db()?;
+        let txn = db.begin_write().map_err(StoreError::write)?;
+        let now = now_ms();
+        for (id, settle) in &self.redo {
+            settle_one(&txn, *id, settle, now)?;
+        }
+        self.write_counters(&txn)?;
+        txn.commit().map_err(StoreError::write)?;
+        self.redo.clear();
+        Ok(())
+    }
+
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.parts
+            .db
+            .load_full()
+            .ok_or_else(|| StoreError::Write("the store file is not open".into()))
+    }
+
+    fn write_counters(&self, txn: &WriteTransaction) -> Result<(), StoreError> {
+        let mut meta = txn.open_table(META).map_err(StoreError::write)?;
+        meta.insert("next_delivery_id", self.parts.next_delivery)
+            .map_err(StoreError::write)?;
+        meta.insert("next_execution_id", self.parts.next_execution)
+            .map_err(StoreError::write)?;
+        Ok(())
     }
 
     fn apply(
         &mut self,
-        ops: Vec<Op>,
-        rows: Vec<Execution>,
+        ops: &[Op],
+        rows: &[Execution],
         durable: bool,
-        answers: &mut Vec<Answer>,
         changes: &mut DedupeChanges,
-    ) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().map_err(StoreError::write)?;
+        queued: &mut Vec<Queued>,
+    ) -> Result<Vec<Done>, StoreError> {
+        let db = self.db()?;
+        let mut txn = db.begin_write().map_err(StoreError::write)?;
         if !durable {
             txn.set_durability(Durability::None)
                 .map_err(StoreError::write)?;
         }
         let now = now_ms();
+        let mut done = Vec::with_capacity(ops.len());
         for op in ops {
-            // On an error the answers collected so far hear it: keep going only on success.
-            match op {
-                Op::Enqueue {
-                    items,
-                    window,
-                    reply,
-                } => {
-                    let stored = self.enqueue(&txn, items, window, now, changes);
-                    match stored {
-                        Ok(v) => answers.push(Answer::Enqueued(reply, v)),
-                        Err(e) => {
-                            answers.push(Answer::Enqueued(reply, Vec::new()));
-                            return Err(e);
-                        }
-                    }
+            done.push(match op {
+                Op::Enqueue { items, window, .. } => {
+                    Done::Enqueued(self.enqueue(&txn, items, *window, now, changes, queued)?)
                 }
                 Op::Settle {
-                    id,
-                    settle,
-                    record,
-                    reply,
+                    id, settle, record, ..
                 } => {
-                    answers.push(Answer::Settled(reply));
-                    settle_one(&txn, id, settle, now)?;
+                    settle_one(&txn, *id, settle, now)?;
                     if let Some(record) = record {
-                        self.log(&txn, vec![*record])?;
+                        self.log(&txn, std::slice::from_ref(record))?;
                     }
+                    Done::Settled
                 }
-                Op::Replay { id, reply } => {
-                    let replayed = self.replay(&txn, id, now);
-                    let ok = replayed.as_ref().ok().cloned().flatten();
-                    answers.push(Answer::Replayed(reply, ok));
-                    replayed?;
-                }
-                Op::Drop { id, reply } => {
-                    let dropped = drop_dead(&txn, id);
-                    answers.push(Answer::Dropped(reply, *dropped.as_ref().unwrap_or(&false)));
-                    dropped?;
-                }
+                Op::Replay { id, .. } => Done::Replayed(self.replay(&txn, *id, now, queued)?),
+                Op::Drop { id, .. } => Done::Dropped(drop_dead(&txn, *id)?),
                 Op::ReplayMatching {
-                    filter,
-                    handlers,
-                    reply,
-                } => {
-                    let replayed = self.replay_matching(&txn, &filter, &handlers, now);
-                    match replayed {
-                        Ok(v) => answers.push(Answer::ReplayedMatching(reply, v)),
-                        Err(e) => {
-                            answers.push(Answer::ReplayedMatching(reply, Replayed::default()));
-                            return Err(e);
-                        }
-                    }
+                    filter, handlers, ..
+                } => Done::ReplayedMatching(
+                    self.replay_matching(&txn, filter, handlers, now, queued)?,
+                ),
+                Op::DropMatching { filter, .. } => {
+                    Done::DroppedMatching(drop_matching(&txn, filter)?)
                 }
-                Op::DropMatching { filter, reply } => {
-                    let dropped = drop_matching(&txn, &filter);
-                    answers.push(Answer::DroppedMatching(
-                        reply,
-                        *dropped.as_ref().unwrap_or(&0),
-                    ));
-                    dropped?;
-                }
-                Op::Prune { retention, reply } => {
-                    let pruned = prune(&txn, retention, now, &mut changes.pruned);
-                    answers.push(Answer::Pruned(reply, *pruned.as_ref().unwrap_or(&0)));
-                    pruned?;
+                Op::Prune { retention, .. } => {
+                    Done::Pruned(prune(&txn, *retention, now, &mut changes.pruned)?)
                 }
                 Op::Close { .. } => unreachable!("taken out by run"),
-            }
+            });
         }
         if !rows.is_empty() {
             self.log(&txn, rows)?;
         }
-        {
-            let mut meta = txn.open_table(META).map_err(StoreError::write)?;
-            meta.insert("next_delivery_id", self.next_delivery)
-                .map_err(StoreError::write)?;
-            meta.insert("next_execution_id", self.next_execution)
-                .map_err(StoreError::write)?;
-        }
-        txn.commit().map_err(StoreError::write)
+        self.write_counters(&txn)?;
+        txn.commit().map_err(StoreError::write)?;
+        Ok(done)
     }
 
     fn enqueue(
         &mut self,
         txn: &WriteTransaction,
-        items: Vec<NewDelivery>,
+        items: &[NewDelivery],
         window: Duration,
         now: u64,
         changes: &mut DedupeChanges,
-    ) -> Result<Vec<Option<Delivery>>, StoreError> {
+        queued: &mut Vec<Queued>,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
         let mut queue = txn.open_table(DELIVERIES).map_err(StoreError::write)?;
         let mut by_age = txn.open_table(DEDUPE_AGE).map_err(StoreError::write)?;
         let window = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
         let mut out = Vec::with_capacity(items.len());
         for item in items {
             if let Some(key) = item.dedupe {
-                let seen = self.dedupe.get(&key).copied();
+                let seen = self.parts.dedupe.get(&key).copied();
                 if seen.is_some_and(|at| now < at.saturating_add(window)) {
                     out.push(None);
                     continue;
                 }
                 // An older row for the key stays until pruned; the map has the newest.
                 by_age.insert((now, &key), ()).map_err(StoreError::write)?;
-                changes.set.push((key, self.dedupe.insert(key, now)));
+                changes.set.push((key, self.parts.dedupe.insert(key, now)));
             }
-            let delivery = Delivery::new(self.next_delivery, item, now);
-            self.next_delivery += 1;
+            let id = self.parts.next_delivery;
+            self.parts.next_delivery += 1;
             queue
-                .insert(delivery.id, encode(&delivery).as_slice())
+                .insert(id, item.encode(now).as_slice())
                 .map_err(StoreError::write)?;
-            out.push(Some(delivery));
+            queued.push(Queued {
+                id,
+                handler: item.handler.clone(),
+                entity: item.entity.clone(),
+            });
+            out.push(Some(id));
         }
         Ok(out)
     }
@@ -431,7 +607,8 @@ impl Writer {
         txn: &WriteTransaction,
         id: u64,
         now: u64,
-    ) -> Result<Option<Delivery>, StoreError> {
+        queued: &mut Vec<Queued>,
+    ) -> Result<Option<u64>, StoreError> {
         let mut dead = txn.open_table(DEAD).map_err(StoreError::write)?;
         let Some(letter) = dead.remove(id).map_err(StoreError::write)? else {
             return Ok(None);
@@ -440,8 +617,8 @@ impl Writer {
         let mut delivery = letter.delivery;
         // A new id puts it behind whatever its entity has queued meanwhile; the message id
         // stays, so a handler that dedupes on `webhook-id` recognises it.
-        delivery.id = self.next_delivery;
-        self.next_delivery += 1;
+        delivery.id = self.parts.next_delivery;
+        self.parts.next_delivery += 1;
         delivery.attempts = 0;
         delivery.next_at = now;
         delivery.last_error = None;
@@ -449,7 +626,12 @@ impl Writer {
         queue
             .insert(delivery.id, encode(&delivery).as_slice())
             .map_err(StoreError::write)?;
-        Ok(Some(delivery))
+        queued.push(Queued {
+            id: delivery.id,
+            handler: delivery.handler,
+            entity: delivery.entity,
+        });
+        Ok(Some(delivery.id))
     }
 
     /// The bulk form of [`Self::replay`]: the matching dead letters, taken in id order
@@ -461,6 +643,7 @@ impl Writer {
         filter: &DeadLetterFilter,
         handlers: &[String],
         now: u64,
+        queued: &mut Vec<Queued>,
     ) -> Result<Replayed, StoreError> {
         let mut out = Replayed::default();
         let mut dead = txn.open_table(DEAD).map_err(StoreError::write)?;
@@ -487,33 +670,43 @@ impl Writer {
             let (_, value) = entry.map_err(StoreError::write)?;
             let letter: DeadLetter = decode(value.value())?;
             let mut delivery = letter.delivery;
-            delivery.id = self.next_delivery;
-            self.next_delivery += 1;
+            delivery.id = self.parts.next_delivery;
+            self.parts.next_delivery += 1;
             delivery.attempts = 0;
             delivery.next_at = now;
             delivery.last_error = None;
             queue
                 .insert(delivery.id, encode(&delivery).as_slice())
                 .map_err(StoreError::write)?;
-            out.deliveries.push(delivery);
+            out.ids.push(delivery.id);
+            queued.push(Queued {
+                id: delivery.id,
+                handler: delivery.handler,
+                entity: delivery.entity,
+            });
         }
         out.skipped = n_skipped;
         Ok(out)
     }
 
-    fn log(&mut self, txn: &WriteTransaction, rows: Vec<Execution>) -> Result<(), StoreError> {
+    fn log(&mut self, txn: &WriteTransaction, rows: &[Execution]) -> Result<(), StoreError> {
         let mut table = txn.open_table(EXECUTIONS).map_err(StoreError::write)?;
         for row in rows {
             table
-                .insert(self.next_execution, encode(&row).as_slice())
+                .insert(self.parts.next_execution, encode(row).as_slice())
                 .map_err(StoreError::write)?;
-            self.next_execution += 1;
+            self.parts.next_execution += 1;
         }
         Ok(())
     }
 }
 
-fn settle_one(txn: &WriteTransaction, id: u64, settle: Settle, now: u64) -> Result<(), StoreError> {
+fn settle_one(
+    txn: &WriteTransaction,
+    id: u64,
+    settle: &Settle,
+    now: u64,
+) -> Result<(), StoreError> {
     let mut queue = txn.open_table(DELIVERIES).map_err(StoreError::write)?;
     match settle {
         Settle::Delivered => {
@@ -529,9 +722,9 @@ fn settle_one(txn: &WriteTransaction, id: u64, settle: Settle, now: u64) -> Resu
             };
             let mut delivery: Delivery = decode(old.value())?;
             drop(old);
-            delivery.attempts = attempts;
-            delivery.next_at = next_at;
-            delivery.last_error = Some(error);
+            delivery.attempts = *attempts;
+            delivery.next_at = *next_at;
+            delivery.last_error = Some(error.clone());
             queue
                 .insert(id, encode(&delivery).as_slice())
                 .map_err(StoreError::write)?;
@@ -547,13 +740,13 @@ fn settle_one(txn: &WriteTransaction, id: u64, settle: Settle, now: u64) -> Resu
             let mut delivery: Delivery = decode(old.value())?;
             drop(old);
             delivery.id = id;
-            delivery.attempts = attempts;
+            delivery.attempts = *attempts;
             if error.is_some() {
-                delivery.last_error = error;
+                delivery.last_error.clone_from(error);
             }
             let letter = DeadLetter {
                 delivery,
-                reason,
+                reason: reason.clone(),
                 died_at: now,
             };
             let mut dead = txn.open_table(DEAD).map_err(StoreError::write)?;
@@ -629,20 +822,6 @@ fn drop_matching(txn: &WriteTransaction, filter: &DeadLetterFilter) -> Result<us
     })
     .map_err(StoreError::write)?;
     Ok(n)
-}
-
-fn refuse(op: Op) {
-    let closed = StoreError::Closed;
-    match op {
-        Op::Enqueue { reply, .. } => drop(reply.send(Err(closed))),
-        Op::Settle { reply, .. } => drop(reply.send(Err(closed))),
-        Op::Replay { reply, .. } => drop(reply.send(Err(closed))),
-        Op::Drop { reply, .. } => drop(reply.send(Err(closed))),
-        Op::ReplayMatching { reply, .. } => drop(reply.send(Err(closed))),
-        Op::DropMatching { reply, .. } => drop(reply.send(Err(closed))),
-        Op::Prune { reply, .. } => drop(reply.send(Err(closed))),
-        Op::Close { reply } => drop(reply.send(())),
-    }
 }
 
 pub fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {

@@ -339,6 +339,7 @@ impl InProcess {
         let store = provisiond::store::Store::memory().unwrap();
         let file = std::path::PathBuf::from(&config.file);
         let app = App::new(provisiond::dispatch::Snapshot::new(config, 1), store, file);
+        app.deliveries.resume(&app.store).unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();
         tokio::spawn(serve(
             listener,

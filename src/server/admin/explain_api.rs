@@ -1,0 +1,187 @@
+//! `POST /v1/explain`: what `provisiond explain` says, as JSON, against the live config.
+//!
+//! The body is `{"event": NAME, "data": {...}, "object_id": N}` (`data` defaults to `{}`
+//! and `object_id` to 1, as on the command line). The work is [`crate::explain`]'s: this
+//! module only reads the request and shapes the answer; `text` is the command's own
+//! output, word for word.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde_json::{Map, Value, json};
+
+use crate::config::Stage;
+use crate::events::type_name;
+use crate::explain::{Explanation, envelope, explain as explain_envelope};
+use crate::server::App;
+use crate::server::reply::{self, Body};
+
+/// The keys the body takes.
+const KEYS: &str = "event, data, object_id";
+
+/// `POST /v1/explain`.
+pub async fn explain(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+    let snapshot = app.snapshot.load_full();
+    let config = &snapshot.config;
+    let max = config.server.max_body;
+    let limit = usize::try_from(max).unwrap_or(usize::MAX);
+    let body: Bytes = match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return reply::error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body is larger than server.max_body ({max} bytes)"),
+            );
+        }
+        Err(e) => {
+            return reply::error(
+                StatusCode::BAD_REQUEST,
+                format!("could not read the body: {e}"),
+            );
+        }
+    };
+    let (event, object_id, data) = match parse(&body) {
+        Ok(parts) => parts,
+        Err(message) => return reply::error(StatusCode::BAD_REQUEST, message),
+    };
+    let envelope = match envelope(&event, object_id, Value::Object(data)) {
+        Ok(envelope) => envelope,
+        Err(e) => return reply::error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let explanation = explain_envelope(config, &envelope);
+    let mut answer = to_json(&explanation);
+    answer["generation"] = json!(snapshot.generation);
+    answer["text"] = json!(explanation.render(config));
+    reply::json(StatusCode::OK, &answer)
+}
+
+/// The event name, object id and data of a request body, or what is wrong with it.
+fn parse(body: &[u8]) -> Result<(String, Value, Map<String, Value>), String> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        format!("the body is not valid JSON ({e}); send {{\"event\": NAME, \"data\": {{...}}, \"object_id\": N}}")
+    })?;
+    let Value::Object(mut body) = value else {
+        return Err(format!(
+            "the body must be a JSON object with {KEYS}, got {}",
+            type_name(&value)
+        ));
+    };
+    if let Some(key) = body
+        .keys()
+        .find(|k| !["event", "data", "object_id"].contains(&k.as_str()))
+    {
+        return Err(format!("unknown key {key:?}; the body takes {KEYS}"));
+    }
+    let event = match body.remove("event") {
+        None | Some(Value::Null) => {
+            return Err("missing `event`: the event name, e.g. \"clients.create\"".into());
+        }
+        Some(Value::String(s)) if !s.trim().is_empty() => s,
+        Some(Value::String(_)) => return Err("`event` must not be empty".into()),
+        Some(other) => {
+            return Err(format!(
+                "`event` must be a string (the event name), got {}",
+                type_name(&other)
+            ));
+        }
+    };
+    let data = match body.remove("data") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(data)) => data,
+        Some(other) => {
+            return Err(format!(
+                "`data` must be a JSON object, got {}",
+                type_name(&other)
+            ));
+        }
+    };
+    let object_id = match body.remove("object_id") {
+        None | Some(Value::Null) => Value::from(1),
+        Some(id @ (Value::Number(_) | Value::String(_))) => id,
+        Some(other) => {
+            return Err(format!(
+                "`object_id` must be a number or a string, got {}",
+                type_name(&other)
+            ));
+        }
+    };
+    Ok((event, object_id, data))
+}
+
+/// The explanation as JSON: who runs, in order, and why each other handler does not.
+fn to_json(e: &Explanation) -> Value {
+    let stage = |s: Stage| match s {
+        Stage::Before => "before",
+        Stage::After => "after",
+    };
+    let before: Vec<Value> = e
+        .before
+        .iter()
+        .map(|h| {
+            json!({"name": h.name, "priority": h.priority, "target": h.describe_target(),
+                   "modifies": h.modifies})
+        })
+        .collect();
+    let after: Vec<Value> = e
+        .after
+        .iter()
+        .map(|h| json!({"name": h.name, "priority": h.priority, "target": h.describe_target()}))
+        .collect();
+    let not_run: Vec<Value> = e
+        .not_run
+        .iter()
+        .map(|(h, _)| {
+            json!({"name": h.name, "stage": stage(h.stage),
+                   "reason": e.reason(&h.name).unwrap_or_default()})
+        })
+        .collect();
+    let denied = e
+        .denied
+        .as_ref()
+        .map(|(by, _)| json!({"handler": by, "reason": e.reason(by).unwrap_or_default()}));
+    json!({
+        "event": e.event,
+        "object_id": e.object_id,
+        "known": e.known,
+        "suggestion": e.suggestion,
+        "before": before,
+        "after": after,
+        "denied": denied,
+        "not_run": not_run,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_checked_key_by_key() {
+        let err = |body: &str| parse(body.as_bytes()).unwrap_err();
+        assert!(err("{").starts_with("the body is not valid JSON"));
+        assert!(
+            err("[]")
+                .starts_with("the body must be a JSON object with event, data, object_id, got")
+        );
+        assert_eq!(
+            err(r#"{"event": "clients.create", "dat": {}}"#),
+            "unknown key \"dat\"; the body takes event, data, object_id"
+        );
+        assert!(err("{}").starts_with("missing `event`"));
+        assert_eq!(err(r#"{"event": ""}"#), "`event` must not be empty");
+        assert!(err(r#"{"event": 3}"#).starts_with("`event` must be a string"));
+        assert!(err(r#"{"event": "x", "data": [1]}"#).starts_with("`data` must be a JSON object"));
+        assert!(
+            err(r#"{"event": "x", "object_id": {}}"#)
+                .starts_with("`object_id` must be a number or a string")
+        );
+        let (event, id, data) = parse(br#"{"event": "clients.create"}"#).unwrap();
+        assert_eq!(
+            (event.as_str(), id, data.len()),
+            ("clients.create", json!(1), 0)
+        );
+    }
+}
