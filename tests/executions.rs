@@ -189,3 +189,102 @@ async fn follow_prints_new_rows_as_they_come_oldest_first() {
         .collect();
     assert_eq!(objects, ["1", "2", "3", "4"], "{lines:?}");
 }
+
+/// Runs `provisiond ARGS` in the background, collecting its stdout and stderr lines.
+struct Running {
+    child: std::process::Child,
+    out: Arc<Mutex<Vec<String>>>,
+    err: Arc<Mutex<Vec<String>>>,
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(binary())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let collect = |stream: Box<dyn std::io::Read + Send>| {
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            let kept = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    kept.lock().unwrap().push(line);
+                }
+            });
+            lines
+        };
+        let out = collect(Box::new(child.stdout.take().unwrap()));
+        let err = collect(Box::new(child.stderr.take().unwrap()));
+        Self { child, out, err }
+    }
+
+    async fn wait_for(&self, lines: &Arc<Mutex<Vec<String>>>, needle: &str) -> bool {
+        let lines = lines.clone();
+        let needle = needle.to_owned();
+        eventually(Duration::from_secs(20), move || {
+            lines.lock().unwrap().iter().any(|l| l.contains(&needle))
+        })
+        .await
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn follow_waits_for_a_sidecar_that_restarts() {
+    let echo = HandlerServer::echo().await;
+    let config = format!(
+        "[server]\nlisten = \"{}\"\n[[handler]]\nname = \"echo\"\nevents = [\"*\"]\nstage = \"before\"\nurl = {}\n",
+        free_addr(),
+        toml_str(echo.url("/"))
+    );
+    let sidecar = Sidecar::start(&config);
+    let url = format!("http://{}", sidecar.addr);
+    send(&sidecar, "clients.update", 1).await;
+    let follow = Running::start(&["executions", "-f", "--url", &url]);
+    assert!(follow.wait_for(&follow.out, "clients.update").await);
+
+    let (dir, config_path) = sidecar.kill_9();
+    assert!(
+        follow.wait_for(&follow.err, "; still following").await,
+        "{:?}",
+        follow.err.lock().unwrap()
+    );
+    let sidecar = Sidecar::spawn(dir, config_path, &[]);
+    send(&sidecar, "clients.delete", 2).await;
+    assert!(
+        follow.wait_for(&follow.out, "clients.delete").await,
+        "{:?}\n{:?}\n{}",
+        follow.out.lock().unwrap(),
+        follow.err.lock().unwrap(),
+        sidecar.logs().join("\n")
+    );
+    assert!(
+        follow
+            .wait_for(&follow.err, &format!("{url} answers again"))
+            .await
+    );
+    let err = follow.err.lock().unwrap().clone();
+    assert_eq!(
+        err.iter().filter(|l| l.contains("still following")).count(),
+        1,
+        "said once: {err:?}"
+    );
+    // Each row once.
+    let out = follow.out.lock().unwrap().clone();
+    assert_eq!(
+        out.iter().filter(|l| l.contains("clients.update")).count(),
+        1,
+        "{out:?}"
+    );
+}

@@ -19,6 +19,11 @@ async fn call(
 ) -> anyhow::Result<Value> {
     let body = body.map(|b| bytes::Bytes::from(b.to_string()));
     let (status, text) = remote.request(method, path, body).await?;
+    reply_of(remote, status, text)
+}
+
+/// A reply's JSON, or an error with the server's message for a non-2xx status.
+fn reply_of(remote: &Remote, status: u16, text: String) -> anyhow::Result<Value> {
     let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
     if (200..300).contains(&status) {
         return Ok(value);
@@ -181,35 +186,97 @@ pub async fn executions(
     }
     // Following: oldest first, like `tail -f`, then whatever comes after the last row.
     let mut last = rows.first().and_then(|r| r["id"].as_u64()).unwrap_or(0);
-    let mut header = false;
-    let mut print = |rows: &[Value]| {
-        for row in rows.iter().rev() {
-            if query.output == Output::Json {
-                println!("{row}");
-                continue;
-            }
-            if !header {
-                println!("{}", execution_header());
-                header = true;
-            }
-            println!("{}", execution_line(row));
-        }
-    };
-    print(rows);
+    let mut printer = Follower::new(query.output);
+    printer.print(rows);
+    // A sidecar that goes away (a restart, a deploy) is waited for, said once; a request
+    // it refuses (a bad filter, a wrong token) ends the command.
+    let mut away = false;
     loop {
         tokio::time::sleep(FOLLOW_EVERY).await;
-        let reply = call(
-            &remote,
-            reqwest::Method::GET,
-            &path(Some(1000), Some(last)),
-            None,
-        )
-        .await?;
+        // Back from away, ask for the newest rows, not those after the last id: after a
+        // crash the store restarts from its last durable commit, so row ids seen before
+        // may be given again to new rows. The printer skips the rows it has printed.
+        let after = (!away).then_some(last);
+        let asked = remote
+            .request(reqwest::Method::GET, &path(Some(1000), after), None)
+            .await;
+        let reply = match asked {
+            Ok((503, _)) | Err(_) if away => continue,
+            Ok((503, _)) => {
+                eprintln!(
+                    "provisiond: {} answers 503; still following",
+                    remote.address()
+                );
+                away = true;
+                continue;
+            }
+            Err(e) => {
+                eprintln!("provisiond: {e:#}; still following");
+                away = true;
+                continue;
+            }
+            Ok((status, text)) => reply_of(&remote, status, text)?,
+        };
         let rows = rows_of(&reply);
+        if away {
+            eprintln!("provisiond: {} answers again", remote.address());
+            away = false;
+            // The newest row there is now is where to go on from, even if it is older
+            // than the last one printed (which the crash took).
+            last = 0;
+        }
         if let Some(id) = rows.first().and_then(|r| r["id"].as_u64()) {
             last = id;
         }
-        print(rows);
+        printer.print(rows);
+    }
+}
+
+/// What `executions --follow` prints: each row once (by id, time and handler), oldest
+/// first, under one header.
+struct Follower {
+    output: Output,
+    header: bool,
+    printed: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Follower {
+    /// Rows remembered, to skip those a poll after a restart brings again.
+    const REMEMBER: usize = 4096;
+
+    fn new(output: Output) -> Self {
+        Self {
+            output,
+            header: false,
+            printed: Default::default(),
+            order: Default::default(),
+        }
+    }
+
+    /// Prints `rows` (newest first, as the endpoint gives them) oldest first.
+    fn print(&mut self, rows: &[Value]) {
+        for row in rows.iter().rev() {
+            let key = format!("{}|{}|{}", row["id"], row["time"], row["handler"]);
+            if !self.printed.insert(key.clone()) {
+                continue;
+            }
+            self.order.push_back(key);
+            if self.order.len() > Self::REMEMBER
+                && let Some(old) = self.order.pop_front()
+            {
+                self.printed.remove(&old);
+            }
+            if self.output == Output::Json {
+                println!("{row}");
+                continue;
+            }
+            if !self.header {
+                println!("{}", execution_header());
+                self.header = true;
+            }
+            println!("{}", execution_line(row));
+        }
     }
 }
 
