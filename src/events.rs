@@ -30,6 +30,39 @@ pub const CATALOGUE: &[&str] = &[
     "importd.process_failed",
 ];
 
+/// The kind of entity each catalogue event is about. Custom fields belong to the
+/// client: `clients.custom_fields.update` is about the client, as `clients.update` is.
+const ENTITIES: &[(&str, &str)] = &[
+    ("clients.create", "clients"),
+    ("clients.update", "clients"),
+    ("clients.delete", "clients"),
+    ("clients.archive", "clients"),
+    ("clients.custom_fields.update", "clients"),
+    ("clients.balance_zero", "clients"),
+    ("clients.balance_notzero", "clients"),
+    ("clients.accounts.create", "clients.accounts"),
+    ("clients.accounts.update", "clients.accounts"),
+    ("clients.accounts.delete", "clients.accounts"),
+    ("clients.subscriptions.assign", "clients.subscriptions"),
+    ("clients.subscriptions.activate", "clients.subscriptions"),
+    ("clients.subscriptions.deactivate", "clients.subscriptions"),
+    ("clients.subscriptions.renew", "clients.subscriptions"),
+    ("clients.subscriptions.close", "clients.subscriptions"),
+    ("email_rates_manager.import", "email_rates_manager"),
+    ("importd.process_success", "importd"),
+    ("importd.process_failed", "importd"),
+];
+
+/// The kind of entity an event (its normalised name) is about: for a catalogue event,
+/// what the catalogue says; for any other, the name without its last part
+/// (`invoices.paid` is about `invoices`; a name without a dot is its own kind).
+pub fn entity_kind(name: &str) -> &str {
+    match ENTITIES.iter().find(|(event, _)| *event == name) {
+        Some((_, kind)) => kind,
+        None => name.rsplit_once('.').map_or(name, |(kind, _)| kind),
+    }
+}
+
 /// Maps an alias the billing (or an operator) may use to its catalogue name. Names that
 /// are not aliases come back unchanged and borrowed.
 pub fn normalize(name: &str) -> Cow<'_, str> {
@@ -152,6 +185,16 @@ pub enum EnvelopeError {
     BadEventsId(&'static str),
     #[error("`event.object_id` must be a number or a string, got {0}")]
     BadObjectId(&'static str),
+    /// A value a script could not be given in its environment (and no log line or
+    /// header should carry): `field` is `event.events_id` or `event.object_id`.
+    #[error("`{field}` must not hold control characters (found U+{code:04X} at character {at})")]
+    ControlCharacter {
+        field: &'static str,
+        code: u32,
+        at: usize,
+    },
+    #[error("`{field}` is {len} bytes long; at most {MAX_ID_LEN} are accepted")]
+    TooLong { field: &'static str, len: usize },
     #[error("missing `data` object")]
     MissingData,
     #[error("`data` must be an object, got {0}")]
@@ -173,6 +216,9 @@ pub struct Envelope {
     /// Other top-level keys of the body, kept and echoed back.
     pub extra: Map<String, Value>,
 }
+
+/// Longest `event.events_id` and `event.object_id` accepted, in bytes.
+pub const MAX_ID_LEN: usize = 256;
 
 /// JSON nesting deeper than this is refused before parsing.
 pub const DEFAULT_MAX_DEPTH: usize = 64;
@@ -199,11 +245,15 @@ impl Envelope {
         };
         let name = match event.get("events_id") {
             None | Some(Value::Null) => return Err(EnvelopeError::MissingEventsId),
-            Some(Value::String(s)) if !s.is_empty() => normalize(s).into_owned(),
+            Some(Value::String(s)) if !s.is_empty() => {
+                check_id("event.events_id", s)?;
+                normalize(s).into_owned()
+            }
             Some(other) => return Err(EnvelopeError::BadEventsId(type_name(other))),
         };
         match event.get("object_id") {
-            None | Some(Value::Null | Value::Number(_) | Value::String(_)) => {}
+            None | Some(Value::Null | Value::Number(_)) => {}
+            Some(Value::String(s)) => check_id("event.object_id", s)?,
             Some(other) => return Err(EnvelopeError::BadObjectId(type_name(other))),
         }
         let data = match body.remove("data") {
@@ -228,14 +278,10 @@ impl Envelope {
         }
     }
 
-    /// The entity this event is about: the event name without its last part, then the
-    /// object id (`clients/12`, `clients.accounts/7`).
+    /// The entity this event is about, then the object id: see [`entity_kind`]
+    /// (`clients/12`, `clients.accounts/7`).
     pub fn entity(&self) -> String {
-        let kind = self
-            .name
-            .rsplit_once('.')
-            .map_or(self.name.as_str(), |(k, _)| k);
-        format!("{kind}/{}", self.object_id())
+        format!("{}/{}", entity_kind(&self.name), self.object_id())
     }
 
     /// The envelope as JSON: `event`, then `data`, then any other keys the billing sent.
@@ -264,6 +310,28 @@ impl Envelope {
             extra: &self.extra,
         })
         .expect("a JSON map always serialises")
+    }
+}
+
+/// Refuses an event name or object id that could not reach a script whole: a script
+/// gets both in its environment, which cannot hold a NUL, and a value longer than the
+/// kernel's limit for one variable makes the script fail to start. Control characters
+/// (newlines included) and over-long values are refused for every handler alike, so
+/// that the answer never depends on which handlers would run.
+fn check_id(field: &'static str, value: &str) -> Result<(), EnvelopeError> {
+    if value.len() > MAX_ID_LEN {
+        return Err(EnvelopeError::TooLong {
+            field,
+            len: value.len(),
+        });
+    }
+    match value.chars().enumerate().find(|(_, c)| c.is_control()) {
+        Some((at, c)) => Err(EnvelopeError::ControlCharacter {
+            field,
+            code: u32::from(c),
+            at: at + 1,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -367,6 +435,100 @@ mod tests {
         assert_eq!(parse(&deep), Err(EnvelopeError::TooDeep(DEFAULT_MAX_DEPTH)));
         let in_string = r#"{"event":{"events_id":"a.b"},"data":{"x":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}}"#;
         assert!(parse(in_string).is_ok());
+    }
+
+    #[test]
+    fn catalogue_events_take_their_entity_from_the_catalogue() {
+        let entity = |name: &str, id: &str| {
+            let body =
+                format!(r#"{{"event":{{"events_id":"{name}","object_id":"{id}"}},"data":{{}}}}"#);
+            Envelope::parse(body.as_bytes(), DEFAULT_MAX_DEPTH)
+                .unwrap()
+                .entity()
+        };
+        // Everything about the client itself is the client, custom fields included.
+        for name in [
+            "clients.create",
+            "clients.update",
+            "clients.delete",
+            "clients.archive",
+            "clients.custom_fields.update",
+            "clients.custom_fields_update",
+            "clients.balance_zero",
+            "clients.balance_notzero",
+        ] {
+            assert_eq!(entity(name, "12"), "clients/12", "{name}");
+        }
+        for name in [
+            "clients.accounts.create",
+            "clients.accounts.update",
+            "clients.accounts.delete",
+        ] {
+            assert_eq!(entity(name, "7"), "clients.accounts/7", "{name}");
+        }
+        for action in ["assign", "activate", "deactivate", "renew", "close"] {
+            assert_eq!(
+                entity(&format!("clients.subscriptions.{action}"), "3"),
+                "clients.subscriptions/3"
+            );
+            assert_eq!(
+                entity(&format!("clients_packages.{action}"), "3"),
+                "clients.subscriptions/3"
+            );
+        }
+        assert_eq!(entity("importd.process_failed", "5"), "importd/5");
+        assert_eq!(
+            entity("email_rates_manager.import", "5"),
+            "email_rates_manager/5"
+        );
+        // Outside the catalogue: the name without its last part, then the object id.
+        assert_eq!(
+            entity("clients.custom_fields.delete", "12"),
+            "clients.custom_fields/12"
+        );
+        assert_eq!(entity("invoices.paid", "9"), "invoices/9");
+        assert_eq!(entity("ping", "1"), "ping/1");
+    }
+
+    #[test]
+    fn every_catalogue_event_has_its_entity_listed() {
+        let listed: Vec<&str> = ENTITIES.iter().map(|(event, _)| *event).collect();
+        assert_eq!(listed, CATALOGUE);
+    }
+
+    #[test]
+    fn ids_a_script_could_not_be_given_are_refused_naming_the_field() {
+        let parse = |id: Value, name: &str| {
+            let body =
+                serde_json::json!({"event": {"events_id": name, "object_id": id}, "data": {}});
+            Envelope::parse(body.to_string().as_bytes(), DEFAULT_MAX_DEPTH)
+        };
+        for (id, name, field) in [
+            (Value::from("12\u{0}"), "clients.update", "event.object_id"),
+            (Value::from("1\n2"), "clients.update", "event.object_id"),
+            (
+                Value::from("x".repeat(200_000)),
+                "clients.update",
+                "event.object_id",
+            ),
+            (Value::from(12), "clients.update\u{0}", "event.events_id"),
+            (Value::from(12), "clients.\u{7f}update", "event.events_id"),
+            (Value::from(12), &"a".repeat(200_000), "event.events_id"),
+        ] {
+            let error = parse(id, name).expect_err("refused").to_string();
+            assert!(error.contains(&format!("`{field}`")), "{error}");
+        }
+        // At the limit, and any printable text, are fine.
+        let longest = "9".repeat(MAX_ID_LEN);
+        assert_eq!(
+            parse(Value::from(longest.as_str()), "clients.update")
+                .unwrap()
+                .object_id(),
+            longest
+        );
+        assert!(parse(Value::from("x".repeat(MAX_ID_LEN + 1)), "clients.update").is_err());
+        assert!(parse(Value::from("Zürich-12 / ünïcode"), "clients.update").is_ok());
+        assert!(parse(Value::from(12), &"a".repeat(MAX_ID_LEN)).is_ok());
     }
 
     #[test]

@@ -373,8 +373,14 @@ async fn a_delivery_keeps_its_webhook_id_across_retries() {
         .collect();
     assert!(ids[0].starts_with("msg_"), "{ids:?}");
     assert!(ids.iter().all(|id| id == &ids[0]), "{ids:?}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(handler.calls().len(), 3, "delivered once, then left alone");
+    // Delivered once, then left alone: the next event of the entity, which waits behind
+    // the first until it is settled, comes next, with an id of its own.
+    sidecar.send("clients.update", 5, json!({"next": 1})).await;
+    assert!(eventually(Duration::from_secs(10), || handler.calls().len() >= 4).await);
+    let calls = handler.calls();
+    assert_eq!(calls.len(), 4, "delivered once, then left alone");
+    assert_eq!(calls[3].json()["data"]["next"], 1);
+    assert_ne!(calls[3].header("webhook-id"), Some(ids[0].as_str()));
     drop(sidecar);
 }
 
@@ -399,7 +405,17 @@ async fn the_same_envelope_twice_is_delivered_once_even_across_a_restart() {
     let sidecar = Sidecar::spawn(dir, path, &[]);
     let (status, _) = sidecar.post(same.clone()).await;
     assert_eq!(status, 200);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The next event of the entity: were the duplicate queued, it would arrive first.
+    sidecar
+        .send("clients.update", 3, json!({"name": "z"}))
+        .await;
+    assert!(
+        eventually(Duration::from_secs(10), || handler
+            .calls()
+            .iter()
+            .any(|c| c.json()["data"]["name"] == "z"))
+        .await
+    );
     let calls: Vec<(Value, String)> = handler
         .calls()
         .iter()
@@ -457,12 +473,12 @@ async fn a_denied_event_gets_no_after_stage_delivery() {
         .send("clients.create", 1, json!({"name": "bad"}))
         .await;
     assert_eq!(status, 403);
+    // The same entity: had the denied event been queued, it would be delivered first.
     let (status, _) = sidecar
-        .send("clients.create", 2, json!({"name": "good"}))
+        .send("clients.create", 1, json!({"name": "good"}))
         .await;
     assert_eq!(status, 200);
-    assert!(eventually(Duration::from_secs(10), || after.calls().len() == 1).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(eventually(Duration::from_secs(10), || !after.calls().is_empty()).await);
     let calls = after.calls();
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].json()["data"]["name"], "good");
@@ -672,12 +688,21 @@ async fn sigterm_lets_the_attempt_in_flight_finish_and_keeps_the_rest() {
 
     slow.store(false, Ordering::SeqCst);
     let sidecar = Sidecar::spawn(dir, path, &[]);
-    assert!(eventually(Duration::from_secs(10), || handler.calls().len() == 3).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // One more event of the entity, delivered behind the stored ones: once it is there,
+    // a repeat of the finished attempt would have come before it.
+    let (status, _) = sidecar.send("clients.update", 1, json!({"seq": 3})).await;
+    assert_eq!(status, 200);
+    assert!(
+        eventually(Duration::from_secs(10), || handler
+            .calls()
+            .iter()
+            .any(|c| key(c).1 == 3))
+        .await
+    );
     let seqs: Vec<i64> = handler.calls().iter().map(|c| key(c).1).collect();
     assert_eq!(
         seqs,
-        [0, 1, 2],
+        [0, 1, 2, 3],
         "the finished attempt was recorded, not repeated"
     );
     drop(sidecar);
@@ -854,29 +879,56 @@ async fn a_reload_that_removes_a_handler_dead_letters_its_queue_and_disabling_on
             200
         );
     }
-    // Disabled: the deliveries wait, stored, and are not dead-lettered.
-    sidecar.publish(&with("enabled = false"), 2);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // One reload disables crm and removes crm2. The same new generation reaches every
+    // waiting lane: crm2's three turning into dead letters is the sign it has arrived,
+    // and crm's, disabled, stay stored (no sleep standing in for "long enough").
     let store = sidecar.app.store.clone();
-    assert!(store.dead_letters(None, 10).unwrap().is_empty());
-    assert_eq!(store.queue_depth().unwrap(), 6);
-
-    // Removed: crm's three go to the dead letters at once, with the reason; crm2's stay.
-    let without = format!("{SERVER}{}", after_handler("crm2", &down, FAST));
-    sidecar.publish(&without, 3);
+    let disabled = format!(
+        "{SERVER}{}",
+        after_handler("crm", &down, &format!("{FAST}\nenabled = false"))
+    );
+    sidecar.publish(&disabled, 2);
     assert!(
         eventually(Duration::from_secs(5), || store
             .dead_letters(None, 10)
             .unwrap()
             .len()
-            == 3)
+            >= 3)
         .await
     );
-    for letter in store.dead_letters(None, 10).unwrap() {
-        assert_eq!(letter.delivery.handler, "crm");
+    let letters = store.dead_letters(None, 10).unwrap();
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    for letter in &letters {
+        assert_eq!(letter.delivery.handler, "crm2");
         assert_eq!(letter.reason, "handler removed by a config reload");
     }
-    assert_eq!(store.queue_depth().unwrap(), 3);
+    assert_eq!(
+        store.queue_depth().unwrap(),
+        3,
+        "crm's deliveries wait, stored"
+    );
+
+    // Removed: crm's three go to the dead letters too, with the reason.
+    sidecar.publish(SERVER, 3);
+    assert!(
+        eventually(Duration::from_secs(5), || store
+            .dead_letters(None, 10)
+            .unwrap()
+            .len()
+            == 6)
+        .await
+    );
+    let crm: Vec<_> = store
+        .dead_letters(None, 10)
+        .unwrap()
+        .into_iter()
+        .filter(|l| l.delivery.handler == "crm")
+        .collect();
+    assert_eq!(crm.len(), 3);
+    for letter in crm {
+        assert_eq!(letter.reason, "handler removed by a config reload");
+    }
+    assert_eq!(store.queue_depth().unwrap(), 0);
 
     // A dead letter of a handler the config lacks cannot be replayed.
     let id = store.dead_letters(None, 1).unwrap()[0].delivery.id;
@@ -945,6 +997,61 @@ async fn metrics_show_the_queue_the_dead_letters_and_after_stage_calls() {
                 && l.contains("handler=\"gone\"")
                 && l.contains("outcome=\"dead\"")),
         "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clients_custom_fields_update_waits_behind_the_clients_update_before_it() {
+    // clients.update fails until the custom fields event has arrived, or for 2 s: were
+    // the two events different entities, the custom fields one would be delivered first.
+    let first_seen = Arc::new(Mutex::new(None::<std::time::Instant>));
+    let delivered = Arc::new(Mutex::new(Vec::<String>::new()));
+    let handler = {
+        let (first_seen, delivered) = (first_seen.clone(), delivered.clone());
+        HandlerServer::start(move |call| {
+            let (first_seen, delivered) = (first_seen.clone(), delivered.clone());
+            async move {
+                let event = call.json()["event"]["events_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned();
+                let mut delivered = delivered.lock().unwrap();
+                let custom_seen = delivered.iter().any(|e| e != "clients.update");
+                let first = *first_seen.lock().unwrap().get_or_insert(call.at);
+                if event == "clients.update"
+                    && !custom_seen
+                    && first.elapsed() < Duration::from_secs(2)
+                {
+                    return reply(500, "not yet");
+                }
+                delivered.push(event);
+                reply(200, "")
+            }
+        })
+        .await
+    };
+    let config = format!("{SERVER}{}", after_handler("crm", &handler.url("/"), FAST));
+    let sidecar = Sidecar::start(&config);
+    let (status, _) = sidecar
+        .send("clients.update", 12, json!({"name": "x"}))
+        .await;
+    assert_eq!(status, 200);
+    assert!(eventually(Duration::from_secs(10), || !handler.calls().is_empty()).await);
+    let (status, _) = sidecar
+        .send("clients.custom_fields.update", 12, json!({"vip": true}))
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        eventually(Duration::from_secs(20), || delivered.lock().unwrap().len()
+            == 2)
+        .await,
+        "{:?}",
+        delivered.lock().unwrap()
+    );
+    assert_eq!(
+        *delivered.lock().unwrap(),
+        ["clients.update", "clients.custom_fields.update"],
+        "both are about client 12: delivered in the order they arrived"
     );
 }
 
@@ -1171,6 +1278,15 @@ async fn a_full_disk_is_survived_without_a_restart() {
         )
         .await;
     assert_eq!(status, 503);
+    // The log says what failed, not that the store is closed.
+    let failure = sidecar
+        .wait_for_log(Duration::from_secs(5), |v| {
+            v["message"] == "cannot store the deliveries, answering 503"
+        })
+        .expect("the refusal is logged");
+    let error = failure["error"].as_str().unwrap_or_default();
+    assert!(!error.contains("closed"), "{failure}");
+    assert!(error.contains("store write failed"), "{failure}");
 
     // Space is freed: the store takes writes again by itself.
     std::fs::remove_file(&filler).unwrap();

@@ -623,6 +623,116 @@ async fn a_script_timeout_kills_its_whole_process_group() {
     }
 }
 
+/// Whether process `pid` is gone (or a zombie waiting to be reaped), within 5 s.
+fn gone_soon(pid: i32) -> bool {
+    (0..250).any(|_| {
+        let alive =
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
+        if alive {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        !alive
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_script_whose_caller_hangs_up_has_its_whole_process_group_killed() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let pids = dir.path().join("pids");
+    // A grandchild that would outlive the script, then a long wait: only the billing
+    // hanging up ends this call (timeout and deadline are 60 s).
+    let path = script(
+        dir.path(),
+        "hang.sh",
+        &format!(
+            "#!/bin/sh\nsleep 60 &\necho \"$! $$\" > {p}.tmp\nmv {p}.tmp {p}\nsleep 60\n",
+            p = pids.display()
+        ),
+    );
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndeadline = \"60s\"\n{}",
+        script_handler(
+            "hang",
+            &path.display().to_string(),
+            "timeout = \"60s\"\non_error = \"deny\""
+        )
+    );
+    let sidecar = Sidecar::start_in(dir, &config, &[]);
+    let body = envelope("clients.update", 1, json!({})).to_string();
+    let request = format!(
+        "POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut billing = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut billing, request.as_bytes())
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || pids.exists()).await,
+        "the script never started"
+    );
+    let pids: Vec<i32> = std::fs::read_to_string(&pids)
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2);
+    drop(billing); // the billing hangs up
+    for pid in pids {
+        assert!(
+            gone_soon(pid),
+            "process {pid} of the abandoned script call is still running"
+        );
+    }
+    // The sidecar itself carries on.
+    let (status, _) = sidecar.get("/healthz").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ids_no_script_could_be_given_get_a_400_naming_the_field_never_a_skipped_check() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let ran = dir.path().join("ran");
+    // A validating script that forbids everything, under the default on_error = "allow":
+    // were it skipped (a spawn failure), the event would get 200.
+    let path = script(
+        dir.path(),
+        "validate.sh",
+        &format!(
+            "#!/bin/sh\necho \"$PROVISIONING_OBJECT_ID\" >> {}\necho 'not allowed' >&2\nexit 1\n",
+            ran.display()
+        ),
+    );
+    let config = format!(
+        "{SERVER}{}",
+        script_handler("validate", &path.display().to_string(), "")
+    );
+    let sidecar = Sidecar::start_in(dir, &config, &[]);
+    let long = "7".repeat(200_000);
+    for (events_id, object_id, field) in [
+        ("clients.update", json!("12\u{0}"), "event.object_id"),
+        ("clients.update", json!(long), "event.object_id"),
+        ("clients.update\u{0}", json!(12), "event.events_id"),
+        (long.as_str(), json!(12), "event.events_id"),
+    ] {
+        let body = json!({"event": {"events_id": events_id, "object_id": object_id}, "data": {}});
+        let (status, reply) = sidecar.post(body.to_string()).await;
+        assert_eq!(status, 400, "{field}: {reply}");
+        let message = reply["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("`{field}`")), "{message}");
+        assert!(
+            message.len() < 300,
+            "the message does not quote the value: {message}"
+        );
+    }
+    // An ordinary id still meets the script, which forbids it.
+    let (status, reply) = sidecar.send("clients.update", 12, json!({})).await;
+    assert_eq!(status, 403, "{reply}");
+    assert_eq!(reply["error"]["message"], "not allowed");
+    assert_eq!(std::fs::read_to_string(&ran).unwrap(), "12\n");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn max_concurrency_bounds_calls_of_one_handler() {
     let dir = tempfile::TempDir::new().unwrap();
@@ -833,7 +943,16 @@ async fn a_second_signal_quits_at_once() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     sidecar.signal(nix::sys::signal::Signal::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The first signal drains (30 s grace): it says so, and new events hear "not now".
+    sidecar
+        .wait_for_log(Duration::from_secs(10), |r| {
+            r["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("draining"))
+        })
+        .expect("the first signal starts draining");
+    let (status, _) = sidecar.send("clients.update", 2, json!({})).await;
+    assert_eq!(status, 503, "draining");
     assert!(sidecar.is_running(), "the first signal drains (30 s grace)");
     sidecar.signal(nix::sys::signal::Signal::SIGTERM);
     let status = sidecar

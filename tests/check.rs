@@ -163,6 +163,107 @@ fn run_refuses_a_bad_file_with_the_messages_of_check() {
 }
 
 #[test]
+fn an_empty_file_is_refused_alike_by_check_and_run() {
+    let dir = tempfile::TempDir::new().unwrap();
+    for text in ["", "\n  \n"] {
+        let path = dir.path().join("provisioning.toml");
+        std::fs::write(&path, text).unwrap();
+        let (code, stdout, stderr) = check(&path, &[]);
+        assert_eq!(code, 1, "check passed an empty file: {stdout}");
+        let file = path.display().to_string();
+        assert!(
+            stderr.starts_with(&format!("{file}: the file is empty")),
+            "{stderr}"
+        );
+        let out = Command::new(binary())
+            .args(["run", "--log-format", "json", "-c"])
+            .arg(&path)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "run started on an empty file");
+        let logged = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            logged.contains(&format!("{file}: the file is empty")),
+            "{logged}"
+        );
+    }
+    // A comment is a config without handlers, for whoever wants one.
+    let path = dir.path().join("comment.toml");
+    std::fs::write(&path, "# no handlers yet\n").unwrap();
+    let (code, stdout, stderr) = check(&path, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("0 handlers"), "{stdout}");
+}
+
+/// Every duration key with a value past the upper bound, and the key path each names.
+const TOO_LONG: &[(&str, &str)] = &[
+    ("[server]\ndeadline = \"500000000000y\"", "server.deadline"),
+    (
+        "[server]\nheader_timeout = \"400y\"",
+        "server.header_timeout",
+    ),
+    (
+        "[server]\nshutdown_grace = \"367d\"",
+        "server.shutdown_grace",
+    ),
+    ("[store]\ndedupe_window = \"2y\"", "store.dedupe_window"),
+    (
+        "[store]\nkeep_executions = { age = \"5000y\" }",
+        "store.keep_executions.age",
+    ),
+    ("[defaults]\ntimeout = \"9999999h\"", "defaults.timeout"),
+    (
+        "[defaults]\nretry = { backoff = \"2y\", max_backoff = \"3y\" }",
+        "defaults.retry.backoff",
+    ),
+    (
+        "[[handler]]\nname = \"h\"\nevents = [\"*\"]\nstage = \"after\"\nurl = \"http://127.0.0.1:1/\"\n\
+         timeout = \"100y\"",
+        "handler[0].timeout",
+    ),
+    (
+        "[[handler]]\nname = \"h\"\nevents = [\"*\"]\nstage = \"after\"\nurl = \"http://127.0.0.1:1/\"\n\
+         retry = { max_backoff = \"1000000000y\" }",
+        "handler[0].retry.max_backoff",
+    ),
+];
+
+#[test]
+fn check_refuses_durations_past_the_upper_bound_naming_the_place() {
+    let dir = tempfile::TempDir::new().unwrap();
+    for (text, key) in TOO_LONG {
+        let path = dir.path().join("provisioning.toml");
+        std::fs::write(&path, format!("{text}\n")).unwrap();
+        let (code, stdout, stderr) = check(&path, &[]);
+        assert_eq!(code, 1, "{key}: check passed: {stdout}");
+        // file:line:col: key: message
+        let line = stderr.lines().next().unwrap();
+        let (place, message) = line.split_once(&format!(": {key}: ")).unwrap_or_else(|| {
+            panic!("{key} not named: {stderr}");
+        });
+        let place: Vec<&str> = place.rsplitn(3, ':').collect();
+        assert_eq!(place[2], path.display().to_string(), "{line}");
+        let (row, col): (usize, usize) = (place[1].parse().unwrap(), place[0].parse().unwrap());
+        let value_line = text.lines().nth(row - 1).unwrap();
+        assert!(
+            value_line[col - 1..].starts_with('"'),
+            "{line} points at {value_line:?}"
+        );
+        assert!(message.contains("at most 1 year"), "{line}");
+    }
+    // The bound itself is fine.
+    let path = dir.path().join("provisioning.toml");
+    std::fs::write(
+        &path,
+        "[server]\ndeadline = \"1y\"\n[store]\nkeep_executions = { age = \"365d\" }\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = check(&path, &[]);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
 fn check_names_syntax_errors_and_missing_files() {
     let dir = tempfile::TempDir::new().unwrap();
     let path = dir.path().join("broken.toml");

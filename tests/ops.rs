@@ -116,6 +116,95 @@ async fn the_full_flow_over_a_unix_socket() {
     assert_eq!(reply["event"]["object_id"], 6);
 }
 
+/// A config listening on the unix socket `socket`, with its store at `store`.
+fn on_socket(socket: &std::path::Path, store: &str) -> String {
+    format!(
+        "[server]\nlisten = \"unix:{}\"\n[store]\npath = {}\n",
+        socket.display(),
+        toml_str(store)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_instance_never_removes_the_socket_of_a_live_one() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::TempDir::new().unwrap();
+    let socket = dir.path().join("provisiond.sock");
+    let first = Sidecar::start_in(dir, &on_socket(&socket, "first.db"), &[]);
+    let inode = std::fs::metadata(&socket).unwrap().ino();
+
+    // The same file again: same socket, same store. It must not start, and must leave
+    // the first one's socket alone.
+    let (code, _, stderr) = run_binary(
+        first.dir.path(),
+        &[
+            "run",
+            "--log-format",
+            "json",
+            "-c",
+            first.config_path.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "another provisiond is listening on {}",
+            socket.display()
+        )),
+        "{stderr}"
+    );
+    // Another store, same socket: refused the same way, before its store is opened.
+    let other = first.dir.path().join("other.toml");
+    std::fs::write(&other, on_socket(&socket, "other.db")).unwrap();
+    let (code, _, stderr) = run_binary(
+        first.dir.path(),
+        &["run", "--log-format", "json", "-c", other.to_str().unwrap()],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("another provisiond is listening"),
+        "{stderr}"
+    );
+    assert!(
+        !first.dir.path().join("other.db").exists(),
+        "it opened its store"
+    );
+
+    assert_eq!(std::fs::metadata(&socket).unwrap().ino(), inode);
+    let (status, _) = first.get("/healthz").await;
+    assert_eq!(status, 200, "the first instance is still reachable");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopping_instance_removes_only_the_socket_it_created() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::TempDir::new().unwrap();
+    let socket = dir.path().join("provisiond.sock");
+    let first = Sidecar::start_in(dir, &on_socket(&socket, "first.db"), &[]);
+    // Someone removes the first one's socket, and a second instance (its own store)
+    // takes the path.
+    std::fs::remove_file(&socket).unwrap();
+    let second_dir = tempfile::TempDir::new().unwrap();
+    let second = Sidecar::start_in(second_dir, &on_socket(&socket, "second.db"), &[]);
+    let inode = std::fs::metadata(&socket).unwrap().ino();
+
+    let (first_dir, _, status) = first.terminate();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        std::fs::metadata(&socket).map(|m| m.ino()).ok(),
+        Some(inode),
+        "the first instance removed the second one's socket"
+    );
+    let (status, _) = second.get("/healthz").await;
+    assert_eq!(status, 200);
+
+    // Its own socket it removes when it stops.
+    let (_second_dir, _, status) = second.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(!socket.exists());
+    drop(first_dir);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn signed_requests_verify_with_an_independent_verifier() {
     let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -568,4 +657,16 @@ async fn connections_over_the_cap_wait_until_one_closes() {
         "{}",
         String::from_utf8_lossy(&buf[..n])
     );
+}
+
+/// The helpers that tests use for "nothing listens there" hold their ports: connecting
+/// is refused, and a handler can still start there later.
+#[tokio::test(flavor = "multi_thread")]
+async fn reserved_test_ports_refuse_connections_and_can_host_a_handler_later() {
+    let addr = free_addr();
+    let refused = tokio::net::TcpStream::connect(addr).await.unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    let handler = HandlerServer::start_on(addr, |_| async { reply(200, "up") }).await;
+    let answer = http_client().get(handler.url("/")).send().await.unwrap();
+    assert_eq!(answer.text().await.unwrap(), "up");
 }

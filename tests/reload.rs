@@ -17,9 +17,6 @@ use serde_json::{Value, json};
 
 /// How long "eventually" may take on a loaded machine.
 const PATIENCE: Duration = Duration::from_secs(30);
-/// Longer than the watcher takes to settle and reload: what a test waits before it
-/// checks that no further reload came.
-const QUIET: Duration = Duration::from_millis(1500);
 
 /// A config with one before-stage handler that stamps `/{tag}`.
 fn tagged(stamper: &HandlerServer, tag: &str) -> String {
@@ -68,13 +65,19 @@ async fn one_reload_per_change(
         "the next event uses the new handler"
     );
 
-    tokio::time::sleep(QUIET).await;
-    let config = sidecar.live_config().await;
+    // A last write, a comment added: its reload comes after any the change caused, and
+    // shows as the new file's hash. Then the counts are final.
+    let config = last_write(&sidecar, &tagged(&stamper, "two")).await;
     assert_eq!(generation(&config), 2, "{config:#}");
     assert_eq!(
         reloads(&config, "applied"),
         1,
         "exactly one reload: {config:#}"
+    );
+    assert_eq!(
+        reloads(&config, "unchanged"),
+        1,
+        "only the last write's: {config:#}"
     );
     assert_eq!(reloads(&config, "rejected"), 0, "{config:#}");
     assert!(config["last_error"].is_null(), "{config:#}");
@@ -83,6 +86,27 @@ async fn one_reload_per_change(
         .unwrap();
     assert_eq!(summary["changed"], "stamp", "{summary}");
     assert_eq!(summary["trigger"], "watch", "{summary}");
+}
+
+/// Writes `text` with a comment of its own over the config (rename-save) and waits until
+/// `/v1/config` shows that file's hash: the reload of this write is done, and with it
+/// every reload an earlier change could cause (the watcher handles changes in order).
+async fn last_write(sidecar: &Sidecar, text: &str) -> Value {
+    let text = format!("# last write\n{text}");
+    write_atomic(&sidecar.config_path, &text);
+    let hash = sha256_hex(&text);
+    sidecar
+        .wait_for_config(PATIENCE, |c| c["hash"] == hash)
+        .await
+}
+
+/// SHA-256 of `text`, hex.
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A plain file in the directory.
@@ -204,18 +228,43 @@ async fn changes_that_do_not_touch_the_config_do_not_reload() {
     let _ = std::fs::read_to_string(&sidecar.config_path).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&sidecar.config_path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    tokio::time::sleep(QUIET).await;
-    let config = sidecar.live_config().await;
-    for result in ["applied", "unchanged", "rejected"] {
-        assert_eq!(reloads(&config, result), 0, "{result}: {config:#}");
+
+    // A comment added: read, and found unchanged. Its reload comes after any the writes
+    // above could have caused; by then the watcher has judged every one of their events.
+    let config = last_write(&sidecar, &text).await;
+    assert_eq!(generation(&config), 1, "{config:#}");
+    assert_eq!(
+        reloads(&config, "unchanged"),
+        1,
+        "only the comment's: {config:#}"
+    );
+    assert_eq!(reloads(&config, "applied"), 0, "{config:#}");
+    assert_eq!(reloads(&config, "rejected"), 0, "{config:#}");
+    let file = sidecar.config_path.file_name().unwrap().to_str().unwrap();
+    let judged: Vec<Value> = sidecar
+        .log_records()
+        .into_iter()
+        .filter(|r| r["message"] == "config may have changed")
+        .collect();
+    assert!(
+        !judged.is_empty(),
+        "the last write was not seen as a change"
+    );
+    for seen in &judged {
+        let paths = seen["paths"].as_str().unwrap_or_default();
+        let kind = seen["kind"].as_str().unwrap_or_default();
+        assert!(
+            paths.contains(file) && !paths.contains("notes.txt") && !paths.contains("other.toml"),
+            "an unrelated file counted as a change: {seen}"
+        );
+        assert!(
+            !kind.contains("Metadata") && !kind.contains("Access"),
+            "reading or chmod counted as a change: {seen}"
+        );
     }
 
-    // The same text written again, and a comment added: read, and found unchanged.
+    // The same text written again, in place: read, and found unchanged.
     std::fs::write(&sidecar.config_path, &text).unwrap();
-    sidecar
-        .wait_for_config(PATIENCE, |c| reloads(c, "unchanged") == 1)
-        .await;
-    write_atomic(&sidecar.config_path, &format!("# reviewed\n{text}"));
     let config = sidecar
         .wait_for_config(PATIENCE, |c| reloads(c, "unchanged") == 2)
         .await;
@@ -526,13 +575,12 @@ async fn sighup_reloads() {
     let path = plain(dir.path(), &tagged(&stamper, "one"));
     let sidecar = Sidecar::spawn_with(dir, path, &[], &["--no-watch"]);
 
+    let listening = sidecar
+        .wait_for_log(PATIENCE, |r| r["message"] == "listening")
+        .unwrap();
+    assert_eq!(listening["watching"], false, "--no-watch does not watch");
     write_atomic(&sidecar.config_path, &tagged(&stamper, "two"));
-    tokio::time::sleep(QUIET).await;
-    assert_eq!(
-        generation(&sidecar.live_config().await),
-        1,
-        "--no-watch does not watch"
-    );
+    assert_eq!(generation(&sidecar.live_config().await), 1);
     assert_eq!(served_by(&sidecar).await, ["/one"]);
 
     sidecar.signal(nix::sys::signal::Signal::SIGHUP);
@@ -636,6 +684,122 @@ async fn post_reload_answers_applied_unchanged_or_rejected() {
 
     let (status, _) = sidecar.get("/v1/reload").await;
     assert_eq!(status, 405);
+}
+
+/// `sha256sum FILE`, as an operator would compare it.
+fn sha256sum(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn v1_config_hash_is_the_file_on_disk_after_an_unchanged_reload() {
+    let stamper = stamper().await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = plain(dir.path(), &tagged(&stamper, "one"));
+    let sidecar = Sidecar::spawn_with(dir, path, &[], &["--no-watch"]);
+    let config = sidecar.live_config().await;
+    assert_eq!(config["hash"], sha256sum(&sidecar.config_path));
+
+    // Only a comment differs: unchanged, same generation, the new file's hash.
+    write_atomic(
+        &sidecar.config_path,
+        &format!("# reviewed in #42\n{}", tagged(&stamper, "one")),
+    );
+    let (status, body) = sidecar.post_to("/v1/reload", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"], "unchanged", "{body}");
+    let config = sidecar.live_config().await;
+    assert_eq!(generation(&config), 1, "{config:#}");
+    assert_eq!(
+        config["hash"],
+        sha256sum(&sidecar.config_path),
+        "{config:#}"
+    );
+
+    // A rejected file leaves the hash of the file the live config came from.
+    let live = config["hash"].clone();
+    write_atomic(&sidecar.config_path, "[server\n");
+    let (status, _) = sidecar.post_to("/v1/reload", "").await;
+    assert_eq!(status, 422);
+    assert_eq!(sidecar.live_config().await["hash"], live);
+
+    // Applied: the new file's hash, a new generation.
+    write_atomic(&sidecar.config_path, &tagged(&stamper, "two"));
+    let (status, _) = sidecar.post_to("/v1/reload", "").await;
+    assert_eq!(status, 200);
+    let config = sidecar.live_config().await;
+    assert_eq!(generation(&config), 2);
+    assert_eq!(config["hash"], sha256sum(&sidecar.config_path));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_changes_only_restart_settings_says_so() {
+    let stamper = stamper().await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = plain(dir.path(), &tagged(&stamper, "one"));
+    let sidecar = Sidecar::spawn_with(dir, path, &[], &["--no-watch"]);
+    write_atomic(
+        &sidecar.config_path,
+        &tagged(&stamper, "one").replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:1\"\nmax_in_flight = 7",
+        ),
+    );
+    let (status, body) = sidecar.post_to("/v1/reload", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"], "unchanged", "{body}");
+    let logged = sidecar
+        .wait_for_log(PATIENCE, |r| {
+            r["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("config unchanged"))
+        })
+        .unwrap();
+    assert_eq!(
+        logged["message"], "config unchanged but for settings that need a restart",
+        "{logged}"
+    );
+    assert_eq!(
+        logged["restart_needed"], "server.listen, server.max_in_flight",
+        "{logged}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_duration_past_the_bound_is_a_rejected_reload_and_events_go_on() {
+    let stamper = stamper().await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = plain(dir.path(), &tagged(&stamper, "one"));
+    let sidecar = Sidecar::spawn_with(dir, path, &[], &["--no-watch"]);
+    let text = tagged(&stamper, "two").replace(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\ndeadline = \"500000000000y\"",
+    );
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("deadline"))
+        .unwrap()
+        + 1;
+    write_atomic(&sidecar.config_path, &text);
+    let (status, body) = sidecar.post_to("/v1/reload", "").await;
+    assert_eq!(status, 422, "{body}");
+    let file = sidecar.config_path.display().to_string();
+    let error = body["error"]["errors"][0].as_str().unwrap();
+    assert!(
+        error.starts_with(&format!("{file}:{line}:12: server.deadline: ")),
+        "{error}"
+    );
+    assert!(error.contains("at most 1 year"), "{error}");
+    assert_eq!(
+        served_by(&sidecar).await,
+        ["/one"],
+        "the running config serves"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -32,6 +32,12 @@ const DEFAULT_RETRY: Retry = Retry {
     max_backoff: Duration::from_secs(600),
 };
 
+/// The longest duration any key accepts: one year (`"1y"`, 365.25 days, as humantime
+/// counts it). Longer values are mistakes (`"500000000000y"` once overflowed a deadline
+/// on every event); a year is more than any timeout, backoff, window or retention a
+/// sidecar needs.
+pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+
 pub fn compile(
     text: &str,
     file: &str,
@@ -129,6 +135,16 @@ impl Checker<'_> {
             return default;
         }
         match humantime::parse_duration(text.trim()) {
+            Ok(d) if d > MAX_DURATION => {
+                self.error(
+                    path,
+                    format!(
+                        "duration {text:?} is too long: at most 1 year (\"1y\", \"365d\") is \
+                         accepted"
+                    ),
+                );
+                default
+            }
             Ok(d) => d,
             Err(e) => {
                 self.error(

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use compile::DEFAULT_LISTEN;
+pub use compile::{DEFAULT_LISTEN, MAX_DURATION};
 pub use error::{ConfigError, ConfigErrors, KeyPath, Seg};
 pub use raw::{OnError, RawConfig, RawHandler, Stage};
 pub use source::{expand_env, line_col};
@@ -207,11 +207,24 @@ pub struct ScriptTarget {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file: what `check`, `run`, every reload, `explain`
+    /// and `test` use. The file is read once, and what was read is what is checked.
+    ///
+    /// An empty file (nothing but whitespace) is refused, by every command alike: an
+    /// in-place write empties the file before it writes the new text, and were that
+    /// moment read by a reload, the empty config would remove every handler. To run
+    /// without handlers, write a comment in the file.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigErrors::file(&file, format!("cannot read the file: {e}")))?;
+        if text.trim().is_empty() {
+            return Err(ConfigErrors::file(
+                &file,
+                "the file is empty (a write in progress?); to run without handlers, write a \
+                 comment in it",
+            ));
+        }
         let base = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())

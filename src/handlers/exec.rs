@@ -1,5 +1,6 @@
 //! Script handlers: argv without a shell, the envelope on stdin, a clean environment,
-//! a process group of its own so that a timeout kills everything the script started.
+//! a process group of its own so that a timeout, or a call given up (the billing hung
+//! up), kills everything the script started.
 
 use std::process::Stdio;
 
@@ -45,6 +46,10 @@ pub async fn call(target: &ScriptTarget, call: &Call<'_>) -> Result<Reply, CallE
         error: e.to_string(),
     })?;
     let pid = child.id();
+    // Until the script has exited, a call that ends any other way (a timeout, or its
+    // future dropped because the billing hung up) kills the whole group. `kill_on_drop`
+    // alone would reach the script only, not what it started.
+    let mut group = GroupGuard(pid);
     let mut stdin = child.stdin.take().expect("stdin is piped");
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
@@ -67,11 +72,15 @@ pub async fn call(target: &ScriptTarget, call: &Call<'_>) -> Result<Reply, CallE
     let (status, stdout, truncated, stderr) = match tokio::time::timeout(call.timeout, run).await {
         Ok(done) => done,
         Err(_) => {
-            kill_group(pid);
+            group.kill();
             let _ = child.wait().await;
+            group.disarm();
             return Err(CallError::Timeout(call.timeout));
         }
     };
+    // The script has exited and been reaped: its group is no longer ours to kill (a
+    // background child it left is its own business, as documented).
+    group.disarm();
     let status = status.map_err(|e| CallError::Io(format!("waiting for the script: {e}")))?;
     use std::os::unix::process::ExitStatusExt as _;
     Ok(Reply::Script {
@@ -83,10 +92,27 @@ pub async fn call(target: &ScriptTarget, call: &Call<'_>) -> Result<Reply, CallE
     })
 }
 
-/// Kills the script's whole process group: the script and anything it started.
-fn kill_group(pid: Option<u32>) {
-    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+/// The process group of a running script (the script is its leader): killed with
+/// everything in it when the guard is dropped while still armed.
+struct GroupGuard(Option<u32>);
+
+impl GroupGuard {
+    /// Kills the script's whole process group: the script and anything it started.
+    fn kill(&mut self) {
+        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+
+    /// The script has been waited for: nothing to kill any more.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

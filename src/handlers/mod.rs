@@ -194,10 +194,29 @@ pub fn new_message_id() -> String {
     crate::events::new_id("msg")
 }
 
-/// At most [`EXCERPT`] bytes of `bytes` as text, cut at a character boundary.
+/// At most [`EXCERPT`] bytes of `bytes` as text, cut at a character boundary: a
+/// character cut in two by the limit is left out, and bytes that are not UTF-8 become
+/// U+FFFD (3 bytes each) within the same limit.
 pub fn excerpt(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(EXCERPT)]);
-    text.trim().to_owned()
+    let head = &bytes[..bytes.len().min(EXCERPT)];
+    let valid = match std::str::from_utf8(head) {
+        Ok(text) => text,
+        // Cut inside a character at the limit: keep what is before it.
+        Err(e) if e.error_len().is_none() => {
+            std::str::from_utf8(&head[..e.valid_up_to()]).expect("valid up to here")
+        }
+        Err(_) => return cap(String::from_utf8_lossy(head).trim(), EXCERPT),
+    };
+    valid.trim().to_owned()
+}
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn cap(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].trim_end().to_owned()
 }
 
 /// The innermost message of an error chain: "Connection refused (os error 111)" rather
@@ -208,4 +227,24 @@ pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
         current = source;
     }
     current.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_excerpt_never_exceeds_its_limit() {
+        let ascii_then_wide = format!("{}é and more", "x".repeat(EXCERPT - 1));
+        let invalid = vec![0xffu8; 2 * EXCERPT];
+        let wide = "日本".repeat(EXCERPT);
+        for bytes in [ascii_then_wide.as_bytes(), &invalid, wide.as_bytes()] {
+            let text = excerpt(bytes);
+            assert!(text.len() <= EXCERPT, "{} bytes", text.len());
+            assert!(!text.is_empty());
+        }
+        // A cut keeps whole characters: the é that does not fit is left out, not mangled.
+        assert_eq!(excerpt(ascii_then_wide.as_bytes()), "x".repeat(EXCERPT - 1));
+        assert_eq!(excerpt(b"  short  "), "short");
+    }
 }

@@ -112,6 +112,10 @@ pub struct Status {
     pub last_error: Option<LastError>,
     /// Settings changed in the file that keep their running values until a restart.
     pub restart_needed: Vec<Pending>,
+    /// SHA-256 (hex) of the file the live config was last read from: the file at start,
+    /// then at each reload that was applied or found unchanged (a comment-only change
+    /// swaps nothing, but the file on disk is that one). A rejected file leaves it.
+    pub hash: String,
 }
 
 /// Settings read once at start: the listener, its limits, the store file.
@@ -228,7 +232,10 @@ impl Reloader {
             path,
             fixed: Fixed::of(config),
             running: tokio::sync::Mutex::new(()),
-            status: Mutex::new(Status::default()),
+            status: Mutex::new(Status {
+                hash: config.hash.clone(),
+                ..Status::default()
+            }),
         }
     }
 
@@ -246,16 +253,18 @@ impl Reloader {
     pub async fn reload(&self, app: &App, trigger: Trigger) -> Outcome {
         let _one_at_a_time = self.running.lock().await;
         let path = self.path.clone();
-        let loaded = tokio::task::spawn_blocking(move || read(&path))
+        let loaded = tokio::task::spawn_blocking(move || load(&path))
             .await
             .unwrap_or_else(|e| Err(ConfigErrors::file("config", format!("reload failed: {e}"))));
         let live = app.snapshot.load_full();
+        let mut read_hash = None;
         let outcome = match loaded {
             Err(errors) => Outcome::Rejected {
                 generation: live.generation,
                 errors,
             },
             Ok(mut config) => {
+                read_hash = Some(config.hash.clone());
                 let restart_needed = self.fixed.pin(&mut config);
                 let changes = Changes::between(&live.config, &config);
                 if changes.is_empty() {
@@ -275,6 +284,9 @@ impl Reloader {
                 }
             }
         };
+        if let Some(hash) = read_hash {
+            self.status.lock().expect("status lock").hash = hash;
+        }
         self.record(&outcome, trigger);
         outcome
     }
@@ -306,7 +318,15 @@ impl Reloader {
                 status.unchanged += 1;
                 status.last_error = None;
                 status.restart_needed.clone_from(restart_needed);
-                info!(%trigger, generation, "config unchanged");
+                if restart_needed.is_empty() {
+                    info!(%trigger, generation, "config unchanged");
+                } else {
+                    let settings: Vec<&str> = restart_needed.iter().map(|p| p.setting).collect();
+                    info!(
+                        %trigger, generation, restart_needed = %settings.join(", "),
+                        "config unchanged but for settings that need a restart"
+                    );
+                }
                 log_pending(restart_needed);
             }
             Outcome::Rejected { generation, errors } => {
@@ -335,20 +355,6 @@ fn log_pending(pending: &[Pending]) {
             "setting needs a restart, keeping the running value"
         );
     }
-}
-
-/// [`load`], plus one rule for reloads only: an empty file is refused. An in-place write
-/// empties the file before it writes the new text; were that moment read, the empty
-/// config would remove every handler. (To run without handlers, write a comment.)
-fn read(path: &Path) -> Result<Config, ConfigErrors> {
-    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
-        return Err(ConfigErrors::file(
-            &path.display().to_string(),
-            "the file is empty (a write in progress?); to run without handlers, write a \
-             comment in it",
-        ));
-    }
-    load(path)
 }
 
 /// Starts the triggers: the watcher's settle-then-reload loop (unless `watcher` is
@@ -392,6 +398,52 @@ mod tests {
 
     fn config(text: &str) -> Config {
         Config::parse(text, "p.toml").unwrap()
+    }
+
+    /// An in-place writer truncates the file and writes it again, over and over, while
+    /// the file is read: no read may ever take the emptied file for a config.
+    #[test]
+    fn a_file_emptied_while_it_is_read_is_never_loaded_as_empty() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("p.toml");
+        // Every shorter prefix of this text fails to load, so a read that is not of
+        // the whole text is an error, never a config with fewer handlers.
+        let text = "[[handler]]\nname = \"a\"\nevents = [\"*\"]\nurl = \"http://127.0.0.1:1/\"\n\
+                    stage = \"after\"";
+        std::fs::write(&path, text).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                use std::io::Write as _;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut file = std::fs::File::create(&path).unwrap(); // truncates
+                    std::thread::yield_now();
+                    file.write_all(text.as_bytes()).unwrap();
+                }
+            })
+        };
+        // At least 20,000 reads, and on until both outcomes were seen (the race was run),
+        // for 20 s at most: a starved writer thread makes the test slower, not wrong.
+        let (mut loaded, mut refused, mut reads) = (0, 0, 0);
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while reads < 20_000 || ((loaded == 0 || refused == 0) && std::time::Instant::now() < until)
+        {
+            reads += 1;
+            match load(&path) {
+                Ok(config) => {
+                    assert_eq!(config.handlers.len(), 1, "an emptied file was loaded");
+                    loaded += 1;
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(
+            loaded > 0 && refused > 0,
+            "{loaded} loaded, {refused} refused"
+        );
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub fn config(app: &Arc<App>) -> Response<Body> {
             "generation": snapshot.generation,
             "loaded_at": time(snapshot.loaded_at),
             "file": config.file,
-            "hash": config.hash,
+            "hash": status.hash,
             "handlers": handlers,
             "events": events,
             "reloads": {

@@ -118,28 +118,34 @@ impl App {
 /// A bound listener: TCP, or a unix socket.
 pub enum Listener {
     Tcp(TcpListener),
-    Unix(UnixListener, std::path::PathBuf),
+    Unix(UnixListener, UnixPath),
+}
+
+/// The path of a unix socket this process created, and the file it created there
+/// (device and inode): on drop, only that file is removed.
+pub struct UnixPath {
+    path: PathBuf,
+    created: (u64, u64),
 }
 
 impl Listener {
-    /// Binds `listen`. A unix socket replaces a stale socket file and gets mode 0660.
+    /// Binds `listen`. A unix socket gets mode 0660. A socket file already at the path is
+    /// replaced only when it is stale (connecting to it is refused); when another process
+    /// answers on it, binding fails and the file is left alone.
     pub async fn bind(listen: &Listen) -> std::io::Result<Self> {
         match listen {
             Listen::Tcp(addr) => Ok(Self::Tcp(TcpListener::bind(addr).await?)),
             Listen::Unix(path) => {
-                use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
-                if let Ok(meta) = std::fs::symlink_metadata(path) {
-                    if !meta.file_type().is_socket() {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::AlreadyExists,
-                            format!("{} exists and is not a socket", path.display()),
-                        ));
-                    }
-                    std::fs::remove_file(path)?;
-                }
+                use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+                remove_stale_socket(path).await?;
                 let listener = UnixListener::bind(path)?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-                Ok(Self::Unix(listener, path.clone()))
+                let meta = std::fs::symlink_metadata(path)?;
+                let path = UnixPath {
+                    path: path.clone(),
+                    created: (meta.dev(), meta.ino()),
+                };
+                std::fs::set_permissions(&path.path, std::fs::Permissions::from_mode(0o660))?;
+                Ok(Self::Unix(listener, path))
             }
         }
     }
@@ -150,7 +156,7 @@ impl Listener {
             Self::Tcp(l) => l
                 .local_addr()
                 .map_or_else(|e| format!("?({e})"), |a| a.to_string()),
-            Self::Unix(_, path) => format!("unix:{}", path.display()),
+            Self::Unix(_, path) => format!("unix:{}", path.path.display()),
         }
     }
 
@@ -169,11 +175,63 @@ impl Listener {
 }
 
 impl Drop for Listener {
+    /// Removes the socket file this listener created, if it is still the one at the
+    /// path: a socket another instance bound there since (after someone removed ours)
+    /// is not ours to remove.
     fn drop(&mut self) {
-        if let Self::Unix(_, path) = self {
-            let _ = std::fs::remove_file(path);
+        use std::os::unix::fs::MetadataExt as _;
+        if let Self::Unix(_, path) = self
+            && std::fs::symlink_metadata(&path.path)
+                .is_ok_and(|m| (m.dev(), m.ino()) == path.created)
+        {
+            let _ = std::fs::remove_file(&path.path);
         }
     }
+}
+
+/// Makes room for a unix socket at `path`: nothing there is fine; a socket nobody
+/// answers on (left by a process that was killed) is removed; a socket that accepts a
+/// connection, or whose backlog is full, belongs to a live process and is an error, as
+/// is anything not a socket.
+async fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::FileTypeExt as _;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Error::new(
+            ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    // A non-blocking connect: a live listener with a full backlog answers at once
+    // (`WouldBlock`) instead of holding this start-up until it has room.
+    match tokio::net::UnixStream::connect(path).await {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Ok(_) => Err(in_use(path)),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => Err(in_use(path)),
+        Err(e) => Err(Error::new(
+            e.kind(),
+            format!(
+                "{} exists and cannot be checked for a live listener: {e}",
+                path.display()
+            ),
+        )),
+    }
+}
+
+fn in_use(path: &std::path::Path) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!(
+            "another provisiond is listening on {} (stop it, or give this one another \
+             server.listen)",
+            path.display()
+        ),
+    )
 }
 
 /// Serves until `shutdown` is cancelled, then stops accepting and gives open connections
@@ -289,4 +347,54 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
 /// A fixed body, as every route answers.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_a_stale_socket_is_removed() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("p.sock");
+        assert!(remove_stale_socket(&path).await.is_ok(), "nothing there");
+
+        // Bound and gone (a killed process): removed.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        remove_stale_socket(&path).await.unwrap();
+        assert!(!path.exists());
+
+        // Alive, even with its backlog full: refused at once, and left alone.
+        let _live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut held = Vec::new();
+        let full = tokio::time::timeout(Duration::from_secs(10), async {
+            for _ in 0..100_000 {
+                match tokio::net::UnixStream::connect(&path).await {
+                    Ok(stream) => held.push(stream),
+                    Err(e) => return e.kind(),
+                }
+            }
+            std::io::ErrorKind::Other
+        })
+        .await
+        .expect("connecting to a full backlog does not wait");
+        assert_eq!(full, std::io::ErrorKind::WouldBlock);
+        let error = tokio::time::timeout(Duration::from_secs(5), remove_stale_socket(&path))
+            .await
+            .expect("no wait for room in the backlog")
+            .unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(
+            error
+                .to_string()
+                .contains("another provisiond is listening")
+        );
+        assert!(path.exists());
+
+        // Not a socket: left alone.
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        assert!(remove_stale_socket(&file).await.is_err());
+        assert!(file.exists());
+    }
 }

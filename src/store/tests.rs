@@ -568,17 +568,42 @@ async fn log_rows_are_dropped_and_counted_when_the_writer_is_behind_never_waited
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_steady_stream_of_log_rows_is_kept_though_the_writer_lingers() {
-    // A channel of 16 batches and a writer that waits up to a second for company: a
-    // stream of 400 batches over about 0.4 s would overflow it unless a half-full
-    // channel ends the wait.
+    // A channel of 16 batches and a writer that lingers up to a second for company: a
+    // stream of one batch a millisecond passes half the channel within ~10 ms, and
+    // unless that ends the wait the stream stalls for most of a second each time.
+    //
+    // The stream never overfills the channel: while it is 3/4 full, it waits for the
+    // writer. (It used to send regardless and assert nothing was dropped, which held only
+    // while the writer thread got a core within ~8 ms of the wake-up: on a loaded
+    // 2-core machine it once did not, and 29 rows were dropped, as designed.) What is
+    // measured instead is how long those waits add up to: a few milliseconds when a
+    // half-full channel wakes the writer, some 30 s (a second per 12 batches) when it
+    // does not.
     let store = Store::memory_with(16).unwrap();
+    let nearly_full = || store.inner.logs.capacity() <= 4;
+    let mut stalled = Duration::ZERO;
     for i in 0..400 {
+        if nearly_full() {
+            let since = std::time::Instant::now();
+            while nearly_full() {
+                assert!(
+                    since.elapsed() < Duration::from_secs(30),
+                    "the writer stopped"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            stalled += since.elapsed();
+        }
         store.log(vec![row("a", i, "allowed")]);
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     assert_eq!(store.dropped_log_rows(), 0, "rows were dropped");
+    assert!(
+        stalled < Duration::from_secs(10),
+        "the stream waited {stalled:?} for a lingering writer"
+    );
     let mut kept = 0;
-    for _ in 0..100 {
+    for _ in 0..200 {
         kept = store
             .executions(&ExecutionFilter {
                 limit: 1000,

@@ -619,15 +619,28 @@ pub fn write_atomic(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// A loopback address nothing listens on.
+/// A loopback URL nothing listens on, and nothing else will: its port stays reserved
+/// (see [`free_addr`]), so connecting is refused for as long as the tests run.
 pub fn refused_url() -> String {
     format!("http://{}/hook", free_addr())
 }
 
-/// A loopback address free right now.
+/// Sockets bound, never listening, to hold ports for the life of the test process.
+static RESERVED: Mutex<Vec<tokio::net::TcpSocket>> = Mutex::new(Vec::new());
+
+/// A loopback address nothing listens on, whose port no other process or test can be
+/// given: a socket stays bound to it (with `SO_REUSEADDR`, not listening) until the
+/// test process exits. The kernel hands out neither ephemeral ports for `:0` binds nor
+/// source ports for connections from a bound port, so a connection to it is refused,
+/// and [`HandlerServer::start_on`] (which binds with `SO_REUSEADDR`, as every tokio
+/// listener does) can still start a handler exactly there later.
 pub fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    RESERVED.lock().unwrap().push(socket);
+    addr
 }
 
 /// Writes an executable script.
