@@ -56,7 +56,7 @@ fn a_listener_off_loopback_needs_a_token_or_the_explicit_opt_out() {
         "[server]\nlisten = \"127.0.0.1:8600\"\n",
         "[server]\nlisten = \"[::1]:8600\"\n",
         "[server]\nlisten = \"unix:/run/provisiond/provisiond.sock\"\n",
-        "",
+        "# the default listen address\n",
     ] {
         let (code, out, err) = check_text(config, &[("T", "secret-1")]);
         assert_eq!(code, 0, "{config}: {err}");
