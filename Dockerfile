@@ -1,9 +1,13 @@
 # provisiond container image.
 #
 #   docker build -t provisiond:latest .
-#   docker run --rm -p 8600:8600 \
+#   docker run --rm -p 8600:8600 -e PROVISIOND_TOKEN="$(cat provisiond.token)" \
 #     -v "$PWD/config:/etc/provisiond:ro" \
 #     -v provisiond-data:/var/lib/provisiond provisiond:latest
+#
+# The image's config listens on 0.0.0.0:8600 with token = "${PROVISIOND_TOKEN}": without
+# the variable the container refuses to start, so a published port is never open to
+# anyone. The HEALTHCHECK runs `provisiond health --ready` (no curl in the image).
 #
 # The config is read from /etc/provisiond/provisioning.toml (mount the directory, not a
 # subPath, so that hot reload sees changes); the store lives on the volume at
@@ -16,8 +20,8 @@ COPY src ./src
 COPY benches ./benches
 COPY examples ./examples
 COPY schema ./schema
-RUN cargo build --release --locked --bin provisiond \
- && strip target/release/provisiond
+# The release profile (Cargo.toml) already strips symbols and links with LTO.
+RUN cargo build --release --locked --bin provisiond
 
 FROM debian:bookworm-slim
 RUN apt-get update \
@@ -34,5 +38,9 @@ WORKDIR /var/lib/provisiond
 VOLUME ["/var/lib/provisiond"]
 ENV PROVISIOND_CONFIG=/etc/provisiond/provisioning.toml
 EXPOSE 8600
+# Reaches the listener of the config (PROVISIOND_CONFIG) with its token; /readyz is 503
+# while the store is not open or the sidecar drains.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
+  CMD ["/usr/local/bin/provisiond", "health", "--ready", "--timeout", "4s"]
 ENTRYPOINT ["/usr/local/bin/provisiond"]
 CMD ["run", "--log-format", "json"]

@@ -10,7 +10,9 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-pub use admin::{DeadLetterCommand, ExecutionQuery, dead_letters, executions};
+pub use admin::{
+    DeadLetterCommand, ExecutionQuery, Output, Selection, dead_letters, executions, health,
+};
 
 use crate::config::{Config, ConfigErrors};
 use crate::dispatch::Snapshot;
@@ -232,7 +234,16 @@ pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
         addr = %listener.local_addr(), config = %path.display(), handlers, watching,
         store = %app.store.path(), version = env!("CARGO_PKG_VERSION"), "listening"
     );
+    notify_ready(&listener.local_addr());
+    let stopping_notice = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            notify(&[sd_notify::NotifyState::Stopping]);
+        })
+    };
     serve(listener, app.clone(), shutdown, grace).await;
+    stopping_notice.abort();
     let _ = stopping.await;
     let _ = pruning.await;
     app.store.close().await;
@@ -240,11 +251,27 @@ pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Tells systemd (`Type=notify`) that the config is loaded, the store open and the
+/// listener bound. Without `NOTIFY_SOCKET` in the environment it does nothing.
+fn notify_ready(addr: &str) {
+    let status = format!("listening on {addr}");
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
+}
+
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
+    }
+}
+
 /// `provisiond send`: post an envelope like the billing's to a running sidecar and print
 /// the reply. Exit 0 on 200, 1 otherwise.
 pub async fn send(
     config_path: &Path,
-    url: Option<&str>,
+    target: &crate::remote::Target,
     event: &str,
     data: Option<&str>,
     object_id: i64,
@@ -257,7 +284,10 @@ pub async fn send(
         anyhow::bail!("--data must hold a JSON object");
     }
     let body = crate::remote::envelope(event, object_id, data);
-    let remote = crate::remote::Remote::new(config_path, url)?;
+    let remote = crate::remote::Remote::new(config_path, target)?;
+    if let Some(warning) = outside_catalogue(remote.config(), event) {
+        eprintln!("provisiond: warning: {warning}");
+    }
     let (status, text) = remote
         .request(
             reqwest::Method::POST,
@@ -275,6 +305,27 @@ pub async fn send(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// What `send` says about an event name neither the catalogue nor the config's `[events]
+/// extra` has (the config's when it loaded, else the catalogue alone): it is still sent,
+/// as the billing would, and goes to the wildcard handlers.
+fn outside_catalogue(config: Option<&Config>, event: &str) -> Option<String> {
+    let name = crate::events::normalize(event);
+    let known: Vec<&str> = match config {
+        Some(config) => config.known_events().collect(),
+        None => crate::events::CATALOGUE.to_vec(),
+    };
+    if known.contains(&name.as_ref()) {
+        return None;
+    }
+    let hint = crate::events::suggest(&name, known.iter().copied())
+        .map(|s| format!(" (did you mean {s:?}?)"))
+        .unwrap_or_default();
+    Some(format!(
+        "{event:?} is not in the billing's catalogue nor [events] extra{hint}; sending it \
+         anyway: the sidecar gives it to the handlers matching \"*\" or a prefix only"
+    ))
 }
 
 /// How often the execution log and the dedupe keys are trimmed.

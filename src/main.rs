@@ -108,17 +108,21 @@ enum Command {
         /// The event's object_id: an integer, as the billing's ids are.
         #[arg(long, value_name = "N", default_value_t = 1, value_parser = object_id)]
         object_id: i64,
-        /// The sidecar: http://host:port or unix:/path.sock (default: the config's listen).
-        #[arg(long)]
-        url: Option<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
-    /// Show a running sidecar's execution log, newest first.
+    /// Show a running sidecar's execution log, newest first (with --follow, oldest
+    /// first, then new rows as they come).
     Executions {
         #[command(flatten)]
         remote: RemoteArgs,
         /// Only this event (e.g. clients.create).
         #[arg(long)]
         event: Option<String>,
+        /// Only the calls made for this event id: the X-Provisioning-Event-Id the billing
+        /// got back (evt_...).
+        #[arg(long, value_name = "EVT")]
+        event_id: Option<String>,
         /// Only this handler.
         #[arg(long)]
         handler: Option<String>,
@@ -131,10 +135,17 @@ enum Command {
         /// Only calls since a time (2026-11-26T10:00:00Z) or for a duration back (15m).
         #[arg(long)]
         since: Option<String>,
-        /// At most this many rows (default 100, at most 1000).
+        /// At most this many rows (default 100, at most 1000; with --follow, 20 to start).
         #[arg(long)]
         limit: Option<usize>,
-        /// Print the reply as JSON.
+        /// Keep running and print new rows as they come (Ctrl-C stops).
+        #[arg(short, long)]
+        follow: bool,
+        /// table: aligned columns under a header row; json: the reply (with --follow,
+        /// one row per line).
+        #[arg(long, value_enum, default_value_t, conflicts_with = "json")]
+        output: commands::Output,
+        /// Same as --output json.
         #[arg(long)]
         json: bool,
     },
@@ -143,14 +154,103 @@ enum Command {
         #[command(subcommand)]
         command: DeadLetters,
     },
+    /// Exit 0 when a running sidecar answers /healthz (with --ready, /readyz), else 1:
+    /// for container HEALTHCHECKs and Kubernetes exec probes.
+    Health {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Ask whether it is ready (config loaded, store open, not shutting down).
+        #[arg(long)]
+        ready: bool,
+        /// Longest the check may take.
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration)]
+        timeout: std::time::Duration,
+    },
+    /// Print shell completions: provisiond completions bash > /etc/bash_completion.d/provisiond
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Print the man page (roff): provisiond man > /usr/local/share/man/man1/provisiond.1
+    Man,
 }
 
-/// Where the running sidecar is.
+/// The shells `completions` writes for.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// Where the running sidecar is, and how to authenticate to it.
 #[derive(clap::Args)]
 struct RemoteArgs {
     /// The sidecar: http://host:port or unix:/path.sock (default: the config's listen).
     #[arg(long)]
     url: Option<String>,
+    /// The bearer token to send (default: the config's server.token, which is sent only
+    /// to the config's own listener, never to another --url).
+    #[arg(long)]
+    token: Option<String>,
+}
+
+impl RemoteArgs {
+    fn target(self) -> provisiond::remote::Target {
+        provisiond::remote::Target {
+            url: self.url,
+            token: self.token,
+            timeout: None,
+        }
+    }
+}
+
+/// Which dead letters `replay` and `drop` take: one id, a filter, or --all.
+#[derive(clap::Args)]
+#[group(id = "selection", required = true, multiple = true)]
+struct SelectionArgs {
+    /// The dead letter's id.
+    #[arg(conflicts_with_all = FILTERS)]
+    id: Option<u64>,
+    /// Those of this handler.
+    #[arg(long)]
+    handler: Option<String>,
+    /// Those of this event (e.g. clients.update).
+    #[arg(long)]
+    event: Option<String>,
+    /// Those of this object id.
+    #[arg(long)]
+    object_id: Option<String>,
+    /// Those of this entity (e.g. clients/12).
+    #[arg(long)]
+    entity: Option<String>,
+    /// Those that died since a time (2026-11-26T10:00:00Z) or a duration back (2h).
+    #[arg(long)]
+    since: Option<String>,
+    /// Those that died before a time, or a duration back.
+    #[arg(long)]
+    until: Option<String>,
+    /// Every dead letter.
+    #[arg(long, conflicts_with_all = FILTERS)]
+    all: bool,
+}
+
+const FILTERS: [&str; 6] = ["handler", "event", "object_id", "entity", "since", "until"];
+
+impl SelectionArgs {
+    fn selection(self) -> commands::Selection {
+        commands::Selection {
+            id: self.id,
+            handler: self.handler,
+            event: self.event,
+            object_id: self.object_id,
+            entity: self.entity,
+            since: self.since,
+            until: self.until,
+            all: self.all,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -165,23 +265,27 @@ enum DeadLetters {
         /// At most this many (default 100, at most 1000).
         #[arg(long)]
         limit: Option<usize>,
-        /// Print the reply as JSON.
+        /// table: aligned columns under a header row; json: the reply.
+        #[arg(long, value_enum, default_value_t, conflicts_with = "json")]
+        output: commands::Output,
+        /// Same as --output json.
         #[arg(long)]
         json: bool,
     },
-    /// Put a dead letter back in the queue, behind its entity's pending deliveries.
+    /// Put dead letters back in the queue, behind their entities' pending deliveries, in
+    /// the order their events arrived: one by ID, those matching the filters, or --all.
     Replay {
         #[command(flatten)]
         remote: RemoteArgs,
-        /// The dead letter's id.
-        id: u64,
+        #[command(flatten)]
+        selection: SelectionArgs,
     },
-    /// Delete a dead letter.
+    /// Delete dead letters: one by ID, those matching the filters, or --all.
     Drop {
         #[command(flatten)]
         remote: RemoteArgs,
-        /// The dead letter's id.
-        id: u64,
+        #[command(flatten)]
+        selection: SelectionArgs,
     },
 }
 
@@ -214,10 +318,10 @@ fn main() -> ExitCode {
             event,
             data,
             object_id,
-            url,
+            remote,
         } => block_on(commands::send(
             &cli.config,
-            url.as_deref(),
+            &remote.target(),
             &event,
             data.as_deref(),
             object_id,
@@ -225,23 +329,28 @@ fn main() -> ExitCode {
         Command::Executions {
             remote,
             event,
+            event_id,
             handler,
             object_id,
             outcome,
             since,
             limit,
+            follow,
+            output,
             json,
         } => block_on(commands::executions(
             &cli.config,
-            remote.url.as_deref(),
+            &remote.target(),
             commands::ExecutionQuery {
                 event,
                 handler,
                 object_id,
                 outcome,
                 since,
+                event_id,
                 limit,
-                json,
+                follow,
+                output: if json { commands::Output::Json } else { output },
             },
         )),
         Command::Deadletters { command } => {
@@ -250,27 +359,62 @@ fn main() -> ExitCode {
                     remote,
                     handler,
                     limit,
+                    output,
                     json,
                 } => (
                     remote,
                     commands::DeadLetterCommand::List {
                         handler,
                         limit,
-                        json,
+                        output: if json { commands::Output::Json } else { output },
                     },
                 ),
-                DeadLetters::Replay { remote, id } => {
-                    (remote, commands::DeadLetterCommand::Replay { id })
-                }
-                DeadLetters::Drop { remote, id } => {
-                    (remote, commands::DeadLetterCommand::Drop { id })
-                }
+                DeadLetters::Replay { remote, selection } => (
+                    remote,
+                    commands::DeadLetterCommand::Replay(selection.selection()),
+                ),
+                DeadLetters::Drop { remote, selection } => (
+                    remote,
+                    commands::DeadLetterCommand::Drop(selection.selection()),
+                ),
             };
             block_on(commands::dead_letters(
                 &cli.config,
-                remote.url.as_deref(),
+                &remote.target(),
                 command,
             ))
+        }
+        Command::Health {
+            remote,
+            ready,
+            timeout,
+        } => {
+            let mut target = remote.target();
+            target.timeout = Some(timeout);
+            block_on(commands::health(&cli.config, &target, ready))
+        }
+        Command::Completions { shell } => {
+            let shell = match shell {
+                Shell::Bash => clap_complete::Shell::Bash,
+                Shell::Zsh => clap_complete::Shell::Zsh,
+                Shell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "provisiond",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("provisiond: cannot write the man page: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Run(args) => {
             // Held to the end of `run`: dropping it flushes the log lines still queued.
@@ -305,6 +449,11 @@ fn object_id(text: &str) -> Result<i64, String> {
     text.trim()
         .parse()
         .map_err(|_| "must be an integer, as the billing's object ids are".to_owned())
+}
+
+/// `health --timeout`: a duration with a unit.
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e}; write e.g. \"5s\" or \"500ms\""))
 }
 
 /// Runs a client command on a small runtime; errors print as one line.

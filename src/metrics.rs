@@ -27,6 +27,8 @@ pub const RELOADS: &str = "provisiond_reloads_total";
 pub const STORE_UNREADABLE_ROWS: &str = "provisiond_store_unreadable_rows_total";
 pub const STORE_WRITABLE: &str = "provisiond_store_writable";
 pub const CONFIG_GENERATION: &str = "provisiond_config_generation";
+pub const BUILD_INFO: &str = "provisiond_build_info";
+pub const RESTART_NEEDED: &str = "provisiond_restart_needed_settings";
 
 /// Latency buckets, in seconds: from 100 µs to the longest sensible handler timeout.
 const BUCKETS: &[f64] = &[
@@ -98,6 +100,14 @@ fn describe() {
         "1 while the store takes writes, 0 while they fail (a full disk, an I/O error)."
     );
     describe_gauge!(CONFIG_GENERATION, "Generation of the live config.");
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the labels say which build runs (version)."
+    );
+    describe_gauge!(
+        RESTART_NEEDED,
+        "Settings changed in the config file that keep their running values until a restart."
+    );
 }
 
 /// Makes the counters an operator alerts on exist from the start, at 0: `increase()`
@@ -107,6 +117,8 @@ fn zero() {
         counter!(RELOADS, "result" => result).absolute(0);
     }
     counter!(EXECUTION_LOG_DROPPED).absolute(0);
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    gauge!(RESTART_NEEDED).set(0.0);
 }
 
 /// The label for an event name: the name when the config knows it, else `other`.
@@ -251,4 +263,9 @@ pub fn store_writable(writable: bool) {
 
 pub fn dead_letters(count: u64) {
     gauge!(DEAD_LETTERS).set(count as f64);
+}
+
+/// How many settings wait for a restart (`restart_needed` in `/v1/config`).
+pub fn restart_needed(settings: usize) {
+    gauge!(RESTART_NEEDED).set(settings as f64);
 }

@@ -1,6 +1,7 @@
 //! Talking to a running sidecar from the command line (`send`, and the admin commands):
 //! where it listens and its token come from the config file unless `--url` says.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -28,23 +29,44 @@ fn not_loaded(errors: &ConfigErrors) -> String {
     format!("cannot load the config: {first}{more}")
 }
 
+/// Where a client command sends its request: `--url` and `--token`, each optional.
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    /// `http://host:port` or `unix:/path.sock`; the config's `server.listen` when absent.
+    pub url: Option<String>,
+    /// Sent as `Authorization: Bearer`; the config's `server.token` when absent, but only
+    /// to the config's own listener.
+    pub token: Option<String>,
+    /// Longest a request may take, connecting included; none when absent.
+    pub timeout: Option<std::time::Duration>,
+}
+
 /// A client for one running provisiond.
 pub struct Remote {
     client: reqwest::Client,
     /// `http://host:port`, no trailing slash.
     base: String,
+    /// The address as the user would write it, for messages.
+    shown: String,
     token: Option<String>,
+    config: Option<Config>,
 }
 
 impl Remote {
-    /// Uses `url` (`http://host:port` or `unix:/path.sock`) when given, else the listen
-    /// address of the config at `config_path`. The token comes from that config.
+    /// Uses `target.url` (`http://host:port` or `unix:/path.sock`) when given, else the
+    /// listen address of the config at `config_path`. The token is `target.token`, else
+    /// the config's, which goes only to the config's own listener: a `--url` elsewhere
+    /// gets no token unless `--token` gives one.
     ///
     /// A config that does not load is not fatal (the sidecar may be elsewhere, or the
     /// file not at hand), but it is said, on one line of stderr: without `--url`, with
-    /// the address used instead (the default listen address); with `--url`, when the file exists, as
-    /// the request then goes without a token.
-    pub fn new(config_path: &Path, url: Option<&str>) -> anyhow::Result<Self> {
+    /// the address used instead (the default listen address); with `--url`, when the
+    /// file exists, as the request then goes without a token.
+    pub fn new(config_path: &Path, target: &Target) -> anyhow::Result<Self> {
+        let url = target.url.as_deref();
+        if let Some(url) = url {
+            check_url(url)?;
+        }
         let config = match Config::load(config_path) {
             Ok(config) => Some(config),
             Err(errors) => {
@@ -55,7 +77,7 @@ impl Remote {
                         not_loaded(&errors),
                         fallback()
                     );
-                } else if config_path.exists() {
+                } else if config_path.exists() && target.token.is_none() {
                     eprintln!(
                         "provisiond: warning: {}; sending no token",
                         not_loaded(&errors)
@@ -64,32 +86,62 @@ impl Remote {
                 None
             }
         };
-        let token = config
+        let listen = config.as_ref().map(|c| &c.server.listen);
+        let configured = config
             .as_ref()
             .and_then(|c| c.server.token.as_ref())
             .map(|t| t.expose().to_owned());
-        let target = match url {
-            Some(url) => url.to_owned(),
-            None => match config.as_ref().map(|c| &c.server.listen) {
-                Some(Listen::Unix(path)) => format!("unix:{}", path.display()),
-                Some(Listen::Tcp(addr)) => format!("http://{addr}"),
-                None => fallback(),
+        let target_url = match (url, listen) {
+            (Some(url), _) => url.to_owned(),
+            (None, Some(listen)) => listener_url(listen),
+            (None, None) => fallback(),
+        };
+        let token = match (&target.token, configured) {
+            (Some(given), _) => Some(given.clone()),
+            (None, Some(token)) => match (url, listen) {
+                (None, _) => Some(token),
+                (Some(url), Some(listen)) if same_listener(listen, url) => Some(token),
+                (Some(url), Some(listen)) => {
+                    eprintln!(
+                        "provisiond: note: not sending the config's server.token to {url}: \
+                         it is not the config's listener ({listen}); give --token to \
+                         authenticate there"
+                    );
+                    None
+                }
+                (Some(_), None) => None,
             },
+            (None, None) => None,
         };
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let builder = reqwest::Client::builder().no_proxy();
-        let (builder, base) = match target.strip_prefix("unix:") {
+        let mut builder = reqwest::Client::builder().no_proxy();
+        if let Some(timeout) = target.timeout {
+            builder = builder.timeout(timeout);
+        }
+        let (builder, base) = match target_url.strip_prefix("unix:") {
             Some(path) => (
                 builder.unix_socket(std::path::PathBuf::from(path)),
                 "http://localhost".to_owned(),
             ),
-            None => (builder, target.trim_end_matches('/').to_owned()),
+            None => (builder, target_url.trim_end_matches('/').to_owned()),
         };
         Ok(Self {
             client: builder.build().context("cannot build the HTTP client")?,
             base,
+            shown: target_url,
             token,
+            config,
         })
+    }
+
+    /// The config the target came from, when it loaded.
+    pub fn config(&self) -> Option<&Config> {
+        self.config.as_ref()
+    }
+
+    /// The sidecar's address, as given or taken from the config.
+    pub fn address(&self) -> &str {
+        &self.shown
     }
 
     /// Sends a request; returns the status and the body text.
@@ -109,13 +161,80 @@ impl Remote {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body);
         }
-        let response = request
-            .send()
-            .await
-            .with_context(|| format!("cannot reach provisiond at {}", self.base))?;
+        let response = request.send().await.map_err(|e| {
+            let why = if e.is_timeout() {
+                "no answer in time".to_owned()
+            } else {
+                format!("{:#}", anyhow::Error::from(e))
+            };
+            anyhow::anyhow!("cannot reach provisiond at {}: {why}", self.shown)
+        })?;
         let status = response.status().as_u16();
         let text = response.text().await.context("cannot read the reply")?;
         Ok((status, text))
+    }
+}
+
+/// `--url`: a form the client can use, else an error saying which forms are.
+fn check_url(url: &str) -> anyhow::Result<()> {
+    if let Some(path) = url.strip_prefix("unix:") {
+        if path.is_empty() {
+            anyhow::bail!("--url \"unix:\" needs a socket path, e.g. unix:/run/provisiond.sock");
+        }
+        return Ok(());
+    }
+    match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => Ok(()),
+        _ => anyhow::bail!(
+            "--url {url:?} is not a sidecar address; write http://host:port (e.g. \
+             http://127.0.0.1:8600) or unix:/path.sock"
+        ),
+    }
+}
+
+/// The URL that reaches `listen` from this host: an unspecified address (`0.0.0.0`,
+/// `[::]`) is reached on loopback.
+fn listener_url(listen: &Listen) -> String {
+    match listen {
+        Listen::Unix(path) => format!("unix:{}", path.display()),
+        Listen::Tcp(addr) => {
+            let mut addr = *addr;
+            match addr.ip() {
+                IpAddr::V4(ip) if ip.is_unspecified() => addr.set_ip(Ipv4Addr::LOCALHOST.into()),
+                IpAddr::V6(ip) if ip.is_unspecified() => addr.set_ip(Ipv6Addr::LOCALHOST.into()),
+                _ => {}
+            }
+            format!("http://{addr}")
+        }
+    }
+}
+
+/// Whether `url` reaches the listener `listen` of this host: the same socket path, or
+/// plain HTTP to the same port on the same address (loopback, or `localhost`, for a
+/// listener on an unspecified address).
+fn same_listener(listen: &Listen, url: &str) -> bool {
+    match listen {
+        Listen::Unix(path) => url
+            .strip_prefix("unix:")
+            .is_some_and(|p| Path::new(p) == path),
+        Listen::Tcp(addr) => {
+            let Ok(parsed) = reqwest::Url::parse(url) else {
+                return false;
+            };
+            if parsed.scheme() != "http" || parsed.port_or_known_default() != Some(addr.port()) {
+                return false;
+            }
+            let listening = addr.ip();
+            let Some(host) = parsed.host_str() else {
+                return false;
+            };
+            if host == "localhost" {
+                return listening.is_loopback() || listening.is_unspecified();
+            }
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            host.parse::<IpAddr>()
+                .is_ok_and(|ip| ip == listening || (listening.is_unspecified() && ip.is_loopback()))
+        }
     }
 }
 
@@ -136,4 +255,61 @@ pub fn read_json(source: &str) -> anyhow::Result<serde_json::Value> {
         std::fs::read_to_string(source).with_context(|| format!("cannot read {source}"))?
     };
     serde_json::from_str(&text).with_context(|| format!("{source} is not JSON"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(text: &str) -> Listen {
+        Listen::Tcp(text.parse().unwrap())
+    }
+
+    #[test]
+    fn the_configs_listener_is_recognised_and_nothing_else() {
+        let local = tcp("127.0.0.1:8600");
+        for url in [
+            "http://127.0.0.1:8600",
+            "http://127.0.0.1:8600/",
+            "http://localhost:8600",
+        ] {
+            assert!(same_listener(&local, url), "{url}");
+        }
+        for url in [
+            "http://127.0.0.1:8601",
+            "https://127.0.0.1:8600",
+            "http://10.0.0.5:8600",
+            "http://127.0.0.1.evil.example:8600",
+            "http://crm.example:8600",
+            "http://127.0.0.1",
+            "unix:/run/provisiond.sock",
+        ] {
+            assert!(!same_listener(&local, url), "{url}");
+        }
+        let any = tcp("0.0.0.0:8600");
+        assert!(same_listener(&any, "http://127.0.0.1:8600"));
+        assert!(!same_listener(&any, "http://192.0.2.7:8600"));
+        let v6 = tcp("[::]:8600");
+        assert!(same_listener(&v6, "http://[::1]:8600"));
+        let unix = Listen::Unix("/run/p.sock".into());
+        assert!(same_listener(&unix, "unix:/run/p.sock"));
+        assert!(!same_listener(&unix, "unix:/tmp/p.sock"));
+        assert!(!same_listener(&unix, "http://127.0.0.1:8600"));
+    }
+
+    #[test]
+    fn an_unspecified_listener_is_reached_on_loopback() {
+        assert_eq!(listener_url(&tcp("0.0.0.0:8600")), "http://127.0.0.1:8600");
+        assert_eq!(listener_url(&tcp("[::]:8600")), "http://[::1]:8600");
+        assert_eq!(listener_url(&tcp("10.1.2.3:80")), "http://10.1.2.3:80");
+    }
+
+    #[test]
+    fn urls_are_checked() {
+        assert!(check_url("http://127.0.0.1:8600").is_ok());
+        assert!(check_url("unix:/run/p.sock").is_ok());
+        let e = check_url("127.0.0.1:8600").unwrap_err().to_string();
+        assert!(e.contains("write http://host:port"), "{e}");
+        assert!(check_url("unix:").is_err());
+    }
 }

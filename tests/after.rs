@@ -782,7 +782,7 @@ async fn the_cli_lists_replays_and_drops_dead_letters_of_a_running_sidecar() {
 
     let (code, out, err) = run_binary(dir, &["executions", "--url", &url, "--object-id", "13"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.lines().count(), 1, "{out}");
+    assert_eq!(out.lines().count(), 2, "a header and the row: {out}");
     assert!(
         out.contains("after") && out.contains("dead") && out.contains("410"),
         "{out}"

@@ -460,8 +460,11 @@ fn the_default_config_and_every_example_pass_check() {
     let configs = shipped_configs();
     assert!(configs.len() >= 3, "{configs:?}");
     for path in configs {
-        // examples/kubernetes takes its CRM token from the environment.
-        let (code, stdout, stderr) = check(&path, &[("CRM_TOKEN", "ci-dummy")]);
+        // The examples take their tokens from the environment.
+        let (code, stdout, stderr) = check(
+            &path,
+            &[("CRM_TOKEN", "ci-dummy"), ("PROVISIOND_TOKEN", "ci-dummy")],
+        );
         assert_eq!(code, 0, "{}: {stderr}", path.display());
         assert!(stdout.contains(": ok"), "{stdout}");
     }

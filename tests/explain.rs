@@ -346,7 +346,7 @@ fn the_example_cases_pass() {
                 config.to_str().unwrap(),
                 cases.to_str().unwrap(),
             ],
-            &[("CRM_TOKEN", "ci-dummy")],
+            &[("CRM_TOKEN", "ci-dummy"), ("PROVISIOND_TOKEN", "ci-dummy")],
             "",
         );
         assert_eq!(code, 0, "{}: {stdout}{stderr}", cases.display());

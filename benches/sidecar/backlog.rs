@@ -110,6 +110,7 @@ async fn write_backlog(path: &std::path::Path, entities: usize) {
                 message_id: format!("msg_{round}_{entity}"),
                 body,
                 dedupe: None,
+                event_id: None,
             });
             if batch.len() == 1000 {
                 store

@@ -1,17 +1,29 @@
-//! `provisiond executions` and `provisiond deadletters list|replay|drop`: the store's
-//! admin routes from the command line, through [`crate::remote::Remote`].
+//! `provisiond executions`, `provisiond deadletters list|replay|drop` and `provisiond
+//! health`: the admin routes from the command line, through [`crate::remote::Remote`].
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Map, Value, json};
 
-use crate::remote::Remote;
+use crate::remote::{Remote, Target};
 
 /// Sends a request; the JSON reply, or an error with the server's message for a
 /// non-2xx reply.
-async fn call(remote: &Remote, method: reqwest::Method, path: &str) -> anyhow::Result<Value> {
-    let (status, text) = remote.request(method, path, None).await?;
+async fn call(
+    remote: &Remote,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<Value> {
+    let body = body.map(|b| bytes::Bytes::from(b.to_string()));
+    let (status, text) = remote.request(method, path, body).await?;
+    reply_of(remote, status, text)
+}
+
+/// A reply's JSON, or an error with the server's message for a non-2xx status.
+fn reply_of(remote: &Remote, status: u16, text: String) -> anyhow::Result<Value> {
     let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
     if (200..300).contains(&status) {
         return Ok(value);
@@ -19,7 +31,24 @@ async fn call(remote: &Remote, method: reqwest::Method, path: &str) -> anyhow::R
     let message = value["error"]["message"]
         .as_str()
         .map_or_else(|| value.to_string(), str::to_owned);
+    if status == 401 {
+        anyhow::bail!(
+            "{message} (HTTP 401): the sidecar at {} wants its server.token; give --token, \
+             or -c with its config",
+            remote.address()
+        )
+    }
     anyhow::bail!("{message} (HTTP {status})")
+}
+
+/// How a command prints what it got.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns under a header row.
+    #[default]
+    Table,
+    /// The reply as JSON (with `--follow`, one row per line).
+    Json,
 }
 
 /// `provisiond executions`: filters as the endpoint takes them.
@@ -30,9 +59,48 @@ pub struct ExecutionQuery {
     pub object_id: Option<String>,
     pub outcome: Option<String>,
     pub since: Option<String>,
+    /// The event id the billing got back in `X-Provisioning-Event-Id`.
+    pub event_id: Option<String>,
     pub limit: Option<usize>,
-    /// Print the reply as JSON instead of lines.
-    pub json: bool,
+    /// Keep printing new rows as they come.
+    pub follow: bool,
+    pub output: Output,
+}
+
+/// Which dead letters `deadletters replay|drop` takes: one id, a filter, or `--all`.
+#[derive(Debug, Default, Clone)]
+pub struct Selection {
+    pub id: Option<u64>,
+    pub handler: Option<String>,
+    pub event: Option<String>,
+    pub object_id: Option<String>,
+    pub entity: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub all: bool,
+}
+
+impl Selection {
+    /// The filter body of `POST /v1/deadletters/replay|drop`.
+    fn body(&self) -> Value {
+        let mut body = Map::new();
+        for (key, value) in [
+            ("handler", &self.handler),
+            ("event", &self.event),
+            ("object_id", &self.object_id),
+            ("entity", &self.entity),
+            ("since", &self.since),
+            ("until", &self.until),
+        ] {
+            if let Some(value) = value {
+                body.insert(key.into(), value.clone().into());
+            }
+        }
+        if self.all {
+            body.insert("all".into(), true.into());
+        }
+        Value::Object(body)
+    }
 }
 
 /// `provisiond deadletters ...`
@@ -41,14 +109,10 @@ pub enum DeadLetterCommand {
     List {
         handler: Option<String>,
         limit: Option<usize>,
-        json: bool,
+        output: Output,
     },
-    Replay {
-        id: u64,
-    },
-    Drop {
-        id: u64,
-    },
+    Replay(Selection),
+    Drop(Selection),
 }
 
 fn query_string(pairs: &[(&str, Option<String>)]) -> String {
@@ -67,39 +131,176 @@ fn query_string(pairs: &[(&str, Option<String>)]) -> String {
     }
 }
 
+/// How often `executions --follow` asks for new rows.
+const FOLLOW_EVERY: Duration = Duration::from_millis(500);
+/// Rows `--follow` starts with when `--limit` does not say.
+const FOLLOW_FIRST: usize = 20;
+
 /// `provisiond executions`.
 pub async fn executions(
     config: &Path,
-    url: Option<&str>,
+    target: &Target,
     query: ExecutionQuery,
 ) -> anyhow::Result<ExitCode> {
-    let remote = Remote::new(config, url)?;
-    {
+    let remote = Remote::new(config, target)?;
+    let path = |limit: Option<usize>, after: Option<u64>| {
         let q = query_string(&[
-            ("event", query.event),
-            ("handler", query.handler),
-            ("object_id", query.object_id),
-            ("outcome", query.outcome),
-            ("since", query.since),
-            ("limit", query.limit.map(|n| n.to_string())),
+            ("event", query.event.clone()),
+            ("handler", query.handler.clone()),
+            ("object_id", query.object_id.clone()),
+            ("outcome", query.outcome.clone()),
+            ("event_id", query.event_id.clone()),
+            ("since", query.since.clone()),
+            ("after", after.map(|n| n.to_string())),
+            ("limit", limit.map(|n| n.to_string())),
         ]);
-        let reply = call(&remote, reqwest::Method::GET, &format!("/v1/executions{q}")).await?;
-        if query.json {
+        format!("/v1/executions{q}")
+    };
+    let first_limit = match (query.limit, query.follow) {
+        (None, true) => Some(FOLLOW_FIRST),
+        (limit, _) => limit,
+    };
+    let reply = call(
+        &remote,
+        reqwest::Method::GET,
+        &path(first_limit, None),
+        None,
+    )
+    .await?;
+    let rows = rows_of(&reply);
+    if !query.follow {
+        if query.output == Output::Json {
             println!("{reply:#}");
             return Ok(ExitCode::SUCCESS);
         }
-        let rows = reply["executions"]
-            .as_array()
-            .map_or(&[][..], Vec::as_slice);
         if rows.is_empty() {
             // On stderr, like the warnings: stdout holds rows only, for scripts.
             eprintln!("no executions match");
+        } else {
+            println!("{}", execution_header());
         }
         for row in rows {
             println!("{}", execution_line(row));
         }
-        Ok(ExitCode::SUCCESS)
+        return Ok(ExitCode::SUCCESS);
     }
+    // Following: oldest first, like `tail -f`, then whatever comes after the last row.
+    let mut last = rows.first().and_then(|r| r["id"].as_u64()).unwrap_or(0);
+    let mut printer = Follower::new(query.output);
+    printer.print(rows);
+    // A sidecar that goes away (a restart, a deploy) is waited for, said once; a request
+    // it refuses (a bad filter, a wrong token) ends the command.
+    let mut away = false;
+    loop {
+        tokio::time::sleep(FOLLOW_EVERY).await;
+        // Back from away, ask for the newest rows, not those after the last id: after a
+        // crash the store restarts from its last durable commit, so row ids seen before
+        // may be given again to new rows. The printer skips the rows it has printed.
+        let after = (!away).then_some(last);
+        let asked = remote
+            .request(reqwest::Method::GET, &path(Some(1000), after), None)
+            .await;
+        let reply = match asked {
+            Ok((503, _)) | Err(_) if away => continue,
+            Ok((503, _)) => {
+                eprintln!(
+                    "provisiond: {} answers 503; still following",
+                    remote.address()
+                );
+                away = true;
+                continue;
+            }
+            Err(e) => {
+                eprintln!("provisiond: {e:#}; still following");
+                away = true;
+                continue;
+            }
+            Ok((status, text)) => reply_of(&remote, status, text)?,
+        };
+        let rows = rows_of(&reply);
+        if away {
+            eprintln!("provisiond: {} answers again", remote.address());
+            away = false;
+            // The newest row there is now is where to go on from, even if it is older
+            // than the last one printed (which the crash took).
+            last = 0;
+        }
+        if let Some(id) = rows.first().and_then(|r| r["id"].as_u64()) {
+            last = id;
+        }
+        printer.print(rows);
+    }
+}
+
+/// What `executions --follow` prints: each row once (by id, time and handler), oldest
+/// first, under one header.
+struct Follower {
+    output: Output,
+    header: bool,
+    printed: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Follower {
+    /// Rows remembered, to skip those a poll after a restart brings again.
+    const REMEMBER: usize = 4096;
+
+    fn new(output: Output) -> Self {
+        Self {
+            output,
+            header: false,
+            printed: Default::default(),
+            order: Default::default(),
+        }
+    }
+
+    /// Prints `rows` (newest first, as the endpoint gives them) oldest first.
+    fn print(&mut self, rows: &[Value]) {
+        for row in rows.iter().rev() {
+            let key = format!("{}|{}|{}", row["id"], row["time"], row["handler"]);
+            if !self.printed.insert(key.clone()) {
+                continue;
+            }
+            self.order.push_back(key);
+            if self.order.len() > Self::REMEMBER
+                && let Some(old) = self.order.pop_front()
+            {
+                self.printed.remove(&old);
+            }
+            if self.output == Output::Json {
+                println!("{row}");
+                continue;
+            }
+            if !self.header {
+                println!("{}", execution_header());
+                self.header = true;
+            }
+            println!("{}", execution_line(row));
+        }
+    }
+}
+
+fn rows_of(reply: &Value) -> &[Value] {
+    reply["executions"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+}
+
+/// The names of [`execution_line`]'s columns, aligned with them.
+fn execution_header() -> String {
+    format!(
+        "{:<24}  {:<6} {:<20} {:<30} {:<8} {:<4} {:<9} {:>4} {:>10}  {}",
+        "TIME",
+        "STAGE",
+        "HANDLER",
+        "EVENT",
+        "OBJECT",
+        "TRY",
+        "OUTCOME",
+        "CODE",
+        "DURATION",
+        "DETAIL"
+    )
 }
 
 /// One execution log row on one line.
@@ -112,7 +313,7 @@ fn execution_line(row: &Value) -> String {
         .unwrap_or("")
         .replace('\n', " ");
     format!(
-        "{}  {:<6} {:<20} {:<30} {:<8} #{:<3} {:<9} {:>4} {:>8.1}ms  {}",
+        "{:<24}  {:<6} {:<20} {:<30} {:<8} #{:<3} {:<9} {:>4} {:>8.1}ms  {}",
         s("time"),
         s("stage"),
         s("handler"),
@@ -131,75 +332,116 @@ fn execution_line(row: &Value) -> String {
 /// `provisiond deadletters list|replay|drop`.
 pub async fn dead_letters(
     config: &Path,
-    url: Option<&str>,
+    target: &Target,
     command: DeadLetterCommand,
 ) -> anyhow::Result<ExitCode> {
-    let remote = Remote::new(config, url)?;
-    {
-        match command {
-            DeadLetterCommand::List {
-                handler,
-                limit,
-                json,
-            } => {
-                let filtered = handler.is_some();
-                let q = query_string(&[
-                    ("handler", handler),
-                    ("limit", limit.map(|n| n.to_string())),
-                ]);
-                let reply = call(
-                    &remote,
-                    reqwest::Method::GET,
-                    &format!("/v1/deadletters{q}"),
-                )
-                .await?;
-                if json {
-                    println!("{reply:#}");
-                    return Ok(ExitCode::SUCCESS);
-                }
-                let letters = reply["deadletters"]
-                    .as_array()
-                    .map_or(&[][..], Vec::as_slice);
-                if letters.is_empty() {
-                    eprintln!(
-                        "{}",
-                        if filtered {
-                            "no dead letters match"
-                        } else {
-                            "no dead letters"
-                        }
-                    );
-                }
-                for letter in letters {
-                    let s = |k: &str| letter[k].as_str().unwrap_or("-").to_owned();
-                    println!(
-                        "{:<6} {}  {:<20} {:<30} {:<8} attempts {:<3} {}",
-                        letter["id"].as_u64().unwrap_or(0),
-                        s("died_at"),
-                        s("handler"),
-                        s("event"),
-                        s("object_id"),
-                        letter["attempts"].as_u64().unwrap_or(0),
-                        s("reason").replace('\n', " ")
-                    );
-                }
+    let remote = Remote::new(config, target)?;
+    match command {
+        DeadLetterCommand::List {
+            handler,
+            limit,
+            output,
+        } => {
+            let filtered = handler.is_some();
+            let q = query_string(&[
+                ("handler", handler),
+                ("limit", limit.map(|n| n.to_string())),
+            ]);
+            let path = format!("/v1/deadletters{q}");
+            let reply = call(&remote, reqwest::Method::GET, &path, None).await?;
+            if output == Output::Json {
+                println!("{reply:#}");
+                return Ok(ExitCode::SUCCESS);
             }
-            DeadLetterCommand::Replay { id } => {
-                let path = format!("/v1/deadletters/{id}/replay");
-                let reply = call(&remote, reqwest::Method::POST, &path).await?;
-                println!(
-                    "dead letter {id} replayed as delivery {}",
-                    reply["delivery"].as_u64().unwrap_or(0)
+            let letters = reply["deadletters"]
+                .as_array()
+                .map_or(&[][..], Vec::as_slice);
+            if letters.is_empty() {
+                eprintln!(
+                    "{}",
+                    if filtered {
+                        "no dead letters match"
+                    } else {
+                        "no dead letters"
+                    }
                 );
             }
-            DeadLetterCommand::Drop { id } => {
-                let path = format!("/v1/deadletters/{id}");
-                call(&remote, reqwest::Method::DELETE, &path).await?;
-                println!("dead letter {id} dropped");
+            for letter in letters {
+                let s = |k: &str| letter[k].as_str().unwrap_or("-").to_owned();
+                println!(
+                    "{:<6} {:<24}  {:<20} {:<30} {:<8} attempts {:<3} {}",
+                    letter["id"].as_u64().unwrap_or(0),
+                    s("died_at"),
+                    s("handler"),
+                    s("event"),
+                    s("object_id"),
+                    letter["attempts"].as_u64().unwrap_or(0),
+                    s("reason").replace('\n', " ")
+                );
             }
         }
-        Ok(ExitCode::SUCCESS)
+        DeadLetterCommand::Replay(Selection { id: Some(id), .. }) => {
+            let path = format!("/v1/deadletters/{id}/replay");
+            let reply = call(&remote, reqwest::Method::POST, &path, None).await?;
+            println!(
+                "dead letter {id} replayed as delivery {}",
+                reply["delivery"].as_u64().unwrap_or(0)
+            );
+        }
+        DeadLetterCommand::Drop(Selection { id: Some(id), .. }) => {
+            let path = format!("/v1/deadletters/{id}");
+            call(&remote, reqwest::Method::DELETE, &path, None).await?;
+            println!("dead letter {id} dropped");
+        }
+        DeadLetterCommand::Replay(selection) => {
+            let path = "/v1/deadletters/replay";
+            let reply = call(&remote, reqwest::Method::POST, path, Some(selection.body())).await?;
+            let n = reply["replayed"].as_u64().unwrap_or(0);
+            println!("{n} dead letter{} replayed", plural(n));
+            if let Some(message) = reply["message"].as_str() {
+                eprintln!("provisiond: {message}");
+            }
+        }
+        DeadLetterCommand::Drop(selection) => {
+            let path = "/v1/deadletters/drop";
+            let reply = call(&remote, reqwest::Method::POST, path, Some(selection.body())).await?;
+            let n = reply["dropped"].as_u64().unwrap_or(0);
+            println!("{n} dead letter{} dropped", plural(n));
+        }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn plural(n: u64) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// `provisiond health [--ready]`: exit 0 when the sidecar answers `/healthz` (with
+/// `--ready`, `/readyz`) with 200, else 1 with the reason on stderr.
+pub async fn health(config: &Path, target: &Target, ready: bool) -> anyhow::Result<ExitCode> {
+    let remote = Remote::new(config, target)?;
+    let path = if ready { "/readyz" } else { "/healthz" };
+    let (status, text) = remote.request(reqwest::Method::GET, path, None).await?;
+    let reply: Value = serde_json::from_str(&text).unwrap_or(json!({}));
+    if status == 200 {
+        match reply["generation"].as_u64() {
+            Some(generation) if ready => println!(
+                "ready: config generation {generation}, store {}",
+                reply["store"].as_str().unwrap_or("-")
+            ),
+            _ => println!("ok"),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let why = reply["error"]["message"]
+        .as_str()
+        .map_or_else(|| text.trim().to_owned(), str::to_owned);
+    eprintln!(
+        "provisiond: {} at {}: {why} (HTTP {status})",
+        if ready { "not ready" } else { "not healthy" },
+        remote.address()
+    );
+    Ok(ExitCode::FAILURE)
 }
 
 #[cfg(test)]
@@ -216,7 +458,7 @@ mod tests {
     }
 
     #[test]
-    fn a_row_reads_on_one_line() {
+    fn a_row_reads_on_one_line_under_its_header() {
         let row = serde_json::json!({"time": "2026-11-26T10:00:00.000Z", "stage": "after",
             "handler": "crm", "event": "clients.create", "object_id": "12", "attempt": 2,
             "outcome": "failed", "code": 503, "duration_ms": 1.25, "error": "HTTP status 503"});
@@ -226,5 +468,35 @@ mod tests {
             "{line}"
         );
         assert!(line.ends_with("503      1.2ms  HTTP status 503"), "{line}");
+        let header = execution_header();
+        for (column, value) in [
+            ("STAGE", "after"),
+            ("HANDLER", "crm"),
+            ("EVENT", "clients.create"),
+            ("TRY", "#2"),
+            ("OUTCOME", "failed"),
+            ("DETAIL", "HTTP status 503"),
+        ] {
+            assert_eq!(
+                header.find(column),
+                line.find(value),
+                "{column}\n{header}\n{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_selection_sends_only_what_was_given() {
+        let all = Selection {
+            all: true,
+            ..Default::default()
+        };
+        assert_eq!(all.body(), json!({"all": true}));
+        let some = Selection {
+            handler: Some("crm".into()),
+            since: Some("1h".into()),
+            ..Default::default()
+        };
+        assert_eq!(some.body(), json!({"handler": "crm", "since": "1h"}));
     }
 }

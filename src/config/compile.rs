@@ -274,6 +274,12 @@ impl Checker<'_> {
             Some(t) => Some(Secret::new(t.to_owned())),
             None => None,
         };
+        if raw.token.is_none()
+            && !raw.allow_insecure.unwrap_or(false)
+            && let Some(message) = insecure(&listen)
+        {
+            self.error(path.key("listen"), message);
+        }
         Server {
             listen,
             token,
@@ -765,6 +771,24 @@ fn key_set(raw: &RawHandler, key: &str) -> bool {
         "workdir" => raw.workdir.is_some(),
         _ => false,
     }
+}
+
+/// Why serving `listen` without a token is refused: an address other hosts can reach.
+/// `None` for loopback and unix sockets.
+fn insecure(listen: &Listen) -> Option<String> {
+    let Listen::Tcp(addr) = listen else {
+        return None;
+    };
+    if addr.ip().is_loopback() {
+        return None;
+    }
+    Some(format!(
+        "{addr} is reachable from other hosts and server.token is not set, so anyone who \
+         reaches it could post events and use /v1/reload and the dead-letter routes; set \
+         server.token = \"${{PROVISIOND_TOKEN}}\" (and give PROVISIOND_TOKEN), listen on \
+         127.0.0.1 or a unix socket, or set server.allow_insecure = true if something else \
+         guards the port"
+    ))
 }
 
 fn parse_listen(text: &str) -> Result<Listen, String> {

@@ -38,6 +38,13 @@ pub struct RawServer {
     /// When set, `/events` and `/v1/*` need "Authorization: Bearer <token>". Give it
     /// through the environment: "${PROVISIOND_TOKEN}".
     pub token: Option<String>,
+    /// A `listen` address that is not loopback (127.0.0.1, ::1) nor a unix socket needs
+    /// `token`: without one, anyone who reaches the port can post events and use
+    /// `/v1/reload` and the dead-letter routes. Set this to true to serve such an address
+    /// without a token anyway, when something else (a firewall, a network policy) guards
+    /// it (default false).
+    #[schemars(extend("default" = false))]
+    pub allow_insecure: Option<bool>,
     /// Largest accepted request body, with a unit ("1MiB", the default). Larger: 413.
     #[schemars(extend("default" = "1MiB"))]
     pub max_body: Option<String>,

@@ -85,6 +85,8 @@ pub struct Intake<'a> {
     /// The billing's bytes: what makes two deliveries the same for the dedupe window.
     pub original: &'a [u8],
     pub dedupe_window: Duration,
+    /// The event's `X-Provisioning-Event-Id`, kept on its deliveries for the log rows.
+    pub event_id: &'a str,
 }
 
 /// What [`Deliveries::accept`] stored.
@@ -213,6 +215,7 @@ impl Deliveries {
                 message_id: new_message_id(),
                 body: body.clone(),
                 dedupe: (!window.is_zero()).then(|| dedupe_key(&h.name, event.original)),
+                event_id: Some(event.event_id.to_owned()),
             })
             .collect();
         let stored = store.enqueue(items, window).await?;
@@ -758,7 +761,8 @@ async fn deliver(app: &Arc<App>, lane: &Lane, id: u64) -> bool {
             }
         };
         let done = !matches!(settle, Settle::Retry { .. });
-        let row = Execution::from_call(call, &delivery.event, &delivery.object_id, Some(id));
+        let row = Execution::from_call(call, &delivery.event, &delivery.object_id, Some(id))
+            .event_id(delivery.event_id.clone());
         if !record(app, lane, id, settle, Some(row)).await {
             return false;
         }

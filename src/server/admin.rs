@@ -30,8 +30,8 @@ pub async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body>
         (&Method::POST, "/v1/explain") => explain_api::explain(app, request).await,
         (_, "/v1/explain") => reply::method_not_allowed("POST"),
         (m, p) if p == "/ui" || p.starts_with("/ui/") => ui::asset(m, p),
-        (m, p) if p == "/v1/deadletters" || p.starts_with("/v1/deadletters/") => {
-            store_api::dead_letters(app, m, request.uri()).await
+        (_, p) if p == "/v1/deadletters" || p.starts_with("/v1/deadletters/") => {
+            store_api::dead_letters(app, request).await
         }
         (_, path) => reply::not_found(path),
     }
@@ -41,6 +41,7 @@ pub async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body>
 fn metrics(app: &App) -> Response<Body> {
     app.deliveries
         .report_metrics(&app.store, &app.snapshot.load().config);
+    crate::metrics::restart_needed(app.reloader.status().restart_needed.len());
     app.metrics.run_upkeep();
     let mut response = Response::new(super::full(app.metrics.render()));
     response.headers_mut().insert(

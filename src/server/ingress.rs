@@ -33,7 +33,7 @@ pub async fn events(
     let span = info_span!("event", id = %id);
     // A guard, so that a request dropped mid-way (the billing hung up) still counts down.
     let _in_flight = InFlight::enter();
-    let mut response = handle(app, snapshot, request).instrument(span).await;
+    let mut response = handle(app, snapshot, request, &id).instrument(span).await;
     if let Ok(value) = hyper::header::HeaderValue::from_str(&id) {
         response.headers_mut().insert(EVENT_ID_HEADER, value);
     }
@@ -60,6 +60,7 @@ async fn handle(
     app: &Arc<App>,
     snapshot: Arc<Snapshot>,
     request: Request<Incoming>,
+    id: &str,
 ) -> Response<Body> {
     let started = Instant::now();
     if app.is_draining() {
@@ -155,7 +156,7 @@ async fn handle(
                 reason = %message, duration_ms = ms(started), generation = snapshot.generation,
                 "event"
             );
-            log_calls(app, records, &event, &object_id);
+            log_calls(app, records, &event, &object_id, id);
             metrics::event(label, "denied");
             reply::json(
                 StatusCode::FORBIDDEN,
@@ -180,13 +181,14 @@ async fn handle(
                 body: &reply_body,
                 original: &body,
                 dedupe_window: snapshot.config.store.dedupe_window,
+                event_id: id,
             };
             // The 200 leaves only once the deliveries are on disk.
             let accepted = match app.deliveries.accept(&app.store, &after, intake).await {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     warn!(event = %event, object_id = %object_id, error = %e, "cannot store the deliveries, answering 503");
-                    log_calls(app, records, &event, &object_id);
+                    log_calls(app, records, &event, &object_id, id);
                     metrics::event(label, "unavailable");
                     return reply::unavailable(
                         "the store cannot take the after-stage deliveries; retry shortly",
@@ -204,17 +206,17 @@ async fn handle(
                 generation = snapshot.generation, "event"
             );
             metrics::event(label, "allowed");
-            log_calls(app, records, &event, &object_id);
+            log_calls(app, records, &event, &object_id, id);
             reply::raw_json(StatusCode::OK, reply_body)
         }
     }
 }
 
 /// Hands the calls made for an event to the execution log, without waiting.
-fn log_calls(app: &App, records: Vec<CallRecord>, event: &str, object_id: &str) {
+fn log_calls(app: &App, records: Vec<CallRecord>, event: &str, object_id: &str, id: &str) {
     let rows = records
         .into_iter()
-        .map(|r| Execution::from_call(r, event, object_id, None))
+        .map(|r| Execution::from_call(r, event, object_id, None).event_id(Some(id.to_owned())))
         .collect();
     app.store.log(rows);
 }

@@ -1,16 +1,19 @@
 //! The store's admin routes: `GET /v1/executions`, `GET /v1/deadletters`,
-//! `GET|DELETE /v1/deadletters/{id}`, `POST /v1/deadletters/{id}/replay`.
+//! `GET|DELETE /v1/deadletters/{id}`, `POST /v1/deadletters/{id}/replay`, and the bulk
+//! `POST /v1/deadletters/replay` and `POST /v1/deadletters/drop` with a filter body.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use hyper::{Method, Response, StatusCode, Uri};
-use serde_json::json;
+use http_body_util::{BodyExt as _, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use serde_json::{Value, json};
 use tracing::info;
 
 use super::App;
 use super::reply::{self, Body};
-use crate::store::{ExecutionFilter, StoreError, unix_ms};
+use crate::store::{DeadLetterFilter, ExecutionFilter, StoreError, unix_ms};
 
 /// Rows a list returns unless `limit` says otherwise, and the most it may say.
 const DEFAULT_LIMIT: usize = 100;
@@ -32,6 +35,11 @@ pub async fn executions(app: &Arc<App>, uri: &Uri) -> Response<Body> {
             "event" => filter.event = value.map(|v| crate::events::normalize(&v).into_owned()),
             "handler" => filter.handler = value,
             "object_id" => filter.object_id = value,
+            "event_id" => filter.event_id = value,
+            "after" => match parse_after(value.as_deref().unwrap_or_default()) {
+                Ok(id) => filter.after = Some(id),
+                Err(e) => return reply::error(StatusCode::BAD_REQUEST, e),
+            },
             "outcome" => match parse_outcome(value.as_deref().unwrap_or_default()) {
                 Ok(outcome) => filter.outcome = Some(outcome),
                 Err(e) => return reply::error(StatusCode::BAD_REQUEST, e),
@@ -49,7 +57,7 @@ pub async fn executions(app: &Arc<App>, uri: &Uri) -> Response<Body> {
                     StatusCode::BAD_REQUEST,
                     format!(
                         "unknown filter {other:?}; use event, handler, object_id, outcome, \
-                         since, limit"
+                         event_id, since, after, limit"
                     ),
                 );
             }
@@ -70,7 +78,9 @@ pub async fn executions(app: &Arc<App>, uri: &Uri) -> Response<Body> {
 }
 
 /// `/v1/deadletters` and below.
-pub async fn dead_letters(app: &Arc<App>, method: &Method, uri: &Uri) -> Response<Body> {
+pub async fn dead_letters(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+    let (method, uri) = (request.method().clone(), request.uri().clone());
+    let (method, uri) = (&method, &uri);
     let rest = uri
         .path()
         .strip_prefix("/v1/deadletters")
@@ -79,6 +89,15 @@ pub async fn dead_letters(app: &Arc<App>, method: &Method, uri: &Uri) -> Respons
     match (method, parts.as_slice()) {
         (&Method::GET, []) => list(app, uri).await,
         (_, []) => reply::method_not_allowed("GET"),
+        (&Method::POST, ["replay"]) => match selection(request).await {
+            Ok(filter) => replay_matching(app, filter).await,
+            Err(e) => reply::error(StatusCode::BAD_REQUEST, e),
+        },
+        (&Method::POST, ["drop"]) => match selection(request).await {
+            Ok(filter) => drop_matching(app, filter).await,
+            Err(e) => reply::error(StatusCode::BAD_REQUEST, e),
+        },
+        (_, ["replay" | "drop"]) => reply::method_not_allowed("POST"),
         (_, [id, ..]) if id.parse::<u64>().is_err() => reply::error(
             StatusCode::NOT_FOUND,
             format!("no dead letter {id:?}: ids are numbers"),
@@ -177,6 +196,138 @@ async fn drop_one(app: &Arc<App>, id: u64) -> Response<Body> {
     }
 }
 
+/// Largest filter body accepted.
+const MAX_FILTER_BODY: usize = 64 * 1024;
+/// The keys of a bulk filter body.
+const SELECTION_KEYS: &str = "handler, event, object_id, entity, since, until, or all";
+
+/// The filter body of `POST /v1/deadletters/replay|drop`: `handler`, `event`,
+/// `object_id`, `entity`, `since`, `until` (a time, or a duration back from now), or
+/// `"all": true`. An empty filter without `all` is refused: it would take everything.
+async fn selection(request: Request<Incoming>) -> Result<DeadLetterFilter, String> {
+    let body = Limited::new(request.into_body(), MAX_FILTER_BODY)
+        .collect()
+        .await
+        .map_err(|e| format!("could not read the filter body: {e}"))?
+        .to_bytes();
+    let body: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| format!("the body must be a JSON object of filters: {e}"))?
+    };
+    let Value::Object(fields) = body else {
+        return Err(format!(
+            "the body must be a JSON object of filters ({SELECTION_KEYS})"
+        ));
+    };
+    let mut filter = DeadLetterFilter::default();
+    let mut all = false;
+    for (key, value) in fields {
+        let text = || match &value {
+            Value::String(s) => Ok(s.clone()),
+            Value::Number(n) => Ok(n.to_string()),
+            other => Err(format!(
+                "{key} must be a string, got {}",
+                crate::events::type_name(other)
+            )),
+        };
+        match key.as_str() {
+            "handler" => filter.handler = Some(text()?),
+            "event" => filter.event = Some(crate::events::normalize(&text()?).into_owned()),
+            "object_id" => filter.object_id = Some(text()?),
+            "entity" => filter.entity = Some(text()?),
+            "since" => filter.since = Some(parse_since(&text()?)?),
+            "until" => {
+                filter.until =
+                    Some(parse_since(&text()?).map_err(|e| e.replacen("since", "until", 1))?)
+            }
+            "all" => match value {
+                Value::Bool(b) => all = b,
+                other => {
+                    return Err(format!(
+                        "all must be true or false, got {}",
+                        crate::events::type_name(&other)
+                    ));
+                }
+            },
+            other => return Err(format!("unknown filter {other:?}; use {SELECTION_KEYS}")),
+        }
+    }
+    match (filter.is_empty(), all) {
+        (true, false) => Err(format!(
+            "no filter given; give one or more of {SELECTION_KEYS}: \"all\": true to take \
+             every dead letter"
+        )),
+        (false, true) => Err(
+            "\"all\": true takes every dead letter; leave it out to take only those the \
+             filters match"
+                .into(),
+        ),
+        _ => Ok(filter),
+    }
+}
+
+/// `POST /v1/deadletters/replay`: every match back to the queue, in the order its events
+/// arrived. Those for a handler the config has no after-stage handler of stay, and the
+/// reply says so.
+async fn replay_matching(app: &Arc<App>, filter: DeadLetterFilter) -> Response<Body> {
+    let handlers: Vec<String> = app
+        .snapshot
+        .load()
+        .config
+        .handlers
+        .iter()
+        .filter(|h| h.stage == crate::config::Stage::After)
+        .map(|h| h.name.clone())
+        .collect();
+    match app.store.replay_matching(filter, handlers).await {
+        Ok(replayed) => {
+            // The lanes have the deliveries from the commit, in id order.
+            let n = replayed.ids.len();
+            if let Some(first) = replayed.ids.first() {
+                info!(
+                    replayed = n,
+                    skipped = replayed.skipped,
+                    first,
+                    "dead letters replayed"
+                );
+            }
+            let mut body = json!({"replayed": n, "skipped": replayed.skipped});
+            if replayed.skipped > 0 {
+                let names: Vec<&str> = replayed
+                    .skipped_handlers
+                    .iter()
+                    .map(String::as_str)
+                    .collect();
+                body["message"] = format!(
+                    "{} matching dead letter{} left in place: the config has no after-stage \
+                     handler {}; add it back, or drop them",
+                    replayed.skipped,
+                    if replayed.skipped == 1 { "" } else { "s" },
+                    names.join(", ")
+                )
+                .into();
+            }
+            reply::json(StatusCode::OK, &body)
+        }
+        Err(e) => store_error(&e),
+    }
+}
+
+/// `POST /v1/deadletters/drop`: every match deleted.
+async fn drop_matching(app: &Arc<App>, filter: DeadLetterFilter) -> Response<Body> {
+    match app.store.drop_matching(filter).await {
+        Ok(n) => {
+            if n > 0 {
+                info!(dropped = n, "dead letters dropped");
+            }
+            reply::json(StatusCode::OK, &json!({"dropped": n}))
+        }
+        Err(e) => store_error(&e),
+    }
+}
+
 fn unknown(id: u64) -> Response<Body> {
     reply::error(StatusCode::NOT_FOUND, format!("no dead letter {id}"))
 }
@@ -194,6 +345,12 @@ fn query(uri: &Uri) -> Vec<(String, String)> {
     reqwest::Url::parse(&format!("http://x/?{q}"))
         .map(|u| u.query_pairs().into_owned().collect())
         .unwrap_or_default()
+}
+
+/// `after`: a row id.
+fn parse_after(text: &str) -> Result<u64, String> {
+    text.parse()
+        .map_err(|_| format!("after must be a row id (a whole number), got {text:?}"))
 }
 
 fn parse_limit(text: &str) -> Result<usize, String> {

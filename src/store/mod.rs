@@ -26,7 +26,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 pub use records::{
-    DeadLetter, Delivery, Execution, ExecutionFilter, NewDelivery, Queued, now_ms, rfc3339, unix_ms,
+    DeadLetter, DeadLetterFilter, Delivery, Execution, ExecutionFilter, NewDelivery, Queued,
+    Replayed, now_ms, rfc3339, unix_ms,
 };
 use writer::{Op, Parts, Writer, decode};
 pub use writer::{PRUNE_LIMIT, Retention, Settle, Sink};
@@ -267,6 +268,28 @@ impl Store {
         self.request(|reply| Op::Drop { id, reply }).await
     }
 
+    /// Moves every dead letter matching `filter` back to the queue, in one transaction,
+    /// under new ids in their old order; only those for one of `handlers` (the rest
+    /// stay, counted as skipped).
+    pub async fn replay_matching(
+        &self,
+        filter: DeadLetterFilter,
+        handlers: Vec<String>,
+    ) -> Result<Replayed, StoreError> {
+        self.request(|reply| Op::ReplayMatching {
+            filter,
+            handlers,
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes every dead letter matching `filter`, in one transaction; how many.
+    pub async fn drop_matching(&self, filter: DeadLetterFilter) -> Result<usize, StoreError> {
+        self.request(|reply| Op::DropMatching { filter, reply })
+            .await
+    }
+
     /// Applies the retention; how many rows went.
     pub async fn prune(&self, retention: Retention) -> Result<usize, StoreError> {
         self.request(|reply| Op::Prune { retention, reply }).await
@@ -458,7 +481,9 @@ impl Store {
         let txn = self.read()?;
         let table = txn.open_table(EXECUTIONS).map_err(StoreError::read)?;
         let mut out = Vec::new();
-        for row in table.iter().map_err(StoreError::read)?.rev() {
+        // `after` (what `executions --follow` has seen) bounds the scan from below.
+        let first = filter.after.map_or(0, |a| a.saturating_add(1));
+        for row in table.range(first..).map_err(StoreError::read)?.rev() {
             let (id, value) = row.map_err(StoreError::read)?;
             let mut row: Execution = decode(value.value())?;
             row.id = id.value();
@@ -628,6 +653,7 @@ fn quarantine(txn: &redb::WriteTransaction) -> Result<usize, StoreError> {
                 next_at: 0,
                 enqueued_at: 0,
                 last_error: None,
+                event_id: None,
             },
             reason: format!(
                 "unreadable row in the queue ({e}); the stored bytes are kept as the envelope"

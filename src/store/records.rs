@@ -43,6 +43,8 @@ pub struct NewDelivery {
     pub body: String,
     /// When set, the delivery is skipped if the same key was stored within the window.
     pub dedupe: Option<[u8; 32]>,
+    /// The id of the billing's event (`X-Provisioning-Event-Id`), for the log rows.
+    pub event_id: Option<String>,
 }
 
 impl NewDelivery {
@@ -60,6 +62,8 @@ impl NewDelivery {
             attempts: u32,
             next_at: u64,
             enqueued_at: u64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            event_id: Option<&'a str>,
         }
         serde_json::to_vec(&Row {
             handler: &self.handler,
@@ -71,6 +75,7 @@ impl NewDelivery {
             attempts: 0,
             next_at: now,
             enqueued_at: now,
+            event_id: self.event_id.as_deref(),
         })
         .expect("store rows serialise")
     }
@@ -104,6 +109,10 @@ pub struct Delivery {
     /// What went wrong on the last attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The id of the billing's event (`X-Provisioning-Event-Id`); absent in rows stored
+    /// before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
 }
 
 impl Delivery {
@@ -120,6 +129,7 @@ impl Delivery {
             next_at: now,
             enqueued_at: now,
             last_error: None,
+            event_id: new.event_id,
         }
     }
 }
@@ -180,6 +190,9 @@ pub struct Execution {
     /// The delivery this call was an attempt of (after stage).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery: Option<u64>,
+    /// The id of the billing's event (`X-Provisioning-Event-Id`) the call was made for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
 }
 
 impl Execution {
@@ -204,7 +217,15 @@ impl Execution {
             excerpt: record.excerpt,
             error: record.error,
             delivery,
+            event_id: None,
         }
+    }
+
+    /// The row with the id of the event it was made for.
+    #[must_use]
+    pub fn event_id(mut self, event_id: Option<String>) -> Self {
+        self.event_id = event_id;
+        self
     }
 
     /// The JSON the admin API shows.
@@ -223,8 +244,63 @@ impl Execution {
             "excerpt": self.excerpt,
             "error": self.error,
             "delivery": self.delivery,
+            "event_id": self.event_id,
         })
     }
+}
+
+/// Which dead letters a bulk replay or drop takes; an empty filter takes them all.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeadLetterFilter {
+    pub handler: Option<String>,
+    pub event: Option<String>,
+    pub object_id: Option<String>,
+    /// `clients/12`.
+    pub entity: Option<String>,
+    /// Only those that died at or after this time (unix ms).
+    pub since: Option<u64>,
+    /// Only those that died before this time (unix ms).
+    pub until: Option<u64>,
+}
+
+/// The fields of a stored dead letter a [`DeadLetterFilter`] looks at: read without
+/// copying the envelope.
+#[derive(Deserialize)]
+pub struct DeadLetterKey {
+    pub handler: String,
+    pub event: String,
+    pub object_id: String,
+    pub entity: String,
+    pub died_at: u64,
+}
+
+impl DeadLetterFilter {
+    /// Whether the filter takes every dead letter.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn matches(&self, letter: &DeadLetterKey) -> bool {
+        let eq = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
+        eq(&self.handler, &letter.handler)
+            && eq(&self.event, &letter.event)
+            && eq(&self.object_id, &letter.object_id)
+            && eq(&self.entity, &letter.entity)
+            && self.since.is_none_or(|s| letter.died_at >= s)
+            && self.until.is_none_or(|u| letter.died_at < u)
+    }
+}
+
+/// What a bulk replay did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Replayed {
+    /// The new delivery ids, in the order the dead letters had (their old ids' order).
+    pub ids: Vec<u64>,
+    /// Matching dead letters left where they are: their handler is not one the replay
+    /// may put deliveries in for (the config has no such after-stage handler).
+    pub skipped: usize,
+    /// Those handlers' names.
+    pub skipped_handlers: std::collections::BTreeSet<String>,
 }
 
 /// Filters of `GET /v1/executions`; `None` matches everything.
@@ -234,8 +310,11 @@ pub struct ExecutionFilter {
     pub handler: Option<String>,
     pub object_id: Option<String>,
     pub outcome: Option<String>,
+    pub event_id: Option<String>,
     /// Only rows at or after this time (unix ms).
     pub since: Option<u64>,
+    /// Only rows with an id above this one: what `--follow` has not seen yet.
+    pub after: Option<u64>,
     pub limit: usize,
 }
 
@@ -246,6 +325,11 @@ impl ExecutionFilter {
             && eq(&self.handler, &row.handler)
             && eq(&self.object_id, &row.object_id)
             && eq(&self.outcome, &row.outcome)
+            && self
+                .event_id
+                .as_deref()
+                .is_none_or(|w| row.event_id.as_deref() == Some(w))
+            && self.after.is_none_or(|a| row.id > a)
             && self.since.is_none_or(|s| row.at >= s)
     }
 }
@@ -270,6 +354,7 @@ mod tests {
             message_id: "msg_1".into(),
             body: r#"{"event":{},"data":{}}"#.into(),
             dedupe: None,
+            event_id: Some("evt_1".into()),
         };
         let bytes = new.encode(1000);
         let d = Delivery::new(7, new, 1000);
@@ -278,5 +363,20 @@ mod tests {
         assert_eq!(back.id, 0);
         back.id = 7;
         assert_eq!(back, d);
+    }
+
+    #[test]
+    fn a_delivery_stored_before_event_ids_still_reads() {
+        let old = r#"{"handler":"crm","event":"clients.create","object_id":"12",
+            "entity":"clients/12","message_id":"msg_1","body":"{}","attempts":0,
+            "next_at":1,"enqueued_at":1}"#;
+        let d: Delivery = serde_json::from_str(old).unwrap();
+        assert_eq!(d.event_id, None);
+        let row: Execution = serde_json::from_str(
+            r#"{"at":1,"event":"e","object_id":"1","handler":"h","stage":"after",
+            "attempt":1,"outcome":"delivered","duration_ms":1.0}"#,
+        )
+        .unwrap();
+        assert_eq!(row.event_id, None);
     }
 }

@@ -13,6 +13,7 @@ fn item(handler: &str, entity: &str, body: &str, dedupe: Option<u8>) -> NewDeliv
         message_id: format!("msg_{body}"),
         body: body.into(),
         dedupe: dedupe.map(|b| [b; 32]),
+        event_id: None,
     }
 }
 
@@ -31,6 +32,7 @@ fn row(handler: &str, at: u64, outcome: &str) -> Execution {
         excerpt: String::new(),
         error: None,
         delivery: None,
+        event_id: None,
     }
 }
 
@@ -168,6 +170,133 @@ async fn settling_retries_delivers_and_dead_letters() {
     assert!(store.drop_dead_letter(replayed_id).await.unwrap());
     assert!(!store.drop_dead_letter(replayed_id).await.unwrap());
     assert!(store.dead_letters(None, 10).unwrap().is_empty());
+}
+
+/// Enqueues `items` and dead-letters every one of them; their ids.
+async fn dead(store: &Store, items: Vec<NewDelivery>) -> Vec<u64> {
+    let stored = store.enqueue(items, MINUTE).await.unwrap();
+    let mut ids = Vec::new();
+    for id in stored.into_iter().map(Option::unwrap) {
+        let gone = Settle::Dead {
+            attempts: 2,
+            reason: "gone".into(),
+            error: None,
+        };
+        store.settle(id, gone, None).await.unwrap();
+        ids.push(id);
+    }
+    ids
+}
+
+#[tokio::test]
+async fn bulk_replay_takes_the_matches_in_their_order_and_leaves_unknown_handlers() {
+    let store = Store::memory().unwrap();
+    let ids = dead(
+        &store,
+        vec![
+            item("a", "clients/1", "1", None),
+            item("b", "clients/1", "2", None),
+            item("a", "clients/2", "3", None),
+            item("a", "clients/1", "4", None),
+            item("gone", "clients/1", "5", None),
+        ],
+    )
+    .await;
+    // Something queued for clients/1 meanwhile: the replayed ones go behind it.
+    let queued = store
+        .enqueue(vec![item("a", "clients/1", "6", None)], MINUTE)
+        .await
+        .unwrap()[0]
+        .unwrap();
+
+    let filter = DeadLetterFilter {
+        entity: Some("clients/1".into()),
+        ..Default::default()
+    };
+    let replayed = store
+        .replay_matching(filter, vec!["a".into(), "b".into()])
+        .await
+        .unwrap();
+    let new_ids = replayed.ids.clone();
+    let deliveries: Vec<Delivery> = new_ids
+        .iter()
+        .map(|id| store.delivery(*id).unwrap().unwrap())
+        .collect();
+    let bodies: Vec<&str> = deliveries.iter().map(|d| d.body.as_str()).collect();
+    assert_eq!(bodies, ["1", "2", "4"]);
+    assert!(new_ids.windows(2).all(|w| w[0] < w[1]), "{new_ids:?}");
+    assert!(new_ids[0] > queued);
+    assert!(deliveries.iter().all(|d| d.attempts == 0));
+    assert_eq!(replayed.skipped, 1);
+    assert_eq!(
+        replayed.skipped_handlers.iter().collect::<Vec<_>>(),
+        ["gone"]
+    );
+    // What is left: clients/2 and the one for the unknown handler.
+    let left: Vec<u64> = store
+        .dead_letters(None, 10)
+        .unwrap()
+        .iter()
+        .map(|l| l.delivery.id)
+        .collect();
+    assert_eq!(left, [ids[2], ids[4]]);
+    assert_eq!(store.queue_depth().unwrap(), 4);
+
+    // Time bounds are on when they died.
+    let now = now_ms();
+    let none = DeadLetterFilter {
+        since: Some(now + 60_000),
+        ..Default::default()
+    };
+    assert!(
+        store
+            .replay_matching(none, vec!["a".into()])
+            .await
+            .unwrap()
+            .ids
+            .is_empty()
+    );
+    let before = DeadLetterFilter {
+        until: Some(now + 60_000),
+        handler: Some("a".into()),
+        ..Default::default()
+    };
+    let replayed = store
+        .replay_matching(before, vec!["a".into()])
+        .await
+        .unwrap();
+    assert_eq!(replayed.ids.len(), 1);
+    assert_eq!(store.delivery(replayed.ids[0]).unwrap().unwrap().body, "3");
+}
+
+#[tokio::test]
+async fn bulk_drop_deletes_the_matches_only() {
+    let store = Store::memory().unwrap();
+    dead(
+        &store,
+        vec![
+            item("a", "clients/1", "1", None),
+            item("b", "clients/1", "2", None),
+            item("a", "clients/2", "3", None),
+        ],
+    )
+    .await;
+    let by_handler = DeadLetterFilter {
+        handler: Some("a".into()),
+        object_id: Some("2".into()),
+        ..Default::default()
+    };
+    assert_eq!(store.drop_matching(by_handler.clone()).await.unwrap(), 1);
+    assert_eq!(store.drop_matching(by_handler).await.unwrap(), 0);
+    assert_eq!(store.dead_letter_count().unwrap(), 2);
+    assert_eq!(
+        store
+            .drop_matching(DeadLetterFilter::default())
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(store.dead_letter_count().unwrap(), 0);
 }
 
 #[tokio::test]

@@ -39,7 +39,10 @@ use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, WriteTran
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use super::records::{DeadLetter, Delivery, Execution, NewDelivery, Queued, now_ms};
+use super::records::{
+    DeadLetter, DeadLetterFilter, DeadLetterKey, Delivery, Execution, NewDelivery, Queued,
+    Replayed, now_ms,
+};
 use super::{DEAD, DEDUPE_AGE, DELIVERIES, EXECUTIONS, META, StoreError};
 
 /// A commit slower than this is logged: the billing waits for enqueue commits.
@@ -108,6 +111,18 @@ pub enum Op {
         id: u64,
         reply: Reply<bool>,
     },
+    /// Every dead letter matching `filter` whose handler is in `handlers` back to the
+    /// queue, in one transaction, in their id order.
+    ReplayMatching {
+        filter: DeadLetterFilter,
+        handlers: Vec<String>,
+        reply: Reply<Replayed>,
+    },
+    /// Every dead letter matching `filter` deleted, in one transaction.
+    DropMatching {
+        filter: DeadLetterFilter,
+        reply: Reply<usize>,
+    },
     Prune {
         retention: Retention,
         reply: Reply<usize>,
@@ -123,6 +138,8 @@ enum Done {
     Settled,
     Replayed(Option<u64>),
     Dropped(bool),
+    ReplayedMatching(Replayed),
+    DroppedMatching(usize),
     Pruned(usize),
 }
 
@@ -135,12 +152,20 @@ impl Op {
             (Op::Settle { reply, .. }, Ok(Done::Settled)) => drop(reply.send(Ok(()))),
             (Op::Replay { reply, .. }, Ok(Done::Replayed(v))) => drop(reply.send(Ok(v))),
             (Op::Drop { reply, .. }, Ok(Done::Dropped(v))) => drop(reply.send(Ok(v))),
+            (Op::ReplayMatching { reply, .. }, Ok(Done::ReplayedMatching(v))) => {
+                drop(reply.send(Ok(v)));
+            }
+            (Op::DropMatching { reply, .. }, Ok(Done::DroppedMatching(v))) => {
+                drop(reply.send(Ok(v)));
+            }
             (Op::Prune { reply, .. }, Ok(Done::Pruned(v))) => drop(reply.send(Ok(v))),
             (op, Ok(_)) => op.answer(Err(StoreError::Write("mismatched answer".into()))),
             (Op::Enqueue { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
             (Op::Settle { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
             (Op::Replay { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
             (Op::Drop { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+            (Op::ReplayMatching { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+            (Op::DropMatching { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
             (Op::Prune { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
             (Op::Close { reply }, _) => drop(reply.send(())),
         }
@@ -516,6 +541,14 @@ impl Writer {
                 }
                 Op::Replay { id, .. } => Done::Replayed(self.replay(&txn, *id, now, queued)?),
                 Op::Drop { id, .. } => Done::Dropped(drop_dead(&txn, *id)?),
+                Op::ReplayMatching {
+                    filter, handlers, ..
+                } => Done::ReplayedMatching(
+                    self.replay_matching(&txn, filter, handlers, now, queued)?,
+                ),
+                Op::DropMatching { filter, .. } => {
+                    Done::DroppedMatching(drop_matching(&txn, filter)?)
+                }
                 Op::Prune { retention, .. } => {
                     Done::Pruned(prune(&txn, *retention, now, &mut changes.pruned)?)
                 }
@@ -599,6 +632,61 @@ impl Writer {
             entity: delivery.entity,
         });
         Ok(Some(delivery.id))
+    }
+
+    /// The bulk form of [`Self::replay`]: the matching dead letters, taken in id order
+    /// (the order their events arrived), get new ids in that order, so each entity's
+    /// replayed deliveries go out in their original order, behind what it queued since.
+    fn replay_matching(
+        &mut self,
+        txn: &WriteTransaction,
+        filter: &DeadLetterFilter,
+        handlers: &[String],
+        now: u64,
+        queued: &mut Vec<Queued>,
+    ) -> Result<Replayed, StoreError> {
+        let mut out = Replayed::default();
+        let mut dead = txn.open_table(DEAD).map_err(StoreError::write)?;
+        let mut queue = txn.open_table(DELIVERIES).map_err(StoreError::write)?;
+        let skipped = &mut out.skipped_handlers;
+        let mut n_skipped = 0;
+        let taken = dead
+            .extract_if(|_, value| {
+                let Ok(key) = serde_json::from_slice::<DeadLetterKey>(value) else {
+                    return false;
+                };
+                if !filter.matches(&key) {
+                    return false;
+                }
+                if handlers.contains(&key.handler) {
+                    return true;
+                }
+                n_skipped += 1;
+                skipped.insert(key.handler);
+                false
+            })
+            .map_err(StoreError::write)?;
+        for entry in taken {
+            let (_, value) = entry.map_err(StoreError::write)?;
+            let letter: DeadLetter = decode(value.value())?;
+            let mut delivery = letter.delivery;
+            delivery.id = self.parts.next_delivery;
+            self.parts.next_delivery += 1;
+            delivery.attempts = 0;
+            delivery.next_at = now;
+            delivery.last_error = None;
+            queue
+                .insert(delivery.id, encode(&delivery).as_slice())
+                .map_err(StoreError::write)?;
+            out.ids.push(delivery.id);
+            queued.push(Queued {
+                id: delivery.id,
+                handler: delivery.handler,
+                entity: delivery.entity,
+            });
+        }
+        out.skipped = n_skipped;
+        Ok(out)
     }
 
     fn log(&mut self, txn: &WriteTransaction, rows: &[Execution]) -> Result<(), StoreError> {
@@ -721,6 +809,19 @@ fn drop_dead(txn: &WriteTransaction, id: u64) -> Result<bool, StoreError> {
     let mut dead = txn.open_table(DEAD).map_err(StoreError::write)?;
     let existed = dead.remove(id).map_err(StoreError::write)?.is_some();
     Ok(existed)
+}
+
+/// Deletes every dead letter matching `filter`; how many.
+fn drop_matching(txn: &WriteTransaction, filter: &DeadLetterFilter) -> Result<usize, StoreError> {
+    let mut dead = txn.open_table(DEAD).map_err(StoreError::write)?;
+    let mut n = 0;
+    dead.retain(|_, value| {
+        let take = serde_json::from_slice::<DeadLetterKey>(value).is_ok_and(|k| filter.matches(&k));
+        n += usize::from(take);
+        !take
+    })
+    .map_err(StoreError::write)?;
+    Ok(n)
 }
 
 pub fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {

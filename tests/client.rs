@@ -1,0 +1,177 @@
+//! The client commands (`send`, `executions`, `deadletters`, `health`): `--url` and
+//! `--token` on each, and the config's token never sent anywhere but the config's own
+//! listener.
+
+mod common;
+
+use common::*;
+
+/// Every client command, as argv after `provisiond`.
+const COMMANDS: &[&[&str]] = &[
+    &["send", "clients.create"],
+    &["executions"],
+    &["deadletters", "list"],
+    &["deadletters", "replay", "--all"],
+    &["deadletters", "drop", "7"],
+    &["health", "--ready"],
+];
+
+/// A stand-in for "somewhere else": records what it is sent, answers like a sidecar.
+async fn elsewhere() -> HandlerServer {
+    HandlerServer::start(|call| async move {
+        let body = match call.path.as_str() {
+            "/v1/executions" => r#"{"count": 0, "executions": []}"#,
+            "/v1/deadletters" => r#"{"count": 0, "deadletters": []}"#,
+            "/v1/deadletters/replay" => r#"{"replayed": 0, "skipped": 0}"#,
+            "/readyz" => r#"{"status": "ready", "generation": 1, "store": "x"}"#,
+            _ => r#"{"event": {}, "data": {}}"#,
+        };
+        reply(200, body)
+    })
+    .await
+}
+
+fn with(args: &[&str], more: &[&str]) -> Vec<String> {
+    args.iter().chain(more).map(|s| (*s).to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_configs_token_goes_to_its_own_listener_only() {
+    let sidecar = Sidecar::start(&format!("{SERVER}token = \"tok-listener\"\n"));
+    // The client's config names the sidecar's real address (its own says port 0).
+    let dir = tempfile::TempDir::new().unwrap();
+    std::fs::write(
+        dir.path().join("provisioning.toml"),
+        format!(
+            "[server]\nlisten = \"{}\"\ntoken = \"tok-listener\"\n",
+            sidecar.addr
+        ),
+    )
+    .unwrap();
+    let other = elsewhere().await;
+    let url = other.url("");
+
+    for command in COMMANDS {
+        let before = other.calls().len();
+        let args = with(command, &["--url", &url]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = run_binary(dir.path(), &args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(
+            err.contains(&format!(
+                "provisiond: note: not sending the config's server.token to {url}: it is \
+                 not the config's listener ({}); give --token to authenticate there",
+                sidecar.addr
+            )),
+            "{args:?}: {err}"
+        );
+        let calls = other.calls();
+        assert_eq!(calls.len(), before + 1, "{args:?}");
+        let call = calls.last().unwrap();
+        assert_eq!(
+            call.header("authorization"),
+            None,
+            "{args:?} leaked the token"
+        );
+
+        // --token says what to send there.
+        let args = with(command, &["--url", &url, "--token", "tok-other"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = run_binary(dir.path(), &args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(!err.contains("note:"), "{err}");
+        let call = other.calls().last().unwrap().clone();
+        assert_eq!(call.header("authorization"), Some("Bearer tok-other"));
+    }
+    assert!(
+        other
+            .calls()
+            .iter()
+            .all(|c| !String::from_utf8_lossy(&c.body).contains("tok-listener"))
+    );
+
+    // The listener itself, by the config or by a --url that names it, gets the token.
+    let port = sidecar.addr.rsplit(':').next().unwrap();
+    for extra in [
+        &[][..],
+        &["--url", &format!("http://{}", sidecar.addr)],
+        &["--url", &format!("http://localhost:{port}/")],
+    ] {
+        let args = with(&["executions"], extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = run_binary(dir.path(), &args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert_eq!(err, "no executions match\n", "{args:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_that_wants_a_token_says_so_and_takes_one_given_with_token() {
+    let sidecar = Sidecar::start(&format!("{SERVER}token = \"tok-9\"\n"));
+    let url = format!("http://{}", sidecar.addr);
+    let empty = tempfile::TempDir::new().unwrap();
+    let (code, out, err) = run_binary(empty.path(), &["executions", "--url", &url]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert!(
+        err.contains(&format!(
+            "(HTTP 401): the sidecar at {url} wants its server.token; give --token, or -c \
+             with its config"
+        )),
+        "{err}"
+    );
+    let (code, _, err) = run_binary(
+        empty.path(),
+        &["executions", "--url", &url, "--token", "tok-9"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run_binary(
+        empty.path(),
+        &["send", "clients.create", "--url", &url, "--token", "wrong"],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.starts_with("HTTP 401"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_warns_about_an_event_outside_the_catalogue_and_sends_it_anyway() {
+    let other = elsewhere().await;
+    let url = other.url("");
+    let dir = tempfile::TempDir::new().unwrap();
+    let (code, _, err) = run_binary(dir.path(), &["send", "clients.crate", "--url", &url]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.starts_with(
+            "provisiond: warning: \"clients.crate\" is not in the billing's catalogue nor \
+             [events] extra (did you mean \"clients.create\"?); sending it anyway: the \
+             sidecar gives it to the handlers matching \"*\" or a prefix only\n"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        other.calls().last().unwrap().json()["event"]["events_id"],
+        "clients.crate"
+    );
+    // Catalogue names, aliases and the config's [events] extra are not warned about.
+    std::fs::write(
+        dir.path().join("provisioning.toml"),
+        "[events]\nextra = [\"billing.custom_thing\"]\n",
+    )
+    .unwrap();
+    for event in [
+        "clients.create",
+        "clients_packages.activate",
+        "billing.custom_thing",
+    ] {
+        let (code, _, err) = run_binary(dir.path(), &["send", event, "--url", &url]);
+        assert_eq!(code, 0, "{err}");
+        assert!(!err.contains("warning"), "{event}: {err}");
+    }
+    let before = other.calls().len();
+    let (code, _, err) = run_binary(dir.path(), &["send", "zzz.qqq", "--url", &url]);
+    assert_eq!(code, 0);
+    assert!(
+        err.starts_with("provisiond: warning: \"zzz.qqq\" is not in the billing's catalogue nor [events] extra; sending it anyway"),
+        "{err}"
+    );
+    assert_eq!(other.calls().len(), before + 1);
+}

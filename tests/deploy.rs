@@ -1,0 +1,510 @@
+//! Deploying provisiond: safe defaults off loopback, `health` for probes, systemd
+//! readiness and the unit file, the container and Kubernetes examples, completions and
+//! the man page, and the install story the README tells.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(path: &str) -> String {
+    let path = root().join(path);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The first line of a check of `config` written to a temporary file.
+fn check_text(config: &str, env: &[(&str, &str)]) -> (i32, String, String) {
+    let dir = tempfile::TempDir::new().unwrap();
+    std::fs::write(dir.path().join("provisioning.toml"), config).unwrap();
+    let mut args = vec!["check", "-c"];
+    let path = dir.path().join("provisioning.toml");
+    args.push(path.to_str().unwrap());
+    cli(&args, env, "")
+}
+
+const OFF_LOOPBACK: &str = "is reachable from other hosts and server.token is not set, so \
+    anyone who reaches it could post events and use /v1/reload and the dead-letter routes; \
+    set server.token = \"${PROVISIOND_TOKEN}\" (and give PROVISIOND_TOKEN), listen on \
+    127.0.0.1 or a unix socket, or set server.allow_insecure = true if something else \
+    guards the port";
+
+#[test]
+fn a_listener_off_loopback_needs_a_token_or_the_explicit_opt_out() {
+    for listen in ["0.0.0.0:8600", "[::]:8600", "192.0.2.10:8600"] {
+        let (code, _, err) = check_text(&format!("[server]\nlisten = \"{listen}\"\n"), &[]);
+        assert_eq!(code, 1, "{listen}: {err}");
+        let shown = listen.to_owned();
+        assert!(
+            err.contains(&format!(
+                "provisioning.toml:2:10: server.listen: {shown} {OFF_LOOPBACK}"
+            )),
+            "{listen}: {err}"
+        );
+    }
+    // A token, or the documented opt-out, or loopback or a unix socket: fine.
+    for config in [
+        "[server]\nlisten = \"0.0.0.0:8600\"\ntoken = \"${T}\"\n",
+        "[server]\nlisten = \"0.0.0.0:8600\"\nallow_insecure = true\n",
+        "[server]\nlisten = \"127.0.0.1:8600\"\n",
+        "[server]\nlisten = \"[::1]:8600\"\n",
+        "[server]\nlisten = \"unix:/run/provisiond/provisiond.sock\"\n",
+        "# the default listen address\n",
+    ] {
+        let (code, out, err) = check_text(config, &[("T", "secret-1")]);
+        assert_eq!(code, 0, "{config}: {err}");
+        assert!(out.contains(": ok"), "{out}");
+    }
+    // `allow_insecure = false` is the default, said out loud.
+    let (code, _, err) = check_text(
+        "[server]\nlisten = \"0.0.0.0:8600\"\nallow_insecure = false\n",
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+
+    // `run` refuses the file with the same words, and does not listen.
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("provisioning.toml");
+    std::fs::write(&path, "[server]\nlisten = \"0.0.0.0:0\"\n").unwrap();
+    let (code, _, err) = run_binary(
+        dir.path(),
+        &["run", "-c", path.to_str().unwrap(), "--log-format", "json"],
+    );
+    assert_eq!(code, 1, "{err}");
+    let records: Vec<Value> = err
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        records.iter().any(|r| r["message"] == "invalid config"
+            && r["error"]
+                .as_str()
+                .is_some_and(|e| e.ends_with(&format!("server.listen: 0.0.0.0:0 {OFF_LOOPBACK}")))),
+        "{err}"
+    );
+    assert!(!err.contains("\"listening\""), "{err}");
+}
+
+#[test]
+fn the_container_config_does_not_start_without_its_token() {
+    let config = root().join("examples/container/provisioning.toml");
+    let (code, _, err) = cli(&["check", "-c", config.to_str().unwrap()], &[], "");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("server.token: environment variable `PROVISIOND_TOKEN` is not set"),
+        "{err}"
+    );
+    let (code, out, err) = cli(
+        &["check", "-c", config.to_str().unwrap()],
+        &[("PROVISIOND_TOKEN", "t-1")],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("listen 0.0.0.0:8600"), "{out}");
+}
+
+/// A config beside the sidecar's that names the address it really listens on (the
+/// sidecar's own says port 0), for the client commands' `-c`.
+fn client_config(sidecar: &Sidecar, server: &str) -> String {
+    let path = sidecar.dir.path().join("client.toml");
+    std::fs::write(
+        &path,
+        format!("[server]\nlisten = \"{}\"\n{server}", sidecar.addr),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_answers_on_tcp_and_unix_sockets_and_fails_when_nothing_answers() {
+    let sidecar = Sidecar::start(&format!("{SERVER}token = \"secret-7\"\n"));
+    let config = client_config(&sidecar, "token = \"secret-7\"\n");
+    let dir = sidecar.dir.path();
+    let (code, out, err) = run_binary(dir, &["health", "-c", &config]);
+    assert_eq!((code, out.as_str(), err.as_str()), (0, "ok\n", ""));
+    let (code, out, err) = run_binary(dir, &["health", "--ready", "-c", &config]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("ready: config generation 1, store "),
+        "{out}"
+    );
+
+    let socket_dir = tempfile::TempDir::new().unwrap();
+    let socket = socket_dir.path().join("p.sock");
+    let unix = Sidecar::start(&format!(
+        "[server]\nlisten = \"unix:{}\"\n",
+        socket.display()
+    ));
+    let config = unix.config_path.to_str().unwrap().to_owned();
+    let (code, out, err) = run_binary(unix.dir.path(), &["health", "--ready", "-c", &config]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("ready: "), "{out}");
+    let url = format!("unix:{}", socket.display());
+    let (code, out, _) = run_binary(unix.dir.path(), &["health", "--url", &url]);
+    assert_eq!((code, out.as_str()), (0, "ok\n"));
+
+    // Nothing there: exit 1, saying where it looked.
+    let nobody = format!("http://{}", free_addr());
+    let empty = tempfile::TempDir::new().unwrap();
+    let (code, out, err) = run_binary(empty.path(), &["health", "--url", &nobody]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert!(
+        err.starts_with(&format!(
+            "provisiond: cannot reach provisiond at {nobody}: "
+        )),
+        "{err}"
+    );
+    // A bad --url and a bad --timeout are named.
+    let (code, _, err) = run_binary(dir, &["health", "--url", "127.0.0.1:8600"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--url \"127.0.0.1:8600\" is not a sidecar address; write http://host:port"),
+        "{err}"
+    );
+    let (code, _, err) = run_binary(dir, &["health", "--timeout", "soon"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid value 'soon' for '--timeout"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_fails_when_the_sidecar_is_not_ready_or_does_not_answer_in_time() {
+    // Stand-ins for a sidecar that is draining, and one that hangs.
+    let draining = HandlerServer::start(|call| async move {
+        if call.path == "/readyz" {
+            reply(503, r#"{"error": {"message": "shutting down"}}"#)
+        } else {
+            reply(200, r#"{"status": "ok"}"#)
+        }
+    })
+    .await;
+    let url = draining.url("");
+    let dir = tempfile::TempDir::new().unwrap();
+    let (code, out, _) = run_binary(dir.path(), &["health", "--url", &url]);
+    assert_eq!((code, out.as_str()), (0, "ok\n"));
+    let (code, out, err) = run_binary(dir.path(), &["health", "--ready", "--url", &url]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert_eq!(
+        err,
+        format!("provisiond: not ready at {url}: shutting down (HTTP 503)\n")
+    );
+
+    let hanging = HandlerServer::start(|_| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        reply(200, "")
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let (code, _, err) = run_binary(
+        dir.path(),
+        &["health", "--url", &hanging.url(""), "--timeout", "300ms"],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.ends_with(": no answer in time\n"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// A fake systemd: the datagram socket `NOTIFY_SOCKET` names.
+struct Notify {
+    socket: UnixDatagram,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Notify {
+    fn new() -> Self {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        Self {
+            socket,
+            path,
+            _dir: dir,
+        }
+    }
+
+    fn next(&self) -> String {
+        let mut buf = [0u8; 4096];
+        let n = self.socket.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_and_stopping_are_notified_to_systemd() {
+    let notify = Notify::new();
+    let env = [("NOTIFY_SOCKET", notify.path.to_str().unwrap())];
+    let sidecar = Sidecar::start_in(tempfile::TempDir::new().unwrap(), SERVER, &env);
+    let ready = notify.next();
+    let lines: Vec<&str> = ready.lines().collect();
+    assert_eq!(
+        lines,
+        ["READY=1", &format!("STATUS=listening on {}", sidecar.addr)],
+        "{ready}"
+    );
+    // Ready means ready: the config is loaded and the store open.
+    let (status, body) = sidecar.get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+
+    let (_, _, exit) = sidecar.terminate();
+    assert!(exit.success());
+    assert_eq!(notify.next(), "STOPPING=1\n");
+}
+
+#[test]
+fn a_config_that_does_not_load_notifies_nothing() {
+    let notify = Notify::new();
+    notify
+        .socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("provisioning.toml");
+    std::fs::write(&path, "[server]\nlisten = 1\n").unwrap();
+    let (code, _, _) = cli(
+        &["run", "-c", path.to_str().unwrap()],
+        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
+        "",
+    );
+    assert_eq!(code, 1);
+    // The process has exited: anything it sent is already in the socket.
+    let mut buf = [0u8; 64];
+    assert!(
+        notify.socket.recv(&mut buf).is_err(),
+        "a failed start notified"
+    );
+}
+
+/// `examples/systemd/provisiond.service`, with `ExecStart` pointing at the binary under
+/// test (`systemd-analyze verify` checks that it exists).
+fn unit_under_test(dir: &Path) -> PathBuf {
+    let unit =
+        read("examples/systemd/provisiond.service").replace("/usr/local/bin/provisiond", binary());
+    let path = dir.join("provisiond.service");
+    std::fs::write(&path, unit).unwrap();
+    path
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let Ok(analyze) = which("systemd-analyze") else {
+        println!("note: systemd-analyze is not installed; skipping `systemd-analyze verify`");
+        return;
+    };
+    let dir = tempfile::TempDir::new().unwrap();
+    let unit = unit_under_test(dir.path());
+    let out = std::process::Command::new(analyze)
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze verify: {err}");
+    assert!(!err.contains("provisiond.service"), "{err}");
+
+    // The check can fail: a broken unit is reported.
+    std::fs::write(
+        &unit,
+        std::fs::read_to_string(&unit)
+            .unwrap()
+            .replace("Type=notify", "Type=notifyy"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(which("systemd-analyze").unwrap())
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("notifyy"),
+        "a bad Type= passed"
+    );
+}
+
+fn which(program: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
+
+#[test]
+fn the_systemd_unit_runs_a_notifying_hardened_service_with_its_store_in_its_state_directory() {
+    let unit = read("examples/systemd/provisiond.service");
+    let settings: Vec<&str> = unit
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    for want in [
+        "Type=notify",
+        "ExecStart=/usr/local/bin/provisiond run -c /etc/provisiond/provisioning.toml --log-format json",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "StateDirectory=provisiond",
+        "WorkingDirectory=/var/lib/provisiond",
+        "User=provisiond",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+    ] {
+        assert!(settings.contains(&want), "the unit lacks {want}");
+    }
+    // The default store.path is relative to the working directory: with the unit's,
+    // the store lands in the state directory, which ProtectSystem=strict leaves writable.
+    let config = provisiond::config::Config::parse("", "provisioning.toml").unwrap();
+    assert_eq!(
+        Path::new("/var/lib/provisiond").join(&config.store.path),
+        Path::new("/var/lib/provisiond/provisiond.db")
+    );
+}
+
+/// The `command: [...]` arrays of a YAML file, as argv.
+fn yaml_commands(text: &str) -> Vec<Vec<String>> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("command: "))
+        .map(|array| serde_json::from_str(array).expect("a JSON-style array"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_container_and_kubernetes_probes_run_provisiond_health_as_written() {
+    let sidecar = Sidecar::start(SERVER);
+    let url = format!("http://{}", sidecar.addr);
+    let dir = sidecar.dir.path();
+
+    // Docker: HEALTHCHECK CMD ["/usr/local/bin/provisiond", "health", ...], with the
+    // image's PROVISIOND_CONFIG; here, the sidecar's config.
+    let dockerfile = read("Dockerfile");
+    let healthcheck = dockerfile
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("CMD [\"/usr/local/bin/provisiond\", \"health\"")
+        })
+        .expect("a HEALTHCHECK running provisiond health");
+    let mut args: Vec<String> = serde_json::from_str(&format!("[\"health\"{healthcheck}")).unwrap();
+    assert!(args.contains(&"--ready".to_owned()), "{args:?}");
+    assert!(dockerfile.contains("HEALTHCHECK "), "{dockerfile}");
+    args.extend(["-c".into(), client_config(&sidecar, "")]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = run_binary(dir, &args);
+    assert_eq!(code, 0, "{args:?}: {err}");
+
+    // Kubernetes: every probe is `provisiond health` against the config's listener.
+    let deployment = read("examples/kubernetes/deployment.yaml");
+    let probes = yaml_commands(&deployment);
+    assert_eq!(probes.len(), 3, "startup, liveness, readiness: {probes:?}");
+    for probe in probes {
+        assert_eq!(probe[..2], ["provisiond", "health"], "{probe:?}");
+        assert!(
+            probe.contains(&"http://127.0.0.1:8600".to_owned()),
+            "{probe:?}"
+        );
+        let args: Vec<&str> = probe[1..]
+            .iter()
+            .map(|a| {
+                if a == "http://127.0.0.1:8600" {
+                    &url
+                } else {
+                    a
+                }
+            })
+            .map(String::as_str)
+            .collect();
+        let (code, _, err) = run_binary(dir, &args);
+        assert_eq!(code, 0, "{probe:?}: {err}");
+    }
+    for probe in ["startupProbe:", "livenessProbe:", "readinessProbe:"] {
+        assert!(deployment.contains(probe), "no {probe}");
+    }
+    // The token comes from a Secret.
+    assert!(
+        deployment.contains(
+            "- name: PROVISIOND_TOKEN\n              valueFrom:\n                secretKeyRef:"
+        ),
+        "{deployment}"
+    );
+    assert!(
+        read("examples/kubernetes/provisioning.toml").contains("token = \"${PROVISIOND_TOKEN}\"")
+    );
+}
+
+#[test]
+fn completions_and_the_man_page_cover_every_command() {
+    for (shell, marker) in [
+        ("bash", "_provisiond()"),
+        ("zsh", "#compdef provisiond"),
+        ("fish", "complete -c provisiond"),
+    ] {
+        let (code, out, err) = cli(&["completions", shell], &[], "");
+        assert_eq!(code, 0, "{shell}: {err}");
+        assert!(out.contains(marker), "{shell}:\n{out}");
+        for command in ["deadletters", "executions", "health", "send", "check"] {
+            assert!(out.contains(command), "{shell} lacks {command}");
+        }
+    }
+    let (code, _, err) = cli(&["completions", "tcsh"], &[], "");
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("invalid value 'tcsh'") && err.contains("bash, zsh, fish"),
+        "{err}"
+    );
+
+    let (code, man, err) = cli(&["man"], &[], "");
+    assert_eq!(code, 0, "{err}");
+    assert!(man.starts_with(".ie \\n(.g .ds Aq"), "{man}");
+    assert!(man.contains(".TH provisiond 1"), "{man}");
+    assert!(
+        man.contains(".SH NAME") && man.contains(".SH SUBCOMMANDS"),
+        "{man}"
+    );
+    for command in ["provisiond\\-health(1)", "provisiond\\-deadletters(1)"] {
+        assert!(man.contains(command), "the man page lacks {command}");
+    }
+}
+
+#[test]
+fn the_readme_installs_and_the_release_profile_is_tuned_for_a_daemon() {
+    let readme = read("README.md");
+    for want in [
+        "cargo install --locked --path .",
+        "~/.cargo/bin/provisiond",
+        "cargo run --release",
+        "cargo test --locked",
+    ] {
+        assert!(readme.contains(want), "the README lacks {want}");
+    }
+    let manifest: toml::Table = read("Cargo.toml").parse().unwrap();
+    let release = &manifest["profile"]["release"];
+    assert_eq!(release["lto"].as_str(), Some("fat"), "{release}");
+    assert_eq!(release["codegen-units"].as_integer(), Some(1), "{release}");
+    assert_eq!(release["strip"].as_str(), Some("symbols"), "{release}");
+    assert_eq!(
+        manifest["package"]["license"].as_str(),
+        Some("MIT OR Apache-2.0")
+    );
+    for file in ["LICENSE-MIT", "LICENSE-APACHE", "CHANGELOG.md"] {
+        assert!(root().join(file).is_file(), "{file} is missing");
+    }
+    let apache = read("LICENSE-APACHE");
+    assert!(apache.contains("Apache License") && apache.contains("Version 2.0, January 2004"));
+    assert!(read("LICENSE-MIT").contains("Permission is hereby granted, free of charge"));
+    let changelog = read("CHANGELOG.md");
+    let version = manifest["package"]["version"].as_str().unwrap();
+    assert!(
+        changelog.contains(&format!("## [{version}]")),
+        "CHANGELOG.md has no entry for {version}"
+    );
+}

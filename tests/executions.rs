@@ -1,0 +1,290 @@
+//! The execution log for people: a header row, `--output json|table`, lookup by the event
+//! id the billing got back, and `--follow`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+fn config(echo: &HandlerServer, after: &HandlerServer) -> String {
+    format!(
+        "{SERVER}[[handler]]\nname = \"echo\"\nevents = [\"*\"]\nstage = \"before\"\nurl = {}\n\n{}",
+        toml_str(echo.url("/")),
+        after_handler("crm", &after.url("/"), "")
+    )
+}
+
+/// Posts an event; its `X-Provisioning-Event-Id`.
+async fn send(sidecar: &Sidecar, event: &str, id: i64) -> String {
+    let response = sidecar
+        .client()
+        .post(sidecar.url("/events"))
+        .body(envelope(event, id, json!({})).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.headers()["x-provisioning-event-id"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_are_found_by_event_id_under_a_header_or_as_json() {
+    let echo = HandlerServer::echo().await;
+    let crm = HandlerServer::fixed(200, "").await;
+    let sidecar = Sidecar::start(&config(&echo, &crm));
+    let url = format!("http://{}", sidecar.addr);
+    let dir = sidecar.dir.path();
+    let wanted = send(&sidecar, "clients.create", 1).await;
+    let _other = send(&sidecar, "clients.create", 2).await;
+    // Both calls of the event (before and after stage) are in the log within a second
+    // or so.
+    let mut rows = Vec::new();
+    for _ in 0..200 {
+        let (_, body) = sidecar
+            .get(&format!("/v1/executions?event_id={wanted}"))
+            .await;
+        rows = body["executions"].as_array().unwrap().clone();
+        if rows.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // (In the order they were written: the before stage's row can come second.)
+    let mut handlers: Vec<&str> = rows
+        .iter()
+        .map(|r| r["handler"].as_str().unwrap())
+        .collect();
+    handlers.sort_unstable();
+    assert_eq!(handlers, ["crm", "echo"], "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r["event_id"] == wanted.as_str() && r["object_id"] == "1")
+    );
+
+    let (code, out, err) = run_binary(dir, &["executions", "--event-id", &wanted, "--url", &url]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    let header = lines[0];
+    assert!(header.starts_with("TIME"), "{out}");
+    for column in [
+        "STAGE", "HANDLER", "EVENT", "OBJECT", "OUTCOME", "CODE", "DURATION",
+    ] {
+        assert!(header.contains(column), "{header}");
+    }
+    // Values sit under their column names.
+    let at = |line: &str, column: &str| line.find(column).unwrap();
+    let after = lines.iter().find(|l| l.contains(" crm ")).unwrap();
+    let before = lines.iter().find(|l| l.contains(" echo ")).unwrap();
+    assert_eq!(at(after, "after"), at(header, "STAGE"));
+    assert_eq!(at(after, "crm"), at(header, "HANDLER"));
+    assert_eq!(at(after, "delivered"), at(header, "OUTCOME"));
+    assert_eq!(at(before, "echo"), at(header, "HANDLER"));
+    assert_eq!(at(before, "allowed"), at(header, "OUTCOME"));
+
+    for output in [&["--output", "json"][..], &["--json"]] {
+        let args: Vec<&str> = ["executions", "--event-id", &wanted, "--url", &url]
+            .into_iter()
+            .chain(output.iter().copied())
+            .collect();
+        let (code, out, err) = run_binary(dir, &args);
+        assert_eq!(code, 0, "{err}");
+        let reply: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(reply["count"], 2, "{reply}");
+        assert_eq!(reply["executions"][0]["event_id"], wanted.as_str());
+    }
+    let (code, _, err) = run_binary(dir, &["executions", "--output", "yaml", "--url", &url]);
+    assert_eq!(code, 2);
+    assert!(err.contains("[possible values: table, json]"), "{err}");
+    let (code, _, _) = run_binary(
+        dir,
+        &["executions", "--output", "table", "--json", "--url", &url],
+    );
+    assert_eq!(code, 2, "--output and --json say the same thing once");
+
+    // An id no row has: nothing, said on stderr.
+    let (code, out, err) = run_binary(
+        dir,
+        &["executions", "--event-id", "evt_nope", "--url", &url],
+    );
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (0, "", "no executions match\n")
+    );
+    let (status, body) = sidecar.get("/v1/executions?after=x").await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        body["error"]["message"],
+        "after must be a row id (a whole number), got \"x\""
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn follow_prints_new_rows_as_they_come_oldest_first() {
+    let echo = HandlerServer::echo().await;
+    let crm = HandlerServer::fixed(200, "").await;
+    let sidecar = Sidecar::start(&config(&echo, &crm));
+    let url = format!("http://{}", sidecar.addr);
+    send(&sidecar, "clients.update", 1).await;
+
+    let mut child = Command::new(binary())
+        .args(["executions", "--follow", "--handler", "echo", "--url", &url])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    {
+        let lines = lines.clone();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+    let rows_for = |n: usize| {
+        let lines = lines.clone();
+        move || {
+            lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(" echo "))
+                .count()
+                >= n
+        }
+    };
+    // The row already there first (it reaches the log within about a second).
+    assert!(
+        eventually(Duration::from_secs(15), rows_for(1)).await,
+        "{:?}",
+        lines.lock().unwrap()
+    );
+    for id in 2..=4 {
+        send(&sidecar, "clients.update", id).await;
+    }
+    let arrived = eventually(Duration::from_secs(15), rows_for(4)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let lines = lines.lock().unwrap().clone();
+    assert!(arrived, "{lines:?}");
+    assert!(lines[0].starts_with("TIME"), "one header first: {lines:?}");
+    assert_eq!(lines.iter().filter(|l| l.starts_with("TIME")).count(), 1);
+    // Oldest first, each row once.
+    let objects: Vec<&str> = lines[1..]
+        .iter()
+        .map(|l| l.split_whitespace().nth(4).unwrap())
+        .collect();
+    assert_eq!(objects, ["1", "2", "3", "4"], "{lines:?}");
+}
+
+/// Runs `provisiond ARGS` in the background, collecting its stdout and stderr lines.
+struct Running {
+    child: std::process::Child,
+    out: Arc<Mutex<Vec<String>>>,
+    err: Arc<Mutex<Vec<String>>>,
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(binary())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let collect = |stream: Box<dyn std::io::Read + Send>| {
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            let kept = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    kept.lock().unwrap().push(line);
+                }
+            });
+            lines
+        };
+        let out = collect(Box::new(child.stdout.take().unwrap()));
+        let err = collect(Box::new(child.stderr.take().unwrap()));
+        Self { child, out, err }
+    }
+
+    async fn wait_for(&self, lines: &Arc<Mutex<Vec<String>>>, needle: &str) -> bool {
+        let lines = lines.clone();
+        let needle = needle.to_owned();
+        eventually(Duration::from_secs(20), move || {
+            lines.lock().unwrap().iter().any(|l| l.contains(&needle))
+        })
+        .await
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn follow_waits_for_a_sidecar_that_restarts() {
+    let echo = HandlerServer::echo().await;
+    let config = format!(
+        "[server]\nlisten = \"{}\"\n[[handler]]\nname = \"echo\"\nevents = [\"*\"]\nstage = \"before\"\nurl = {}\n",
+        free_addr(),
+        toml_str(echo.url("/"))
+    );
+    let sidecar = Sidecar::start(&config);
+    let url = format!("http://{}", sidecar.addr);
+    send(&sidecar, "clients.update", 1).await;
+    let follow = Running::start(&["executions", "-f", "--url", &url]);
+    assert!(follow.wait_for(&follow.out, "clients.update").await);
+
+    let (dir, config_path) = sidecar.kill_9();
+    assert!(
+        follow.wait_for(&follow.err, "; still following").await,
+        "{:?}",
+        follow.err.lock().unwrap()
+    );
+    let sidecar = Sidecar::spawn(dir, config_path, &[]);
+    send(&sidecar, "clients.delete", 2).await;
+    assert!(
+        follow.wait_for(&follow.out, "clients.delete").await,
+        "{:?}\n{:?}\n{}",
+        follow.out.lock().unwrap(),
+        follow.err.lock().unwrap(),
+        sidecar.logs().join("\n")
+    );
+    assert!(
+        follow
+            .wait_for(&follow.err, &format!("{url} answers again"))
+            .await
+    );
+    let err = follow.err.lock().unwrap().clone();
+    assert_eq!(
+        err.iter().filter(|l| l.contains("still following")).count(),
+        1,
+        "said once: {err:?}"
+    );
+    // Each row once.
+    let out = follow.out.lock().unwrap().clone();
+    assert_eq!(
+        out.iter().filter(|l| l.contains("clients.update")).count(),
+        1,
+        "{out:?}"
+    );
+}
