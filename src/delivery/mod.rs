@@ -627,7 +627,6 @@ async fn read_delivery(app: &App, id: u64) -> Result<Option<crate::store::Delive
 
 /// Works on delivery `id` until it is settled (true) or provisiond stops (false).
 async fn deliver(app: &Arc<App>, lane: &Lane, id: u64) -> bool {
-    let stop = &app.deliveries.stop;
     let mut generations = app.subscribe();
     let mut delivery = match read_delivery(app, id).await {
         Ok(Some(d)) => d,
@@ -638,136 +637,191 @@ async fn deliver(app: &Arc<App>, lane: &Lane, id: u64) -> bool {
     // holds no body.
     delivery.body = String::new();
     loop {
-        if stop.is_cancelled() {
-            return false;
-        }
-        let handler = match find(app, &delivery.handler) {
-            Found::Ready(h) => h,
-            Found::Dead(reason) => {
-                warn!(handler = %lane.handler, entity = %lane.entity, delivery = id, reason, "delivery dead-lettered");
-                let settle = Settle::Dead {
-                    attempts: delivery.attempts,
-                    reason: reason.to_owned(),
-                    error: None,
-                };
-                return record(app, lane, id, settle, None).await;
-            }
-            Found::Disabled => {
-                debug!(handler = %lane.handler, delivery = id, "handler disabled, delivery waits");
-                tokio::select! {
-                    biased;
-                    () = stop.cancelled() => return false,
-                    () = changed(&mut generations) => continue,
-                }
-            }
+        let handler = match turn(app, lane, id, &delivery, &mut generations).await {
+            Turn::Go(handler) => handler,
+            Turn::Again => continue,
+            Turn::Done(settled) => return settled,
         };
-        let wait = Duration::from_millis(delivery.next_at.saturating_sub(now_ms()));
-        if !wait.is_zero() {
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => return false,
-                // A reload: look at the handler again, then wait what is left.
-                () = changed(&mut generations) => {}
-                () = tokio::time::sleep(wait) => {}
-            }
-            continue;
-        }
-        let slot = tokio::select! {
-            biased;
-            () = stop.cancelled() => return false,
-            slot = handler.slots.clone().acquire_owned() => slot.expect("handler slots are never closed"),
-        };
-        let body = match read_delivery(app, id).await {
-            Ok(Some(d)) => d.body,
-            Ok(None) => return true,
-            Err(()) => return false,
-        };
-        let attempt = delivery.attempts + 1;
-        let at = SystemTime::now();
-        let started = Instant::now();
-        let result = app
-            .caller
-            .call_in_slot(Call {
-                handler: &handler,
-                event: &delivery.event,
-                object_id: &delivery.object_id,
-                body: Bytes::from(body),
-                attempt,
-                message_id: &delivery.message_id,
-                timeout: handler.timeout,
-            })
-            .await;
-        drop(slot);
-        let duration = started.elapsed();
-        let verdict = retry::judge(&result);
-        let outcome = match &verdict {
-            Verdict::Delivered => "delivered",
-            Verdict::Gone { .. } => "dead",
-            Verdict::Retry { .. } if retry::exhausted(&handler.retry, attempt) => "dead",
-            Verdict::Retry { .. } => "failed",
-        };
-        crate::metrics::handler_call(&handler.name, "after", outcome, duration);
-        let mut call = CallRecord {
-            at,
-            handler: handler.name.clone(),
-            stage: Stage::After,
-            attempt,
-            outcome: "delivered",
-            duration,
-            code: result.as_ref().ok().map(crate::handlers::Reply::code),
-            excerpt: result.as_ref().map(|r| r.excerpt()).unwrap_or_default(),
-            error: None,
-        };
-        let fields = (&lane.handler, &lane.entity, id, attempt);
-        let settle = match verdict {
-            Verdict::Delivered => {
-                info!(handler = %fields.0, entity = %fields.1, delivery = id, attempt, ?duration, "delivered");
-                Settle::Delivered
-            }
-            Verdict::Gone { reason } => {
-                warn!(handler = %fields.0, entity = %fields.1, delivery = id, attempt, %reason, "delivery dead-lettered");
-                call.outcome = "dead";
-                call.error = Some(reason.clone());
-                Settle::Dead {
-                    attempts: attempt,
-                    reason,
-                    error: None,
-                }
-            }
-            Verdict::Retry { error, .. } if retry::exhausted(&handler.retry, attempt) => {
-                warn!(handler = %fields.0, entity = %fields.1, delivery = id, attempt, %error, "delivery failed, attempts exhausted, dead-lettered");
-                call.outcome = "dead";
-                call.error = Some(error.clone());
-                Settle::Dead {
-                    attempts: attempt,
-                    reason: format!("gave up after {attempt} attempts; last error: {error}"),
-                    error: Some(error),
-                }
-            }
-            Verdict::Retry { error, retry_after } => {
-                let wait = retry::delay(&handler.retry, attempt, retry_after, fastrand::f64());
-                warn!(handler = %fields.0, entity = %fields.1, delivery = id, attempt, %error, retry_in = ?wait, "delivery failed, retrying");
-                call.outcome = "failed";
-                call.error = Some(error.clone());
-                let next_at =
-                    now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
-                delivery.attempts = attempt;
-                delivery.next_at = next_at;
-                Settle::Retry {
-                    attempts: attempt,
-                    next_at,
-                    error,
-                }
-            }
+        let (settle, row) = match attempt(app, lane, id, &handler, &mut delivery).await {
+            Ok(attempted) => attempted,
+            Err(settled) => return settled,
         };
         let done = !matches!(settle, Settle::Retry { .. });
-        let row = Execution::from_call(call, &delivery.event, &delivery.object_id, Some(id))
-            .event_id(delivery.event_id.clone());
         if !record(app, lane, id, settle, Some(row)).await {
             return false;
         }
         if done {
             return true;
+        }
+    }
+}
+
+/// Where a delivery stands before an attempt.
+enum Turn {
+    /// Due, and its handler ready.
+    Go(Arc<Handler>),
+    /// Something changed (a reload, the wait is over): look again.
+    Again,
+    /// Settled (true) or provisiond stops (false): the lane's work on it is over.
+    Done(bool),
+}
+
+/// Looks the delivery's handler up in the current config and waits for its turn: the
+/// retry time, or a reload while the handler is disabled. A removed handler
+/// dead-letters it.
+async fn turn(
+    app: &App,
+    lane: &Lane,
+    id: u64,
+    delivery: &crate::store::Delivery,
+    generations: &mut tokio::sync::watch::Receiver<u64>,
+) -> Turn {
+    let stop = &app.deliveries.stop;
+    if stop.is_cancelled() {
+        return Turn::Done(false);
+    }
+    let handler = match find(app, &delivery.handler) {
+        Found::Ready(h) => h,
+        Found::Dead(reason) => {
+            warn!(handler = %lane.handler, entity = %lane.entity, delivery = id, reason, "delivery dead-lettered");
+            let settle = Settle::Dead {
+                attempts: delivery.attempts,
+                reason: reason.to_owned(),
+                error: None,
+            };
+            return Turn::Done(record(app, lane, id, settle, None).await);
+        }
+        Found::Disabled => {
+            debug!(handler = %lane.handler, delivery = id, "handler disabled, delivery waits");
+            return tokio::select! {
+                biased;
+                () = stop.cancelled() => Turn::Done(false),
+                () = changed(generations) => Turn::Again,
+            };
+        }
+    };
+    let wait = Duration::from_millis(delivery.next_at.saturating_sub(now_ms()));
+    if wait.is_zero() {
+        return Turn::Go(handler);
+    }
+    tokio::select! {
+        biased;
+        () = stop.cancelled() => Turn::Done(false),
+        // A reload: look at the handler again, then wait what is left.
+        () = changed(generations) => Turn::Again,
+        () = tokio::time::sleep(wait) => Turn::Again,
+    }
+}
+
+/// Makes one attempt of delivery `id` in one of the handler's slots, and says how to
+/// settle it, with its execution log row. `Err` as in [`Turn::Done`].
+async fn attempt(
+    app: &App,
+    lane: &Lane,
+    id: u64,
+    handler: &Handler,
+    delivery: &mut crate::store::Delivery,
+) -> Result<(Settle, Execution), bool> {
+    let slot = tokio::select! {
+        biased;
+        () = app.deliveries.stop.cancelled() => return Err(false),
+        slot = handler.slots.clone().acquire_owned() => slot.expect("handler slots are never closed"),
+    };
+    let body = match read_delivery(app, id).await {
+        Ok(Some(d)) => d.body,
+        Ok(None) => return Err(true),
+        Err(()) => return Err(false),
+    };
+    let attempt = delivery.attempts + 1;
+    let at = SystemTime::now();
+    let started = Instant::now();
+    let result = app
+        .caller
+        .call_in_slot(Call {
+            handler,
+            event: &delivery.event,
+            object_id: &delivery.object_id,
+            body: Bytes::from(body),
+            attempt,
+            message_id: &delivery.message_id,
+            timeout: handler.timeout,
+        })
+        .await;
+    drop(slot);
+    let duration = started.elapsed();
+    let mut call = CallRecord {
+        at,
+        handler: handler.name.clone(),
+        stage: Stage::After,
+        attempt,
+        outcome: "delivered",
+        duration,
+        code: result.as_ref().ok().map(crate::handlers::Reply::code),
+        excerpt: result.as_ref().map(|r| r.excerpt()).unwrap_or_default(),
+        error: None,
+    };
+    let settle = settlement(lane, id, handler, retry::judge(&result), &mut call);
+    crate::metrics::handler_call(&handler.name, "after", call.outcome, duration);
+    if let Settle::Retry {
+        attempts, next_at, ..
+    } = &settle
+    {
+        delivery.attempts = *attempts;
+        delivery.next_at = *next_at;
+    }
+    let row = Execution::from_call(call, &delivery.event, &delivery.object_id, Some(id))
+        .event_id(delivery.event_id.clone());
+    Ok((settle, row))
+}
+
+/// What an attempt's verdict means for the delivery; fills in the call's outcome and
+/// error, and logs it.
+fn settlement(
+    lane: &Lane,
+    id: u64,
+    handler: &Handler,
+    verdict: Verdict,
+    call: &mut CallRecord,
+) -> Settle {
+    let (name, entity, attempt, duration) =
+        (&lane.handler, &lane.entity, call.attempt, call.duration);
+    match verdict {
+        Verdict::Delivered => {
+            info!(handler = %name, entity = %entity, delivery = id, attempt, ?duration, "delivered");
+            Settle::Delivered
+        }
+        Verdict::Gone { reason } => {
+            warn!(handler = %name, entity = %entity, delivery = id, attempt, %reason, "delivery dead-lettered");
+            call.outcome = "dead";
+            call.error = Some(reason.clone());
+            Settle::Dead {
+                attempts: attempt,
+                reason,
+                error: None,
+            }
+        }
+        Verdict::Retry { error, .. } if retry::exhausted(&handler.retry, attempt) => {
+            warn!(handler = %name, entity = %entity, delivery = id, attempt, %error, "delivery failed, attempts exhausted, dead-lettered");
+            call.outcome = "dead";
+            call.error = Some(error.clone());
+            Settle::Dead {
+                attempts: attempt,
+                reason: format!("gave up after {attempt} attempts; last error: {error}"),
+                error: Some(error),
+            }
+        }
+        Verdict::Retry { error, retry_after } => {
+            let wait = retry::delay(&handler.retry, attempt, retry_after, fastrand::f64());
+            warn!(handler = %name, entity = %entity, delivery = id, attempt, %error, retry_in = ?wait, "delivery failed, retrying");
+            call.outcome = "failed";
+            call.error = Some(error.clone());
+            let next_at =
+                now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+            Settle::Retry {
+                attempts: attempt,
+                next_at,
+                error,
+            }
         }
     }
 }
