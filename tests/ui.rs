@@ -506,28 +506,31 @@ async fn a_dead_letter_is_replayed_from_the_page_and_delivered_and_others_droppe
         ),
     );
     let sidecar = Sidecar::start(&config);
-    for id in [1, 2, 3] {
+    for id in [1, 2, 3, 4] {
         let (status, _) = sidecar
             .send("clients.update", id, json!({"name": "x"}))
             .await;
         assert_eq!(status, 200);
     }
-    let letters = until("three dead letters", || async {
+    let letters = until("four dead letters", || async {
         let (_, body) = sidecar.get("/v1/deadletters").await;
-        (body["count"] == 3).then_some(body)
+        (body["count"] == 4).then_some(body)
     })
     .await;
-    let first = letters["deadletters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["object_id"] == "1")
-        .unwrap()["id"]
-        .clone();
+    let id_of = |object: &str| {
+        letters["deadletters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["object_id"] == object)
+            .unwrap()["id"]
+            .clone()
+    };
+    let first = id_of("1");
 
     browser.open(&sidecar, "deadletters").await;
-    until("three rows", || async {
-        (browser.texts("#deadletters-table tr.row").await.len() == 3).then_some(())
+    until("four rows", || async {
+        (browser.texts("#deadletters-table tr.row").await.len() == 4).then_some(())
     })
     .await;
     let table = browser.text("#deadletters-table").await.unwrap();
@@ -581,30 +584,51 @@ async fn a_dead_letter_is_replayed_from_the_page_and_delivered_and_others_droppe
     browser
         .wait_text("#notice", &format!("Replayed 1: #{first} → delivery"))
         .await;
+    until("three rows left", || async {
+        (browser.texts("#deadletters-table tr.row").await.len() == 3).then_some(())
+    })
+    .await;
+
+    // Drop object 4's: select it, confirm.
+    let fourth = id_of("4");
+    browser
+        .click(&format!("tr[data-deadletter=\"{fourth}\"] input.select"))
+        .await;
+    browser
+        .wait_text("#drop-selected", "Drop selected (1)")
+        .await;
+    browser.click("#drop-selected").await;
+    browser
+        .wait_text("#confirm-dialog", "Drop 1 dead letter?")
+        .await;
+    browser.click("#confirm-ok").await;
     until("two rows left", || async {
         (browser.texts("#deadletters-table tr.row").await.len() == 2).then_some(())
     })
     .await;
 
-    // Drop the other two at once: select all, confirm.
-    browser.click("#select-all").await;
+    // Replay the rest in one call of the bulk API, through the confirmation.
+    browser.click("#replay-matching").await;
     browser
-        .wait_text("#drop-selected", "Drop selected (2)")
-        .await;
-    browser.click("#drop-selected").await;
-    browser
-        .wait_text("#confirm-dialog", "Drop 2 dead letters?")
+        .wait_text("#confirm-dialog", "Replay every dead letter?")
         .await;
     browser.click("#confirm-ok").await;
+    browser.wait_text("#notice", "Replayed 2.").await;
     browser
         .wait_text("#deadletters .empty", "No dead letters.")
         .await;
+    until("the bulk replay to reach the handler", || async {
+        (delivered.lock().unwrap().len() == 3).then_some(())
+    })
+    .await;
     let (_, body) = sidecar.get("/v1/deadletters").await;
     assert_eq!(body["count"], 0, "{body}");
+    let mut got = delivered.lock().unwrap().clone();
+    got.sort_by_key(|v| v.as_i64());
     assert_eq!(
-        *delivered.lock().unwrap(),
-        [json!(1)],
-        "a dropped dead letter is not delivered"
+        got,
+        [json!(1), json!(2), json!(3)],
+        "the dropped dead letter is not delivered"
     );
     browser.screenshot("deadletters-empty").await;
     browser.close().await;

@@ -556,7 +556,12 @@ async function deadletters(main, params, id) {
       h('button', { type: 'button', id: 'replay-selected', disabled: !n, onclick: () => act('replay', [...state.selected], letters) },
         `↻ Replay selected (${n})`),
       h('button', { type: 'button', id: 'drop-selected', class: 'danger', disabled: !n, onclick: () => act('drop', [...state.selected], letters) },
-        `✕ Drop selected (${n})`));
+        `✕ Drop selected (${n})`),
+      h('span', { class: 'sep', 'aria-hidden': 'true' }, '·'),
+      h('button', { type: 'button', id: 'replay-matching', disabled: !letters.length, onclick: () => actMatching('replay', handler, letters) },
+        handler ? `↻ Replay all of ${handler}` : '↻ Replay all'),
+      h('button', { type: 'button', id: 'drop-matching', class: 'danger', disabled: !letters.length, onclick: () => actMatching('drop', handler, letters) },
+        handler ? `✕ Drop all of ${handler}` : '✕ Drop all'));
   };
   await draw();
   again(id, draw);
@@ -647,6 +652,36 @@ async function act(action, ids, letters) {
   let text = done.length ? `${verb} ${done.length}: ${done.join(', ')}.` : '';
   if (failed.length) text += `${text ? ' ' : ''}Not ${verb.toLowerCase()}: ${failed.join('; ')}`;
   notice(text, failed.length ? 'bad' : 'ok');
+  await route();
+}
+
+/** Replays or drops every dead letter the filter matches (the handler chosen, or all),
+ * after a confirmation, in one call of the bulk API: per-entity order is kept. */
+async function actMatching(action, handler, letters) {
+  const scope = handler ? `every dead letter of ${handler}` : 'every dead letter';
+  const ok = await confirmDialog(
+    action === 'replay' ? `Replay ${scope}?` : `Drop ${scope}?`,
+    (action === 'replay'
+      ? 'They go back to their handlers\' queues in their order, each attempted from 1 with the same webhook-id.'
+      : 'They are deleted from the store for good; the billing is not told. This cannot be undone.') +
+      ` ${letters.length} ${letters.length === 1 ? 'is' : 'are'} shown; the filter may match more that arrived since.`,
+    letters.map((l) => `#${l.id} · ${l.handler} · ${l.event} · object ${l.object_id}`),
+    action === 'replay' ? `↻ Replay ${scope}` : `✕ Drop ${scope}`);
+  if (!ok) return;
+  const filter = handler ? { handler } : { all: true };
+  try {
+    const body = await api(`/v1/deadletters/${action}`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify(filter),
+    });
+    let text = action === 'replay' ? `Replayed ${body.replayed}.` : `Dropped ${body.dropped}.`;
+    if (body.message) text += ` ${body.message}`;
+    state.selected.clear();
+    notice(text, body.skipped ? 'bad' : 'ok');
+  } catch (e) {
+    notice(`Not ${action === 'replay' ? 'replayed' : 'dropped'}: ${e.message}`, 'bad');
+  }
   await route();
 }
 

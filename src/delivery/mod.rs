@@ -806,7 +806,10 @@ fn settlement(
             call.error = Some(error.clone());
             Settle::Dead {
                 attempts: attempt,
-                reason: format!("gave up after {attempt} attempts; last error: {error}"),
+                reason: format!(
+                    "gave up after {attempt} attempt{}; last error: {error}",
+                    if attempt == 1 { "" } else { "s" }
+                ),
                 error: Some(error),
             }
         }
