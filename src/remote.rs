@@ -12,7 +12,7 @@ use crate::config::{Config, ConfigErrors, Listen};
 /// Where a client command looks for the sidecar when neither `--url` nor a config says:
 /// the default `server.listen`.
 fn fallback() -> String {
-    format!("http://{}", crate::config::DEFAULT_LISTEN)
+    format!("http://{}", crate::config::defaults::LISTEN)
 }
 
 /// "cannot load the config: FILE:LINE:COL: ...", the first error on one line, and how

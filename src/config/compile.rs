@@ -11,6 +11,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use sha2::Digest as _;
 
+use super::defaults;
 use super::error::{ConfigErrors, KeyPath};
 use super::raw::{
     OnError, RawConfig, RawDefaults, RawHandler, RawRetry, RawServer, RawStore, Stage,
@@ -23,20 +24,26 @@ use super::{
 use crate::events::{self, EventPattern};
 use crate::filter::Filter;
 
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8600";
-pub const DEFAULT_PRIORITY: i64 = 100;
-pub const DEFAULT_MAX_CONCURRENCY: u32 = 16;
-const DEFAULT_RETRY: Retry = Retry {
-    attempts: 25,
-    backoff: Duration::from_secs(1),
-    max_backoff: Duration::from_secs(600),
-};
-
 /// The longest duration any key accepts: one year (`"1y"`, 365.25 days, as humantime
 /// counts it). Longer values are mistakes (`"500000000000y"` once overflowed a deadline
 /// on every event); a year is more than any timeout, backoff, window or retention a
 /// sidecar needs.
 pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+
+/// `[defaults] retry`, as the schema documents it.
+fn default_retry() -> Retry {
+    Retry {
+        attempts: defaults::RETRY_ATTEMPTS,
+        backoff: defaults::duration(defaults::RETRY_BACKOFF),
+        max_backoff: defaults::duration(defaults::RETRY_MAX_BACKOFF),
+    }
+}
+
+/// `[defaults] on_error`, as the schema documents it.
+fn default_on_error() -> OnError {
+    serde_json::from_value(serde_json::Value::from(defaults::ON_ERROR))
+        .expect("the default on_error is a valid value")
+}
 
 pub fn compile(
     text: &str,
@@ -255,12 +262,12 @@ impl Checker<'_> {
 
     fn server(&mut self, raw: &RawServer) -> Server {
         let path = KeyPath::root().key("server");
-        let listen_text = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen_text = raw.listen.as_deref().unwrap_or(defaults::LISTEN);
         let listen = match parse_listen(listen_text) {
             Ok(l) => l,
             Err(e) => {
                 self.error(path.key("listen"), e);
-                Listen::Tcp(DEFAULT_LISTEN.parse().expect("default listen parses"))
+                Listen::Tcp(defaults::LISTEN.parse().expect("default listen parses"))
             }
         };
         let token = match raw.token.as_deref() {
@@ -275,7 +282,7 @@ impl Checker<'_> {
             None => None,
         };
         if raw.token.is_none()
-            && !raw.allow_insecure.unwrap_or(false)
+            && !raw.allow_insecure.unwrap_or(defaults::ALLOW_INSECURE)
             && let Some(message) = insecure(&listen)
         {
             self.error(path.key("listen"), message);
@@ -283,31 +290,43 @@ impl Checker<'_> {
         Server {
             listen,
             token,
-            max_body: self.size(raw.max_body.as_deref(), path.key("max_body"), 1 << 20),
+            max_body: self.size(
+                raw.max_body.as_deref(),
+                path.key("max_body"),
+                defaults::size(defaults::MAX_BODY),
+            ),
             deadline: self.positive_duration(
                 raw.deadline.as_deref(),
                 path.key("deadline"),
-                Duration::from_secs(10),
+                defaults::duration(defaults::DEADLINE),
             ),
-            max_depth: self.count(raw.max_depth, path.key("max_depth"), 64),
-            max_in_flight: self.count(raw.max_in_flight, path.key("max_in_flight"), 1024),
-            max_connections: self.count(raw.max_connections, path.key("max_connections"), 1024),
+            max_depth: self.count(raw.max_depth, path.key("max_depth"), defaults::MAX_DEPTH),
+            max_in_flight: self.count(
+                raw.max_in_flight,
+                path.key("max_in_flight"),
+                defaults::MAX_IN_FLIGHT,
+            ),
+            max_connections: self.count(
+                raw.max_connections,
+                path.key("max_connections"),
+                defaults::MAX_CONNECTIONS,
+            ),
             header_timeout: self.positive_duration(
                 raw.header_timeout.as_deref(),
                 path.key("header_timeout"),
-                Duration::from_secs(10),
+                defaults::duration(defaults::HEADER_TIMEOUT),
             ),
             shutdown_grace: self.duration(
                 raw.shutdown_grace.as_deref(),
                 path.key("shutdown_grace"),
-                Duration::from_secs(10),
+                defaults::duration(defaults::SHUTDOWN_GRACE),
             ),
         }
     }
 
     fn store(&mut self, raw: &RawStore) -> Store {
         let path = KeyPath::root().key("store");
-        let file = raw.path.as_deref().unwrap_or("provisiond.db");
+        let file = raw.path.as_deref().unwrap_or(defaults::STORE_PATH);
         if file.trim().is_empty() {
             self.error(path.key("path"), "must not be empty");
         }
@@ -316,22 +335,22 @@ impl Checker<'_> {
         let keep_rows = match keep.rows {
             Some(0) => {
                 self.error(keep_path.key("rows"), "must be at least 1");
-                100_000
+                defaults::KEEP_ROWS
             }
             Some(n) => n,
-            None => 100_000,
+            None => defaults::KEEP_ROWS,
         };
         Store {
             path: PathBuf::from(file),
             dedupe_window: self.duration(
                 raw.dedupe_window.as_deref(),
                 path.key("dedupe_window"),
-                Duration::from_secs(600),
+                defaults::duration(defaults::DEDUPE_WINDOW),
             ),
             keep_age: self.positive_duration(
                 keep.age.as_deref(),
                 keep_path.key("age"),
-                Duration::from_secs(7 * 24 * 3600),
+                defaults::duration(defaults::KEEP_AGE),
             ),
             keep_rows,
         }
@@ -362,15 +381,15 @@ impl Checker<'_> {
             timeout: self.positive_duration(
                 raw.timeout.as_deref(),
                 path.key("timeout"),
-                Duration::from_secs(5),
+                defaults::duration(defaults::TIMEOUT),
             ),
-            on_error: raw.on_error.unwrap_or(OnError::Allow),
+            on_error: raw.on_error.unwrap_or_else(default_on_error),
             max_concurrency: self.count(
                 raw.max_concurrency,
                 path.key("max_concurrency"),
-                DEFAULT_MAX_CONCURRENCY,
+                defaults::MAX_CONCURRENCY,
             ),
-            retry: self.retry(raw.retry.as_ref(), &path.key("retry"), DEFAULT_RETRY),
+            retry: self.retry(raw.retry.as_ref(), &path.key("retry"), default_retry()),
         }
     }
 
@@ -494,11 +513,11 @@ impl Checker<'_> {
             name: raw.name.clone(),
             position: index,
             stage,
-            priority: raw.priority.unwrap_or(DEFAULT_PRIORITY),
-            enabled: raw.enabled.unwrap_or(true),
+            priority: raw.priority.unwrap_or(defaults::PRIORITY),
+            enabled: raw.enabled.unwrap_or(defaults::ENABLED),
             events,
             target: target?,
-            modifies: raw.modifies.unwrap_or(false),
+            modifies: raw.modifies.unwrap_or(defaults::MODIFIES),
             on_error: raw.on_error.unwrap_or(defaults.on_error),
             timeout,
             max_concurrency,
@@ -600,7 +619,8 @@ impl Checker<'_> {
             }
         };
         let method = match raw.method.as_deref().map(str::to_ascii_uppercase) {
-            None => reqwest::Method::POST,
+            None => reqwest::Method::from_bytes(defaults::METHOD.as_bytes())
+                .expect("the default method is valid"),
             Some(m) if matches!(m.as_str(), "POST" | "PUT" | "PATCH") => {
                 reqwest::Method::from_bytes(m.as_bytes()).expect("known method")
             }

@@ -6,6 +6,7 @@
 //! from parsing text ([`Config::parse`]), so tests build configs from strings.
 
 mod compile;
+pub mod defaults;
 mod error;
 pub mod raw;
 mod source;
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use compile::{DEFAULT_LISTEN, MAX_DURATION};
+pub use compile::MAX_DURATION;
 pub use error::{ConfigError, ConfigErrors, KeyPath, Seg};
 pub use raw::{OnError, RawConfig, RawHandler, Stage};
 pub use source::{expand_env, line_col};

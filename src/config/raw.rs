@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::defaults;
+
 /// `provisioning.toml`: the handlers provisiond dispatches the billing's events to.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -33,7 +35,7 @@ pub struct RawConfig {
 pub struct RawServer {
     /// Where to listen: "host:port" (default "127.0.0.1:8600") or "unix:/path/to.sock".
     /// Changing it needs a restart.
-    #[schemars(extend("default" = "127.0.0.1:8600"))]
+    #[schemars(extend("default" = defaults::LISTEN))]
     pub listen: Option<String>,
     /// When set, `/events` and `/v1/*` need "Authorization: Bearer <token>". Give it
     /// through the environment: "${PROVISIOND_TOKEN}".
@@ -43,29 +45,29 @@ pub struct RawServer {
     /// `/v1/reload` and the dead-letter routes. Set this to true to serve such an address
     /// without a token anyway, when something else (a firewall, a network policy) guards
     /// it (default false).
-    #[schemars(extend("default" = false))]
+    #[schemars(extend("default" = defaults::ALLOW_INSECURE))]
     pub allow_insecure: Option<bool>,
     /// Largest accepted request body, with a unit ("1MiB", the default). Larger: 413.
-    #[schemars(extend("default" = "1MiB"))]
+    #[schemars(extend("default" = defaults::MAX_BODY))]
     pub max_body: Option<String>,
     /// Budget for one event's whole before-stage chain ("10s" by default). Handlers left
     /// when it runs out are treated as errors.
-    #[schemars(extend("default" = "10s"))]
+    #[schemars(extend("default" = defaults::DEADLINE))]
     pub deadline: Option<String>,
     /// Deepest JSON nesting accepted in a request body (default 64).
-    #[schemars(range(min = 1), extend("default" = 64))]
+    #[schemars(range(min = 1), extend("default" = defaults::MAX_DEPTH))]
     pub max_depth: Option<u32>,
     /// Events handled at once; over it the billing gets 503 with Retry-After (default 1024).
-    #[schemars(range(min = 1), extend("default" = 1024))]
+    #[schemars(range(min = 1), extend("default" = defaults::MAX_IN_FLIGHT))]
     pub max_in_flight: Option<u32>,
     /// Open client connections at once; further ones wait to be accepted (default 1024).
-    #[schemars(range(min = 1), extend("default" = 1024))]
+    #[schemars(range(min = 1), extend("default" = defaults::MAX_CONNECTIONS))]
     pub max_connections: Option<u32>,
     /// Time a client has to send its request headers ("10s" by default).
-    #[schemars(extend("default" = "10s"))]
+    #[schemars(extend("default" = defaults::HEADER_TIMEOUT))]
     pub header_timeout: Option<String>,
     /// On SIGTERM, how long in-flight events and deliveries may take to finish ("10s").
-    #[schemars(extend("default" = "10s"))]
+    #[schemars(extend("default" = defaults::SHUTDOWN_GRACE))]
     pub shutdown_grace: Option<String>,
 }
 
@@ -75,11 +77,11 @@ pub struct RawServer {
 pub struct RawStore {
     /// The redb file (default "provisiond.db", relative to the working directory).
     /// Changing it needs a restart.
-    #[schemars(extend("default" = "provisiond.db"))]
+    #[schemars(extend("default" = defaults::STORE_PATH))]
     pub path: Option<String>,
     /// An identical envelope arriving again within this window is not delivered to
     /// after-stage handlers twice ("10m" by default; "0s" turns it off).
-    #[schemars(extend("default" = "10m"))]
+    #[schemars(extend("default" = defaults::DEDUPE_WINDOW))]
     pub dedupe_window: Option<String>,
     /// How much of the execution log to keep.
     pub keep_executions: Option<RawRetention>,
@@ -91,10 +93,10 @@ pub struct RawStore {
 #[serde(deny_unknown_fields)]
 pub struct RawRetention {
     /// Oldest row kept ("7d" by default).
-    #[schemars(extend("default" = "7d"))]
+    #[schemars(extend("default" = defaults::KEEP_AGE))]
     pub age: Option<String>,
     /// Most rows kept (100000 by default).
-    #[schemars(range(min = 1), extend("default" = 100000))]
+    #[schemars(range(min = 1), extend("default" = defaults::KEEP_ROWS))]
     pub rows: Option<u64>,
 }
 
@@ -103,14 +105,14 @@ pub struct RawRetention {
 #[serde(deny_unknown_fields)]
 pub struct RawDefaults {
     /// Time one call of a handler may take ("5s" by default).
-    #[schemars(extend("default" = "5s"))]
+    #[schemars(extend("default" = defaults::TIMEOUT))]
     pub timeout: Option<String>,
     /// What a before-stage handler's failure means: "allow" (skip it, the default) or
     /// "deny" (fail closed).
-    #[schemars(extend("default" = "allow"))]
+    #[schemars(extend("default" = defaults::ON_ERROR))]
     pub on_error: Option<OnError>,
     /// Calls of one handler at once (16 by default).
-    #[schemars(range(min = 1), extend("default" = 16))]
+    #[schemars(range(min = 1), extend("default" = defaults::MAX_CONCURRENCY))]
     pub max_concurrency: Option<u32>,
     /// Retries of after-stage deliveries.
     pub retry: Option<RawRetry>,
@@ -151,12 +153,17 @@ pub enum OnError {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
-    /// Attempts in all, the first included, before the delivery goes to the dead letters.
-    #[schemars(range(min = 1))]
+    /// Attempts in all, the first included, before the delivery goes to the dead letters
+    /// (25 unless `[defaults] retry` says otherwise).
+    #[schemars(range(min = 1), extend("default" = defaults::RETRY_ATTEMPTS))]
     pub attempts: Option<u32>,
-    /// The first wait; each retry doubles it, up to `max_backoff`.
+    /// The first wait; each retry doubles it, up to `max_backoff` ("1s" unless
+    /// `[defaults] retry` says otherwise).
+    #[schemars(extend("default" = defaults::RETRY_BACKOFF))]
     pub backoff: Option<String>,
-    /// The longest wait between two attempts.
+    /// The longest wait between two attempts ("10m" unless `[defaults] retry` says
+    /// otherwise).
+    #[schemars(extend("default" = defaults::RETRY_MAX_BACKOFF))]
     pub max_backoff: Option<String>,
 }
 
@@ -174,15 +181,15 @@ pub struct RawHandler {
     /// "before" (may modify, allow or forbid) or "after" (notified durably). Required.
     pub stage: Stage,
     /// Lower runs first (default 100); ties keep file order.
-    #[schemars(extend("default" = 100))]
+    #[schemars(extend("default" = defaults::PRIORITY))]
     pub priority: Option<i64>,
     /// `false` keeps the handler in the file but out of dispatch.
-    #[schemars(extend("default" = true))]
+    #[schemars(extend("default" = defaults::ENABLED))]
     pub enabled: Option<bool>,
     /// HTTP handler: the URL the envelope is sent to.
     pub url: Option<String>,
     /// HTTP handler: the method ("POST" by default, or "PUT", "PATCH").
-    #[schemars(extend("enum" = ["POST", "PUT", "PATCH"], "default" = "POST"))]
+    #[schemars(extend("enum" = ["POST", "PUT", "PATCH"], "default" = defaults::METHOD))]
     pub method: Option<String>,
     /// HTTP handler: extra request headers.
     pub headers: Option<BTreeMap<String, String>>,
@@ -196,7 +203,7 @@ pub struct RawHandler {
     /// Script handler: the working directory.
     pub workdir: Option<String>,
     /// Before stage: take the reply's data as the new data.
-    #[schemars(extend("default" = false))]
+    #[schemars(extend("default" = defaults::MODIFIES))]
     pub modifies: Option<bool>,
     /// Before stage: "allow" skips this handler when it fails, "deny" forbids.
     pub on_error: Option<OnError>,

@@ -1,0 +1,150 @@
+//! Every default of the file, written once: the JSON Schema shows these (the `default`
+//! of each key in [`super::raw`]) and the compile step applies them
+//! ([`super::compile`]); a test checks that an empty file compiles to exactly what the
+//! schema says.
+
+use std::time::Duration;
+
+pub const LISTEN: &str = "127.0.0.1:8600";
+pub const ALLOW_INSECURE: bool = false;
+pub const MAX_BODY: &str = "1MiB";
+pub const DEADLINE: &str = "10s";
+pub const MAX_DEPTH: u32 = 64;
+pub const MAX_IN_FLIGHT: u32 = 1024;
+pub const MAX_CONNECTIONS: u32 = 1024;
+pub const HEADER_TIMEOUT: &str = "10s";
+pub const SHUTDOWN_GRACE: &str = "10s";
+
+pub const STORE_PATH: &str = "provisiond.db";
+pub const DEDUPE_WINDOW: &str = "10m";
+pub const KEEP_AGE: &str = "7d";
+pub const KEEP_ROWS: u64 = 100_000;
+
+pub const TIMEOUT: &str = "5s";
+pub const ON_ERROR: &str = "allow";
+pub const MAX_CONCURRENCY: u32 = 16;
+pub const RETRY_ATTEMPTS: u32 = 25;
+pub const RETRY_BACKOFF: &str = "1s";
+pub const RETRY_MAX_BACKOFF: &str = "10m";
+
+pub const PRIORITY: i64 = 100;
+pub const ENABLED: bool = true;
+pub const MODIFIES: bool = false;
+pub const METHOD: &str = "POST";
+
+/// A default duration, as the compile step uses it.
+pub fn duration(text: &str) -> Duration {
+    humantime::parse_duration(text).expect("a default duration parses")
+}
+
+/// A default size in bytes.
+pub fn size(text: &str) -> u64 {
+    text.parse::<bytesize::ByteSize>()
+        .expect("a default size parses")
+        .as_u64()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use crate::config::{Config, OnError, Target};
+
+    /// What the JSON Schema documents as `definition.property`'s default.
+    fn documented(definition: &str, property: &str) -> Value {
+        let schema = serde_json::to_value(schemars::schema_for!(crate::config::RawConfig))
+            .expect("the schema serialises");
+        let found = schema["$defs"][definition]["properties"][property]["default"].clone();
+        assert!(
+            !found.is_null(),
+            "{definition}.{property} documents no default"
+        );
+        found
+    }
+
+    fn duration(definition: &str, property: &str) -> std::time::Duration {
+        humantime::parse_duration(documented(definition, property).as_str().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn an_empty_config_compiles_to_exactly_the_documented_defaults() {
+        let config = Config::parse("", "provisioning.toml").unwrap();
+        let server = &config.server;
+        assert_eq!(
+            json!(server.listen.to_string()),
+            documented("RawServer", "listen")
+        );
+        assert!(server.token.is_none());
+        let max_body = documented("RawServer", "max_body");
+        assert_eq!(
+            server.max_body,
+            max_body
+                .as_str()
+                .unwrap()
+                .parse::<bytesize::ByteSize>()
+                .unwrap()
+                .as_u64()
+        );
+        assert_eq!(server.deadline, duration("RawServer", "deadline"));
+        assert_eq!(
+            json!(server.max_depth),
+            documented("RawServer", "max_depth")
+        );
+        assert_eq!(
+            json!(server.max_in_flight),
+            documented("RawServer", "max_in_flight")
+        );
+        assert_eq!(
+            json!(server.max_connections),
+            documented("RawServer", "max_connections")
+        );
+        assert_eq!(
+            server.header_timeout,
+            duration("RawServer", "header_timeout")
+        );
+        assert_eq!(
+            server.shutdown_grace,
+            duration("RawServer", "shutdown_grace")
+        );
+        assert_eq!(documented("RawServer", "allow_insecure"), json!(false));
+
+        let store = &config.store;
+        assert_eq!(json!(store.path), documented("RawStore", "path"));
+        assert_eq!(store.dedupe_window, duration("RawStore", "dedupe_window"));
+        assert_eq!(store.keep_age, duration("RawRetention", "age"));
+        assert_eq!(json!(store.keep_rows), documented("RawRetention", "rows"));
+        assert!(config.handlers.is_empty() && config.extra_events.is_empty());
+    }
+
+    #[test]
+    fn a_bare_handler_gets_exactly_the_documented_defaults() {
+        let text = "[[handler]]\nname = \"a\"\nevents = [\"*\"]\nstage = \"after\"\n\
+                    url = \"http://127.0.0.1:1/\"\n\
+                    [[handler]]\nname = \"b\"\nevents = [\"*\"]\nstage = \"before\"\n\
+                    url = \"http://127.0.0.1:1/\"\n";
+        let config = Config::parse(text, "provisioning.toml").unwrap();
+        for h in &config.handlers {
+            assert_eq!(json!(h.priority), documented("RawHandler", "priority"));
+            assert_eq!(json!(h.enabled), documented("RawHandler", "enabled"));
+            assert_eq!(json!(h.modifies), documented("RawHandler", "modifies"));
+            assert_eq!(h.timeout, duration("RawDefaults", "timeout"));
+            assert_eq!(
+                json!(h.max_concurrency),
+                documented("RawDefaults", "max_concurrency")
+            );
+            let on_error: OnError =
+                serde_json::from_value(documented("RawDefaults", "on_error")).unwrap();
+            assert_eq!(h.on_error, on_error);
+            assert_eq!(json!(h.retry.attempts), documented("RawRetry", "attempts"));
+            assert_eq!(h.retry.backoff, duration("RawRetry", "backoff"));
+            assert_eq!(h.retry.max_backoff, duration("RawRetry", "max_backoff"));
+            let Target::Http(http) = &h.target else {
+                panic!("an HTTP handler")
+            };
+            assert_eq!(
+                json!(http.method.as_str()),
+                documented("RawHandler", "method")
+            );
+        }
+    }
+}
