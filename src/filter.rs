@@ -12,8 +12,8 @@ use std::sync::{Arc, OnceLock};
 use regex::Regex;
 use serde_json::{Map, Value};
 
-use crate::config::KeyPath;
 use crate::events::{Envelope, type_name};
+use crate::keypath::KeyPath;
 
 /// The operators of a `match` table.
 pub const OPERATORS: &[&str] = &[

@@ -5,6 +5,7 @@
 //!
 //! In the order an event flows through them:
 //!
+//! - [`keypath`]: where a value sits in the file (shared by `config` and `filter`).
 //! - [`config`]: `provisioning.toml` from text to an immutable, validated [`config::Config`].
 //! - [`events`]: the event catalogue, aliases, patterns, and the billing's envelope.
 //! - [`server`]: the listener; `POST /events` ([`server::ingress`]), the admin routes and
@@ -35,6 +36,7 @@ pub mod events;
 pub mod explain;
 pub mod filter;
 pub mod handlers;
+pub mod keypath;
 pub mod metrics;
 pub mod reload;
 pub mod remote;
