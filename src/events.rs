@@ -160,7 +160,7 @@ pub fn new_id(prefix: &str) -> String {
     let start = *START.get_or_init(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
     });
     format!(
         "{prefix}_{start:016x}{:08x}",

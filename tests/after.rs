@@ -1122,7 +1122,7 @@ async fn hang_ups_at_any_moment_then_retries_lose_no_delivery() {
     }
     let all_delivered = eventually(Duration::from_secs(30), || {
         let seen: std::collections::HashSet<i64> = crm.calls().iter().map(|c| key(c).0).collect();
-        seen.len() == N as usize
+        seen.len() == usize::try_from(N).unwrap()
     })
     .await;
     let seen: std::collections::HashSet<i64> = crm.calls().iter().map(|c| key(c).0).collect();
@@ -1132,7 +1132,11 @@ async fn hang_ups_at_any_moment_then_retries_lose_no_delivery() {
         seen.len()
     );
     // A hang-up is no reason to deliver twice: the retry was deduped.
-    assert_eq!(crm.calls().len(), N as usize, "duplicates delivered");
+    assert_eq!(
+        crm.calls().len(),
+        usize::try_from(N).unwrap(),
+        "duplicates delivered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1158,7 +1162,7 @@ async fn concurrent_events_of_one_entity_are_attempted_in_store_order() {
     for t in tasks {
         t.await.unwrap();
     }
-    let total = (CLIENTS * EACH) as usize;
+    let total = usize::try_from(CLIENTS * EACH).unwrap();
     assert!(eventually(Duration::from_secs(30), || crm.calls().len() >= total).await);
     // The handler's order is the store's: delivery ids only grow, in the execution log
     // (which lists newest first) as at the handler.
@@ -1420,7 +1424,7 @@ async fn a_backlog_of_more_lanes_than_memory_holds_is_delivered_in_order() {
     // More entities than a handler keeps lanes in memory: most wait in the store only,
     // and come in as lanes finish.
     let cap = provisiond::delivery::LANES_PER_HANDLER;
-    let entities = cap as i64 + 500;
+    let entities = i64::try_from(cap).unwrap() + 500;
     // The handler holds every call until the gate opens: meanwhile all lanes wait.
     let (gate, opened) = tokio::sync::watch::channel(false);
     let crm = HandlerServer::start(move |call| {
@@ -1441,7 +1445,7 @@ async fn a_backlog_of_more_lanes_than_memory_holds_is_delivered_in_order() {
     for chunk in all.chunks(64) {
         acked.extend(send_all(sidecar.url("/events"), chunk.to_vec(), 2).await);
     }
-    assert_eq!(acked.len(), entities as usize * 2);
+    assert_eq!(acked.len(), usize::try_from(entities).unwrap() * 2);
     let (_, text) = sidecar.get("/metrics").await;
     let text = text.as_str().unwrap().to_owned();
     assert_eq!(

@@ -23,7 +23,7 @@ async fn dead_letter_count(sidecar: &Sidecar) -> u64 {
         .unwrap();
     text.lines()
         .find_map(|l| l.strip_prefix("provisiond_dead_letters "))
-        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+        .map_or(0, |v| v.trim().parse::<u64>().unwrap())
 }
 
 async fn wait_dead(sidecar: &Sidecar, n: u64) {
@@ -118,7 +118,7 @@ async fn a_bulk_replay_of_thousands_keeps_each_entitys_order() {
             .or_default()
             .push(envelope["data"]["seq"].as_i64().unwrap());
     }
-    assert_eq!(seen.len() as i64, ENTITIES);
+    assert_eq!(i64::try_from(seen.len()).unwrap(), ENTITIES);
     let in_order: Vec<i64> = (0..PER_ENTITY).collect();
     for (entity, seqs) in &seen {
         assert_eq!(seqs, &in_order, "clients/{entity} out of order");

@@ -413,7 +413,7 @@ async fn fifty_rewrites_under_load_never_mix_configs_or_fail_a_request() {
                 let (status, body) = sidecar
                     .send(
                         "clients.update",
-                        (sender * MAX_EVENTS + i) as i64,
+                        i64::try_from(sender * MAX_EVENTS + i).unwrap(),
                         json!({}),
                     )
                     .await;

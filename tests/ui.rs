@@ -236,7 +236,7 @@ impl Drop for DriverGuard {
 
 /// Ends chromedriver's process group (it, and the chromium it started).
 fn stop(child: &mut Child) {
-    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    let group = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("a pid fits i32"));
     let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
     let _ = child.wait();
 }

@@ -22,11 +22,11 @@ pub async fn run(scale: f64) -> Vec<Row> {
     // The baseline's handler takes another event: same process, no store write.
     let baseline = Sidecar::start(&config(handler, "clients.create"));
     let stored = Sidecar::start(&config(handler, "clients.update"));
-    let n = |x: f64| ((x * scale) as usize).max(100);
+    let n = |x: usize| crate::common::scaled(x, scale, 100);
     let mut rows = Vec::new();
 
     // Latency at a steady 2,000 events/s: what the commit adds to the reply.
-    let total_open = n(10_000.0);
+    let total_open = n(10_000);
     let plain = open_loop(&baseline.url("/events"), 2000.0, total_open).await;
     let durable = open_loop(&stored.url("/events"), 2000.0, total_open).await;
     let added_p50 = durable.quantile(0.5).saturating_sub(plain.quantile(0.5));
@@ -48,7 +48,7 @@ pub async fn run(scale: f64) -> Vec<Row> {
     // run above counts as a duplicate.
     drop(stored);
     let stored = Sidecar::start(&config(handler, "clients.update"));
-    let total = n(20_000.0);
+    let total = n(20_000);
     let plain = closed_loop(&baseline.url("/events"), 32, total).await;
     let before = delivered.load(Ordering::Relaxed);
     let started = Instant::now();

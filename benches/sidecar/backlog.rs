@@ -19,7 +19,7 @@ const PER_ENTITY: usize = 10;
 const WATCH: Duration = Duration::from_secs(20);
 
 pub async fn run(scale: f64) -> Vec<Row> {
-    let entities = ((ENTITIES as f64 * scale) as usize).max(1000);
+    let entities = crate::common::scaled(ENTITIES, scale, 1000);
     let total = entities * PER_ENTITY;
     let count = Arc::new(AtomicUsize::new(0));
     let counter = count.clone();

@@ -24,7 +24,7 @@ pub async fn run(scale: f64) -> Vec<Row> {
     let via = sidecar.url("/events");
     std::thread::sleep(std::time::Duration::from_millis(300));
     let idle_kib = sidecar.rss_kib().unwrap_or_default();
-    let n = |x: f64| ((x * scale) as usize).max(100);
+    let n = |x: usize| crate::common::scaled(x, scale, 100);
     let mut rows = Vec::new();
 
     // Latency at a steady 2,000 events/s, the rate the goals are set at.
@@ -32,9 +32,9 @@ pub async fn run(scale: f64) -> Vec<Row> {
     let (mut direct, mut hopped, mut through) =
         (Rounds::default(), Rounds::default(), Rounds::default());
     for _ in 0..ROUNDS {
-        direct.push(open_loop(&direct_url, 2000.0, n(4000.0)).await);
-        hopped.push(open_loop(&hop_url, 2000.0, n(4000.0)).await);
-        through.push(open_loop(&via, 2000.0, n(4000.0)).await);
+        direct.push(open_loop(&direct_url, 2000.0, n(4000)).await);
+        hopped.push(open_loop(&hop_url, 2000.0, n(4000)).await);
+        through.push(open_loop(&via, 2000.0, n(4000)).await);
     }
     let added = |s: &Rounds| {
         format!(
@@ -54,12 +54,12 @@ pub async fn run(scale: f64) -> Vec<Row> {
     let sampler = sidecar.sample_rss();
     let (mut hop_cpu, mut sidecar_cpu) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..ROUNDS {
-        direct.push(closed_loop(&direct_url, 32, n(8000.0)).await);
+        direct.push(closed_loop(&direct_url, 32, n(8000)).await);
         let before = cpu_time(hop.pid());
-        hopped.push(closed_loop(&hop_url, 32, n(8000.0)).await);
+        hopped.push(closed_loop(&hop_url, 32, n(8000)).await);
         hop_cpu += cpu_time(hop.pid()) - before;
         let before = cpu_time(sidecar.pid());
-        through.push(closed_loop(&via, 32, n(8000.0)).await);
+        through.push(closed_loop(&via, 32, n(8000)).await);
         sidecar_cpu += cpu_time(sidecar.pid()) - before;
     }
     let peak_kib = sampler.stop();

@@ -18,7 +18,7 @@ pub async fn run(scale: f64) -> Vec<Row> {
         ));
     }
     let sidecar = Sidecar::start(&config);
-    let n = ((1000.0 * scale) as usize).max(100);
+    let n = crate::common::scaled(1000, scale, 100);
     let rate = 500.0;
 
     let (mut direct, mut through) = (Rounds::default(), Rounds::default());

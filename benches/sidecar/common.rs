@@ -29,6 +29,16 @@ pub struct Row {
     pub note: String,
 }
 
+/// `count` times the run's scale (`--quick` is a tenth), at least `min`.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "counts of a few million at most, scaled by a positive factor"
+)]
+pub fn scaled(count: usize, scale: f64, min: usize) -> usize {
+    ((count as f64 * scale) as usize).max(min)
+}
+
 /// Latencies of one load run.
 pub struct Stats {
     pub latencies: Vec<Duration>,
@@ -37,6 +47,11 @@ pub struct Stats {
 }
 
 impl Stats {
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "q is in [0, 1], so the index is in [0, len - 1]"
+    )]
     pub fn quantile(&self, q: f64) -> Duration {
         let mut sorted = self.latencies.clone();
         sorted.sort();

@@ -24,7 +24,7 @@ const PAUSE: Duration = Duration::from_millis(400);
 const GIVE_UP: Duration = Duration::from_secs(5);
 
 pub async fn run(scale: f64) -> Vec<Row> {
-    let reloads = ((RELOADS as f64 * scale) as usize).max(10);
+    let reloads = crate::common::scaled(RELOADS, scale, 10);
     let denier = start_denier();
     let sidecar = Sidecar::start(&config(denier, 0));
     let config_path = sidecar.dir().join("provisioning.toml");

@@ -16,7 +16,7 @@ pub async fn run(scale: f64) -> Vec<Row> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
 
-    let n = ((3000.0 * scale) as usize).max(100);
+    let n = crate::common::scaled(3000, scale, 100);
     let concurrency = 8;
     let mut rows = Vec::new();
 

@@ -55,7 +55,7 @@ fn measure(snapshot: &Snapshot, envelope: &Envelope, rounds: usize) -> Duration 
         passed += select_after(&route, envelope, &mut cel, &mut records).len();
         black_box(passed);
     }
-    started.elapsed() / rounds as u32
+    started.elapsed() / u32::try_from(rounds).expect("rounds fit u32")
 }
 
 pub fn run(scale: f64) -> Vec<Row> {
@@ -64,7 +64,7 @@ pub fn run(scale: f64) -> Vec<Row> {
         "data": {"companies_id": "3", "balance": "12.5", "name": "ACME"},
     }))
     .unwrap();
-    let rounds = ((20_000.0 * scale) as usize).max(1000);
+    let rounds = crate::common::scaled(20_000, scale, 1000);
     let big = Snapshot::new(Config::parse(&config(990), "bench").unwrap(), 1);
     let small = Snapshot::new(Config::parse(&config(0), "bench").unwrap(), 1);
     assert_eq!(big.config.handlers.len(), 1000);

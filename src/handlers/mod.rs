@@ -164,7 +164,9 @@ impl Caller {
             CallError::Timeout(_) if waited >= Duration::from_millis(10) => {
                 CallError::QueuedTimeout {
                     timeout: allowed,
-                    waited: Duration::from_millis(waited.as_millis() as u64),
+                    waited: Duration::from_millis(
+                        u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                    ),
                     max_concurrency: handler.max_concurrency,
                 }
             }

@@ -235,7 +235,8 @@ impl Sidecar {
 
     /// Sends a signal to the process.
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let pid =
+            nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("a pid fits i32"));
         nix::sys::signal::kill(pid, signal).unwrap();
     }
 
