@@ -32,6 +32,11 @@ pub const ENABLED: bool = true;
 pub const MODIFIES: bool = false;
 pub const METHOD: &str = "POST";
 
+/// `d` the way the config writes durations: "10s", "250ms".
+pub fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
 /// A default duration, as the compile step uses it.
 pub fn duration(text: &str) -> Duration {
     humantime::parse_duration(text).expect("a default duration parses")

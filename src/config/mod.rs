@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use compile::MAX_DURATION;
+pub use defaults::fmt_duration;
 pub use error::{ConfigError, ConfigErrors, KeyPath, Seg};
 pub use raw::{OnError, RawConfig, RawHandler, Stage};
 pub use source::{expand_env, line_col};

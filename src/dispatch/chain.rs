@@ -8,7 +8,8 @@ use bytes::Bytes;
 use serde_json::Value;
 use tracing::{debug, warn};
 
-use super::{Route, fmt_duration};
+use super::Route;
+use crate::config::fmt_duration;
 use crate::config::{Handler, OnError, Stage};
 use crate::events::Envelope;
 use crate::filter::{CelInput, Verdict};

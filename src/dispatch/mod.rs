@@ -8,7 +8,7 @@ mod chain;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 pub use chain::{CallRecord, Outcome, run_before, select_after};
 
@@ -106,9 +106,4 @@ fn route(sorted: &[Arc<Handler>], name: &str) -> Route {
         before: pick(Stage::Before),
         after: pick(Stage::After),
     }
-}
-
-/// `d` the way the config writes durations: "10s", "250ms".
-pub fn fmt_duration(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
 }

@@ -173,14 +173,14 @@ impl Fixed {
             "server.header_timeout",
             &mut server.header_timeout,
             &self.header_timeout,
-            |d| crate::dispatch::fmt_duration(*d),
+            |d| crate::config::fmt_duration(*d),
         );
         keep(
             &mut pending,
             "server.shutdown_grace",
             &mut server.shutdown_grace,
             &self.shutdown_grace,
-            |d| crate::dispatch::fmt_duration(*d),
+            |d| crate::config::fmt_duration(*d),
         );
         keep(
             &mut pending,

@@ -116,7 +116,7 @@ pub async fn reload(app: &Arc<App>) -> Response<Body> {
 /// modify and has an `on_error`; an after-stage one has a `retry` instead. Both have a
 /// `timeout` and a `max_concurrency`.
 fn describe(h: &Handler) -> Value {
-    let duration = crate::dispatch::fmt_duration;
+    let duration = crate::config::fmt_duration;
     let mut shown = Map::new();
     let mut put = |key: &str, value: Value| {
         shown.insert(key.to_owned(), value);

@@ -106,7 +106,7 @@ async fn handle(
                 StatusCode::REQUEST_TIMEOUT,
                 format!(
                     "the request body did not arrive within server.deadline ({})",
-                    crate::dispatch::fmt_duration(server.deadline)
+                    crate::config::fmt_duration(server.deadline)
                 ),
             );
             response.headers_mut().insert(

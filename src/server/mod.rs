@@ -292,7 +292,7 @@ pub async fn serve(
     app.draining.store(true, Ordering::Relaxed);
     let until = tokio::time::Instant::now() + grace;
     info!(
-        grace = %crate::dispatch::fmt_duration(grace), in_flight = app.events_in_flight(),
+        grace = %crate::config::fmt_duration(grace), in_flight = app.events_in_flight(),
         "draining: new events get 503 while those in flight finish"
     );
     while app.events_in_flight() > 0 {
