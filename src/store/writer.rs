@@ -614,15 +614,26 @@ impl Writer {
             return Ok(None);
         };
         let letter: DeadLetter = decode(letter.value())?;
+        let mut queue = txn.open_table(DELIVERIES).map_err(StoreError::write)?;
+        self.requeue(&mut queue, letter, now, queued).map(Some)
+    }
+
+    /// Puts a dead letter back in the queue under a new id, which puts it behind
+    /// whatever its entity has queued meanwhile; the message id stays, so a handler that
+    /// dedupes on `webhook-id` recognises it. Attempts start from 1 again.
+    fn requeue(
+        &mut self,
+        queue: &mut redb::Table<u64, &[u8]>,
+        letter: DeadLetter,
+        now: u64,
+        queued: &mut Vec<Queued>,
+    ) -> Result<u64, StoreError> {
         let mut delivery = letter.delivery;
-        // A new id puts it behind whatever its entity has queued meanwhile; the message id
-        // stays, so a handler that dedupes on `webhook-id` recognises it.
         delivery.id = self.parts.next_delivery;
         self.parts.next_delivery += 1;
         delivery.attempts = 0;
         delivery.next_at = now;
         delivery.last_error = None;
-        let mut queue = txn.open_table(DELIVERIES).map_err(StoreError::write)?;
         queue
             .insert(delivery.id, encode(&delivery).as_slice())
             .map_err(StoreError::write)?;
@@ -631,7 +642,7 @@ impl Writer {
             handler: delivery.handler,
             entity: delivery.entity,
         });
-        Ok(Some(delivery.id))
+        Ok(delivery.id)
     }
 
     /// The bulk form of [`Self::replay`]: the matching dead letters, taken in id order
@@ -669,21 +680,7 @@ impl Writer {
         for entry in taken {
             let (_, value) = entry.map_err(StoreError::write)?;
             let letter: DeadLetter = decode(value.value())?;
-            let mut delivery = letter.delivery;
-            delivery.id = self.parts.next_delivery;
-            self.parts.next_delivery += 1;
-            delivery.attempts = 0;
-            delivery.next_at = now;
-            delivery.last_error = None;
-            queue
-                .insert(delivery.id, encode(&delivery).as_slice())
-                .map_err(StoreError::write)?;
-            out.ids.push(delivery.id);
-            queued.push(Queued {
-                id: delivery.id,
-                handler: delivery.handler,
-                entity: delivery.entity,
-            });
+            out.ids.push(self.requeue(&mut queue, letter, now, queued)?);
         }
         out.skipped = n_skipped;
         Ok(out)
