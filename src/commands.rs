@@ -203,10 +203,10 @@ pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
     crate::shutdown::watch(shutdown.clone()).context("cannot watch signals")?;
     let hangup = reload::hangup().context("cannot watch SIGHUP")?;
     let watching = watcher.is_some();
-    reload::spawn(app.clone(), watcher, hangup, shutdown.clone());
+    reload::spawn(app.reloader.clone(), watcher, hangup, shutdown.clone());
     let pending = app
         .deliveries
-        .resume(&app.store)
+        .resume()
         .context("cannot read the stored deliveries")?;
     if pending > 0 {
         info!(pending, "resuming stored deliveries");
@@ -215,7 +215,7 @@ pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
         let app = app.clone();
         app.store.clone().keep_pruned(
             PRUNE_EVERY,
-            move || retention(&app.snapshot.load().config.store),
+            move || retention(&app.live.load().config.store),
             shutdown.clone(),
         )
     };

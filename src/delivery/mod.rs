@@ -41,7 +41,7 @@
 pub mod retry;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -51,8 +51,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{Handler, Stage};
 use crate::dispatch::CallRecord;
-use crate::handlers::{Call, new_message_id};
-use crate::server::App;
+use crate::dispatch::Live;
+use crate::handlers::{Call, Caller, new_message_id};
 use crate::store::{Execution, NewDelivery, Queued, Settle, Store, StoreError, now_ms};
 use retry::Verdict;
 
@@ -104,8 +104,10 @@ pub struct Deliveries {
     tasks: TaskTracker,
     /// Lane tasks are started from the store's writer thread too.
     runtime: tokio::runtime::Handle,
-    /// The app the lane tasks work for; set by [`Deliveries::attach`].
-    app: std::sync::OnceLock<Weak<App>>,
+    /// The live config: every attempt looks its handler up in the current one.
+    live: Arc<Live>,
+    store: Store,
+    caller: Caller,
     /// Handlers whose queue depth `/metrics` has shown, so that an emptied one shows 0.
     reported: Mutex<HashSet<String>>,
 }
@@ -158,33 +160,29 @@ impl LaneQueue {
     }
 }
 
-impl Default for Deliveries {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Deliveries {
+    /// The after stage over `store`, calling handlers with `caller` as `live` has them.
     /// Must run inside a tokio runtime: lane tasks are started on it.
-    pub fn new() -> Self {
-        Self {
+    pub fn new(live: Arc<Live>, store: Store, caller: Caller) -> Arc<Self> {
+        Arc::new(Self {
             state: Mutex::default(),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             runtime: tokio::runtime::Handle::current(),
-            app: std::sync::OnceLock::new(),
+            live,
+            store,
+            caller,
             reported: Mutex::default(),
-        }
+        })
     }
 
     /// Connects the lanes to the store's commits: from now on every delivery the store
     /// commits reaches its lane from the writer, in id order.
-    pub fn attach(app: &Arc<App>) {
-        let _ = app.deliveries.app.set(Arc::downgrade(app));
-        let weak = Arc::downgrade(app);
-        app.store.on_commit(Box::new(move |queued| {
-            if let Some(app) = weak.upgrade() {
-                app.deliveries.intake(queued);
+    pub fn attach(this: &Arc<Self>) {
+        let weak = Arc::downgrade(this);
+        this.store.on_commit(Box::new(move |queued| {
+            if let Some(this) = weak.upgrade() {
+                this.intake(queued);
             }
         }));
     }
@@ -228,7 +226,7 @@ impl Deliveries {
 
     /// Takes deliveries the store just committed (in id order) into their lanes,
     /// starting a task for a lane without one. Called by the store's writer.
-    fn intake(&self, queued: Vec<Queued>) {
+    fn intake(self: &Arc<Self>, queued: Vec<Queued>) {
         if self.stop.is_cancelled() {
             // Stopping: they stay stored for the next start.
             return;
@@ -257,16 +255,14 @@ impl Deliveries {
         }
     }
 
-    fn start_lane(&self, lane: Lane) {
-        let Some(app) = self.app.get().and_then(Weak::upgrade) else {
-            return;
-        };
-        self.tasks.spawn_on(run_lane(app, lane), &self.runtime);
+    fn start_lane(self: &Arc<Self>, lane: Lane) {
+        self.tasks
+            .spawn_on(run_lane(self.clone(), lane), &self.runtime);
     }
 
     /// Picks up what the store holds from before this start; how many deliveries.
-    pub fn resume(&self, store: &Store) -> Result<u64, StoreError> {
-        let n = self.refill(store, None)?;
+    pub fn resume(self: &Arc<Self>) -> Result<u64, StoreError> {
+        let n = self.refill(None)?;
         self.refill_again();
         Ok(n)
     }
@@ -278,7 +274,8 @@ impl Deliveries {
     /// The scan runs without the lock over one view of the queue; then, under the lock,
     /// a second look at what was committed since completes the new lanes, and ids the
     /// writer hands over later are taken only when above a lane's last.
-    fn refill(&self, store: &Store, only: Option<&str>) -> Result<u64, StoreError> {
+    fn refill(self: &Arc<Self>, only: Option<&str>) -> Result<u64, StoreError> {
+        let store = &self.store;
         #[derive(Default)]
         struct Found {
             lanes: HashMap<String, Vec<u64>>,
@@ -416,8 +413,8 @@ enum Found {
     Dead(&'static str),
 }
 
-fn find(app: &App, name: &str) -> Found {
-    let snapshot = app.snapshot.load();
+fn find(live: &Live, name: &str) -> Found {
+    let snapshot = live.load();
     match snapshot.config.handler(name) {
         None => Found::Dead(REMOVED),
         Some(h) if h.stage != Stage::After => Found::Dead(NOT_AFTER),
@@ -429,7 +426,7 @@ fn find(app: &App, name: &str) -> Found {
 impl Deliveries {
     /// The next delivery of `lane`, or `None` when it has no more: the lane then leaves
     /// memory (and a spilled handler with room scans the store for more).
-    fn next(&self, lane: &Lane) -> Option<u64> {
+    fn next(self: &Arc<Self>, lane: &Lane) -> Option<u64> {
         let mut state = self.state.lock().expect("not poisoned");
         let lanes = state.handlers.get_mut(&lane.handler)?;
         if let Some(queue) = lanes.lanes.get_mut(&lane.entity)
@@ -447,17 +444,13 @@ impl Deliveries {
         None
     }
 
-    fn spawn_refill(&self, handler: String) {
-        let Some(app) = self.app.get().and_then(Weak::upgrade) else {
-            return;
-        };
+    fn spawn_refill(self: &Arc<Self>, handler: String) {
+        let this = self.clone();
         self.tasks.spawn_on(
             async move {
-                let this = app.clone();
-                let scanned = tokio::task::spawn_blocking(move || {
-                    this.deliveries.refill(&this.store, Some(&handler))
-                })
-                .await;
+                let scanning = this.clone();
+                let scanned =
+                    tokio::task::spawn_blocking(move || scanning.refill(Some(&handler))).await;
                 match scanned {
                     Ok(Ok(n)) => debug!(deliveries = n, "lanes refilled from the store"),
                     Ok(Err(e)) => {
@@ -466,14 +459,14 @@ impl Deliveries {
                     }
                     Err(e) => error!(error = %e, "lane refill failed"),
                 }
-                app.deliveries.refill_again();
+                this.refill_again();
             },
             &self.runtime,
         );
     }
 
     /// Starts another scan for every spilled handler with room and no scan running.
-    fn refill_again(&self) {
+    fn refill_again(self: &Arc<Self>) {
         if self.stop.is_cancelled() {
             return;
         }
@@ -537,7 +530,8 @@ impl Deliveries {
     /// Sets the after-stage gauges of `/metrics`: queue depth per handler (every
     /// after-stage handler of `config`, and any other with deliveries waiting; 0 for one
     /// that had some before), the oldest waiting delivery's age, the dead letters.
-    pub fn report_metrics(&self, store: &Store, config: &crate::config::Config) {
+    pub fn report_metrics(&self, config: &crate::config::Config) {
+        let store = &self.store;
         let mut depths = self.depths();
         for h in config.handlers.iter().filter(|h| h.stage == Stage::After) {
             depths.entry(h.name.clone()).or_default();
@@ -588,9 +582,9 @@ impl Deliveries {
     }
 }
 
-async fn run_lane(app: Arc<App>, lane: Lane) {
-    while let Some(id) = app.deliveries.next(&lane) {
-        if !deliver(&app, &lane, id).await {
+async fn run_lane(this: Arc<Deliveries>, lane: Lane) {
+    while let Some(id) = this.next(&lane) {
+        if !deliver(&this, &lane, id).await {
             return;
         }
     }
@@ -610,14 +604,14 @@ async fn store_backoff(stop: &CancellationToken, wait: &mut Duration) -> bool {
 
 /// Reads delivery `id`, trying again while the store fails; `Ok(None)` when it is not
 /// stored (settled already), `Err(())` when provisiond stops.
-async fn read_delivery(app: &App, id: u64) -> Result<Option<crate::store::Delivery>, ()> {
+async fn read_delivery(this: &Deliveries, id: u64) -> Result<Option<crate::store::Delivery>, ()> {
     let mut wait = Duration::from_millis(100);
     loop {
-        match app.store.delivery(id) {
+        match this.store.delivery(id) {
             Ok(found) => return Ok(found),
             Err(e) => {
                 warn!(delivery = id, error = %e, "cannot read a delivery, trying again");
-                if !store_backoff(&app.deliveries.stop, &mut wait).await {
+                if !store_backoff(&this.stop, &mut wait).await {
                     return Err(());
                 }
             }
@@ -626,9 +620,9 @@ async fn read_delivery(app: &App, id: u64) -> Result<Option<crate::store::Delive
 }
 
 /// Works on delivery `id` until it is settled (true) or provisiond stops (false).
-async fn deliver(app: &Arc<App>, lane: &Lane, id: u64) -> bool {
-    let mut generations = app.subscribe();
-    let mut delivery = match read_delivery(app, id).await {
+async fn deliver(this: &Deliveries, lane: &Lane, id: u64) -> bool {
+    let mut generations = this.live.subscribe();
+    let mut delivery = match read_delivery(this, id).await {
         Ok(Some(d)) => d,
         Ok(None) => return true,
         Err(()) => return false,
@@ -637,17 +631,17 @@ async fn deliver(app: &Arc<App>, lane: &Lane, id: u64) -> bool {
     // holds no body.
     delivery.body = String::new();
     loop {
-        let handler = match turn(app, lane, id, &delivery, &mut generations).await {
+        let handler = match turn(this, lane, id, &delivery, &mut generations).await {
             Turn::Go(handler) => handler,
             Turn::Again => continue,
             Turn::Done(settled) => return settled,
         };
-        let (settle, row) = match attempt(app, lane, id, &handler, &mut delivery).await {
+        let (settle, row) = match attempt(this, lane, id, &handler, &mut delivery).await {
             Ok(attempted) => attempted,
             Err(settled) => return settled,
         };
         let done = !matches!(settle, Settle::Retry { .. });
-        if !record(app, lane, id, settle, Some(row)).await {
+        if !record(this, lane, id, settle, Some(row)).await {
             return false;
         }
         if done {
@@ -670,17 +664,17 @@ enum Turn {
 /// retry time, or a reload while the handler is disabled. A removed handler
 /// dead-letters it.
 async fn turn(
-    app: &App,
+    this: &Deliveries,
     lane: &Lane,
     id: u64,
     delivery: &crate::store::Delivery,
     generations: &mut tokio::sync::watch::Receiver<u64>,
 ) -> Turn {
-    let stop = &app.deliveries.stop;
+    let stop = &this.stop;
     if stop.is_cancelled() {
         return Turn::Done(false);
     }
-    let handler = match find(app, &delivery.handler) {
+    let handler = match find(&this.live, &delivery.handler) {
         Found::Ready(h) => h,
         Found::Dead(reason) => {
             warn!(handler = %lane.handler, entity = %lane.entity, delivery = id, reason, "delivery dead-lettered");
@@ -689,7 +683,7 @@ async fn turn(
                 reason: reason.to_owned(),
                 error: None,
             };
-            return Turn::Done(record(app, lane, id, settle, None).await);
+            return Turn::Done(record(this, lane, id, settle, None).await);
         }
         Found::Disabled => {
             debug!(handler = %lane.handler, delivery = id, "handler disabled, delivery waits");
@@ -716,7 +710,7 @@ async fn turn(
 /// Makes one attempt of delivery `id` in one of the handler's slots, and says how to
 /// settle it, with its execution log row. `Err` as in [`Turn::Done`].
 async fn attempt(
-    app: &App,
+    this: &Deliveries,
     lane: &Lane,
     id: u64,
     handler: &Handler,
@@ -724,10 +718,10 @@ async fn attempt(
 ) -> Result<(Settle, Execution), bool> {
     let slot = tokio::select! {
         biased;
-        () = app.deliveries.stop.cancelled() => return Err(false),
+        () = this.stop.cancelled() => return Err(false),
         slot = handler.slots.clone().acquire_owned() => slot.expect("handler slots are never closed"),
     };
-    let body = match read_delivery(app, id).await {
+    let body = match read_delivery(this, id).await {
         Ok(Some(d)) => d.body,
         Ok(None) => return Err(true),
         Err(()) => return Err(false),
@@ -735,7 +729,7 @@ async fn attempt(
     let attempt = delivery.attempts + 1;
     let at = SystemTime::now();
     let started = Instant::now();
-    let result = app
+    let result = this
         .caller
         .call_in_slot(Call {
             handler,
@@ -834,20 +828,26 @@ fn settlement(
 /// leave the delivery stored and unattempted). False when provisiond stops first: the
 /// stored state is then older than the truth, which at worst repeats an attempt after a
 /// restart (deliveries are at least once).
-async fn record(app: &App, lane: &Lane, id: u64, settle: Settle, row: Option<Execution>) -> bool {
+async fn record(
+    this: &Deliveries,
+    lane: &Lane,
+    id: u64,
+    settle: Settle,
+    row: Option<Execution>,
+) -> bool {
     let gone = !matches!(settle, Settle::Retry { .. });
     let mut wait = Duration::from_millis(100);
     loop {
-        match app.store.settle(id, settle.clone(), row.clone()).await {
+        match this.store.settle(id, settle.clone(), row.clone()).await {
             Ok(()) => {
                 if gone {
-                    app.deliveries.settled(&lane.handler);
+                    this.settled(&lane.handler);
                 }
                 return true;
             }
             Err(e) => {
                 error!(delivery = id, error = %e, "cannot record a delivery attempt, trying again");
-                if !store_backoff(&app.deliveries.stop, &mut wait).await {
+                if !store_backoff(&this.stop, &mut wait).await {
                     return false;
                 }
             }

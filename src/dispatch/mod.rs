@@ -5,12 +5,14 @@
 //! event. Events outside the catalogue are matched against the wildcard handlers only.
 
 mod chain;
+mod live;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 pub use chain::{CallRecord, Outcome, run_before, select_after};
+pub use live::Live;
 
 use crate::config::{Config, Handler, Stage};
 use crate::events::EventPattern;

@@ -24,8 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigErrors, Listen};
-use crate::dispatch::Snapshot;
-use crate::server::App;
+use crate::dispatch::{Live, Snapshot};
 
 pub use diff::Changes;
 
@@ -223,12 +222,16 @@ pub struct Reloader {
     /// Held for the whole of a reload: reloads run one at a time.
     running: tokio::sync::Mutex<()>,
     status: Mutex<Status>,
+    /// What a reload replaces.
+    live: std::sync::Arc<Live>,
 }
 
 impl Reloader {
-    /// A reloader for the file `path`, which `config` (generation 1) was loaded from.
-    pub fn new(path: PathBuf, config: &Config) -> Self {
+    /// A reloader for the file `path`, which `config` (generation 1) was loaded from,
+    /// publishing to `live`.
+    pub fn new(path: PathBuf, config: &Config, live: std::sync::Arc<Live>) -> Self {
         Self {
+            live,
             path,
             fixed: Fixed::of(config),
             running: tokio::sync::Mutex::new(()),
@@ -250,13 +253,13 @@ impl Reloader {
 
     /// Reads the file and makes it live if it is valid and different. Events in flight
     /// keep the snapshot they started with.
-    pub async fn reload(&self, app: &App, trigger: Trigger) -> Outcome {
+    pub async fn reload(&self, trigger: Trigger) -> Outcome {
         let _one_at_a_time = self.running.lock().await;
         let path = self.path.clone();
         let loaded = tokio::task::spawn_blocking(move || load(&path))
             .await
             .unwrap_or_else(|e| Err(ConfigErrors::file("config", format!("reload failed: {e}"))));
-        let live = app.snapshot.load_full();
+        let live = self.live.load_full();
         let mut read_hash = None;
         let outcome = match loaded {
             Err(errors) => Outcome::Rejected {
@@ -275,7 +278,7 @@ impl Reloader {
                 } else {
                     diff::keep_unchanged_handlers(&live.config, &mut config);
                     let generation = live.generation + 1;
-                    app.publish(Snapshot::new(config, generation));
+                    self.live.publish(Snapshot::new(config, generation));
                     Outcome::Applied {
                         generation,
                         changes,
@@ -360,15 +363,15 @@ fn log_pending(pending: &[Pending]) {
 /// Starts the triggers: the watcher's settle-then-reload loop (unless `watcher` is
 /// `None`) and SIGHUP. Both end when `shutdown` is cancelled.
 pub fn spawn(
-    app: std::sync::Arc<App>,
+    reloader: std::sync::Arc<Reloader>,
     watcher: Option<watch::Watcher>,
     hangup: Signal,
     shutdown: CancellationToken,
 ) {
     if let Some(watcher) = watcher {
-        tokio::spawn(watcher.run(app.clone(), shutdown.clone()));
+        tokio::spawn(watcher.run(reloader.clone(), shutdown.clone()));
     }
-    tokio::spawn(on_hangup(app, hangup, shutdown));
+    tokio::spawn(on_hangup(reloader, hangup, shutdown));
 }
 
 /// Registers SIGHUP. Call it before the listener is announced: until then the signal's
@@ -377,7 +380,11 @@ pub fn hangup() -> std::io::Result<Signal> {
     signal(SignalKind::hangup())
 }
 
-async fn on_hangup(app: std::sync::Arc<App>, mut hangup: Signal, shutdown: CancellationToken) {
+async fn on_hangup(
+    reloader: std::sync::Arc<Reloader>,
+    mut hangup: Signal,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             received = hangup.recv() => {
@@ -385,7 +392,7 @@ async fn on_hangup(app: std::sync::Arc<App>, mut hangup: Signal, shutdown: Cance
                     return;
                 }
                 info!(signal = "SIGHUP", "reloading the config");
-                app.reload(Trigger::Signal).await;
+                reloader.reload(Trigger::Signal).await;
             }
             () = shutdown.cancelled() => return,
         }

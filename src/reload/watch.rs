@@ -28,7 +28,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::Trigger;
-use crate::server::App;
 
 /// Quiet time after the last relevant event before the file is read.
 pub const SETTLE: Duration = Duration::from_millis(200);
@@ -120,7 +119,7 @@ impl Watcher {
     }
 
     /// Waits for changes, lets them settle, reloads; until `shutdown`.
-    pub async fn run(mut self, app: Arc<App>, shutdown: CancellationToken) {
+    pub async fn run(mut self, reloader: Arc<super::Reloader>, shutdown: CancellationToken) {
         loop {
             tokio::select! {
                 () = self.changed.notified() => {}
@@ -138,7 +137,7 @@ impl Watcher {
             if let Err(e) = self.refresh() {
                 warn!(error = %e, "cannot watch the config's directory; reload with SIGHUP or POST /v1/reload");
             }
-            app.reload(Trigger::Watch).await;
+            reloader.reload(Trigger::Watch).await;
         }
     }
 }

@@ -39,8 +39,7 @@ pub async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body>
 
 /// `GET /metrics`: the Prometheus text format.
 fn metrics(app: &App) -> Response<Body> {
-    app.deliveries
-        .report_metrics(&app.store, &app.snapshot.load().config);
+    app.deliveries.report_metrics(&app.live.load().config);
     crate::metrics::restart_needed(app.reloader.status().restart_needed.len());
     app.metrics.run_upkeep();
     let mut response = Response::new(super::full(app.metrics.render()));
@@ -60,7 +59,7 @@ fn ready(app: &App) -> Response<Body> {
     if !app.store.is_open() {
         return reply::unavailable("the store is not open", 5);
     }
-    let generation = app.snapshot.load().generation;
+    let generation = app.live.load().generation;
     reply::json(
         StatusCode::OK,
         &json!({"status": "ready", "generation": generation, "store": app.store.path()}),

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -31,17 +30,19 @@ use tracing::{debug, info, warn};
 
 use crate::config::Listen;
 use crate::delivery::Deliveries;
-use crate::dispatch::Snapshot;
+use crate::dispatch::{Live, Snapshot};
 use crate::handlers::Caller;
-use crate::reload::{Outcome, Reloader, Trigger};
+use crate::reload::Reloader;
 use crate::store::Store;
 
 pub use reply::Body;
 
-/// Everything a request needs, shared by all connections.
+/// Everything a request needs, shared by all connections. Assembled once, in
+/// [`App::new`]; the parts that run on their own (the delivery workers, the reloader)
+/// get only the handles they use, never the `App`.
 pub struct App {
     /// The live config. Each event loads it once and keeps that snapshot to the end.
-    pub snapshot: ArcSwap<Snapshot>,
+    pub live: Arc<Live>,
     pub caller: Caller,
     /// Events being handled; over `server.max_in_flight` the billing gets 503.
     pub in_flight: Semaphore,
@@ -51,57 +52,35 @@ pub struct App {
     /// The durable queue, dead letters and execution log.
     pub store: Store,
     /// The after stage's workers.
-    pub deliveries: Deliveries,
-    /// The generation of the live snapshot, for tasks that must react to a new config.
-    generation: tokio::sync::watch::Sender<u64>,
+    pub deliveries: Arc<Deliveries>,
     /// Renders `/metrics`.
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
-    /// Reloads `snapshot` from the config file; see [`App::reload`].
-    pub reloader: Reloader,
+    /// Reloads the live config from the file; the one reload path.
+    pub reloader: Arc<Reloader>,
 }
 
 impl App {
     /// An app serving `snapshot` (loaded from the file `config_path`) with `store`.
     pub fn new(snapshot: Snapshot, store: Store, config_path: PathBuf) -> Arc<Self> {
         let max_in_flight = snapshot.config.server.max_in_flight;
-        let (generation, _) = tokio::sync::watch::channel(snapshot.generation);
         let metrics = crate::metrics::install();
-        crate::metrics::generation(snapshot.generation);
         crate::metrics::store_unreadable_rows(store.quarantined() as u64);
-        let app = Arc::new(Self {
-            reloader: Reloader::new(config_path, &snapshot.config),
-            snapshot: ArcSwap::from_pointee(snapshot),
-            caller: Caller::new(),
+        let live = Live::new(snapshot);
+        let reloader = Reloader::new(config_path, &live.load().config, live.clone());
+        let caller = Caller::new();
+        let deliveries = Deliveries::new(live.clone(), store.clone(), caller.clone());
+        Deliveries::attach(&deliveries);
+        Arc::new(Self {
+            reloader: Arc::new(reloader),
+            live,
+            caller,
             in_flight: Semaphore::new(max_in_flight),
             max_in_flight,
             draining: AtomicBool::new(false),
             store,
-            deliveries: Deliveries::new(),
-            generation,
+            deliveries,
             metrics,
-        });
-        Deliveries::attach(&app);
-        app
-    }
-
-    /// Reads the config file again and publishes it if it is valid and different: the one
-    /// reload path, whatever the trigger.
-    pub async fn reload(&self, trigger: Trigger) -> Outcome {
-        self.reloader.reload(self, trigger).await
-    }
-
-    /// Makes `snapshot` the live config: events that arrive from now on use it, events in
-    /// flight finish with the one they started with. Subscribers are told.
-    pub fn publish(&self, snapshot: Snapshot) {
-        let generation = snapshot.generation;
-        self.snapshot.store(Arc::new(snapshot));
-        self.generation.send_replace(generation);
-        crate::metrics::generation(generation);
-    }
-
-    /// A receiver that sees the generation of every snapshot published from now on.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.generation.subscribe()
+        })
     }
 
     /// Events between arrival and reply right now.
@@ -242,7 +221,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let server = app.snapshot.load().config.server.clone();
+    let server = app.live.load().config.server.clone();
     let connections = Arc::new(Semaphore::new(server.max_connections));
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
@@ -322,7 +301,7 @@ pub async fn serve(
 async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().to_owned();
     // One snapshot for the token check and the whole event, whatever reloads meanwhile.
-    let snapshot = app.snapshot.load_full();
+    let snapshot = app.live.load_full();
     if auth::protected(&path)
         && let Some(token) = &snapshot.config.server.token
         && !auth::authorized(token, request.headers())

@@ -160,7 +160,7 @@ async fn replay(app: &Arc<App>, id: u64) -> Response<Body> {
     };
     let handler = &letter.delivery.handler;
     let known = app
-        .snapshot
+        .live
         .load()
         .config
         .handler(handler)
@@ -273,7 +273,7 @@ async fn selection(request: Request<Incoming>) -> Result<DeadLetterFilter, Strin
 /// reply says so.
 async fn replay_matching(app: &Arc<App>, filter: DeadLetterFilter) -> Response<Body> {
     let handlers: Vec<String> = app
-        .snapshot
+        .live
         .load()
         .config
         .handlers

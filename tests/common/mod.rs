@@ -340,7 +340,7 @@ impl InProcess {
         let store = provisiond::store::Store::memory().unwrap();
         let file = std::path::PathBuf::from(&config.file);
         let app = App::new(provisiond::dispatch::Snapshot::new(config, 1), store, file);
-        app.deliveries.resume(&app.store).unwrap();
+        app.deliveries.resume().unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();
         tokio::spawn(serve(
             listener,
@@ -359,6 +359,7 @@ impl InProcess {
     pub fn publish(&self, config: &str, generation: u64) {
         let config = provisiond::config::Config::parse(config, "provisioning.toml").unwrap();
         self.app
+            .live
             .publish(provisiond::dispatch::Snapshot::new(config, generation));
     }
 

@@ -24,7 +24,7 @@ const KEYS: &str = "event, data, object_id";
 
 /// `POST /v1/explain`.
 pub async fn explain(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
-    let snapshot = app.snapshot.load_full();
+    let snapshot = app.live.load_full();
     let config = &snapshot.config;
     let max = config.server.max_body;
     let limit = usize::try_from(max).unwrap_or(usize::MAX);

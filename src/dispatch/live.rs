@@ -1,0 +1,53 @@
+//! The live config: the snapshot every event loads at arrival, and the word of each new
+//! one for the tasks that must react (delivery lanes waiting on a disabled handler, the
+//! reloader). One handle, given to the server, the delivery workers and the reloader, so
+//! that none of them needs the others.
+
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, Guard};
+use tokio::sync::watch;
+
+use super::Snapshot;
+
+#[derive(Debug)]
+pub struct Live {
+    current: ArcSwap<Snapshot>,
+    /// The generation of `current`, for subscribers.
+    generation: watch::Sender<u64>,
+}
+
+impl Live {
+    pub fn new(snapshot: Snapshot) -> Arc<Self> {
+        let (generation, _) = watch::channel(snapshot.generation);
+        crate::metrics::generation(snapshot.generation);
+        Arc::new(Self {
+            current: ArcSwap::from_pointee(snapshot),
+            generation,
+        })
+    }
+
+    /// The live snapshot, for a look.
+    pub fn load(&self) -> Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
+    /// The live snapshot, to keep: an event holds it to the end.
+    pub fn load_full(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Makes `snapshot` the live config: events that arrive from now on use it, events in
+    /// flight finish with the one they started with. Subscribers are told.
+    pub fn publish(&self, snapshot: Snapshot) {
+        let generation = snapshot.generation;
+        self.current.store(Arc::new(snapshot));
+        self.generation.send_replace(generation);
+        crate::metrics::generation(generation);
+    }
+
+    /// A receiver that sees the generation of every snapshot published from now on.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}
