@@ -7,6 +7,7 @@
 
 mod compile;
 pub mod defaults;
+mod env;
 mod error;
 pub mod raw;
 mod source;
@@ -19,9 +20,10 @@ use std::time::Duration;
 
 pub use compile::MAX_DURATION;
 pub use defaults::fmt_duration;
+pub use env::expand_env;
 pub use error::{ConfigError, ConfigErrors, KeyPath, Seg};
 pub use raw::{OnError, RawConfig, RawHandler, Stage};
-pub use source::{expand_env, line_col};
+pub use source::line_col;
 
 use crate::events::EventPattern;
 use crate::filter::Filter;
