@@ -1,0 +1,338 @@
+use super::*;
+
+fn env(name: &str) -> Option<String> {
+    (name == "CRM_TOKEN").then(|| "t0ken".to_owned())
+}
+
+fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    Config::parse_with_env(text, "p.toml", Path::new("/etc/p"), &env)
+}
+
+#[test]
+fn many_mistakes_are_reported_together() {
+    let text = r#"
+[server]
+listen = "127.0.0.1:8600"
+colour = "blue"
+
+[[handler]]
+name = "a"
+events = ["clients.crate"]
+stage = "before"
+url = "http://127.0.0.1:1/x"
+timeout = "5 parsecs"
+
+[[handler]]
+name = "a"
+events = ["clients.create"]
+stage = "before"
+url = "http://127.0.0.1:1/x"
+command = ["/bin/true"]
+
+[[handler]]
+name = "c"
+events = ["*"]
+stage = "after"
+url = "http://h/${MISSING}"
+match = { "data.name" = { regex = "(" } }
+when = "data.x =="
+priority = "high"
+"#;
+    let errors = parse(text).unwrap_err();
+    let text = errors.to_string();
+    println!("{text}");
+    for want in [
+        "p.toml:4:1: server.colour: unknown key `colour`",
+        "p.toml:8:11: handler[0].events[0]: unknown event \"clients.crate\" (did you mean \"clients.create\"?)",
+        "p.toml:11:11: handler[0].timeout: invalid duration",
+        "p.toml:14:8: handler[1].name: duplicate handler name \"a\"",
+        "handler[1].command: a handler has either `url` (HTTP) or `command` (script), not both",
+        "p.toml:24:7: handler[2].url: environment variable `MISSING` is not set",
+        "handler[2].match.\"data.name\".regex: invalid regex",
+        "handler[2].when: invalid CEL expression",
+        "p.toml:27:12: handler[2].priority: invalid type",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn a_good_file_compiles() {
+    let text = r#"
+[defaults]
+timeout = "2s"
+on_error = "deny"
+
+[events]
+extra = ["clients.custom_event"]
+
+[[handler]]
+name = "crm"
+events = ["clients.*", "clients.custom_event", "clients_packages.renew"]
+stage = "before"
+priority = 5
+url = "https://user:${CRM_TOKEN}@crm.example/hook?x=1"
+modifies = true
+[handler.match]
+data.balance = { lt = 0 }
+"event.object_id" = 3
+
+[[handler]]
+name = "script"
+events = ["*"]
+stage = "after"
+command = ["./hooks/block.sh", "--token", "${CRM_TOKEN}"]
+retry = { attempts = 3, backoff = "100ms", max_backoff = "1s" }
+"#;
+    let config = parse(text).unwrap();
+    let crm = config.handler("crm").unwrap();
+    assert_eq!(crm.timeout, Duration::from_secs(2));
+    assert_eq!(crm.on_error, OnError::Deny);
+    assert_eq!(crm.filter.conditions.len(), 2);
+    assert!(crm.takes("clients.subscriptions.renew"));
+    assert_eq!(
+        crm.describe_target(),
+        "POST https://user:***@crm.example/hook?x=1"
+    );
+    let Target::Http(http) = &crm.target else {
+        panic!()
+    };
+    assert_eq!(http.url.password(), Some("t0ken"));
+    let script = config.handler("script").unwrap();
+    assert_eq!(
+        script.describe_target(),
+        "./hooks/block.sh --token ${CRM_TOKEN}"
+    );
+    let Target::Script(s) = &script.target else {
+        panic!()
+    };
+    assert_eq!(s.argv[0], "/etc/p/./hooks/block.sh");
+    assert_eq!(s.argv[2], "t0ken");
+    assert_eq!(script.retry.attempts, 3);
+    assert!(!format!("{config:?}").contains("t0ken"), "{config:?}");
+}
+
+#[test]
+fn targets_are_shown_as_written_with_the_password_masked() {
+    let text = "[[handler]]\nname = \"a\"\nevents = [\"*\"]\nstage = \"before\"\n\
+                url = \"http://user:${CRM_TOKEN}@crm/${PATHX:-def}/$${literal}\"\n";
+    let config = parse(text).unwrap();
+    assert_eq!(
+        config.handler("a").unwrap().describe_target(),
+        "POST http://user:***@crm/${PATHX:-def}/$${literal}"
+    );
+}
+
+#[test]
+fn messages_say_what_is_wrong_in_the_users_words() {
+    let text = r#"[[handler]]
+name = "a"
+events = ["Clients.Create", "CLIENTS.*", "Clients.Crate", "Foo.Bar"]
+stage = "before"
+url = "${CRM_TOKEN}"
+timeout = "-1s"
+on_error = 1
+"#;
+    assert_eq!(
+        error_lines(text),
+        [
+            "p.toml:3:11: handler[0].events[0]: `Clients.Create` is not a valid event name: \
+             event names are lower-case (did you mean \"clients.create\"?)",
+            "p.toml:3:29: handler[0].events[1]: `CLIENTS.*` is not a valid event name: \
+             event names are lower-case (did you mean \"clients.*\"?)",
+            "p.toml:3:42: handler[0].events[2]: `Clients.Crate` is not a valid event name: \
+             event names are lower-case (did you mean \"clients.create\"?)",
+            "p.toml:3:59: handler[0].events[3]: `Foo.Bar` is not a valid event name: event \
+             names are lower-case",
+            "p.toml:5:7: handler[0].url: invalid URL: relative URL without a base (the value \
+             came from the environment variable `CRM_TOKEN`)",
+            "p.toml:6:11: handler[0].timeout: invalid duration \"-1s\": durations cannot be \
+             negative",
+            "p.toml:7:12: handler[0].on_error: invalid type: expected a string",
+        ]
+    );
+}
+
+#[test]
+fn warns_about_scripts_that_are_not_there_or_not_executable() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let dir = tempfile::TempDir::new().unwrap();
+    let write = |name: &str, mode: u32| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    write("ok.sh", 0o755);
+    write("plain.sh", 0o644);
+    std::fs::create_dir(dir.path().join("hooks")).unwrap();
+    let handler = |name: &str, program: &str| {
+        format!(
+            "[[handler]]\nname = \"{name}\"\nevents = [\"*\"]\nstage = \"after\"\n\
+             command = [\"{program}\"]\n"
+        )
+    };
+    let text = [
+        handler("ok", "./ok.sh"),
+        handler("on-path", "true"),
+        handler("missing", "./nope.sh"),
+        handler("plain", "./plain.sh"),
+        handler("dir", "hooks/"),
+        handler("from-env", "${CRM_TOKEN}/x.sh"),
+    ]
+    .concat();
+    let config = Config::parse_with_env(&text, "p.toml", dir.path(), &env).unwrap();
+    let base = dir.path().display();
+    assert_eq!(
+        config.warnings(),
+        [
+            format!(
+                "handler \"missing\": command \"./nope.sh\" not found at {base}/nope.sh \
+                 (fine if it is deployed separately)"
+            ),
+            format!(
+                "handler \"plain\": command \"./plain.sh\" is not executable at \
+                 {base}/plain.sh (fine if it is deployed separately)"
+            ),
+            format!(
+                "handler \"dir\": command \"hooks/\" is not a file at {base}/hooks/ (fine \
+                 if it is deployed separately)"
+            ),
+            "handler \"from-env\": command \"${CRM_TOKEN}/x.sh\" not found (fine if it is \
+             deployed separately)"
+                .to_owned(),
+        ]
+    );
+}
+
+#[test]
+fn error_messages_never_quote_values_from_the_environment() {
+    let errors = parse(
+        "[[handler]]\nname = \"a\"\nevents = [\"*\"]\nstage = \"before\"\n\
+         url = \"ftp://u:${CRM_TOKEN}@crm.example/\"\nmatch = { \"data.x\" = { regex = \"(${CRM_TOKEN}\" } }\n",
+    )
+    .unwrap_err();
+    let text = errors.to_string();
+    assert_eq!(errors.len(), 2, "{text}");
+    assert!(!text.contains("t0ken"), "{text}");
+    assert!(
+        text.contains(
+            "handler[0].url: \"ftp://u:***@crm.example/\" must be an http:// or https:// \
+             URL (the value came from the environment variable `CRM_TOKEN`)"
+        ),
+        "{text}"
+    );
+}
+
+/// The lines of the errors `text` gives, to compare whole.
+fn error_lines(text: &str) -> Vec<String> {
+    let errors = parse(text).unwrap_err();
+    errors.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn a_handler_with_a_missing_or_wrong_required_key_is_still_checked() {
+    let text = r#"[[handler]]
+name = "b c"
+events = ["clients*"]
+url = "http://127.0.0.1:1/x"
+
+[[handler]]
+name = "b"
+events = ["clients.create"]
+stage = "Before"
+priority = "high"
+url = "http://127.0.0.1:1/x"
+retry = { attempts = 3 }
+"#;
+    assert_eq!(
+        error_lines(text),
+        [
+            "p.toml:1:1: handler[0]: missing `stage`: say \"before\" (may modify, allow or \
+             forbid) or \"after\" (notified durably)",
+            "p.toml:2:8: handler[0].name: \"b c\" is not a valid handler name: use letters, \
+             digits, '-' and '_'",
+            "p.toml:3:11: handler[0].events[0]: `clients*` is not a valid event name \
+             (dot-separated lower-case words, a prefix such as \"clients.*\", or \"*\")",
+            "p.toml:9:9: handler[1].stage: unknown value `Before`, expected `before` or `after`",
+            "p.toml:10:12: handler[1].priority: invalid type: string \"high\", expected an \
+             integer",
+            "p.toml:12:9: handler[1].retry: only applies to the after stage; a before-stage \
+             handler is called once, see `on_error`",
+        ]
+    );
+}
+
+#[test]
+fn placeholders_for_missing_keys_cause_no_errors_of_their_own() {
+    // Two handlers without a name are no duplicates (of each other or of a real
+    // handler with the placeholder's name), one without events does not "name no
+    // event", and one without a stage may have after-stage keys.
+    let text = "[[handler]]\nevents = [\"*\"]\nstage = \"after\"\nurl = \"http://a/\"\n\
+                [[handler]]\nstage = \"before\"\nurl = \"http://a/\"\n\
+                [[handler]]\nname = \"c\"\nevents = [\"*\"]\nurl = \"http://a/\"\n\
+                retry = { attempts = 2 }\nmodifies = true\n\
+                [[handler]]\nname = \"\"\nevents = [\"*\"]\nstage = \"after\"\n\
+                url = \"http://a/\"\n";
+    assert_eq!(
+        error_lines(text),
+        [
+            "p.toml:1:1: handler[0]: missing `name`",
+            "p.toml:5:1: handler[1]: missing `name`",
+            "p.toml:5:1: handler[1]: missing `events`",
+            "p.toml:8:1: handler[2]: missing `stage`: say \"before\" (may modify, allow or \
+             forbid) or \"after\" (notified durably)",
+            "p.toml:15:8: handler[3].name: \"\" is not a valid handler name: use letters, \
+             digits, '-' and '_'",
+        ]
+    );
+}
+
+#[test]
+fn a_mistake_in_a_header_table_is_pinned_to_its_key() {
+    // The span of `[handler.retry]` does not cover its keys; the error must still
+    // name the key, and the handler's other problems must still be found.
+    let text = "[[handler]]\nevents = [\"*\"]\nstage = \"after\"\nurl = \"http://a/\"\n\
+                [handler.retry]\natempts = 3\n";
+    assert_eq!(
+        error_lines(text),
+        [
+            "p.toml:1:1: handler[0]: missing `name`",
+            "p.toml:6:1: handler[0].retry.atempts: unknown key `atempts`, expected one of \
+             `attempts`, `backoff`, `max_backoff`",
+        ]
+    );
+}
+
+#[test]
+fn a_missing_bracket_is_one_syntax_error_with_a_hint() {
+    let text = "[[handler]]\nname = \"a\"\nevents = [\"clients.create\", \"clients.update\"\n\
+                stage = \"before\"\nurl = \"http://a/\"\n\n\
+                [[handler]]\nname = \"b\"\nevents = [\"*\"]\nstage = \"after\"\n";
+    assert_eq!(
+        error_lines(text),
+        [
+            "p.toml:4:1: invalid TOML: missing comma between array elements, expected `,` \
+          (is a `]` missing on an earlier line?)"
+        ]
+    );
+    // A bracket left open on the same line needs no hint beyond the parser's.
+    assert_eq!(
+        error_lines("[server\nlisten = 1\n"),
+        ["p.toml:1:8: invalid TOML: unclosed table, expected `]`"]
+    );
+}
+
+#[test]
+fn stage_is_required_and_syntax_errors_have_positions() {
+    let errors =
+        parse("[[handler]]\nname = \"x\"\nevents = [\"*\"]\nurl = \"http://a/\"\n").unwrap_err();
+    assert!(
+        errors
+            .to_string()
+            .contains("p.toml:1:1: handler[0]: missing `stage`"),
+        "{errors}"
+    );
+    let errors = parse("[server\nlisten = 1\n").unwrap_err();
+    assert!(errors.to_string().starts_with("p.toml:1:"), "{errors}");
+}
