@@ -458,8 +458,7 @@ impl CelInput {
         fn convert(
             map: &Map<String, Value>,
         ) -> Result<Box<dyn cel::common::value::Val>, FilterError> {
-            let value = cel::to_value(map).map_err(|e| FilterError(format!("when: {e}")))?;
-            value
+            cel_map(map)
                 .try_into()
                 .map_err(|e: cel::ExecutionError| FilterError(format!("when: {e}")))
         }
@@ -470,6 +469,41 @@ impl CelInput {
             self.data = Some(convert(&envelope.data)?);
         }
         Ok(())
+    }
+}
+
+/// A JSON object as a CEL map. Numbers become what their text reads as: `uint` for
+/// a non-negative integer, `int` for a negative one, else `double` (what CEL's own serde
+/// conversion made of them). Done by hand because numbers keep their text
+/// (`arbitrary_precision`), which serde would hand CEL as a map.
+fn cel_map(map: &Map<String, Value>) -> cel::Value {
+    let entries: std::collections::HashMap<cel::objects::Key, cel::Value> = map
+        .iter()
+        .map(|(k, v)| (cel::objects::Key::String(Arc::new(k.clone())), cel_value(v)))
+        .collect();
+    cel::Value::Map(entries.into())
+}
+
+fn cel_value(value: &Value) -> cel::Value {
+    match value {
+        Value::Null => cel::Value::Null,
+        Value::Bool(b) => cel::Value::Bool(*b),
+        Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                cel::Value::UInt(u)
+            } else if let Some(i) = n.as_i64() {
+                cel::Value::Int(i)
+            } else {
+                // `as_f64` refuses what overflows a double (`1e400`); CEL gets infinity.
+                let f = n
+                    .as_f64()
+                    .unwrap_or_else(|| n.as_str().parse::<f64>().unwrap_or(f64::NAN));
+                cel::Value::Float(f)
+            }
+        }
+        Value::String(s) => cel::Value::String(Arc::new(s.clone())),
+        Value::Array(items) => cel::Value::List(Arc::new(items.iter().map(cel_value).collect())),
+        Value::Object(map) => cel_map(map),
     }
 }
 
@@ -670,6 +704,31 @@ mod tests {
             Some("event.object_id == 12 && data.n.exists(x, x > 2)"),
         );
         assert!(passes(&f, json!({"n": [1, 3]})));
+    }
+
+    #[test]
+    fn numbers_keep_their_text_and_compare_by_value() {
+        let parse = |text: &str| -> Value { serde_json::from_str(text).unwrap() };
+        let data = parse(r#"{"big": 123456789012345678901234567890, "z": -0, "f": 2.50, "u": 7}"#);
+        assert!(passes(&filter(json!({"data.z": 0}), None), data.clone()));
+        assert!(passes(&filter(json!({"data.f": 2.5}), None), data.clone()));
+        assert!(passes(
+            &filter(json!({"data.f": "2.5"}), None),
+            data.clone()
+        ));
+        assert!(passes(
+            &filter(json!({"data.big": {"gt": 1e29}}), None),
+            data.clone()
+        ));
+        assert!(passes(
+            &filter(json!({"data.big": {"regex": "^1234.*890$"}}), None),
+            data.clone()
+        ));
+        let when = |source: &str| filter(json!({}), Some(source));
+        assert!(passes(&when("data.big > 1.0e29"), data.clone()));
+        assert!(passes(&when("data.u == 7u && data.u == 7"), data.clone()));
+        assert!(passes(&when("data.f == 2.5 && data.z == 0"), data.clone()));
+        assert!(passes(&when("event.object_id == 12"), data));
     }
 
     #[test]

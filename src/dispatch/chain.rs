@@ -56,11 +56,13 @@ enum Step {
 }
 
 /// Runs the before-stage handlers of `route` on `envelope`, in order, until one denies
-/// or the chain ends. Every call made is added to `records`.
+/// or the chain ends. Every call made is added to `records`. `original` is the body
+/// `envelope` was parsed from: handlers get it byte for byte until one modifies the data.
 pub async fn run_before(
     caller: &Caller,
     route: &Route,
     mut envelope: Envelope,
+    original: Bytes,
     deadline: Instant,
     deadline_len: Duration,
     records: &mut Vec<CallRecord>,
@@ -68,7 +70,7 @@ pub async fn run_before(
     let object_id = envelope.object_id();
     let mut modified = false;
     // The serialised envelope and its CEL form, kept until a handler changes the data.
-    let mut body: Option<Bytes> = None;
+    let mut body: Option<Bytes> = Some(original);
     let mut cel = CelInput::default();
     for handler in &route.before {
         let started = Instant::now();

@@ -139,6 +139,7 @@ async fn handle(
         &app.caller,
         &route,
         envelope,
+        body.clone(),
         deadline,
         server.deadline,
         &mut records,
