@@ -23,6 +23,7 @@ pub const LANES_IN_MEMORY: &str = "provisiond_after_lanes_in_memory";
 pub const QUEUE_OLDEST_SECONDS: &str = "provisiond_after_queue_oldest_age_seconds";
 pub const DEAD_LETTERS: &str = "provisiond_dead_letters";
 pub const EXECUTION_LOG_DROPPED: &str = "provisiond_execution_log_dropped_total";
+pub const LOG_LINES_DROPPED: &str = "provisiond_log_lines_dropped_total";
 pub const RELOADS: &str = "provisiond_reloads_total";
 pub const STORE_UNREADABLE_ROWS: &str = "provisiond_store_unreadable_rows_total";
 pub const STORE_WRITABLE: &str = "provisiond_store_writable";
@@ -90,6 +91,10 @@ fn describe() {
         EXECUTION_LOG_DROPPED,
         "Execution log rows dropped because the store's writer was behind."
     );
+    describe_counter!(
+        LOG_LINES_DROPPED,
+        "Log lines dropped because stderr was not taking them fast enough."
+    );
     describe_counter!(RELOADS, "Config reloads, by result.");
     describe_counter!(
         STORE_UNREADABLE_ROWS,
@@ -119,6 +124,7 @@ fn zero() {
     counter!(EXECUTION_LOG_DROPPED).absolute(0);
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     gauge!(RESTART_NEEDED).set(0.0);
+    counter!(LOG_LINES_DROPPED).absolute(0);
 }
 
 /// The label for an event name: the name when the config knows it, else `other`.
@@ -243,6 +249,10 @@ pub fn queue_oldest(age: Duration) {
 
 pub fn execution_log_dropped(rows: u64) {
     counter!(EXECUTION_LOG_DROPPED).increment(rows);
+}
+
+pub fn log_lines_dropped(lines: u64) {
+    counter!(LOG_LINES_DROPPED).increment(lines);
 }
 
 pub fn store_unreadable_rows(rows: u64) {

@@ -36,6 +36,27 @@ fn main() {
             std::thread::park();
         }
     }
+    if let [flag, url, concurrency, total, ..] = args.as_slice()
+        && flag == "--load"
+    {
+        // For profiling by hand: a bounded closed loop against a running sidecar.
+        let (concurrency, total) = (concurrency.parse().unwrap(), total.parse().unwrap());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let stats = runtime.block_on(common::closed_loop(url, concurrency, total));
+        println!(
+            "{} ok, {} errors, {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms",
+            stats.latencies.len(),
+            stats.errors,
+            stats.rps(),
+            common::ms(stats.quantile(0.5)),
+            common::ms(stats.quantile(0.99))
+        );
+        return;
+    }
     // `cargo bench` passes `--bench`; ignore flags we do not know.
     let quick = args.iter().any(|a| a == "--quick");
     let mut chosen: Vec<&str> = args

@@ -12,7 +12,7 @@ mod writer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -52,6 +52,9 @@ const DEDUPE_AGE: TableDefinition<(u64, &[u8; 32]), ()> = TableDefinition::new("
 const OPS_CAPACITY: usize = 8192;
 /// Batches of execution log rows waiting for the writer; beyond it rows are dropped.
 pub const LOG_CAPACITY: usize = 4096;
+/// Most bytes of execution log rows handed to the writer and not yet written (waiting in
+/// the channel or gathered for the next commit); beyond it rows are dropped.
+pub const LOG_BYTES: usize = 8 << 20;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -95,6 +98,9 @@ struct Inner {
     ops: mpsc::Sender<Op>,
     logs: mpsc::Sender<Vec<Execution>>,
     log_capacity: usize,
+    /// Bytes of rows sent to the writer and not yet written ([`Execution::weight`]).
+    log_bytes: Arc<AtomicUsize>,
+    log_bytes_cap: usize,
     /// Tells a lingering writer that the log channel is half full: commit now.
     log_pressure: Arc<tokio::sync::Notify>,
     /// Execution log rows dropped because the writer was behind.
@@ -119,22 +125,22 @@ impl Store {
             ));
         }
         let db = open_file(path).map_err(|e| fail(open_reason(&e)))?;
-        Self::start(db, shown, Some(path.to_path_buf()), LOG_CAPACITY)
+        Self::start(db, shown, Some(path.to_path_buf()), LOG_CAPACITY, LOG_BYTES)
     }
 
     /// A store in memory, gone with the process: for tests.
     pub fn memory() -> Result<Self, StoreError> {
-        Self::memory_with(LOG_CAPACITY)
+        Self::memory_with(LOG_CAPACITY, LOG_BYTES)
     }
 
-    fn memory_with(log_capacity: usize) -> Result<Self, StoreError> {
+    fn memory_with(log_capacity: usize, log_bytes_cap: usize) -> Result<Self, StoreError> {
         let db = Builder::new()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(|e| StoreError::Open {
                 path: "<memory>".into(),
                 reason: e.to_string(),
             })?;
-        Self::start(db, "<memory>".into(), None, log_capacity)
+        Self::start(db, "<memory>".into(), None, log_capacity, log_bytes_cap)
     }
 
     fn start(
@@ -142,6 +148,7 @@ impl Store {
         path: String,
         file: Option<PathBuf>,
         log_capacity: usize,
+        log_bytes_cap: usize,
     ) -> Result<Self, StoreError> {
         let fail = |reason: String| StoreError::Open {
             path: path.clone(),
@@ -157,6 +164,7 @@ impl Store {
         let (ops_tx, ops_rx) = mpsc::channel(OPS_CAPACITY);
         let (logs_tx, logs_rx) = mpsc::channel(log_capacity);
         let log_pressure = Arc::new(tokio::sync::Notify::new());
+        let log_bytes = Arc::new(AtomicUsize::new(0));
         let writable = Arc::new(AtomicBool::new(true));
         let sink = Arc::new(OnceLock::new());
         let writer = Writer::new(Parts {
@@ -165,6 +173,7 @@ impl Store {
             ops: ops_rx,
             logs: logs_rx,
             log_pressure: log_pressure.clone(),
+            log_bytes: log_bytes.clone(),
             next_delivery,
             next_execution,
             dedupe,
@@ -185,6 +194,8 @@ impl Store {
                 ops: ops_tx,
                 logs: logs_tx,
                 log_capacity,
+                log_bytes,
+                log_bytes_cap,
                 log_pressure,
                 dropped: AtomicU64::new(0),
                 quarantined,
@@ -340,15 +351,28 @@ impl Store {
     }
 
     /// Adds execution log rows without waiting: they are written with the next batch.
-    /// When the writer is that far behind, they are dropped and counted, never waited for.
+    /// When the writer is that far behind ([`LOG_CAPACITY`] batches or [`LOG_BYTES`]
+    /// bytes not yet written), they are dropped and counted, never waited for.
     pub fn log(&self, rows: Vec<Execution>) {
         if rows.is_empty() {
             return;
         }
+        let inner = &*self.inner;
         let n = rows.len() as u64;
-        let sent = self.inner.logs.try_send(rows);
-        if self.inner.logs.capacity() < self.inner.log_capacity / 2 {
-            self.inner.log_pressure.notify_one();
+        let weight: usize = rows.iter().map(Execution::weight).sum();
+        let before = inner.log_bytes.fetch_add(weight, Ordering::Relaxed);
+        let sent = if before + weight > inner.log_bytes_cap {
+            Err(())
+        } else {
+            inner.logs.try_send(rows).map_err(|_| ())
+        };
+        if sent.is_err() {
+            inner.log_bytes.fetch_sub(weight, Ordering::Relaxed);
+        }
+        if inner.logs.capacity() < inner.log_capacity / 2
+            || before + weight > inner.log_bytes_cap / 2
+        {
+            inner.log_pressure.notify_one();
         }
         if sent.is_err() {
             let before = self.inner.dropped.fetch_add(n, Ordering::Relaxed);

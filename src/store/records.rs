@@ -228,6 +228,19 @@ impl Execution {
         self
     }
 
+    /// About how much memory the row holds (its strings' heap included): what the
+    /// execution log's channel counts against its byte budget.
+    pub fn weight(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.event.capacity()
+            + self.object_id.capacity()
+            + self.handler.capacity()
+            + self.outcome.capacity()
+            + self.excerpt.capacity()
+            + self.error.as_ref().map_or(0, String::capacity)
+            + self.event_id.as_ref().map_or(0, String::capacity)
+    }
+
     /// The JSON the admin API shows.
     pub fn to_json(&self) -> Value {
         json!({

@@ -543,7 +543,7 @@ async fn a_file_in_use_is_refused() {
 #[tokio::test]
 async fn log_rows_are_dropped_and_counted_when_the_writer_is_behind_never_waited_for() {
     // Room for one batch: a burst of 1000 cannot all fit while the writer commits.
-    let store = Store::memory_with(1).unwrap();
+    let store = Store::memory_with(1, LOG_BYTES).unwrap();
     let started = std::time::Instant::now();
     for i in 0..1000 {
         store.log(vec![row("a", i, "allowed")]);
@@ -566,6 +566,43 @@ async fn log_rows_are_dropped_and_counted_when_the_writer_is_behind_never_waited
     assert_eq!(kept + dropped, 1000);
 }
 
+#[tokio::test]
+async fn log_rows_are_bounded_in_bytes_not_only_in_batches() {
+    // Room for 4096 batches but only 64 KiB: big rows (1 KiB excerpts) are dropped once
+    // the writer is that many bytes behind, however few batches wait.
+    let store = Store::memory_with(LOG_CAPACITY, 64 << 10).unwrap();
+    let big = || Execution {
+        excerpt: "x".repeat(1024),
+        ..row("a", 1, "allowed")
+    };
+    for _ in 0..1000 {
+        store.log(vec![big()]);
+    }
+    let dropped = store.dropped_log_rows();
+    let weight = big().weight();
+    assert!(
+        dropped >= 1000 - (64 << 10) as u64 / weight as u64 - 1,
+        "{dropped} dropped"
+    );
+    // Once written, the budget is free again.
+    store
+        .prune(retention(1_000_000, 3600 * 24 * 365 * 100))
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        if store.inner.log_bytes.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    store.log(vec![big()]);
+    assert_eq!(
+        store.dropped_log_rows(),
+        dropped,
+        "the budget was not given back"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_steady_stream_of_log_rows_is_kept_though_the_writer_lingers() {
     // A channel of 16 batches and a writer that lingers up to a second for company: a
@@ -579,7 +616,7 @@ async fn a_steady_stream_of_log_rows_is_kept_though_the_writer_lingers() {
     // measured instead is how long those waits add up to: a few milliseconds when a
     // half-full channel wakes the writer, some 30 s (a second per 12 batches) when it
     // does not.
-    let store = Store::memory_with(16).unwrap();
+    let store = Store::memory_with(16, LOG_BYTES).unwrap();
     let nearly_full = || store.inner.logs.capacity() <= 4;
     let mut stalled = Duration::ZERO;
     for i in 0..400 {

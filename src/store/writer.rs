@@ -181,6 +181,8 @@ pub struct Parts {
     pub logs: mpsc::Receiver<Vec<Execution>>,
     /// Notified when the log channel is half full: a lingering writer commits at once.
     pub log_pressure: Arc<tokio::sync::Notify>,
+    /// Bytes of rows sent and not yet written: the writer takes off what each batch held.
+    pub log_bytes: Arc<std::sync::atomic::AtomicUsize>,
     pub next_delivery: u64,
     pub next_execution: u64,
     /// Dedupe key -> when it was last stored (unix ms): the index of `DEDUPE_AGE`.
@@ -286,7 +288,9 @@ impl Writer {
                     late.answer(Err(StoreError::Closed));
                 }
             }
+            let weight: usize = rows.iter().map(Execution::weight).sum();
             self.batch(ops, rows, closing.is_some());
+            self.parts.log_bytes.fetch_sub(weight, Ordering::Relaxed);
         }
         if let Some(reply) = closing {
             let _ = reply.send(());
