@@ -101,8 +101,35 @@ async fn unmodified_data_reaches_every_handler_and_the_billing_byte_for_byte() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn rewritten_data_keeps_every_number_exactly() {
+async fn an_echo_changes_nothing() {
     let echo = HandlerServer::echo().await;
+    let next = HandlerServer::fixed(200, "").await;
+    let config = format!(
+        "{SERVER}{}{}",
+        before("echo", &echo.url("/echo"), "modifies = true\npriority = 1"),
+        before("next", &next.url("/next"), "priority = 2"),
+    );
+    let sidecar = Sidecar::start(&config);
+    let (status, reply) = post_raw(&sidecar, ODD).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply, ODD);
+    assert_eq!(String::from_utf8_lossy(&next.calls()[0].body), ODD);
+    let line = sidecar
+        .wait_for_log(Duration::from_secs(5), |l| l["message"] == "event")
+        .expect("the event's log line");
+    assert_eq!(line["modified"], false, "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rewritten_data_keeps_every_number_exactly() {
+    // Not byte for byte an echo (that would change nothing): the same envelope after a
+    // newline, which must be parsed and written again.
+    let echo = HandlerServer::start(|call| async move {
+        let mut body = b"\n".to_vec();
+        body.extend_from_slice(&call.body);
+        reply(200, body)
+    })
+    .await;
     let next = HandlerServer::fixed(200, "").await;
     let after = HandlerServer::fixed(200, "").await;
     let config = format!(

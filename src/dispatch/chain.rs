@@ -107,7 +107,7 @@ pub async fn run_before(
                             handler,
                             event: &envelope.name,
                             object_id: &object_id,
-                            body,
+                            body: body.clone(),
                             attempt: 1,
                             message_id: &message_id,
                             timeout: remaining.min(handler.timeout),
@@ -117,7 +117,7 @@ pub async fn run_before(
                         Ok(reply) => {
                             let code = Some(reply.code());
                             let excerpt = reply.excerpt();
-                            (interpret(handler, reply), code, excerpt)
+                            (interpret(handler, reply, &body), code, excerpt)
                         }
                         Err(crate::handlers::CallError::Timeout(_)) if capped => (
                             Step::Error(format!(
@@ -190,8 +190,10 @@ pub async fn run_before(
     }
 }
 
-/// What a before-stage reply means.
-fn interpret(handler: &Handler, reply: Reply) -> Step {
+/// What a before-stage reply means. `sent` is the body the handler was sent: a modifying
+/// handler that answers with exactly those bytes (an echo) changed nothing, and the data
+/// keeps its bytes.
+fn interpret(handler: &Handler, reply: Reply, sent: &[u8]) -> Step {
     match reply {
         Reply::Http {
             status,
@@ -206,7 +208,7 @@ fn interpret(handler: &Handler, reply: Reply) -> Step {
                         crate::handlers::REPLY_CAP
                     ));
                 }
-                new_data(&body)
+                new_data(&body, sent)
             }
             200..=299 => Step::Allow(None),
             403 | 409 | 422 => Step::Deny(deny_message(&body, status)),
@@ -234,7 +236,7 @@ fn interpret(handler: &Handler, reply: Reply) -> Step {
                     crate::handlers::REPLY_CAP
                 ));
             }
-            new_data(&stdout)
+            new_data(&stdout, sent)
         }
         Reply::Script {
             code: Some(code),
@@ -255,9 +257,10 @@ fn interpret(handler: &Handler, reply: Reply) -> Step {
     }
 }
 
-/// The data of a modifying handler's reply: an envelope, or nothing to keep the data.
-fn new_data(body: &[u8]) -> Step {
-    if body.iter().all(u8::is_ascii_whitespace) {
+/// The data of a modifying handler's reply: an envelope, or nothing to keep the data
+/// (an empty reply, or the very bytes it was sent).
+fn new_data(body: &[u8], sent: &[u8]) -> Step {
+    if body == sent || body.iter().all(u8::is_ascii_whitespace) {
         return Step::Allow(None);
     }
     match Envelope::parse(body, crate::events::DEFAULT_MAX_DEPTH) {
