@@ -691,13 +691,18 @@ fn quarantine(txn: &redb::WriteTransaction) -> Result<usize, StoreError> {
     Ok(bad.len())
 }
 
+/// redb's page cache. It fills with the pages every commit writes (the execution log
+/// appends a page's worth every few hundred events), so under load it is most of the
+/// process's memory; the pages read back are the queue's and the log's newest ones.
+pub const CACHE_BYTES: usize = 16 << 20;
+
 /// Opens (or creates) the file, checking all of it: damage is then an error, not a
 /// panic later.
 fn open_file(path: &Path) -> Result<Database, DatabaseError> {
     let mut builder = Builder::new();
     builder
         .set_check_integrity_on_open(true)
-        .set_cache_size(64 << 20);
+        .set_cache_size(CACHE_BYTES);
     builder.create(path)
 }
 
