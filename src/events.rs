@@ -211,14 +211,117 @@ pub struct Envelope {
     pub name: String,
     /// The `event` object as the billing sent it.
     pub event: Map<String, Value>,
-    /// The `data` object, as the chain has left it so far.
-    pub data: Map<String, Value>,
+    /// The `data` object, as the chain has left it so far: the billing's bytes, parsed
+    /// only when something reads it (a filter, a modifying handler's caller).
+    pub data: Data,
     /// Other top-level keys of the body, kept and echoed back.
     pub extra: Map<String, Value>,
 }
 
 /// Longest `event.events_id` and `event.object_id` accepted, in bytes.
 pub const MAX_ID_LEN: usize = 256;
+
+/// The envelope's `data` object. Kept as the billing's bytes (already checked to be a JSON
+/// object) until first read as a map; most events are never read (no filter on `data`, no
+/// handler modifying it), and parsing `data` is most of parsing an envelope.
+#[derive(Debug, Clone, Default)]
+pub struct Data {
+    raw: Option<Box<serde_json::value::RawValue>>,
+    map: std::sync::OnceLock<Map<String, Value>>,
+}
+
+impl Data {
+    /// The data as a map, parsed now if it was not yet.
+    pub fn map(&self) -> &Map<String, Value> {
+        self.map.get_or_init(|| {
+            self.raw
+                .as_ref()
+                // Checked to be an object, nested no deeper than the limit, at parse.
+                .and_then(|raw| serde_json::from_str(raw.get()).ok())
+                .unwrap_or_default()
+        })
+    }
+
+    /// The data as a map of its own.
+    pub fn into_map(mut self) -> Map<String, Value> {
+        self.map();
+        self.map.take().unwrap_or_default()
+    }
+}
+
+impl From<Map<String, Value>> for Data {
+    fn from(map: Map<String, Value>) -> Self {
+        Self {
+            raw: None,
+            map: std::sync::OnceLock::from(map),
+        }
+    }
+}
+
+impl std::ops::Deref for Data {
+    type Target = Map<String, Value>;
+
+    fn deref(&self) -> &Self::Target {
+        self.map()
+    }
+}
+
+impl PartialEq for Data {
+    fn eq(&self, other: &Self) -> bool {
+        self.map() == other.map()
+    }
+}
+
+impl serde::Serialize for Data {
+    /// The billing's bytes while unparsed, else the map.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match (self.map.get(), &self.raw) {
+            (None, Some(raw)) => raw.serialize(serializer),
+            _ => self.map().serialize(serializer),
+        }
+    }
+}
+
+/// The top level of a body, `data` left as bytes. Keys as in a JSON map: a repeated key
+/// keeps its last value.
+struct Top {
+    event: Option<Value>,
+    data: Option<Box<serde_json::value::RawValue>>,
+    extra: Map<String, Value>,
+}
+
+impl<'de> serde::Deserialize<'de> for Top {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Top;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an envelope")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
+                let mut top = Top {
+                    event: None,
+                    data: None,
+                    extra: Map::new(),
+                };
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "event" => top.event = Some(map.next_value()?),
+                        "data" => top.data = Some(map.next_value()?),
+                        _ => {
+                            let value = map.next_value()?;
+                            top.extra.insert(key, value);
+                        }
+                    }
+                }
+                Ok(top)
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
+}
 
 /// JSON nesting deeper than this is refused before parsing.
 pub const DEFAULT_MAX_DEPTH: usize = 64;
@@ -228,6 +331,26 @@ impl Envelope {
     /// `event` keeps what the billing sent.
     pub fn parse(body: &[u8], max_depth: usize) -> Result<Self, EnvelopeError> {
         check_depth(body, max_depth)?;
+        // The common case: an object whose `data` is an object, which stays bytes.
+        if let Ok(Top {
+            event,
+            data: Some(data),
+            extra,
+        }) = serde_json::from_slice::<Top>(body)
+            && data.get().starts_with('{')
+        {
+            let (name, event) = check_event(event)?;
+            return Ok(Self {
+                name,
+                event,
+                data: Data {
+                    raw: Some(data),
+                    map: std::sync::OnceLock::new(),
+                },
+                extra,
+            });
+        }
+        // Anything else is parsed whole, for the errors it has always had.
         let value: Value =
             serde_json::from_slice(body).map_err(|e| EnvelopeError::Json(e.to_string()))?;
         Self::from_value(value)
@@ -238,27 +361,10 @@ impl Envelope {
         let Value::Object(mut body) = value else {
             return Err(EnvelopeError::NotAnObject(type_name(&value)));
         };
-        let event = match body.remove("event") {
-            None => return Err(EnvelopeError::MissingEvent),
-            Some(Value::Object(event)) => event,
-            Some(other) => return Err(EnvelopeError::EventNotAnObject(type_name(&other))),
-        };
-        let name = match event.get("events_id") {
-            None | Some(Value::Null) => return Err(EnvelopeError::MissingEventsId),
-            Some(Value::String(s)) if !s.is_empty() => {
-                check_id("event.events_id", s)?;
-                normalize(s).into_owned()
-            }
-            Some(other) => return Err(EnvelopeError::BadEventsId(type_name(other))),
-        };
-        match event.get("object_id") {
-            None | Some(Value::Null | Value::Number(_)) => {}
-            Some(Value::String(s)) => check_id("event.object_id", s)?,
-            Some(other) => return Err(EnvelopeError::BadObjectId(type_name(other))),
-        }
+        let (name, event) = check_event(body.remove("event"))?;
         let data = match body.remove("data") {
             None => return Err(EnvelopeError::MissingData),
-            Some(Value::Object(data)) => data,
+            Some(Value::Object(data)) => Data::from(data),
             Some(other) => return Err(EnvelopeError::DataNotAnObject(type_name(&other))),
         };
         Ok(Self {
@@ -288,7 +394,7 @@ impl Envelope {
     pub fn to_value(&self) -> Value {
         let mut body = Map::with_capacity(2 + self.extra.len());
         body.insert("event".into(), Value::Object(self.event.clone()));
-        body.insert("data".into(), Value::Object(self.data.clone()));
+        body.insert("data".into(), Value::Object(self.data.map().clone()));
         for (k, v) in &self.extra {
             body.insert(k.clone(), v.clone());
         }
@@ -300,7 +406,7 @@ impl Envelope {
         #[derive(serde::Serialize)]
         struct Ref<'a> {
             event: &'a Map<String, Value>,
-            data: &'a Map<String, Value>,
+            data: &'a Data,
             #[serde(flatten)]
             extra: &'a Map<String, Value>,
         }
@@ -311,6 +417,29 @@ impl Envelope {
         })
         .expect("a JSON map always serialises")
     }
+}
+
+/// The `event` object of an envelope, checked, and its normalised name.
+fn check_event(event: Option<Value>) -> Result<(String, Map<String, Value>), EnvelopeError> {
+    let event = match event {
+        None => return Err(EnvelopeError::MissingEvent),
+        Some(Value::Object(event)) => event,
+        Some(other) => return Err(EnvelopeError::EventNotAnObject(type_name(&other))),
+    };
+    let name = match event.get("events_id") {
+        None | Some(Value::Null) => return Err(EnvelopeError::MissingEventsId),
+        Some(Value::String(s)) if !s.is_empty() => {
+            check_id("event.events_id", s)?;
+            normalize(s).into_owned()
+        }
+        Some(other) => return Err(EnvelopeError::BadEventsId(type_name(other))),
+    };
+    match event.get("object_id") {
+        None | Some(Value::Null | Value::Number(_)) => {}
+        Some(Value::String(s)) => check_id("event.object_id", s)?,
+        Some(other) => return Err(EnvelopeError::BadObjectId(type_name(other))),
+    }
+    Ok((name, event))
 }
 
 /// Refuses an event name or object id that could not reach a script whole: a script
@@ -529,6 +658,38 @@ mod tests {
         assert!(parse(Value::from("x".repeat(MAX_ID_LEN + 1)), "clients.update").is_err());
         assert!(parse(Value::from("Zürich-12 / ünïcode"), "clients.update").is_ok());
         assert!(parse(Value::from(12), &"a".repeat(MAX_ID_LEN)).is_ok());
+    }
+
+    #[test]
+    fn data_kept_as_bytes_reads_as_a_whole_parse_would() {
+        for body in [
+            r#"{"event":{"events_id":"clients.update","object_id":12},"data":{"b":1,"a":[1.50,{"x":null}],"n":123456789012345678901234567890}}"#,
+            r#"{ "data" : { } , "event" : {"events_id":"a.b"}, "x": 1, "y": [2] }"#,
+            r#"{"event":{"events_id":"a.b"},"data":{"a":1},"data":{"b":2}}"#,
+        ] {
+            let lazy = Envelope::parse(body.as_bytes(), DEFAULT_MAX_DEPTH).unwrap();
+            assert!(lazy.data.map.get().is_none(), "data parsed at once: {body}");
+            let whole = Envelope::from_value(serde_json::from_str::<Value>(body).unwrap()).unwrap();
+            assert_eq!(lazy.name, whole.name);
+            assert_eq!(lazy.event, whole.event);
+            assert_eq!(lazy.data.map(), whole.data.map(), "{body}");
+            let keys = |e: &Envelope| e.extra.keys().cloned().collect::<Vec<_>>();
+            let mut sorted = keys(&whole);
+            sorted.sort();
+            assert_eq!(keys(&lazy), sorted, "extra keys in the order sent");
+        }
+        // Unparsed data is written as it came; parsed data as the map.
+        let body = r#"{"event":{"events_id":"a.b"},"data":{ "z" : 1.0 }}"#;
+        let env = Envelope::parse(body.as_bytes(), DEFAULT_MAX_DEPTH).unwrap();
+        assert_eq!(
+            String::from_utf8(env.to_json()).unwrap(),
+            r#"{"event":{"events_id":"a.b"},"data":{ "z" : 1.0 }}"#
+        );
+        let _ = env.data.map();
+        assert_eq!(
+            String::from_utf8(env.to_json()).unwrap(),
+            r#"{"event":{"events_id":"a.b"},"data":{"z":1.0}}"#
+        );
     }
 
     #[test]

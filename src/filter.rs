@@ -328,7 +328,7 @@ impl Condition {
     fn lookup<'a>(&self, envelope: &'a Envelope) -> Option<&'a Value> {
         let map = match self.root {
             Root::Event => &envelope.event,
-            Root::Data => &envelope.data,
+            Root::Data => envelope.data.map(),
         };
         let (first, rest) = self.segments.split_first()?;
         let mut value = map.get(first)?;
@@ -466,7 +466,7 @@ impl CelInput {
             self.event = Some(convert(&envelope.event)?);
         }
         if when.reads_data && self.data.is_none() {
-            self.data = Some(convert(&envelope.data)?);
+            self.data = Some(convert(envelope.data.map())?);
         }
         Ok(())
     }

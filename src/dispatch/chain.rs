@@ -148,7 +148,7 @@ pub async fn run_before(
             Step::Allow(new_data) => {
                 debug!(handler = %handler.name, event = %envelope.name, ?duration, "handler allowed");
                 if let Some(data) = new_data {
-                    envelope.data = data;
+                    envelope.data = data.into();
                     modified = true;
                     body = None;
                     cel = CelInput::default();
@@ -264,7 +264,7 @@ fn new_data(body: &[u8], sent: &[u8]) -> Step {
         return Step::Allow(None);
     }
     match Envelope::parse(body, crate::events::DEFAULT_MAX_DEPTH) {
-        Ok(envelope) => Step::Allow(Some(envelope.data)),
+        Ok(envelope) => Step::Allow(Some(envelope.data.into_map())),
         Err(e) => Step::Error(format!(
             "reply is not an envelope ({e}); a handler with modifies = true must return \
              the envelope, or an empty body to keep the data"
