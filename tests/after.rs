@@ -943,14 +943,6 @@ async fn a_reload_that_removes_a_handler_dead_letters_its_queue_and_disabling_on
     assert_eq!(response.status(), 409);
 }
 
-/// The value of a metric line starting with `prefix` in Prometheus text.
-fn metric(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_show_the_queue_the_dead_letters_and_after_stage_calls() {
     let gone = HandlerServer::fixed(410, "").await;

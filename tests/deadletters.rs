@@ -12,15 +12,7 @@ use serde_json::{Value, json};
 
 /// The `provisiond_dead_letters` gauge.
 async fn dead_letter_count(sidecar: &Sidecar) -> u64 {
-    let text = sidecar
-        .client()
-        .get(sidecar.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = sidecar.metrics_text().await;
     text.lines()
         .find_map(|l| l.strip_prefix("provisiond_dead_letters "))
         .map_or(0, |v| v.trim().parse::<u64>().unwrap())

@@ -81,15 +81,7 @@ async fn every_metric_the_kit_uses_is_served() {
             == 1)
         .await
     );
-    let text = sidecar
-        .client()
-        .get(sidecar.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = sidecar.metrics_text().await;
     let served: BTreeSet<String> = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())

@@ -145,6 +145,18 @@ impl Sidecar {
         &self.client
     }
 
+    /// `GET /metrics`, as text.
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// POSTs a body to `/events`; returns the status and the body parsed as JSON
     /// (`Value::String` with the text when it is not JSON).
     pub async fn post(&self, body: impl Into<String>) -> (u16, Value) {
@@ -679,4 +691,12 @@ pub async fn raw_request(addr: &str, request: &[u8]) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The value of a metric line starting with `prefix` in Prometheus text.
+pub fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
