@@ -14,7 +14,7 @@ use super::defaults;
 use super::error::{ConfigErrors, KeyPath};
 use super::raw::{OnError, RawConfig, RawDefaults, RawRetry, RawServer, RawStore};
 use super::source::{Diag, Document};
-use super::{Config, Listen, Retry, Secret, Server, Store};
+use super::{Backend, Config, Listen, Retry, Secret, Server, Store};
 use crate::events;
 
 mod handler;
@@ -337,6 +337,7 @@ impl Checker<'_> {
         };
         Store {
             path: PathBuf::from(file),
+            backend: Backend::Redb,
             dedupe_window: self.duration(
                 raw.dedupe_window.as_deref(),
                 path.key("dedupe_window"),

@@ -76,10 +76,35 @@ pub struct Server {
 /// `[store]`, with defaults filled in.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Store {
+    /// The redb file (`backend = "redb"`).
     pub path: PathBuf,
+    /// Where the after stage's shared data lives.
+    pub backend: Backend,
     pub dedupe_window: Duration,
     pub keep_age: Duration,
     pub keep_rows: u64,
+}
+
+/// `store.backend`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Backend {
+    /// One redb file at `store.path`, for this sidecar alone (the default).
+    Redb,
+    /// A PostgreSQL database shared by any number of sidecars.
+    Postgres(Postgres),
+}
+
+/// `store.url`, `store.schema`, `store.pool`, `store.lease` with `backend = "postgres"`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Postgres {
+    /// libpq-style URL or key=value string; may hold a password, so never shown.
+    pub url: Secret,
+    /// The schema the tables live in: a plain SQL identifier.
+    pub schema: String,
+    /// Connections per sidecar.
+    pub pool: usize,
+    /// How long a sidecar holds a lane without renewing it.
+    pub lease: Duration,
 }
 
 /// After-stage retries: exponential backoff with full jitter.
