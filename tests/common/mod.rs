@@ -1,6 +1,8 @@
 //! Shared test helpers: a real provisiond process, real handler servers, real scripts.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
