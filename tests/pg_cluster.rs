@@ -1,0 +1,692 @@
+//! Several sidecars sharing the after stage on PostgreSQL (`[store] backend =
+//! "postgres"`): real provisiond processes, real handler servers, real throwaway
+//! PostgreSQL servers (tests/common/pg.rs).
+//!
+//! - three sidecars on one database under load, one killed with `kill -9`: every
+//!   acknowledged delivery delivered, per-entity order kept, work done by all three;
+//! - an identical envelope sent to two sidecars is delivered once;
+//! - the PostgreSQL primary killed under load and its synchronous standby promoted: the
+//!   sidecars find it through the multi-host URL, the billing sees 503s, never a 200 for
+//!   something lost;
+//! - PostgreSQL unreachable at start and mid-run: 503s with `Retry-After`, `/readyz` 503,
+//!   and recovery without a restart.
+//!
+//! Each event of the load carries its entity's sequence number (`data.seq`), and the
+//! events of one entity go round-robin to the sidecars, so that per-entity order is
+//! checked across sidecars, not only within one. A client sends an entity's next event
+//! only once the previous one was answered 200; on anything else it sends the same bytes
+//! again (to the next sidecar), as the billing retries.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::pg::{self, PgServer};
+use common::*;
+use serde_json::json;
+
+/// A Standard Webhooks secret: every delivery then carries its `webhook-id`, the same on
+/// every attempt of one delivery (whichever sidecar makes it), so that a repeat can be
+/// told from a second delivery of the same event.
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// Fast retries, so that tests never wait long.
+const FAST: &str = "retry = { attempts = 1000, backoff = \"10ms\", max_backoff = \"200ms\" }";
+/// The lease of the tests' configs: a dead sidecar's lanes are taken over after it.
+const LEASE: Duration = Duration::from_secs(3);
+/// A client gives up on one event after this long (it then counts as not acknowledged).
+const GIVE_UP: Duration = Duration::from_secs(30);
+/// How long everything acknowledged may take to arrive once the load stops.
+const DRAIN: Duration = Duration::from_secs(90);
+
+/// A sidecar's config: the postgres store at `url`, one after-stage handler `crm` that
+/// tells the handler which sidecar called (`X-Sidecar: NAME`).
+fn config(url: &str, handler: &str, name: &str) -> String {
+    format!(
+        "{SERVER}[store]\nbackend = \"postgres\"\nurl = {}\nlease = \"3s\"\n{}",
+        toml_str(url),
+        after_handler(
+            "crm",
+            handler,
+            &format!(
+                "{FAST}\ntimeout = \"5s\"\nmax_concurrency = 4\nsecret = {}\n\
+                 headers = {{ \"X-Sidecar\" = {} }}",
+                toml_str(SECRET),
+                toml_str(name)
+            )
+        )
+    )
+}
+
+/// Starts sidecars `names` on `url` all at once (their schema migrations race: the
+/// advisory lock must sort them out).
+async fn start_sidecars(url: &str, handler: &str, names: &[&str]) -> Vec<Sidecar> {
+    let starting: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let config = config(url, handler, name);
+            tokio::task::spawn_blocking(move || Sidecar::start(&config))
+        })
+        .collect();
+    let mut sidecars = Vec::new();
+    for s in starting {
+        sidecars.push(s.await.expect("a sidecar starts"));
+    }
+    sidecars
+}
+
+/// Waits until `GET /readyz` answers `status` on `sidecar`; whether it did in `timeout`.
+async fn wait_ready(sidecar: &Sidecar, status: u16, timeout: Duration) -> bool {
+    let until = Instant::now() + timeout;
+    loop {
+        if sidecar.get("/readyz").await.0 == status {
+            return true;
+        }
+        if Instant::now() > until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One event of the load: an entity and its sequence number.
+type Key = (i64, i64);
+
+/// A call the handler answered 200.
+#[derive(Debug, Clone)]
+struct Delivered {
+    key: Key,
+    /// The sidecar that made the call (`X-Sidecar`).
+    sidecar: String,
+    /// Its `webhook-id`.
+    message: String,
+}
+
+/// The after-stage handler of the load: answers 200 after a few milliseconds (one call
+/// in 20 gets a 500 instead, to be retried), records what it accepted, and counts two
+/// calls of one entity in flight at once (which per-entity order forbids).
+struct Recorder {
+    server: HandlerServer,
+    delivered: Arc<Mutex<Vec<Delivered>>>,
+    overlaps: Arc<Mutex<Vec<String>>>,
+}
+
+impl Recorder {
+    async fn start() -> Self {
+        let delivered = Arc::new(Mutex::new(Vec::new()));
+        let overlaps = Arc::new(Mutex::new(Vec::new()));
+        let in_flight: Arc<Mutex<HashMap<i64, usize>>> = Arc::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let server = {
+            let (delivered, overlaps) = (delivered.clone(), overlaps.clone());
+            HandlerServer::start(move |call| {
+                let (delivered, overlaps, in_flight, calls) = (
+                    delivered.clone(),
+                    overlaps.clone(),
+                    in_flight.clone(),
+                    calls.clone(),
+                );
+                async move {
+                    let envelope = call.json();
+                    let key = (
+                        envelope["event"]["object_id"].as_i64().unwrap(),
+                        envelope["data"]["seq"].as_i64().unwrap(),
+                    );
+                    let sidecar = call.header("x-sidecar").unwrap_or("?").to_owned();
+                    {
+                        let mut in_flight = in_flight.lock().unwrap();
+                        let n = in_flight.entry(key.0).or_insert(0);
+                        *n += 1;
+                        if *n > 1 {
+                            overlaps.lock().unwrap().push(format!(
+                                "entity {}: seq {} called (by {sidecar}) while another \
+                                 call of the entity was in flight",
+                                key.0, key.1
+                            ));
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    *in_flight.lock().unwrap().get_mut(&key.0).unwrap() -= 1;
+                    if calls.fetch_add(1, Ordering::SeqCst) % 20 == 19 {
+                        return reply(500, "try again");
+                    }
+                    delivered.lock().unwrap().push(Delivered {
+                        key,
+                        sidecar,
+                        message: call.header("webhook-id").unwrap_or_default().to_owned(),
+                    });
+                    reply(200, "")
+                }
+            })
+            .await
+        };
+        Self {
+            server,
+            delivered,
+            overlaps,
+        }
+    }
+
+    fn url(&self) -> String {
+        self.server.url("/hook")
+    }
+
+    fn delivered(&self) -> Vec<Delivered> {
+        self.delivered.lock().unwrap().clone()
+    }
+
+    /// Waits until every key in `acked` was delivered; whether it was within [`DRAIN`].
+    async fn wait_for(&self, acked: &[Key]) -> bool {
+        eventually(DRAIN, || {
+            let got: HashSet<Key> = self.delivered().iter().map(|d| d.key).collect();
+            acked.iter().all(|k| got.contains(k))
+        })
+        .await
+    }
+}
+
+/// What the billing side of the load saw.
+#[derive(Debug, Default)]
+struct Billing {
+    /// Events answered 200.
+    acked: Vec<Key>,
+    /// 503s, and how many of them lacked `Retry-After`.
+    unavailable: usize,
+    without_retry_after: usize,
+    /// Connections refused or broken (a sidecar killed).
+    unreachable: usize,
+    /// Any other answer: status and body.
+    unexpected: Vec<String>,
+    /// 200s per sidecar URL.
+    acked_by: HashMap<String, usize>,
+}
+
+/// Sends events for `entities` (one task each, each entity's in order, round-robin over
+/// `urls`) until `stop`; each event until it is answered 200 (the same bytes again, to the
+/// next sidecar, after anything else) or [`GIVE_UP`]. `progress` counts the 200s.
+async fn load(
+    urls: Vec<String>,
+    entities: std::ops::RangeInclusive<i64>,
+    stop: Arc<AtomicBool>,
+    progress: Arc<AtomicUsize>,
+) -> Billing {
+    let billing = Arc::new(Mutex::new(Billing::default()));
+    let mut tasks = Vec::new();
+    for entity in entities {
+        let (urls, stop, progress, billing) = (
+            urls.clone(),
+            stop.clone(),
+            progress.clone(),
+            billing.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let http = http_client();
+            let mut turn = usize::try_from(entity).unwrap();
+            for seq in 1.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let body = envelope("clients.update", entity, json!({"seq": seq})).to_string();
+                let until = Instant::now() + GIVE_UP;
+                while Instant::now() < until {
+                    turn += 1;
+                    let url = &urls[turn % urls.len()];
+                    let sent = http
+                        .post(url)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .timeout(Duration::from_secs(20))
+                        .send()
+                        .await;
+                    let acked = {
+                        let mut billing = billing.lock().unwrap();
+                        match sent {
+                            Ok(r) if r.status() == 200 => {
+                                billing.acked.push((entity, seq));
+                                *billing.acked_by.entry(url.clone()).or_default() += 1;
+                                progress.fetch_add(1, Ordering::SeqCst);
+                                true
+                            }
+                            Ok(r) if r.status() == 503 => {
+                                billing.unavailable += 1;
+                                if r.headers().get("retry-after").is_none() {
+                                    billing.without_retry_after += 1;
+                                }
+                                false
+                            }
+                            Ok(r) => {
+                                billing
+                                    .unexpected
+                                    .push(format!("{url}: {} for {body}", r.status()));
+                                false
+                            }
+                            Err(_) => {
+                                billing.unreachable += 1;
+                                false
+                            }
+                        }
+                    };
+                    if acked {
+                        break;
+                    }
+                    // The billing's retry, a little later (not a storm of 503s).
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    Arc::try_unwrap(billing).unwrap().into_inner().unwrap()
+}
+
+/// Checks what arrived against what was acknowledged: nothing acknowledged lost, per
+/// entity the first deliveries in sequence order (a repeat, at least once, is allowed),
+/// no event delivered as two different deliveries (two `webhook-id`s: a dedupe miss), no
+/// two calls of one entity at once.
+fn check_deliveries(acked: &[Key], recorder: &Recorder) {
+    let delivered = recorder.delivered();
+    let mut first: HashSet<Key> = HashSet::new();
+    let mut last: HashMap<i64, i64> = HashMap::new();
+    let mut disorder = Vec::new();
+    let mut messages: HashMap<Key, HashSet<String>> = HashMap::new();
+    for d in &delivered {
+        messages.entry(d.key).or_default().insert(d.message.clone());
+        if !first.insert(d.key) {
+            continue;
+        }
+        let previous = last.entry(d.key.0).or_insert(0);
+        if d.key.1 < *previous {
+            disorder.push(format!(
+                "entity {}: seq {} first delivered (by {}) after seq {}",
+                d.key.0, d.key.1, d.sidecar, previous
+            ));
+        }
+        *previous = (*previous).max(d.key.1);
+    }
+    let lost: Vec<&Key> = acked.iter().filter(|k| !first.contains(k)).collect();
+    let doubled: Vec<(&Key, &HashSet<String>)> =
+        messages.iter().filter(|(_, ids)| ids.len() > 1).collect();
+    let repeats = delivered.len() - first.len();
+    println!(
+        "acknowledged {}, delivered {} ({} repeats), lost {}, order violations {}, \
+         doubled {}",
+        acked.len(),
+        first.len(),
+        repeats,
+        lost.len(),
+        disorder.len(),
+        doubled.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "acknowledged and never delivered: {:?}",
+        &lost[..lost.len().min(20)]
+    );
+    assert!(
+        disorder.is_empty(),
+        "per-entity order violated: {:?}",
+        &disorder[..disorder.len().min(20)]
+    );
+    assert!(
+        doubled.is_empty(),
+        "one event delivered as two deliveries: {:?}",
+        &doubled[..doubled.len().min(20)]
+    );
+    let overlaps = recorder.overlaps.lock().unwrap().clone();
+    assert!(
+        overlaps.is_empty(),
+        "two deliveries of one lane in flight at once: {:?}",
+        &overlaps[..overlaps.len().min(20)]
+    );
+}
+
+/// The number of dead letters, as a sidecar reports them (the shared data).
+async fn dead_letters(sidecar: &Sidecar) -> serde_json::Value {
+    let (status, letters) = sidecar.get("/v1/deadletters").await;
+    assert_eq!(status, 200, "{letters}");
+    letters["count"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_sidecars_share_the_work_and_a_kill_9_of_one_loses_nothing() {
+    if !pg::installed() {
+        return;
+    }
+    let server = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+    let url = server.create_database("billing");
+    let recorder = Recorder::start().await;
+    let mut sidecars: Vec<Option<Sidecar>> =
+        start_sidecars(&url, &recorder.url(), &["a", "b", "c"])
+            .await
+            .into_iter()
+            .map(Some)
+            .collect();
+    let urls: Vec<String> = sidecars
+        .iter()
+        .map(|s| s.as_ref().unwrap().url("/events"))
+        .collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicUsize::new(0));
+    let billing = tokio::spawn(load(urls.clone(), 1..=24, stop.clone(), progress.clone()));
+    let warmed = eventually(Duration::from_secs(60), || {
+        progress.load(Ordering::SeqCst) >= 300
+    })
+    .await;
+    assert!(warmed, "only {} accepted", progress.load(Ordering::SeqCst));
+    // Every sidecar is delivering by now (a lane per entity, 24 entities, 4 at a time
+    // on each): kill one mid-delivery.
+    let killed = sidecars[1].take().unwrap();
+    let by_killed_before = recorder
+        .delivered()
+        .iter()
+        .filter(|d| d.sidecar == "b")
+        .count();
+    let _ = killed.kill_9();
+    let killed_at = progress.load(Ordering::SeqCst);
+    // The load goes on on the other two, past the lease (the killed one's lanes wait
+    // for it), then stops.
+    let more = eventually(Duration::from_secs(60), || {
+        progress.load(Ordering::SeqCst) >= killed_at + 300
+    })
+    .await;
+    tokio::time::sleep(LEASE).await;
+    stop.store(true, Ordering::SeqCst);
+    let billing = billing.await.unwrap();
+    assert!(more, "the load stalled after the kill: {billing:?}");
+    assert!(billing.unexpected.is_empty(), "{:?}", billing.unexpected);
+    assert_eq!(billing.without_retry_after, 0, "a 503 without Retry-After");
+    for url in &urls {
+        assert!(
+            billing.acked_by.get(url).copied().unwrap_or(0) > 0,
+            "{url} acknowledged nothing: {:?}",
+            billing.acked_by
+        );
+    }
+
+    let arrived = recorder.wait_for(&billing.acked).await;
+    let delivered = recorder.delivered();
+    let by: HashMap<&str, usize> = delivered.iter().fold(HashMap::new(), |mut m, d| {
+        *m.entry(d.sidecar.as_str()).or_default() += 1;
+        m
+    });
+    println!("deliveries by sidecar: {by:?} (b, killed, had made {by_killed_before})");
+    println!("all acknowledged arrived: {arrived}");
+    check_deliveries(&billing.acked, &recorder);
+    for name in ["a", "b", "c"] {
+        assert!(
+            by.get(name).copied().unwrap_or(0) > 0,
+            "sidecar {name} delivered nothing: {by:?}"
+        );
+    }
+    // The two left saw it all: the queue is empty, nothing dead-lettered.
+    let survivor = sidecars[0].as_ref().unwrap();
+    assert_eq!(dead_letters(survivor).await, 0);
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = survivor.metrics_text().await;
+        let depth = metric(&text, "provisiond_after_queue_depth{handler=\"crm\"}");
+        if depth == Some(0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the queue never drained: {depth:?}\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(sidecars);
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_identical_envelope_sent_to_two_sidecars_is_delivered_once() {
+    if !pg::installed() {
+        return;
+    }
+    let server = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+    let url = server.create_database("billing");
+    let handler = HandlerServer::fixed(200, "").await;
+    let sidecars = start_sidecars(&url, &handler.url("/hook"), &["a", "b"]).await;
+    let (a, b) = (&sidecars[0], &sidecars[1]);
+
+    // One after the other.
+    let same = envelope("clients.update", 7, json!({"name": "x"})).to_string();
+    let (status, body) = a.post(same.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = b.post(same.clone()).await;
+    assert_eq!(status, 200, "a duplicate still gets its 200: {body}");
+    // At the same moment, to both.
+    let twin = envelope("clients.update", 8, json!({"name": "twin"})).to_string();
+    let (first, second) = tokio::join!(a.post(twin.clone()), b.post(twin.clone()));
+    assert_eq!((first.0, second.0), (200, 200), "{first:?} {second:?}");
+    // The next event of each entity: were a duplicate queued, it would arrive first.
+    a.send("clients.update", 7, json!({"name": "after"})).await;
+    b.send("clients.update", 8, json!({"name": "after"})).await;
+    let done = eventually(Duration::from_secs(20), || {
+        handler
+            .calls()
+            .iter()
+            .filter(|c| c.json()["data"]["name"] == "after")
+            .count()
+            == 2
+    })
+    .await;
+    // A moment more, for a late duplicate from the other sidecar.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let names: Vec<(i64, String)> = handler
+        .calls()
+        .iter()
+        .map(|c| {
+            let v = c.json();
+            (
+                v["event"]["object_id"].as_i64().unwrap(),
+                v["data"]["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(done, "{names:?}");
+    let count = |name: &str| names.iter().filter(|(_, n)| n == name).count();
+    assert_eq!(count("x"), 1, "sent to a then b: {names:?}");
+    assert_eq!(count("twin"), 1, "sent to both at once: {names:?}");
+    // Both sidecars' admin APIs see the one execution of each.
+    for sidecar in [a, b] {
+        let (status, body) = sidecar.get("/v1/executions").await;
+        assert_eq!(status, 200, "{body}");
+        let text = body.to_string();
+        assert!(text.contains("crm"), "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failover_to_the_sync_standby_loses_nothing_acknowledged() {
+    if !pg::installed() {
+        return;
+    }
+    let (mut primary, standby) =
+        tokio::task::spawn_blocking(PgServer::start_primary_with_sync_standby)
+            .await
+            .unwrap();
+    primary.create_database("billing");
+    let url = pg::multi_host_url(&[&primary, &standby], "billing");
+    let recorder = Recorder::start().await;
+    let sidecars = start_sidecars(&url, &recorder.url(), &["a", "b"]).await;
+    for s in &sidecars {
+        assert!(wait_ready(s, 200, Duration::from_secs(30)).await);
+    }
+    let urls: Vec<String> = sidecars.iter().map(|s| s.url("/events")).collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicUsize::new(0));
+    let billing = tokio::spawn(load(urls, 1..=16, stop.clone(), progress.clone()));
+    let warmed = eventually(Duration::from_secs(60), || {
+        progress.load(Ordering::SeqCst) >= 200
+    })
+    .await;
+    assert!(warmed, "only {} accepted", progress.load(Ordering::SeqCst));
+
+    // The primary's machine is lost, mid-load; a while with no primary at all (the
+    // billing gets 503s), then the standby is promoted.
+    tokio::task::block_in_place(|| primary.kill_9());
+    let at_kill = progress.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = progress.load(Ordering::SeqCst) - at_kill;
+    tokio::task::block_in_place(|| standby.promote());
+    let promoted = Instant::now();
+    // The sidecars find the new primary by themselves.
+    for s in &sidecars {
+        assert!(
+            wait_ready(s, 200, Duration::from_secs(30)).await,
+            "not ready again 30 s after the promotion; logs:\n{}",
+            s.logs().join("\n")
+        );
+    }
+    let back = eventually(Duration::from_secs(60), || {
+        progress.load(Ordering::SeqCst) >= at_kill + during + 200
+    })
+    .await;
+    println!(
+        "{during} accepted while no primary was up; ready again {:?} after the promotion",
+        promoted.elapsed()
+    );
+    stop.store(true, Ordering::SeqCst);
+    let billing = tokio::time::timeout(GIVE_UP * 2, billing)
+        .await
+        .expect("the load ends")
+        .unwrap();
+    println!(
+        "billing: {} acknowledged, {} 503s, {} unreachable",
+        billing.acked.len(),
+        billing.unavailable,
+        billing.unreachable
+    );
+    assert!(back, "the load did not recover: {billing:?}");
+    assert!(billing.unexpected.is_empty(), "{:?}", billing.unexpected);
+    assert!(billing.unavailable > 0, "no 503 while there was no primary");
+    assert_eq!(billing.without_retry_after, 0, "a 503 without Retry-After");
+    assert_eq!(billing.unreachable, 0, "a sidecar stopped answering");
+
+    let arrived = recorder.wait_for(&billing.acked).await;
+    println!("all acknowledged arrived: {arrived}");
+    check_deliveries(&billing.acked, &recorder);
+    assert_eq!(dead_letters(&sidecars[0]).await, 0);
+    drop(sidecars);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_unreachable_at_start_and_mid_run_is_503_then_recovers_without_a_restart() {
+    if !pg::installed() {
+        return;
+    }
+    let mut server = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+    server.create_database("billing");
+    // A password in the URL (trust auth ignores it): it must never show.
+    let password = "pw-never-shown-4711";
+    let url = format!(
+        "postgres://postgres:{password}@127.0.0.1:{}/billing",
+        server.port
+    );
+    tokio::task::block_in_place(|| server.stop());
+
+    let recorder = Recorder::start().await;
+    let sidecar = tokio::task::spawn_blocking({
+        let config = config(&url, &recorder.url(), "a");
+        move || Sidecar::start(&config)
+    })
+    .await
+    .expect("the sidecar starts with its database down");
+    // Down at start: not ready, events refused with Retry-After.
+    assert!(
+        wait_ready(&sidecar, 503, Duration::from_secs(10)).await,
+        "ready with no database"
+    );
+    let first = envelope("clients.update", 1, json!({"seq": 1})).to_string();
+    let refused = sidecar
+        .client()
+        .post(sidecar.url("/events"))
+        .body(first.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let text = refused.text().await.unwrap();
+    assert!(!text.is_empty(), "a 503 says why");
+    assert!(!text.contains(password), "{text}");
+
+    // Back: ready and accepting, with no restart of the sidecar.
+    tokio::task::block_in_place(|| server.restart());
+    assert!(
+        wait_ready(&sidecar, 200, Duration::from_secs(30)).await,
+        "not ready 30 s after the database came back; logs:\n{}",
+        sidecar.logs().join("\n")
+    );
+    let (status, body) = sidecar.post(first).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Down mid-run, with the load on: 503s (never a 200 that is lost), not ready.
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicUsize::new(0));
+    let billing = tokio::spawn(load(
+        vec![sidecar.url("/events")],
+        2..=9,
+        stop.clone(),
+        progress.clone(),
+    ));
+    assert!(
+        eventually(Duration::from_secs(30), || progress.load(Ordering::SeqCst)
+            >= 50)
+        .await
+    );
+    tokio::task::block_in_place(|| server.stop());
+    assert!(
+        wait_ready(&sidecar, 503, Duration::from_secs(15)).await,
+        "still ready with the database down"
+    );
+    let at_stop = progress.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, _) = sidecar.send("clients.update", 100, json!({"seq": 1})).await;
+    assert_eq!(status, 503, "an event accepted with the database down");
+    let during = progress.load(Ordering::SeqCst) - at_stop;
+    tokio::task::block_in_place(|| server.restart());
+    assert!(
+        wait_ready(&sidecar, 200, Duration::from_secs(30)).await,
+        "not ready 30 s after the database came back; logs:\n{}",
+        sidecar.logs().join("\n")
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            progress.load(Ordering::SeqCst) >= at_stop + during + 50
+        })
+        .await,
+        "the load did not recover"
+    );
+    stop.store(true, Ordering::SeqCst);
+    let billing = billing.await.unwrap();
+    assert!(billing.unexpected.is_empty(), "{:?}", billing.unexpected);
+    assert_eq!(billing.without_retry_after, 0, "a 503 without Retry-After");
+    assert!(billing.unavailable > 0);
+    let mut acked = billing.acked.clone();
+    acked.push((1, 1));
+    recorder.wait_for(&acked).await;
+    check_deliveries(&acked, &recorder);
+
+    // Clear errors in the log, and no password in it, nor in the config the API shows.
+    let logs = sidecar.logs().join("\n");
+    assert!(!logs.contains(password), "the password is in the logs");
+    let records = sidecar.log_records();
+    assert!(
+        records.iter().any(|r| {
+            let level = r["level"].as_str().unwrap_or_default();
+            (level == "WARN" || level == "ERROR")
+                && r.to_string().to_lowercase().contains("postgres")
+        }),
+        "no warning or error naming PostgreSQL in the logs:\n{logs}"
+    );
+    let live = sidecar.live_config().await.to_string();
+    assert!(!live.contains(password), "{live}");
+}
