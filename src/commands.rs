@@ -191,7 +191,7 @@ pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
         }
     };
     let handlers = config.handlers.len();
-    let store = match Store::open(&config.store.path) {
+    let store = match Store::open(&config.store).await {
         Ok(store) => store,
         Err(e) => {
             error!(error = %e, "not started");

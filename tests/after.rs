@@ -888,38 +888,25 @@ async fn a_reload_that_removes_a_handler_dead_letters_its_queue_and_disabling_on
         after_handler("crm", &down, &format!("{FAST}\nenabled = false"))
     );
     sidecar.publish(&disabled, 2);
-    assert!(
-        eventually(Duration::from_secs(5), || store
-            .dead_letters(None, 10)
-            .unwrap()
-            .len()
-            >= 3)
-        .await
-    );
-    let letters = store.dead_letters(None, 10).unwrap();
+    assert!(dead_letters_reach(&store, 3).await);
+    let letters = store.dead_letters(None, 10).await.unwrap();
     assert_eq!(letters.len(), 3, "{letters:?}");
     for letter in &letters {
         assert_eq!(letter.delivery.handler, "crm2");
         assert_eq!(letter.reason, "handler removed by a config reload");
     }
     assert_eq!(
-        store.queue_depth().unwrap(),
+        store.queue_depth().await.unwrap(),
         3,
         "crm's deliveries wait, stored"
     );
 
     // Removed: crm's three go to the dead letters too, with the reason.
     sidecar.publish(SERVER, 3);
-    assert!(
-        eventually(Duration::from_secs(5), || store
-            .dead_letters(None, 10)
-            .unwrap()
-            .len()
-            == 6)
-        .await
-    );
+    assert!(dead_letters_reach(&store, 6).await);
     let crm: Vec<_> = store
         .dead_letters(None, 10)
+        .await
         .unwrap()
         .into_iter()
         .filter(|l| l.delivery.handler == "crm")
@@ -928,10 +915,10 @@ async fn a_reload_that_removes_a_handler_dead_letters_its_queue_and_disabling_on
     for letter in crm {
         assert_eq!(letter.reason, "handler removed by a config reload");
     }
-    assert_eq!(store.queue_depth().unwrap(), 0);
+    assert_eq!(store.queue_depth().await.unwrap(), 0);
 
     // A dead letter of a handler the config lacks cannot be replayed.
-    let id = store.dead_letters(None, 1).unwrap()[0].delivery.id;
+    let id = store.dead_letters(None, 1).await.unwrap()[0].delivery.id;
     let response = http_client()
         .post(format!(
             "http://{}/v1/deadletters/{id}/replay",
@@ -1458,4 +1445,20 @@ async fn a_backlog_of_more_lanes_than_memory_holds_is_delivered_in_order() {
     for (entity, seqs) in by_entity(calls.iter().map(key)) {
         assert_eq!(seqs, vec![0, 1], "entity {entity} out of order");
     }
+}
+
+/// Whether the store comes to hold at least `n` dead letters within 5 s.
+async fn dead_letters_reach(store: &provisiond::store::Store, n: usize) -> bool {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        if store
+            .dead_letters(None, 10)
+            .await
+            .is_ok_and(|l| l.len() >= n)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
 }

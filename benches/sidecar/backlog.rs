@@ -95,7 +95,7 @@ pub async fn run(scale: f64) -> Vec<Row> {
 /// Stores `PER_ENTITY` deliveries for each of `entities`, interleaved as events of many
 /// clients arrive, a thousand per commit.
 async fn write_backlog(path: &std::path::Path, entities: usize) {
-    let store = Store::open(path).unwrap();
+    let store = Store::open_file(path).unwrap();
     let mut batch = Vec::with_capacity(1000);
     for round in 0..PER_ENTITY {
         for entity in 0..entities {

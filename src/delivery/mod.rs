@@ -53,7 +53,7 @@ use crate::config::{Handler, Stage};
 use crate::dispatch::CallRecord;
 use crate::dispatch::Live;
 use crate::handlers::{Call, Caller, new_message_id};
-use crate::store::{Execution, NewDelivery, Queued, Settle, Store, StoreError, now_ms};
+use crate::store::{Execution, NewDelivery, Queued, Release, Settle, Store, StoreError, now_ms};
 use retry::Verdict;
 
 /// The dead-letter reason of a delivery whose handler a reload removed.
@@ -67,6 +67,12 @@ pub const LANES_PER_HANDLER: usize = 1024;
 
 /// Longest wait between two tries of a store operation that failed.
 const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Shared store: how soon free lanes are looked for again after a look that found some,
+/// and at most while none are found.
+const CLAIM_MIN: Duration = Duration::from_millis(50);
+const CLAIM_MAX: Duration = Duration::from_secs(1);
+/// Shared store: how often lanes of handlers no live sidecar has are looked for.
+const ORPHANS_EVERY: Duration = Duration::from_secs(5);
 
 /// One handler and one entity: the unit of ordering.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -110,6 +116,8 @@ pub struct Deliveries {
     caller: Caller,
     /// Handlers whose queue depth `/metrics` has shown, so that an emptied one shows 0.
     reported: Mutex<HashSet<String>>,
+    /// Shared store: an accept stored deliveries, look for free lanes now.
+    wake: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -173,6 +181,7 @@ impl Deliveries {
             store,
             caller,
             reported: Mutex::default(),
+            wake: tokio::sync::Notify::new(),
         })
     }
 
@@ -218,6 +227,9 @@ impl Deliveries {
             .collect();
         let stored = store.enqueue(items, window).await?;
         let queued = stored.iter().flatten().count();
+        if queued > 0 && store.is_shared() {
+            self.wake.notify_one();
+        }
         Ok(Accepted {
             queued,
             duplicates: stored.len() - queued,
@@ -246,7 +258,12 @@ impl Deliveries {
             lanes.depth += 1;
             if let Some(lane) = lanes.lanes.get_mut(&entity) {
                 lane.push(id);
-            } else if resumed && !lanes.spilled && lanes.lanes.len() < LANES_PER_HANDLER {
+            } else if resumed
+                && (self.store.is_shared()
+                    || (!lanes.spilled && lanes.lanes.len() < LANES_PER_HANDLER))
+            {
+                // A shared store's lanes come in by claims, each bounded by the room
+                // left, and are held: none may be left out.
                 lanes.lanes.insert(entity.clone(), LaneQueue::new(vec![id]));
                 self.start_lane(Lane { handler, entity });
             } else {
@@ -260,8 +277,15 @@ impl Deliveries {
             .spawn_on(run_lane(self.clone(), lane), &self.runtime);
     }
 
-    /// Picks up what the store holds from before this start; how many deliveries.
+    /// Picks up what the store holds from before this start; how many deliveries. A
+    /// shared store's lanes are claimed from now on, as they come free.
     pub fn resume(self: &Arc<Self>) -> Result<u64, StoreError> {
+        if self.store.is_shared() {
+            self.state.lock().expect("not poisoned").resumed = true;
+            self.tasks
+                .spawn_on(claim_lanes(self.clone()), &self.runtime);
+            return Ok(0);
+        }
         let n = self.refill(None)?;
         self.refill_again();
         Ok(n)
@@ -493,6 +517,53 @@ impl Deliveries {
         }
     }
 
+    /// Lanes `handler` may still take into memory.
+    fn room(&self, handler: &str) -> usize {
+        let state = self.state.lock().expect("not poisoned");
+        let used = state.handlers.get(handler).map_or(0, |l| l.lanes.len());
+        LANES_PER_HANDLER.saturating_sub(used)
+    }
+
+    /// Shared store: the lane came back with more deliveries after it left memory.
+    /// Whether this task goes on with it (else a lane in memory already has them).
+    fn take_back(self: &Arc<Self>, lane: &Lane, more: Vec<Queued>) -> bool {
+        let mut state = self.state.lock().expect("not poisoned");
+        let lanes = state.handlers.entry(lane.handler.clone()).or_default();
+        let ids = more.into_iter().map(|q| q.id);
+        match lanes.lanes.get_mut(&lane.entity) {
+            Some(queue) => {
+                ids.for_each(|id| queue.push(id));
+                false
+            }
+            None => {
+                lanes
+                    .lanes
+                    .insert(lane.entity.clone(), LaneQueue::new(ids.collect()));
+                true
+            }
+        }
+    }
+
+    /// Shared store: the lane is no longer this sidecar's (its lease ran out, or it was
+    /// given up): it leaves memory, its task stops, and it is given back if still held.
+    fn lost(self: &Arc<Self>, lane: &Lane) {
+        {
+            let mut state = self.state.lock().expect("not poisoned");
+            if let Some(lanes) = state.handlers.get_mut(&lane.handler) {
+                lanes.lanes.remove(&lane.entity);
+            }
+        }
+        let (this, lane) = (self.clone(), lane.clone());
+        self.tasks.spawn_on(
+            async move {
+                if let Err(e) = this.store.abandon((&lane.handler, &lane.entity)).await {
+                    debug!(error = %e, "cannot give a lane back; its lease runs out");
+                }
+            },
+            &self.runtime,
+        );
+    }
+
     /// Lanes in memory right now.
     pub fn active_lanes(&self) -> usize {
         let state = self.state.lock().expect("not poisoned");
@@ -530,15 +601,22 @@ impl Deliveries {
     /// Sets the after-stage gauges of `/metrics`: queue depth per handler (every
     /// after-stage handler of `config`, and any other with deliveries waiting; 0 for one
     /// that had some before), the oldest waiting delivery's age, the dead letters.
-    pub fn report_metrics(&self, config: &crate::config::Config) {
+    pub async fn report_metrics(&self, config: &crate::config::Config) {
         let store = &self.store;
-        let mut depths = self.depths();
+        let mut depths = match store.queue_depths().await {
+            Ok(Some(shared)) => shared.into_iter().collect(),
+            Ok(None) => self.depths(),
+            Err(e) => {
+                warn!(error = %e, "cannot read the queue for metrics");
+                self.depths()
+            }
+        };
         for h in config.handlers.iter().filter(|h| h.stage == Stage::After) {
             depths.entry(h.name.clone()).or_default();
         }
         let mut ages: HashMap<String, Duration> = HashMap::new();
         for (handler, id) in self.oldest_ids() {
-            if let Ok(Some(d)) = store.delivery(id) {
+            if let Ok(Some(d)) = store.delivery(id).await {
                 let age = Duration::from_millis(now_ms().saturating_sub(d.enqueued_at));
                 ages.insert(handler, age);
             }
@@ -559,14 +637,14 @@ impl Deliveries {
         }
         crate::metrics::store_writable(store.is_open());
         crate::metrics::lanes_in_memory(self.active_lanes());
-        match store.oldest_enqueued() {
+        match store.oldest_enqueued().await {
             Ok(oldest) => {
                 let age = oldest.map_or(0, |at| now_ms().saturating_sub(at));
                 crate::metrics::queue_oldest(Duration::from_millis(age));
             }
             Err(e) => warn!(error = %e, "cannot read the queue for metrics"),
         }
-        match store.dead_letter_count() {
+        match store.dead_letter_count().await {
             Ok(n) => crate::metrics::dead_letters(n),
             Err(e) => warn!(error = %e, "cannot count the dead letters for metrics"),
         }
@@ -583,9 +661,110 @@ impl Deliveries {
 }
 
 async fn run_lane(this: Arc<Deliveries>, lane: Lane) {
-    while let Some(id) = this.next(&lane) {
-        if !deliver(&this, &lane, id).await {
+    let mut last = 0;
+    loop {
+        while let Some(id) = this.next(&lane) {
+            last = id;
+            if !deliver(&this, &lane, id).await {
+                return;
+            }
+        }
+        // The lane has left memory. A shared store's stays held until it is freed; what
+        // other sidecars queued behind it meanwhile comes back here.
+        if !this.store.is_shared() {
             return;
+        }
+        let Some(more) = release(&this, &lane, last).await else {
+            return;
+        };
+        if !this.take_back(&lane, more) {
+            return;
+        }
+    }
+}
+
+/// Shared store: frees `lane` once its deliveries up to `last` are settled, trying again
+/// while the store fails; what was queued behind them, still held, or `None`.
+async fn release(this: &Deliveries, lane: &Lane, last: u64) -> Option<Vec<Queued>> {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match this
+            .store
+            .release((&lane.handler, &lane.entity), last)
+            .await
+        {
+            Ok(Release::More(more)) => return Some(more),
+            Ok(Release::Free | Release::Lost) => return None,
+            Err(e) => {
+                warn!(handler = %lane.handler, entity = %lane.entity, error = %e, "cannot free a lane, trying again");
+                if !store_backoff(&this.stop, &mut wait).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Shared store: looks for free lanes (none held, or their lease run out) of this
+/// sidecar's handlers, as room allows, and starts them; at once after an accept, else
+/// with a backoff while none are found. Also tells the other sidecars which handlers
+/// this one has, and now and then takes lanes of handlers that no live sidecar has, so
+/// that they are dead-lettered as a removed handler's are.
+async fn claim_lanes(this: Arc<Deliveries>) {
+    let mut idle = CLAIM_MIN;
+    let mut announced: Option<Vec<String>> = None;
+    let mut orphans_at = Instant::now();
+    loop {
+        let (all, enabled) = {
+            let snapshot = this.live.load();
+            let after = snapshot
+                .config
+                .handlers
+                .iter()
+                .filter(|h| h.stage == Stage::After);
+            let all: Vec<String> = after.clone().map(|h| h.name.clone()).collect();
+            let enabled: Vec<String> = after
+                .filter(|h| h.enabled)
+                .map(|h| h.name.clone())
+                .collect();
+            (all, enabled)
+        };
+        if announced.as_ref() != Some(&all) {
+            this.store.set_handlers(all.clone());
+            if this.store.announce().await.is_ok() {
+                announced = Some(all.clone());
+            }
+        }
+        let mut found = 0;
+        let mut wanted = enabled;
+        if orphans_at.elapsed() >= ORPHANS_EVERY {
+            orphans_at = Instant::now();
+            match this.store.orphans().await {
+                Ok(orphans) => wanted.extend(orphans.into_iter().filter(|h| !all.contains(h))),
+                Err(e) => debug!(error = %e, "cannot look for orphaned lanes"),
+            }
+        }
+        for handler in wanted {
+            let room = this.room(&handler);
+            match this.store.claim(&handler, room).await {
+                Ok(queued) if !queued.is_empty() => {
+                    found += queued.len();
+                    this.intake(queued);
+                }
+                Ok(_) => {}
+                Err(e) => debug!(handler = %handler, error = %e, "cannot claim lanes"),
+            }
+        }
+        idle = if found > 0 {
+            CLAIM_MIN
+        } else {
+            (idle * 2).min(CLAIM_MAX)
+        };
+        tokio::select! {
+            biased;
+            () = this.stop.cancelled() => return,
+            () = this.wake.notified() => {}
+            () = tokio::time::sleep(idle) => {}
         }
     }
 }
@@ -604,10 +783,13 @@ async fn store_backoff(stop: &CancellationToken, wait: &mut Duration) -> bool {
 
 /// Reads delivery `id`, trying again while the store fails; `Ok(None)` when it is not
 /// stored (settled already), `Err(())` when provisiond stops.
-async fn read_delivery(this: &Deliveries, id: u64) -> Result<Option<crate::store::Delivery>, ()> {
+async fn read_delivery(
+    this: &Arc<Deliveries>,
+    id: u64,
+) -> Result<Option<crate::store::Delivery>, ()> {
     let mut wait = Duration::from_millis(100);
     loop {
-        match this.store.delivery(id) {
+        match this.store.delivery(id).await {
             Ok(found) => return Ok(found),
             Err(e) => {
                 warn!(delivery = id, error = %e, "cannot read a delivery, trying again");
@@ -620,7 +802,7 @@ async fn read_delivery(this: &Deliveries, id: u64) -> Result<Option<crate::store
 }
 
 /// Works on delivery `id` until it is settled (true) or provisiond stops (false).
-async fn deliver(this: &Deliveries, lane: &Lane, id: u64) -> bool {
+async fn deliver(this: &Arc<Deliveries>, lane: &Lane, id: u64) -> bool {
     let mut generations = this.live.subscribe();
     let mut delivery = match read_delivery(this, id).await {
         Ok(Some(d)) => d,
@@ -664,7 +846,7 @@ enum Turn {
 /// retry time, or a reload while the handler is disabled. A removed handler
 /// dead-letters it.
 async fn turn(
-    this: &Deliveries,
+    this: &Arc<Deliveries>,
     lane: &Lane,
     id: u64,
     delivery: &crate::store::Delivery,
@@ -677,6 +859,25 @@ async fn turn(
     let handler = match find(&this.live, &delivery.handler) {
         Found::Ready(h) => h,
         Found::Dead(reason) => {
+            // Shared store: another live sidecar that still has the handler takes it.
+            if this.store.is_shared() {
+                match this.store.handler_elsewhere(&lane.handler).await {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        info!(handler = %lane.handler, entity = %lane.entity, "handler not in this config but in another sidecar's: lane left to it");
+                        this.lost(lane);
+                        return Turn::Done(false);
+                    }
+                    Err(e) => {
+                        warn!(handler = %lane.handler, error = %e, "cannot ask which sidecars have the handler, trying again");
+                        return tokio::select! {
+                            biased;
+                            () = stop.cancelled() => Turn::Done(false),
+                            () = tokio::time::sleep(Duration::from_secs(1)) => Turn::Again,
+                        };
+                    }
+                }
+            }
             warn!(handler = %lane.handler, entity = %lane.entity, delivery = id, reason, "delivery dead-lettered");
             let settle = Settle::Dead {
                 attempts: delivery.attempts,
@@ -710,7 +911,7 @@ async fn turn(
 /// Makes one attempt of delivery `id` in one of the handler's slots, and says how to
 /// settle it, with its execution log row. `Err` as in [`Turn::Done`].
 async fn attempt(
-    this: &Deliveries,
+    this: &Arc<Deliveries>,
     lane: &Lane,
     id: u64,
     handler: &Handler,
@@ -721,6 +922,13 @@ async fn attempt(
         () = this.stop.cancelled() => return Err(false),
         slot = handler.slots.clone().acquire_owned() => slot.expect("handler slots are never closed"),
     };
+    // Shared store: only while the lane's lease is surely still ours, so that a sidecar
+    // cut off from the database does not deliver what another has taken over.
+    if !this.store.holds((&lane.handler, &lane.entity)) {
+        warn!(handler = %lane.handler, entity = %lane.entity, delivery = id, "lane's lease not renewed in time, left to other sidecars");
+        this.lost(lane);
+        return Err(false);
+    }
     let body = match read_delivery(this, id).await {
         Ok(Some(d)) => d.body,
         Ok(None) => return Err(true),
@@ -829,7 +1037,7 @@ fn settlement(
 /// stored state is then older than the truth, which at worst repeats an attempt after a
 /// restart (deliveries are at least once).
 async fn record(
-    this: &Deliveries,
+    this: &Arc<Deliveries>,
     lane: &Lane,
     id: u64,
     settle: Settle,
@@ -838,12 +1046,26 @@ async fn record(
     let gone = !matches!(settle, Settle::Retry { .. });
     let mut wait = Duration::from_millis(100);
     loop {
-        match this.store.settle(id, settle.clone(), row.clone()).await {
+        match this
+            .store
+            .settle(
+                id,
+                (&lane.handler, &lane.entity),
+                settle.clone(),
+                row.clone(),
+            )
+            .await
+        {
             Ok(()) => {
                 if gone {
                     this.settled(&lane.handler);
                 }
                 return true;
+            }
+            Err(StoreError::Lost) => {
+                warn!(handler = %lane.handler, entity = %lane.entity, delivery = id, "lane taken over by another sidecar; this attempt is not recorded");
+                this.lost(lane);
+                return false;
             }
             Err(e) => {
                 error!(delivery = id, error = %e, "cannot record a delivery attempt, trying again");

@@ -19,7 +19,7 @@ pub async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body>
         (_, "/healthz") => reply::method_not_allowed("GET"),
         (&Method::GET, "/readyz") => ready(app),
         (_, "/readyz") => reply::method_not_allowed("GET"),
-        (&Method::GET, "/metrics") => metrics(app),
+        (&Method::GET, "/metrics") => metrics(app).await,
         (_, "/metrics") => reply::method_not_allowed("GET"),
         (&Method::GET, "/v1/config") => config_api::config(app),
         (_, "/v1/config") => reply::method_not_allowed("GET"),
@@ -38,8 +38,8 @@ pub async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body>
 }
 
 /// `GET /metrics`: the Prometheus text format.
-fn metrics(app: &App) -> Response<Body> {
-    app.deliveries.report_metrics(&app.live.load().config);
+async fn metrics(app: &App) -> Response<Body> {
+    app.deliveries.report_metrics(&app.live.load().config).await;
     crate::metrics::restart_needed(app.reloader.status().restart_needed.len());
     app.metrics.run_upkeep();
     let mut response = Response::new(super::full(app.metrics.render()));

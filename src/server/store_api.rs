@@ -63,9 +63,7 @@ pub async fn executions(app: &Arc<App>, uri: &Uri) -> Response<Body> {
             }
         }
     }
-    let store = app.store.clone();
-    let rows = tokio::task::spawn_blocking(move || store.executions(&filter)).await;
-    match rows.expect("the read does not panic") {
+    match app.store.executions(filter).await {
         Ok(rows) => {
             let rows: Vec<_> = rows.iter().map(|r| r.to_json()).collect();
             reply::json(
@@ -129,10 +127,7 @@ async fn list(app: &Arc<App>, uri: &Uri) -> Response<Body> {
             }
         }
     }
-    let store = app.store.clone();
-    let letters =
-        tokio::task::spawn_blocking(move || store.dead_letters(handler.as_deref(), limit)).await;
-    match letters.expect("the read does not panic") {
+    match app.store.dead_letters(handler, limit).await {
         Ok(letters) => {
             let letters: Vec<_> = letters.iter().map(|l| l.to_json()).collect();
             reply::json(
@@ -145,7 +140,7 @@ async fn list(app: &Arc<App>, uri: &Uri) -> Response<Body> {
 }
 
 async fn show(app: &Arc<App>, id: u64) -> Response<Body> {
-    match app.store.dead_letter(id) {
+    match app.store.dead_letter(id).await {
         Ok(Some(letter)) => reply::json(StatusCode::OK, &letter.to_json()),
         Ok(None) => unknown(id),
         Err(e) => store_error(&e),
@@ -153,7 +148,7 @@ async fn show(app: &Arc<App>, id: u64) -> Response<Body> {
 }
 
 async fn replay(app: &Arc<App>, id: u64) -> Response<Body> {
-    let letter = match app.store.dead_letter(id) {
+    let letter = match app.store.dead_letter(id).await {
         Ok(Some(letter)) => letter,
         Ok(None) => return unknown(id),
         Err(e) => return store_error(&e),

@@ -347,6 +347,36 @@ impl ExecutionFilter {
     }
 }
 
+/// How a delivery attempt ended, as the store records it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settle {
+    /// Delivered: the delivery leaves the queue.
+    Delivered,
+    /// Failed, to be tried again at `next_at` (unix ms).
+    Retry {
+        attempts: u32,
+        next_at: u64,
+        error: String,
+    },
+    /// Given up: the delivery moves to the dead letters.
+    Dead {
+        attempts: u32,
+        reason: String,
+        error: Option<String>,
+    },
+}
+
+/// What the execution log and the dedupe table keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub keep_age: Duration,
+    pub keep_rows: u64,
+    pub dedupe_window: Duration,
+}
+
+/// Told of the deliveries each commit stored, in id order.
+pub type Sink = Box<dyn Fn(Vec<Queued>) + Send + Sync>;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,3 +1,4 @@
+use super::File as Store;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -831,7 +832,8 @@ async fn pruning_goes_on_while_a_prune_comes_back_full() {
     assert!(wrote.await, "all rows written");
     let stop = tokio_util::sync::CancellationToken::new();
     let keep = retention(100, 3600 * 24 * 365 * 100);
-    let pruned = store.prune_all(keep, &stop).await.unwrap();
+    let handle = crate::store::Store::from_file(store.clone());
+    let pruned = handle.prune_all(keep, &stop).await.unwrap();
     assert_eq!(pruned, rows.len() - 100);
     let left = store
         .executions(&ExecutionFilter {

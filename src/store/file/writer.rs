@@ -12,13 +12,13 @@
 //! - a failed write poisons a redb handle (every later write says "previous I/O
 //!   error"), so after a storage error the writer reopens the file, at most once a
 //!   second, probing by itself while no request comes, and the store reports itself
-//!   unwritable ([`super::Store::is_writable`]) until a write succeeds again. The
+//!   unwritable ([`super::File::is_open`]) until a write succeeds again. The
 //!   settlements committed without fsync since the last durable commit are kept in memory
 //!   and applied again after a reopen, so a full disk never brings back a delivery that
 //!   was already settled.
 //!
 //! After each commit the writer hands the deliveries it stored (enqueued or replayed) to
-//! the sink ([`super::Store::on_commit`]), in id order, before it answers anyone: the
+//! the sink ([`super::File::on_commit`]), in id order, before it answers anyone: the
 //! after stage learns of every stored delivery from the commit itself, whether or not
 //! the request that caused it is still there.
 //!
@@ -39,11 +39,13 @@ use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, WriteTran
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use super::records::{
+use super::{DEAD, DEDUPE_AGE, DELIVERIES, EXECUTIONS, META};
+use crate::store::StoreError;
+use crate::store::records::{
     DeadLetter, DeadLetterFilter, DeadLetterKey, Delivery, Execution, NewDelivery, Queued,
     Replayed, now_ms,
 };
-use super::{DEAD, DEDUPE_AGE, DELIVERIES, EXECUTIONS, META, StoreError};
+use crate::store::records::{Retention, Settle, Sink};
 
 /// A commit slower than this is logged: the billing waits for enqueue commits.
 const SLOW_COMMIT: Duration = Duration::from_millis(100);
@@ -58,36 +60,6 @@ pub const PRUNE_LIMIT: usize = 20_000;
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
 /// Settlements kept for a reopen before a commit is made durable anyway.
 const REDO_MAX: usize = 10_000;
-
-/// How a delivery attempt ended, as the store records it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Settle {
-    /// Delivered: the delivery leaves the queue.
-    Delivered,
-    /// Failed, to be tried again at `next_at` (unix ms).
-    Retry {
-        attempts: u32,
-        next_at: u64,
-        error: String,
-    },
-    /// Given up: the delivery moves to the dead letters.
-    Dead {
-        attempts: u32,
-        reason: String,
-        error: Option<String>,
-    },
-}
-
-/// What the execution log and the dedupe table keep.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Retention {
-    pub keep_age: Duration,
-    pub keep_rows: u64,
-    pub dedupe_window: Duration,
-}
-
-/// Told of the deliveries each commit stored, in id order.
-pub type Sink = Box<dyn Fn(Vec<Queued>) + Send + Sync>;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 

@@ -1,0 +1,693 @@
+//! The redb backend: one file holding the after-stage queue, the dead letters, the
+//! execution log and the dedupe keys, for one sidecar.
+//!
+//! Writes go through one writer thread ([`writer`]) that commits in groups; reads open
+//! their own read transaction wherever they run (redb readers never wait for the writer).
+//! The file carries a schema version in its `meta` table: a file from a newer release,
+//! or one that is not a provisiond store, is refused at open with a sentence that says
+//! what to do.
+
+mod writer;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+
+use redb::{
+    Builder, Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    StorageError, TableDefinition,
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::StoreError;
+use super::records::{
+    DeadLetter, DeadLetterFilter, Delivery, Execution, ExecutionFilter, NewDelivery, Replayed,
+    Retention, Settle, Sink, now_ms,
+};
+pub use writer::PRUNE_LIMIT;
+use writer::{Op, Parts, Writer, decode};
+
+/// The layout this build reads and writes. A later release that changes it migrates
+/// files with a lower number at open; a file with a higher number is refused.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Delivery id -> [`Delivery`] (JSON). Ids grow with arrival, so key order is arrival order.
+const DELIVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("deliveries");
+/// Delivery id -> [`DeadLetter`] (JSON).
+const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// Row id -> [`Execution`] (JSON), oldest first.
+const EXECUTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("executions");
+/// (when it was stored, dedupe key): the dedupe keys (SHA-256 of handler and body) in
+/// time order. Appending is cheap and pruning takes the front; lookups go to a map the
+/// writer keeps in memory and rebuilds from this table at open.
+const DEDUPE_AGE: TableDefinition<(u64, &[u8; 32]), ()> = TableDefinition::new("dedupe_by_time");
+
+/// Requests waiting for the writer before senders wait too.
+const OPS_CAPACITY: usize = 8192;
+/// Batches of execution log rows waiting for the writer; beyond it rows are dropped.
+pub const LOG_CAPACITY: usize = 4096;
+/// Most bytes of execution log rows handed to the writer and not yet written (waiting in
+/// the channel or gathered for the next commit); beyond it rows are dropped.
+pub const LOG_BYTES: usize = 8 << 20;
+
+/// A handle on the open file; clones share it.
+#[derive(Clone)]
+pub struct File {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The open file; empty for a moment while the writer reopens it after a storage
+    /// error.
+    db: Arc<ArcSwapOption<Database>>,
+    path: String,
+    /// False while writes fail (a full disk, an I/O error): `/readyz` says not ready.
+    writable: Arc<AtomicBool>,
+    /// Told of every delivery stored, by the writer, after each commit.
+    sink: Arc<OnceLock<Sink>>,
+    ops: mpsc::Sender<Op>,
+    logs: mpsc::Sender<Vec<Execution>>,
+    log_capacity: usize,
+    /// Bytes of rows sent to the writer and not yet written ([`Execution::weight`]).
+    log_bytes: Arc<AtomicUsize>,
+    log_bytes_cap: usize,
+    /// Tells a lingering writer that the log channel is half full: commit now.
+    log_pressure: Arc<tokio::sync::Notify>,
+    /// Execution log rows dropped because the writer was behind.
+    dropped: AtomicU64,
+    /// Unreadable queued rows that opening moved to the dead letters.
+    quarantined: usize,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl File {
+    /// Opens the store at `path`, creating it when missing. Must run inside a tokio
+    /// runtime: the writer thread waits on its channels through it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let shown = path.display().to_string();
+        let fail = |reason: String| StoreError::Open {
+            path: shown.clone(),
+            reason,
+        };
+        if path.is_dir() {
+            return Err(fail(
+                "it is a directory; set store.path to a file name".into(),
+            ));
+        }
+        let db = open_file(path).map_err(|e| fail(open_reason(&e)))?;
+        Self::start(db, shown, Some(path.to_path_buf()), LOG_CAPACITY, LOG_BYTES)
+    }
+
+    /// A store in memory, gone with the process: for tests.
+    pub fn memory() -> Result<Self, StoreError> {
+        Self::memory_with(LOG_CAPACITY, LOG_BYTES)
+    }
+
+    fn memory_with(log_capacity: usize, log_bytes_cap: usize) -> Result<Self, StoreError> {
+        let db = Builder::new()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(|e| StoreError::Open {
+                path: "<memory>".into(),
+                reason: e.to_string(),
+            })?;
+        Self::start(db, "<memory>".into(), None, log_capacity, log_bytes_cap)
+    }
+
+    fn start(
+        db: Database,
+        path: String,
+        file: Option<PathBuf>,
+        log_capacity: usize,
+        log_bytes_cap: usize,
+    ) -> Result<Self, StoreError> {
+        let fail = |reason: String| StoreError::Open {
+            path: path.clone(),
+            reason,
+        };
+        let Prepared {
+            next_delivery,
+            next_execution,
+            quarantined,
+        } = prepare(&db).map_err(fail)?;
+        let dedupe = load_dedupe(&db).map_err(fail)?;
+        let db = Arc::new(ArcSwapOption::from_pointee(db));
+        let (ops_tx, ops_rx) = mpsc::channel(OPS_CAPACITY);
+        let (logs_tx, logs_rx) = mpsc::channel(log_capacity);
+        let log_pressure = Arc::new(tokio::sync::Notify::new());
+        let log_bytes = Arc::new(AtomicUsize::new(0));
+        let writable = Arc::new(AtomicBool::new(true));
+        let sink = Arc::new(OnceLock::new());
+        let writer = Writer::new(Parts {
+            db: db.clone(),
+            path: file,
+            ops: ops_rx,
+            logs: logs_rx,
+            log_pressure: log_pressure.clone(),
+            log_bytes: log_bytes.clone(),
+            next_delivery,
+            next_execution,
+            dedupe,
+            sink: sink.clone(),
+            writable: writable.clone(),
+        });
+        let runtime = tokio::runtime::Handle::current();
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run(runtime))
+            .map_err(|e| fail(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                path,
+                writable,
+                sink,
+                ops: ops_tx,
+                logs: logs_tx,
+                log_capacity,
+                log_bytes,
+                log_bytes_cap,
+                log_pressure,
+                dropped: AtomicU64::new(0),
+                quarantined,
+                writer: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// The file, as configured.
+    pub fn path(&self) -> &str {
+        &self.inner.path
+    }
+
+    async fn request<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .ops
+            .send(op(tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Whether the store can take writes: its writer runs, the file is open, and the
+    /// last write succeeded (after a failed one, the writer probes by itself).
+    pub fn is_open(&self) -> bool {
+        !self.inner.ops.is_closed()
+            && self.inner.writable.load(Ordering::Relaxed)
+            && self.read().is_ok()
+    }
+
+    /// Sets what the writer tells of each commit's stored deliveries (ids and lanes, in
+    /// id order), before anyone hears of the commit. Only the first call counts.
+    pub fn on_commit(&self, sink: Sink) {
+        let _ = self.inner.sink.set(sink);
+    }
+
+    /// Stores deliveries durably; returns once they are committed, with their ids. An
+    /// item whose dedupe key was stored within `window` is skipped: its slot in the reply
+    /// is `None`.
+    pub async fn enqueue(
+        &self,
+        items: Vec<NewDelivery>,
+        window: Duration,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
+        self.request(|reply| Op::Enqueue {
+            items,
+            window,
+            reply,
+        })
+        .await
+    }
+
+    /// Records how an attempt of delivery `id` ended, with its execution log row.
+    pub async fn settle(
+        &self,
+        id: u64,
+        settle: Settle,
+        record: Option<Execution>,
+    ) -> Result<(), StoreError> {
+        self.request(|reply| Op::Settle {
+            id,
+            settle,
+            record: record.map(Box::new),
+            reply,
+        })
+        .await
+    }
+
+    /// Moves dead letter `id` back to the queue under a new delivery id (returned);
+    /// `None` when there is no such dead letter.
+    pub async fn replay(&self, id: u64) -> Result<Option<u64>, StoreError> {
+        self.request(|reply| Op::Replay { id, reply }).await
+    }
+
+    /// Deletes dead letter `id`; whether it existed.
+    pub async fn drop_dead_letter(&self, id: u64) -> Result<bool, StoreError> {
+        self.request(|reply| Op::Drop { id, reply }).await
+    }
+
+    /// Moves every dead letter matching `filter` back to the queue, in one transaction,
+    /// under new ids in their old order; only those for one of `handlers` (the rest
+    /// stay, counted as skipped).
+    pub async fn replay_matching(
+        &self,
+        filter: DeadLetterFilter,
+        handlers: Vec<String>,
+    ) -> Result<Replayed, StoreError> {
+        self.request(|reply| Op::ReplayMatching {
+            filter,
+            handlers,
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes every dead letter matching `filter`, in one transaction; how many.
+    pub async fn drop_matching(&self, filter: DeadLetterFilter) -> Result<usize, StoreError> {
+        self.request(|reply| Op::DropMatching { filter, reply })
+            .await
+    }
+
+    /// Applies the retention; how many rows went.
+    pub async fn prune(&self, retention: Retention) -> Result<usize, StoreError> {
+        self.request(|reply| Op::Prune { retention, reply }).await
+    }
+
+    /// Adds execution log rows without waiting: they are written with the next batch.
+    /// When the writer is that far behind ([`LOG_CAPACITY`] batches or [`LOG_BYTES`]
+    /// bytes not yet written), they are dropped and counted, never waited for.
+    pub fn log(&self, rows: Vec<Execution>) {
+        if rows.is_empty() {
+            return;
+        }
+        let inner = &*self.inner;
+        let n = rows.len() as u64;
+        let weight: usize = rows.iter().map(Execution::weight).sum();
+        let before = inner.log_bytes.fetch_add(weight, Ordering::Relaxed);
+        let sent = if before + weight > inner.log_bytes_cap {
+            Err(())
+        } else {
+            inner.logs.try_send(rows).map_err(|_| ())
+        };
+        if sent.is_err() {
+            inner.log_bytes.fetch_sub(weight, Ordering::Relaxed);
+        }
+        if inner.logs.capacity() < inner.log_capacity / 2
+            || before + weight > inner.log_bytes_cap / 2
+        {
+            inner.log_pressure.notify_one();
+        }
+        if sent.is_err() {
+            let before = self.inner.dropped.fetch_add(n, Ordering::Relaxed);
+            crate::metrics::execution_log_dropped(n);
+            if before == 0 || before / 1000 != (before + n) / 1000 {
+                warn!(
+                    dropped = before + n,
+                    "execution log is behind, rows dropped"
+                );
+            }
+        }
+    }
+
+    /// Unreadable queued rows that opening the file moved to the dead letters.
+    pub fn quarantined(&self) -> usize {
+        self.inner.quarantined
+    }
+
+    /// Execution log rows dropped so far because the writer was behind.
+    pub fn dropped_log_rows(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Writes what is queued and stops the writer. Later requests get
+    /// [`StoreError::Closed`].
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.ops.send(Op::Close { reply: tx }).await.is_ok() {
+            let _ = rx.await;
+        }
+        let thread = self.inner.writer.lock().expect("not poisoned").take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+
+    fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        let db = self.inner.db.load();
+        let db = db
+            .as_ref()
+            .ok_or_else(|| StoreError::Read("the store file is being reopened".into()))?;
+        db.begin_read().map_err(StoreError::read)
+    }
+
+    /// One stored delivery.
+    pub fn delivery(&self, id: u64) -> Result<Option<Delivery>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(DELIVERIES).map_err(StoreError::read)?;
+        let Some(row) = table.get(id).map_err(StoreError::read)? else {
+            return Ok(None);
+        };
+        let mut delivery: Delivery = decode(row.value())?;
+        delivery.id = id;
+        Ok(Some(delivery))
+    }
+
+    /// Calls `each` with (id, handler, entity) of every stored delivery with an id above
+    /// `after`, oldest first, from one consistent view of the queue. A row that cannot be
+    /// read is skipped (start-up moves such rows to the dead letters).
+    pub fn scan_queue(
+        &self,
+        after: u64,
+        mut each: impl FnMut(u64, &str, &str),
+    ) -> Result<(), StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Lane<'a> {
+            #[serde(borrow)]
+            handler: std::borrow::Cow<'a, str>,
+            #[serde(borrow)]
+            entity: std::borrow::Cow<'a, str>,
+        }
+        let txn = self.read()?;
+        let table = txn.open_table(DELIVERIES).map_err(StoreError::read)?;
+        let Some(from) = after.checked_add(1) else {
+            return Ok(());
+        };
+        for row in table.range(from..).map_err(StoreError::read)? {
+            let (id, value) = row.map_err(StoreError::read)?;
+            match serde_json::from_slice::<Lane>(value.value()) {
+                Ok(lane) => each(id.value(), &lane.handler, &lane.entity),
+                Err(e) => warn!(delivery = id.value(), error = %e, "unreadable delivery skipped"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every stored delivery as (id, handler, entity), oldest first.
+    #[cfg(test)]
+    pub fn pending(&self) -> Result<Vec<(u64, String, String)>, StoreError> {
+        let mut out = Vec::new();
+        self.scan_queue(0, |id, handler, entity| {
+            out.push((id, handler.to_owned(), entity.to_owned()));
+        })?;
+        Ok(out)
+    }
+
+    /// Deliveries waiting in the queue.
+    pub fn queue_depth(&self) -> Result<u64, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(DELIVERIES).map_err(StoreError::read)?;
+        table.len().map_err(StoreError::read)
+    }
+
+    /// When the oldest delivery in the queue was accepted (unix ms); `None` when empty.
+    pub fn oldest_enqueued(&self) -> Result<Option<u64>, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Enqueued {
+            enqueued_at: u64,
+        }
+        let txn = self.read()?;
+        let table = txn.open_table(DELIVERIES).map_err(StoreError::read)?;
+        let Some((_, row)) = table.first().map_err(StoreError::read)? else {
+            return Ok(None);
+        };
+        let row: Enqueued = decode(row.value())?;
+        Ok(Some(row.enqueued_at))
+    }
+
+    /// Dead letters stored.
+    pub fn dead_letter_count(&self) -> Result<u64, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(DEAD).map_err(StoreError::read)?;
+        table.len().map_err(StoreError::read)
+    }
+
+    /// Execution log rows matching `filter`, newest first.
+    pub fn executions(&self, filter: &ExecutionFilter) -> Result<Vec<Execution>, StoreError> {
+        // Rows are keyed in the order they were written, which can trail their start time
+        // by a little (a batch, or a long call): scan a minute past `since` before stopping.
+        const SLACK_MS: u64 = 60_000;
+        let txn = self.read()?;
+        let table = txn.open_table(EXECUTIONS).map_err(StoreError::read)?;
+        let mut out = Vec::new();
+        // `after` (what `executions --follow` has seen) bounds the scan from below.
+        let first = filter.after.map_or(0, |a| a.saturating_add(1));
+        for row in table.range(first..).map_err(StoreError::read)?.rev() {
+            let (id, value) = row.map_err(StoreError::read)?;
+            let mut row: Execution = decode(value.value())?;
+            row.id = id.value();
+            if filter
+                .since
+                .is_some_and(|s| row.at.saturating_add(SLACK_MS) < s)
+            {
+                break;
+            }
+            if filter.matches(&row) {
+                out.push(row);
+                if out.len() >= filter.limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Dead letters, oldest first; only `handler`'s when given.
+    pub fn dead_letters(
+        &self,
+        handler: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(DEAD).map_err(StoreError::read)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(StoreError::read)? {
+            let (id, value) = row.map_err(StoreError::read)?;
+            let mut letter: DeadLetter = decode(value.value())?;
+            letter.delivery.id = id.value();
+            if handler.is_none_or(|h| h == letter.delivery.handler) {
+                out.push(letter);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One dead letter.
+    pub fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(DEAD).map_err(StoreError::read)?;
+        let Some(row) = table.get(id).map_err(StoreError::read)? else {
+            return Ok(None);
+        };
+        let mut letter: DeadLetter = decode(row.value())?;
+        letter.delivery.id = id;
+        Ok(Some(letter))
+    }
+}
+
+/// What opening found.
+struct Prepared {
+    next_delivery: u64,
+    next_execution: u64,
+    /// Unreadable queued rows moved to the dead letters.
+    quarantined: usize,
+}
+
+/// Checks the schema version (writing it into a new file), creates the tables, reads
+/// where the id counters stand, and moves unreadable queued rows aside.
+fn prepare(db: &Database) -> Result<Prepared, String> {
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    let not_ours = |e: redb::TableError| match e {
+        redb::TableError::Storage(e) => e.to_string(),
+        other => format!(
+            "the file is a redb database but not a provisiond store ({other}); point \
+             store.path at another file"
+        ),
+    };
+    let existing = txn
+        .list_tables()
+        .map_err(|e| e.to_string())?
+        .map(|t| redb::TableHandle::name(&t).to_owned())
+        .collect::<Vec<_>>();
+    let counters = {
+        let mut meta = txn.open_table(META).map_err(not_ours)?;
+        let version = meta
+            .get("schema_version")
+            .map_err(|e| e.to_string())?
+            .map(|v| v.value());
+        match version {
+            None if existing.iter().any(|t| t != "meta") => {
+                return Err(
+                    "the file is a redb database but not a provisiond store (it has \
+                            no schema version); point store.path at another file"
+                        .into(),
+                );
+            }
+            None => {
+                meta.insert("schema_version", SCHEMA_VERSION)
+                    .map_err(|e| e.to_string())?;
+                info!(schema_version = SCHEMA_VERSION, "store created");
+            }
+            Some(v) if v > SCHEMA_VERSION => {
+                return Err(format!(
+                    "it was written by a newer provisiond (store schema version {v}; this \
+                     build reads up to {SCHEMA_VERSION}); run that newer release, or move \
+                     the file aside to start with an empty store"
+                ));
+            }
+            Some(v) if v < SCHEMA_VERSION => {
+                // Version 1 is the first layout: nothing older exists to migrate.
+                return Err(format!("unknown store schema version {v}"));
+            }
+            Some(_) => {}
+        }
+        let get = |key| -> Result<u64, String> {
+            Ok(meta
+                .get(key)
+                .map_err(|e| e.to_string())?
+                .map_or(1, |v| v.value()))
+        };
+        (get("next_delivery_id")?, get("next_execution_id")?)
+    };
+    // Create every table, so that readers never meet a missing one; check that the ids
+    // stored are below the counters (they always are, unless the file was tampered with).
+    let last = |def: TableDefinition<u64, &[u8]>| -> Result<u64, String> {
+        let table = txn.open_table(def).map_err(not_ours)?;
+        let last = table.last().map_err(|e| e.to_string())?;
+        Ok(last.map_or(0, |(k, _)| k.value()))
+    };
+    let max_delivery = last(DELIVERIES)?.max(last(DEAD)?);
+    let quarantined = quarantine(&txn).map_err(|e| e.to_string())?;
+    let max_execution = last(EXECUTIONS)?;
+    txn.open_table(DEDUPE_AGE).map_err(not_ours)?;
+    txn.commit().map_err(|e| e.to_string())?;
+    Ok(Prepared {
+        next_delivery: counters.0.max(max_delivery + 1),
+        next_execution: counters.1.max(max_execution + 1),
+        quarantined,
+    })
+}
+
+/// Moves queued rows that cannot be read to the dead letters, with the reason, so that
+/// one damaged row neither stops the start nor blocks its lane. Returns how many.
+fn quarantine(txn: &redb::WriteTransaction) -> Result<usize, StoreError> {
+    let mut queue = txn.open_table(DELIVERIES).map_err(StoreError::write)?;
+    let mut bad = Vec::new();
+    for row in queue.iter().map_err(StoreError::read)? {
+        let (id, value) = row.map_err(StoreError::read)?;
+        if let Err(e) = serde_json::from_slice::<Delivery>(value.value()) {
+            bad.push((
+                id.value(),
+                String::from_utf8_lossy(value.value()).into_owned(),
+                e,
+            ));
+        }
+    }
+    let mut dead = txn.open_table(DEAD).map_err(StoreError::write)?;
+    for (id, raw, e) in &bad {
+        warn!(delivery = id, error = %e, "unreadable delivery in the queue, moved to the dead letters");
+        let letter = DeadLetter {
+            delivery: Delivery {
+                id: *id,
+                handler: String::new(),
+                event: String::new(),
+                object_id: String::new(),
+                entity: String::new(),
+                message_id: String::new(),
+                body: raw.clone(),
+                attempts: 0,
+                next_at: 0,
+                enqueued_at: 0,
+                last_error: None,
+                event_id: None,
+            },
+            reason: format!(
+                "unreadable row in the queue ({e}); the stored bytes are kept as the envelope"
+            ),
+            died_at: now_ms(),
+        };
+        queue.remove(*id).map_err(StoreError::write)?;
+        dead.insert(*id, writer::encode(&letter).as_slice())
+            .map_err(StoreError::write)?;
+    }
+    Ok(bad.len())
+}
+
+/// redb's page cache. It fills with the pages every commit writes (the execution log
+/// appends a page's worth every few hundred events), so under load it is most of the
+/// process's memory; the pages read back are the queue's and the log's newest ones.
+pub const CACHE_BYTES: usize = 16 << 20;
+
+/// Opens (or creates) the file, checking all of it: damage is then an error, not a
+/// panic later.
+fn open_file(path: &Path) -> Result<Database, DatabaseError> {
+    let mut builder = Builder::new();
+    builder
+        .set_check_integrity_on_open(true)
+        .set_cache_size(CACHE_BYTES);
+    builder.create(path)
+}
+
+/// The dedupe keys stored, each with its latest time.
+fn load_dedupe(db: &Database) -> Result<HashMap<[u8; 32], u64>, String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let table = txn.open_table(DEDUPE_AGE).map_err(|e| e.to_string())?;
+    let mut keys = HashMap::new();
+    for row in table.iter().map_err(|e| e.to_string())? {
+        let (key, _) = row.map_err(|e| e.to_string())?;
+        let (at, hash) = key.value();
+        keys.insert(*hash, at);
+    }
+    Ok(keys)
+}
+
+/// What to tell the operator when the file cannot be opened.
+fn open_reason(e: &DatabaseError) -> String {
+    use std::io::ErrorKind;
+    match e {
+        DatabaseError::Storage(StorageError::Io(io)) => match io.kind() {
+            ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => format!(
+                "{io}; provisiond needs to write the file and its directory: fix the \
+                 permissions or set store.path to a writable place"
+            ),
+            ErrorKind::NotFound => {
+                format!("{io}; the directory does not exist: create it or set store.path")
+            }
+            ErrorKind::InvalidData => format!(
+                "the file is not a provisiond store or is damaged ({io}); move it aside \
+                 (provisiond then starts with an empty store) or restore it from a backup"
+            ),
+            _ => format!("{io}"),
+        },
+        DatabaseError::Storage(StorageError::Corrupted(what)) => format!(
+            "the file is damaged ({what}); move it aside (provisiond then starts with an \
+             empty store) or restore it from a backup"
+        ),
+        DatabaseError::DatabaseAlreadyOpen => "another process has it open (is another \
+             provisiond running on the same file?); stop that one or give this one its own \
+             store.path"
+            .into(),
+        DatabaseError::UpgradeRequired(v) => format!(
+            "it uses redb file format {v}, which this build cannot read; open it with the \
+             release that wrote it, or move it aside"
+        ),
+        other => format!(
+            "{other}; move the file aside (provisiond then starts with an empty store) or \
+             restore it from a backup"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1199 @@
+//! The PostgreSQL backend: the after stage's data in one schema that any number of
+//! sidecars share (`store.backend = "postgres"`).
+//!
+//! - **Accepts** run one function call ([`schema.sql`](schema.sql) `enqueue`) in one
+//!   transaction: the dedupe keys, the lanes' rows (locked, so that a lane's ids follow
+//!   commit order) and the deliveries. The 200 follows its commit.
+//! - **Lanes** are held by leases: a sidecar claims free lanes (`FOR UPDATE SKIP
+//!   LOCKED`, so sidecars never wait on each other's claims), renews all it holds every
+//!   third of `store.lease`, and frees a lane when it has delivered all of it. Every
+//!   claim raises the lane's token; a settlement names the token it holds, and the
+//!   database refuses it when the lane has been claimed since (fencing).
+//! - **Waking**: the sidecar that accepted an event claims at once; the others look for
+//!   free lanes with a backoff (50 ms up to 1 s while nothing is found), which is also
+//!   how a dead sidecar's lanes are found once their leases have run out. No
+//!   LISTEN/NOTIFY: a NOTIFY takes a database-wide lock at every commit that sends one.
+//! - **Unreachable database**: the store is not open (`/readyz` 503, accepts 503) until
+//!   it answers again; every operation is bounded by [`OP_TIMEOUT`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::mpsc;
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::records::{
+    DeadLetter, DeadLetterFilter, Delivery, Execution, ExecutionFilter, NewDelivery, Queued,
+    Replayed, Retention, Settle, now_ms,
+};
+use super::{LOG_BYTES, LOG_CAPACITY, PRUNE_LIMIT, Release, StoreError};
+use crate::config;
+
+/// The layout this build reads and writes (the `meta` table's `schema_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_SQL: &str = include_str!("schema.sql");
+/// The longest any one database operation may take before it counts as failed.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Queued deliveries a lane takes into memory at once.
+const LANE_BATCH: i64 = 1000;
+/// Execution log rows written in one statement at most.
+const LOG_BATCH: usize = 2000;
+/// The advisory lock key's first half: "provisiond" spelt in the lock's namespace.
+const LOCK_CLASS: i32 = 0x7072_6f76;
+
+/// A handle on the shared database; clones share it.
+#[derive(Clone)]
+pub struct Postgres {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    /// The schema's name, checked to be a plain identifier by the config.
+    schema: String,
+    /// The database as logs may show it: hosts, ports, database, schema.
+    shown: String,
+    /// This sidecar's name in the `lanes.owner` and `sidecars.id` columns.
+    owner: String,
+    lease: Duration,
+    /// The schema is there and of our version.
+    ready: AtomicBool,
+    /// The last operation succeeded.
+    healthy: AtomicBool,
+    /// The lanes this sidecar holds: their tokens, and when each was claimed.
+    held: Mutex<HashMap<(String, String), Held>>,
+    /// When the last renewal that succeeded was sent.
+    renewed: Mutex<Option<Instant>>,
+    /// This sidecar's after-stage handlers, as the other sidecars should see them.
+    handlers: Mutex<Vec<String>>,
+    logs: mpsc::Sender<Vec<Execution>>,
+    log_bytes: Arc<AtomicUsize>,
+    dropped: AtomicU64,
+    stop: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    token: i64,
+    since: Instant,
+}
+
+/// The SQL with `{s}` replaced by the schema.
+fn sql(schema: &str, text: &str) -> String {
+    text.replace("{s}", schema)
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// A database error as the log and the requester see it: the server's message when it
+/// sent one, else what went wrong with the connection.
+fn pg_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
+impl Postgres {
+    /// Connects, and creates or upgrades the schema. An unreachable database is not an
+    /// error: the store starts closed and keeps trying in the background. A schema newer
+    /// than this build is.
+    pub async fn open(pg: &config::Postgres) -> Result<Self, StoreError> {
+        let mut cfg: tokio_postgres::Config =
+            pg.url.expose().parse().map_err(|e| StoreError::Open {
+                path: "store.url".into(),
+                reason: format!("not a PostgreSQL connection string ({e})"),
+            })?;
+        if cfg.get_connect_timeout().is_none() {
+            cfg.connect_timeout(OP_TIMEOUT);
+        }
+        if cfg.get_application_name().is_none() {
+            cfg.application_name("provisiond");
+        }
+        let shown = describe(&cfg, &pg.schema);
+        let manager = Manager::from_config(
+            cfg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pg.pool)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(OP_TIMEOUT))
+            .create_timeout(Some(OP_TIMEOUT))
+            .recycle_timeout(Some(OP_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Open {
+                path: shown.clone(),
+                reason: e.to_string(),
+            })?;
+        let host = std::env::var("HOSTNAME").unwrap_or_default();
+        let owner = format!("{host}/{}/{:08x}", std::process::id(), fastrand::u32(..));
+        let (logs_tx, logs_rx) = mpsc::channel(LOG_CAPACITY);
+        let this = Self {
+            inner: Arc::new(Inner {
+                pool,
+                schema: pg.schema.clone(),
+                shown,
+                owner,
+                lease: pg.lease,
+                ready: AtomicBool::new(false),
+                healthy: AtomicBool::new(false),
+                held: Mutex::default(),
+                renewed: Mutex::default(),
+                handlers: Mutex::default(),
+                logs: logs_tx,
+                log_bytes: Arc::new(AtomicUsize::new(0)),
+                dropped: AtomicU64::new(0),
+                stop: CancellationToken::new(),
+                tasks: tokio_util::task::TaskTracker::new(),
+            }),
+        };
+        match this.migrate().await {
+            Ok(()) => {}
+            Err(Migrate::Refused(reason)) => {
+                return Err(StoreError::Open {
+                    path: this.inner.shown.clone(),
+                    reason,
+                });
+            }
+            Err(Migrate::Failed(e)) => {
+                warn!(store = %this.inner.shown, error = %e, "cannot reach the database yet; not ready until it answers");
+                this.inner.tasks.spawn(this.clone().migrate_until_done());
+            }
+        }
+        this.inner.tasks.spawn(this.clone().keep_leases());
+        this.inner.tasks.spawn(this.clone().write_logs(logs_rx));
+        Ok(this)
+    }
+
+    pub fn shown(&self) -> &str {
+        &self.inner.shown
+    }
+
+    pub fn is_open(&self) -> bool {
+        let inner = &*self.inner;
+        inner.ready.load(Ordering::Relaxed)
+            && inner.healthy.load(Ordering::Relaxed)
+            && !inner.stop.is_cancelled()
+    }
+
+    fn sql(&self, text: &str) -> String {
+        sql(&self.inner.schema, text)
+    }
+
+    /// A pooled connection, once the schema is ready.
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        if self.inner.stop.is_cancelled() {
+            return Err(StoreError::Closed);
+        }
+        if !self.inner.ready.load(Ordering::Relaxed) {
+            return Err(StoreError::Write(format!(
+                "the database {} is not reachable yet",
+                self.inner.shown
+            )));
+        }
+        self.inner.pool.get().await.map_err(|e| {
+            self.inner.healthy.store(false, Ordering::Relaxed);
+            StoreError::Write(format!("cannot connect to {}: {e}", self.inner.shown))
+        })
+    }
+
+    /// Runs `op` on a pooled connection within [`OP_TIMEOUT`], noting whether the
+    /// database answered.
+    async fn run<T, F>(&self, what: &'static str, op: F) -> Result<T, StoreError>
+    where
+        F: AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, tokio_postgres::Error>,
+    {
+        let attempt = async {
+            let mut client = self.client().await?;
+            op(&mut client).await.map_err(|e| {
+                let text = pg_error(&e);
+                if e.is_closed() || e.as_db_error().is_none() {
+                    self.inner.healthy.store(false, Ordering::Relaxed);
+                }
+                if what == "read" {
+                    StoreError::Read(text)
+                } else {
+                    StoreError::Write(text)
+                }
+            })
+        };
+        match tokio::time::timeout(OP_TIMEOUT, attempt).await {
+            Ok(Ok(v)) => {
+                self.inner.healthy.store(true, Ordering::Relaxed);
+                Ok(v)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                self.inner.healthy.store(false, Ordering::Relaxed);
+                Err(StoreError::Write(format!(
+                    "the database {} did not answer within {}s",
+                    self.inner.shown,
+                    OP_TIMEOUT.as_secs()
+                )))
+            }
+        }
+    }
+
+    pub async fn enqueue(
+        &self,
+        mut items: Vec<NewDelivery>,
+        window: Duration,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
+        let n = items.len();
+        // Sorted by lane, so that concurrent accepts lock lanes in one order.
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|a, b| {
+            (&items[*a].handler, &items[*a].entity).cmp(&(&items[*b].handler, &items[*b].entity))
+        });
+        let mut cols: [Vec<String>; 7] = Default::default();
+        let mut keys: Vec<Option<Vec<u8>>> = Vec::with_capacity(n);
+        let mut event_ids: Vec<Option<String>> = Vec::with_capacity(n);
+        for &i in &order {
+            let item = &mut items[i];
+            cols[0].push(std::mem::take(&mut item.handler));
+            cols[1].push(std::mem::take(&mut item.entity));
+            cols[2].push(std::mem::take(&mut item.event));
+            cols[3].push(std::mem::take(&mut item.object_id));
+            cols[4].push(std::mem::take(&mut item.message_id));
+            cols[5].push(std::mem::take(&mut item.body));
+            keys.push(item.dedupe.map(|k| k.to_vec()));
+            event_ids.push(item.event_id.take());
+        }
+        let query = self
+            .sql("SELECT item, delivery FROM {s}.enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)");
+        let now = to_i64(now_ms());
+        let window = ms(window);
+        let rows = self
+            .run("write", async |c| {
+                c.query(
+                    &query,
+                    &[
+                        &cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5], &keys,
+                        &event_ids, &window, &now,
+                    ],
+                )
+                .await
+            })
+            .await?;
+        let mut out = vec![None; n];
+        for row in rows {
+            let item: i32 = row.get(0);
+            let id: i64 = row.get(1);
+            if let Some(&slot) = usize::try_from(item - 1).ok().and_then(|k| order.get(k)) {
+                out[slot] = Some(to_u64(id));
+            }
+        }
+        Ok(out)
+    }
+
+    fn token(&self, lane: (&str, &str)) -> Option<Held> {
+        let held = self.inner.held.lock().expect("not poisoned");
+        held.get(&(lane.0.to_owned(), lane.1.to_owned())).copied()
+    }
+
+    fn forget(&self, lane: (&str, &str)) {
+        let mut held = self.inner.held.lock().expect("not poisoned");
+        held.remove(&(lane.0.to_owned(), lane.1.to_owned()));
+    }
+
+    pub async fn settle(
+        &self,
+        id: u64,
+        lane: (&str, &str),
+        settle: Settle,
+        record: Option<Execution>,
+    ) -> Result<(), StoreError> {
+        let Some(held) = self.token(lane) else {
+            return Err(StoreError::Lost);
+        };
+        let (kind, attempts, next_at, error, reason): (
+            i32,
+            u32,
+            u64,
+            Option<String>,
+            Option<String>,
+        ) = match settle {
+            Settle::Delivered => (0, 0, 0, None, None),
+            Settle::Retry {
+                attempts,
+                next_at,
+                error,
+            } => (1, attempts, next_at, Some(error), None),
+            Settle::Dead {
+                attempts,
+                reason,
+                error,
+            } => (2, attempts, 0, error, Some(reason)),
+        };
+        let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
+        let (at, event, object, outcome, event_id, row) = match &record {
+            Some(r) => (
+                Some(to_i64(r.at)),
+                Some(r.event.clone()),
+                Some(r.object_id.clone()),
+                Some(r.outcome.clone()),
+                r.event_id.clone(),
+                Some(serde_json::to_string(r).map_err(StoreError::write)?),
+            ),
+            None => (None, None, None, None, None, None),
+        };
+        let query = self.sql(
+            "SELECT {s}.settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+        );
+        let owner = &self.inner.owner;
+        let (id, next_at, now) = (to_i64(id), to_i64(next_at), to_i64(now_ms()));
+        let done: bool = self
+            .run("write", async |c| {
+                let row = c
+                    .query_one(
+                        &query,
+                        &[
+                            &id,
+                            &lane.0,
+                            &lane.1,
+                            owner,
+                            &held.token,
+                            &kind,
+                            &attempts,
+                            &next_at,
+                            &error,
+                            &reason,
+                            &now,
+                            &at,
+                            &event,
+                            &object,
+                            &outcome,
+                            &event_id,
+                            &row,
+                        ],
+                    )
+                    .await?;
+                Ok(row.get(0))
+            })
+            .await?;
+        if done {
+            Ok(())
+        } else {
+            self.forget(lane);
+            Err(StoreError::Lost)
+        }
+    }
+
+    pub async fn replay(&self, id: u64) -> Result<Option<u64>, StoreError> {
+        let query = self.sql("SELECT {s}.replay($1, $2)");
+        let (id, now) = (to_i64(id), to_i64(now_ms()));
+        let fresh: Option<i64> = self
+            .run("write", async |c| {
+                Ok(c.query_one(&query, &[&id, &now]).await?.get(0))
+            })
+            .await?;
+        Ok(fresh.map(to_u64))
+    }
+
+    pub async fn drop_dead_letter(&self, id: u64) -> Result<bool, StoreError> {
+        let query = self.sql("DELETE FROM {s}.dead_letters WHERE id = $1");
+        let id = to_i64(id);
+        let n = self
+            .run("write", async |c| c.execute(&query, &[&id]).await)
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// The dead letters a filter takes, as a `WHERE` clause on parameters $1 to $6.
+    const MATCHING: &'static str = "($1::text IS NULL OR handler = $1) \
+         AND ($2::text IS NULL OR event = $2) AND ($3::text IS NULL OR object_id = $3) \
+         AND ($4::text IS NULL OR entity = $4) AND ($5::bigint IS NULL OR died_at >= $5) \
+         AND ($6::bigint IS NULL OR died_at < $6)";
+
+    pub async fn replay_matching(
+        &self,
+        filter: DeadLetterFilter,
+        handlers: Vec<String>,
+    ) -> Result<Replayed, StoreError> {
+        let select = self.sql(&format!(
+            "SELECT id, handler FROM {{s}}.dead_letters WHERE {} ORDER BY id FOR UPDATE",
+            Self::MATCHING
+        ));
+        let replay = self.sql("SELECT {s}.replay($1, $2)");
+        let now = to_i64(now_ms());
+        let since = filter.since.map(to_i64);
+        let until = filter.until.map(to_i64);
+        self.run("write", async |c| {
+            let txn = c.transaction().await?;
+            let rows = txn
+                .query(
+                    &select,
+                    &[
+                        &filter.handler,
+                        &filter.event,
+                        &filter.object_id,
+                        &filter.entity,
+                        &since,
+                        &until,
+                    ],
+                )
+                .await?;
+            let mut out = Replayed::default();
+            for row in rows {
+                let id: i64 = row.get(0);
+                let handler: String = row.get(1);
+                if !handlers.contains(&handler) {
+                    out.skipped += 1;
+                    out.skipped_handlers.insert(handler);
+                    continue;
+                }
+                let fresh: Option<i64> = txn.query_one(&replay, &[&id, &now]).await?.get(0);
+                out.ids.extend(fresh.map(to_u64));
+            }
+            txn.commit().await?;
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn drop_matching(&self, filter: DeadLetterFilter) -> Result<usize, StoreError> {
+        let query = self.sql(&format!(
+            "DELETE FROM {{s}}.dead_letters WHERE {}",
+            Self::MATCHING
+        ));
+        let since = filter.since.map(to_i64);
+        let until = filter.until.map(to_i64);
+        let n = self
+            .run("write", async |c| {
+                c.execute(
+                    &query,
+                    &[
+                        &filter.handler,
+                        &filter.event,
+                        &filter.object_id,
+                        &filter.entity,
+                        &since,
+                        &until,
+                    ],
+                )
+                .await
+            })
+            .await?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    pub async fn prune(&self, retention: Retention) -> Result<usize, StoreError> {
+        let limit = i64::try_from(PRUNE_LIMIT).unwrap_or(i64::MAX);
+        let now = to_i64(now_ms());
+        let cut = now.saturating_sub(ms(retention.keep_age));
+        let dedupe_cut = now.saturating_sub(ms(retention.dedupe_window));
+        let rows = to_i64(retention.keep_rows);
+        let old = self.sql(
+            "DELETE FROM {s}.executions WHERE id IN \
+             (SELECT id FROM {s}.executions WHERE at < $1 ORDER BY id LIMIT $2)",
+        );
+        let beyond = self.sql(
+            "DELETE FROM {s}.executions WHERE id IN (SELECT id FROM {s}.executions \
+             WHERE id <= (SELECT id FROM {s}.executions ORDER BY id DESC OFFSET $1 LIMIT 1) \
+             ORDER BY id LIMIT $2)",
+        );
+        let dedupe = self.sql(
+            "DELETE FROM {s}.dedupe WHERE key IN \
+             (SELECT key FROM {s}.dedupe WHERE stored_at < $1 ORDER BY stored_at LIMIT $2)",
+        );
+        let lanes = self.sql(
+            "DELETE FROM {s}.lanes WHERE (handler, entity) IN (SELECT handler, entity \
+             FROM {s}.lanes WHERE pending <= 0 AND owner IS NULL LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             AND pending <= 0 AND owner IS NULL",
+        );
+        let sidecars =
+            self.sql("DELETE FROM {s}.sidecars WHERE seen_at < now() - interval '1 day'");
+        let n = self
+            .run("write", async |c| {
+                let a = c.execute(&old, &[&cut, &limit]).await?;
+                let b = c.execute(&beyond, &[&rows, &limit]).await?;
+                let d = c.execute(&dedupe, &[&dedupe_cut, &limit]).await?;
+                let l = c.execute(&lanes, &[&limit]).await?;
+                c.execute(&sidecars, &[]).await?;
+                Ok(a.max(b).max(d).max(l))
+            })
+            .await?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    /// As the file's: dropped, and counted, when the writer is that far behind.
+    pub fn log(&self, rows: Vec<Execution>) {
+        if rows.is_empty() {
+            return;
+        }
+        let inner = &*self.inner;
+        let n = rows.len() as u64;
+        let weight: usize = rows.iter().map(Execution::weight).sum();
+        let before = inner.log_bytes.fetch_add(weight, Ordering::Relaxed);
+        let sent = if before + weight > LOG_BYTES {
+            Err(())
+        } else {
+            inner.logs.try_send(rows).map_err(|_| ())
+        };
+        if sent.is_err() {
+            inner.log_bytes.fetch_sub(weight, Ordering::Relaxed);
+            let before = inner.dropped.fetch_add(n, Ordering::Relaxed);
+            crate::metrics::execution_log_dropped(n);
+            if before == 0 || before / 1000 != (before + n) / 1000 {
+                warn!(
+                    dropped = before + n,
+                    "execution log is behind, rows dropped"
+                );
+            }
+        }
+    }
+
+    pub fn dropped_log_rows(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Writes the execution log rows as they come, in batches of what has gathered.
+    async fn write_logs(self, mut rx: mpsc::Receiver<Vec<Execution>>) {
+        let query = self.sql(
+            "INSERT INTO {s}.executions (at, handler, event, object_id, outcome, event_id, row) \
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::text[], $7::text[])",
+        );
+        let mut batch: Vec<Execution> = Vec::new();
+        loop {
+            let Some(rows) = rx.recv().await else { return };
+            batch.extend(rows);
+            while batch.len() < LOG_BATCH
+                && let Ok(rows) = rx.try_recv()
+            {
+                batch.extend(rows);
+            }
+            let weight: usize = batch.iter().map(Execution::weight).sum();
+            let mut at: Vec<i64> = Vec::with_capacity(batch.len());
+            let mut text: [Vec<String>; 5] = Default::default();
+            let mut event_id: Vec<Option<String>> = Vec::with_capacity(batch.len());
+            for r in &batch {
+                at.push(to_i64(r.at));
+                text[0].push(r.handler.clone());
+                text[1].push(r.event.clone());
+                text[2].push(r.object_id.clone());
+                text[3].push(r.outcome.clone());
+                text[4].push(serde_json::to_string(r).unwrap_or_default());
+                event_id.push(r.event_id.clone());
+            }
+            let mut tries = 0;
+            loop {
+                let written = self
+                    .run("write", async |c| {
+                        c.execute(
+                            &query,
+                            &[
+                                &at, &text[0], &text[1], &text[2], &text[3], &event_id, &text[4],
+                            ],
+                        )
+                        .await
+                    })
+                    .await;
+                match written {
+                    Ok(_) => break,
+                    Err(e) if tries < 5 && !self.inner.stop.is_cancelled() => {
+                        tries += 1;
+                        debug!(error = %e, "cannot write execution log rows yet");
+                        tokio::time::sleep(Duration::from_millis(200 << tries)).await;
+                    }
+                    Err(e) => {
+                        let n = batch.len() as u64;
+                        self.inner.dropped.fetch_add(n, Ordering::Relaxed);
+                        crate::metrics::execution_log_dropped(n);
+                        warn!(rows = n, error = %e, "execution log rows dropped: the database did not take them");
+                        break;
+                    }
+                }
+            }
+            self.inner.log_bytes.fetch_sub(weight, Ordering::Relaxed);
+            batch.clear();
+        }
+    }
+
+    pub async fn close(&self) {
+        // Rows still in the channel are written first: closing the sender ends the
+        // writer once it has drained them.
+        self.inner.stop.cancel();
+        let release =
+            self.sql("UPDATE {s}.lanes SET owner = NULL, lease_until = NULL WHERE owner = $1");
+        let gone = self.sql("DELETE FROM {s}.sidecars WHERE id = $1");
+        let owner = self.inner.owner.clone();
+        if self.inner.ready.load(Ordering::Relaxed)
+            && let Ok(client) = self.inner.pool.get().await
+        {
+            let freed = tokio::time::timeout(OP_TIMEOUT, async {
+                client.execute(&release, &[&owner]).await?;
+                client.execute(&gone, &[&owner]).await
+            })
+            .await;
+            if let Ok(Err(e)) = freed {
+                warn!(error = %pg_error(&e), "cannot give the lanes back; they are free once their leases run out");
+            }
+        }
+        self.inner.held.lock().expect("not poisoned").clear();
+        self.inner.tasks.close();
+        let _ = tokio::time::timeout(OP_TIMEOUT, self.inner.tasks.wait()).await;
+        self.inner.pool.close();
+    }
+
+    pub async fn delivery(&self, id: u64) -> Result<Option<Delivery>, StoreError> {
+        let query = self.sql(
+            "SELECT id, handler, entity, event, object_id, message_id, body, attempts, \
+             next_at, enqueued_at, last_error, event_id FROM {s}.deliveries WHERE id = $1",
+        );
+        let id = to_i64(id);
+        let row = self
+            .run("read", async |c| c.query_opt(&query, &[&id]).await)
+            .await?;
+        Ok(row.map(|r| delivery_of(&r)))
+    }
+
+    pub async fn queue_depths(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let query = self.sql(
+            "SELECT handler, sum(pending)::bigint FROM {s}.lanes WHERE pending > 0 GROUP BY handler",
+        );
+        let rows = self
+            .run("read", async |c| c.query(&query, &[]).await)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), to_u64(r.get(1))))
+            .collect())
+    }
+
+    pub async fn queue_depth(&self) -> Result<u64, StoreError> {
+        let query = self.sql("SELECT count(*) FROM {s}.deliveries");
+        let n: i64 = self
+            .run("read", async |c| Ok(c.query_one(&query, &[]).await?.get(0)))
+            .await?;
+        Ok(to_u64(n))
+    }
+
+    pub async fn oldest_enqueued(&self) -> Result<Option<u64>, StoreError> {
+        let query = self.sql("SELECT enqueued_at FROM {s}.deliveries ORDER BY id LIMIT 1");
+        let at: Option<i64> = self
+            .run("read", async |c| {
+                Ok(c.query_opt(&query, &[]).await?.map(|r| r.get(0)))
+            })
+            .await?;
+        Ok(at.map(to_u64))
+    }
+
+    pub async fn dead_letter_count(&self) -> Result<u64, StoreError> {
+        let query = self.sql("SELECT count(*) FROM {s}.dead_letters");
+        let n: i64 = self
+            .run("read", async |c| Ok(c.query_one(&query, &[]).await?.get(0)))
+            .await?;
+        Ok(to_u64(n))
+    }
+
+    pub async fn executions(&self, filter: &ExecutionFilter) -> Result<Vec<Execution>, StoreError> {
+        let query = self.sql(
+            "SELECT id, row FROM {s}.executions WHERE ($1::text IS NULL OR event = $1) \
+             AND ($2::text IS NULL OR handler = $2) AND ($3::text IS NULL OR object_id = $3) \
+             AND ($4::text IS NULL OR outcome = $4) AND ($5::text IS NULL OR event_id = $5) \
+             AND ($6::bigint IS NULL OR id > $6) AND ($7::bigint IS NULL OR at >= $7) \
+             ORDER BY id DESC LIMIT $8",
+        );
+        let after = filter.after.map(to_i64);
+        let since = filter.since.map(to_i64);
+        let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
+        let rows = self
+            .run("read", async |c| {
+                c.query(
+                    &query,
+                    &[
+                        &filter.event,
+                        &filter.handler,
+                        &filter.object_id,
+                        &filter.outcome,
+                        &filter.event_id,
+                        &after,
+                        &since,
+                        &limit,
+                    ],
+                )
+                .await
+            })
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let text: &str = r.get(1);
+                let mut row: Execution = serde_json::from_str(text)
+                    .map_err(|e| StoreError::Corrupt(format!("execution log row: {e}")))?;
+                row.id = to_u64(r.get(0));
+                Ok(row)
+            })
+            .collect()
+    }
+
+    pub async fn dead_letters(
+        &self,
+        handler: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let query = self.sql(
+            "SELECT id, handler, entity, event, object_id, message_id, body, attempts, \
+             next_at, enqueued_at, last_error, event_id, reason, died_at FROM {s}.dead_letters \
+             WHERE ($1::text IS NULL OR handler = $1) ORDER BY id LIMIT $2",
+        );
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .run("read", async |c| c.query(&query, &[&handler, &limit]).await)
+            .await?;
+        Ok(rows.iter().map(dead_letter_of).collect())
+    }
+
+    pub async fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError> {
+        let query = self.sql(
+            "SELECT id, handler, entity, event, object_id, message_id, body, attempts, \
+             next_at, enqueued_at, last_error, event_id, reason, died_at FROM {s}.dead_letters \
+             WHERE id = $1",
+        );
+        let id = to_i64(id);
+        let row = self
+            .run("read", async |c| c.query_opt(&query, &[&id]).await)
+            .await?;
+        Ok(row.as_ref().map(dead_letter_of))
+    }
+
+    /// Claims up to `room` free lanes of `handler`, and reads their first queued
+    /// deliveries.
+    pub async fn claim(&self, handler: &str, room: usize) -> Result<Vec<Queued>, StoreError> {
+        if room == 0 || !self.is_open() && !self.inner.ready.load(Ordering::Relaxed) {
+            return Ok(Vec::new());
+        }
+        let claim = self.sql(
+            "WITH free AS (SELECT handler, entity FROM {s}.lanes WHERE handler = $1 \
+             AND pending > 0 AND (owner IS NULL OR lease_until < now()) \
+             LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             UPDATE {s}.lanes l SET owner = $3, token = l.token + 1, \
+             lease_until = now() + $4::bigint * interval '1 millisecond' FROM free \
+             WHERE l.handler = free.handler AND l.entity = free.entity RETURNING l.entity, l.token",
+        );
+        let room = i64::try_from(room).unwrap_or(i64::MAX);
+        let lease = ms(self.inner.lease);
+        let owner = &self.inner.owner;
+        let since = Instant::now();
+        let claimed = self
+            .run("write", async |c| {
+                c.query(&claim, &[&handler, &room, owner, &lease]).await
+            })
+            .await?;
+        if claimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut entities = Vec::with_capacity(claimed.len());
+        {
+            let mut held = self.inner.held.lock().expect("not poisoned");
+            for row in &claimed {
+                let entity: String = row.get(0);
+                let token: i64 = row.get(1);
+                held.insert((handler.to_owned(), entity.clone()), Held { token, since });
+                entities.push(entity);
+            }
+        }
+        debug!(handler, lanes = entities.len(), "lanes claimed");
+        let read = self.sql(
+            "SELECT d.id, d.entity FROM unnest($2::text[]) AS e(entity) CROSS JOIN LATERAL \
+             (SELECT id, entity FROM {s}.deliveries WHERE handler = $1 AND entity = e.entity \
+             ORDER BY id LIMIT $3) d ORDER BY d.id",
+        );
+        let rows = self
+            .run("read", async |c| {
+                c.query(&read, &[&handler, &entities, &LANE_BATCH]).await
+            })
+            .await;
+        match rows {
+            Ok(rows) => Ok(rows
+                .iter()
+                .map(|r| Queued {
+                    id: to_u64(r.get(0)),
+                    handler: handler.to_owned(),
+                    entity: r.get(1),
+                })
+                .collect()),
+            Err(e) => {
+                // Held but unread: give them back rather than sit on them.
+                for entity in &entities {
+                    let _ = self.abandon((handler, entity)).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The lane's queued deliveries, oldest first, at most [`LANE_BATCH`].
+    async fn lane_rows(&self, lane: (&str, &str)) -> Result<Vec<Queued>, StoreError> {
+        let read = self.sql(
+            "SELECT id FROM {s}.deliveries WHERE handler = $1 AND entity = $2 ORDER BY id LIMIT $3",
+        );
+        let rows = self
+            .run("read", async |c| {
+                c.query(&read, &[&lane.0, &lane.1, &LANE_BATCH]).await
+            })
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Queued {
+                id: to_u64(r.get(0)),
+                handler: lane.0.to_owned(),
+                entity: lane.1.to_owned(),
+            })
+            .collect())
+    }
+
+    pub async fn release(&self, lane: (&str, &str), _last: u64) -> Result<Release, StoreError> {
+        let Some(held) = self.token(lane) else {
+            return Ok(Release::Lost);
+        };
+        let free = self.sql(
+            "UPDATE {s}.lanes SET owner = CASE WHEN pending > 0 THEN owner END, \
+             lease_until = CASE WHEN pending > 0 THEN lease_until END \
+             WHERE handler = $1 AND entity = $2 AND owner = $3 AND token = $4 RETURNING pending",
+        );
+        let owner = &self.inner.owner;
+        let pending: Option<i64> = self
+            .run("write", async |c| {
+                Ok(c.query_opt(&free, &[&lane.0, &lane.1, owner, &held.token])
+                    .await?
+                    .map(|r| r.get(0)))
+            })
+            .await?;
+        match pending {
+            None => {
+                self.forget(lane);
+                Ok(Release::Lost)
+            }
+            Some(p) if p <= 0 => {
+                self.forget(lane);
+                Ok(Release::Free)
+            }
+            Some(_) => {
+                let rows = self.lane_rows(lane).await?;
+                if rows.is_empty() {
+                    // The count ran ahead of the rows (it cannot, but if it ever does, the
+                    // lane must not stay held with nothing to do): set it right, free it.
+                    let fix = self.sql(
+                        "UPDATE {s}.lanes l SET pending = (SELECT count(*) FROM {s}.deliveries d \
+                         WHERE d.handler = l.handler AND d.entity = l.entity), owner = NULL, \
+                         lease_until = NULL WHERE handler = $1 AND entity = $2 AND owner = $3 \
+                         AND token = $4",
+                    );
+                    self.run("write", async |c| {
+                        c.execute(&fix, &[&lane.0, &lane.1, owner, &held.token])
+                            .await
+                    })
+                    .await?;
+                    self.forget(lane);
+                    return Ok(Release::Free);
+                }
+                Ok(Release::More(rows))
+            }
+        }
+    }
+
+    pub async fn abandon(&self, lane: (&str, &str)) -> Result<(), StoreError> {
+        let Some(held) = self.token(lane) else {
+            return Ok(());
+        };
+        let free = self.sql(
+            "UPDATE {s}.lanes SET owner = NULL, lease_until = NULL \
+             WHERE handler = $1 AND entity = $2 AND owner = $3 AND token = $4",
+        );
+        let owner = &self.inner.owner;
+        self.forget(lane);
+        self.run("write", async |c| {
+            c.execute(&free, &[&lane.0, &lane.1, owner, &held.token])
+                .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Held, with time to spare: a fifth of the lease (at least a second) before it
+    /// would run out, counted from when the claim or the last renewal was sent.
+    pub fn holds(&self, lane: (&str, &str)) -> bool {
+        let Some(held) = self.token(lane) else {
+            return false;
+        };
+        let renewed = *self.inner.renewed.lock().expect("not poisoned");
+        let since = renewed.map_or(held.since, |r| r.max(held.since));
+        let lease = self.inner.lease;
+        let spare = (lease / 5).max(Duration::from_secs(1)).min(lease / 2);
+        since.elapsed() + spare < lease
+    }
+
+    pub fn set_handlers(&self, mut handlers: Vec<String>) {
+        handlers.sort();
+        *self.inner.handlers.lock().expect("not poisoned") = handlers;
+    }
+
+    pub async fn handler_elsewhere(&self, name: &str) -> Result<bool, StoreError> {
+        let query = self.sql(
+            "SELECT EXISTS (SELECT 1 FROM {s}.sidecars WHERE id <> $1 AND $2 = ANY(handlers) \
+             AND seen_at > now() - $3::bigint * interval '1 millisecond')",
+        );
+        let owner = &self.inner.owner;
+        let lease = ms(self.inner.lease);
+        self.run("read", async |c| {
+            Ok(c.query_one(&query, &[owner, &name, &lease]).await?.get(0))
+        })
+        .await
+    }
+
+    pub async fn orphans(&self) -> Result<Vec<String>, StoreError> {
+        // Only handlers whose work has waited a whole lease: a sidecar that has just
+        // added a handler by a reload has then told the others for sure.
+        let query = self.sql(
+            "SELECT DISTINCT l.handler FROM {s}.lanes l WHERE l.pending > 0 \
+             AND NOT EXISTS (SELECT 1 FROM {s}.sidecars s WHERE l.handler = ANY(s.handlers) \
+             AND s.seen_at > now() - $1::bigint * interval '1 millisecond') \
+             AND EXISTS (SELECT 1 FROM {s}.deliveries d WHERE d.handler = l.handler \
+             AND d.entity = l.entity AND d.enqueued_at < $2)",
+        );
+        let lease = ms(self.inner.lease);
+        let before = to_i64(now_ms()).saturating_sub(lease);
+        let rows = self
+            .run("read", async |c| c.query(&query, &[&lease, &before]).await)
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Renews this sidecar's leases and its entry among the live sidecars every third
+    /// of the lease; a lane the renewal does not return is lost.
+    async fn keep_leases(self) {
+        let every = (self.inner.lease / 3).max(Duration::from_millis(200));
+        let renew = self.sql(
+            "UPDATE {s}.lanes SET lease_until = now() + $2::bigint * interval '1 millisecond' \
+             WHERE owner = $1 RETURNING handler, entity, token",
+        );
+        let beat = self.sql(
+            "INSERT INTO {s}.sidecars (id, handlers, seen_at) VALUES ($1, $2, now()) \
+             ON CONFLICT (id) DO UPDATE SET handlers = excluded.handlers, seen_at = now()",
+        );
+        let owner = self.inner.owner.clone();
+        let lease = ms(self.inner.lease);
+        loop {
+            if self.inner.ready.load(Ordering::Relaxed) {
+                let sent = Instant::now();
+                let handlers = self.inner.handlers.lock().expect("not poisoned").clone();
+                let renewed = self
+                    .run("write", async |c| {
+                        c.execute(&beat, &[&owner, &handlers]).await?;
+                        c.query(&renew, &[&owner, &lease]).await
+                    })
+                    .await;
+                match renewed {
+                    Ok(rows) => {
+                        let ours: HashMap<(String, String), i64> = rows
+                            .iter()
+                            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+                            .collect();
+                        let mut held = self.inner.held.lock().expect("not poisoned");
+                        // Claimed after the renewal was sent: not in its answer yet.
+                        held.retain(|lane, h| h.since > sent || ours.get(lane) == Some(&h.token));
+                        *self.inner.renewed.lock().expect("not poisoned") = Some(sent);
+                    }
+                    Err(e) => warn!(error = %e, "cannot renew the lanes' leases"),
+                }
+            }
+            tokio::select! {
+                () = self.inner.stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// Tells the other sidecars about this one (its handlers) at once.
+    pub async fn announce(&self) -> Result<(), StoreError> {
+        let beat = self.sql(
+            "INSERT INTO {s}.sidecars (id, handlers, seen_at) VALUES ($1, $2, now()) \
+             ON CONFLICT (id) DO UPDATE SET handlers = excluded.handlers, seen_at = now()",
+        );
+        let owner = &self.inner.owner;
+        let handlers = self.inner.handlers.lock().expect("not poisoned").clone();
+        self.run("write", async |c| {
+            c.execute(&beat, &[owner, &handlers]).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn migrate_until_done(self) {
+        let mut wait = Duration::from_millis(250);
+        loop {
+            tokio::select! {
+                () = self.inner.stop.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            match self.migrate().await {
+                Ok(()) => return,
+                Err(Migrate::Refused(reason)) => {
+                    tracing::error!(store = %self.inner.shown, %reason, "cannot use the database");
+                }
+                Err(Migrate::Failed(e)) => debug!(error = %e, "database still unreachable"),
+            }
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Creates the schema, or checks its version, under an advisory lock held by the
+    /// transaction: sidecars starting together migrate one after the other.
+    async fn migrate(&self) -> Result<(), Migrate> {
+        let schema = &self.inner.schema;
+        let work = async {
+            let mut client = self
+                .inner
+                .pool
+                .get()
+                .await
+                .map_err(|e| Migrate::Failed(e.to_string()))?;
+            let failed = |e: tokio_postgres::Error| Migrate::Failed(pg_error(&e));
+            let txn = client.transaction().await.map_err(failed)?;
+            txn.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                &[&LOCK_CLASS, schema],
+            )
+            .await
+            .map_err(failed)?;
+            txn.batch_execute(&sql(
+                schema,
+                "CREATE SCHEMA IF NOT EXISTS {s}; CREATE TABLE IF NOT EXISTS {s}.meta \
+                 (key text PRIMARY KEY, value bigint NOT NULL);",
+            ))
+            .await
+            .map_err(failed)?;
+            let version: Option<i64> = txn
+                .query_opt(
+                    &sql(
+                        schema,
+                        "SELECT value FROM {s}.meta WHERE key = 'schema_version'",
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(failed)?
+                .map(|r| r.get(0));
+            match version {
+                None => {
+                    txn.batch_execute(&sql(schema, SCHEMA_SQL))
+                        .await
+                        .map_err(failed)?;
+                    txn.execute(
+                        &sql(schema, "INSERT INTO {s}.meta VALUES ('schema_version', $1)"),
+                        &[&SCHEMA_VERSION],
+                    )
+                    .await
+                    .map_err(failed)?;
+                    info!(schema = %schema, schema_version = SCHEMA_VERSION, "database schema created");
+                }
+                Some(v) if v > SCHEMA_VERSION => {
+                    return Err(Migrate::Refused(format!(
+                        "the schema {schema} is at version {v}, newer than this provisiond \
+                         knows (up to {SCHEMA_VERSION}); run the newer release, or set \
+                         store.schema to another schema"
+                    )));
+                }
+                Some(_) => {}
+            }
+            txn.commit().await.map_err(failed)?;
+            Ok(())
+        };
+        let done = tokio::time::timeout(OP_TIMEOUT * 2, work)
+            .await
+            .unwrap_or_else(|_| Err(Migrate::Failed("the database did not answer".into())));
+        if done.is_ok() {
+            self.inner.ready.store(true, Ordering::Relaxed);
+            if let Err(e) = self.announce().await {
+                warn!(error = %e, "cannot tell the other sidecars about this one yet");
+            }
+            info!(store = %self.inner.shown, "database ready");
+        }
+        done
+    }
+}
+
+enum Migrate {
+    /// Try again later.
+    Failed(String),
+    /// Never: the schema is not one this build may use.
+    Refused(String),
+}
+
+/// The database as logs show it, without user or password.
+fn describe(cfg: &tokio_postgres::Config, schema: &str) -> String {
+    let ports = cfg.get_ports();
+    let hosts: Vec<String> = cfg
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let host = match h {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            format!("{host}:{port}")
+        })
+        .collect();
+    format!(
+        "postgres://{}/{} (schema {schema})",
+        hosts.join(","),
+        cfg.get_dbname().unwrap_or("")
+    )
+}
+
+fn delivery_of(r: &tokio_postgres::Row) -> Delivery {
+    Delivery {
+        id: to_u64(r.get(0)),
+        handler: r.get(1),
+        entity: r.get(2),
+        event: r.get(3),
+        object_id: r.get(4),
+        message_id: r.get(5),
+        body: r.get(6),
+        attempts: u32::try_from(r.get::<_, i32>(7)).unwrap_or(0),
+        next_at: to_u64(r.get(8)),
+        enqueued_at: to_u64(r.get(9)),
+        last_error: r.get(10),
+        event_id: r.get(11),
+    }
+}
+
+fn dead_letter_of(r: &tokio_postgres::Row) -> DeadLetter {
+    DeadLetter {
+        delivery: delivery_of(r),
+        reason: r.get(12),
+        died_at: to_u64(r.get(13)),
+    }
+}
