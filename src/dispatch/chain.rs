@@ -15,6 +15,7 @@ use crate::config::{Handler, OnError, Stage};
 use crate::events::Envelope;
 use crate::filter::{CelInput, Verdict};
 use crate::handlers::{Call, CallError, Caller, EXCERPT, Reply, exec, new_message_id};
+use crate::outcome::CallOutcome;
 
 /// How the before stage ended.
 // One per event, moved once: boxing the larger variant would only add an allocation.
@@ -40,7 +41,7 @@ pub struct CallRecord {
     pub handler: String,
     pub stage: Stage,
     pub attempt: u32,
-    /// `allowed`, `denied`, `error` (before); `delivered`, `failed`, `dead` (after).
+    /// A [`CallOutcome`]'s name (`CallOutcome::as_str`): the store keeps it as text.
     pub outcome: &'static str,
     pub duration: Duration,
     /// HTTP status or exit code.
@@ -166,7 +167,7 @@ pub async fn run_before(
             handler: handler.name.clone(),
             stage: Stage::Before,
             attempt: 1,
-            outcome: "allowed",
+            outcome: CallOutcome::Allowed.as_str(),
             duration,
             code,
             excerpt,
@@ -185,7 +186,7 @@ pub async fn run_before(
             }
             Step::Deny(message) => {
                 debug!(handler = %handler.name, event = %envelope.name, ?duration, reason = %message, "handler denied");
-                record.outcome = "denied";
+                record.outcome = CallOutcome::Denied.as_str();
                 records.record(handler, record);
                 return Outcome::Denied {
                     handler: handler.name.clone(),
@@ -193,7 +194,7 @@ pub async fn run_before(
                 };
             }
             Step::Error(error) => {
-                record.outcome = "error";
+                record.outcome = CallOutcome::Error.as_str();
                 record.error = Some(error.clone());
                 records.record(handler, record);
                 match handler.on_error {
@@ -346,7 +347,7 @@ pub fn select_after(
                         handler: handler.name.clone(),
                         stage: Stage::After,
                         attempt: 0,
-                        outcome: "error",
+                        outcome: CallOutcome::Error.as_str(),
                         duration: Duration::ZERO,
                         code: None,
                         excerpt: String::new(),
