@@ -502,3 +502,26 @@ fn block_on(command: impl std::future::Future<Output = anyhow::Result<ExitCode>>
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+    use provisiond::outcome::CallOutcome;
+
+    use super::Cli;
+
+    #[test]
+    fn the_outcome_help_names_every_outcome() {
+        let cli = Cli::command();
+        let executions = cli.find_subcommand("executions").unwrap();
+        let outcome = executions
+            .get_arguments()
+            .find(|a| a.get_id() == "outcome")
+            .unwrap();
+        let names: Vec<&str> = CallOutcome::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(
+            outcome.get_help().unwrap().to_string(),
+            format!("Only this outcome: {}", names.join(", "))
+        );
+    }
+}

@@ -1,11 +1,9 @@
 //! `provisiond check` and `schema`, the shipped configs, and the default config serving.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 fn check(path: &Path, env: &[(&str, &str)]) -> (i32, String, String) {
