@@ -47,6 +47,47 @@ fn print_errors(errors: &ConfigErrors) {
     eprintln!("{file}: {n} error{}", if n == 1 { "" } else { "s" });
 }
 
+/// `provisiond store copy --from FILE`: what the redb file holds, into the configured
+/// shared store.
+pub async fn store_copy(path: &Path, from: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(errors) => {
+            print_errors(&errors);
+            return ExitCode::FAILURE;
+        }
+    };
+    if !from.is_file() {
+        eprintln!("provisiond: {}: no such store file", from.display());
+        return ExitCode::FAILURE;
+    }
+    let store = match Store::open(&config.store).await {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("provisiond: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let copied = store.copy_from_file(from).await;
+    store.close().await;
+    match copied {
+        Ok((queued, dead)) => {
+            println!(
+                "copied {queued} queued deliver{} and {dead} dead letter{} from {} into {}",
+                if queued == 1 { "y" } else { "ies" },
+                if dead == 1 { "" } else { "s" },
+                from.display(),
+                store.path()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("provisiond: store copy failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `provisiond explain`: which handlers an event with this data would run, and why the
 /// others would not. Calls nothing.
 pub fn explain(path: &Path, event: &str, data: Option<&str>, object_id: &str) -> ExitCode {

@@ -1,21 +1,26 @@
 //! `provisiond explain`: which handlers an envelope would go to, in which order, and why
 //! every other handler would not; worked out from the config alone, calling nothing.
 //!
-//! It follows dispatch ([`crate::dispatch`]) step by step: the same plan, the same
-//! filters, the same `on_error` rules. What it cannot know is what handlers answer: it
-//! assumes each before-stage handler allows and leaves the data as it was, so filters
-//! are evaluated on the data given. `provisiond test` ([`crate::cases`]) checks its
+//! It runs dispatch's own chain ([`crate::dispatch`]): the same plan, the same filters,
+//! the same `on_error` rules, so the two cannot disagree. What it cannot know is what
+//! handlers answer: its caller has each before-stage handler allow and leave the data as
+//! it was, so filters are evaluated on the data given. `provisiond test` ([`crate::cases`]) checks its
 //! answers against expectations.
 
 use std::fmt::{self, Write as _};
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
-use crate::config::{Config, Handler, OnError, Stage};
-use crate::dispatch::Plan;
+use crate::config::{Config, Handler, Stage};
+use crate::dispatch::{CallRecord, Calls, Outcome, Plan, Trace, run_before, select_after};
 use crate::events::{Envelope, EnvelopeError};
 use crate::filter::Verdict;
+use crate::handlers::{Call, CallError, Reply};
 
 /// What dispatch would do with one envelope.
 #[derive(Debug)]
@@ -84,7 +89,9 @@ pub fn envelope(event: &str, object_id: Value, data: Value) -> Result<Envelope, 
     }))
 }
 
-/// Works out what dispatch would do with `envelope` under `config`.
+/// Works out what dispatch would do with `envelope` under `config`: the real chain
+/// ([`run_before`], [`select_after`]) with a caller that allows every call and leaves the
+/// data as it was.
 pub fn explain(config: &Config, envelope: &Envelope) -> Explanation {
     let plan = Plan::new(config);
     let route = plan.route(&envelope.name);
@@ -104,43 +111,51 @@ pub fn explain(config: &Config, envelope: &Envelope) -> Explanation {
         denied: None,
         not_run: Vec::new(),
     };
-    let mut skipped: Vec<(Arc<Handler>, Reason)> = Vec::new();
-
-    for handler in &route.before {
-        if let Some((by, _)) = &out.denied {
-            skipped.push((handler.clone(), Reason::NotReached(by.clone())));
-            continue;
+    let mut trace = DryTrace::default();
+    let started = Instant::now();
+    let outcome = at_once(run_before(
+        &DryRun,
+        &route,
+        envelope.clone(),
+        Bytes::from(envelope.to_json()),
+        started + DRY_DEADLINE,
+        DRY_DEADLINE,
+        &mut trace,
+    ));
+    match outcome {
+        Outcome::Allowed {
+            envelope, mut cel, ..
+        } => {
+            out.after = select_after(&route, &envelope, &mut cel, &mut trace);
         }
-        match handler.filter.evaluate(envelope) {
-            Ok(Verdict::Pass) => out.before.push(handler.clone()),
-            Ok(verdict) => skipped.push((handler.clone(), why_not(handler, verdict))),
-            Err(e) if handler.on_error == OnError::Deny => {
-                out.denied = Some((handler.name.clone(), e.to_string()));
-            }
-            Err(e) => skipped.push((
-                handler.clone(),
-                Reason::FilterError(format!(
-                    "{}; a handler error, skipped (on_error = \"allow\")",
-                    e
-                )),
-            )),
-        }
-    }
-    for handler in &route.after {
-        if let Some((by, _)) = &out.denied {
-            skipped.push((handler.clone(), Reason::NotReached(by.clone())));
-            continue;
-        }
-        match handler.filter.evaluate(envelope) {
-            Ok(Verdict::Pass) => out.after.push(handler.clone()),
-            Ok(verdict) => skipped.push((handler.clone(), why_not(handler, verdict))),
-            Err(e) => skipped.push((
-                handler.clone(),
-                Reason::FilterError(format!("{}; no delivery", e)),
-            )),
+        Outcome::Denied { handler, message } => {
+            // A dry run denies only through a filter that fails under
+            // `on_error = "deny"`: its record holds the failure.
+            let failure = trace
+                .failed
+                .iter()
+                .rposition(|(h, _)| h.name == handler)
+                .map_or(message, |i| trace.failed.swap_remove(i).1);
+            out.denied = Some((handler, failure));
         }
     }
+    out.before = trace.called;
+    let mut skipped = trace.skipped;
+    for (handler, failure) in trace.failed {
+        let reason = match handler.stage {
+            Stage::Before => format!("{failure}; a handler error, skipped (on_error = \"allow\")"),
+            Stage::After => format!("{failure}; no delivery"),
+        };
+        skipped.push((handler, Reason::FilterError(reason)));
+    }
 
+    let in_route = |handler: &Arc<Handler>| {
+        route
+            .before
+            .iter()
+            .chain(&route.after)
+            .any(|h| Arc::ptr_eq(h, handler))
+    };
     for handler in &config.handlers {
         let denier = out
             .denied
@@ -158,12 +173,67 @@ pub fn explain(config: &Config, envelope: &Envelope) -> Explanation {
             Reason::Disabled
         } else if let Some(i) = skipped.iter().position(|(h, _)| Arc::ptr_eq(h, handler)) {
             skipped.swap_remove(i).1
+        } else if let Some((by, _)) = out.denied.as_ref().filter(|_| in_route(handler)) {
+            Reason::NotReached(by.clone())
         } else {
             Reason::Events
         };
         out.not_run.push((handler.clone(), reason));
     }
     out
+}
+
+/// Longer than any dry run takes: `explain` never runs out of time.
+const DRY_DEADLINE: Duration = Duration::from_secs(3600);
+
+/// The dry run's caller: every handler allows and leaves the data as it was (a 200 with
+/// an empty body, which a modifying handler may answer too).
+struct DryRun;
+
+impl Calls for DryRun {
+    fn call(&self, _call: Call<'_>) -> impl Future<Output = Result<Reply, CallError>> + Send {
+        std::future::ready(Ok(Reply::Http {
+            status: 200,
+            body: Bytes::new(),
+            truncated: false,
+            retry_after: None,
+        }))
+    }
+}
+
+/// What the dry run did: who was called, who failed (a filter that could not be
+/// evaluated), who a filter passed over and why.
+#[derive(Default)]
+struct DryTrace {
+    called: Vec<Arc<Handler>>,
+    failed: Vec<(Arc<Handler>, String)>,
+    skipped: Vec<(Arc<Handler>, Reason)>,
+}
+
+impl Trace for DryTrace {
+    fn record(&mut self, handler: &Arc<Handler>, record: CallRecord) {
+        match record.error {
+            Some(error) => self.failed.push((handler.clone(), error)),
+            None => self.called.push(handler.clone()),
+        }
+    }
+
+    fn passed_over(&mut self, handler: &Arc<Handler>, verdict: Verdict) {
+        self.skipped
+            .push((handler.clone(), why_not(handler, verdict)));
+    }
+}
+
+/// Runs a future that never waits (the dry run's caller answers at once) to its end.
+fn at_once<F: Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(output) => output,
+        Poll::Pending => unreachable!("the dry run's caller never waits"),
+    }
 }
 
 fn why_not(handler: &Handler, verdict: Verdict) -> Reason {

@@ -22,7 +22,8 @@
 //!   snapshot.
 //! - [`explain`], [`cases`]: what dispatch would do with an envelope, worked out from the
 //!   config alone; `provisiond explain` and `provisiond test`.
-//! - [`telemetry`], [`metrics`], [`shutdown`]: logs, Prometheus metrics, signals.
+//! - [`telemetry`], [`metrics`], [`shutdown`]: logs, Prometheus metrics, signals;
+//!   [`outcome`]: the names of what became of a call or an event.
 //! - [`commands`]: the subcommands the binary runs; [`remote`]: the client they use to
 //!   talk to a running sidecar.
 #![forbid(unsafe_code)]
@@ -38,6 +39,7 @@ pub mod filter;
 pub mod handlers;
 pub mod keypath;
 pub mod metrics;
+pub mod outcome;
 pub mod reload;
 pub mod remote;
 pub mod server;

@@ -166,6 +166,11 @@ enum Command {
         #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration)]
         timeout: std::time::Duration,
     },
+    /// Work on the configured store directly (no sidecar needed).
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Print shell completions: provisiond completions bash > /etc/bash_completion.d/provisiond
     Completions {
         /// The shell.
@@ -174,6 +179,18 @@ enum Command {
     },
     /// Print the man page (roff): provisiond man > /usr/local/share/man/man1/provisiond.1
     Man,
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Move what a redb store file holds (queued deliveries, dead letters) into the
+    /// configured shared store (store.backend = "postgres"), then remove it from the
+    /// file. Stop the sidecar that used the file first.
+    Copy {
+        /// The redb file (the old store.path).
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+    },
 }
 
 /// The shells `completions` writes for.
@@ -393,6 +410,15 @@ fn main() -> ExitCode {
             target.timeout = Some(timeout);
             block_on(commands::health(&cli.config, &target, ready))
         }
+        Command::Store {
+            command: StoreCommand::Copy { from },
+        } => match tokio::runtime::Runtime::new() {
+            Ok(runtime) => runtime.block_on(commands::store_copy(&cli.config, &from)),
+            Err(e) => {
+                eprintln!("provisiond: cannot start the runtime: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Completions { shell } => {
             let shell = match shell {
                 Shell::Bash => clap_complete::Shell::Bash,
@@ -474,5 +500,28 @@ fn block_on(command: impl std::future::Future<Output = anyhow::Result<ExitCode>>
             eprintln!("provisiond: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+    use provisiond::outcome::CallOutcome;
+
+    use super::Cli;
+
+    #[test]
+    fn the_outcome_help_names_every_outcome() {
+        let cli = Cli::command();
+        let executions = cli.find_subcommand("executions").unwrap();
+        let outcome = executions
+            .get_arguments()
+            .find(|a| a.get_id() == "outcome")
+            .unwrap();
+        let names: Vec<&str> = CallOutcome::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(
+            outcome.get_help().unwrap().to_string(),
+            format!("Only this outcome: {}", names.join(", "))
+        );
     }
 }

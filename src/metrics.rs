@@ -12,6 +12,8 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::outcome::{CallOutcome, EventOutcome};
+
 pub const EVENTS: &str = "provisiond_events_total";
 pub const EVENTS_IN_FLIGHT: &str = "provisiond_events_in_flight";
 pub const BEFORE_CHAIN_SECONDS: &str = "provisiond_before_chain_duration_seconds";
@@ -168,7 +170,8 @@ fn kept<T: Clone>(
     made
 }
 
-pub fn event(event: String, outcome: &'static str) {
+pub fn event(event: String, outcome: EventOutcome) {
+    let outcome = outcome.as_str();
     static KEPT: LazyLock<Handles<Counter>> = LazyLock::new(Default::default);
     kept(
         &KEPT,
@@ -195,14 +198,14 @@ impl Calls {
     /// Registers every outcome of the stage at once, so that each series exists (at 0)
     /// from the handler's first call.
     fn new(handler: &str, stage: &'static str) -> Self {
-        let outcomes: &[&'static str] = match stage {
-            "before" => &["allowed", "denied", "error"],
-            _ => &["delivered", "failed", "dead", "error"],
+        let outcomes: &[CallOutcome] = match stage {
+            "before" => &CallOutcome::BEFORE,
+            _ => &CallOutcome::AFTER,
         };
         Self {
             by_outcome: outcomes
                 .iter()
-                .map(|&outcome| (outcome, call_counter(handler, stage, outcome)))
+                .map(|o| (o.as_str(), call_counter(handler, stage, o.as_str())))
                 .collect(),
             time: histogram!(HANDLER_SECONDS, "handler" => handler.to_owned(), "stage" => stage),
         }

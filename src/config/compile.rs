@@ -14,7 +14,7 @@ use super::defaults;
 use super::error::{ConfigErrors, KeyPath};
 use super::raw::{OnError, RawConfig, RawDefaults, RawRetry, RawServer, RawStore};
 use super::source::{Diag, Document};
-use super::{Backend, Config, Listen, Retry, Secret, Server, Store};
+use super::{Backend, Config, Listen, Postgres, Retry, Secret, Server, Store};
 use crate::events;
 
 mod handler;
@@ -322,7 +322,7 @@ impl Checker<'_> {
     fn store(&mut self, raw: &RawStore) -> Store {
         let path = KeyPath::root().key("store");
         let file = raw.path.as_deref().unwrap_or(defaults::STORE_PATH);
-        if file.trim().is_empty() {
+        if file.trim().is_empty() && raw.backend.as_deref() != Some("postgres") {
             self.error(path.key("path"), "must not be empty");
         }
         let keep = raw.keep_executions.clone().unwrap_or_default();
@@ -335,9 +335,10 @@ impl Checker<'_> {
             Some(n) => n,
             None => defaults::KEEP_ROWS,
         };
+        let backend = self.backend(raw, &path);
         Store {
             path: PathBuf::from(file),
-            backend: Backend::Redb,
+            backend,
             dedupe_window: self.duration(
                 raw.dedupe_window.as_deref(),
                 path.key("dedupe_window"),
@@ -350,6 +351,131 @@ impl Checker<'_> {
             ),
             keep_rows,
         }
+    }
+
+    /// `store.backend` and the keys that go with it: `path` only with "redb"; `url`,
+    /// `schema`, `pool` and `lease` only with "postgres", which needs `url`.
+    fn backend(&mut self, raw: &RawStore, path: &KeyPath) -> Backend {
+        let postgres_keys = [
+            ("url", raw.url.is_some()),
+            ("schema", raw.schema.is_some()),
+            ("pool", raw.pool.is_some()),
+            ("lease", raw.lease.is_some()),
+        ];
+        match raw.backend.as_deref().unwrap_or(defaults::BACKEND) {
+            "redb" => {
+                let which = if raw.backend.is_some() {
+                    "backend is \"redb\""
+                } else {
+                    "backend is \"redb\" (the default)"
+                };
+                for (key, set) in postgres_keys {
+                    if set {
+                        self.error(
+                            path.key(key),
+                            format!(
+                                "only applies to backend = \"postgres\"; this store's {which}: \
+                                 set store.backend = \"postgres\" or remove the key"
+                            ),
+                        );
+                    }
+                }
+                Backend::Redb
+            }
+            "postgres" => {
+                if raw.path.is_some() {
+                    self.error(
+                        path.key("path"),
+                        "only applies to backend = \"redb\"; with \"postgres\" the data lives \
+                         in the database at store.url: remove the key",
+                    );
+                }
+                match self.postgres(raw, path) {
+                    Some(pg) => Backend::Postgres(pg),
+                    None => Backend::Redb,
+                }
+            }
+            other => {
+                self.error(
+                    path.key("backend"),
+                    format!(
+                        "unknown backend {other:?}; expected \"redb\" (one file, for this \
+                         sidecar alone) or \"postgres\" (a database shared by several sidecars)"
+                    ),
+                );
+                Backend::Redb
+            }
+        }
+    }
+
+    /// `backend = "postgres"`: `None` when `url` is missing or wrong (reported).
+    fn postgres(&mut self, raw: &RawStore, path: &KeyPath) -> Option<Postgres> {
+        let schema = raw.schema.as_deref().unwrap_or(defaults::PG_SCHEMA);
+        if !is_plain_identifier(schema) {
+            self.error(
+                path.key("schema"),
+                format!(
+                    "{schema:?} is not a plain lower-case SQL identifier: use a-z, 0-9 and '_', \
+                     not starting with a digit, at most 63 characters"
+                ),
+            );
+        }
+        let pool = match raw.pool {
+            Some(n) if (1..=defaults::PG_POOL_MAX).contains(&n) => n,
+            Some(_) => {
+                self.error(
+                    path.key("pool"),
+                    format!("must be between 1 and {}", defaults::PG_POOL_MAX),
+                );
+                defaults::PG_POOL
+            }
+            None => defaults::PG_POOL,
+        };
+        let default_lease = defaults::duration(defaults::PG_LEASE);
+        let lease = match self.duration(raw.lease.as_deref(), path.key("lease"), default_lease) {
+            d if d < Duration::from_secs(1) => {
+                self.error(path.key("lease"), "must be at least 1s");
+                default_lease
+            }
+            d => d,
+        };
+        let url_path = path.key("url");
+        let from_env = self
+            .originals
+            .get(&url_path)
+            .map(|w| handler::from_env_note(w))
+            .unwrap_or_default();
+        let url = match raw.url.as_deref() {
+            None => {
+                self.error(
+                    path.key("backend"),
+                    "backend \"postgres\" needs store.url, the database to use: give it \
+                     through the environment, url = \"${PROVISIOND_PG_URL}\"",
+                );
+                return None;
+            }
+            Some(url) if url.trim().is_empty() => {
+                self.error(url_path, format!("is empty{from_env}"));
+                return None;
+            }
+            Some(url) => url,
+        };
+        if let Err(e) = tokio_postgres::Config::from_str(url) {
+            self.error(
+                url_path,
+                format!(
+                    "not a PostgreSQL URL or key=value string: {}{from_env}",
+                    conninfo_problem(&e, url)
+                ),
+            );
+            return None;
+        }
+        Some(Postgres {
+            url: Secret::new(url.to_owned()),
+            schema: schema.to_owned(),
+            pool: pool as usize,
+            lease,
+        })
     }
 
     fn extra_events(&mut self, raw: &RawConfig) -> Vec<String> {
@@ -456,6 +582,30 @@ fn parse_listen(text: &str) -> Result<Listen, String> {
     text.parse::<SocketAddr>().map(Listen::Tcp).map_err(|_| {
         format!("{text:?} is not an address; write \"127.0.0.1:8600\" or \"unix:/path.sock\"")
     })
+}
+
+/// What tokio-postgres found wrong with a connection string, safe to show. Its
+/// messages name options, never values, with one exception: an unknown option in a
+/// key=value string that holds a password may be a piece of that password (an unquoted
+/// one with a space), so it is not named then.
+fn conninfo_problem(e: &tokio_postgres::Error, url: &str) -> String {
+    let Some(cause) = std::error::Error::source(e).map(ToString::to_string) else {
+        return e.to_string();
+    };
+    if cause.starts_with("unknown option") && url.to_ascii_lowercase().contains("password") {
+        return "an unknown option (a password with spaces must be quoted: \
+                password='...')"
+            .to_owned();
+    }
+    cause
+}
+
+/// `^[a-z_][a-z0-9_]{0,62}$`: a name PostgreSQL takes as it is, unquoted and in full.
+fn is_plain_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z' | '_'))
+        && name.len() <= 63
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
 }
 
 fn hex(bytes: &[u8]) -> String {

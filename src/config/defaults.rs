@@ -15,7 +15,13 @@ pub const MAX_CONNECTIONS: u32 = 1024;
 pub const HEADER_TIMEOUT: &str = "10s";
 pub const SHUTDOWN_GRACE: &str = "10s";
 
+pub const BACKEND: &str = "redb";
 pub const STORE_PATH: &str = "provisiond.db";
+pub const PG_SCHEMA: &str = "provisiond";
+pub const PG_POOL: u32 = 8;
+/// The largest `store.pool`.
+pub const PG_POOL_MAX: u32 = 64;
+pub const PG_LEASE: &str = "30s";
 pub const DEDUPE_WINDOW: &str = "10m";
 pub const KEEP_AGE: &str = "7d";
 pub const KEEP_ROWS: u64 = 100_000;
@@ -114,11 +120,26 @@ mod tests {
         assert_eq!(documented("RawServer", "allow_insecure"), json!(false));
 
         let store = &config.store;
+        assert_eq!(json!("redb"), documented("RawStore", "backend"));
+        assert_eq!(store.backend, crate::config::Backend::Redb);
         assert_eq!(json!(store.path), documented("RawStore", "path"));
         assert_eq!(store.dedupe_window, duration("RawStore", "dedupe_window"));
         assert_eq!(store.keep_age, duration("RawRetention", "age"));
         assert_eq!(json!(store.keep_rows), documented("RawRetention", "rows"));
         assert!(config.handlers.is_empty() && config.extra_events.is_empty());
+    }
+
+    #[test]
+    fn a_bare_postgres_store_gets_exactly_the_documented_defaults() {
+        let text = "[store]\nbackend = \"postgres\"\nurl = \"postgres://db/billing\"\n";
+        let config = Config::parse(text, "provisioning.toml").unwrap();
+        let crate::config::Backend::Postgres(pg) = &config.store.backend else {
+            panic!("a postgres store")
+        };
+        assert_eq!(json!(pg.schema), documented("RawStore", "schema"));
+        assert_eq!(json!(pg.pool), documented("RawStore", "pool"));
+        assert_eq!(pg.lease, duration("RawStore", "lease"));
+        assert_eq!(pg.url.expose(), "postgres://db/billing");
     }
 
     #[test]

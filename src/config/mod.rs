@@ -6,6 +6,7 @@
 //! from parsing text ([`Config::parse`]), so tests build configs from strings.
 
 mod compile;
+mod conninfo;
 pub mod defaults;
 mod env;
 mod error;
@@ -105,6 +106,26 @@ pub struct Postgres {
     pub pool: usize,
     /// How long a sidecar holds a lane without renewing it.
     pub lease: Duration,
+}
+
+impl Postgres {
+    /// `url` safe to show (in `check`, `GET /v1/config`, logs): the password masked,
+    /// the rest as given, e.g. `postgres://app:***@db1,db2/billing` or
+    /// `host=db1 user=app password=***`.
+    pub fn shown_url(&self) -> String {
+        conninfo::masked(self.url.expose())
+    }
+}
+
+impl Store {
+    /// Where the store is, safe to show: the redb file, or the database with its
+    /// password masked.
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Redb => format!("redb {}", self.path.display()),
+            Backend::Postgres(pg) => format!("postgres {} (schema {})", pg.shown_url(), pg.schema),
+        }
+    }
 }
 
 /// After-stage retries: exponential backoff with full jitter.
@@ -327,6 +348,9 @@ impl Config {
             },
             self.server.listen,
         );
+        if let Backend::Postgres(_) = &self.store.backend {
+            text.push_str(&format!(", store {}", self.store.describe()));
+        }
         for h in &self.handlers {
             let events: Vec<String> = h.events.iter().map(ToString::to_string).collect();
             text.push_str(&format!(

@@ -75,10 +75,41 @@ pub struct RawServer {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
-    /// The redb file (default "provisiond.db", relative to the working directory).
-    /// Changing it needs a restart.
+    /// Where the after-stage queue, execution log and dead letters live: "redb" (one
+    /// file at `path`, for this sidecar alone; the default) or "postgres" (a database at
+    /// `url`, shared by any number of sidecars). Changing it needs a restart.
+    #[schemars(extend("enum" = ["redb", "postgres"], "default" = defaults::BACKEND))]
+    pub backend: Option<String>,
+    /// The redb file (default "provisiond.db", relative to the working directory); only
+    /// with backend "redb". Changing it needs a restart.
     #[schemars(extend("default" = defaults::STORE_PATH))]
     pub path: Option<String>,
+    /// Backend "postgres": the database, as a URL
+    /// ("postgres://user:pass@db1,db2/billing?target_session_attrs=read-write") or a
+    /// key=value string ("host=db1 dbname=billing user=app password=..."). Required with
+    /// that backend; give it through the environment: "${PROVISIOND_PG_URL}". Shown with
+    /// the password masked. Changing it needs a restart.
+    pub url: Option<String>,
+    /// Backend "postgres": the schema the tables live in, created and migrated at start
+    /// (default "provisiond"): a plain lower-case SQL identifier. Changing it needs a
+    /// restart.
+    #[schemars(
+        regex(pattern = r"^[a-z_][a-z0-9_]{0,62}$"),
+        extend("default" = defaults::PG_SCHEMA)
+    )]
+    pub schema: Option<String>,
+    /// Backend "postgres": database connections this sidecar keeps (default 8, at most
+    /// 64). Changing it needs a restart.
+    #[schemars(
+        range(min = 1, max = 64),
+        extend("default" = defaults::PG_POOL)
+    )]
+    pub pool: Option<u32>,
+    /// Backend "postgres": how long a sidecar holds an entity's lane without renewing
+    /// it; a dead sidecar's lanes are taken over after it ("30s" by default, at least
+    /// "1s"). Changing it needs a restart.
+    #[schemars(extend("default" = defaults::PG_LEASE))]
+    pub lease: Option<String>,
     /// An identical envelope arriving again within this window is not delivered to
     /// after-stage handlers twice ("10m" by default; "0s" turns it off).
     #[schemars(extend("default" = defaults::DEDUPE_WINDOW))]

@@ -336,3 +336,176 @@ fn stage_is_required_and_syntax_errors_have_positions() {
     let errors = parse("[server\nlisten = 1\n").unwrap_err();
     assert!(errors.to_string().starts_with("p.toml:1:"), "{errors}");
 }
+
+#[test]
+fn a_postgres_store_compiles_with_its_url_from_the_environment() {
+    let text = "[store]\nbackend = \"postgres\"\n\
+                url = \"postgres://app:${CRM_TOKEN}@db1,db2/billing?target_session_attrs=read-write\"\n\
+                schema = \"billing_hooks\"\npool = 64\nlease = \"1s\"\n";
+    let config = parse(text).unwrap();
+    let Backend::Postgres(pg) = &config.store.backend else {
+        panic!("a postgres store")
+    };
+    assert_eq!(
+        pg.url.expose(),
+        "postgres://app:t0ken@db1,db2/billing?target_session_attrs=read-write"
+    );
+    assert_eq!(
+        pg.shown_url(),
+        "postgres://app:***@db1,db2/billing?target_session_attrs=read-write"
+    );
+    assert_eq!(
+        (pg.schema.as_str(), pg.pool, pg.lease),
+        ("billing_hooks", 64, Duration::from_secs(1))
+    );
+    assert!(config.summary().contains(
+        ", store postgres postgres://app:***@db1,db2/billing?target_session_attrs=read-write \
+         (schema billing_hooks)"
+    ));
+    for shown in [format!("{config:?}"), config.summary()] {
+        assert!(!shown.contains("t0ken"), "{shown}");
+    }
+    // The key=value form.
+    let config = parse(
+        "[store]\nbackend = \"postgres\"\nurl = \"host=db1 user=app password=${CRM_TOKEN}\"\n",
+    )
+    .unwrap();
+    let Backend::Postgres(pg) = &config.store.backend else {
+        panic!("a postgres store")
+    };
+    assert_eq!(pg.shown_url(), "host=db1 user=app password=***");
+}
+
+#[test]
+fn the_keys_of_the_other_backend_are_refused_naming_their_lines() {
+    assert_eq!(
+        error_lines(
+            "[store]\nbackend = \"postgres\"\npath = \"a.db\"\nurl = \"postgres://db/billing\"\n"
+        ),
+        [
+            "p.toml:3:8: store.path: only applies to backend = \"redb\"; with \"postgres\" the \
+          data lives in the database at store.url: remove the key"
+        ]
+    );
+    let redb = "only applies to backend = \"postgres\"; this store's backend is \"redb\" \
+                (the default): set store.backend = \"postgres\" or remove the key";
+    assert_eq!(
+        error_lines(
+            "[store]\nurl = \"postgres://db/billing\"\nschema = \"x\"\npool = 2\nlease = \"5s\"\n"
+        ),
+        [
+            format!("p.toml:2:7: store.url: {redb}"),
+            format!("p.toml:3:10: store.schema: {redb}"),
+            format!("p.toml:4:8: store.pool: {redb}"),
+            format!("p.toml:5:9: store.lease: {redb}"),
+        ]
+    );
+    assert_eq!(
+        error_lines("[store]\nbackend = \"redb\"\nurl = \"postgres://db/billing\"\n"),
+        [
+            "p.toml:3:7: store.url: only applies to backend = \"postgres\"; this store's backend \
+          is \"redb\": set store.backend = \"postgres\" or remove the key"
+        ]
+    );
+}
+
+#[test]
+fn a_postgres_store_needs_a_url() {
+    assert_eq!(
+        error_lines("[store]\nbackend = \"postgres\"\n"),
+        [
+            "p.toml:2:11: store.backend: backend \"postgres\" needs store.url, the database to \
+          use: give it through the environment, url = \"${PROVISIOND_PG_URL}\""
+        ]
+    );
+    assert_eq!(
+        error_lines("[store]\nbackend = \"postgres\"\nurl = \" \"\n"),
+        ["p.toml:3:7: store.url: is empty"]
+    );
+    assert_eq!(
+        error_lines("[store]\nbackend = \"postgres\"\nurl = \"${EMPTY_PG_URL:-}\"\n"),
+        [
+            "p.toml:3:7: store.url: is empty (the value came from the environment variable \
+          `EMPTY_PG_URL`)"
+        ]
+    );
+    assert_eq!(
+        error_lines("[store]\nbackend = \"postgres\"\nurl = \"host=db hots=x\"\n"),
+        [
+            "p.toml:3:7: store.url: not a PostgreSQL URL or key=value string: unknown option \
+          `hots`"
+        ]
+    );
+    assert_eq!(
+        error_lines("[store]\nbackend = \"postgres\"\nurl = \"postgres://db:x/billing\"\n"),
+        [
+            "p.toml:3:7: store.url: not a PostgreSQL URL or key=value string: invalid value \
+          for option `port`"
+        ]
+    );
+    // An unquoted password with a space reads as an unknown option: not named, and
+    // nothing of the value shown.
+    let errors = error_lines(
+        "[store]\nbackend = \"postgres\"\nurl = \"host=db password=${CRM_TOKEN} sec4417=x\"\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "p.toml:3:7: store.url: not a PostgreSQL URL or key=value string: an unknown option \
+          (a password with spaces must be quoted: password='...') (the value came from the \
+          environment variable `CRM_TOKEN`)"
+        ]
+    );
+}
+
+#[test]
+fn schema_pool_and_lease_are_checked_naming_their_lines() {
+    let text = |schema: &str, pool: &str, lease: &str| {
+        format!(
+            "[store]\nbackend = \"postgres\"\nurl = \"postgres://db/billing\"\n\
+             schema = \"{schema}\"\npool = {pool}\nlease = \"{lease}\"\n"
+        )
+    };
+    let identifier = "is not a plain lower-case SQL identifier: use a-z, 0-9 and '_', not \
+                      starting with a digit, at most 63 characters";
+    assert_eq!(
+        error_lines(&text("Billing", "0", "999ms")),
+        [
+            format!("p.toml:4:10: store.schema: \"Billing\" {identifier}"),
+            "p.toml:5:8: store.pool: must be between 1 and 64".to_owned(),
+            "p.toml:6:9: store.lease: must be at least 1s".to_owned(),
+        ]
+    );
+    let long = "a".repeat(64);
+    assert_eq!(
+        error_lines(&text(&long, "65", "2y")),
+        [
+            format!("p.toml:4:10: store.schema: {long:?} {identifier}"),
+            "p.toml:5:8: store.pool: must be between 1 and 64".to_owned(),
+            "p.toml:6:9: store.lease: duration \"2y\" is too long: at most 1 year (\"1y\", \
+             \"365d\") is accepted"
+                .to_owned(),
+        ]
+    );
+    for bad in ["1abc", "a-b", "a b", "", "bílling", "public.x", "\"x\""] {
+        let errors = error_lines(&text(&bad.replace('"', "\\\""), "8", "30s"));
+        assert_eq!(errors.len(), 1, "{bad}: {errors:?}");
+        assert!(errors[0].contains("store.schema:"), "{bad}: {errors:?}");
+    }
+    for good in ["_", "a", "provisiond_2", &"a".repeat(63)] {
+        parse(&text(good, "1", "1s")).unwrap();
+    }
+}
+
+#[test]
+fn an_unknown_backend_says_which_are_accepted() {
+    // And says nothing about the keys of either backend: which was meant is unknown.
+    assert_eq!(
+        error_lines("[store]\nbackend = \"postgresql\"\nurl = \"postgres://db/billing\"\n"),
+        [
+            "p.toml:2:11: store.backend: unknown backend \"postgresql\"; expected \"redb\" (one \
+          file, for this sidecar alone) or \"postgres\" (a database shared by several \
+          sidecars)"
+        ]
+    );
+}

@@ -53,6 +53,7 @@ use crate::config::{Handler, Stage};
 use crate::dispatch::CallRecord;
 use crate::dispatch::Live;
 use crate::handlers::{Call, Caller, new_message_id};
+use crate::outcome::CallOutcome;
 use crate::store::{Execution, NewDelivery, Queued, Release, Settle, Store, StoreError, now_ms};
 use retry::Verdict;
 
@@ -956,7 +957,7 @@ async fn attempt(
         handler: handler.name.clone(),
         stage: Stage::After,
         attempt,
-        outcome: "delivered",
+        outcome: CallOutcome::Delivered.as_str(),
         duration,
         code: result.as_ref().ok().map(crate::handlers::Reply::code),
         excerpt: result.as_ref().map(|r| r.excerpt()).unwrap_or_default(),
@@ -994,7 +995,7 @@ fn settlement(
         }
         Verdict::Gone { reason } => {
             warn!(handler = %name, entity = %entity, delivery = id, attempt, %reason, "delivery dead-lettered");
-            call.outcome = "dead";
+            call.outcome = CallOutcome::Dead.as_str();
             call.error = Some(reason.clone());
             Settle::Dead {
                 attempts: attempt,
@@ -1004,7 +1005,7 @@ fn settlement(
         }
         Verdict::Retry { error, .. } if retry::exhausted(&handler.retry, attempt) => {
             warn!(handler = %name, entity = %entity, delivery = id, attempt, %error, "delivery failed, attempts exhausted, dead-lettered");
-            call.outcome = "dead";
+            call.outcome = CallOutcome::Dead.as_str();
             call.error = Some(error.clone());
             Settle::Dead {
                 attempts: attempt,
@@ -1018,7 +1019,7 @@ fn settlement(
         Verdict::Retry { error, retry_after } => {
             let wait = retry::delay(&handler.retry, attempt, retry_after, fastrand::f64());
             warn!(handler = %name, entity = %entity, delivery = id, attempt, %error, retry_in = ?wait, "delivery failed, retrying");
-            call.outcome = "failed";
+            call.outcome = CallOutcome::Failed.as_str();
             call.error = Some(error.clone());
             let next_at =
                 now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));

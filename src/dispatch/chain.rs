@@ -1,6 +1,7 @@
 //! The before-stage chain: one handler at a time, each seeing the data the one before
 //! left, under the event's deadline.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,7 +14,8 @@ use crate::config::fmt_duration;
 use crate::config::{Handler, OnError, Stage};
 use crate::events::Envelope;
 use crate::filter::{CelInput, Verdict};
-use crate::handlers::{Call, Caller, EXCERPT, Reply, exec, new_message_id};
+use crate::handlers::{Call, CallError, Caller, EXCERPT, Reply, exec, new_message_id};
+use crate::outcome::CallOutcome;
 
 /// How the before stage ended.
 // One per event, moved once: boxing the larger variant would only add an allocation.
@@ -39,13 +41,38 @@ pub struct CallRecord {
     pub handler: String,
     pub stage: Stage,
     pub attempt: u32,
-    /// `allowed`, `denied`, `error` (before); `delivered`, `failed`, `dead` (after).
+    /// A [`CallOutcome`]'s name (`CallOutcome::as_str`): the store keeps it as text.
     pub outcome: &'static str,
     pub duration: Duration,
     /// HTTP status or exit code.
     pub code: Option<i64>,
     pub excerpt: String,
     pub error: Option<String>,
+}
+
+/// Who the chain calls: the handlers themselves ([`Caller`]), or `explain`'s dry run,
+/// which allows every call and leaves the data as it was.
+pub trait Calls {
+    fn call(&self, call: Call<'_>) -> impl Future<Output = Result<Reply, CallError>> + Send;
+}
+
+impl Calls for Caller {
+    fn call(&self, call: Call<'_>) -> impl Future<Output = Result<Reply, CallError>> + Send {
+        Caller::call(self, call)
+    }
+}
+
+/// Where the chain writes what it did: a record of every call (the execution log's
+/// rows), and the handlers a filter passed over (which only a dry run keeps).
+pub trait Trace {
+    fn record(&mut self, handler: &Arc<Handler>, record: CallRecord);
+    fn passed_over(&mut self, _handler: &Arc<Handler>, _verdict: Verdict) {}
+}
+
+impl Trace for Vec<CallRecord> {
+    fn record(&mut self, _handler: &Arc<Handler>, record: CallRecord) {
+        self.push(record);
+    }
 }
 
 /// What one handler's call meant for the chain.
@@ -56,16 +83,17 @@ enum Step {
 }
 
 /// Runs the before-stage handlers of `route` on `envelope`, in order, until one denies
-/// or the chain ends. Every call made is added to `records`. `original` is the body
-/// `envelope` was parsed from: handlers get it byte for byte until one modifies the data.
+/// or the chain ends. Every call made is added to `records`, with the handlers a filter
+/// passed over. `original` is the body `envelope` was parsed from: handlers get it byte
+/// for byte until one modifies the data.
 pub async fn run_before(
-    caller: &Caller,
+    caller: &impl Calls,
     route: &Route,
     mut envelope: Envelope,
     original: Bytes,
     deadline: Instant,
     deadline_len: Duration,
-    records: &mut Vec<CallRecord>,
+    records: &mut impl Trace,
 ) -> Outcome {
     let object_id = envelope.object_id();
     let mut modified = false;
@@ -79,6 +107,7 @@ pub async fn run_before(
             Ok(Verdict::Pass) => None,
             Ok(verdict) => {
                 debug!(handler = %handler.name, event = %envelope.name, ?verdict, "handler skipped by its filter");
+                records.passed_over(handler, verdict);
                 continue;
             }
             Err(e) => Some((Step::Error(e.to_string()), None, String::new())),
@@ -138,7 +167,7 @@ pub async fn run_before(
             handler: handler.name.clone(),
             stage: Stage::Before,
             attempt: 1,
-            outcome: "allowed",
+            outcome: CallOutcome::Allowed.as_str(),
             duration,
             code,
             excerpt,
@@ -153,21 +182,21 @@ pub async fn run_before(
                     body = None;
                     cel = CelInput::default();
                 }
-                records.push(record);
+                records.record(handler, record);
             }
             Step::Deny(message) => {
                 debug!(handler = %handler.name, event = %envelope.name, ?duration, reason = %message, "handler denied");
-                record.outcome = "denied";
-                records.push(record);
+                record.outcome = CallOutcome::Denied.as_str();
+                records.record(handler, record);
                 return Outcome::Denied {
                     handler: handler.name.clone(),
                     message,
                 };
             }
             Step::Error(error) => {
-                record.outcome = "error";
+                record.outcome = CallOutcome::Error.as_str();
                 record.error = Some(error.clone());
-                records.push(record);
+                records.record(handler, record);
                 match handler.on_error {
                     OnError::Allow => {
                         warn!(handler = %handler.name, event = %envelope.name, %error, "handler failed, skipped (on_error = allow)");
@@ -302,26 +331,29 @@ pub fn select_after(
     route: &Route,
     envelope: &Envelope,
     cel: &mut CelInput,
-    records: &mut Vec<CallRecord>,
+    records: &mut impl Trace,
 ) -> Vec<Arc<Handler>> {
     let mut selected = Vec::new();
     for handler in &route.after {
         match handler.filter.evaluate_with(envelope, cel) {
             Ok(Verdict::Pass) => selected.push(handler.clone()),
-            Ok(_) => {}
+            Ok(verdict) => records.passed_over(handler, verdict),
             Err(e) => {
                 warn!(handler = %handler.name, event = %envelope.name, error = %e, "after-stage filter failed, no delivery");
-                records.push(CallRecord {
-                    at: SystemTime::now(),
-                    handler: handler.name.clone(),
-                    stage: Stage::After,
-                    attempt: 0,
-                    outcome: "error",
-                    duration: Duration::ZERO,
-                    code: None,
-                    excerpt: String::new(),
-                    error: Some(e.to_string()),
-                });
+                records.record(
+                    handler,
+                    CallRecord {
+                        at: SystemTime::now(),
+                        handler: handler.name.clone(),
+                        stage: Stage::After,
+                        attempt: 0,
+                        outcome: CallOutcome::Error.as_str(),
+                        duration: Duration::ZERO,
+                        code: None,
+                        excerpt: String::new(),
+                        error: Some(e.to_string()),
+                    },
+                );
             }
         }
     }

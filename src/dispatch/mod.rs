@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-pub use chain::{CallRecord, Outcome, run_before, select_after};
+pub use chain::{CallRecord, Calls, Outcome, Trace, run_before, select_after};
 pub use live::Live;
 
 use crate::config::{Config, Handler, Stage};

@@ -23,7 +23,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ConfigErrors, Listen};
+use crate::config::{Backend, Config, ConfigErrors, Listen};
 use crate::dispatch::{Live, Snapshot};
 
 pub use diff::Changes;
@@ -126,6 +126,7 @@ pub struct Fixed {
     header_timeout: Duration,
     shutdown_grace: Duration,
     store_path: PathBuf,
+    store_backend: Backend,
 }
 
 impl Fixed {
@@ -137,6 +138,7 @@ impl Fixed {
             header_timeout: config.server.header_timeout,
             shutdown_grace: config.server.shutdown_grace,
             store_path: config.store.path.clone(),
+            store_backend: config.store.backend.clone(),
         }
     }
 
@@ -188,8 +190,48 @@ impl Fixed {
             &self.store_path,
             |p| p.display().to_string(),
         );
+        keep_backend(&mut pending, &mut store.backend, &self.store_backend);
         pending
     }
+}
+
+/// `store.backend` and its keys: each key that differs is named (the URL with its
+/// password masked), and the running backend is put back whole.
+fn keep_backend(pending: &mut Vec<Pending>, value: &mut Backend, running: &Backend) {
+    if value == running {
+        return;
+    }
+    let mut differs = |setting: &'static str, file: String, running: String| {
+        if file != running {
+            pending.push(Pending {
+                setting,
+                file,
+                running,
+            });
+        }
+    };
+    match (&*value, running) {
+        (Backend::Postgres(a), Backend::Postgres(b)) => {
+            // Two URLs that differ only in the password show alike; still say so.
+            let (file_url, running_url) = match (a.shown_url(), b.shown_url()) {
+                (x, y) if x == y && a.url != b.url => (format!("{x} (another password)"), y),
+                pair => pair,
+            };
+            differs("store.url", file_url, running_url);
+            differs("store.schema", a.schema.clone(), b.schema.clone());
+            differs("store.pool", a.pool.to_string(), b.pool.to_string());
+            let duration = crate::config::fmt_duration;
+            differs("store.lease", duration(a.lease), duration(b.lease));
+        }
+        (file, running) => {
+            let name = |b: &Backend| match b {
+                Backend::Redb => "redb".to_owned(),
+                Backend::Postgres(pg) => format!("postgres {}", pg.shown_url()),
+            };
+            differs("store.backend", name(file), name(running));
+        }
+    }
+    *value = running.clone();
 }
 
 fn keep<T: PartialEq + Clone>(
@@ -475,5 +517,53 @@ mod tests {
             Duration::from_secs(1),
             "the rest applies"
         );
+    }
+
+    const PG: &str = "[store]\nbackend = \"postgres\"\n\
+                      url = \"postgres://app:pw-1@db1/billing\"\n";
+
+    #[test]
+    fn the_store_backend_and_its_keys_need_a_restart() {
+        let running = config(PG);
+        let mut new = config(&format!(
+            "{}schema = \"other\"\npool = 2\nlease = \"1m\"\n",
+            PG.replace("pw-1@db1", "pw-2@db2")
+        ));
+        let pending = Fixed::of(&running).pin(&mut new);
+        let settings: Vec<&str> = pending.iter().map(|p| p.setting).collect();
+        assert_eq!(
+            settings,
+            ["store.url", "store.schema", "store.pool", "store.lease"]
+        );
+        assert_eq!(pending[0].file, "postgres://app:***@db2/billing");
+        assert_eq!(pending[0].running, "postgres://app:***@db1/billing");
+        assert_eq!(new.store.backend, running.store.backend);
+        assert!(!format!("{pending:?}").contains("pw-"), "{pending:?}");
+
+        // Only the password changed: named, never shown.
+        let mut new = config(&PG.replace("pw-1", "pw-2"));
+        let pending = Fixed::of(&running).pin(&mut new);
+        assert_eq!(pending.len(), 1, "{pending:?}");
+        assert_eq!(
+            pending[0].file,
+            "postgres://app:***@db1/billing (another password)"
+        );
+
+        // From redb to postgres and back.
+        let redb = config("");
+        let mut new = config(PG);
+        let pending = Fixed::of(&redb).pin(&mut new);
+        assert_eq!(pending.len(), 1, "{pending:?}");
+        assert_eq!(pending[0].setting, "store.backend");
+        assert_eq!(pending[0].file, "postgres postgres://app:***@db1/billing");
+        assert_eq!(pending[0].running, "redb");
+        assert_eq!(new.store.backend, Backend::Redb);
+        let mut new = config("");
+        let pending = Fixed::of(&running).pin(&mut new);
+        assert_eq!(pending[0].setting, "store.backend");
+        assert_eq!(new.store.backend, running.store.backend);
+
+        let mut same = config(PG);
+        assert!(Fixed::of(&running).pin(&mut same).is_empty());
     }
 }

@@ -3,7 +3,7 @@
 //! Handlers are shown by what is safe to show: name, stage, priority, events, the
 //! target as written in the file (before `${VAR}` substitution), and the settings that
 //! apply to its stage. Tokens, secrets, headers, script environments and filters never
-//! appear.
+//! appear. The store is shown by its backend; a database URL with its password masked.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -13,7 +13,7 @@ use serde_json::{Map, Value, json};
 
 use super::App;
 use super::reply::{self, Body};
-use crate::config::{Handler, Stage};
+use crate::config::{Backend, Handler, Stage, Store};
 use crate::reload::{Outcome, Pending, Trigger};
 
 /// `GET /v1/config`.
@@ -48,6 +48,7 @@ pub fn config(app: &Arc<App>) -> Response<Body> {
             "loaded_at": time(snapshot.loaded_at),
             "file": config.file,
             "hash": status.hash,
+            "store": describe_store(&config.store),
             "handlers": handlers,
             "events": events,
             "reloads": {
@@ -147,6 +148,25 @@ fn describe(h: &Handler) -> Value {
     Value::Object(shown)
 }
 
+/// `[store]` as it is used: the backend and where the data is, with a database URL's
+/// password masked, and the retention settings.
+fn describe_store(store: &Store) -> Value {
+    let duration = crate::config::fmt_duration;
+    let mut shown = match &store.backend {
+        Backend::Redb => json!({"backend": "redb", "path": store.path.display().to_string()}),
+        Backend::Postgres(pg) => json!({
+            "backend": "postgres",
+            "url": pg.shown_url(),
+            "schema": pg.schema,
+            "pool": pg.pool,
+            "lease": duration(pg.lease),
+        }),
+    };
+    shown["dedupe_window"] = json!(duration(store.dedupe_window));
+    shown["keep_executions"] = json!({"age": duration(store.keep_age), "rows": store.keep_rows});
+    shown
+}
+
 fn pending(list: &[Pending]) -> Value {
     list.iter()
         .map(|p| json!({"setting": p.setting, "file": p.file, "running": p.running}))
@@ -155,4 +175,41 @@ fn pending(list: &[Pending]) -> Value {
 
 fn time(at: SystemTime) -> String {
     humantime::format_rfc3339_millis(at).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::describe_store;
+    use crate::config::Config;
+
+    #[test]
+    fn the_store_is_shown_without_the_database_password() {
+        let text = "[store]\nbackend = \"postgres\"\nurl = \"${PG_URL}\"\npool = 4\n";
+        let env = |name: &str| {
+            (name == "PG_URL").then(|| "postgres://app:pw%40-7781@db1,db2/billing".to_owned())
+        };
+        let config =
+            Config::parse_with_env(text, "p.toml", std::path::Path::new("."), &env).unwrap();
+        let shown = describe_store(&config.store);
+        assert_eq!(
+            shown,
+            json!({
+                "backend": "postgres",
+                "url": "postgres://app:***@db1,db2/billing",
+                "schema": "provisiond",
+                "pool": 4,
+                "lease": "30s",
+                "dedupe_window": "10m",
+                "keep_executions": {"age": "7days", "rows": 100000},
+            })
+        );
+        assert!(!shown.to_string().contains("7781"), "{shown}");
+
+        let config = Config::parse("", "p.toml").unwrap();
+        let shown = describe_store(&config.store);
+        assert_eq!(shown["backend"], "redb");
+        assert_eq!(shown["path"], "provisiond.db");
+    }
 }

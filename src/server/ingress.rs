@@ -17,6 +17,7 @@ use crate::delivery::Intake;
 use crate::dispatch::{CallRecord, Outcome, Snapshot, run_before, select_after};
 use crate::events::Envelope;
 use crate::metrics;
+use crate::outcome::EventOutcome;
 use crate::store::Execution;
 
 /// The header that carries the event id back, the same id every log line of the event has.
@@ -64,12 +65,12 @@ async fn handle(
 ) -> Response<Body> {
     let started = Instant::now();
     if app.is_draining() {
-        metrics::event("unparsed".into(), "unavailable");
+        metrics::event("unparsed".into(), EventOutcome::Unavailable);
         return reply::unavailable("provisiond is shutting down; retry shortly", 1);
     }
     let Ok(_permit) = app.in_flight.try_acquire() else {
         warn!("too many events in flight, answering 503");
-        metrics::event("unparsed".into(), "unavailable");
+        metrics::event("unparsed".into(), EventOutcome::Unavailable);
         return reply::unavailable("too many events in flight; retry shortly", 1);
     };
     let server = &snapshot.config.server;
@@ -93,7 +94,7 @@ async fn handle(
             return too_large(server.max_body);
         }
         Ok(Err(e)) => {
-            metrics::event("unparsed".into(), "bad_request");
+            metrics::event("unparsed".into(), EventOutcome::BadRequest);
             return reply::error(
                 StatusCode::BAD_REQUEST,
                 format!("could not read the body: {e}"),
@@ -101,7 +102,7 @@ async fn handle(
         }
         Err(_) => {
             warn!(deadline = ?server.deadline, "request body not received within server.deadline");
-            metrics::event("unparsed".into(), "timeout");
+            metrics::event("unparsed".into(), EventOutcome::Timeout);
             let mut response = reply::error(
                 StatusCode::REQUEST_TIMEOUT,
                 format!(
@@ -121,7 +122,7 @@ async fn handle(
         Ok(envelope) => envelope,
         Err(e) => {
             warn!(error = %e, "bad request");
-            metrics::event("unparsed".into(), "bad_request");
+            metrics::event("unparsed".into(), EventOutcome::BadRequest);
             return reply::error(StatusCode::BAD_REQUEST, e.to_string());
         }
     };
@@ -153,12 +154,12 @@ async fn handle(
     match outcome {
         Outcome::Denied { handler, message } => {
             info!(
-                event = %event, object_id = %object_id, outcome = "denied", handler = %handler,
+                event = %event, object_id = %object_id, outcome = EventOutcome::Denied.as_str(), handler = %handler,
                 reason = %message, duration_ms = ms(started), generation = snapshot.generation,
                 "event"
             );
             log_calls(app, records, &event, &object_id, id);
-            metrics::event(label, "denied");
+            metrics::event(label, EventOutcome::Denied);
             reply::json(
                 StatusCode::FORBIDDEN,
                 &json!({"error": {"handler": handler, "message": message}}),
@@ -190,7 +191,7 @@ async fn handle(
                 Err(e) => {
                     warn!(event = %event, object_id = %object_id, error = %e, "cannot store the deliveries, answering 503");
                     log_calls(app, records, &event, &object_id, id);
-                    metrics::event(label, "unavailable");
+                    metrics::event(label, EventOutcome::Unavailable);
                     return reply::unavailable(
                         "the store cannot take the after-stage deliveries; retry shortly",
                         1,
@@ -202,11 +203,11 @@ async fn handle(
                 info!(event = %event, object_id = %object_id, duplicates = accepted.duplicates, "identical envelope within store.dedupe_window, not delivered again");
             }
             info!(
-                event = %event, object_id = %object_id, outcome = "allowed", modified,
+                event = %event, object_id = %object_id, outcome = EventOutcome::Allowed.as_str(), modified,
                 calls = records.len(), queued, duration_ms = ms(started),
                 generation = snapshot.generation, "event"
             );
-            metrics::event(label, "allowed");
+            metrics::event(label, EventOutcome::Allowed);
             log_calls(app, records, &event, &object_id, id);
             reply::raw_json(StatusCode::OK, reply_body)
         }
@@ -223,7 +224,7 @@ fn log_calls(app: &App, records: Vec<CallRecord>, event: &str, object_id: &str, 
 }
 
 fn too_large(max: u64) -> Response<Body> {
-    metrics::event("unparsed".into(), "too_large");
+    metrics::event("unparsed".into(), EventOutcome::TooLarge);
     reply::error(
         StatusCode::PAYLOAD_TOO_LARGE,
         format!("body is larger than server.max_body ({max} bytes)"),

@@ -13,15 +13,12 @@ use tracing::info;
 
 use super::App;
 use super::reply::{self, Body};
+use crate::outcome::CallOutcome;
 use crate::store::{DeadLetterFilter, ExecutionFilter, StoreError, unix_ms};
 
 /// Rows a list returns unless `limit` says otherwise, and the most it may say.
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
-
-/// Every outcome the execution log holds: the before stage's, then the after stage's
-/// (see `CallRecord::outcome` in `dispatch::chain` and the delivery workers).
-const OUTCOMES: &[&str] = &["allowed", "denied", "error", "delivered", "failed", "dead"];
 
 /// `GET /v1/executions?event=&handler=&object_id=&outcome=&since=&limit=`
 pub async fn executions(app: &Arc<App>, uri: &Uri) -> Response<Body> {
@@ -365,13 +362,27 @@ fn parse_limit(text: &str) -> Result<usize, String> {
 /// `outcome`: one the log can hold, else an error listing them. A value no row can have
 /// would otherwise answer an empty list, as if nothing had happened.
 fn parse_outcome(text: &str) -> Result<String, String> {
-    if OUTCOMES.contains(&text) {
-        return Ok(text.to_owned());
+    match text.parse::<CallOutcome>() {
+        Ok(outcome) => Ok(outcome.as_str().to_owned()),
+        Err(_) => Err(format!(
+            "unknown outcome {text:?}; use {} (before stage), {} (after stage)",
+            listed(&CallOutcome::BEFORE),
+            // `error` once, with the before stage's.
+            listed(&CallOutcome::AFTER[..3]),
+        )),
     }
-    Err(format!(
-        "unknown outcome {text:?}; use allowed, denied or error (before stage), \
-         delivered, failed or dead (after stage)"
-    ))
+}
+
+/// `a, b or c`.
+fn listed(outcomes: &[CallOutcome]) -> String {
+    match outcomes {
+        [] => String::new(),
+        [one] => one.as_str().to_owned(),
+        [rest @ .., last] => {
+            let rest: Vec<&str> = rest.iter().map(|o| o.as_str()).collect();
+            format!("{} or {last}", rest.join(", "))
+        }
+    }
 }
 
 /// `since`: an RFC 3339 time (`2026-11-26T10:00:00Z`) or a duration back from now
@@ -423,15 +434,15 @@ mod tests {
 
     #[test]
     fn outcomes_are_those_the_log_holds() {
-        for outcome in OUTCOMES {
-            assert_eq!(parse_outcome(outcome).as_deref(), Ok(*outcome));
+        for outcome in CallOutcome::ALL.map(CallOutcome::as_str) {
+            assert_eq!(parse_outcome(outcome).as_deref(), Ok(outcome));
         }
         let e = parse_outcome("bogus").unwrap_err();
         assert!(
             e.starts_with("unknown outcome \"bogus\"; use allowed"),
             "{e}"
         );
-        for outcome in OUTCOMES {
+        for outcome in CallOutcome::ALL.map(CallOutcome::as_str) {
             assert!(e.contains(outcome), "{e}");
         }
     }

@@ -439,6 +439,48 @@ impl Store {
         }
     }
 
+    /// Moves what the redb file at `from` holds (queued deliveries, dead letters) into
+    /// this store, which must be a shared one: copied in one transaction, then removed
+    /// from the file, so that running it twice copies nothing twice. The file must not
+    /// be in use by a running sidecar (redb locks it). How many of each.
+    pub async fn copy_from_file(
+        &self,
+        from: &std::path::Path,
+    ) -> Result<(usize, usize), StoreError> {
+        let Backend::Postgres(pg) = &self.backend else {
+            return Err(StoreError::Open {
+                path: self.path().to_owned(),
+                reason: "store copy needs store.backend = \"postgres\" in the config: the \
+                         file backend is the file itself"
+                    .into(),
+            });
+        };
+        if !pg.wait_open(Duration::from_secs(10)).await {
+            return Err(StoreError::Open {
+                path: self.path().to_owned(),
+                reason: "the database did not answer within 10s".into(),
+            });
+        }
+        let file = file::File::open(from)?;
+        let mut ids = Vec::new();
+        file.scan_queue(0, |id, _, _| ids.push(id))?;
+        let mut deliveries = Vec::with_capacity(ids.len());
+        for id in &ids {
+            deliveries.extend(file.delivery(*id)?);
+        }
+        let dead = file.dead_letters(None, usize::MAX)?;
+        let dead_ids: Vec<u64> = dead.iter().map(|l| l.delivery.id).collect();
+        let copied = pg.import(deliveries, dead).await?;
+        for id in ids {
+            file.settle(id, Settle::Delivered, None).await?;
+        }
+        for id in dead_ids {
+            file.drop_dead_letter(id).await?;
+        }
+        file.close().await;
+        Ok(copied)
+    }
+
     /// Shared store: tells the other sidecars about this one and its handlers now.
     pub async fn announce(&self) -> Result<(), StoreError> {
         match &self.backend {

@@ -407,7 +407,7 @@ fn without_password(url: &str) -> String {
 
 /// ` (the value came from the environment variable `CRM_URL`)`, naming the variables
 /// that `written` refers to.
-fn from_env_note(written: &str) -> String {
+pub(super) fn from_env_note(written: &str) -> String {
     let names: Vec<String> = crate::config::env::env_references(written)
         .iter()
         .map(|name| format!("`{name}`"))

@@ -1197,3 +1197,91 @@ fn dead_letter_of(r: &tokio_postgres::Row) -> DeadLetter {
         died_at: to_u64(r.get(13)),
     }
 }
+
+impl Postgres {
+    /// Adds deliveries and dead letters read from elsewhere (a redb file), in one
+    /// transaction: deliveries in their order, behind what their lanes hold, with their
+    /// attempts and times; dead letters under new ids. How many of each.
+    pub async fn import(
+        &self,
+        deliveries: Vec<Delivery>,
+        dead: Vec<DeadLetter>,
+    ) -> Result<(usize, usize), StoreError> {
+        let lane = self.sql(
+            "INSERT INTO {s}.lanes AS l (handler, entity, pending) VALUES ($1, $2, 1) \
+             ON CONFLICT (handler, entity) DO UPDATE SET pending = l.pending + 1",
+        );
+        let queue = self.sql(
+            "INSERT INTO {s}.deliveries (handler, entity, event, object_id, message_id, body, \
+             attempts, next_at, enqueued_at, last_error, event_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        );
+        let letter = self.sql(
+            "INSERT INTO {s}.dead_letters VALUES (nextval(pg_get_serial_sequence('{s}.deliveries', 'id')), \
+             $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        );
+        let mut client = self.client().await?;
+        let work = async {
+            let txn = client.transaction().await?;
+            for d in &deliveries {
+                let attempts = i32::try_from(d.attempts).unwrap_or(i32::MAX);
+                txn.execute(&lane, &[&d.handler, &d.entity]).await?;
+                txn.execute(
+                    &queue,
+                    &[
+                        &d.handler,
+                        &d.entity,
+                        &d.event,
+                        &d.object_id,
+                        &d.message_id,
+                        &d.body,
+                        &attempts,
+                        &to_i64(d.next_at),
+                        &to_i64(d.enqueued_at),
+                        &d.last_error,
+                        &d.event_id,
+                    ],
+                )
+                .await?;
+            }
+            for l in &dead {
+                let d = &l.delivery;
+                let attempts = i32::try_from(d.attempts).unwrap_or(i32::MAX);
+                txn.execute(
+                    &letter,
+                    &[
+                        &d.handler,
+                        &d.entity,
+                        &d.event,
+                        &d.object_id,
+                        &d.message_id,
+                        &d.body,
+                        &attempts,
+                        &to_i64(d.next_at),
+                        &to_i64(d.enqueued_at),
+                        &d.last_error,
+                        &d.event_id,
+                        &l.reason,
+                        &to_i64(l.died_at),
+                    ],
+                )
+                .await?;
+            }
+            txn.commit().await
+        };
+        work.await.map_err(|e| StoreError::Write(pg_error(&e)))?;
+        Ok((deliveries.len(), dead.len()))
+    }
+
+    /// Waits until the database is ready (or `within` has passed): whether it is.
+    pub async fn wait_open(&self, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        while Instant::now() < until {
+            if self.inner.ready.load(Ordering::Relaxed) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.inner.ready.load(Ordering::Relaxed)
+    }
+}

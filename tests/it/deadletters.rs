@@ -1,13 +1,11 @@
 //! Bulk dead letters: after a handler's outage, replay (or drop) everything that matches
 //! a filter at once, through the admin API and the command line, in each entity's order.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 /// The `provisiond_dead_letters` gauge.

@@ -1,11 +1,9 @@
 //! The synchronous path: the billing posts to a real provisiond process, which calls real
 //! HTTP handler servers and real scripts, and answers.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 /// An HTTP handler that appends `tag` to `data.trail` and returns the envelope.

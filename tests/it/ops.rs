@@ -1,10 +1,8 @@
 //! Operations and security: auth, unix socket, signing, limits, logs, secrets, `send`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 fn http_handler(name: &str, url: &str, extra: &str) -> String {

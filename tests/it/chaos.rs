@@ -8,18 +8,16 @@
 //! (two events of one entity, answered one after the other to the same client,
 //! delivered the other way round). Lost and order violations must be 0.
 //!
-//! `cargo test --test chaos` runs a short version (4 cycles of up to 1.5 s of load).
+//! `cargo test --test it chaos::` runs a short version (4 cycles of up to 1.5 s of load).
 //! For minutes of it:
 //!
 //! ```sh
-//! PROVISIOND_CHAOS_CYCLES=100 cargo test --release --test chaos -- --nocapture
+//! PROVISIOND_CHAOS_CYCLES=100 cargo test --release --test it chaos:: -- --nocapture
 //! ```
 //!
 //! `PROVISIOND_CHAOS_CYCLE_MS` sets the longest a cycle runs before its kill (1500),
 //! `PROVISIOND_CHAOS_SEED` the random seed (printed on every run, so a failure can be
 //! replayed).
-
-mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -27,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 /// Clients sending at once.

@@ -5,14 +5,12 @@
 //! Nothing here asserts how long a reload takes; outcomes are polled with generous
 //! timeouts.
 
-mod common;
-
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 /// How long "eventually" may take on a loaded machine.

@@ -6,8 +6,6 @@
 //! Without chromium and chromedriver installed the tests say so and pass, except under
 //! CI (`CI` set), where they fail: `.ci/run` installs both.
 
-mod common;
-
 use std::future::Future;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -16,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 

@@ -2,9 +2,7 @@
 //! `--token` on each, and the config's token never sent anywhere but the config's own
 //! listener.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// Every client command, as argv after `provisiond`.
 const COMMANDS: &[&[&str]] = &[

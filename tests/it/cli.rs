@@ -1,14 +1,12 @@
 //! The command line's shape: which options each command takes and shows, the forms of
 //! `run`, and the client commands' defaults, warnings and empty answers.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const RUN_OPTIONS: [&str; 3] = ["--log-format", "--log-level", "--no-watch"];

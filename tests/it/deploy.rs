@@ -2,13 +2,11 @@
 //! readiness and the unit file, the container and Kubernetes examples, completions and
 //! the man page, and the install story the README tells.
 
-mod common;
-
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn root() -> &'static Path {

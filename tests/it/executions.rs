@@ -1,14 +1,12 @@
 //! The execution log for people: a header row, `--output json|table`, lookup by the event
 //! id the billing got back, and `--follow`.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 fn config(echo: &HandlerServer, after: &HandlerServer) -> String {

@@ -1,11 +1,9 @@
 //! `provisiond explain` and `provisiond test` on a config with filters, priorities, a
 //! disabled handler and both stages; and the example cases files.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 const CONFIG: &str = r#"
 [[handler]]

@@ -2,14 +2,12 @@
 //! delivers them to real HTTP handlers and scripts, in order per entity, with retries,
 //! dead letters, dedupe, and an execution log; across kill -9 and SIGTERM.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 /// Fast retries, so that tests never wait long.

@@ -2,13 +2,11 @@
 //! Grafana dashboard use is one `/metrics` serves, and the rules pass `promtool` (when
 //! it is installed: Debian's `prometheus` package).
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 fn example(name: &str) -> String {

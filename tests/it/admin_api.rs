@@ -1,9 +1,7 @@
 //! The admin API's answers to questions it cannot answer well: filters no row can match,
 //! and settings that do not apply to a handler's stage.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread")]

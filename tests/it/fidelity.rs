@@ -2,11 +2,9 @@
 //! handler modified the data, and numbers keep their exact value when the data is
 //! written again (a `modifies = true` handler).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// Whitespace, key order, numbers no double holds, `-0`, unicode escapes, a duplicate-free
 /// but unsorted object: everything a re-serialisation would change.

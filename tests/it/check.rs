@@ -1,11 +1,9 @@
 //! `provisiond check` and `schema`, the shipped configs, and the default config serving.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 fn check(path: &Path, env: &[(&str, &str)]) -> (i32, String, String) {
@@ -367,6 +365,50 @@ url = "http://user:${PW}@crm/${PATHX:-def}/$${literal}"
         "{stdout}"
     );
     assert!(!stdout.contains("pw-789"), "{stdout}");
+}
+
+/// A shared store's URL holds a password: `check` shows where the database is, never
+/// the password, whether it is in the file or comes from the environment.
+#[test]
+fn check_shows_a_postgres_store_without_its_password() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("p.toml");
+    for (url, env, shown) in [
+        (
+            "${PROVISIOND_PG_URL}",
+            vec![(
+                "PROVISIOND_PG_URL",
+                "postgres://app:pw-4417@db1,db2/billing?target_session_attrs=read-write",
+            )],
+            "postgres://app:***@db1,db2/billing?target_session_attrs=read-write",
+        ),
+        (
+            "postgres://app:pw%40-4417@db1/billing?sslmode=require",
+            vec![],
+            "postgres://app:***@db1/billing?sslmode=require",
+        ),
+        (
+            "host=db1 user=app password='pw 4417'",
+            vec![],
+            "host=db1 user=app password=***",
+        ),
+    ] {
+        std::fs::write(
+            &path,
+            format!("[store]\nbackend = \"postgres\"\nurl = \"{url}\"\nschema = \"hooks\"\n"),
+        )
+        .unwrap();
+        let (code, stdout, stderr) = check(&path, &env);
+        assert_eq!(code, 0, "{stderr}");
+        assert!(
+            stdout.contains(&format!(", store postgres {shown} (schema hooks)")),
+            "{stdout}"
+        );
+        assert!(
+            !stdout.contains("4417") && !stderr.contains("4417"),
+            "{stdout}{stderr}"
+        );
+    }
 }
 
 /// A bad URL that came from the environment: the message says so and shows the URL as

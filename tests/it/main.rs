@@ -1,0 +1,25 @@
+//! The integration tests, one crate: each module is one part of the design, run
+//! against the real binary (`tests/common` starts it, and the handler servers), so
+//! the helpers compile once. `cargo test --test it chaos::` runs one module.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod admin_api;
+mod after;
+mod before;
+mod chaos;
+mod check;
+mod cli;
+mod client;
+mod deadletters;
+mod deploy;
+mod executions;
+mod explain;
+mod fidelity;
+mod gitops;
+mod monitoring;
+mod ops;
+mod reload;
+mod robustness;
+mod ui;
