@@ -7,6 +7,9 @@ mod common;
 
 mod admin_api;
 mod after;
+mod after_file;
+#[path = "after.rs"]
+mod after_pg;
 mod before;
 mod chaos;
 mod check;
