@@ -30,4 +30,5 @@ mod monitoring;
 mod ops;
 mod reload;
 mod robustness;
+mod shared_store;
 mod ui;
