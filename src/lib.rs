@@ -28,6 +28,7 @@
 //!   talk to a running sidecar.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod cases;
 pub mod commands;
 pub mod config;

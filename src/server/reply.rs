@@ -4,12 +4,11 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Response, StatusCode};
-use serde_json::json;
 
 pub type Body = Full<Bytes>;
 
 /// A JSON reply.
-pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
     raw_json(
         status,
         serde_json::to_vec(value).expect("JSON values serialise"),
@@ -28,7 +27,12 @@ pub fn raw_json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 
 /// `{"error": {"message": ...}}` with a status.
 pub fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
-    json(status, &json!({"error": {"message": message.into()}}))
+    let body = crate::api::ErrorReply {
+        error: crate::api::ErrorBody {
+            message: message.into(),
+        },
+    };
+    json(status, &body)
 }
 
 /// 503 with `Retry-After`.
