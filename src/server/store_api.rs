@@ -22,7 +22,7 @@ const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
 
 /// `GET /v1/executions?event=&handler=&object_id=&outcome=&since=&limit=`
-pub async fn executions(app: &Arc<App>, uri: &Uri) -> Response<Body> {
+pub(crate) async fn executions(app: &Arc<App>, uri: &Uri) -> Response<Body> {
     let mut filter = ExecutionFilter {
         limit: DEFAULT_LIMIT,
         ..Default::default()
@@ -74,7 +74,7 @@ pub async fn executions(app: &Arc<App>, uri: &Uri) -> Response<Body> {
 }
 
 /// `/v1/deadletters` and below.
-pub async fn dead_letters(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn dead_letters(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
     let (method, uri) = (request.method().clone(), request.uri().clone());
     let (method, uri) = (&method, &uri);
     let rest = uri

@@ -19,7 +19,7 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
                    connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// The asset at `path` (`/ui`, `/ui/`, `/ui/console.js`, `/ui/console.css`).
-pub fn asset(method: &Method, path: &str) -> Response<Body> {
+pub(crate) fn asset(method: &Method, path: &str) -> Response<Body> {
     let (body, content_type) = match path {
         "/ui" | "/ui/" => (INDEX, "text/html; charset=utf-8"),
         "/ui/console.js" => (SCRIPT, "text/javascript; charset=utf-8"),
