@@ -11,18 +11,18 @@ use crate::store::{DeadLetter, Execution, rfc3339};
 
 /// Every error: `{"error": {"message": ...}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ErrorReply {
+pub(crate) struct ErrorReply {
     pub error: ErrorBody,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     pub message: String,
 }
 
 /// `GET /readyz`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Ready {
+pub(crate) struct Ready {
     pub status: String,
     /// The live config's generation.
     pub generation: u64,
@@ -32,14 +32,14 @@ pub struct Ready {
 
 /// `GET /v1/executions`: newest first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Executions {
+pub(crate) struct Executions {
     pub count: usize,
     pub executions: Vec<ExecutionRow>,
 }
 
 /// One row of the execution log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ExecutionRow {
+pub(crate) struct ExecutionRow {
     pub id: u64,
     /// RFC 3339, milliseconds.
     pub time: String,
@@ -89,14 +89,14 @@ impl From<&Execution> for ExecutionRow {
 
 /// `GET /v1/deadletters`: oldest first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeadLetters {
+pub(crate) struct DeadLetters {
     pub count: usize,
     pub deadletters: Vec<DeadLetterRow>,
 }
 
 /// One dead letter (also `GET /v1/deadletters/{id}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeadLetterRow {
+pub(crate) struct DeadLetterRow {
     pub id: u64,
     pub handler: String,
     pub event: String,
@@ -137,7 +137,7 @@ impl From<&DeadLetter> for DeadLetterRow {
 
 /// `POST /v1/deadletters/{id}/replay`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ReplayedOne {
+pub(crate) struct ReplayedOne {
     /// The dead letter's id.
     pub replayed: u64,
     /// The new delivery's id.
@@ -146,7 +146,7 @@ pub struct ReplayedOne {
 
 /// `DELETE /v1/deadletters/{id}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DroppedOne {
+pub(crate) struct DroppedOne {
     /// The dead letter's id.
     pub dropped: u64,
 }
@@ -155,7 +155,7 @@ pub struct DroppedOne {
 /// key (`server::store_api`), to say which key is wrong.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Selection {
+pub(crate) struct Selection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handler: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,7 +176,7 @@ pub struct Selection {
 
 /// `POST /v1/deadletters/replay`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ReplayedMatching {
+pub(crate) struct ReplayedMatching {
     pub replayed: usize,
     /// Matches left in place: their handler is not in the config.
     pub skipped: usize,
@@ -187,7 +187,7 @@ pub struct ReplayedMatching {
 
 /// `POST /v1/deadletters/drop`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DroppedMatching {
+pub(crate) struct DroppedMatching {
     pub dropped: usize,
 }
 

@@ -28,22 +28,22 @@
 //!   talk to a running sidecar.
 #![forbid(unsafe_code)]
 
-pub mod api;
-pub mod cases;
+pub(crate) mod api;
+pub(crate) mod cases;
 pub mod commands;
 pub mod config;
 pub mod delivery;
 pub mod dispatch;
 pub mod events;
-pub mod explain;
+pub(crate) mod explain;
 pub mod filter;
-pub mod handlers;
-pub mod keypath;
-pub mod metrics;
+pub(crate) mod handlers;
+pub(crate) mod keypath;
+pub(crate) mod metrics;
 pub mod outcome;
-pub mod reload;
+pub(crate) mod reload;
 pub mod remote;
 pub mod server;
-pub mod shutdown;
+pub(crate) mod shutdown;
 pub mod store;
 pub mod telemetry;
