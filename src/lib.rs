@@ -25,7 +25,8 @@
 //! - [`telemetry`], [`metrics`], [`shutdown`]: logs, Prometheus metrics, signals;
 //!   [`outcome`]: the names of what became of a call or an event.
 //! - [`commands`]: the subcommands the binary runs; [`remote`]: the client they use to
-//!   talk to a running sidecar.
+//!   talk to a running sidecar; [`api`]: the admin API's JSON, shared by the server's
+//!   routes and the client commands.
 #![forbid(unsafe_code)]
 
 pub(crate) mod api;
