@@ -357,7 +357,7 @@ impl InProcess {
             provisiond::dispatch::Snapshot::new(config, 1),
             store,
             file,
-            provisiond::metrics::install(),
+            provisiond::install_metrics(),
         );
         app.deliveries.resume().unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();
