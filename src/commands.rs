@@ -284,8 +284,11 @@ pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
             notify(&[sd_notify::NotifyState::Stopping]);
         })
     };
-    serve(listener, app.clone(), shutdown, grace).await;
-    stopping_notice.abort();
+    serve(listener, app.clone(), shutdown.clone(), grace).await;
+    // serve returns once shutdown began: the notice is due (awaited, not aborted, so a
+    // busy machine that has not polled it yet still sends it).
+    shutdown.cancel();
+    let _ = stopping_notice.await;
     let _ = stopping.await;
     let _ = pruning.await;
     app.store.close().await;
