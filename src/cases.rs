@@ -23,9 +23,9 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use toml::Spanned;
-use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::de::{DeTable, DeValue};
 
-use crate::config::{Config, line_col};
+use crate::config::{Config, Recover, StandIn, line_col};
 use crate::events::Envelope;
 use crate::explain::{self, Explanation};
 
@@ -251,36 +251,53 @@ fn parse_case(
         Some(name) => format!("case {name:?}"),
         None => format!("case #{}", i + 1),
     };
-    let mut problems = Vec::new();
-    for (key, _) in table.iter() {
-        let key_name: &str = key.get_ref().as_ref();
-        if !KEYS.contains(&key_name) {
-            let hint = crate::events::suggest(key_name, KEYS.iter().copied())
-                .map(|s| format!(" (did you mean `{s}`?)"))
-                .unwrap_or_default();
-            problems.push((
-                key.span().start,
-                format!(
-                    "{label}: unknown key `{key_name}`{hint}; a case takes {}",
-                    KEYS.join(", ")
-                ),
-            ));
-        }
-    }
-    for (key, what) in REQUIRED {
-        if table.get(*key).is_none() {
-            problems.push((at, format!("{label}: missing `{key}` ({what})")));
-        }
-    }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    let case = Case::deserialize(ValueDeserializer::from(item.clone())).map_err(|e| {
-        let at = e.span().map_or(at, |s| s.start);
-        vec![(at, format!("{label}: {}", one_line(e.message())))]
-    })?;
+    let (case, diags, _) = crate::config::recover::<Case>(item);
+    let problems: Vec<(usize, String)> = diags
+        .into_iter()
+        .map(|d| {
+            let at = d.span.map_or(at, |s| s.start);
+            (at, format!("{label}: {}", d.message))
+        })
+        .collect();
+    let case = match case {
+        Some(case) if problems.is_empty() => case,
+        _ => return Err(problems),
+    };
     let envelope = envelope(&case).map_err(|e| vec![(at, format!("{label}: {e}"))])?;
     Ok((case, envelope))
+}
+
+impl Recover for Case {
+    /// Empty stand-ins for the required keys, so that the case's other keys are checked.
+    fn stand_in(field: &str, _written: Option<&DeValue<'_>>) -> Option<StandIn> {
+        match field {
+            "name" => Some(StandIn::Placeholder(DeValue::String("".into()))),
+            "before" | "after" => Some(StandIn::Placeholder(DeValue::Array(Default::default()))),
+            _ => None,
+        }
+    }
+
+    fn word(message: &str) -> String {
+        if let Some(rest) = message.strip_prefix("unknown field `") {
+            let key = rest.split('`').next().unwrap_or_default();
+            let hint = crate::events::suggest(key, KEYS.iter().copied())
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            return format!(
+                "unknown key `{key}`{hint}; a case takes {}",
+                KEYS.join(", ")
+            );
+        }
+        if let Some(rest) = message.strip_prefix("missing field `") {
+            let key = rest.split('`').next().unwrap_or_default();
+            let what = REQUIRED.iter().find(|(k, _)| *k == key).map(|(_, w)| *w);
+            return match what {
+                Some(what) => format!("missing `{key}` ({what})"),
+                None => format!("missing `{key}`"),
+            };
+        }
+        one_line(message)
+    }
 }
 
 /// A toml message on one line.

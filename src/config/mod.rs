@@ -25,6 +25,7 @@ pub use env::expand_env;
 pub use error::{ConfigError, ConfigErrors, KeyPath, Seg};
 pub use raw::{OnError, RawConfig, RawHandler, Stage};
 pub use source::line_col;
+pub(crate) use source::{Recover, StandIn, recover};
 
 use crate::events::EventPattern;
 use crate::filter::Filter;

@@ -272,6 +272,24 @@ pub trait Recover: DeserializeOwned {
     fn stand_in(_field: &str, _written: Option<&DeValue<'_>>) -> Option<StandIn> {
         None
     }
+
+    /// A serde message in the words of the file's users (the config's, by default).
+    fn word(message: &str) -> String {
+        tidy(message)
+    }
+}
+
+/// Deserialises `value` as `T` past its mistakes, as the config's sections are: the value
+/// if it could be had, every problem found (with its span and its path below `value`),
+/// and the paths of the placeholders put in.
+pub fn recover<T: Recover>(value: &Spanned<DeValue<'_>>) -> (Option<T>, Vec<Diag>, Vec<KeyPath>) {
+    let (mut diags, mut synthetic) = (Vec::new(), Vec::new());
+    let mut recovery = Recovery {
+        diags: &mut diags,
+        synthetic: &mut synthetic,
+    };
+    let value = recovery.recover::<T>(value, &KeyPath::root());
+    (value, diags, synthetic)
 }
 
 impl Recover for RawServer {}
@@ -337,13 +355,13 @@ impl Recovery<'_> {
             if rel.is_empty() {
                 // About the table as a whole: only a missing required key can be mended.
                 let Some(field) = missing_field(error.message()) else {
-                    self.report(base.clone(), span, error.message());
+                    self.report(base.clone(), span, &T::word(error.message()));
                     return None;
                 };
                 // A key removed for a wrong value was reported then; say nothing twice.
                 let written = removed.iter().find(|(k, _)| *k == field).map(|(_, v)| v);
                 if written.is_none() {
-                    self.report(base.clone(), span, error.message());
+                    self.report(base.clone(), span, &T::word(error.message()));
                 }
                 let stand_in = T::stand_in(&field, written.map(Spanned::get_ref))?;
                 let stand_in = match stand_in {
@@ -359,7 +377,7 @@ impl Recovery<'_> {
                 continue;
             }
             // A key or element at fault: report it, take it out, try again.
-            self.report(base.join(&rel), span, error.message());
+            self.report(base.join(&rel), span, &T::word(error.message()));
             let gone = remove(&mut value, &rel.0)?;
             if let [Seg::Key(key)] = rel.0.as_slice() {
                 removed.push((key.clone(), gone));
@@ -372,7 +390,7 @@ impl Recovery<'_> {
         self.diags.push(Diag {
             path,
             span,
-            message: tidy(message),
+            message: message.to_owned(),
         });
     }
 }
