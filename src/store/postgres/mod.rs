@@ -67,6 +67,9 @@ struct Inner {
     healthy: AtomicBool,
     /// The lanes this sidecar holds: their tokens, and when each was claimed.
     held: Mutex<HashMap<(String, String), Held>>,
+    /// Lanes given up while the database did not answer: still ours there, never
+    /// renewed, freed by the next renewal that gets through.
+    unfreed: Mutex<Vec<(String, String, i64)>>,
     /// When the last renewal that succeeded was sent.
     renewed: Mutex<Option<Instant>>,
     /// This sidecar's after-stage handlers, as the other sidecars should see them.
@@ -167,6 +170,7 @@ impl Postgres {
                 ready: AtomicBool::new(false),
                 healthy: AtomicBool::new(false),
                 held: Mutex::default(),
+                unfreed: Mutex::default(),
                 renewed: Mutex::default(),
                 handlers: Mutex::default(),
                 logs: logs_tx,
@@ -932,12 +936,19 @@ impl Postgres {
         );
         let owner = &self.inner.owner;
         self.forget(lane);
-        self.run("write", async |c| {
-            c.execute(&free, &[&lane.0, &lane.1, owner, &held.token])
-                .await
-        })
-        .await?;
-        Ok(())
+        let freed = self
+            .run("write", async |c| {
+                c.execute(&free, &[&lane.0, &lane.1, owner, &held.token])
+                    .await
+            })
+            .await;
+        if freed.is_err() {
+            // Not renewed from now on (only held lanes are), so its lease runs out
+            // anyway; the next renewal that gets through frees it at once.
+            let mut unfreed = self.inner.unfreed.lock().expect("not poisoned");
+            unfreed.push((lane.0.to_owned(), lane.1.to_owned(), held.token));
+        }
+        freed.map(|_| ())
     }
 
     /// Held, with time to spare: a fifth of the lease (at least a second) before it
@@ -993,9 +1004,19 @@ impl Postgres {
     /// of the lease; a lane the renewal does not return is lost.
     async fn keep_leases(self) {
         let every = (self.inner.lease / 3).max(Duration::from_millis(200));
+        // Only the lanes held here, each with its token: a lane this sidecar gave up (or
+        // lost) is never renewed, whatever its row still says.
         let renew = self.sql(
-            "UPDATE {s}.lanes SET lease_until = now() + $2::bigint * interval '1 millisecond' \
-             WHERE owner = $1 RETURNING handler, entity, token",
+            "UPDATE {s}.lanes l SET lease_until = now() + $2::bigint * interval '1 millisecond' \
+             FROM unnest($3::text[], $4::text[], $5::bigint[]) AS h(handler, entity, token) \
+             WHERE l.owner = $1 AND l.handler = h.handler AND l.entity = h.entity \
+             AND l.token = h.token RETURNING l.handler, l.entity, l.token",
+        );
+        let free = self.sql(
+            "UPDATE {s}.lanes l SET owner = NULL, lease_until = NULL \
+             FROM unnest($2::text[], $3::text[], $4::bigint[]) AS h(handler, entity, token) \
+             WHERE l.owner = $1 AND l.handler = h.handler AND l.entity = h.entity \
+             AND l.token = h.token",
         );
         let beat = self.sql(
             "INSERT INTO {s}.sidecars (id, handlers, seen_at) VALUES ($1, $2, now()) \
@@ -1007,12 +1028,40 @@ impl Postgres {
             if self.inner.ready.load(Ordering::Relaxed) {
                 let sent = Instant::now();
                 let handlers = self.inner.handlers.lock().expect("not poisoned").clone();
+                let mut lanes: [Vec<String>; 2] = Default::default();
+                let mut tokens: Vec<i64> = Vec::new();
+                for ((handler, entity), h) in self.inner.held.lock().expect("not poisoned").iter() {
+                    lanes[0].push(handler.clone());
+                    lanes[1].push(entity.clone());
+                    tokens.push(h.token);
+                }
+                let unfreed =
+                    std::mem::take(&mut *self.inner.unfreed.lock().expect("not poisoned"));
+                let mut gone: [Vec<String>; 2] = Default::default();
+                let mut gone_tokens: Vec<i64> = Vec::new();
+                for (handler, entity, token) in &unfreed {
+                    gone[0].push(handler.clone());
+                    gone[1].push(entity.clone());
+                    gone_tokens.push(*token);
+                }
                 let renewed = self
                     .run("write", async |c| {
                         c.execute(&beat, &[&owner, &handlers]).await?;
-                        c.query(&renew, &[&owner, &lease]).await
+                        if !gone_tokens.is_empty() {
+                            c.execute(&free, &[&owner, &gone[0], &gone[1], &gone_tokens])
+                                .await?;
+                        }
+                        c.query(&renew, &[&owner, &lease, &lanes[0], &lanes[1], &tokens])
+                            .await
                     })
                     .await;
+                if renewed.is_err() {
+                    self.inner
+                        .unfreed
+                        .lock()
+                        .expect("not poisoned")
+                        .extend(unfreed);
+                }
                 match renewed {
                     Ok(rows) => {
                         let ours: HashMap<(String, String), i64> = rows
