@@ -113,6 +113,37 @@ struct Recorder {
     overlaps: Arc<Mutex<Vec<String>>>,
 }
 
+/// A call in flight at the handler, per entity. A guard: a call whose connection
+/// closes midway (its sidecar was killed) is dropped, and counts no more.
+struct InFlight {
+    map: Arc<Mutex<HashMap<i64, usize>>>,
+    entity: i64,
+    /// Calls of the entity that were already in flight when this one came.
+    others: usize,
+}
+
+impl InFlight {
+    fn enter(map: &Arc<Mutex<HashMap<i64, usize>>>, entity: i64) -> Self {
+        let mut counts = map.lock().unwrap();
+        let n = counts.entry(entity).or_insert(0);
+        let others = *n;
+        *n += 1;
+        Self {
+            map: map.clone(),
+            entity,
+            others,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(n) = self.map.lock().unwrap().get_mut(&self.entity) {
+            *n -= 1;
+        }
+    }
+}
+
 impl Recorder {
     async fn start() -> Self {
         let delivered = Arc::new(Mutex::new(Vec::new()));
@@ -135,20 +166,16 @@ impl Recorder {
                         envelope["data"]["seq"].as_i64().unwrap(),
                     );
                     let sidecar = call.header("x-sidecar").unwrap_or("?").to_owned();
-                    {
-                        let mut in_flight = in_flight.lock().unwrap();
-                        let n = in_flight.entry(key.0).or_insert(0);
-                        *n += 1;
-                        if *n > 1 {
-                            overlaps.lock().unwrap().push(format!(
-                                "entity {}: seq {} called (by {sidecar}) while another \
-                                 call of the entity was in flight",
-                                key.0, key.1
-                            ));
-                        }
+                    let calling = InFlight::enter(&in_flight, key.0);
+                    if calling.others > 0 {
+                        overlaps.lock().unwrap().push(format!(
+                            "entity {}: seq {} called (by {sidecar}) while another call of \
+                             the entity was in flight",
+                            key.0, key.1
+                        ));
                     }
                     tokio::time::sleep(Duration::from_millis(3)).await;
-                    *in_flight.lock().unwrap().get_mut(&key.0).unwrap() -= 1;
+                    drop(calling);
                     if calls.fetch_add(1, Ordering::SeqCst) % 20 == 19 {
                         return reply(500, "try again");
                     }
@@ -344,6 +371,15 @@ fn check_deliveries(acked: &[Key], recorder: &Recorder) {
     );
 }
 
+/// Deliveries per sidecar (`X-Sidecar`), in name order.
+fn tally_by_sidecar(delivered: &[Delivered]) -> std::collections::BTreeMap<String, usize> {
+    let mut by = std::collections::BTreeMap::new();
+    for d in delivered {
+        *by.entry(d.sidecar.clone()).or_default() += 1;
+    }
+    by
+}
+
 /// The number of dead letters, as a sidecar reports them (the shared data).
 async fn dead_letters(sidecar: &Sidecar) -> serde_json::Value {
     let (status, letters) = sidecar.get("/v1/deadletters").await;
@@ -381,11 +417,7 @@ async fn three_sidecars_share_the_work_and_a_kill_9_of_one_loses_nothing() {
     // Every sidecar is delivering by now (a lane per entity, 24 entities, 4 at a time
     // on each): kill one mid-delivery.
     let killed = sidecars[1].take().unwrap();
-    let by_killed_before = recorder
-        .delivered()
-        .iter()
-        .filter(|d| d.sidecar == "b")
-        .count();
+    let before_kill = tally_by_sidecar(&recorder.delivered());
     let _ = killed.kill_9();
     let killed_at = progress.load(Ordering::SeqCst);
     // The load goes on on the other two, past the lease (the killed one's lanes wait
@@ -409,12 +441,12 @@ async fn three_sidecars_share_the_work_and_a_kill_9_of_one_loses_nothing() {
     }
 
     let arrived = recorder.wait_for(&billing.acked).await;
-    let delivered = recorder.delivered();
-    let by: HashMap<&str, usize> = delivered.iter().fold(HashMap::new(), |mut m, d| {
-        *m.entry(d.sidecar.as_str()).or_default() += 1;
-        m
-    });
-    println!("deliveries by sidecar: {by:?} (b, killed, had made {by_killed_before})");
+    let by = tally_by_sidecar(&recorder.delivered());
+    println!(
+        "deliveries by sidecar: {by:?}; before b was killed: {before_kill:?}; \
+         accepted by sidecar: {:?}",
+        billing.acked_by
+    );
     println!("all acknowledged arrived: {arrived}");
     check_deliveries(&billing.acked, &recorder);
     for name in ["a", "b", "c"] {
