@@ -9,7 +9,9 @@
 //!   sidecars find it through the multi-host URL, the billing sees 503s, never a 200 for
 //!   something lost;
 //! - PostgreSQL unreachable at start and mid-run: 503s with `Retry-After`, `/readyz` 503,
-//!   and recovery without a restart.
+//!   and recovery without a restart;
+//! - a sidecar frozen (SIGSTOP) mid-call loses its lane after the lease, and once thawed
+//!   does not go on with it (fencing).
 //!
 //! Each event of the load carries its entity's sequence number (`data.seq`), and the
 //! events of one entity go round-robin to the sidecars, so that per-entity order is
@@ -745,4 +747,106 @@ async fn postgres_unreachable_at_start_and_mid_run_is_503_then_recovers_without_
     );
     let live = sidecar.live_config().await.to_string();
     assert!(!live.contains(password), "{live}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_sidecar_loses_its_lane_and_does_not_go_on_with_it_when_it_thaws() {
+    if !pg::installed() {
+        return;
+    }
+    let server = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+    let url = server.create_database("billing");
+    // The first call of seq 1 hangs for a while: the sidecar making it is then frozen
+    // (SIGSTOP) mid-call, a zombie that renews nothing.
+    let stalled = Arc::new(AtomicBool::new(false));
+    let handler = {
+        let stalled = stalled.clone();
+        HandlerServer::start(move |call| {
+            let stalled = stalled.clone();
+            async move {
+                if call.json()["data"]["seq"] == 1 && !stalled.swap(true, Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_secs(6)).await;
+                }
+                reply(200, "")
+            }
+        })
+        .await
+    };
+    let sidecars = start_sidecars(&url, &handler.url("/hook"), &["a", "b"]).await;
+    for seq in 1..=3 {
+        let (status, body) = sidecars[1]
+            .send("clients.update", 1, json!({"seq": seq}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || !handler.calls().is_empty()).await,
+        "seq 1 was never delivered"
+    );
+    let sidecar_of = |call: &Recorded| call.header("x-sidecar").unwrap_or("?").to_owned();
+    let zombie_name = sidecar_of(&handler.calls()[0]);
+    let (zombie, live) = match zombie_name.as_str() {
+        "a" => (&sidecars[0], &sidecars[1]),
+        "b" => (&sidecars[1], &sidecars[0]),
+        other => panic!("a call from {other}"),
+    };
+    zombie.signal(nix::sys::signal::Signal::SIGSTOP);
+    let frozen = Instant::now();
+
+    // Its lease runs out; the other sidecar takes the lane over and delivers it all,
+    // the hanging seq 1 again (at least once) and what came after.
+    let seqs_by = |name: &str| -> Vec<i64> {
+        handler
+            .calls()
+            .iter()
+            .filter(|c| sidecar_of(c) == name)
+            .map(|c| c.json()["data"]["seq"].as_i64().unwrap())
+            .collect()
+    };
+    let live_name = if zombie_name == "a" { "b" } else { "a" };
+    let taken_over = eventually(Duration::from_secs(20), || seqs_by(live_name) == [1, 2, 3]).await;
+    let takeover = frozen.elapsed();
+    assert!(taken_over, "not taken over: {:?}", seqs_by(live_name));
+    println!("taken over {takeover:?} after the freeze (lease {LEASE:?})");
+    assert!(
+        takeover >= LEASE - Duration::from_millis(500),
+        "taken over before the lease ran out"
+    );
+    for seq in 4..=5 {
+        let (status, body) = live.send("clients.update", 1, json!({"seq": seq})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(eventually(Duration::from_secs(10), || seqs_by(live_name).len() == 5).await);
+
+    // It thaws: its hanging call ends, its settlement is refused (the lane was claimed
+    // since), and it goes on with nothing of that lane.
+    zombie.signal(nix::sys::signal::Signal::SIGCONT);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        seqs_by(&zombie_name),
+        [1],
+        "the thawed sidecar called the lane it had lost again; all calls: {:?}",
+        handler
+            .calls()
+            .iter()
+            .map(|c| (sidecar_of(c), c.json()["data"]["seq"].clone()))
+            .collect::<Vec<_>>()
+    );
+    // And it works again: an event it accepts now is delivered after the rest.
+    let (status, body) = zombie.send("clients.update", 1, json!({"seq": 6})).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        eventually(Duration::from_secs(15), || handler
+            .calls()
+            .iter()
+            .any(|c| c.json()["data"]["seq"] == 6))
+        .await
+    );
+    let all: Vec<i64> = handler
+        .calls()
+        .iter()
+        .map(|c| c.json()["data"]["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(all, [1, 1, 2, 3, 4, 5, 6], "calls in the order they came");
+    assert_eq!(dead_letters(live).await, 0);
 }
