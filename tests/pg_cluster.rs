@@ -608,7 +608,7 @@ async fn a_failover_to_the_sync_standby_loses_nothing_acknowledged() {
     })
     .await;
     println!(
-        "{during} accepted while no primary was up; ready again {:?} after the promotion",
+        "{during} answered 200 after the kill (committed before it); ready again {:?} after the promotion",
         promoted.elapsed()
     );
     stop.store(true, Ordering::SeqCst);
