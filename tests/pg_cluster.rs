@@ -11,7 +11,9 @@
 //! - PostgreSQL unreachable at start and mid-run: 503s with `Retry-After`, `/readyz` 503,
 //!   and recovery without a restart;
 //! - a sidecar frozen (SIGSTOP) mid-call loses its lane after the lease, and once thawed
-//!   does not go on with it (fencing).
+//!   does not go on with it (fencing);
+//! - a lane a sidecar leaves while the database is down (it cannot renew its lease) is
+//!   delivered once the database is back.
 //!
 //! Each event of the load carries its entity's sequence number (`data.seq`), and the
 //! events of one entity go round-robin to the sidecars, so that per-entity order is
@@ -382,6 +384,23 @@ fn tally_by_sidecar(delivered: &[Delivered]) -> std::collections::BTreeMap<Strin
     by
 }
 
+/// The shared store's lanes that still have work, and the live sidecars, as text: what
+/// a failed drain leaves behind.
+fn lanes_with_work(server: &PgServer) -> String {
+    let lanes = server.psql(
+        "billing",
+        "SELECT handler, entity, pending, owner, token, lease_until > now() AS leased, \
+         (SELECT count(*) FROM provisiond.deliveries d WHERE d.handler = l.handler \
+         AND d.entity = l.entity) AS rows FROM provisiond.lanes l WHERE pending > 0 \
+         ORDER BY entity",
+    );
+    let sidecars = server.psql(
+        "billing",
+        "SELECT id, handlers, now() - seen_at FROM provisiond.sidecars",
+    );
+    format!("{lanes}\nsidecars:\n{sidecars}")
+}
+
 /// The number of dead letters, as a sidecar reports them (the shared data).
 async fn dead_letters(sidecar: &Sidecar) -> serde_json::Value {
     let (status, letters) = sidecar.get("/v1/deadletters").await;
@@ -730,7 +749,12 @@ async fn postgres_unreachable_at_start_and_mid_run_is_503_then_recovers_without_
     assert!(billing.unavailable > 0);
     let mut acked = billing.acked.clone();
     acked.push((1, 1));
-    recorder.wait_for(&acked).await;
+    if !recorder.wait_for(&acked).await {
+        println!(
+            "not drained; the lanes with work:\n{}",
+            lanes_with_work(&server)
+        );
+    }
     check_deliveries(&acked, &recorder);
 
     // Clear errors in the log, and no password in it, nor in the config the API shows.
@@ -747,6 +771,13 @@ async fn postgres_unreachable_at_start_and_mid_run_is_503_then_recovers_without_
     );
     let live = sidecar.live_config().await.to_string();
     assert!(!live.contains(password), "{live}");
+    let path = sidecar.config_path.to_string_lossy().into_owned();
+    let (code, out, err) = run_binary(sidecar.dir.path(), &["check", "-c", &path]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        !out.contains(password) && !err.contains(password),
+        "check shows the password:\n{out}{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -849,4 +880,75 @@ async fn a_frozen_sidecar_loses_its_lane_and_does_not_go_on_with_it_when_it_thaw
         .collect();
     assert_eq!(all, [1, 1, 2, 3, 4, 5, 6], "calls in the order they came");
     assert_eq!(dead_letters(live).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lane_left_while_the_database_is_down_is_delivered_once_it_is_back() {
+    if !pg::installed() {
+        return;
+    }
+    let mut server = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+    let url = server.create_database("billing");
+    // The first call asks for 3 s: the retry comes due while the database is down, when
+    // the sidecar can no longer be sure of its lease, and leaves the lane.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = calls.clone();
+        HandlerServer::start(move |_| {
+            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    let mut r = reply(503, "busy");
+                    r.headers_mut()
+                        .insert("retry-after", hyper::header::HeaderValue::from_static("3"));
+                    r
+                } else {
+                    reply(200, "")
+                }
+            }
+        })
+        .await
+    };
+    let config = format!(
+        "{SERVER}[store]\nbackend = \"postgres\"\nurl = {}\nlease = \"3s\"\n{}",
+        toml_str(&url),
+        after_handler(
+            "crm",
+            &handler.url("/hook"),
+            "retry = { attempts = 100, backoff = \"10ms\", max_backoff = \"10s\" }"
+        )
+    );
+    let sidecar = tokio::task::spawn_blocking(move || Sidecar::start(&config))
+        .await
+        .unwrap();
+    let (status, body) = sidecar.send("clients.update", 1, json!({"seq": 1})).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        eventually(Duration::from_secs(10), || calls.load(Ordering::SeqCst)
+            == 1)
+        .await
+    );
+    // The retry's settlement is committed a moment after the call.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| server.stop());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::task::block_in_place(|| server.restart());
+    assert!(wait_ready(&sidecar, 200, Duration::from_secs(30)).await);
+    let delivered = eventually(Duration::from_secs(30), || {
+        calls.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    assert!(
+        delivered,
+        "the acknowledged delivery never came, 30 s after the database came back; \
+         lanes:\n{}\nlogs:\n{}",
+        lanes_with_work(&server),
+        sidecar
+            .logs()
+            .iter()
+            .filter(|l| l.contains("lane") || l.contains("WARN"))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
