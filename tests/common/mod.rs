@@ -702,3 +702,45 @@ pub fn metric(text: &str, prefix: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// The store a test's sidecars use: the redb file (the default), or a database on a
+/// throwaway PostgreSQL server that lives as long as this value. The after-stage suite
+/// runs on both: `tests/it/after.rs` is compiled twice, as `after` and `after_pg`.
+pub enum Db {
+    File,
+    Pg(pg::PgServer),
+}
+
+impl Db {
+    /// The store of a test in `module` (its `module_path!()`): PostgreSQL when the
+    /// module's name ends in `_pg` (and PostgreSQL is installed; outside CI, without it,
+    /// the file, saying so).
+    pub fn for_module(module: &str) -> Self {
+        if module.ends_with("_pg") && pg::installed() {
+            let server = pg::PgServer::start();
+            server.create_database("provisiond");
+            Self::Pg(server)
+        } else {
+            Self::File
+        }
+    }
+
+    /// `config` on this store: for PostgreSQL, `[store]` gets the backend, the URL and a
+    /// short lease (tests that kill a sidecar wait for it).
+    pub fn config(&self, config: &str) -> String {
+        let Self::Pg(server) = self else {
+            return config.to_owned();
+        };
+        let keys = format!(
+            "backend = \"postgres\"\nurl = \"{}\"\nlease = \"3s\"\n",
+            server.url("provisiond")
+        );
+        match config.find("[store]\n") {
+            Some(at) => {
+                let at = at + "[store]\n".len();
+                format!("{}{keys}{}", &config[..at], &config[at..])
+            }
+            None => format!("{config}\n[store]\n{keys}"),
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! The after stage: a real provisiond process stores deliveries before it answers, and
 //! delivers them to real HTTP handlers and scripts, in order per entity, with retries,
-//! dead letters, dedupe, and an execution log; across kill -9 and SIGTERM.
+//! dead letters, dedupe, and an execution log; across kill -9 and SIGTERM. Compiled
+//! twice: `after` on the redb file, `after_pg` on a throwaway PostgreSQL server.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -10,11 +11,17 @@ use std::time::Duration;
 use crate::common::*;
 use serde_json::{Value, json};
 
+/// This module's store: `after` runs on the redb file, `after_pg` (this same file) on
+/// PostgreSQL.
+fn db() -> Db {
+    Db::for_module(module_path!())
+}
+
 /// Fast retries, so that tests never wait long.
 const FAST: &str = "retry = { attempts = 1000, backoff = \"10ms\", max_backoff = \"100ms\" }";
 
 /// `(object_id, data.seq)` of a call.
-fn key(call: &Recorded) -> (i64, i64) {
+pub(crate) fn key(call: &Recorded) -> (i64, i64) {
     let v = call.json();
     (
         v["event"]["object_id"].as_i64().unwrap(),
@@ -81,7 +88,8 @@ async fn every_event_that_got_200_survives_kill_9_and_arrives_in_order_per_entit
         "{SERVER}{}",
         after_handler("crm", &format!("http://{addr}/hook"), FAST)
     );
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     let url = sidecar.url("/events");
     let progress = Arc::new(AtomicUsize::new(0));
     let sending = tokio::spawn(send_counting(url, (1..=50).collect(), 20, progress.clone()));
@@ -175,7 +183,8 @@ async fn a_flaky_handler_keeps_order_per_entity_and_entities_do_not_block_each_o
             &format!("{FAST}\nmax_concurrency = 4")
         )
     );
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     let mut entities: Vec<i64> = (1..=50).collect();
     entities.push(999);
     let acked = send_all(sidecar.url("/events"), entities, 10).await;
@@ -226,7 +235,8 @@ async fn gone_goes_to_the_dead_letters_replay_delivers_and_delete_removes() {
         .await
     };
     let config = format!("{SERVER}{}", after_handler("crm", &handler.url("/"), FAST));
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     let (status, _) = sidecar
         .send("clients.create", 12, json!({"name": "ACME"}))
         .await;
@@ -322,7 +332,8 @@ async fn retry_after_is_honoured_and_exhausted_deliveries_keep_their_last_error(
             "retry = { attempts = 3, backoff = \"10ms\", max_backoff = \"5s\" }"
         )
     );
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     sidecar.send("clients.update", 5, json!({})).await;
     let letters = wait_dead_letters(&sidecar, 1).await;
     assert_eq!(
@@ -361,7 +372,8 @@ async fn a_delivery_keeps_its_webhook_id_across_retries() {
             &format!("{FAST}\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"")
         )
     );
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     sidecar.send("clients.update", 5, json!({})).await;
     assert!(eventually(Duration::from_secs(10), || handler.calls().len() == 3).await);
     let ids: Vec<String> = handler
@@ -386,7 +398,8 @@ async fn a_delivery_keeps_its_webhook_id_across_retries() {
 async fn the_same_envelope_twice_is_delivered_once_even_across_a_restart() {
     let handler = HandlerServer::fixed(200, "").await;
     let config = format!("{SERVER}{}", after_handler("crm", &handler.url("/"), FAST));
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     let same = envelope("clients.update", 3, json!({"name": "x"})).to_string();
     for _ in 0..2 {
         let (status, body) = sidecar.post(same.clone()).await;
@@ -443,7 +456,8 @@ async fn with_no_dedupe_window_the_same_envelope_is_delivered_again() {
         "{SERVER}[store]\ndedupe_window = \"0s\"\n{}",
         after_handler("crm", &handler.url("/"), FAST)
     );
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     let same = envelope("clients.update", 3, json!({})).to_string();
     sidecar.post(same.clone()).await;
     sidecar.post(same).await;
@@ -466,7 +480,8 @@ async fn a_denied_event_gets_no_after_stage_delivery() {
         toml_str(guard.url("/")),
         after_handler("crm", &after.url("/"), FAST)
     );
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     let (status, _) = sidecar
         .send("clients.create", 1, json!({"name": "bad"}))
         .await;
@@ -496,7 +511,8 @@ async fn the_after_stage_gets_the_data_as_the_before_stage_left_it() {
         toml_str(upper.url("/")),
         after_handler("crm", &after.url("/"), FAST)
     );
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     let (status, body) = sidecar
         .send("clients.create", 1, json!({"name": "acme"}))
         .await;
@@ -527,7 +543,8 @@ async fn a_script_is_delivered_on_exit_0_and_retried_otherwise() {
         "{SERVER}[[handler]]\nname = \"block\"\nevents = [\"clients.balance_zero\"]\nstage = \"after\"\ncommand = [{}]\n{FAST}\n",
         toml_str(path.display().to_string())
     );
-    let sidecar = Sidecar::start_in(dir, &config, &[]);
+    let db = db();
+    let sidecar = Sidecar::start_in(dir, &db.config(&config), &[]);
     sidecar.send("clients.balance_zero", 9, json!({})).await;
     let done = out.join("attempt-3");
     assert!(eventually(Duration::from_secs(10), || done.exists()).await);
@@ -581,7 +598,8 @@ async fn the_execution_log_records_both_stages_with_their_fields_and_filters() {
         toml_str(check.url("/")),
         after_handler("crm", &crm.url("/"), FAST)
     );
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     let before_send = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     sidecar.send("clients.create", 12, json!({})).await;
     sidecar.send("clients.update", 13, json!({})).await;
@@ -670,7 +688,8 @@ async fn sigterm_lets_the_attempt_in_flight_finish_and_keeps_the_rest() {
             &format!("{FAST}\ntimeout = \"10s\"")
         )
     );
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     for seq in 0..3 {
         let (status, _) = sidecar.send("clients.update", 1, json!({"seq": seq})).await;
         assert_eq!(status, 200);
@@ -707,55 +726,11 @@ async fn sigterm_lets_the_attempt_in_flight_finish_and_keeps_the_rest() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_unusable_store_stops_start_up_with_a_clear_message() {
-    // Unwritable: a directory this process may not write to (as root, /sys).
-    let dir = tempfile::TempDir::new().unwrap();
-    let locked = dir.path().join("locked");
-    std::fs::create_dir(&locked).unwrap();
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o500)).unwrap();
-    let unwritable = if std::fs::write(locked.join("probe"), b"").is_ok() {
-        "/sys/provisiond-test.db".to_owned()
-    } else {
-        locked.join("provisiond.db").display().to_string()
-    };
-    let config = format!("{SERVER}[store]\npath = {}\n", toml_str(&unwritable));
-    std::fs::write(dir.path().join("p.toml"), &config).unwrap();
-    let (code, _, stderr) = run_binary(dir.path(), &["run", "-c", "p.toml"]);
-    assert_eq!(code, 1, "{stderr}");
-    assert!(
-        stderr.contains(&format!("cannot use the store {unwritable}")),
-        "{stderr}"
-    );
-    assert!(stderr.contains("Permission denied"), "{stderr}");
-    assert!(
-        stderr.contains("set store.path to a writable place"),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
-
-    // Corrupt: not a store at all.
-    std::fs::write(
-        dir.path().join("provisiond.db"),
-        b"PK\x03\x04 not a store".repeat(500),
-    )
-    .unwrap();
-    std::fs::write(dir.path().join("p.toml"), SERVER).unwrap();
-    let (code, _, stderr) = run_binary(dir.path(), &["run", "-c", "p.toml"]);
-    assert_eq!(code, 1, "{stderr}");
-    assert!(
-        stderr.contains("cannot use the store provisiond.db"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("move it aside"), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn the_cli_lists_replays_and_drops_dead_letters_of_a_running_sidecar() {
     let handler = HandlerServer::fixed(410, "no such client").await;
     let config = format!("{SERVER}{}", after_handler("crm", &handler.url("/"), FAST));
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     sidecar.send("clients.create", 12, json!({})).await;
     sidecar.send("clients.create", 13, json!({})).await;
     let letters = wait_dead_letters(&sidecar, 2).await;
@@ -827,108 +802,6 @@ async fn the_cli_lists_replays_and_drops_dead_letters_of_a_running_sidecar() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_store_that_cannot_take_the_deliveries_answers_503_never_200() {
-    let handler = HandlerServer::fixed(200, "").await;
-    let config = format!(
-        "{SERVER}[[handler]]\nname = \"crm\"\nevents = [\"clients.*\"]\nstage = \"after\"\nurl = {}\n",
-        toml_str(handler.url("/"))
-    );
-    let sidecar = InProcess::start(&config).await;
-    assert_eq!(
-        sidecar.send("clients.create", 1, json!({})).await.status(),
-        200
-    );
-    let ready = |sidecar: &InProcess| {
-        let url = format!("http://{}/readyz", sidecar.addr);
-        async move { http_client().get(url).send().await.unwrap().status() }
-    };
-    assert_eq!(ready(&sidecar).await, 200);
-    sidecar.app.store.close().await;
-    assert_eq!(ready(&sidecar).await, 503, "not ready without the store");
-    let response = sidecar.send("clients.create", 2, json!({})).await;
-    assert_eq!(response.status(), 503);
-    assert_eq!(response.headers()["retry-after"], "1");
-    let body: Value = response.json().await.unwrap();
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("store cannot take"),
-        "{body}"
-    );
-    // An event with no after-stage handler does not need the store.
-    let response = sidecar.send("importd.process_success", 3, json!({})).await;
-    assert_eq!(response.status(), 200);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_reload_that_removes_a_handler_dead_letters_its_queue_and_disabling_one_pauses_it() {
-    let down = refused_url();
-    let with = |extra: &str| {
-        format!(
-            "{SERVER}{}",
-            after_handler("crm", &down, &format!("{FAST}\n{extra}"))
-        ) + &after_handler("crm2", &down, FAST)
-    };
-    let sidecar = InProcess::start(&with("")).await;
-    for id in 1..=3 {
-        assert_eq!(
-            sidecar.send("clients.create", id, json!({})).await.status(),
-            200
-        );
-    }
-    // One reload disables crm and removes crm2. The same new generation reaches every
-    // waiting lane: crm2's three turning into dead letters is the sign it has arrived,
-    // and crm's, disabled, stay stored (no sleep standing in for "long enough").
-    let store = sidecar.app.store.clone();
-    let disabled = format!(
-        "{SERVER}{}",
-        after_handler("crm", &down, &format!("{FAST}\nenabled = false"))
-    );
-    sidecar.publish(&disabled, 2);
-    assert!(dead_letters_reach(&store, 3).await);
-    let letters = store.dead_letters(None, 10).await.unwrap();
-    assert_eq!(letters.len(), 3, "{letters:?}");
-    for letter in &letters {
-        assert_eq!(letter.delivery.handler, "crm2");
-        assert_eq!(letter.reason, "handler removed by a config reload");
-    }
-    assert_eq!(
-        store.queue_depth().await.unwrap(),
-        3,
-        "crm's deliveries wait, stored"
-    );
-
-    // Removed: crm's three go to the dead letters too, with the reason.
-    sidecar.publish(SERVER, 3);
-    assert!(dead_letters_reach(&store, 6).await);
-    let crm: Vec<_> = store
-        .dead_letters(None, 10)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|l| l.delivery.handler == "crm")
-        .collect();
-    assert_eq!(crm.len(), 3);
-    for letter in crm {
-        assert_eq!(letter.reason, "handler removed by a config reload");
-    }
-    assert_eq!(store.queue_depth().await.unwrap(), 0);
-
-    // A dead letter of a handler the config lacks cannot be replayed.
-    let id = store.dead_letters(None, 1).await.unwrap()[0].delivery.id;
-    let response = http_client()
-        .post(format!(
-            "http://{}/v1/deadletters/{id}/replay",
-            sidecar.addr
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 409);
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn metrics_show_the_queue_the_dead_letters_and_after_stage_calls() {
     let gone = HandlerServer::fixed(410, "").await;
     let config = format!(
@@ -936,7 +809,8 @@ async fn metrics_show_the_queue_the_dead_letters_and_after_stage_calls() {
         after_handler("down", &refused_url(), FAST),
         after_handler("gone", &gone.url("/"), FAST)
     );
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     sidecar.send("clients.update", 1, json!({"n": 1})).await;
     sidecar.send("clients.update", 1, json!({"n": 2})).await;
     sidecar.send("clients.update", 2, json!({"n": 3})).await;
@@ -1030,7 +904,8 @@ async fn a_clients_custom_fields_update_waits_behind_the_clients_update_before_i
         .await
     };
     let config = format!("{SERVER}{}", after_handler("crm", &handler.url("/"), FAST));
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     let (status, _) = sidecar
         .send("clients.update", 12, json!({"name": "x"}))
         .await;
@@ -1073,7 +948,8 @@ async fn post_and_hang_up(addr: &str, body: &str) {
 async fn hang_ups_at_any_moment_then_retries_lose_no_delivery() {
     let crm = HandlerServer::echo().await;
     let config = format!("{SERVER}{}", after_handler("crm", &crm.url("/"), FAST));
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     const N: i64 = 300;
     let bodies: Vec<String> = (0..N)
         .map(|i| envelope("clients.update", i, json!({"seq": i})).to_string())
@@ -1120,7 +996,8 @@ async fn hang_ups_at_any_moment_then_retries_lose_no_delivery() {
 async fn concurrent_events_of_one_entity_are_attempted_in_store_order() {
     let crm = HandlerServer::echo().await;
     let config = format!("{SERVER}{}", after_handler("crm", &crm.url("/"), FAST));
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     const CLIENTS: i64 = 8;
     const EACH: i64 = 40;
     let mut tasks = Vec::new();
@@ -1187,156 +1064,12 @@ async fn concurrent_events_of_one_entity_are_attempted_in_store_order() {
     }
 }
 
-/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop; `None` where this
-/// process may not mount (not root, or no mount namespace of its own).
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Self> {
-        let dir = tempfile::TempDir::new().unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(Self { dir })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_full_disk_is_survived_without_a_restart() {
-    let Some(disk) = Tmpfs::mount("4m") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root and must be able to mount a tmpfs"
-        );
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
-        return;
-    };
-    // Space taken by something else, freed later.
-    let filler = disk.dir.path().join("filler");
-    std::fs::write(&filler, vec![0u8; 2 << 20]).unwrap();
-    // The handler is down until the end, so that the queue grows.
-    let up = Arc::new(AtomicBool::new(false));
-    let crm = {
-        let up = up.clone();
-        HandlerServer::start(move |_| {
-            let up = up.load(Ordering::SeqCst);
-            async move { reply(if up { 200 } else { 503 }, "") }
-        })
-        .await
-    };
-    let store = disk.dir.path().join("provisiond.db");
-    let config = format!(
-        "{SERVER}[store]\npath = {:?}\n{}",
-        store.display().to_string(),
-        after_handler(
-            "crm",
-            &crm.url("/"),
-            "retry = { attempts = 1000, backoff = \"200ms\", max_backoff = \"1s\" }"
-        )
-    );
-    let sidecar = Sidecar::start(&config);
-    let padding = "x".repeat(8 << 10);
-    let mut acked = Vec::new();
-    let mut refused = None;
-    for i in 0..2000 {
-        let (status, _) = sidecar
-            .send("clients.update", i, json!({"seq": i, "padding": padding}))
-            .await;
-        match status {
-            200 => acked.push(i),
-            503 => {
-                refused = Some(i);
-                break;
-            }
-            other => panic!("event {i}: {other}"),
-        }
-    }
-    let refused = refused.expect("the disk filled up");
-    assert!(!acked.is_empty());
-    // Full: not ready, and events get 503 (with Retry-After), never 200.
-    let ready = sidecar
-        .client()
-        .get(sidecar.url("/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 503);
-    let (status, _) = sidecar
-        .send(
-            "clients.update",
-            refused,
-            json!({"seq": refused, "padding": padding}),
-        )
-        .await;
-    assert_eq!(status, 503);
-    // The log says what failed, not that the store is closed.
-    let failure = sidecar
-        .wait_for_log(Duration::from_secs(5), |v| {
-            v["message"] == "cannot store the deliveries, answering 503"
-        })
-        .expect("the refusal is logged");
-    let error = failure["error"].as_str().unwrap_or_default();
-    assert!(!error.contains("closed"), "{failure}");
-    assert!(error.contains("store write failed"), "{failure}");
-
-    // Space is freed: the store takes writes again by itself.
-    std::fs::remove_file(&filler).unwrap();
-    let mut recovered = false;
-    for _ in 0..100 {
-        let ready = sidecar
-            .client()
-            .get(sidecar.url("/readyz"))
-            .send()
-            .await
-            .unwrap();
-        if ready.status() == 200 {
-            recovered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(recovered, "/readyz stayed 503 after space was freed");
-    for i in refused..refused + 10 {
-        let (status, body) = sidecar.send("clients.update", i, json!({"seq": i})).await;
-        assert_eq!(status, 200, "{body}");
-        acked.push(i);
-    }
-    // Every event answered 200, before and after, is delivered.
-    up.store(true, Ordering::SeqCst);
-    let delivered = |crm: &HandlerServer| -> std::collections::HashSet<i64> {
-        crm.calls()
-            .iter()
-            .filter(|c| !c.body.is_empty())
-            .map(|c| key(c).0)
-            .collect()
-    };
-    let all = eventually(Duration::from_secs(30), || {
-        let seen = delivered(&crm);
-        acked.iter().all(|i| seen.contains(i))
-    })
-    .await;
-    let seen = delivered(&crm);
-    let lost: Vec<_> = acked.iter().filter(|i| !seen.contains(i)).collect();
-    assert!(all, "acknowledged but not delivered: {lost:?}");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_upload_is_cut_at_the_deadline_and_frees_its_slot() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let config = "[server]\nlisten = \"127.0.0.1:0\"\ndeadline = \"300ms\"\nmax_in_flight = 1\n";
-    let sidecar = Sidecar::start(config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(config));
     let mut stream = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
     stream
         .write_all(b"POST /events HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"event\":")
@@ -1365,7 +1098,8 @@ async fn a_hung_up_event_leaves_the_in_flight_gauge() {
         "{SERVER}[[handler]]\nname = \"slow\"\nevents = [\"*\"]\nstage = \"before\"\nurl = \"{}\"\n",
         slow.url("/")
     );
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     let mut streams = Vec::new();
     for i in 0..5 {
         use tokio::io::AsyncWriteExt as _;
@@ -1416,7 +1150,8 @@ async fn a_backlog_of_more_lanes_than_memory_holds_is_delivered_in_order() {
         "{SERVER}{}",
         after_handler("crm", &crm.url("/"), &format!("{FAST}\ntimeout = \"120s\""))
     );
-    let sidecar = Sidecar::start(&config);
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
     let mut acked = Vec::new();
     let all: Vec<i64> = (0..entities).collect();
     for chunk in all.chunks(64) {
@@ -1443,20 +1178,4 @@ async fn a_backlog_of_more_lanes_than_memory_holds_is_delivered_in_order() {
     for (entity, seqs) in by_entity(calls.iter().map(key)) {
         assert_eq!(seqs, vec![0, 1], "entity {entity} out of order");
     }
-}
-
-/// Whether the store comes to hold at least `n` dead letters within 5 s.
-async fn dead_letters_reach(store: &provisiond::store::Store, n: usize) -> bool {
-    let until = std::time::Instant::now() + Duration::from_secs(5);
-    while std::time::Instant::now() < until {
-        if store
-            .dead_letters(None, 10)
-            .await
-            .is_ok_and(|l| l.len() >= n)
-        {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
 }

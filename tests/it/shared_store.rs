@@ -1,0 +1,257 @@
+//! The PostgreSQL backend's own promises, beyond the after-stage suite that runs on
+//! both backends (`after_pg`): a handler removed by one sidecar's reload but kept by
+//! another is not dead-lettered; `store copy` moves a redb file's queue and dead letters
+//! in; a schema newer than the build is refused; the URL's password is never shown.
+
+use std::time::Duration;
+
+use crate::common::pg::{self, PgServer};
+use crate::common::*;
+use serde_json::json;
+
+/// Fast retries, so that tests never wait long.
+const FAST: &str = "retry = { attempts = 1000, backoff = \"10ms\", max_backoff = \"200ms\" }";
+
+fn server() -> Option<PgServer> {
+    if !pg::installed() {
+        return None;
+    }
+    let server = PgServer::start();
+    server.create_database("provisiond");
+    Some(server)
+}
+
+fn store(server: &PgServer) -> String {
+    format!(
+        "[store]\nbackend = \"postgres\"\nurl = {}\nlease = \"2s\"\n",
+        toml_str(server.url("provisiond"))
+    )
+}
+
+/// Waits until `n` dead letters are stored, or 10 s; what `/v1/deadletters` says then.
+async fn dead_letters(sidecar: &Sidecar, n: usize) -> Vec<serde_json::Value> {
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = sidecar.get("/v1/deadletters").await;
+        let letters = body["deadletters"].as_array().cloned().unwrap_or_default();
+        if letters.len() >= n || std::time::Instant::now() > until {
+            return letters;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_one_sidecar_removes_is_delivered_by_another_that_still_has_it() {
+    let Some(db) = server() else { return };
+    let down = refused_url();
+    let handler = HandlerServer::echo().await;
+    let with = |url: &str| format!("{SERVER}{}{}", store(&db), after_handler("crm", url, FAST));
+    // A queues crm's deliveries while crm is down; B has crm too.
+    let a = Sidecar::start(&with(&down));
+    for i in 0..5 {
+        let (code, _) = a.send("clients.update", i, json!({"seq": i})).await;
+        assert_eq!(code, 200);
+    }
+    let b = Sidecar::start(&with(&handler.url("/")));
+    // A's reload removes crm: while B lives and has crm, A must leave its lanes to B.
+    write_atomic(&a.config_path, &format!("{SERVER}{}", store(&db)));
+    a.wait_for_config(Duration::from_secs(10), |c| {
+        c["handlers"].as_array().is_some_and(|h| h.is_empty())
+    })
+    .await;
+    assert!(
+        eventually(Duration::from_secs(20), || handler.calls().len() >= 5).await,
+        "B delivered crm's deliveries: {} calls",
+        handler.calls().len()
+    );
+    assert!(
+        dead_letters(&a, 0).await.is_empty(),
+        "nothing dead-lettered while B has crm"
+    );
+    let mut objects: Vec<i64> = handler
+        .calls()
+        .iter()
+        .map(|c| c.json()["event"]["object_id"].as_i64().unwrap())
+        .collect();
+    objects.sort_unstable();
+    objects.dedup();
+    assert_eq!(objects, [0, 1, 2, 3, 4]);
+
+    // Once no live sidecar has crm, its queue goes to the dead letters, as on one node:
+    // B queues one more (its handler now gone), stops, and A dead-letters it.
+    drop(handler);
+    let (code, _) = b.send("clients.update", 10, json!({"seq": 10})).await;
+    assert_eq!(code, 200);
+    let (_dir, _path, status) = b.terminate();
+    assert!(status.success());
+    let letters = dead_letters(&a, 1).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["handler"], "crm");
+    assert_eq!(letters[0]["object_id"], "10");
+    assert_eq!(letters[0]["reason"], "handler removed by a config reload");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn store_copy_moves_a_files_queue_and_dead_letters_into_postgres_once() {
+    let Some(db) = server() else { return };
+    // A single node on its redb file, its handler down: deliveries wait; one handler
+    // answers 410, so its delivery is a dead letter.
+    let down = refused_url();
+    let gone = HandlerServer::fixed(410, "gone").await;
+    let file_config = format!(
+        "{SERVER}{}{}",
+        after_handler("crm", &down, FAST),
+        after_handler("erp", &gone.url("/"), FAST)
+    );
+    let node = Sidecar::start(&file_config);
+    for i in 0..3 {
+        let (code, _) = node.send("clients.update", i, json!({"seq": i})).await;
+        assert_eq!(code, 200);
+    }
+    assert_eq!(
+        dead_letters(&node, 3).await.len(),
+        3,
+        "erp's three are dead letters"
+    );
+    let (dir, _, status) = node.terminate();
+    assert!(status.success());
+
+    // Switched to postgres: copy what the file holds, then run on the database.
+    let handler = HandlerServer::echo().await;
+    let pg_config = format!(
+        "{SERVER}{}{}{}",
+        store(&db),
+        after_handler("crm", &handler.url("/"), FAST),
+        after_handler("erp", &gone.url("/"), FAST)
+    );
+    std::fs::write(dir.path().join("pg.toml"), &pg_config).unwrap();
+    let copy = |dir: &std::path::Path| {
+        run_binary(
+            dir,
+            &["store", "copy", "-c", "pg.toml", "--from", "provisiond.db"],
+        )
+    };
+    let (code, stdout, stderr) = copy(dir.path());
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("copied 3 queued deliveries and 3 dead letters"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("postgres@"),
+        "no credentials shown: {stdout}"
+    );
+    // Twice copies nothing twice: the file no longer holds them.
+    let (code, stdout, _) = copy(dir.path());
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("copied 0 queued deliveries and 0 dead letters"),
+        "{stdout}"
+    );
+
+    let sidecar = Sidecar::start(&pg_config);
+    assert!(
+        eventually(Duration::from_secs(15), || handler.calls().len() >= 3).await,
+        "the copied deliveries are delivered from the database"
+    );
+    let seqs: Vec<i64> = handler
+        .calls()
+        .iter()
+        .map(|c| c.json()["data"]["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs.len(), 3, "each once: {seqs:?}");
+    let letters = dead_letters(&sidecar, 3).await;
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    assert!(letters.iter().all(|l| l["handler"] == "erp"));
+
+    // Refused plainly: a missing file, and a config whose store is the file itself.
+    let (code, _, stderr) = run_binary(
+        dir.path(),
+        &["store", "copy", "-c", "pg.toml", "--from", "missing.db"],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("missing.db: no such store file"),
+        "{stderr}"
+    );
+    std::fs::write(dir.path().join("file.toml"), &file_config).unwrap();
+    let (code, _, stderr) = run_binary(
+        dir.path(),
+        &[
+            "store",
+            "copy",
+            "-c",
+            "file.toml",
+            "--from",
+            "provisiond.db",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("needs store.backend = \"postgres\""),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schema_newer_than_the_build_is_refused_in_one_sentence() {
+    let Some(db) = server() else { return };
+    let config = format!("{SERVER}{}", store(&db));
+    // A first start creates the schema; a later release's would carry a higher number.
+    let sidecar = Sidecar::start(&config);
+    let (code, _) = sidecar.get("/readyz").await;
+    assert_eq!(code, 200);
+    drop(sidecar);
+    db.psql(
+        "provisiond",
+        "UPDATE provisiond.meta SET value = 99 WHERE key = 'schema_version'",
+    );
+    let dir = tempfile::TempDir::new().unwrap();
+    std::fs::write(dir.path().join("p.toml"), &config).unwrap();
+    let (code, _, stderr) = run_binary(dir.path(), &["run", "-c", "p.toml"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("the schema provisiond is at version 99, newer than this provisiond knows"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_database_password_never_shows_in_logs_config_or_readyz() {
+    let Some(db) = server() else { return };
+    db.psql("provisiond", "ALTER USER postgres PASSWORD 's3cret-pw'");
+    let url = format!(
+        "postgres://postgres:s3cret-pw@127.0.0.1:{}/provisiond",
+        db.port
+    );
+    let config = format!(
+        "{SERVER}[store]\nbackend = \"postgres\"\nurl = \"${{PG_URL}}\"\n{}",
+        after_handler("crm", &refused_url(), FAST)
+    );
+    let dir = tempfile::TempDir::new().unwrap();
+    let sidecar = Sidecar::start_in(dir, &config, &[("PG_URL", &url)]);
+    let (code, ready) = sidecar.get("/readyz").await;
+    assert_eq!(code, 200, "{ready}");
+    let (code, _) = sidecar.send("clients.update", 1, json!({})).await;
+    assert_eq!(code, 200);
+    let (_, live) = sidecar.get("/v1/config").await;
+    let metrics = sidecar.metrics_text().await;
+    let logs = sidecar.logs().join("\n");
+    for (what, text) in [
+        ("/readyz", ready.to_string()),
+        ("/v1/config", live.to_string()),
+        ("/metrics", metrics),
+        ("the log", logs),
+    ] {
+        assert!(
+            !text.contains("s3cret-pw"),
+            "{what} shows the password: {text}"
+        );
+    }
+    assert!(
+        ready["store"].as_str().unwrap().contains("127.0.0.1"),
+        "{ready}"
+    );
+}
