@@ -931,16 +931,54 @@ async fn a_lane_left_while_the_database_is_down_is_delivered_once_it_is_back() {
     // The retry's settlement is committed a moment after the call.
     tokio::time::sleep(Duration::from_millis(500)).await;
     tokio::task::block_in_place(|| server.stop());
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The retry comes due with the database down: the lease is not surely the sidecar's
+    // any more, it leaves the lane, and cannot tell the database so.
+    let left = tokio::task::block_in_place(|| {
+        sidecar.wait_for_log(Duration::from_secs(15), |r| {
+            r["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("lease not renewed in time"))
+        })
+    });
+    assert!(left.is_some(), "the sidecar never gave the lane up");
     tokio::task::block_in_place(|| server.restart());
+    // Once the database is back, the sidecar's lease renewal and its claims race for the
+    // lane it gave up. Make the renewal come first, as it does about every other time:
+    // hold the lane's row until the renewal waits for it (a claim skips a locked row).
+    let mut db = pg::connect(&url).await;
+    let txn = db.transaction().await.unwrap();
+    txn.execute(
+        "SELECT 1 FROM provisiond.lanes WHERE handler = 'crm' AND entity = 'clients/1' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    // (Watched from another session: a transaction sees one snapshot of the activity.)
+    let watch = pg::connect(&url).await;
+    let until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < until {
+        let waiting = watch
+            .query(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND query LIKE '%lease_until = now()%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        if !waiting.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    txn.commit().await.unwrap();
     assert!(wait_ready(&sidecar, 200, Duration::from_secs(30)).await);
-    let delivered = eventually(Duration::from_secs(30), || {
+    let delivered = eventually(Duration::from_secs(20), || {
         calls.load(Ordering::SeqCst) >= 2
     })
     .await;
     assert!(
         delivered,
-        "the acknowledged delivery never came, 30 s after the database came back; \
+        "the acknowledged delivery never came, 20 s after the database came back; \
          lanes:\n{}\nlogs:\n{}",
         lanes_with_work(&server),
         sidecar
