@@ -81,7 +81,7 @@ const REQUIRED: &[(&str, &str)] = &[
 /// `file:line:column: message`, in file order. Shown as `check` shows config errors:
 /// the lines, then `file: N errors`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CasesError {
+pub(crate) struct CasesError {
     pub file: String,
     pub problems: Vec<String>,
 }
@@ -114,14 +114,14 @@ impl std::error::Error for CasesError {}
 
 /// How one case went.
 #[derive(Debug)]
-pub struct CaseResult {
+pub(crate) struct CaseResult {
     pub name: String,
     /// Empty when the case passed; else what differs, one line each.
     pub problems: Vec<String>,
 }
 
 impl CaseResult {
-    pub fn passed(&self) -> bool {
+    pub(crate) fn passed(&self) -> bool {
         self.problems.is_empty()
     }
 }
@@ -129,7 +129,7 @@ impl CaseResult {
 /// Reads the cases file and runs every case against `config`. An error means the file
 /// itself is wrong (not TOML, unknown or missing keys, a case without an event); it
 /// lists every such problem.
-pub fn run(config: &Config, path: &Path) -> Result<Vec<CaseResult>, CasesError> {
+pub(crate) fn run(config: &Config, path: &Path) -> Result<Vec<CaseResult>, CasesError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| CasesError::one(&file, format_args!("cannot read the file: {e}")))?;
@@ -340,7 +340,7 @@ fn compare(
 }
 
 /// The report `provisiond test` prints.
-pub fn render(results: &[CaseResult]) -> String {
+pub(crate) fn render(results: &[CaseResult]) -> String {
     let mut out = String::new();
     for r in results {
         if r.passed() {

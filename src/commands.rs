@@ -239,7 +239,8 @@ pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let app = App::new(Snapshot::new(config, 1), store, path.to_path_buf());
+    let metrics = crate::metrics::install();
+    let app = App::new(Snapshot::new(config, 1), store, path.to_path_buf(), metrics);
     let shutdown = CancellationToken::new();
     crate::shutdown::watch(shutdown.clone()).context("cannot watch signals")?;
     let hangup = reload::hangup().context("cannot watch SIGHUP")?;

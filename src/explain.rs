@@ -24,7 +24,7 @@ use crate::handlers::{Call, CallError, Reply};
 
 /// What dispatch would do with one envelope.
 #[derive(Debug)]
-pub struct Explanation {
+pub(crate) struct Explanation {
     /// The event name, normalised.
     pub event: String,
     /// `event.object_id` as text.
@@ -46,7 +46,7 @@ pub struct Explanation {
 
 /// Why a handler would not run.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reason {
+pub(crate) enum Reason {
     /// `enabled = false`.
     Disabled,
     /// None of its `events` patterns matches.
@@ -81,7 +81,11 @@ impl fmt::Display for Reason {
 }
 
 /// The envelope `explain EVENT --data ... --object-id ...` stands for.
-pub fn envelope(event: &str, object_id: Value, data: Value) -> Result<Envelope, EnvelopeError> {
+pub(crate) fn envelope(
+    event: &str,
+    object_id: Value,
+    data: Value,
+) -> Result<Envelope, EnvelopeError> {
     let dt = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     Envelope::from_value(json!({
         "event": {"dt": dt, "events_id": event, "object_id": object_id},
@@ -92,7 +96,7 @@ pub fn envelope(event: &str, object_id: Value, data: Value) -> Result<Envelope, 
 /// Works out what dispatch would do with `envelope` under `config`: the real chain
 /// ([`run_before`], [`select_after`]) with a caller that allows every call and leaves the
 /// data as it was.
-pub fn explain(config: &Config, envelope: &Envelope) -> Explanation {
+pub(crate) fn explain(config: &Config, envelope: &Envelope) -> Explanation {
     let plan = Plan::new(config);
     let route = plan.route(&envelope.name);
     let known = plan.is_known(&envelope.name);
@@ -250,7 +254,7 @@ fn why_not(handler: &Handler, verdict: Verdict) -> Reason {
 impl Explanation {
     /// ` (did you mean "clients.create"?)` for an unknown name close to a known one;
     /// else empty.
-    pub fn hint(&self) -> String {
+    pub(crate) fn hint(&self) -> String {
         self.suggestion
             .as_ref()
             .map(|s| format!(" (did you mean {s:?}?)"))
@@ -258,17 +262,17 @@ impl Explanation {
     }
 
     /// The before-stage handler names that would be called, in order.
-    pub fn before_names(&self) -> Vec<String> {
+    pub(crate) fn before_names(&self) -> Vec<String> {
         self.before.iter().map(|h| h.name.clone()).collect()
     }
 
     /// The after-stage handler names that would get a delivery, in order.
-    pub fn after_names(&self) -> Vec<String> {
+    pub(crate) fn after_names(&self) -> Vec<String> {
         self.after.iter().map(|h| h.name.clone()).collect()
     }
 
     /// Why `name` would not run, if it is a handler that would not.
-    pub fn reason(&self, name: &str) -> Option<String> {
+    pub(crate) fn reason(&self, name: &str) -> Option<String> {
         if let Some((by, failure)) = &self.denied
             && by == name
         {
@@ -284,7 +288,7 @@ impl Explanation {
     }
 
     /// The text `explain` prints.
-    pub fn render(&self, config: &Config) -> String {
+    pub(crate) fn render(&self, config: &Config) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -392,7 +396,7 @@ fn patterns(h: &Handler) -> String {
 }
 
 /// Reads `--data`: a JSON object, from a file or `-` (stdin); `{}` when not given.
-pub fn read_data(source: Option<&str>) -> Result<Map<String, Value>, String> {
+pub(crate) fn read_data(source: Option<&str>) -> Result<Map<String, Value>, String> {
     let text = match source {
         None => return Ok(Map::new()),
         Some("-") => std::io::read_to_string(std::io::stdin())

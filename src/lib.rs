@@ -25,24 +25,30 @@
 //! - [`telemetry`], [`metrics`], [`shutdown`]: logs, Prometheus metrics, signals;
 //!   [`outcome`]: the names of what became of a call or an event.
 //! - [`commands`]: the subcommands the binary runs; [`remote`]: the client they use to
-//!   talk to a running sidecar.
+//!   talk to a running sidecar; [`api`]: the admin API's JSON, shared by the server's
+//!   routes and the client commands.
 #![forbid(unsafe_code)]
 
-pub mod cases;
+pub(crate) mod api;
+pub(crate) mod cases;
 pub mod commands;
 pub mod config;
 pub mod delivery;
 pub mod dispatch;
 pub mod events;
-pub mod explain;
+pub(crate) mod explain;
 pub mod filter;
-pub mod handlers;
-pub mod keypath;
-pub mod metrics;
+pub(crate) mod handlers;
+pub(crate) mod keypath;
+pub(crate) mod metrics;
+
+/// The process's metrics recorder (installed on first call): what `server::App::new`
+/// renders at `/metrics`.
+pub use metrics::install as install_metrics;
 pub mod outcome;
-pub mod reload;
+pub(crate) mod reload;
 pub mod remote;
 pub mod server;
-pub mod shutdown;
+pub(crate) mod shutdown;
 pub mod store;
 pub mod telemetry;

@@ -14,24 +14,24 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::outcome::{CallOutcome, EventOutcome};
 
-pub const EVENTS: &str = "provisiond_events_total";
-pub const EVENTS_IN_FLIGHT: &str = "provisiond_events_in_flight";
-pub const BEFORE_CHAIN_SECONDS: &str = "provisiond_before_chain_duration_seconds";
-pub const HANDLER_CALLS: &str = "provisiond_handler_calls_total";
-pub const HANDLER_SECONDS: &str = "provisiond_handler_duration_seconds";
-pub const QUEUE_DEPTH: &str = "provisiond_after_queue_depth";
-pub const HANDLER_OLDEST_SECONDS: &str = "provisiond_after_handler_oldest_age_seconds";
-pub const LANES_IN_MEMORY: &str = "provisiond_after_lanes_in_memory";
-pub const QUEUE_OLDEST_SECONDS: &str = "provisiond_after_queue_oldest_age_seconds";
-pub const DEAD_LETTERS: &str = "provisiond_dead_letters";
-pub const EXECUTION_LOG_DROPPED: &str = "provisiond_execution_log_dropped_total";
-pub const LOG_LINES_DROPPED: &str = "provisiond_log_lines_dropped_total";
-pub const RELOADS: &str = "provisiond_reloads_total";
-pub const STORE_UNREADABLE_ROWS: &str = "provisiond_store_unreadable_rows_total";
-pub const STORE_WRITABLE: &str = "provisiond_store_writable";
-pub const CONFIG_GENERATION: &str = "provisiond_config_generation";
-pub const BUILD_INFO: &str = "provisiond_build_info";
-pub const RESTART_NEEDED: &str = "provisiond_restart_needed_settings";
+pub(crate) const EVENTS: &str = "provisiond_events_total";
+pub(crate) const EVENTS_IN_FLIGHT: &str = "provisiond_events_in_flight";
+pub(crate) const BEFORE_CHAIN_SECONDS: &str = "provisiond_before_chain_duration_seconds";
+pub(crate) const HANDLER_CALLS: &str = "provisiond_handler_calls_total";
+pub(crate) const HANDLER_SECONDS: &str = "provisiond_handler_duration_seconds";
+pub(crate) const QUEUE_DEPTH: &str = "provisiond_after_queue_depth";
+pub(crate) const HANDLER_OLDEST_SECONDS: &str = "provisiond_after_handler_oldest_age_seconds";
+pub(crate) const LANES_IN_MEMORY: &str = "provisiond_after_lanes_in_memory";
+pub(crate) const QUEUE_OLDEST_SECONDS: &str = "provisiond_after_queue_oldest_age_seconds";
+pub(crate) const DEAD_LETTERS: &str = "provisiond_dead_letters";
+pub(crate) const EXECUTION_LOG_DROPPED: &str = "provisiond_execution_log_dropped_total";
+pub(crate) const LOG_LINES_DROPPED: &str = "provisiond_log_lines_dropped_total";
+pub(crate) const RELOADS: &str = "provisiond_reloads_total";
+pub(crate) const STORE_UNREADABLE_ROWS: &str = "provisiond_store_unreadable_rows_total";
+pub(crate) const STORE_WRITABLE: &str = "provisiond_store_writable";
+pub(crate) const CONFIG_GENERATION: &str = "provisiond_config_generation";
+pub(crate) const BUILD_INFO: &str = "provisiond_build_info";
+pub(crate) const RESTART_NEEDED: &str = "provisiond_restart_needed_settings";
 
 /// Latency buckets, in seconds: from 100 µs to the longest sensible handler timeout.
 const BUCKETS: &[f64] = &[
@@ -130,7 +130,7 @@ fn zero() {
 }
 
 /// The label for an event name: the name when the config knows it, else `other`.
-pub fn event_label(name: &str, known: bool) -> String {
+pub(crate) fn event_label(name: &str, known: bool) -> String {
     if known {
         name.to_owned()
     } else {
@@ -170,7 +170,7 @@ fn kept<T: Clone>(
     made
 }
 
-pub fn event(event: String, outcome: EventOutcome) {
+pub(crate) fn event(event: String, outcome: EventOutcome) {
     let outcome = outcome.as_str();
     static KEPT: LazyLock<Handles<Counter>> = LazyLock::new(Default::default);
     kept(
@@ -182,7 +182,7 @@ pub fn event(event: String, outcome: EventOutcome) {
     .increment(1);
 }
 
-pub fn before_chain(duration: Duration) {
+pub(crate) fn before_chain(duration: Duration) {
     static KEPT: LazyLock<Histogram> = LazyLock::new(|| histogram!(BEFORE_CHAIN_SECONDS));
     KEPT.record(duration.as_secs_f64());
 }
@@ -219,7 +219,12 @@ fn call_counter(handler: &str, stage: &'static str, outcome: &'static str) -> Co
     )
 }
 
-pub fn handler_call(handler: &str, stage: &'static str, outcome: &'static str, took: Duration) {
+pub(crate) fn handler_call(
+    handler: &str,
+    stage: &'static str,
+    outcome: &'static str,
+    took: Duration,
+) {
     static KEPT: LazyLock<Handles<Calls>> = LazyLock::new(Default::default);
     let calls = kept(&KEPT, handler, stage, || Calls::new(handler, stage));
     match calls.by_outcome.iter().find(|(known, _)| *known == outcome) {
@@ -229,56 +234,56 @@ pub fn handler_call(handler: &str, stage: &'static str, outcome: &'static str, t
     calls.time.record(took.as_secs_f64());
 }
 
-pub fn in_flight(delta: f64) {
+pub(crate) fn in_flight(delta: f64) {
     static KEPT: LazyLock<Gauge> = LazyLock::new(|| gauge!(EVENTS_IN_FLIGHT));
     KEPT.increment(delta);
 }
 
-pub fn reload(result: &'static str) {
+pub(crate) fn reload(result: &'static str) {
     counter!(RELOADS, "result" => result).increment(1);
 }
 
-pub fn generation(generation: u64) {
+pub(crate) fn generation(generation: u64) {
     gauge!(CONFIG_GENERATION).set(generation as f64);
 }
 
-pub fn queue(handler: &str, depth: u64) {
+pub(crate) fn queue(handler: &str, depth: u64) {
     gauge!(QUEUE_DEPTH, "handler" => handler.to_owned()).set(depth as f64);
 }
 
-pub fn queue_oldest(age: Duration) {
+pub(crate) fn queue_oldest(age: Duration) {
     gauge!(QUEUE_OLDEST_SECONDS).set(age.as_secs_f64());
 }
 
-pub fn execution_log_dropped(rows: u64) {
+pub(crate) fn execution_log_dropped(rows: u64) {
     counter!(EXECUTION_LOG_DROPPED).increment(rows);
 }
 
-pub fn log_lines_dropped(lines: u64) {
+pub(crate) fn log_lines_dropped(lines: u64) {
     counter!(LOG_LINES_DROPPED).increment(lines);
 }
 
-pub fn store_unreadable_rows(rows: u64) {
+pub(crate) fn store_unreadable_rows(rows: u64) {
     counter!(STORE_UNREADABLE_ROWS).absolute(rows);
 }
 
-pub fn handler_oldest(handler: &str, age: Duration) {
+pub(crate) fn handler_oldest(handler: &str, age: Duration) {
     gauge!(HANDLER_OLDEST_SECONDS, "handler" => handler.to_owned()).set(age.as_secs_f64());
 }
 
-pub fn lanes_in_memory(lanes: usize) {
+pub(crate) fn lanes_in_memory(lanes: usize) {
     gauge!(LANES_IN_MEMORY).set(lanes as f64);
 }
 
-pub fn store_writable(writable: bool) {
+pub(crate) fn store_writable(writable: bool) {
     gauge!(STORE_WRITABLE).set(if writable { 1.0 } else { 0.0 });
 }
 
-pub fn dead_letters(count: u64) {
+pub(crate) fn dead_letters(count: u64) {
     gauge!(DEAD_LETTERS).set(count as f64);
 }
 
 /// How many settings wait for a restart (`restart_needed` in `/v1/config`).
-pub fn restart_needed(settings: usize) {
+pub(crate) fn restart_needed(settings: usize) {
     gauge!(RESTART_NEEDED).set(settings as f64);
 }

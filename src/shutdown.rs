@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// Cancels `token` on the first SIGINT or SIGTERM; exits the process on the second.
-pub fn watch(token: CancellationToken) -> std::io::Result<()> {
+pub(crate) fn watch(token: CancellationToken) -> std::io::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     tokio::spawn(async move {

@@ -5,8 +5,10 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use serde_json::{Map, Value, json};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
+use crate::api::{self, DeadLetters, ExecutionRow, Executions};
 use crate::remote::{Remote, Target};
 
 /// Sends a request; the JSON reply, or an error with the server's message for a
@@ -28,9 +30,10 @@ fn reply_of(remote: &Remote, status: u16, text: String) -> anyhow::Result<Value>
     if (200..300).contains(&status) {
         return Ok(value);
     }
-    let message = value["error"]["message"]
-        .as_str()
-        .map_or_else(|| value.to_string(), str::to_owned);
+    let message = match serde_json::from_value::<api::ErrorReply>(value.clone()) {
+        Ok(reply) => reply.error.message,
+        Err(_) => value.to_string(),
+    };
     if status == 401 {
         anyhow::bail!(
             "{message} (HTTP 401): the sidecar at {} wants its server.token; give --token, \
@@ -83,23 +86,16 @@ pub struct Selection {
 impl Selection {
     /// The filter body of `POST /v1/deadletters/replay|drop`.
     fn body(&self) -> Value {
-        let mut body = Map::new();
-        for (key, value) in [
-            ("handler", &self.handler),
-            ("event", &self.event),
-            ("object_id", &self.object_id),
-            ("entity", &self.entity),
-            ("since", &self.since),
-            ("until", &self.until),
-        ] {
-            if let Some(value) = value {
-                body.insert(key.into(), value.clone().into());
-            }
-        }
-        if self.all {
-            body.insert("all".into(), true.into());
-        }
-        Value::Object(body)
+        let body = api::Selection {
+            handler: self.handler.clone(),
+            event: self.event.clone(),
+            object_id: self.object_id.clone(),
+            entity: self.entity.clone(),
+            since: self.since.clone(),
+            until: self.until.clone(),
+            all: self.all,
+        };
+        serde_json::to_value(body).expect("a selection serialises")
     }
 }
 
@@ -167,27 +163,27 @@ pub async fn executions(
         None,
     )
     .await?;
-    let rows = rows_of(&reply);
+    if !query.follow && query.output == Output::Json {
+        println!("{reply:#}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows = read::<Executions>(reply)?.executions;
     if !query.follow {
-        if query.output == Output::Json {
-            println!("{reply:#}");
-            return Ok(ExitCode::SUCCESS);
-        }
         if rows.is_empty() {
             // On stderr, like the warnings: stdout holds rows only, for scripts.
             eprintln!("no executions match");
         } else {
             println!("{}", execution_header());
         }
-        for row in rows {
+        for row in &rows {
             println!("{}", execution_line(row));
         }
         return Ok(ExitCode::SUCCESS);
     }
     // Following: oldest first, like `tail -f`, then whatever comes after the last row.
-    let mut last = rows.first().and_then(|r| r["id"].as_u64()).unwrap_or(0);
+    let mut last = rows.first().map_or(0, |r| r.id);
     let mut printer = Follower::new(query.output);
-    printer.print(rows);
+    printer.print(&rows);
     // A sidecar that goes away (a restart, a deploy) is waited for, said once; a request
     // it refuses (a bad filter, a wrong token) ends the command.
     let mut away = false;
@@ -217,7 +213,7 @@ pub async fn executions(
             }
             Ok((status, text)) => reply_of(&remote, status, text)?,
         };
-        let rows = rows_of(&reply);
+        let rows = read::<Executions>(reply)?.executions;
         if away {
             eprintln!("provisiond: {} answers again", remote.address());
             away = false;
@@ -225,10 +221,10 @@ pub async fn executions(
             // than the last one printed (which the crash took).
             last = 0;
         }
-        if let Some(id) = rows.first().and_then(|r| r["id"].as_u64()) {
-            last = id;
+        if let Some(row) = rows.first() {
+            last = row.id;
         }
-        printer.print(rows);
+        printer.print(&rows);
     }
 }
 
@@ -255,9 +251,9 @@ impl Follower {
     }
 
     /// Prints `rows` (newest first, as the endpoint gives them) oldest first.
-    fn print(&mut self, rows: &[Value]) {
+    fn print(&mut self, rows: &[ExecutionRow]) {
         for row in rows.iter().rev() {
-            let key = format!("{}|{}|{}", row["id"], row["time"], row["handler"]);
+            let key = format!("{}|{}|{}", row.id, row.time, row.handler);
             if !self.printed.insert(key.clone()) {
                 continue;
             }
@@ -268,7 +264,7 @@ impl Follower {
                 self.printed.remove(&old);
             }
             if self.output == Output::Json {
-                println!("{row}");
+                println!("{}", serde_json::to_string(row).expect("a row serialises"));
                 continue;
             }
             if !self.header {
@@ -280,10 +276,9 @@ impl Follower {
     }
 }
 
-fn rows_of(reply: &Value) -> &[Value] {
-    reply["executions"]
-        .as_array()
-        .map_or(&[][..], Vec::as_slice)
+/// A reply read as the API's type.
+fn read<T: DeserializeOwned>(reply: Value) -> anyhow::Result<T> {
+    serde_json::from_value(reply).map_err(|e| anyhow::anyhow!("unexpected reply: {e}"))
 }
 
 /// The names of [`execution_line`]'s columns, aligned with them.
@@ -304,25 +299,29 @@ fn execution_header() -> String {
 }
 
 /// One execution log row on one line.
-fn execution_line(row: &Value) -> String {
-    let s = |k: &str| row[k].as_str().unwrap_or("-").to_owned();
-    let code = row["code"].as_i64().map_or("-".into(), |c| c.to_string());
-    let detail = row["error"]
-        .as_str()
-        .or_else(|| row["excerpt"].as_str().filter(|e| !e.is_empty()))
+fn execution_line(row: &ExecutionRow) -> String {
+    let code = row.code.map_or("-".into(), |c| c.to_string());
+    let stage = match row.stage {
+        crate::config::Stage::Before => "before",
+        crate::config::Stage::After => "after",
+    };
+    let detail = row
+        .error
+        .as_deref()
+        .or_else(|| Some(row.excerpt.as_str()).filter(|e| !e.is_empty()))
         .unwrap_or("")
         .replace('\n', " ");
     format!(
         "{:<24}  {:<6} {:<20} {:<30} {:<8} #{:<3} {:<9} {:>4} {:>8.1}ms  {}",
-        s("time"),
-        s("stage"),
-        s("handler"),
-        s("event"),
-        s("object_id"),
-        row["attempt"].as_u64().unwrap_or(0),
-        s("outcome"),
+        row.time,
+        stage,
+        row.handler,
+        row.event,
+        row.object_id,
+        row.attempt,
+        row.outcome,
         code,
-        row["duration_ms"].as_f64().unwrap_or(0.0),
+        row.duration_ms,
         detail
     )
     .trim_end()
@@ -353,9 +352,7 @@ pub async fn dead_letters(
                 println!("{reply:#}");
                 return Ok(ExitCode::SUCCESS);
             }
-            let letters = reply["deadletters"]
-                .as_array()
-                .map_or(&[][..], Vec::as_slice);
+            let letters = read::<DeadLetters>(reply)?.deadletters;
             if letters.is_empty() {
                 eprintln!(
                     "{}",
@@ -366,26 +363,26 @@ pub async fn dead_letters(
                     }
                 );
             }
-            for letter in letters {
-                let s = |k: &str| letter[k].as_str().unwrap_or("-").to_owned();
+            for letter in &letters {
                 println!(
                     "{:<6} {:<24}  {:<20} {:<30} {:<8} attempts {:<3} {}",
-                    letter["id"].as_u64().unwrap_or(0),
-                    s("died_at"),
-                    s("handler"),
-                    s("event"),
-                    s("object_id"),
-                    letter["attempts"].as_u64().unwrap_or(0),
-                    s("reason").replace('\n', " ")
+                    letter.id,
+                    letter.died_at,
+                    letter.handler,
+                    letter.event,
+                    letter.object_id,
+                    letter.attempts,
+                    letter.reason.replace('\n', " ")
                 );
             }
         }
         DeadLetterCommand::Replay(Selection { id: Some(id), .. }) => {
             let path = format!("/v1/deadletters/{id}/replay");
             let reply = call(&remote, reqwest::Method::POST, &path, None).await?;
+            let replayed = read::<api::ReplayedOne>(reply)?;
             println!(
                 "dead letter {id} replayed as delivery {}",
-                reply["delivery"].as_u64().unwrap_or(0)
+                replayed.delivery
             );
         }
         DeadLetterCommand::Drop(Selection { id: Some(id), .. }) => {
@@ -396,23 +393,24 @@ pub async fn dead_letters(
         DeadLetterCommand::Replay(selection) => {
             let path = "/v1/deadletters/replay";
             let reply = call(&remote, reqwest::Method::POST, path, Some(selection.body())).await?;
-            let n = reply["replayed"].as_u64().unwrap_or(0);
+            let reply = read::<api::ReplayedMatching>(reply)?;
+            let n = reply.replayed;
             println!("{n} dead letter{} replayed", plural(n));
-            if let Some(message) = reply["message"].as_str() {
+            if let Some(message) = reply.message {
                 eprintln!("provisiond: {message}");
             }
         }
         DeadLetterCommand::Drop(selection) => {
             let path = "/v1/deadletters/drop";
             let reply = call(&remote, reqwest::Method::POST, path, Some(selection.body())).await?;
-            let n = reply["dropped"].as_u64().unwrap_or(0);
+            let n = read::<api::DroppedMatching>(reply)?.dropped;
             println!("{n} dead letter{} dropped", plural(n));
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn plural(n: u64) -> &'static str {
+fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
@@ -422,20 +420,18 @@ pub async fn health(config: &Path, target: &Target, ready: bool) -> anyhow::Resu
     let remote = Remote::new(config, target)?;
     let path = if ready { "/readyz" } else { "/healthz" };
     let (status, text) = remote.request(reqwest::Method::GET, path, None).await?;
-    let reply: Value = serde_json::from_str(&text).unwrap_or(json!({}));
     if status == 200 {
-        match reply["generation"].as_u64() {
-            Some(generation) if ready => println!(
-                "ready: config generation {generation}, store {}",
-                reply["store"].as_str().unwrap_or("-")
+        match serde_json::from_str::<api::Ready>(&text) {
+            Ok(reply) if ready => println!(
+                "ready: config generation {}, store {}",
+                reply.generation, reply.store
             ),
             _ => println!("ok"),
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let why = reply["error"]["message"]
-        .as_str()
-        .map_or_else(|| text.trim().to_owned(), str::to_owned);
+    let why = serde_json::from_str::<api::ErrorReply>(&text)
+        .map_or_else(|_| text.trim().to_owned(), |reply| reply.error.message);
     eprintln!(
         "provisiond: {} at {}: {why} (HTTP {status})",
         if ready { "not ready" } else { "not healthy" },
@@ -446,6 +442,8 @@ pub async fn health(config: &Path, target: &Target, ready: bool) -> anyhow::Resu
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]
@@ -459,10 +457,10 @@ mod tests {
 
     #[test]
     fn a_row_reads_on_one_line_under_its_header() {
-        let row = serde_json::json!({"time": "2026-11-26T10:00:00.000Z", "stage": "after",
+        let row = json!({"id": 7, "time": "2026-11-26T10:00:00.000Z", "stage": "after",
             "handler": "crm", "event": "clients.create", "object_id": "12", "attempt": 2,
             "outcome": "failed", "code": 503, "duration_ms": 1.25, "error": "HTTP status 503"});
-        let line = execution_line(&row);
+        let line = execution_line(&serde_json::from_value(row).unwrap());
         assert!(
             line.starts_with("2026-11-26T10:00:00.000Z  after  crm"),
             "{line}"

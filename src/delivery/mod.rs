@@ -972,7 +972,8 @@ async fn attempt(
         delivery.attempts = *attempts;
         delivery.next_at = *next_at;
     }
-    let row = Execution::from_call(call, &delivery.event, &delivery.object_id, Some(id))
+    let row = call
+        .into_execution(&delivery.event, &delivery.object_id, Some(id))
         .event_id(delivery.event_id.clone());
     Ok((settle, row))
 }

@@ -50,6 +50,34 @@ pub struct CallRecord {
     pub error: Option<String>,
 }
 
+impl CallRecord {
+    /// The execution log row of this call, made for `event` on `object_id` (and, in
+    /// the after stage, for stored delivery `delivery`).
+    pub fn into_execution(
+        self,
+        event: &str,
+        object_id: &str,
+        delivery: Option<u64>,
+    ) -> crate::store::Execution {
+        crate::store::Execution {
+            id: 0,
+            at: crate::store::unix_ms(self.at),
+            event: event.to_owned(),
+            object_id: object_id.to_owned(),
+            handler: self.handler,
+            stage: self.stage,
+            attempt: self.attempt,
+            outcome: self.outcome.to_owned(),
+            duration_ms: (self.duration.as_secs_f64() * 1e6).round() / 1e3,
+            code: self.code,
+            excerpt: self.excerpt,
+            error: self.error,
+            delivery,
+            event_id: None,
+        }
+    }
+}
+
 /// Who the chain calls: the handlers themselves ([`Caller`]), or `explain`'s dry run,
 /// which allows every call and leaves the data as it was.
 pub trait Calls {

@@ -17,7 +17,7 @@ use crate::config::ScriptTarget;
 /// cleared so that no secret of the sidecar leaks into a script by accident.
 const PASSED_THROUGH: &[&str] = &["PATH", "HOME", "LANG"];
 
-pub async fn call(target: &ScriptTarget, call: &Call<'_>) -> Result<Reply, CallError> {
+pub(crate) async fn call(target: &ScriptTarget, call: &Call<'_>) -> Result<Reply, CallError> {
     let program = &target.argv[0];
     let mut command = Command::new(program);
     command
@@ -159,7 +159,7 @@ async fn read_tail(mut reader: impl AsyncRead + Unpin, cap: usize) -> Vec<u8> {
 
 /// The last lines of a script's stderr, at most `max_bytes` of them: the message of a
 /// script that forbids, as a git hook's would be.
-pub fn last_lines(stderr: &str, lines: usize, max_bytes: usize) -> String {
+pub(crate) fn last_lines(stderr: &str, lines: usize, max_bytes: usize) -> String {
     let trimmed = stderr.trim_end();
     let mut start = trimmed.len();
     for _ in 0..lines {

@@ -14,7 +14,7 @@ use crate::config::{HttpTarget, SigningKey};
 /// The client every HTTP handler shares: keep-alive pool, no redirects (a handler that
 /// redirects is misconfigured, and following one would re-send the envelope elsewhere),
 /// no retries of its own, no proxy from the environment.
-pub fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     // reqwest is built without a default crypto provider; install ring once. An error
     // only means one is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -32,7 +32,7 @@ pub fn client() -> reqwest::Client {
         .expect("the HTTP client builds with static settings")
 }
 
-pub async fn call(
+pub(crate) async fn call(
     client: &reqwest::Client,
     target: &HttpTarget,
     call: &Call<'_>,
@@ -92,7 +92,7 @@ pub async fn call(
 
 /// The Standard Webhooks headers for one message: `webhook-id`, `webhook-timestamp`
 /// and `webhook-signature` (`v1,` + base64 HMAC-SHA256 of `id.timestamp.body`).
-pub fn sign(
+pub(crate) fn sign(
     key: &SigningKey,
     id: &str,
     timestamp: u64,
@@ -120,7 +120,7 @@ fn unix_now() -> u64 {
 }
 
 /// `Retry-After` as seconds or as an HTTP date.
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));

@@ -5,8 +5,8 @@
 //! depends on the stage and is decided by the caller: [`crate::dispatch`] for the before
 //! stage, the delivery workers for the after stage.
 
-pub mod exec;
-pub mod http;
+pub(crate) mod exec;
+pub(crate) mod http;
 
 use std::time::{Duration, Instant};
 
@@ -15,11 +15,11 @@ use bytes::Bytes;
 use crate::config::{Handler, Target};
 
 /// Largest HTTP reply body or script stdout read; the rest is discarded.
-pub const REPLY_CAP: usize = 4 << 20;
+pub(crate) const REPLY_CAP: usize = 4 << 20;
 /// How much of a script's stderr is kept (its end).
-pub const STDERR_CAP: usize = 64 << 10;
+pub(crate) const STDERR_CAP: usize = 64 << 10;
 /// Length of reply excerpts in messages and the execution log.
-pub const EXCERPT: usize = 1024;
+pub(crate) const EXCERPT: usize = 1024;
 
 /// One call of one handler.
 pub struct Call<'a> {
@@ -192,14 +192,14 @@ impl Default for Caller {
 }
 
 /// A fresh message id for a call that is not a stored delivery (`msg_...`).
-pub fn new_message_id() -> String {
+pub(crate) fn new_message_id() -> String {
     crate::events::new_id("msg")
 }
 
 /// At most [`EXCERPT`] bytes of `bytes` as text, cut at a character boundary: a
 /// character cut in two by the limit is left out, and bytes that are not UTF-8 become
 /// U+FFFD (3 bytes each) within the same limit.
-pub fn excerpt(bytes: &[u8]) -> String {
+pub(crate) fn excerpt(bytes: &[u8]) -> String {
     let head = &bytes[..bytes.len().min(EXCERPT)];
     let valid = match std::str::from_utf8(head) {
         Ok(text) => text,
@@ -223,7 +223,7 @@ fn cap(text: &str, max: usize) -> String {
 
 /// The innermost message of an error chain: "Connection refused (os error 111)" rather
 /// than "error sending request".
-pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
     let mut current = error;
     while let Some(source) = current.source() {
         current = source;

@@ -95,7 +95,7 @@ fn same_handler(a: &Handler, b: &Handler) -> bool {
 /// Puts the live `Arc<Handler>` of every unchanged handler (same definition, same place
 /// in the file) into `new`, so that it keeps its identity and its `max_concurrency`
 /// slots across the reload.
-pub fn keep_unchanged_handlers(old: &Config, new: &mut Config) {
+pub(crate) fn keep_unchanged_handlers(old: &Config, new: &mut Config) {
     for slot in &mut new.handlers {
         if let Some(was) = old.handler(&slot.name)
             && was.position == slot.position

@@ -12,7 +12,7 @@
 //! reports them as needing a restart.
 
 mod diff;
-pub mod watch;
+pub(crate) mod watch;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ use tracing::{error, info, warn};
 use crate::config::{Backend, Config, ConfigErrors, Listen};
 use crate::dispatch::{Live, Snapshot};
 
-pub use diff::Changes;
+pub(crate) use diff::Changes;
 
 /// What asked for a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +119,7 @@ pub struct Status {
 
 /// Settings read once at start: the listener, its limits, the store file.
 #[derive(Debug, Clone)]
-pub struct Fixed {
+pub(crate) struct Fixed {
     listen: Listen,
     max_in_flight: usize,
     max_connections: usize,
@@ -130,7 +130,7 @@ pub struct Fixed {
 }
 
 impl Fixed {
-    pub fn of(config: &Config) -> Self {
+    pub(crate) fn of(config: &Config) -> Self {
         Self {
             listen: config.server.listen.clone(),
             max_in_flight: config.server.max_in_flight,
@@ -252,7 +252,7 @@ fn keep<T: PartialEq + Clone>(
 }
 
 /// Reads and validates the config file: what start-up and every reload run.
-pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+pub(crate) fn load(path: &Path) -> Result<Config, ConfigErrors> {
     Config::load(path)
 }
 
@@ -404,7 +404,7 @@ fn log_pending(pending: &[Pending]) {
 
 /// Starts the triggers: the watcher's settle-then-reload loop (unless `watcher` is
 /// `None`) and SIGHUP. Both end when `shutdown` is cancelled.
-pub fn spawn(
+pub(crate) fn spawn(
     reloader: std::sync::Arc<Reloader>,
     watcher: Option<watch::Watcher>,
     hangup: Signal,
@@ -418,7 +418,7 @@ pub fn spawn(
 
 /// Registers SIGHUP. Call it before the listener is announced: until then the signal's
 /// default action ends the process.
-pub fn hangup() -> std::io::Result<Signal> {
+pub(crate) fn hangup() -> std::io::Result<Signal> {
     signal(SignalKind::hangup())
 }
 

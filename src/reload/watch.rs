@@ -30,12 +30,12 @@ use tracing::{debug, warn};
 use super::Trigger;
 
 /// Quiet time after the last relevant event before the file is read.
-pub const SETTLE: Duration = Duration::from_millis(200);
+pub(crate) const SETTLE: Duration = Duration::from_millis(200);
 /// Longest wait from the first event of a burst to the reload.
-pub const MAX_SETTLE: Duration = Duration::from_secs(2);
+pub(crate) const MAX_SETTLE: Duration = Duration::from_secs(2);
 
 /// A running directory watch on the config file.
-pub struct Watcher {
+pub(crate) struct Watcher {
     config: PathBuf,
     inner: RecommendedWatcher,
     /// Directories watched now.
@@ -54,7 +54,7 @@ struct Interest {
 impl Watcher {
     /// Starts watching the directory of `config`. Start it before the config is first
     /// read, so that no change between the read and the watch goes unseen.
-    pub fn start(config: &Path) -> notify::Result<Self> {
+    pub(crate) fn start(config: &Path) -> notify::Result<Self> {
         let config = std::path::absolute(config)?;
         let interest = Arc::new(Mutex::new(Interest::default()));
         let changed = Arc::new(Notify::new());
@@ -119,7 +119,7 @@ impl Watcher {
     }
 
     /// Waits for changes, lets them settle, reloads; until `shutdown`.
-    pub async fn run(mut self, reloader: Arc<super::Reloader>, shutdown: CancellationToken) {
+    pub(crate) async fn run(mut self, reloader: Arc<super::Reloader>, shutdown: CancellationToken) {
         loop {
             tokio::select! {
                 () = self.changed.notified() => {}

@@ -59,9 +59,10 @@ fn ready(app: &App) -> Response<Body> {
     if !app.store.is_open() {
         return reply::unavailable("the store is not open", 5);
     }
-    let generation = app.live.load().generation;
-    reply::json(
-        StatusCode::OK,
-        &json!({"status": "ready", "generation": generation, "store": app.store.path()}),
-    )
+    let ready = crate::api::Ready {
+        status: "ready".into(),
+        generation: app.live.load().generation,
+        store: app.store.path().to_owned(),
+    };
+    reply::json(StatusCode::OK, &ready)
 }

@@ -9,13 +9,13 @@ use crate::config::Secret;
 /// Whether a path needs the token when one is configured. Health and metrics stay open
 /// so that probes and scrapers need no secret; so do the console's static files (`/ui`),
 /// whose every data call goes to `/v1` with the token.
-pub fn protected(path: &str) -> bool {
+pub(crate) fn protected(path: &str) -> bool {
     path == "/events" || path == "/v1" || path.starts_with("/v1/")
 }
 
 /// Whether the request carries `Authorization: Bearer <token>`. The comparison takes the
 /// same time wherever the first difference is.
-pub fn authorized(token: &Secret, headers: &HeaderMap) -> bool {
+pub(crate) fn authorized(token: &Secret, headers: &HeaderMap) -> bool {
     let Some(given) = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -17,7 +17,7 @@ use crate::config::{Backend, Handler, Stage, Store};
 use crate::reload::{Outcome, Pending, Trigger};
 
 /// `GET /v1/config`.
-pub fn config(app: &Arc<App>) -> Response<Body> {
+pub(crate) fn config(app: &Arc<App>) -> Response<Body> {
     let snapshot = app.live.load_full();
     let config = &snapshot.config;
     let status = app.reloader.status();
@@ -64,7 +64,7 @@ pub fn config(app: &Arc<App>) -> Response<Body> {
 
 /// `POST /v1/reload`: 200 with `applied` or `unchanged`, 422 with `rejected` and the
 /// errors.
-pub async fn reload(app: &Arc<App>) -> Response<Body> {
+pub(crate) async fn reload(app: &Arc<App>) -> Response<Body> {
     match app.reloader.reload(Trigger::Api).await {
         Outcome::Applied {
             generation,

@@ -18,7 +18,6 @@ use crate::dispatch::{CallRecord, Outcome, Snapshot, run_before, select_after};
 use crate::events::Envelope;
 use crate::metrics;
 use crate::outcome::EventOutcome;
-use crate::store::Execution;
 
 /// The header that carries the event id back, the same id every log line of the event has.
 pub const EVENT_ID_HEADER: &str = "x-provisioning-event-id";
@@ -218,7 +217,10 @@ async fn handle(
 fn log_calls(app: &App, records: Vec<CallRecord>, event: &str, object_id: &str, id: &str) {
     let rows = records
         .into_iter()
-        .map(|r| Execution::from_call(r, event, object_id, None).event_id(Some(id.to_owned())))
+        .map(|r| {
+            r.into_execution(event, object_id, None)
+                .event_id(Some(id.to_owned()))
+        })
         .collect();
     app.store.log(rows);
 }

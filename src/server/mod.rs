@@ -60,10 +60,15 @@ pub struct App {
 }
 
 impl App {
-    /// An app serving `snapshot` (loaded from the file `config_path`) with `store`.
-    pub fn new(snapshot: Snapshot, store: Store, config_path: PathBuf) -> Arc<Self> {
+    /// An app serving `snapshot` (loaded from the file `config_path`) with `store`;
+    /// `/metrics` renders `metrics` (the process's recorder, installed by its caller).
+    pub fn new(
+        snapshot: Snapshot,
+        store: Store,
+        config_path: PathBuf,
+        metrics: metrics_exporter_prometheus::PrometheusHandle,
+    ) -> Arc<Self> {
         let max_in_flight = snapshot.config.server.max_in_flight;
-        let metrics = crate::metrics::install();
         crate::metrics::store_unreadable_rows(store.quarantined() as u64);
         let live = Live::new(snapshot);
         let reloader = Reloader::new(config_path, &live.load().config, live.clone());

@@ -4,12 +4,11 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Response, StatusCode};
-use serde_json::json;
 
 pub type Body = Full<Bytes>;
 
 /// A JSON reply.
-pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+pub(crate) fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
     raw_json(
         status,
         serde_json::to_vec(value).expect("JSON values serialise"),
@@ -17,7 +16,7 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
 }
 
 /// A reply whose body is already JSON.
-pub fn raw_json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+pub(crate) fn raw_json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response
@@ -27,12 +26,17 @@ pub fn raw_json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 }
 
 /// `{"error": {"message": ...}}` with a status.
-pub fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
-    json(status, &json!({"error": {"message": message.into()}}))
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    let body = crate::api::ErrorReply {
+        error: crate::api::ErrorBody {
+            message: message.into(),
+        },
+    };
+    json(status, &body)
 }
 
 /// 503 with `Retry-After`.
-pub fn unavailable(message: &str, retry_after_secs: u64) -> Response<Body> {
+pub(crate) fn unavailable(message: &str, retry_after_secs: u64) -> Response<Body> {
     let mut response = error(StatusCode::SERVICE_UNAVAILABLE, message);
     response
         .headers_mut()
@@ -40,7 +44,7 @@ pub fn unavailable(message: &str, retry_after_secs: u64) -> Response<Body> {
     response
 }
 
-pub fn method_not_allowed(allow: &'static str) -> Response<Body> {
+pub(crate) fn method_not_allowed(allow: &'static str) -> Response<Body> {
     let mut response = error(
         StatusCode::METHOD_NOT_ALLOWED,
         format!("method not allowed; use {allow}"),
@@ -52,7 +56,7 @@ pub fn method_not_allowed(allow: &'static str) -> Response<Body> {
 }
 
 /// 401 with `WWW-Authenticate: Bearer`.
-pub fn unauthorized() -> Response<Body> {
+pub(crate) fn unauthorized() -> Response<Body> {
     let mut response = error(
         StatusCode::UNAUTHORIZED,
         "missing or wrong token: send \"Authorization: Bearer <server.token>\"",
@@ -64,6 +68,6 @@ pub fn unauthorized() -> Response<Body> {
     response
 }
 
-pub fn not_found(path: &str) -> Response<Body> {
+pub(crate) fn not_found(path: &str) -> Response<Body> {
     error(StatusCode::NOT_FOUND, format!("no route for {path}"))
 }

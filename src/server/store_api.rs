@@ -13,6 +13,7 @@ use tracing::info;
 
 use super::App;
 use super::reply::{self, Body};
+use crate::api;
 use crate::outcome::CallOutcome;
 use crate::store::{DeadLetterFilter, ExecutionFilter, StoreError, unix_ms};
 
@@ -21,7 +22,7 @@ const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
 
 /// `GET /v1/executions?event=&handler=&object_id=&outcome=&since=&limit=`
-pub async fn executions(app: &Arc<App>, uri: &Uri) -> Response<Body> {
+pub(crate) async fn executions(app: &Arc<App>, uri: &Uri) -> Response<Body> {
     let mut filter = ExecutionFilter {
         limit: DEFAULT_LIMIT,
         ..Default::default()
@@ -62,18 +63,16 @@ pub async fn executions(app: &Arc<App>, uri: &Uri) -> Response<Body> {
     }
     match app.store.executions(filter).await {
         Ok(rows) => {
-            let rows: Vec<_> = rows.iter().map(|r| r.to_json()).collect();
-            reply::json(
-                StatusCode::OK,
-                &json!({"count": rows.len(), "executions": rows}),
-            )
+            let executions: Vec<_> = rows.iter().map(api::ExecutionRow::from).collect();
+            let count = executions.len();
+            reply::json(StatusCode::OK, &api::Executions { count, executions })
         }
         Err(e) => store_error(&e),
     }
 }
 
 /// `/v1/deadletters` and below.
-pub async fn dead_letters(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn dead_letters(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
     let (method, uri) = (request.method().clone(), request.uri().clone());
     let (method, uri) = (&method, &uri);
     let rest = uri
@@ -126,11 +125,9 @@ async fn list(app: &Arc<App>, uri: &Uri) -> Response<Body> {
     }
     match app.store.dead_letters(handler, limit).await {
         Ok(letters) => {
-            let letters: Vec<_> = letters.iter().map(|l| l.to_json()).collect();
-            reply::json(
-                StatusCode::OK,
-                &json!({"count": letters.len(), "deadletters": letters}),
-            )
+            let deadletters: Vec<_> = letters.iter().map(api::DeadLetterRow::from).collect();
+            let count = deadletters.len();
+            reply::json(StatusCode::OK, &api::DeadLetters { count, deadletters })
         }
         Err(e) => store_error(&e),
     }
@@ -138,7 +135,7 @@ async fn list(app: &Arc<App>, uri: &Uri) -> Response<Body> {
 
 async fn show(app: &Arc<App>, id: u64) -> Response<Body> {
     match app.store.dead_letter(id).await {
-        Ok(Some(letter)) => reply::json(StatusCode::OK, &letter.to_json()),
+        Ok(Some(letter)) => reply::json(StatusCode::OK, &api::DeadLetterRow::from(&letter)),
         Ok(None) => unknown(id),
         Err(e) => store_error(&e),
     }
@@ -170,7 +167,11 @@ async fn replay(app: &Arc<App>, id: u64) -> Response<Body> {
         Ok(Some(new_id)) => {
             // The lane has it from the commit, whether or not this request lives on.
             info!(dead_letter = id, delivery = new_id, handler = %handler, "dead letter replayed");
-            reply::json(StatusCode::OK, &json!({"replayed": id, "delivery": new_id}))
+            let replayed = api::ReplayedOne {
+                replayed: id,
+                delivery: new_id,
+            };
+            reply::json(StatusCode::OK, &replayed)
         }
         Ok(None) => unknown(id),
         Err(e) => store_error(&e),
@@ -181,7 +182,7 @@ async fn drop_one(app: &Arc<App>, id: u64) -> Response<Body> {
     match app.store.drop_dead_letter(id).await {
         Ok(true) => {
             info!(dead_letter = id, "dead letter dropped");
-            reply::json(StatusCode::OK, &json!({"dropped": id}))
+            reply::json(StatusCode::OK, &api::DroppedOne { dropped: id })
         }
         Ok(false) => unknown(id),
         Err(e) => store_error(&e),
@@ -285,21 +286,24 @@ async fn replay_matching(app: &Arc<App>, filter: DeadLetterFilter) -> Response<B
                     "dead letters replayed"
                 );
             }
-            let mut body = json!({"replayed": n, "skipped": replayed.skipped});
+            let mut body = api::ReplayedMatching {
+                replayed: n,
+                skipped: replayed.skipped,
+                message: None,
+            };
             if replayed.skipped > 0 {
                 let names: Vec<&str> = replayed
                     .skipped_handlers
                     .iter()
                     .map(String::as_str)
                     .collect();
-                body["message"] = format!(
+                body.message = Some(format!(
                     "{} matching dead letter{} left in place: the config has no after-stage \
                      handler {}; add it back, or drop them",
                     replayed.skipped,
                     if replayed.skipped == 1 { "" } else { "s" },
                     names.join(", ")
-                )
-                .into();
+                ));
             }
             reply::json(StatusCode::OK, &body)
         }
@@ -314,7 +318,7 @@ async fn drop_matching(app: &Arc<App>, filter: DeadLetterFilter) -> Response<Bod
             if n > 0 {
                 info!(dropped = n, "dead letters dropped");
             }
-            reply::json(StatusCode::OK, &json!({"dropped": n}))
+            reply::json(StatusCode::OK, &api::DroppedMatching { dropped: n })
         }
         Err(e) => store_error(&e),
     }

@@ -10,7 +10,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::config::Stage;
-use crate::dispatch::CallRecord;
 
 /// Milliseconds since the unix epoch.
 pub fn unix_ms(at: SystemTime) -> u64 {
@@ -196,31 +195,6 @@ pub struct Execution {
 }
 
 impl Execution {
-    /// A row from a call the dispatch made.
-    pub fn from_call(
-        record: CallRecord,
-        event: &str,
-        object_id: &str,
-        delivery: Option<u64>,
-    ) -> Self {
-        Self {
-            id: 0,
-            at: unix_ms(record.at),
-            event: event.to_owned(),
-            object_id: object_id.to_owned(),
-            handler: record.handler,
-            stage: record.stage,
-            attempt: record.attempt,
-            outcome: record.outcome.to_owned(),
-            duration_ms: (record.duration.as_secs_f64() * 1e6).round() / 1e3,
-            code: record.code,
-            excerpt: record.excerpt,
-            error: record.error,
-            delivery,
-            event_id: None,
-        }
-    }
-
     /// The row with the id of the event it was made for.
     #[must_use]
     pub fn event_id(mut self, event_id: Option<String>) -> Self {

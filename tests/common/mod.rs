@@ -353,7 +353,12 @@ impl InProcess {
         let addr = listener.local_addr();
         let store = provisiond::store::Store::memory().unwrap();
         let file = std::path::PathBuf::from(&config.file);
-        let app = App::new(provisiond::dispatch::Snapshot::new(config, 1), store, file);
+        let app = App::new(
+            provisiond::dispatch::Snapshot::new(config, 1),
+            store,
+            file,
+            provisiond::install_metrics(),
+        );
         app.deliveries.resume().unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();
         tokio::spawn(serve(

@@ -505,7 +505,14 @@ fn the_default_config_and_every_example_pass_check() {
         // The examples take their tokens from the environment.
         let (code, stdout, stderr) = check(
             &path,
-            &[("CRM_TOKEN", "ci-dummy"), ("PROVISIOND_TOKEN", "ci-dummy")],
+            &[
+                ("CRM_TOKEN", "ci-dummy"),
+                ("PROVISIOND_TOKEN", "ci-dummy"),
+                (
+                    "PROVISIOND_PG_URL",
+                    "postgres://provisiond:ci-dummy@127.0.0.1/billing",
+                ),
+            ],
         );
         assert_eq!(code, 0, "{}: {stderr}", path.display());
         assert!(stdout.contains(": ok"), "{stdout}");

@@ -255,3 +255,76 @@ async fn the_database_password_never_shows_in_logs_config_or_readyz() {
         "{ready}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shared_examples_run_on_a_real_database() {
+    let Some(db) = server() else { return };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for example in [
+        "examples/configs/shared.toml",
+        "examples/kubernetes/shared/provisioning.toml",
+    ] {
+        let text = std::fs::read_to_string(root.join(example)).unwrap();
+        assert!(text.contains("backend = \"postgres\""), "{example}");
+        assert!(text.contains("url = \"${PROVISIOND_PG_URL}\""), "{example}");
+        // On a port of its own, so that tests running together do not collide.
+        let config = text.replace("listen = \"127.0.0.1:8600\"", "listen = \"127.0.0.1:0\"");
+        let url = db.url("provisiond");
+        let sidecar = Sidecar::start_in(
+            tempfile::TempDir::new().unwrap(),
+            &config,
+            &[("PROVISIOND_PG_URL", &url)],
+        );
+        let (code, ready) = sidecar.get("/readyz").await;
+        assert_eq!(code, 200, "{example}: {ready}");
+        assert!(
+            ready["store"]
+                .as_str()
+                .unwrap()
+                .starts_with("postgres://127.0.0.1:"),
+            "{example}: {ready}"
+        );
+        let (code, _) = sidecar.send("clients.balance_zero", 1, json!({})).await;
+        assert_eq!(
+            code, 200,
+            "{example}: the fan-out is stored in the database"
+        );
+    }
+
+    // The Deployment: several replicas, no volume for the store, the URL from a Secret,
+    // probes that are `provisiond health` against the listener.
+    let deployment =
+        std::fs::read_to_string(root.join("examples/kubernetes/shared/deployment.yaml")).unwrap();
+    let replicas: u32 = deployment
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("replicas: "))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(replicas >= 2, "{replicas}");
+    assert!(
+        !deployment.contains("persistentVolumeClaim"),
+        "{deployment}"
+    );
+    assert!(
+        deployment.contains(
+            "- name: PROVISIOND_PG_URL\n              valueFrom:\n                secretKeyRef:"
+        ),
+        "{deployment}"
+    );
+    for probe in ["startupProbe:", "livenessProbe:", "readinessProbe:"] {
+        assert!(deployment.contains(probe), "no {probe}");
+    }
+    assert_eq!(
+        deployment
+            .matches("command: [\"provisiond\", \"health\"")
+            .count(),
+        3
+    );
+    let kustomization =
+        std::fs::read_to_string(root.join("examples/kubernetes/shared/kustomization.yaml"))
+            .unwrap();
+    assert!(
+        kustomization.contains("- provisioning.toml"),
+        "{kustomization}"
+    );
+}

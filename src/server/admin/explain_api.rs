@@ -23,7 +23,7 @@ use crate::server::reply::{self, Body};
 const KEYS: &str = "event, data, object_id";
 
 /// `POST /v1/explain`.
-pub async fn explain(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn explain(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
     let snapshot = app.live.load_full();
     let config = &snapshot.config;
     let max = config.server.max_body;

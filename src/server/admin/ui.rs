@@ -19,7 +19,7 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
                    connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// The asset at `path` (`/ui`, `/ui/`, `/ui/console.js`, `/ui/console.css`).
-pub fn asset(method: &Method, path: &str) -> Response<Body> {
+pub(crate) fn asset(method: &Method, path: &str) -> Response<Body> {
     let (body, content_type) = match path {
         "/ui" | "/ui/" => (INDEX, "text/html; charset=utf-8"),
         "/ui/console.js" => (SCRIPT, "text/javascript; charset=utf-8"),
@@ -95,5 +95,23 @@ mod tests {
         ] {
             assert!(!SCRIPT.contains(sink), "console.js uses {sink}");
         }
+    }
+
+    #[test]
+    fn the_console_knows_every_outcome() {
+        // `const OUTCOMES = { allowed: {...}, ... };`: its keys, in the script's order.
+        let block = SCRIPT
+            .split_once("const OUTCOMES = {")
+            .and_then(|(_, rest)| rest.split_once("\n};"))
+            .expect("console.js has its OUTCOMES table")
+            .0;
+        let mut keys: Vec<&str> = block
+            .lines()
+            .filter_map(|line| line.trim().split_once(": {").map(|(k, _)| k))
+            .collect();
+        keys.sort_unstable();
+        let mut names = crate::outcome::CallOutcome::ALL.map(crate::outcome::CallOutcome::as_str);
+        names.sort_unstable();
+        assert_eq!(keys, names);
     }
 }
