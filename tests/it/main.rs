@@ -28,6 +28,8 @@ mod fidelity;
 mod gitops;
 mod monitoring;
 mod ops;
+mod pg_cluster;
+mod pg_harness;
 mod reload;
 mod robustness;
 mod shared_store;

@@ -21,15 +21,13 @@
 //! only once the previous one was answered 200; on anything else it sends the same bytes
 //! again (to the next sidecar), as the billing retries.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::pg::{self, PgServer};
-use common::*;
+use crate::common::pg::{self, PgServer};
+use crate::common::*;
 use serde_json::json;
 
 /// A Standard Webhooks secret: every delivery then carries its `webhook-id`, the same on

@@ -2,11 +2,9 @@
 //! answers, survives a kill -9 and a restart on its port, and a primary with a
 //! synchronous standby fails over to it through a multi-host URL.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::pg::{self, PgServer};
+use crate::common::pg::{self, PgServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_starts_and_a_database_answers_a_query() {
