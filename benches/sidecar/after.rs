@@ -17,7 +17,7 @@ fn config(handler: SocketAddr, events: &str) -> String {
     )
 }
 
-pub async fn run(scale: f64) -> Vec<Row> {
+pub(crate) async fn run(scale: f64) -> Vec<Row> {
     let (handler, delivered) = start_counter();
     // The baseline's handler takes another event: same process, no store write.
     let baseline = Sidecar::start(&config(handler, "clients.create"));

@@ -18,7 +18,7 @@ const PER_ENTITY: usize = 10;
 /// How long the draining sidecar is watched.
 const WATCH: Duration = Duration::from_secs(20);
 
-pub async fn run(scale: f64) -> Vec<Row> {
+pub(crate) async fn run(scale: f64) -> Vec<Row> {
     let entities = crate::common::scaled(ENTITIES, scale, 1000);
     let total = entities * PER_ENTITY;
     let count = Arc::new(AtomicUsize::new(0));

@@ -12,7 +12,7 @@ use crate::hop::Hop;
 
 const ROUNDS: usize = 5;
 
-pub async fn run(scale: f64) -> Vec<Row> {
+pub(crate) async fn run(scale: f64) -> Vec<Row> {
     let echo = start_echo();
     let direct_url = format!("http://{echo}/");
     let hop = Hop::start(&echo.to_string());

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use crate::common::{Rounds, Row, Sidecar, Stats, client, envelope, open_loop, paced, start_echo};
 
-pub async fn run(scale: f64) -> Vec<Row> {
+pub(crate) async fn run(scale: f64) -> Vec<Row> {
     let echo = start_echo();
     let mut config = String::from("[server]\nlisten = \"127.0.0.1:0\"\n");
     for i in 1..=5 {

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 /// One line of the results table.
 #[derive(Debug, Clone, Serialize)]
-pub struct Row {
+pub(crate) struct Row {
     pub scenario: String,
     pub target: String,
     pub requests: usize,
@@ -35,12 +35,12 @@ pub struct Row {
     clippy::cast_sign_loss,
     reason = "counts of a few million at most, scaled by a positive factor"
 )]
-pub fn scaled(count: usize, scale: f64, min: usize) -> usize {
+pub(crate) fn scaled(count: usize, scale: f64, min: usize) -> usize {
     ((count as f64 * scale) as usize).max(min)
 }
 
 /// Latencies of one load run.
-pub struct Stats {
+pub(crate) struct Stats {
     pub latencies: Vec<Duration>,
     pub errors: usize,
     pub elapsed: Duration,
@@ -52,7 +52,7 @@ impl Stats {
         clippy::cast_sign_loss,
         reason = "q is in [0, 1], so the index is in [0, len - 1]"
     )]
-    pub fn quantile(&self, q: f64) -> Duration {
+    pub(crate) fn quantile(&self, q: f64) -> Duration {
         let mut sorted = self.latencies.clone();
         sorted.sort();
         if sorted.is_empty() {
@@ -62,11 +62,11 @@ impl Stats {
         sorted[index]
     }
 
-    pub fn rps(&self) -> f64 {
+    pub(crate) fn rps(&self) -> f64 {
         self.latencies.len() as f64 / self.elapsed.as_secs_f64()
     }
 
-    pub fn row(&self, scenario: &str, target: &str, note: impl Into<String>) -> Row {
+    pub(crate) fn row(&self, scenario: &str, target: &str, note: impl Into<String>) -> Row {
         Row {
             scenario: scenario.into(),
             target: target.into(),
@@ -84,22 +84,22 @@ impl Stats {
 /// so that a burst of noise on the machine hits one round of each rather than all of
 /// one target. Figures are medians over the rounds.
 #[derive(Default)]
-pub struct Rounds {
+pub(crate) struct Rounds {
     pub runs: Vec<Stats>,
 }
 
 impl Rounds {
-    pub fn push(&mut self, stats: Stats) {
+    pub(crate) fn push(&mut self, stats: Stats) {
         self.runs.push(stats);
     }
 
-    pub fn median(&self, f: impl Fn(&Stats) -> f64) -> f64 {
+    pub(crate) fn median(&self, f: impl Fn(&Stats) -> f64) -> f64 {
         median(self.runs.iter().map(f).collect())
     }
 
     /// The median, over rounds, of this target's p-quantile minus the baseline's in the
     /// same round, in ms.
-    pub fn added(&self, baseline: &Rounds, q: f64) -> f64 {
+    pub(crate) fn added(&self, baseline: &Rounds, q: f64) -> f64 {
         median(
             self.runs
                 .iter()
@@ -109,7 +109,7 @@ impl Rounds {
         )
     }
 
-    pub fn row(&self, scenario: &str, target: &str, note: impl Into<String>) -> Row {
+    pub(crate) fn row(&self, scenario: &str, target: &str, note: impl Into<String>) -> Row {
         Row {
             scenario: scenario.into(),
             target: target.into(),
@@ -123,7 +123,7 @@ impl Rounds {
     }
 }
 
-pub fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     if values.is_empty() {
         return f64::NAN;
     }
@@ -131,14 +131,14 @@ pub fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-pub fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 /// A loopback HTTP server answering every request with `answer`, on a thread and a
 /// one-worker runtime of its own, so that it does not share the load generator's
 /// threads. Returns its address.
-pub fn start_server<F, Fut>(answer: F) -> SocketAddr
+pub(crate) fn start_server<F, Fut>(answer: F) -> SocketAddr
 where
     F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
@@ -175,7 +175,7 @@ where
 }
 
 /// The billing docs' echo handler: the request body back.
-pub fn start_echo() -> SocketAddr {
+pub(crate) fn start_echo() -> SocketAddr {
     start_server(|request: Request<hyper::body::Incoming>| async move {
         let body = request
             .into_body()
@@ -188,28 +188,28 @@ pub fn start_echo() -> SocketAddr {
 }
 
 /// A reply with a status and a body.
-pub fn reply(status: hyper::StatusCode, body: &'static [u8]) -> Response<Full<Bytes>> {
+pub(crate) fn reply(status: hyper::StatusCode, body: &'static [u8]) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from_static(body)));
     *response.status_mut() = status;
     response
 }
 
 /// A provisiond process serving `config`, started from the release binary cargo built.
-pub struct Sidecar {
+pub(crate) struct Sidecar {
     pub child: Child,
     pub addr: String,
     _dir: tempfile::TempDir,
 }
 
 impl Sidecar {
-    pub fn start(config: &str) -> Self {
+    pub(crate) fn start(config: &str) -> Self {
         let dir = tempfile::TempDir::new().unwrap();
         let path = dir.path().join("provisioning.toml");
         std::fs::write(&path, config).unwrap();
         Self::start_in(dir, &path)
     }
 
-    pub fn start_in(dir: tempfile::TempDir, config: &Path) -> Self {
+    pub(crate) fn start_in(dir: tempfile::TempDir, config: &Path) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_provisiond"))
             .args([
                 "run",
@@ -252,40 +252,40 @@ impl Sidecar {
         }
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
     /// The directory holding the config (and the working directory).
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         self._dir.path()
     }
 
     /// Resident memory in KiB, from /proc.
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    pub fn rss_kib(&self) -> Option<u64> {
+    pub(crate) fn rss_kib(&self) -> Option<u64> {
         rss_of(self.child.id())
     }
 }
 
 /// Samples a process's resident memory every 10 ms until stopped; keeps the peak.
-pub struct RssSampler {
+pub(crate) struct RssSampler {
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<u64>,
 }
 
 impl RssSampler {
-    pub fn stop(self) -> u64 {
+    pub(crate) fn stop(self) -> u64 {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.thread.join().unwrap()
     }
 }
 
 impl Sidecar {
-    pub fn sample_rss(&self) -> RssSampler {
+    pub(crate) fn sample_rss(&self) -> RssSampler {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let pid = self.child.id();
         let flag = stop.clone();
@@ -304,7 +304,7 @@ impl Sidecar {
 }
 
 /// CPU time (user + system) a process has used so far, from /proc.
-pub fn cpu_time(pid: u32) -> Duration {
+pub(crate) fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat
@@ -336,7 +336,7 @@ impl Drop for Sidecar {
     }
 }
 
-pub fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .no_proxy()
@@ -348,7 +348,7 @@ pub fn client() -> reqwest::Client {
 
 /// An envelope as the billing sends it; `seq` makes each one unique (the after stage
 /// would otherwise dedupe repeats).
-pub fn envelope(i: usize) -> Bytes {
+pub(crate) fn envelope(i: usize) -> Bytes {
     Bytes::from(
         serde_json::json!({
             "event": {"dt": "2026-11-26T10:00:00+00:00", "events_id": "clients.update", "object_id": i % 1000},
@@ -370,7 +370,7 @@ async fn one(client: &reqwest::Client, url: &str, body: Bytes) -> Option<Duratio
 /// Fills the client's pool (and, behind a sidecar, the sidecar's own pool to its
 /// handler) with `width` connections, so that runs measure the steady state rather than
 /// connection set-up: three waves of `width` requests at once.
-pub async fn warm(client: &reqwest::Client, url: &str, width: usize) {
+pub(crate) async fn warm(client: &reqwest::Client, url: &str, width: usize) {
     for wave in 0..3 {
         let tasks: Vec<_> = (0..width)
             .map(|i| {
@@ -386,7 +386,7 @@ pub async fn warm(client: &reqwest::Client, url: &str, width: usize) {
 }
 
 /// `concurrency` workers send `total` requests back to back, as fast as answers come.
-pub async fn closed_loop(url: &str, concurrency: usize, total: usize) -> Stats {
+pub(crate) async fn closed_loop(url: &str, concurrency: usize, total: usize) -> Stats {
     let client = client();
     warm(&client, url, concurrency).await;
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -428,7 +428,7 @@ pub async fn closed_loop(url: &str, concurrency: usize, total: usize) -> Stats {
 
 /// `total` requests at a fixed `rate` per second, each timed from its scheduled start,
 /// whatever the previous ones are doing (an open loop, as the billing sends).
-pub async fn open_loop(url: &str, rate: f64, total: usize) -> Stats {
+pub(crate) async fn open_loop(url: &str, rate: f64, total: usize) -> Stats {
     let client = client();
     warm(&client, url, 16).await;
     let url = url.to_owned();
@@ -444,7 +444,7 @@ pub async fn open_loop(url: &str, rate: f64, total: usize) -> Stats {
 /// whatever the earlier ones are doing, and collects the latencies they report (`None`
 /// is an error). Each send times itself from its actual start: tokio's timer has a 1 ms
 /// grain, and timing from the due instant would add that grain to every sample.
-pub async fn paced<F, Fut>(rate: f64, total: usize, send: F) -> Stats
+pub(crate) async fn paced<F, Fut>(rate: f64, total: usize, send: F) -> Stats
 where
     F: Fn(usize) -> Fut,
     Fut: std::future::Future<Output = Option<Duration>> + Send + 'static,
@@ -471,7 +471,7 @@ where
     stats
 }
 
-pub fn print_table(rows: &[Row]) {
+pub(crate) fn print_table(rows: &[Row]) {
     println!(
         "| scenario | target | requests | errors | req/s | p50 ms | p99 ms | note |\n\
          | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"

@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 /// Serves the hop on a free port, printing it, forwarding to `upstream` (`host:port`).
 /// Never returns.
-pub fn serve(upstream: &str) -> ! {
+pub(crate) fn serve(upstream: &str) -> ! {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let upstream = format!("http://{upstream}/");
     runtime.block_on(async move {
@@ -59,13 +59,13 @@ pub fn serve(upstream: &str) -> ! {
 }
 
 /// A hop process forwarding to `upstream`; killed on drop.
-pub struct Hop {
+pub(crate) struct Hop {
     child: Child,
     pub addr: String,
 }
 
 impl Hop {
-    pub fn start(upstream: &str) -> Self {
+    pub(crate) fn start(upstream: &str) -> Self {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--serve-hop", upstream])
             .stdout(Stdio::piped())
@@ -83,7 +83,7 @@ impl Hop {
 }
 
 impl Hop {
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }

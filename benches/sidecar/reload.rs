@@ -23,7 +23,7 @@ const PAUSE: Duration = Duration::from_millis(400);
 /// Give up on one reload after this long (counted as an error).
 const GIVE_UP: Duration = Duration::from_secs(5);
 
-pub async fn run(scale: f64) -> Vec<Row> {
+pub(crate) async fn run(scale: f64) -> Vec<Row> {
     let reloads = crate::common::scaled(RELOADS, scale, 10);
     let denier = start_denier();
     let sidecar = Sidecar::start(&config(denier, 0));

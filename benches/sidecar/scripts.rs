@@ -9,7 +9,7 @@ use crate::common::{Row, Sidecar, closed_loop};
 const SCRIPT: &str =
     "#!/bin/sh\n# Reads whatever it is given and answers.\ncat >/dev/null\necho ok\n";
 
-pub async fn run(scale: f64) -> Vec<Row> {
+pub(crate) async fn run(scale: f64) -> Vec<Row> {
     let dir = tempfile::TempDir::new().unwrap();
     let script = dir.path().join("hook.sh");
     std::fs::write(&script, SCRIPT).unwrap();

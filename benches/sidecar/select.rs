@@ -58,7 +58,7 @@ fn measure(snapshot: &Snapshot, envelope: &Envelope, rounds: usize) -> Duration 
     started.elapsed() / u32::try_from(rounds).expect("rounds fit u32")
 }
 
-pub fn run(scale: f64) -> Vec<Row> {
+pub(crate) fn run(scale: f64) -> Vec<Row> {
     let envelope = Envelope::from_value(serde_json::json!({
         "event": {"dt": "2026-11-26T10:00:00+00:00", "events_id": "clients.update", "object_id": 7},
         "data": {"companies_id": "3", "balance": "12.5", "name": "ACME"},

@@ -40,7 +40,7 @@ fn default_on_error() -> OnError {
         .expect("the default on_error is a valid value")
 }
 
-pub fn compile(
+pub(super) fn compile(
     text: &str,
     file: &str,
     base: &Path,

@@ -10,7 +10,7 @@ const SECRET_KEYS: &[&str] = &["password", "sslpassword"];
 
 /// `conninfo` with every password replaced by `***`. When a key=value string cannot be
 /// read, all of it is `***`: what cannot be parsed cannot be shown safely.
-pub fn masked(conninfo: &str) -> String {
+pub(super) fn masked(conninfo: &str) -> String {
     for scheme in ["postgresql://", "postgres://"] {
         if conninfo.starts_with(scheme) {
             return masked_url(conninfo, scheme.len());

@@ -107,7 +107,7 @@ pub fn expand_env(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result
 
 /// The names of the variables `text` refers to with `${NAME}` or `${NAME:-default}`, in
 /// order, each once; `$${` (a literal `${`) is skipped.
-pub fn env_references(text: &str) -> Vec<&str> {
+pub(super) fn env_references(text: &str) -> Vec<&str> {
     let mut names = Vec::new();
     let mut rest = text;
     while let Some(at) = rest.find('$') {

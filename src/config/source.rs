@@ -21,14 +21,14 @@ use super::raw::{RawConfig, RawDefaults, RawEvents, RawHandler, RawServer, RawSt
 
 /// A problem found before key paths are turned into line and column.
 #[derive(Debug, Clone)]
-pub struct Diag {
+pub(crate) struct Diag {
     pub path: KeyPath,
     pub span: Option<Range<usize>>,
     pub message: String,
 }
 
 impl Diag {
-    pub fn at(path: KeyPath, message: impl Into<String>) -> Self {
+    pub(crate) fn at(path: KeyPath, message: impl Into<String>) -> Self {
         Self {
             path,
             span: None,
@@ -38,7 +38,7 @@ impl Diag {
 }
 
 /// A parsed file: the TOML tree with the spans of every key and value.
-pub struct Document<'i> {
+pub(super) struct Document<'i> {
     text: &'i str,
     root: Spanned<DeTable<'i>>,
     /// Values that `${VAR}` substitution changed, as written in the file. Used to show
@@ -49,7 +49,7 @@ pub struct Document<'i> {
 /// What came out of the raw layer: the typed config, and for each handler kept, its index
 /// among the file's `[[handler]]` tables (handlers that failed to deserialise are left
 /// out, so indices can skip).
-pub struct Parsed {
+pub(super) struct Parsed {
     pub raw: RawConfig,
     pub handler_index: Vec<usize>,
     /// The key paths of placeholder values put in for required keys that were missing or
@@ -59,12 +59,12 @@ pub struct Parsed {
 }
 
 /// The top-level sections, in the order the docs list them.
-pub const SECTIONS: &[&str] = &["server", "store", "defaults", "events", "handler"];
+pub(super) const SECTIONS: &[&str] = &["server", "store", "defaults", "events", "handler"];
 
 impl<'i> Document<'i> {
     /// Parses TOML syntax. Only the first syntax error is returned: what the parser
     /// reports after it, while recovering, is mostly noise caused by the first.
-    pub fn parse(text: &'i str) -> Result<Self, Vec<Diag>> {
+    pub(super) fn parse(text: &'i str) -> Result<Self, Vec<Diag>> {
         let (root, errors) = DeTable::parse_recoverable(text);
         if let Some(first) = errors.first() {
             return Err(vec![syntax_error(text, first)]);
@@ -78,7 +78,7 @@ impl<'i> Document<'i> {
 
     /// Replaces `${NAME}` and `${NAME:-default}` in every string value. A missing
     /// variable is an error at that value.
-    pub fn substitute_env(&mut self, lookup: &dyn Fn(&str) -> Option<String>) -> Vec<Diag> {
+    pub(super) fn substitute_env(&mut self, lookup: &dyn Fn(&str) -> Option<String>) -> Vec<Diag> {
         let mut diags = Vec::new();
         let mut originals = HashMap::new();
         for (key, value) in self.root.get_mut().iter_mut() {
@@ -90,7 +90,7 @@ impl<'i> Document<'i> {
     }
 
     /// Deserialises every section and handler, collecting every error.
-    pub fn deserialize(&self) -> (Parsed, Vec<Diag>) {
+    pub(super) fn deserialize(&self) -> (Parsed, Vec<Diag>) {
         let mut diags = Vec::new();
         let mut raw = RawConfig::default();
         let mut handler_index = Vec::new();
@@ -149,7 +149,7 @@ impl<'i> Document<'i> {
     }
 
     /// The span of the value at `path`, or of the deepest part of it that exists.
-    pub fn span_of(&self, path: &KeyPath) -> Option<Range<usize>> {
+    pub(super) fn span_of(&self, path: &KeyPath) -> Option<Range<usize>> {
         let mut span = None;
         let mut table = Some(self.root.get_ref());
         let mut current: Option<&Spanned<DeValue<'_>>> = None;
@@ -169,7 +169,7 @@ impl<'i> Document<'i> {
 
     /// Turns diagnostics into errors with line and column. Those without a span get the
     /// span of their key path.
-    pub fn resolve(&self, file: &str, diags: Vec<Diag>) -> Vec<ConfigError> {
+    pub(super) fn resolve(&self, file: &str, diags: Vec<Diag>) -> Vec<ConfigError> {
         resolve(self.text, file, diags, |p| self.span_of(p))
     }
 }
@@ -213,7 +213,7 @@ fn starts_line(text: &str, offset: usize) -> bool {
 }
 
 /// Turns diagnostics into sorted errors, looking up missing spans with `span_of`.
-pub fn resolve(
+pub(super) fn resolve(
     text: &str,
     file: &str,
     diags: Vec<Diag>,
@@ -257,7 +257,7 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// A stand-in for a required key that is missing, or whose value was wrong and removed.
-pub enum StandIn {
+pub(crate) enum StandIn {
     /// What the file evidently meant (`stage = "Before"` read as "before"); the wrong
     /// value is still reported, but the rest of the handler is checked against this one.
     Meant(DeValue<'static>),
@@ -266,7 +266,7 @@ pub enum StandIn {
 }
 
 /// A raw type that [`Recovery::recover`] can deserialise past its mistakes.
-pub trait Recover: DeserializeOwned {
+pub(crate) trait Recover: DeserializeOwned {
     /// The stand-in for the required key `field`, given the value the file had for it
     /// (removed because it was wrong), if any. `None`: the table cannot be recovered.
     fn stand_in(_field: &str, _written: Option<&DeValue<'_>>) -> Option<StandIn> {
@@ -282,7 +282,9 @@ pub trait Recover: DeserializeOwned {
 /// Deserialises `value` as `T` past its mistakes, as the config's sections are: the value
 /// if it could be had, every problem found (with its span and its path below `value`),
 /// and the paths of the placeholders put in.
-pub fn recover<T: Recover>(value: &Spanned<DeValue<'_>>) -> (Option<T>, Vec<Diag>, Vec<KeyPath>) {
+pub(crate) fn recover<T: Recover>(
+    value: &Spanned<DeValue<'_>>,
+) -> (Option<T>, Vec<Diag>, Vec<KeyPath>) {
     let (mut diags, mut synthetic) = (Vec::new(), Vec::new());
     let mut recovery = Recovery {
         diags: &mut diags,

@@ -104,7 +104,7 @@ impl Store {
     }
 
     #[cfg(test)]
-    pub(crate) fn from_file(file: file::File) -> Self {
+    fn from_file(file: file::File) -> Self {
         Self {
             backend: Backend::File(file),
         }

@@ -1,7 +1,7 @@
 //! Shared test helpers: a real provisiond process, real handler servers, real scripts.
 #![allow(dead_code)]
 
-pub mod pg;
+pub(crate) mod pg;
 
 use std::future::Future;
 use std::io::{BufRead, BufReader};
@@ -21,15 +21,15 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 /// A `[server]` section that listens on a free loopback port.
-pub const SERVER: &str = "[server]\nlisten = \"127.0.0.1:0\"\n";
+pub(crate) const SERVER: &str = "[server]\nlisten = \"127.0.0.1:0\"\n";
 
 /// The provisiond binary under test.
-pub fn binary() -> &'static str {
+pub(crate) fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_provisiond")
 }
 
 /// A running provisiond process with its own directory and config file.
-pub struct Sidecar {
+pub(crate) struct Sidecar {
     pub child: Child,
     /// `host:port` it listens on.
     pub addr: String,
@@ -41,25 +41,25 @@ pub struct Sidecar {
 
 impl Sidecar {
     /// Writes `config` to a fresh directory and starts provisiond on it.
-    pub fn start(config: &str) -> Self {
+    pub(crate) fn start(config: &str) -> Self {
         Self::start_in(TempDir::new().unwrap(), config, &[])
     }
 
     /// Starts provisiond in `dir` (its working directory) with `config` and extra env.
-    pub fn start_in(dir: TempDir, config: &str, env: &[(&str, &str)]) -> Self {
+    pub(crate) fn start_in(dir: TempDir, config: &str, env: &[(&str, &str)]) -> Self {
         let config_path = dir.path().join("provisioning.toml");
         std::fs::write(&config_path, config).unwrap();
         Self::spawn(dir, config_path, env)
     }
 
     /// Starts provisiond on an existing config file.
-    pub fn spawn(dir: TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> Self {
+    pub(crate) fn spawn(dir: TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> Self {
         Self::spawn_with(dir, config_path, env, &[])
     }
 
     /// Starts provisiond on an existing config file, with more `run` arguments (e.g.
     /// `--no-watch`).
-    pub fn spawn_with(
+    pub(crate) fn spawn_with(
         dir: TempDir,
         config_path: PathBuf,
         env: &[(&str, &str)],
@@ -134,7 +134,7 @@ impl Sidecar {
     }
 
     /// A URL on the sidecar (over its unix socket when it listens on one).
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         if self.addr.starts_with("unix:") {
             format!("http://localhost{path}")
         } else {
@@ -143,12 +143,12 @@ impl Sidecar {
     }
 
     /// The client `post`, `send` and `get` use: it reaches a unix socket too.
-    pub fn client(&self) -> &reqwest::Client {
+    pub(crate) fn client(&self) -> &reqwest::Client {
         &self.client
     }
 
     /// `GET /metrics`, as text.
-    pub async fn metrics_text(&self) -> String {
+    pub(crate) async fn metrics_text(&self) -> String {
         self.client
             .get(self.url("/metrics"))
             .send()
@@ -161,7 +161,7 @@ impl Sidecar {
 
     /// POSTs a body to `/events`; returns the status and the body parsed as JSON
     /// (`Value::String` with the text when it is not JSON).
-    pub async fn post(&self, body: impl Into<String>) -> (u16, Value) {
+    pub(crate) async fn post(&self, body: impl Into<String>) -> (u16, Value) {
         let response = self
             .client
             .post(self.url("/events"))
@@ -174,13 +174,13 @@ impl Sidecar {
     }
 
     /// POSTs an event built from a name and data.
-    pub async fn send(&self, event: &str, object_id: i64, data: Value) -> (u16, Value) {
+    pub(crate) async fn send(&self, event: &str, object_id: i64, data: Value) -> (u16, Value) {
         self.post(envelope(event, object_id, data).to_string())
             .await
     }
 
     /// POSTs `body` to an admin path such as `/v1/reload`.
-    pub async fn post_to(&self, path: &str, body: impl Into<String>) -> (u16, Value) {
+    pub(crate) async fn post_to(&self, path: &str, body: impl Into<String>) -> (u16, Value) {
         let response = self
             .client
             .post(self.url(path))
@@ -192,7 +192,7 @@ impl Sidecar {
     }
 
     /// `GET /v1/config`.
-    pub async fn live_config(&self) -> Value {
+    pub(crate) async fn live_config(&self) -> Value {
         let (status, body) = self.get("/v1/config").await;
         assert_eq!(status, 200, "{body}");
         body
@@ -200,7 +200,11 @@ impl Sidecar {
 
     /// Polls `GET /v1/config` until `pred` holds; the last body seen, or a panic after
     /// `timeout`.
-    pub async fn wait_for_config(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) async fn wait_for_config(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let until = Instant::now() + timeout;
         loop {
             let config = self.live_config().await;
@@ -217,18 +221,18 @@ impl Sidecar {
         }
     }
 
-    pub async fn get(&self, path: &str) -> (u16, Value) {
+    pub(crate) async fn get(&self, path: &str) -> (u16, Value) {
         let response = self.client.get(self.url(path)).send().await.unwrap();
         status_and_json(response).await
     }
 
     /// Every log line so far.
-    pub fn logs(&self) -> Vec<String> {
+    pub(crate) fn logs(&self) -> Vec<String> {
         self.logs.lock().unwrap().clone()
     }
 
     /// Log lines parsed as JSON.
-    pub fn log_records(&self) -> Vec<Value> {
+    pub(crate) fn log_records(&self) -> Vec<Value> {
         self.logs()
             .iter()
             .filter_map(|l| serde_json::from_str(l).ok())
@@ -236,7 +240,11 @@ impl Sidecar {
     }
 
     /// Waits until a log record satisfies `pred`.
-    pub fn wait_for_log(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+    pub(crate) fn wait_for_log(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
         let until = Instant::now() + timeout;
         while Instant::now() < until {
             if let Some(v) = self.log_records().into_iter().find(|v| pred(v)) {
@@ -248,14 +256,14 @@ impl Sidecar {
     }
 
     /// Sends a signal to the process.
-    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+    pub(crate) fn signal(&self, signal: nix::sys::signal::Signal) {
         let pid =
             nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("a pid fits i32"));
         nix::sys::signal::kill(pid, signal).unwrap();
     }
 
     /// Waits for the process to exit; its status, or `None` on timeout.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let until = Instant::now() + timeout;
         while Instant::now() < until {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -267,13 +275,13 @@ impl Sidecar {
     }
 
     /// Whether the process is still running.
-    pub fn is_running(&mut self) -> bool {
+    pub(crate) fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
 
     /// Kills the process with SIGKILL (no chance to clean up) and hands back its
     /// directory, so that a new process can start on the same config and store.
-    pub fn kill_9(mut self) -> (TempDir, PathBuf) {
+    pub(crate) fn kill_9(mut self) -> (TempDir, PathBuf) {
         self.signal(nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.wait();
         let dir = std::mem::replace(&mut self.dir, TempDir::new().unwrap());
@@ -281,7 +289,7 @@ impl Sidecar {
     }
 
     /// Waits for a clean exit after SIGTERM and hands back the directory.
-    pub fn terminate(mut self) -> (TempDir, PathBuf, std::process::ExitStatus) {
+    pub(crate) fn terminate(mut self) -> (TempDir, PathBuf, std::process::ExitStatus) {
         self.signal(nix::sys::signal::Signal::SIGTERM);
         let status = self
             .wait_exit(Duration::from_secs(30))
@@ -291,7 +299,7 @@ impl Sidecar {
     }
 
     /// Sends a request with any method to the admin API.
-    pub async fn request(&self, method: reqwest::Method, path: &str) -> (u16, Value) {
+    pub(crate) async fn request(&self, method: reqwest::Method, path: &str) -> (u16, Value) {
         let response = self
             .client
             .request(method, self.url(path))
@@ -304,7 +312,7 @@ impl Sidecar {
 
 /// Runs `provisiond ARGS` in `dir` and waits (30 s at most) for it to exit; its exit
 /// code, stdout and stderr.
-pub fn run_binary(dir: &Path, args: &[&str]) -> (i32, String, String) {
+pub(crate) fn run_binary(dir: &Path, args: &[&str]) -> (i32, String, String) {
     let mut child = Command::new(binary())
         .args(args)
         .current_dir(dir)
@@ -339,14 +347,14 @@ pub fn run_binary(dir: &Path, args: &[&str]) -> (i32, String, String) {
 /// provisiond in this test process: the library's `App` and `serve` on a loopback port,
 /// with a store in memory, for tests that must reach inside (publish a snapshot, close
 /// the store).
-pub struct InProcess {
+pub(crate) struct InProcess {
     pub app: Arc<provisiond::server::App>,
     pub addr: String,
     shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl InProcess {
-    pub async fn start(config: &str) -> Self {
+    pub(crate) async fn start(config: &str) -> Self {
         use provisiond::server::{App, Listener, serve};
         let config = provisiond::config::Config::parse(config, "provisioning.toml").unwrap();
         let listener = Listener::bind(&config.server.listen).await.unwrap();
@@ -375,14 +383,14 @@ impl InProcess {
     }
 
     /// Makes `config` the live config, as a reload does.
-    pub fn publish(&self, config: &str, generation: u64) {
+    pub(crate) fn publish(&self, config: &str, generation: u64) {
         let config = provisiond::config::Config::parse(config, "provisioning.toml").unwrap();
         self.app
             .live
             .publish(provisiond::dispatch::Snapshot::new(config, generation));
     }
 
-    pub async fn send(&self, event: &str, object_id: i64, data: Value) -> reqwest::Response {
+    pub(crate) async fn send(&self, event: &str, object_id: i64, data: Value) -> reqwest::Response {
         http_client()
             .post(format!("http://{}/events", self.addr))
             .body(envelope(event, object_id, data).to_string())
@@ -399,7 +407,7 @@ impl Drop for InProcess {
 }
 
 /// Polls `check` until it holds or `timeout` passes; whether it held.
-pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+pub(crate) async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let until = Instant::now() + timeout;
     loop {
         if check() {
@@ -413,7 +421,7 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
 }
 
 /// An after-stage HTTP handler for every event.
-pub fn after_handler(name: &str, url: &str, extra: &str) -> String {
+pub(crate) fn after_handler(name: &str, url: &str, extra: &str) -> String {
     format!(
         "[[handler]]\nname = \"{name}\"\nevents = [\"*\"]\nstage = \"after\"\nurl = {}\n{extra}\n",
         toml_str(url)
@@ -429,7 +437,7 @@ impl Drop for Sidecar {
 
 /// Runs a provisiond command to the end: exit code, stdout, stderr. `stdin` is written to
 /// its standard input.
-pub fn cli(args: &[&str], env: &[(&str, &str)], stdin: &str) -> (i32, String, String) {
+pub(crate) fn cli(args: &[&str], env: &[(&str, &str)], stdin: &str) -> (i32, String, String) {
     use std::io::Write;
     let mut command = Command::new(binary());
     command
@@ -453,14 +461,14 @@ pub fn cli(args: &[&str], env: &[(&str, &str)], stdin: &str) -> (i32, String, St
 }
 
 /// A plain HTTP client for tests (reqwest is built without a default TLS provider).
-pub fn http_client() -> reqwest::Client {
+pub(crate) fn http_client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
 /// A reply's status, and its body as JSON (`Value::String` with the text when it is not
 /// JSON).
-pub async fn status_and_json(response: reqwest::Response) -> (u16, Value) {
+pub(crate) async fn status_and_json(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();
     let text = response.text().await.unwrap();
     (
@@ -470,7 +478,7 @@ pub async fn status_and_json(response: reqwest::Response) -> (u16, Value) {
 }
 
 /// An envelope as the billing sends it.
-pub fn envelope(event: &str, object_id: i64, data: Value) -> Value {
+pub(crate) fn envelope(event: &str, object_id: i64, data: Value) -> Value {
     serde_json::json!({
         "event": {"dt": "2026-11-26T10:00:00+00:00", "events_id": event, "object_id": object_id},
         "data": data,
@@ -479,7 +487,7 @@ pub fn envelope(event: &str, object_id: i64, data: Value) -> Value {
 
 /// A request a handler server received.
 #[derive(Debug, Clone)]
-pub struct Recorded {
+pub(crate) struct Recorded {
     pub method: String,
     pub path: String,
     pub headers: hyper::HeaderMap,
@@ -488,33 +496,33 @@ pub struct Recorded {
 }
 
 impl Recorded {
-    pub fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).expect("handler got JSON")
     }
 
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 }
 
 /// A real HTTP handler on `127.0.0.1:0`, answering with a closure and recording calls.
-pub struct HandlerServer {
+pub(crate) struct HandlerServer {
     pub addr: SocketAddr,
     calls: Arc<Mutex<Vec<Recorded>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-pub type Reply = Response<Full<Bytes>>;
+pub(crate) type Reply = Response<Full<Bytes>>;
 
 /// A reply with a status and a body.
-pub fn reply(status: u16, body: impl Into<Bytes>) -> Reply {
+pub(crate) fn reply(status: u16, body: impl Into<Bytes>) -> Reply {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
     response
 }
 
 impl HandlerServer {
-    pub async fn start<F, Fut>(answer: F) -> Self
+    pub(crate) async fn start<F, Fut>(answer: F) -> Self
     where
         F: Fn(Recorded) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Reply> + Send + 'static,
@@ -524,7 +532,7 @@ impl HandlerServer {
 
     /// Like [`Self::start`], on a given address: a handler that comes up where one was
     /// down.
-    pub async fn start_on<F, Fut>(addr: SocketAddr, answer: F) -> Self
+    pub(crate) async fn start_on<F, Fut>(addr: SocketAddr, answer: F) -> Self
     where
         F: Fn(Recorded) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Reply> + Send + 'static,
@@ -573,20 +581,20 @@ impl HandlerServer {
     }
 
     /// The billing docs' echo handler: returns the request body unchanged.
-    pub async fn echo() -> Self {
+    pub(crate) async fn echo() -> Self {
         Self::start(|call| async move { reply(200, call.body) }).await
     }
 
     /// Always answers `status` with `body`.
-    pub async fn fixed(status: u16, body: &'static str) -> Self {
+    pub(crate) async fn fixed(status: u16, body: &'static str) -> Self {
         Self::start(move |_| async move { reply(status, body) }).await
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
-    pub fn calls(&self) -> Vec<Recorded> {
+    pub(crate) fn calls(&self) -> Vec<Recorded> {
         self.calls.lock().unwrap().clone()
     }
 }
@@ -600,7 +608,7 @@ impl Drop for HandlerServer {
 /// A handler that stamps the path it was called on into `data.stamps` and returns the
 /// envelope (use it with `modifies = true`): the reply shows which handlers ran, in order.
 /// Paths containing `/slow` answer after 20 ms.
-pub async fn stamper() -> HandlerServer {
+pub(crate) async fn stamper() -> HandlerServer {
     HandlerServer::start(|call| async move {
         if call.path.contains("/slow") {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -618,7 +626,7 @@ pub async fn stamper() -> HandlerServer {
 }
 
 /// The `data.stamps` of a reply from handlers built with [`stamper`].
-pub fn stamps(body: &Value) -> Vec<String> {
+pub(crate) fn stamps(body: &Value) -> Vec<String> {
     body["data"]["stamps"]
         .as_array()
         .map(|a| {
@@ -631,7 +639,7 @@ pub fn stamps(body: &Value) -> Vec<String> {
 
 /// Replaces a file the way editors and GitOps tools do: a temporary file beside it,
 /// renamed over it.
-pub fn write_atomic(path: &Path, text: &str) {
+pub(crate) fn write_atomic(path: &Path, text: &str) {
     let tmp = path.with_file_name(format!(
         ".{}.tmp",
         path.file_name().unwrap().to_string_lossy()
@@ -642,7 +650,7 @@ pub fn write_atomic(path: &Path, text: &str) {
 
 /// A loopback URL nothing listens on, and nothing else will: its port stays reserved
 /// (see [`free_addr`]), so connecting is refused for as long as the tests run.
-pub fn refused_url() -> String {
+pub(crate) fn refused_url() -> String {
     format!("http://{}/hook", free_addr())
 }
 
@@ -655,7 +663,7 @@ static RESERVED: Mutex<Vec<tokio::net::TcpSocket>> = Mutex::new(Vec::new());
 /// source ports for connections from a bound port, so a connection to it is refused,
 /// and [`HandlerServer::start_on`] (which binds with `SO_REUSEADDR`, as every tokio
 /// listener does) can still start a handler exactly there later.
-pub fn free_addr() -> SocketAddr {
+pub(crate) fn free_addr() -> SocketAddr {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_reuseaddr(true).unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -665,7 +673,7 @@ pub fn free_addr() -> SocketAddr {
 }
 
 /// Writes an executable script.
-pub fn script(dir: &Path, name: &str, text: &str) -> PathBuf {
+pub(crate) fn script(dir: &Path, name: &str, text: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
@@ -674,12 +682,12 @@ pub fn script(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 /// A TOML string literal.
-pub fn toml_str(s: impl AsRef<str>) -> String {
+pub(crate) fn toml_str(s: impl AsRef<str>) -> String {
     Value::String(s.as_ref().to_owned()).to_string()
 }
 
 /// Writes raw bytes to `addr` and reads the reply until the server closes or 2 s pass.
-pub async fn raw_request(addr: &str, request: &[u8]) -> String {
+pub(crate) async fn raw_request(addr: &str, request: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.write_all(request).await.unwrap();
@@ -701,7 +709,7 @@ pub async fn raw_request(addr: &str, request: &[u8]) -> String {
 }
 
 /// The value of a metric line starting with `prefix` in Prometheus text.
-pub fn metric(text: &str, prefix: &str) -> Option<f64> {
+pub(crate) fn metric(text: &str, prefix: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
@@ -711,7 +719,7 @@ pub fn metric(text: &str, prefix: &str) -> Option<f64> {
 /// The store a test's sidecars use: the redb file (the default), or a database on a
 /// throwaway PostgreSQL server that lives as long as this value. The after-stage suite
 /// runs on both: `tests/it/after.rs` is compiled twice, as `after` and `after_pg`.
-pub enum Db {
+pub(crate) enum Db {
     File,
     Pg(pg::PgServer),
 }
@@ -720,7 +728,7 @@ impl Db {
     /// The store of a test in `module` (its `module_path!()`): PostgreSQL when the
     /// module's name ends in `_pg` (and PostgreSQL is installed; outside CI, without it,
     /// the file, saying so).
-    pub fn for_module(module: &str) -> Self {
+    pub(crate) fn for_module(module: &str) -> Self {
         if module.ends_with("_pg") && pg::installed() {
             let server = pg::PgServer::start();
             server.create_database("provisiond");
@@ -732,7 +740,7 @@ impl Db {
 
     /// `config` on this store: for PostgreSQL, `[store]` gets the backend, the URL and a
     /// short lease (tests that kill a sidecar wait for it).
-    pub fn config(&self, config: &str) -> String {
+    pub(crate) fn config(&self, config: &str) -> String {
         let Self::Pg(server) = self else {
             return config.to_owned();
         };

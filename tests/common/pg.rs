@@ -39,7 +39,7 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// The directory of the PostgreSQL programs: `PROVISIOND_PG_BIN`, else the highest
 /// version under `/usr/lib/postgresql/`; `None` when there is none.
-pub fn bin_dir() -> Option<PathBuf> {
+pub(crate) fn bin_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("PROVISIOND_PG_BIN") {
         let dir = PathBuf::from(dir);
         return dir.join("initdb").exists().then_some(dir);
@@ -64,7 +64,7 @@ pub fn bin_dir() -> Option<PathBuf> {
 
 /// Whether PostgreSQL is installed. When it is not: under CI (`CI` set) a panic, else a
 /// note on stderr and `false`, and the calling test should return (pass) at once.
-pub fn installed() -> bool {
+pub(crate) fn installed() -> bool {
     if bin_dir().is_some() {
         return true;
     }
@@ -177,7 +177,7 @@ fn signal(pid: i32, signal: nix::sys::signal::Signal) {
 }
 
 /// A throwaway PostgreSQL server on `127.0.0.1`, superuser `postgres` with trust auth.
-pub struct PgServer {
+pub(crate) struct PgServer {
     /// The TCP port it listens on; it stays the same across [`Self::restart`].
     pub port: u16,
     bin: PathBuf,
@@ -192,7 +192,7 @@ pub struct PgServer {
 impl PgServer {
     /// A fresh cluster (`initdb`), started. Panics when PostgreSQL is not installed:
     /// check [`installed`] first.
-    pub fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let mut server = Self::init("");
         server.start_postmaster();
         server
@@ -301,35 +301,35 @@ impl PgServer {
     }
 
     /// The server's log so far.
-    pub fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The postmaster's pid, while it runs.
-    pub fn pid(&self) -> Option<i32> {
+    pub(crate) fn pid(&self) -> Option<i32> {
         self.postmaster
             .as_ref()
             .map(|c| i32::try_from(c.id()).expect("a pid fits i32"))
     }
 
     /// Whether the server is running (as far as this harness knows).
-    pub fn is_running(&self) -> bool {
+    pub(crate) fn is_running(&self) -> bool {
         self.postmaster.is_some()
     }
 
     /// `host:port` of the server.
-    pub fn addr(&self) -> String {
+    pub(crate) fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
     /// A URL for database `db` as the superuser `postgres`.
-    pub fn url(&self, db: &str) -> String {
+    pub(crate) fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
     /// Runs SQL with `psql` on database `db` (stops at the first error); the rows it
     /// printed, unaligned, `|` between columns, one per line.
-    pub fn psql(&self, db: &str, sql: &str) -> String {
+    pub(crate) fn psql(&self, db: &str, sql: &str) -> String {
         let mut psql = Command::new(self.bin.join("psql"));
         psql.stdin(Stdio::null())
             .env("PGCONNECT_TIMEOUT", "10")
@@ -347,13 +347,13 @@ impl PgServer {
     }
 
     /// Creates database `name` (UTF8); its URL.
-    pub fn create_database(&self, name: &str) -> String {
+    pub(crate) fn create_database(&self, name: &str) -> String {
         self.psql("postgres", &format!("CREATE DATABASE \"{name}\""));
         self.url(name)
     }
 
     /// A tokio-postgres client on database `db` (its connection runs on a task).
-    pub async fn connect(&self, db: &str) -> tokio_postgres::Client {
+    pub(crate) async fn connect(&self, db: &str) -> tokio_postgres::Client {
         connect(&self.url(db)).await
     }
 
@@ -361,7 +361,7 @@ impl PgServer {
     /// and every process it started (stopped first, so that it forks no more), no
     /// shutdown checkpoint; returns once all are gone and the port is closed. The data
     /// dir stays as it was: [`Self::restart`] runs crash recovery on it.
-    pub fn kill_9(&mut self) {
+    pub(crate) fn kill_9(&mut self) {
         let Some(mut postmaster) = self.postmaster.take() else {
             panic!("kill_9: the server is not running");
         };
@@ -385,7 +385,7 @@ impl PgServer {
     }
 
     /// Whether something accepts connections on the server's port.
-    pub fn port_open(&self) -> bool {
+    pub(crate) fn port_open(&self) -> bool {
         std::net::TcpStream::connect_timeout(
             &([127, 0, 0, 1], self.port).into(),
             Duration::from_millis(200),
@@ -395,7 +395,7 @@ impl PgServer {
 
     /// Stops the server cleanly (fast shutdown: sessions are ended, a checkpoint is
     /// written) and waits for it to exit.
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.shut_down(nix::sys::signal::Signal::SIGINT);
     }
 
@@ -420,7 +420,7 @@ impl PgServer {
 
     /// Starts the server again on the same data dir and port (after [`Self::stop`] or
     /// [`Self::kill_9`]).
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         self.start_postmaster();
     }
 
@@ -428,7 +428,7 @@ impl PgServer {
     /// `pg_basebackup -R`), both running; returns once the primary reports the standby
     /// `sync` in `pg_stat_replication`, so that every commit acknowledged from now on is
     /// on both.
-    pub fn start_primary_with_sync_standby() -> (Self, Self) {
+    pub(crate) fn start_primary_with_sync_standby() -> (Self, Self) {
         let mut primary = Self::init(
             "wal_level = replica\nmax_wal_senders = 5\nmax_replication_slots = 5\n\
              synchronous_standby_names = 'standby1'\nsynchronous_commit = on\n\
@@ -496,7 +496,7 @@ impl PgServer {
 
     /// Promotes a standby to primary (`pg_ctl promote -w`): it returns once the server
     /// accepts writes.
-    pub fn promote(&self) {
+    pub(crate) fn promote(&self) {
         assert!(self.is_running(), "promote: the standby is not running");
         let mut promote = command(&self.bin, "pg_ctl", self.dir.path());
         promote
@@ -520,7 +520,7 @@ impl PgServer {
 /// The multi-host URL for database `db` on `servers`, tried in order, that only
 /// settles for a server that takes writes: after a failover it finds the promoted
 /// standby.
-pub fn multi_host_url(servers: &[&PgServer], db: &str) -> String {
+pub(crate) fn multi_host_url(servers: &[&PgServer], db: &str) -> String {
     let hosts: Vec<String> = servers.iter().map(|s| s.addr()).collect();
     format!(
         "postgres://postgres@{}/{db}?target_session_attrs=read-write&connect_timeout=5",
@@ -530,7 +530,7 @@ pub fn multi_host_url(servers: &[&PgServer], db: &str) -> String {
 
 /// A tokio-postgres client for `url` (its connection runs on a task); panics when it
 /// cannot connect.
-pub async fn connect(url: &str) -> tokio_postgres::Client {
+pub(crate) async fn connect(url: &str) -> tokio_postgres::Client {
     try_connect(url)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to {url}: {}", describe(&e)))
@@ -538,7 +538,7 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
 
 /// A tokio-postgres error with the server's message, which its `Display` leaves out
 /// ("db error").
-pub fn describe(error: &tokio_postgres::Error) -> String {
+pub(crate) fn describe(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{error}: {} ({})", db.message(), db.code().code()),
         None => error.to_string(),
@@ -546,7 +546,9 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
 }
 
 /// A tokio-postgres client for `url`, or the error.
-pub async fn try_connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+pub(crate) async fn try_connect(
+    url: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         let _ = connection.await;

@@ -58,7 +58,7 @@ pub const LOG_BYTES: usize = 8 << 20;
 
 /// A handle on the open file; clones share it.
 #[derive(Clone)]
-pub struct File {
+pub(super) struct File {
     inner: Arc<Inner>,
 }
 
@@ -89,7 +89,7 @@ struct Inner {
 impl File {
     /// Opens the store at `path`, creating it when missing. Must run inside a tokio
     /// runtime: the writer thread waits on its channels through it.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    pub(super) fn open(path: &Path) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
         let fail = |reason: String| StoreError::Open {
             path: shown.clone(),
@@ -105,7 +105,7 @@ impl File {
     }
 
     /// A store in memory, gone with the process: for tests.
-    pub fn memory() -> Result<Self, StoreError> {
+    pub(super) fn memory() -> Result<Self, StoreError> {
         Self::memory_with(LOG_CAPACITY, LOG_BYTES)
     }
 
@@ -181,7 +181,7 @@ impl File {
     }
 
     /// The file, as configured.
-    pub fn path(&self) -> &str {
+    pub(super) fn path(&self) -> &str {
         &self.inner.path
     }
 
@@ -200,7 +200,7 @@ impl File {
 
     /// Whether the store can take writes: its writer runs, the file is open, and the
     /// last write succeeded (after a failed one, the writer probes by itself).
-    pub fn is_open(&self) -> bool {
+    pub(super) fn is_open(&self) -> bool {
         !self.inner.ops.is_closed()
             && self.inner.writable.load(Ordering::Relaxed)
             && self.read().is_ok()
@@ -208,14 +208,14 @@ impl File {
 
     /// Sets what the writer tells of each commit's stored deliveries (ids and lanes, in
     /// id order), before anyone hears of the commit. Only the first call counts.
-    pub fn on_commit(&self, sink: Sink) {
+    pub(super) fn on_commit(&self, sink: Sink) {
         let _ = self.inner.sink.set(sink);
     }
 
     /// Stores deliveries durably; returns once they are committed, with their ids. An
     /// item whose dedupe key was stored within `window` is skipped: its slot in the reply
     /// is `None`.
-    pub async fn enqueue(
+    pub(super) async fn enqueue(
         &self,
         items: Vec<NewDelivery>,
         window: Duration,
@@ -229,7 +229,7 @@ impl File {
     }
 
     /// Records how an attempt of delivery `id` ended, with its execution log row.
-    pub async fn settle(
+    pub(super) async fn settle(
         &self,
         id: u64,
         settle: Settle,
@@ -246,19 +246,19 @@ impl File {
 
     /// Moves dead letter `id` back to the queue under a new delivery id (returned);
     /// `None` when there is no such dead letter.
-    pub async fn replay(&self, id: u64) -> Result<Option<u64>, StoreError> {
+    pub(super) async fn replay(&self, id: u64) -> Result<Option<u64>, StoreError> {
         self.request(|reply| Op::Replay { id, reply }).await
     }
 
     /// Deletes dead letter `id`; whether it existed.
-    pub async fn drop_dead_letter(&self, id: u64) -> Result<bool, StoreError> {
+    pub(super) async fn drop_dead_letter(&self, id: u64) -> Result<bool, StoreError> {
         self.request(|reply| Op::Drop { id, reply }).await
     }
 
     /// Moves every dead letter matching `filter` back to the queue, in one transaction,
     /// under new ids in their old order; only those for one of `handlers` (the rest
     /// stay, counted as skipped).
-    pub async fn replay_matching(
+    pub(super) async fn replay_matching(
         &self,
         filter: DeadLetterFilter,
         handlers: Vec<String>,
@@ -272,20 +272,23 @@ impl File {
     }
 
     /// Deletes every dead letter matching `filter`, in one transaction; how many.
-    pub async fn drop_matching(&self, filter: DeadLetterFilter) -> Result<usize, StoreError> {
+    pub(super) async fn drop_matching(
+        &self,
+        filter: DeadLetterFilter,
+    ) -> Result<usize, StoreError> {
         self.request(|reply| Op::DropMatching { filter, reply })
             .await
     }
 
     /// Applies the retention; how many rows went.
-    pub async fn prune(&self, retention: Retention) -> Result<usize, StoreError> {
+    pub(super) async fn prune(&self, retention: Retention) -> Result<usize, StoreError> {
         self.request(|reply| Op::Prune { retention, reply }).await
     }
 
     /// Adds execution log rows without waiting: they are written with the next batch.
     /// When the writer is that far behind ([`LOG_CAPACITY`] batches or [`LOG_BYTES`]
     /// bytes not yet written), they are dropped and counted, never waited for.
-    pub fn log(&self, rows: Vec<Execution>) {
+    pub(super) fn log(&self, rows: Vec<Execution>) {
         if rows.is_empty() {
             return;
         }
@@ -319,18 +322,18 @@ impl File {
     }
 
     /// Unreadable queued rows that opening the file moved to the dead letters.
-    pub fn quarantined(&self) -> usize {
+    pub(super) fn quarantined(&self) -> usize {
         self.inner.quarantined
     }
 
     /// Execution log rows dropped so far because the writer was behind.
-    pub fn dropped_log_rows(&self) -> u64 {
+    pub(super) fn dropped_log_rows(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)
     }
 
     /// Writes what is queued and stops the writer. Later requests get
     /// [`StoreError::Closed`].
-    pub async fn close(&self) {
+    pub(super) async fn close(&self) {
         let (tx, rx) = oneshot::channel();
         if self.inner.ops.send(Op::Close { reply: tx }).await.is_ok() {
             let _ = rx.await;
@@ -350,7 +353,7 @@ impl File {
     }
 
     /// One stored delivery.
-    pub fn delivery(&self, id: u64) -> Result<Option<Delivery>, StoreError> {
+    pub(super) fn delivery(&self, id: u64) -> Result<Option<Delivery>, StoreError> {
         let txn = self.read()?;
         let table = txn.open_table(DELIVERIES).map_err(StoreError::read)?;
         let Some(row) = table.get(id).map_err(StoreError::read)? else {
@@ -364,7 +367,7 @@ impl File {
     /// Calls `each` with (id, handler, entity) of every stored delivery with an id above
     /// `after`, oldest first, from one consistent view of the queue. A row that cannot be
     /// read is skipped (start-up moves such rows to the dead letters).
-    pub fn scan_queue(
+    pub(super) fn scan_queue(
         &self,
         after: u64,
         mut each: impl FnMut(u64, &str, &str),
@@ -393,7 +396,7 @@ impl File {
 
     /// Every stored delivery as (id, handler, entity), oldest first.
     #[cfg(test)]
-    pub fn pending(&self) -> Result<Vec<(u64, String, String)>, StoreError> {
+    pub(super) fn pending(&self) -> Result<Vec<(u64, String, String)>, StoreError> {
         let mut out = Vec::new();
         self.scan_queue(0, |id, handler, entity| {
             out.push((id, handler.to_owned(), entity.to_owned()));
@@ -402,14 +405,14 @@ impl File {
     }
 
     /// Deliveries waiting in the queue.
-    pub fn queue_depth(&self) -> Result<u64, StoreError> {
+    pub(super) fn queue_depth(&self) -> Result<u64, StoreError> {
         let txn = self.read()?;
         let table = txn.open_table(DELIVERIES).map_err(StoreError::read)?;
         table.len().map_err(StoreError::read)
     }
 
     /// When the oldest delivery in the queue was accepted (unix ms); `None` when empty.
-    pub fn oldest_enqueued(&self) -> Result<Option<u64>, StoreError> {
+    pub(super) fn oldest_enqueued(&self) -> Result<Option<u64>, StoreError> {
         #[derive(serde::Deserialize)]
         struct Enqueued {
             enqueued_at: u64,
@@ -424,14 +427,17 @@ impl File {
     }
 
     /// Dead letters stored.
-    pub fn dead_letter_count(&self) -> Result<u64, StoreError> {
+    pub(super) fn dead_letter_count(&self) -> Result<u64, StoreError> {
         let txn = self.read()?;
         let table = txn.open_table(DEAD).map_err(StoreError::read)?;
         table.len().map_err(StoreError::read)
     }
 
     /// Execution log rows matching `filter`, newest first.
-    pub fn executions(&self, filter: &ExecutionFilter) -> Result<Vec<Execution>, StoreError> {
+    pub(super) fn executions(
+        &self,
+        filter: &ExecutionFilter,
+    ) -> Result<Vec<Execution>, StoreError> {
         // Rows are keyed in the order they were written, which can trail their start time
         // by a little (a batch, or a long call): scan a minute past `since` before stopping.
         const SLACK_MS: u64 = 60_000;
@@ -461,7 +467,7 @@ impl File {
     }
 
     /// Dead letters, oldest first; only `handler`'s when given.
-    pub fn dead_letters(
+    pub(super) fn dead_letters(
         &self,
         handler: Option<&str>,
         limit: usize,
@@ -484,7 +490,7 @@ impl File {
     }
 
     /// One dead letter.
-    pub fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError> {
+    pub(super) fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError> {
         let txn = self.read()?;
         let table = txn.open_table(DEAD).map_err(StoreError::read)?;
         let Some(row) = table.get(id).map_err(StoreError::read)? else {

@@ -63,7 +63,7 @@ const REDO_MAX: usize = 10_000;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
-pub enum Op {
+pub(super) enum Op {
     Enqueue {
         items: Vec<NewDelivery>,
         window: Duration,
@@ -145,7 +145,7 @@ impl Op {
 }
 
 /// What the writer needs from the store that starts it.
-pub struct Parts {
+pub(super) struct Parts {
     pub db: Arc<ArcSwapOption<Database>>,
     /// The file, for reopening after a storage error; `None` for a store in memory.
     pub path: Option<PathBuf>,
@@ -164,7 +164,7 @@ pub struct Parts {
     pub writable: Arc<AtomicBool>,
 }
 
-pub struct Writer {
+pub(super) struct Writer {
     parts: Parts,
     /// Settlements committed without fsync since the last durable commit: what a reopen
     /// after a storage error must apply again.
@@ -193,7 +193,7 @@ enum Next {
 }
 
 impl Writer {
-    pub fn new(parts: Parts) -> Self {
+    pub(super) fn new(parts: Parts) -> Self {
         Self {
             parts,
             redo: Vec::new(),
@@ -202,7 +202,7 @@ impl Writer {
     }
 
     /// Runs until a `Close` request, or until every sender is gone.
-    pub fn run(mut self, runtime: tokio::runtime::Handle) {
+    pub(super) fn run(mut self, runtime: tokio::runtime::Handle) {
         let mut closing = None;
         while closing.is_none() {
             let mut ops = Vec::new();
@@ -797,10 +797,10 @@ fn drop_matching(txn: &WriteTransaction, filter: &DeadLetterFilter) -> Result<us
     Ok(n)
 }
 
-pub fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+pub(super) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("store rows serialise")
 }
 
-pub fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, StoreError> {
+pub(super) fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("unreadable row: {e}")))
 }

@@ -35,10 +35,10 @@ use super::{LOG_BYTES, LOG_CAPACITY, PRUNE_LIMIT, Release, StoreError};
 use crate::config;
 
 /// The layout this build reads and writes (the `meta` table's `schema_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub(super) const SCHEMA_VERSION: i64 = 1;
 const SCHEMA_SQL: &str = include_str!("schema.sql");
 /// The longest any one database operation may take before it counts as failed.
-pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Queued deliveries a lane takes into memory at once.
 const LANE_BATCH: i64 = 1000;
 /// Execution log rows written in one statement at most.
@@ -48,7 +48,7 @@ const LOCK_CLASS: i32 = 0x7072_6f76;
 
 /// A handle on the shared database; clones share it.
 #[derive(Clone)]
-pub struct Postgres {
+pub(super) struct Postgres {
     inner: Arc<Inner>,
 }
 
@@ -126,7 +126,7 @@ impl Postgres {
     /// Connects, and creates or upgrades the schema. An unreachable database is not an
     /// error: the store starts closed and keeps trying in the background. A schema newer
     /// than this build is.
-    pub async fn open(pg: &config::Postgres) -> Result<Self, StoreError> {
+    pub(super) async fn open(pg: &config::Postgres) -> Result<Self, StoreError> {
         let mut cfg: tokio_postgres::Config =
             pg.url.expose().parse().map_err(|e| StoreError::Open {
                 path: "store.url".into(),
@@ -198,11 +198,11 @@ impl Postgres {
         Ok(this)
     }
 
-    pub fn shown(&self) -> &str {
+    pub(super) fn shown(&self) -> &str {
         &self.inner.shown
     }
 
-    pub fn is_open(&self) -> bool {
+    pub(super) fn is_open(&self) -> bool {
         let inner = &*self.inner;
         inner.ready.load(Ordering::Relaxed)
             && inner.healthy.load(Ordering::Relaxed)
@@ -267,7 +267,7 @@ impl Postgres {
         }
     }
 
-    pub async fn enqueue(
+    pub(super) async fn enqueue(
         &self,
         mut items: Vec<NewDelivery>,
         window: Duration,
@@ -329,7 +329,7 @@ impl Postgres {
         held.remove(&(lane.0.to_owned(), lane.1.to_owned()));
     }
 
-    pub async fn settle(
+    pub(super) async fn settle(
         &self,
         id: u64,
         lane: (&str, &str),
@@ -412,7 +412,7 @@ impl Postgres {
         }
     }
 
-    pub async fn replay(&self, id: u64) -> Result<Option<u64>, StoreError> {
+    pub(super) async fn replay(&self, id: u64) -> Result<Option<u64>, StoreError> {
         let query = self.sql("SELECT {s}.replay($1, $2)");
         let (id, now) = (to_i64(id), to_i64(now_ms()));
         let fresh: Option<i64> = self
@@ -423,7 +423,7 @@ impl Postgres {
         Ok(fresh.map(to_u64))
     }
 
-    pub async fn drop_dead_letter(&self, id: u64) -> Result<bool, StoreError> {
+    pub(super) async fn drop_dead_letter(&self, id: u64) -> Result<bool, StoreError> {
         let query = self.sql("DELETE FROM {s}.dead_letters WHERE id = $1");
         let id = to_i64(id);
         let n = self
@@ -438,7 +438,7 @@ impl Postgres {
          AND ($4::text IS NULL OR entity = $4) AND ($5::bigint IS NULL OR died_at >= $5) \
          AND ($6::bigint IS NULL OR died_at < $6)";
 
-    pub async fn replay_matching(
+    pub(super) async fn replay_matching(
         &self,
         filter: DeadLetterFilter,
         handlers: Vec<String>,
@@ -484,7 +484,10 @@ impl Postgres {
         .await
     }
 
-    pub async fn drop_matching(&self, filter: DeadLetterFilter) -> Result<usize, StoreError> {
+    pub(super) async fn drop_matching(
+        &self,
+        filter: DeadLetterFilter,
+    ) -> Result<usize, StoreError> {
         let query = self.sql(&format!(
             "DELETE FROM {{s}}.dead_letters WHERE {}",
             Self::MATCHING
@@ -510,7 +513,7 @@ impl Postgres {
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
-    pub async fn prune(&self, retention: Retention) -> Result<usize, StoreError> {
+    pub(super) async fn prune(&self, retention: Retention) -> Result<usize, StoreError> {
         let limit = i64::try_from(PRUNE_LIMIT).unwrap_or(i64::MAX);
         let now = to_i64(now_ms());
         let cut = now.saturating_sub(ms(retention.keep_age));
@@ -550,7 +553,7 @@ impl Postgres {
     }
 
     /// As the file's: dropped, and counted, when the writer is that far behind.
-    pub fn log(&self, rows: Vec<Execution>) {
+    pub(super) fn log(&self, rows: Vec<Execution>) {
         if rows.is_empty() {
             return;
         }
@@ -576,7 +579,7 @@ impl Postgres {
         }
     }
 
-    pub fn dropped_log_rows(&self) -> u64 {
+    pub(super) fn dropped_log_rows(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)
     }
 
@@ -643,7 +646,7 @@ impl Postgres {
         }
     }
 
-    pub async fn close(&self) {
+    pub(super) async fn close(&self) {
         // Rows still in the channel are written first: closing the sender ends the
         // writer once it has drained them.
         self.inner.stop.cancel();
@@ -669,7 +672,7 @@ impl Postgres {
         self.inner.pool.close();
     }
 
-    pub async fn delivery(&self, id: u64) -> Result<Option<Delivery>, StoreError> {
+    pub(super) async fn delivery(&self, id: u64) -> Result<Option<Delivery>, StoreError> {
         let query = self.sql(
             "SELECT id, handler, entity, event, object_id, message_id, body, attempts, \
              next_at, enqueued_at, last_error, event_id FROM {s}.deliveries WHERE id = $1",
@@ -681,7 +684,7 @@ impl Postgres {
         Ok(row.map(|r| delivery_of(&r)))
     }
 
-    pub async fn queue_depths(&self) -> Result<Vec<(String, u64)>, StoreError> {
+    pub(super) async fn queue_depths(&self) -> Result<Vec<(String, u64)>, StoreError> {
         let query = self.sql(
             "SELECT handler, sum(pending)::bigint FROM {s}.lanes WHERE pending > 0 GROUP BY handler",
         );
@@ -694,7 +697,7 @@ impl Postgres {
             .collect())
     }
 
-    pub async fn queue_depth(&self) -> Result<u64, StoreError> {
+    pub(super) async fn queue_depth(&self) -> Result<u64, StoreError> {
         let query = self.sql("SELECT count(*) FROM {s}.deliveries");
         let n: i64 = self
             .run("read", async |c| Ok(c.query_one(&query, &[]).await?.get(0)))
@@ -702,7 +705,7 @@ impl Postgres {
         Ok(to_u64(n))
     }
 
-    pub async fn oldest_enqueued(&self) -> Result<Option<u64>, StoreError> {
+    pub(super) async fn oldest_enqueued(&self) -> Result<Option<u64>, StoreError> {
         let query = self.sql("SELECT enqueued_at FROM {s}.deliveries ORDER BY id LIMIT 1");
         let at: Option<i64> = self
             .run("read", async |c| {
@@ -712,7 +715,7 @@ impl Postgres {
         Ok(at.map(to_u64))
     }
 
-    pub async fn dead_letter_count(&self) -> Result<u64, StoreError> {
+    pub(super) async fn dead_letter_count(&self) -> Result<u64, StoreError> {
         let query = self.sql("SELECT count(*) FROM {s}.dead_letters");
         let n: i64 = self
             .run("read", async |c| Ok(c.query_one(&query, &[]).await?.get(0)))
@@ -720,7 +723,10 @@ impl Postgres {
         Ok(to_u64(n))
     }
 
-    pub async fn executions(&self, filter: &ExecutionFilter) -> Result<Vec<Execution>, StoreError> {
+    pub(super) async fn executions(
+        &self,
+        filter: &ExecutionFilter,
+    ) -> Result<Vec<Execution>, StoreError> {
         let query = self.sql(
             "SELECT id, row FROM {s}.executions WHERE ($1::text IS NULL OR event = $1) \
              AND ($2::text IS NULL OR handler = $2) AND ($3::text IS NULL OR object_id = $3) \
@@ -760,7 +766,7 @@ impl Postgres {
             .collect()
     }
 
-    pub async fn dead_letters(
+    pub(super) async fn dead_letters(
         &self,
         handler: Option<&str>,
         limit: usize,
@@ -777,7 +783,7 @@ impl Postgres {
         Ok(rows.iter().map(dead_letter_of).collect())
     }
 
-    pub async fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError> {
+    pub(super) async fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError> {
         let query = self.sql(
             "SELECT id, handler, entity, event, object_id, message_id, body, attempts, \
              next_at, enqueued_at, last_error, event_id, reason, died_at FROM {s}.dead_letters \
@@ -792,7 +798,11 @@ impl Postgres {
 
     /// Claims up to `room` free lanes of `handler`, and reads their first queued
     /// deliveries.
-    pub async fn claim(&self, handler: &str, room: usize) -> Result<Vec<Queued>, StoreError> {
+    pub(super) async fn claim(
+        &self,
+        handler: &str,
+        room: usize,
+    ) -> Result<Vec<Queued>, StoreError> {
         if room == 0 || !self.is_open() && !self.inner.ready.load(Ordering::Relaxed) {
             return Ok(Vec::new());
         }
@@ -876,7 +886,11 @@ impl Postgres {
             .collect())
     }
 
-    pub async fn release(&self, lane: (&str, &str), _last: u64) -> Result<Release, StoreError> {
+    pub(super) async fn release(
+        &self,
+        lane: (&str, &str),
+        _last: u64,
+    ) -> Result<Release, StoreError> {
         let Some(held) = self.token(lane) else {
             return Ok(Release::Lost);
         };
@@ -926,7 +940,7 @@ impl Postgres {
         }
     }
 
-    pub async fn abandon(&self, lane: (&str, &str)) -> Result<(), StoreError> {
+    pub(super) async fn abandon(&self, lane: (&str, &str)) -> Result<(), StoreError> {
         let Some(held) = self.token(lane) else {
             return Ok(());
         };
@@ -953,7 +967,7 @@ impl Postgres {
 
     /// Held, with time to spare: a fifth of the lease (at least a second) before it
     /// would run out, counted from when the claim or the last renewal was sent.
-    pub fn holds(&self, lane: (&str, &str)) -> bool {
+    pub(super) fn holds(&self, lane: (&str, &str)) -> bool {
         let Some(held) = self.token(lane) else {
             return false;
         };
@@ -964,12 +978,12 @@ impl Postgres {
         since.elapsed() + spare < lease
     }
 
-    pub fn set_handlers(&self, mut handlers: Vec<String>) {
+    pub(super) fn set_handlers(&self, mut handlers: Vec<String>) {
         handlers.sort();
         *self.inner.handlers.lock().expect("not poisoned") = handlers;
     }
 
-    pub async fn handler_elsewhere(&self, name: &str) -> Result<bool, StoreError> {
+    pub(super) async fn handler_elsewhere(&self, name: &str) -> Result<bool, StoreError> {
         let query = self.sql(
             "SELECT EXISTS (SELECT 1 FROM {s}.sidecars WHERE id <> $1 AND $2 = ANY(handlers) \
              AND seen_at > now() - $3::bigint * interval '1 millisecond')",
@@ -982,7 +996,7 @@ impl Postgres {
         .await
     }
 
-    pub async fn orphans(&self) -> Result<Vec<String>, StoreError> {
+    pub(super) async fn orphans(&self) -> Result<Vec<String>, StoreError> {
         // Only handlers whose work has waited a whole lease: a sidecar that has just
         // added a handler by a reload has then told the others for sure.
         let query = self.sql(
@@ -1084,7 +1098,7 @@ impl Postgres {
     }
 
     /// Tells the other sidecars about this one (its handlers) at once.
-    pub async fn announce(&self) -> Result<(), StoreError> {
+    pub(super) async fn announce(&self) -> Result<(), StoreError> {
         let beat = self.sql(
             "INSERT INTO {s}.sidecars (id, handlers, seen_at) VALUES ($1, $2, now()) \
              ON CONFLICT (id) DO UPDATE SET handlers = excluded.handlers, seen_at = now()",
@@ -1251,7 +1265,7 @@ impl Postgres {
     /// Adds deliveries and dead letters read from elsewhere (a redb file), in one
     /// transaction: deliveries in their order, behind what their lanes hold, with their
     /// attempts and times; dead letters under new ids. How many of each.
-    pub async fn import(
+    pub(super) async fn import(
         &self,
         deliveries: Vec<Delivery>,
         dead: Vec<DeadLetter>,
@@ -1323,7 +1337,7 @@ impl Postgres {
     }
 
     /// Waits until the database is ready (or `within` has passed): whether it is.
-    pub async fn wait_open(&self, within: Duration) -> bool {
+    pub(super) async fn wait_open(&self, within: Duration) -> bool {
         let until = Instant::now() + within;
         while Instant::now() < until {
             if self.inner.ready.load(Ordering::Relaxed) {
