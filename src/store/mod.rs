@@ -53,6 +53,37 @@ impl StoreError {
     }
 }
 
+/// Offers execution log rows to a writer's channel, bounded in batches (the channel)
+/// and in bytes (`bytes` of `cap` not yet written, which the writer gives back as it
+/// writes): beyond either they are dropped and counted, never waited for. Returns the
+/// bytes waiting, with these rows if they went in.
+fn offer_log(
+    rows: Vec<Execution>,
+    logs: &tokio::sync::mpsc::Sender<Vec<Execution>>,
+    bytes: &std::sync::atomic::AtomicUsize,
+    cap: usize,
+    dropped: &std::sync::atomic::AtomicU64,
+) -> usize {
+    use std::sync::atomic::Ordering;
+    let n = rows.len() as u64;
+    let weight: usize = rows.iter().map(Execution::weight).sum();
+    let before = bytes.fetch_add(weight, Ordering::Relaxed);
+    let sent = before + weight <= cap && logs.try_send(rows).is_ok();
+    if sent {
+        return before + weight;
+    }
+    bytes.fetch_sub(weight, Ordering::Relaxed);
+    let before_drop = dropped.fetch_add(n, Ordering::Relaxed);
+    crate::metrics::execution_log_dropped(n);
+    if before_drop == 0 || before_drop / 1000 != (before_drop + n) / 1000 {
+        tracing::warn!(
+            dropped = before_drop + n,
+            "execution log is behind, rows dropped"
+        );
+    }
+    before
+}
+
 /// What became of a lane a sidecar was done with ([`Store::release`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Release {

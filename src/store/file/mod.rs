@@ -293,31 +293,15 @@ impl File {
             return;
         }
         let inner = &*self.inner;
-        let n = rows.len() as u64;
-        let weight: usize = rows.iter().map(Execution::weight).sum();
-        let before = inner.log_bytes.fetch_add(weight, Ordering::Relaxed);
-        let sent = if before + weight > inner.log_bytes_cap {
-            Err(())
-        } else {
-            inner.logs.try_send(rows).map_err(|_| ())
-        };
-        if sent.is_err() {
-            inner.log_bytes.fetch_sub(weight, Ordering::Relaxed);
-        }
-        if inner.logs.capacity() < inner.log_capacity / 2
-            || before + weight > inner.log_bytes_cap / 2
-        {
+        let waiting = super::offer_log(
+            rows,
+            &inner.logs,
+            &inner.log_bytes,
+            inner.log_bytes_cap,
+            &inner.dropped,
+        );
+        if inner.logs.capacity() < inner.log_capacity / 2 || waiting > inner.log_bytes_cap / 2 {
             inner.log_pressure.notify_one();
-        }
-        if sent.is_err() {
-            let before = self.inner.dropped.fetch_add(n, Ordering::Relaxed);
-            crate::metrics::execution_log_dropped(n);
-            if before == 0 || before / 1000 != (before + n) / 1000 {
-                warn!(
-                    dropped = before + n,
-                    "execution log is behind, rows dropped"
-                );
-            }
         }
     }
 

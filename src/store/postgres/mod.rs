@@ -558,25 +558,13 @@ impl Postgres {
             return;
         }
         let inner = &*self.inner;
-        let n = rows.len() as u64;
-        let weight: usize = rows.iter().map(Execution::weight).sum();
-        let before = inner.log_bytes.fetch_add(weight, Ordering::Relaxed);
-        let sent = if before + weight > LOG_BYTES {
-            Err(())
-        } else {
-            inner.logs.try_send(rows).map_err(|_| ())
-        };
-        if sent.is_err() {
-            inner.log_bytes.fetch_sub(weight, Ordering::Relaxed);
-            let before = inner.dropped.fetch_add(n, Ordering::Relaxed);
-            crate::metrics::execution_log_dropped(n);
-            if before == 0 || before / 1000 != (before + n) / 1000 {
-                warn!(
-                    dropped = before + n,
-                    "execution log is behind, rows dropped"
-                );
-            }
-        }
+        super::offer_log(
+            rows,
+            &inner.logs,
+            &inner.log_bytes,
+            LOG_BYTES,
+            &inner.dropped,
+        );
     }
 
     pub(super) fn dropped_log_rows(&self) -> u64 {
