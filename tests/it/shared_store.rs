@@ -328,3 +328,37 @@ async fn the_shared_examples_run_on_a_real_database() {
         "{kustomization}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_prunes_the_shared_execution_log_and_dedupe_keys() {
+    let Some(db) = server() else { return };
+    let handler = HandlerServer::echo().await;
+    let config = format!(
+        "{SERVER}{}dedupe_window = \"1s\"\nkeep_executions = {{ age = \"7d\", rows = 5 }}\n{}",
+        store(&db),
+        after_handler("crm", &handler.url("/"), FAST)
+    );
+    let sidecar = Sidecar::start(&config);
+    for i in 0..20 {
+        let (code, _) = sidecar.send("clients.update", i, json!({"seq": i})).await;
+        assert_eq!(code, 200);
+    }
+    assert!(eventually(Duration::from_secs(15), || handler.calls().len() >= 20).await);
+    let count = |sql: &str| db.psql("provisiond", sql).trim().to_owned();
+    // Pruning runs every 5 s: the newest 5 rows stay, and the keys older than the window go.
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = count("SELECT count(*) FROM provisiond.executions");
+        let keys = count("SELECT count(*) FROM provisiond.dedupe");
+        if rows == "5" && keys == "0" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "not pruned: {rows} execution rows, {keys} dedupe keys"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, body) = sidecar.get("/v1/executions?limit=100").await;
+    assert_eq!(body["count"], 5, "{body}");
+}
