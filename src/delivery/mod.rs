@@ -301,99 +301,159 @@ impl Deliveries {
     /// writer hands over later are taken only when above a lane's last.
     fn refill(self: &Arc<Self>, only: Option<&str>) -> Result<u64, StoreError> {
         let store = &self.store;
-        #[derive(Default)]
-        struct Found {
-            lanes: HashMap<String, Vec<u64>>,
-            /// Deliveries left in the store only.
-            more: bool,
-            count: u64,
-        }
-        // What is in memory now, and room for more.
-        let known: HashMap<String, (HashSet<String>, usize)> = {
-            let state = self.state.lock().expect("not poisoned");
-            state
-                .handlers
-                .iter()
-                .filter(|(h, _)| only.is_none_or(|o| o == h.as_str()))
-                .map(|(h, l)| {
-                    let room = LANES_PER_HANDLER.saturating_sub(l.lanes.len());
-                    (h.clone(), (l.lanes.keys().cloned().collect(), room))
-                })
-                .collect()
-        };
-        let mut found: HashMap<String, Found> = HashMap::new();
-        let mut seen = 0;
-        let mut last_id = 0;
+        let known = self.in_memory(only);
+        let mut scan = Scan::default();
         let outcome = store.scan_queue(0, |id, handler, entity| {
-            last_id = id;
-            if only.is_some_and(|o| o != handler) {
-                return;
-            }
-            seen += 1;
-            let (in_memory, room) = known
-                .get(handler)
-                .map_or((false, LANES_PER_HANDLER), |(k, room)| {
-                    (k.contains(entity), *room)
-                });
-            let f = match found.get_mut(handler) {
-                Some(f) => f,
-                None => found.entry(handler.to_owned()).or_default(),
-            };
-            f.count += 1;
-            if in_memory {
-                return;
-            }
-            if let Some(ids) = f.lanes.get_mut(entity) {
-                ids.push(id);
-            } else if f.lanes.len() < room {
-                f.lanes.insert(entity.to_owned(), vec![id]);
-            } else {
-                f.more = true;
-            }
+            scan.first(&known, only, id, handler, entity);
         });
         let mut state = self.state.lock().expect("not poisoned");
+        let last_id = scan.last_id;
         let tail = outcome.and_then(|()| {
             store.scan_queue(last_id, |id, handler, entity| {
-                if only.is_some_and(|o| o != handler) {
-                    return;
-                }
-                let in_memory = state
-                    .handlers
-                    .get(handler)
-                    .is_some_and(|l| l.lanes.contains_key(entity));
-                if in_memory {
-                    return;
-                }
-                let f = match found.get_mut(handler) {
-                    Some(f) => f,
-                    None => found.entry(handler.to_owned()).or_default(),
-                };
-                match f.lanes.get_mut(entity) {
-                    Some(ids) => ids.push(id),
-                    None => f.more = true,
-                }
+                scan.since(&state, only, id, handler, entity);
             })
         });
         if let Err(e) = tail {
-            // Try again later; what was in memory stays as it was.
-            for (handler, _) in known {
-                if let Some(lanes) = state.handlers.get_mut(&handler) {
-                    lanes.refilling = false;
-                    lanes.spilled = true;
-                }
-            }
-            if only.is_none() {
-                state.resumed = false;
-            }
+            state.refill_failed(known, only);
             return Err(e);
         }
+        let start = state.refilled(&known, scan.found, only);
+        drop(state);
+        for lane in start {
+            self.start_lane(lane);
+        }
+        Ok(scan.seen)
+    }
+
+    /// What a refill begins from: per handler (of `only`, or all), the entities of its
+    /// lanes in memory, and room for more.
+    fn in_memory(&self, only: Option<&str>) -> InMemory {
+        let state = self.state.lock().expect("not poisoned");
+        state
+            .handlers
+            .iter()
+            .filter(|(h, _)| only.is_none_or(|o| o == h.as_str()))
+            .map(|(h, l)| {
+                let room = LANES_PER_HANDLER.saturating_sub(l.lanes.len());
+                (h.clone(), (l.lanes.keys().cloned().collect(), room))
+            })
+            .collect()
+    }
+}
+
+/// Per handler, the entities of its lanes in memory when a refill began, and the room
+/// it had for more.
+type InMemory = HashMap<String, (HashSet<String>, usize)>;
+
+/// What a refill's two looks at the store found.
+#[derive(Default)]
+struct Scan {
+    found: HashMap<String, Waiting>,
+    /// Stored deliveries the first look saw (of `only`, or all).
+    seen: u64,
+    /// The last id the first look saw: the second starts above it.
+    last_id: u64,
+}
+
+/// One handler's deliveries in no lane in memory, as a refill found them.
+#[derive(Default)]
+struct Waiting {
+    lanes: HashMap<String, Vec<u64>>,
+    /// Deliveries left in the store only.
+    more: bool,
+    count: u64,
+}
+
+impl Scan {
+    /// The first look, without the lock, over one view of the queue: a delivery joins a
+    /// new lane while its handler had room when the refill began.
+    fn first(
+        &mut self,
+        known: &InMemory,
+        only: Option<&str>,
+        id: u64,
+        handler: &str,
+        entity: &str,
+    ) {
+        self.last_id = id;
+        if only.is_some_and(|o| o != handler) {
+            return;
+        }
+        self.seen += 1;
+        let (in_memory, room) = known
+            .get(handler)
+            .map_or((false, LANES_PER_HANDLER), |(k, room)| {
+                (k.contains(entity), *room)
+            });
+        let f = match self.found.get_mut(handler) {
+            Some(f) => f,
+            None => self.found.entry(handler.to_owned()).or_default(),
+        };
+        f.count += 1;
+        if in_memory {
+            return;
+        }
+        if let Some(ids) = f.lanes.get_mut(entity) {
+            ids.push(id);
+        } else if f.lanes.len() < room {
+            f.lanes.insert(entity.to_owned(), vec![id]);
+        } else {
+            f.more = true;
+        }
+    }
+
+    /// The second look, under the lock, at what was committed since the first: it
+    /// completes the new lanes, and starts none.
+    fn since(&mut self, state: &State, only: Option<&str>, id: u64, handler: &str, entity: &str) {
+        if only.is_some_and(|o| o != handler) {
+            return;
+        }
+        let in_memory = state
+            .handlers
+            .get(handler)
+            .is_some_and(|l| l.lanes.contains_key(entity));
+        if in_memory {
+            return;
+        }
+        let f = match self.found.get_mut(handler) {
+            Some(f) => f,
+            None => self.found.entry(handler.to_owned()).or_default(),
+        };
+        match f.lanes.get_mut(entity) {
+            Some(ids) => ids.push(id),
+            None => f.more = true,
+        }
+    }
+}
+
+impl State {
+    /// A refill's scan failed: try again later; what was in memory stays as it was.
+    fn refill_failed(&mut self, known: InMemory, only: Option<&str>) {
+        for (handler, _) in known {
+            if let Some(lanes) = self.handlers.get_mut(&handler) {
+                lanes.refilling = false;
+                lanes.spilled = true;
+            }
+        }
+        if only.is_none() {
+            self.resumed = false;
+        }
+    }
+
+    /// Takes what a refill found into lanes; the lanes to start.
+    fn refilled(
+        &mut self,
+        known: &InMemory,
+        mut found: HashMap<String, Waiting>,
+        only: Option<&str>,
+    ) -> Vec<Lane> {
         // Handlers with nothing stored come out of the scan as nothing spilled.
         for handler in known.keys() {
             found.entry(handler.clone()).or_default();
         }
         let mut start = Vec::new();
         for (handler, f) in found {
-            let lanes = state.handlers.entry(handler.clone()).or_default();
+            let lanes = self.handlers.entry(handler.clone()).or_default();
             let mut more = f.more;
             // A lane in memory when the scan began that has finished since may have had
             // deliveries committed behind it that no lane took: look again.
@@ -421,13 +481,9 @@ impl Deliveries {
             lanes.refilling = false;
         }
         if only.is_none() {
-            state.resumed = true;
+            self.resumed = true;
         }
-        drop(state);
-        for lane in start {
-            self.start_lane(lane);
-        }
-        Ok(seen)
+        start
     }
 }
 

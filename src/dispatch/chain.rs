@@ -117,133 +117,186 @@ enum Step {
 pub async fn run_before(
     caller: &impl Calls,
     route: &Route,
-    mut envelope: Envelope,
+    envelope: Envelope,
     original: Bytes,
     deadline: Instant,
     deadline_len: Duration,
     records: &mut impl Trace,
 ) -> Outcome {
     let object_id = envelope.object_id();
-    let mut modified = false;
-    // The serialised envelope and its CEL form, kept until a handler changes the data.
-    let mut body: Option<Bytes> = Some(original);
-    let mut cel = CelInput::default();
+    let mut data = Data {
+        envelope,
+        modified: false,
+        body: Some(original),
+        cel: CelInput::default(),
+    };
+    let budget = Budget {
+        deadline,
+        len: deadline_len,
+    };
     for handler in &route.before {
         let started = Instant::now();
         let at = SystemTime::now();
-        let step = match handler.filter.evaluate_with(&envelope, &mut cel) {
-            Ok(Verdict::Pass) => None,
+        let (step, code, excerpt) = match handler
+            .filter
+            .evaluate_with(&data.envelope, &mut data.cel)
+        {
+            Ok(Verdict::Pass) => {
+                call(caller, handler, &mut data, &object_id, started, budget).await
+            }
             Ok(verdict) => {
-                debug!(handler = %handler.name, event = %envelope.name, ?verdict, "handler skipped by its filter");
+                debug!(handler = %handler.name, event = %data.envelope.name, ?verdict, "handler skipped by its filter");
                 records.passed_over(handler, verdict);
                 continue;
             }
-            Err(e) => Some((Step::Error(e.to_string()), None, String::new())),
+            Err(e) => (Step::Error(e.to_string()), None, String::new()),
         };
-        let (step, code, excerpt) = match step {
-            Some(done) => done,
-            None => {
-                let remaining = deadline.saturating_duration_since(started);
-                if remaining.is_zero() {
-                    (
-                        Step::Error(format!(
-                            "server.deadline ({}) ran out before this handler",
-                            fmt_duration(deadline_len)
-                        )),
-                        None,
-                        String::new(),
-                    )
-                } else {
-                    let capped = remaining < handler.timeout;
-                    let body = body
-                        .get_or_insert_with(|| Bytes::from(envelope.to_json()))
-                        .clone();
-                    let message_id = new_message_id();
-                    let result = caller
-                        .call(Call {
-                            handler,
-                            event: &envelope.name,
-                            object_id: &object_id,
-                            body: body.clone(),
-                            attempt: 1,
-                            message_id: &message_id,
-                            timeout: remaining.min(handler.timeout),
-                        })
-                        .await;
-                    match result {
-                        Ok(reply) => {
-                            let code = Some(reply.code());
-                            let excerpt = reply.excerpt();
-                            (interpret(handler, reply, &body), code, excerpt)
-                        }
-                        Err(crate::handlers::CallError::Timeout(_)) if capped => (
-                            Step::Error(format!(
-                                "server.deadline ({}) ran out during the call",
-                                fmt_duration(deadline_len)
-                            )),
-                            None,
-                            String::new(),
-                        ),
-                        Err(e) => (Step::Error(e.to_string()), None, String::new()),
-                    }
-                }
-            }
-        };
-        let duration = started.elapsed();
-        let mut record = CallRecord {
+        let record = CallRecord {
             at,
             handler: handler.name.clone(),
             stage: Stage::Before,
             attempt: 1,
             outcome: CallOutcome::Allowed.as_str(),
-            duration,
+            duration: started.elapsed(),
             code,
             excerpt,
             error: None,
         };
-        match step {
-            Step::Allow(new_data) => {
-                debug!(handler = %handler.name, event = %envelope.name, ?duration, "handler allowed");
-                if let Some(data) = new_data {
-                    envelope.data = data.into();
-                    modified = true;
-                    body = None;
-                    cel = CelInput::default();
-                }
-                records.record(handler, record);
-            }
-            Step::Deny(message) => {
-                debug!(handler = %handler.name, event = %envelope.name, ?duration, reason = %message, "handler denied");
-                record.outcome = CallOutcome::Denied.as_str();
-                records.record(handler, record);
-                return Outcome::Denied {
-                    handler: handler.name.clone(),
-                    message,
-                };
-            }
-            Step::Error(error) => {
-                record.outcome = CallOutcome::Error.as_str();
-                record.error = Some(error.clone());
-                records.record(handler, record);
-                match handler.on_error {
-                    OnError::Allow => {
-                        warn!(handler = %handler.name, event = %envelope.name, %error, "handler failed, skipped (on_error = allow)");
-                    }
-                    OnError::Deny => {
-                        warn!(handler = %handler.name, event = %envelope.name, %error, "handler failed, event denied (on_error = deny)");
-                        return Outcome::Denied {
-                            handler: handler.name.clone(),
-                            message: format!("handler failed: {error}"),
-                        };
-                    }
-                }
-            }
+        if let Some(denied) = take_step(handler, step, record, &mut data, records) {
+            return denied;
         }
     }
     Outcome::Allowed {
-        envelope,
-        modified,
-        cel,
+        envelope: data.envelope,
+        modified: data.modified,
+        cel: data.cel,
+    }
+}
+
+/// The data as the chain goes.
+struct Data {
+    envelope: Envelope,
+    /// Whether any handler replaced the data.
+    modified: bool,
+    /// The serialised envelope and its CEL form, kept until a handler changes the data.
+    body: Option<Bytes>,
+    cel: CelInput,
+}
+
+/// The event's deadline, and how long it was (for the messages).
+#[derive(Clone, Copy)]
+struct Budget {
+    deadline: Instant,
+    len: Duration,
+}
+
+/// Calls one handler whose filter passed, with what is left of the event's deadline at
+/// `started`: what the reply means, its code and excerpt.
+async fn call(
+    caller: &impl Calls,
+    handler: &Arc<Handler>,
+    data: &mut Data,
+    object_id: &str,
+    started: Instant,
+    budget: Budget,
+) -> (Step, Option<i64>, String) {
+    let remaining = budget.deadline.saturating_duration_since(started);
+    if remaining.is_zero() {
+        return (
+            Step::Error(format!(
+                "server.deadline ({}) ran out before this handler",
+                fmt_duration(budget.len)
+            )),
+            None,
+            String::new(),
+        );
+    }
+    let capped = remaining < handler.timeout;
+    let envelope = &data.envelope;
+    let body = data
+        .body
+        .get_or_insert_with(|| Bytes::from(envelope.to_json()))
+        .clone();
+    let message_id = new_message_id();
+    let result = caller
+        .call(Call {
+            handler,
+            event: &envelope.name,
+            object_id,
+            body: body.clone(),
+            attempt: 1,
+            message_id: &message_id,
+            timeout: remaining.min(handler.timeout),
+        })
+        .await;
+    match result {
+        Ok(reply) => {
+            let code = Some(reply.code());
+            let excerpt = reply.excerpt();
+            (interpret(handler, reply, &body), code, excerpt)
+        }
+        Err(crate::handlers::CallError::Timeout(_)) if capped => (
+            Step::Error(format!(
+                "server.deadline ({}) ran out during the call",
+                fmt_duration(budget.len)
+            )),
+            None,
+            String::new(),
+        ),
+        Err(e) => (Step::Error(e.to_string()), None, String::new()),
+    }
+}
+
+/// Records one call and does what its step means for the chain: the outcome when the
+/// chain ends here, else `None` (the data replaced if the handler modified it).
+fn take_step(
+    handler: &Arc<Handler>,
+    step: Step,
+    mut record: CallRecord,
+    data: &mut Data,
+    records: &mut impl Trace,
+) -> Option<Outcome> {
+    let duration = record.duration;
+    let event = &data.envelope.name;
+    match step {
+        Step::Allow(new_data) => {
+            debug!(handler = %handler.name, event = %event, ?duration, "handler allowed");
+            if let Some(new_data) = new_data {
+                data.envelope.data = new_data.into();
+                data.modified = true;
+                data.body = None;
+                data.cel = CelInput::default();
+            }
+            records.record(handler, record);
+            None
+        }
+        Step::Deny(message) => {
+            debug!(handler = %handler.name, event = %event, ?duration, reason = %message, "handler denied");
+            record.outcome = CallOutcome::Denied.as_str();
+            records.record(handler, record);
+            Some(Outcome::Denied {
+                handler: handler.name.clone(),
+                message,
+            })
+        }
+        Step::Error(error) => {
+            record.outcome = CallOutcome::Error.as_str();
+            record.error = Some(error.clone());
+            records.record(handler, record);
+            match handler.on_error {
+                OnError::Allow => {
+                    warn!(handler = %handler.name, event = %event, %error, "handler failed, skipped (on_error = allow)");
+                    None
+                }
+                OnError::Deny => {
+                    warn!(handler = %handler.name, event = %event, %error, "handler failed, event denied (on_error = deny)");
+                    Some(Outcome::Denied {
+                        handler: handler.name.clone(),
+                        message: format!("handler failed: {error}"),
+                    })
+                }
+            }
+        }
     }
 }
 

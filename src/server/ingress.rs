@@ -13,9 +13,11 @@ use tracing::{Instrument as _, info, info_span, warn};
 
 use super::App;
 use super::reply::{self, Body};
+use crate::config::Server;
 use crate::delivery::Intake;
-use crate::dispatch::{CallRecord, Outcome, Snapshot, run_before, select_after};
+use crate::dispatch::{CallRecord, Outcome, Route, Snapshot, run_before, select_after};
 use crate::events::Envelope;
+use crate::filter::CelInput;
 use crate::metrics;
 use crate::outcome::EventOutcome;
 
@@ -73,48 +75,12 @@ async fn handle(
         return reply::unavailable("too many events in flight; retry shortly", 1);
     };
     let server = &snapshot.config.server;
-
-    let declared = request
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > server.max_body) {
-        return too_large(server.max_body);
-    }
-    let limit = usize::try_from(server.max_body).unwrap_or(usize::MAX);
     // Reading the body counts against the deadline: a stalled upload must not hold an
     // in-flight slot for longer than an event may take.
     let deadline = started + server.deadline;
-    let read = Limited::new(request.into_body(), limit).collect();
-    let body: Bytes = match tokio::time::timeout_at(deadline.into(), read).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return too_large(server.max_body);
-        }
-        Ok(Err(e)) => {
-            metrics::event("unparsed".into(), EventOutcome::BadRequest);
-            return reply::error(
-                StatusCode::BAD_REQUEST,
-                format!("could not read the body: {e}"),
-            );
-        }
-        Err(_) => {
-            warn!(deadline = ?server.deadline, "request body not received within server.deadline");
-            metrics::event("unparsed".into(), EventOutcome::Timeout);
-            let mut response = reply::error(
-                StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "the request body did not arrive within server.deadline ({})",
-                    crate::config::fmt_duration(server.deadline)
-                ),
-            );
-            response.headers_mut().insert(
-                hyper::header::CONNECTION,
-                hyper::header::HeaderValue::from_static("close"),
-            );
-            return response;
-        }
+    let body = match read_body(request, server, deadline).await {
+        Ok(body) => body,
+        Err(unread) => return unread.reply(server),
     };
 
     let envelope = match Envelope::parse(&body, server.max_depth) {
@@ -150,66 +116,183 @@ async fn handle(
         metrics::handler_call(&record.handler, "before", record.outcome, record.duration);
     }
 
+    let judged = Judged {
+        app,
+        snapshot: &snapshot,
+        id,
+        event: &event,
+        object_id: &object_id,
+        label,
+        started,
+        records,
+    };
     match outcome {
-        Outcome::Denied { handler, message } => {
-            info!(
-                event = %event, object_id = %object_id, outcome = EventOutcome::Denied.as_str(), handler = %handler,
-                reason = %message, duration_ms = ms(started), generation = snapshot.generation,
-                "event"
-            );
-            log_calls(app, records, &event, &object_id, id);
-            metrics::event(label, EventOutcome::Denied);
-            reply::json(
-                StatusCode::FORBIDDEN,
-                &json!({"error": {"handler": handler, "message": message}}),
-            )
-        }
+        Outcome::Denied { handler, message } => judged.denied(&handler, &message),
         Outcome::Allowed {
             envelope,
             modified,
             mut cel,
         } => {
-            let after = select_after(&route, &envelope, &mut cel, &mut records);
-            let reply_body = if modified {
-                Bytes::from(envelope.to_json())
-            } else {
-                body.clone()
-            };
-            let intake = Intake {
-                event: &event,
-                object_id: &object_id,
-                entity: envelope.entity(),
-                body: &reply_body,
-                original: &body,
-                dedupe_window: snapshot.config.store.dedupe_window,
-                event_id: id,
-            };
-            // The 200 leaves only once the deliveries are on disk.
-            let accepted = match app.deliveries.accept(&app.store, &after, intake).await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(event = %event, object_id = %object_id, error = %e, "cannot store the deliveries, answering 503");
-                    log_calls(app, records, &event, &object_id, id);
-                    metrics::event(label, EventOutcome::Unavailable);
-                    return reply::unavailable(
-                        "the store cannot take the after-stage deliveries; retry shortly",
-                        1,
-                    );
-                }
-            };
-            let queued = accepted.queued;
-            if accepted.duplicates > 0 {
-                info!(event = %event, object_id = %object_id, duplicates = accepted.duplicates, "identical envelope within store.dedupe_window, not delivered again");
-            }
-            info!(
-                event = %event, object_id = %object_id, outcome = EventOutcome::Allowed.as_str(), modified,
-                calls = records.len(), queued, duration_ms = ms(started),
-                generation = snapshot.generation, "event"
-            );
-            metrics::event(label, EventOutcome::Allowed);
-            log_calls(app, records, &event, &object_id, id);
-            reply::raw_json(StatusCode::OK, reply_body)
+            judged
+                .allowed(&route, &envelope, modified, &mut cel, &body)
+                .await
         }
+    }
+}
+
+/// Why an event's body was not read.
+enum Unread {
+    /// Larger than `server.max_body`, as declared or as sent.
+    TooLarge,
+    /// The connection failed while it was read.
+    Failed(Box<dyn std::error::Error + Send + Sync>),
+    /// Not all there by the event's deadline.
+    Late,
+}
+
+impl Unread {
+    /// The answer to an event whose body was not read.
+    fn reply(self, server: &Server) -> Response<Body> {
+        match self {
+            Self::TooLarge => too_large(server.max_body),
+            Self::Failed(e) => {
+                metrics::event("unparsed".into(), EventOutcome::BadRequest);
+                reply::error(
+                    StatusCode::BAD_REQUEST,
+                    format!("could not read the body: {e}"),
+                )
+            }
+            Self::Late => {
+                warn!(deadline = ?server.deadline, "request body not received within server.deadline");
+                metrics::event("unparsed".into(), EventOutcome::Timeout);
+                let mut response = reply::error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request body did not arrive within server.deadline ({})",
+                        crate::config::fmt_duration(server.deadline)
+                    ),
+                );
+                response.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+                response
+            }
+        }
+    }
+}
+
+/// The event's body, at most `server.max_body` bytes, by `deadline`.
+async fn read_body(
+    request: Request<Incoming>,
+    server: &Server,
+    deadline: Instant,
+) -> Result<Bytes, Unread> {
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > server.max_body) {
+        return Err(Unread::TooLarge);
+    }
+    let limit = usize::try_from(server.max_body).unwrap_or(usize::MAX);
+    let read = Limited::new(request.into_body(), limit).collect();
+    match tokio::time::timeout_at(deadline.into(), read).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Unread::TooLarge),
+        Ok(Err(e)) => Err(Unread::Failed(e)),
+        Err(_) => Err(Unread::Late),
+    }
+}
+
+/// An event past its before stage: what its answer, its log line and its execution log
+/// rows are made of.
+struct Judged<'a> {
+    app: &'a App,
+    snapshot: &'a Snapshot,
+    id: &'a str,
+    event: &'a str,
+    object_id: &'a str,
+    /// The event's label in the metrics.
+    label: String,
+    started: Instant,
+    records: Vec<CallRecord>,
+}
+
+impl Judged<'_> {
+    /// A handler of the before stage denied the event: 403.
+    fn denied(self, handler: &str, message: &str) -> Response<Body> {
+        info!(
+            event = %self.event, object_id = %self.object_id, outcome = EventOutcome::Denied.as_str(), handler = %handler,
+            reason = %message, duration_ms = ms(self.started), generation = self.snapshot.generation,
+            "event"
+        );
+        log_calls(self.app, self.records, self.event, self.object_id, self.id);
+        metrics::event(self.label, EventOutcome::Denied);
+        reply::json(
+            StatusCode::FORBIDDEN,
+            &json!({"error": {"handler": handler, "message": message}}),
+        )
+    }
+
+    /// The before stage allowed the event: its after-stage deliveries into the store,
+    /// then 200 with the envelope as the chain left it (`body`, the billing's bytes,
+    /// unless a handler modified the data); 503 when the store cannot take them.
+    async fn allowed(
+        mut self,
+        route: &Route,
+        envelope: &Envelope,
+        modified: bool,
+        cel: &mut CelInput,
+        body: &Bytes,
+    ) -> Response<Body> {
+        let after = select_after(route, envelope, cel, &mut self.records);
+        let reply_body = if modified {
+            Bytes::from(envelope.to_json())
+        } else {
+            body.clone()
+        };
+        let (event, object_id) = (self.event, self.object_id);
+        let intake = Intake {
+            event,
+            object_id,
+            entity: envelope.entity(),
+            body: &reply_body,
+            original: body,
+            dedupe_window: self.snapshot.config.store.dedupe_window,
+            event_id: self.id,
+        };
+        // The 200 leaves only once the deliveries are on disk.
+        let accepted = match self
+            .app
+            .deliveries
+            .accept(&self.app.store, &after, intake)
+            .await
+        {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(event = %event, object_id = %object_id, error = %e, "cannot store the deliveries, answering 503");
+                log_calls(self.app, self.records, event, object_id, self.id);
+                metrics::event(self.label, EventOutcome::Unavailable);
+                return reply::unavailable(
+                    "the store cannot take the after-stage deliveries; retry shortly",
+                    1,
+                );
+            }
+        };
+        let queued = accepted.queued;
+        if accepted.duplicates > 0 {
+            info!(event = %event, object_id = %object_id, duplicates = accepted.duplicates, "identical envelope within store.dedupe_window, not delivered again");
+        }
+        info!(
+            event = %event, object_id = %object_id, outcome = EventOutcome::Allowed.as_str(), modified,
+            calls = self.records.len(), queued, duration_ms = ms(self.started),
+            generation = self.snapshot.generation, "event"
+        );
+        metrics::event(self.label, EventOutcome::Allowed);
+        log_calls(self.app, self.records, event, object_id, self.id);
+        reply::raw_json(StatusCode::OK, reply_body)
     }
 }
 
