@@ -222,9 +222,10 @@ fn call_counter(handler: &str, stage: &'static str, outcome: &'static str) -> Co
 pub(crate) fn handler_call(
     handler: &str,
     stage: &'static str,
-    outcome: &'static str,
+    outcome: CallOutcome,
     took: Duration,
 ) {
+    let outcome = outcome.as_str();
     static KEPT: LazyLock<Handles<Calls>> = LazyLock::new(Default::default);
     let calls = kept(&KEPT, handler, stage, || Calls::new(handler, stage));
     match calls.by_outcome.iter().find(|(known, _)| *known == outcome) {

@@ -1013,7 +1013,7 @@ async fn attempt(
         handler: handler.name.clone(),
         stage: Stage::After,
         attempt,
-        outcome: CallOutcome::Delivered.as_str(),
+        outcome: CallOutcome::Delivered,
         duration,
         code: result.as_ref().ok().map(crate::handlers::Reply::code),
         excerpt: result.as_ref().map(|r| r.excerpt()).unwrap_or_default(),
@@ -1052,7 +1052,7 @@ fn settlement(
         }
         Verdict::Gone { reason } => {
             warn!(handler = %name, entity = %entity, delivery = id, attempt, %reason, "delivery dead-lettered");
-            call.outcome = CallOutcome::Dead.as_str();
+            call.outcome = CallOutcome::Dead;
             call.error = Some(reason.clone());
             Settle::Dead {
                 attempts: attempt,
@@ -1062,7 +1062,7 @@ fn settlement(
         }
         Verdict::Retry { error, .. } if retry::exhausted(&handler.retry, attempt) => {
             warn!(handler = %name, entity = %entity, delivery = id, attempt, %error, "delivery failed, attempts exhausted, dead-lettered");
-            call.outcome = CallOutcome::Dead.as_str();
+            call.outcome = CallOutcome::Dead;
             call.error = Some(error.clone());
             Settle::Dead {
                 attempts: attempt,
@@ -1076,7 +1076,7 @@ fn settlement(
         Verdict::Retry { error, retry_after } => {
             let wait = retry::delay(&handler.retry, attempt, retry_after, fastrand::f64());
             warn!(handler = %name, entity = %entity, delivery = id, attempt, %error, retry_in = ?wait, "delivery failed, retrying");
-            call.outcome = CallOutcome::Failed.as_str();
+            call.outcome = CallOutcome::Failed;
             call.error = Some(error.clone());
             let next_at =
                 now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));

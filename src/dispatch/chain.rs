@@ -42,7 +42,7 @@ pub struct CallRecord {
     pub stage: Stage,
     pub attempt: u32,
     /// A [`CallOutcome`]'s name (`CallOutcome::as_str`): the store keeps it as text.
-    pub outcome: &'static str,
+    pub outcome: CallOutcome,
     pub duration: Duration,
     /// HTTP status or exit code.
     pub code: Option<i64>,
@@ -67,7 +67,7 @@ impl CallRecord {
             handler: self.handler,
             stage: self.stage,
             attempt: self.attempt,
-            outcome: self.outcome.to_owned(),
+            outcome: self.outcome.as_str().to_owned(),
             duration_ms: (self.duration.as_secs_f64() * 1e6).round() / 1e3,
             code: self.code,
             excerpt: self.excerpt,
@@ -156,7 +156,7 @@ pub async fn run_before(
             handler: handler.name.clone(),
             stage: Stage::Before,
             attempt: 1,
-            outcome: CallOutcome::Allowed.as_str(),
+            outcome: CallOutcome::Allowed,
             duration: started.elapsed(),
             code,
             excerpt,
@@ -272,7 +272,7 @@ fn take_step(
         }
         Step::Deny(message) => {
             debug!(handler = %handler.name, event = %event, ?duration, reason = %message, "handler denied");
-            record.outcome = CallOutcome::Denied.as_str();
+            record.outcome = CallOutcome::Denied;
             records.record(handler, record);
             Some(Outcome::Denied {
                 handler: handler.name.clone(),
@@ -280,7 +280,7 @@ fn take_step(
             })
         }
         Step::Error(error) => {
-            record.outcome = CallOutcome::Error.as_str();
+            record.outcome = CallOutcome::Error;
             record.error = Some(error.clone());
             records.record(handler, record);
             match handler.on_error {
@@ -428,7 +428,7 @@ pub fn select_after(
                         handler: handler.name.clone(),
                         stage: Stage::After,
                         attempt: 0,
-                        outcome: CallOutcome::Error.as_str(),
+                        outcome: CallOutcome::Error,
                         duration: Duration::ZERO,
                         code: None,
                         excerpt: String::new(),
