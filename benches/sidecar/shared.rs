@@ -315,6 +315,26 @@ fn server_cpu(server: &PgServer) -> Duration {
     total
 }
 
+/// Transaction ids assigned so far (one per transaction that writes, in the whole
+/// cluster: only the bench's databases are in it) and bytes of WAL written so far. Both
+/// exact at once, unlike the statistics views, which backends update lazily.
+fn pg_counters(server: &PgServer) -> (u64, u64) {
+    let row = server.psql(
+        "postgres",
+        "SELECT txid_current(), pg_current_wal_lsn() - '0/0'::pg_lsn",
+    );
+    let (xid, lsn) = row.split_once('|').unwrap_or_default();
+    (
+        xid.trim().parse().unwrap_or(0),
+        lsn.trim()
+            .split('.')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .unwrap_or(0),
+    )
+}
+
 /// The CPU spent by the sidecars, the database and the whole machine over a run.
 struct Cpu {
     sidecars: Duration,
@@ -340,7 +360,8 @@ fn cpu_note(before: &Cpu, after: &Cpu, events: usize, server: bool) -> String {
     let busy = (after.machine.0 - before.machine.0) as f64
         / (after.machine.1 - before.machine.1).max(1) as f64;
     let mut note = format!(
-        "CPU per accept: sidecars {:.0} us",
+        "CPU per event (its accept and its delivery), first send to last delivery: \
+         sidecars {:.0} us",
         per(after.sidecars - before.sidecars)
     );
     if server {
@@ -371,13 +392,24 @@ async fn saturated(
     let warmed = warm(&client, &urls, CONNECTIONS, &mut seq).await;
     wait_for(&handler.count, base + warmed, Duration::from_secs(60)).await;
     let base = handler.count.load(Ordering::Relaxed);
+    let counters = server.map_or((0, 0), pg_counters);
     let before = cpu_now(&sidecars, server);
     let started = Instant::now();
     let stats = closed_loop(&client, &urls, CONNECTIONS, total).await;
-    let after = cpu_now(&sidecars, server);
     let during = handler.count.load(Ordering::Relaxed) - base;
     let accepted = stats.latencies.len();
     let drained = wait_for(&handler.count, base + accepted, Duration::from_secs(300)).await;
+    let after = cpu_now(&sidecars, server);
+    // The last delivery's settlement and its lane's release commit just after it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let wal = server.map(|s| {
+        let (xids, bytes) = pg_counters(s);
+        format!(
+            "; per event {:.1} writing transactions and {:.1} KiB of WAL",
+            (xids - counters.0) as f64 / accepted.max(1) as f64,
+            (bytes - counters.1) as f64 / 1024.0 / accepted.max(1) as f64
+        )
+    });
     let delivered = handler.count.load(Ordering::Relaxed) - base;
     let span = (at_ns(handler.last.load(Ordering::Relaxed)) - started).as_secs_f64();
     let rate = delivered as f64 / span;
@@ -393,7 +425,7 @@ async fn saturated(
     let note = format!(
         "{CONNECTIONS} connections; {drain}; {}",
         cpu_note(&before, &after, accepted, server.is_some())
-    );
+    ) + &wal.unwrap_or_default();
     (stats.row("10. shared store, saturated", target, note), rate)
 }
 
