@@ -624,7 +624,7 @@ pub async fn run(scale: f64) -> Vec<Row> {
     server.restart();
     let settings = server.psql(
         "postgres",
-        "SELECT string_agg(name || ' = ' || setting || coalesce(unit, ''), ', ' ORDER BY name) \
+        "SELECT string_agg(name || ' = ' || current_setting(name), ', ' ORDER BY name) \
          FROM pg_settings WHERE name IN ('shared_buffers', 'max_wal_size', \
          'synchronous_commit', 'fsync', 'wal_sync_method', 'commit_delay', 'server_version')",
     );
