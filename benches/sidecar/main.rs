@@ -13,14 +13,15 @@ mod hop;
 mod reload;
 mod scripts;
 mod select;
+mod shared;
 
 use std::time::Duration;
 
 use common::Row;
 
 const SCENARIOS: &[&str] = &["before", "chain", "select", "scripts", "after", "reload"];
-/// Run only when named: heavy on the disk.
-const ON_REQUEST: &[&str] = &["backlog"];
+/// Run only when named: heavy on the disk (`shared` also needs PostgreSQL's programs).
+const ON_REQUEST: &[&str] = &["backlog", "shared"];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -94,6 +95,7 @@ fn main() {
             "after" => runtime.block_on(after::run(scale)),
             "reload" => runtime.block_on(reload::run(scale)),
             "backlog" => runtime.block_on(backlog::run(scale)),
+            "shared" => runtime.block_on(shared::run(scale)),
             _ => unreachable!(),
         };
         rows.extend(scenario_rows);
