@@ -602,7 +602,7 @@ fn fdatasync_rate(scale: f64) -> Stats {
     }
 }
 
-pub async fn run(scale: f64) -> Vec<Row> {
+pub(crate) async fn run(scale: f64) -> Vec<Row> {
     if !pg::installed() {
         return Vec::new();
     }

@@ -299,7 +299,7 @@ impl Postgres {
         let rows = self
             .run("write", async |c| {
                 c.query(
-                    &query,
+                    &c.prepare_cached(&query).await?,
                     &[
                         &cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5], &keys,
                         &event_ids, &window, &now,
@@ -375,11 +375,11 @@ impl Postgres {
         );
         let owner = &self.inner.owner;
         let (id, next_at, now) = (to_i64(id), to_i64(next_at), to_i64(now_ms()));
-        let done: bool = self
+        let done: i32 = self
             .run("write", async |c| {
                 let row = c
                     .query_one(
-                        &query,
+                        &c.prepare_cached(&query).await?,
                         &[
                             &id,
                             &lane.0,
@@ -404,11 +404,17 @@ impl Postgres {
                 Ok(row.get(0))
             })
             .await?;
-        if done {
-            Ok(())
-        } else {
-            self.forget(lane);
-            Err(StoreError::Lost)
+        match done {
+            1 => Ok(()),
+            2 => {
+                // Nothing left in the lane: the database freed it with the settlement.
+                self.forget(lane);
+                Ok(())
+            }
+            _ => {
+                self.forget(lane);
+                Err(StoreError::Lost)
+            }
         }
     }
 
@@ -417,7 +423,9 @@ impl Postgres {
         let (id, now) = (to_i64(id), to_i64(now_ms()));
         let fresh: Option<i64> = self
             .run("write", async |c| {
-                Ok(c.query_one(&query, &[&id, &now]).await?.get(0))
+                Ok(c.query_one(&c.prepare_cached(&query).await?, &[&id, &now])
+                    .await?
+                    .get(0))
             })
             .await?;
         Ok(fresh.map(to_u64))
@@ -427,7 +435,9 @@ impl Postgres {
         let query = self.sql("DELETE FROM {s}.dead_letters WHERE id = $1");
         let id = to_i64(id);
         let n = self
-            .run("write", async |c| c.execute(&query, &[&id]).await)
+            .run("write", async |c| {
+                c.execute(&c.prepare_cached(&query).await?, &[&id]).await
+            })
             .await?;
         Ok(n > 0)
     }
@@ -497,7 +507,7 @@ impl Postgres {
         let n = self
             .run("write", async |c| {
                 c.execute(
-                    &query,
+                    &c.prepare_cached(&query).await?,
                     &[
                         &filter.handler,
                         &filter.event,
@@ -541,11 +551,19 @@ impl Postgres {
             self.sql("DELETE FROM {s}.sidecars WHERE seen_at < now() - interval '1 day'");
         let n = self
             .run("write", async |c| {
-                let a = c.execute(&old, &[&cut, &limit]).await?;
-                let b = c.execute(&beyond, &[&rows, &limit]).await?;
-                let d = c.execute(&dedupe, &[&dedupe_cut, &limit]).await?;
-                let l = c.execute(&lanes, &[&limit]).await?;
-                c.execute(&sidecars, &[]).await?;
+                let a = c
+                    .execute(&c.prepare_cached(&old).await?, &[&cut, &limit])
+                    .await?;
+                let b = c
+                    .execute(&c.prepare_cached(&beyond).await?, &[&rows, &limit])
+                    .await?;
+                let d = c
+                    .execute(&c.prepare_cached(&dedupe).await?, &[&dedupe_cut, &limit])
+                    .await?;
+                let l = c
+                    .execute(&c.prepare_cached(&lanes).await?, &[&limit])
+                    .await?;
+                c.execute(&c.prepare_cached(&sidecars).await?, &[]).await?;
                 Ok(a.max(b).max(d).max(l))
             })
             .await?;
@@ -605,7 +623,7 @@ impl Postgres {
                 let written = self
                     .run("write", async |c| {
                         c.execute(
-                            &query,
+                            &c.prepare_cached(&query).await?,
                             &[
                                 &at, &text[0], &text[1], &text[2], &text[3], &event_id, &text[4],
                             ],
@@ -667,7 +685,9 @@ impl Postgres {
         );
         let id = to_i64(id);
         let row = self
-            .run("read", async |c| c.query_opt(&query, &[&id]).await)
+            .run("read", async |c| {
+                c.query_opt(&c.prepare_cached(&query).await?, &[&id]).await
+            })
             .await?;
         Ok(row.map(|r| delivery_of(&r)))
     }
@@ -677,7 +697,9 @@ impl Postgres {
             "SELECT handler, sum(pending)::bigint FROM {s}.lanes WHERE pending > 0 GROUP BY handler",
         );
         let rows = self
-            .run("read", async |c| c.query(&query, &[]).await)
+            .run("read", async |c| {
+                c.query(&c.prepare_cached(&query).await?, &[]).await
+            })
             .await?;
         Ok(rows
             .iter()
@@ -688,7 +710,11 @@ impl Postgres {
     pub(super) async fn queue_depth(&self) -> Result<u64, StoreError> {
         let query = self.sql("SELECT count(*) FROM {s}.deliveries");
         let n: i64 = self
-            .run("read", async |c| Ok(c.query_one(&query, &[]).await?.get(0)))
+            .run("read", async |c| {
+                Ok(c.query_one(&c.prepare_cached(&query).await?, &[])
+                    .await?
+                    .get(0))
+            })
             .await?;
         Ok(to_u64(n))
     }
@@ -697,7 +723,9 @@ impl Postgres {
         let query = self.sql("SELECT enqueued_at FROM {s}.deliveries ORDER BY id LIMIT 1");
         let at: Option<i64> = self
             .run("read", async |c| {
-                Ok(c.query_opt(&query, &[]).await?.map(|r| r.get(0)))
+                Ok(c.query_opt(&c.prepare_cached(&query).await?, &[])
+                    .await?
+                    .map(|r| r.get(0)))
             })
             .await?;
         Ok(at.map(to_u64))
@@ -706,7 +734,11 @@ impl Postgres {
     pub(super) async fn dead_letter_count(&self) -> Result<u64, StoreError> {
         let query = self.sql("SELECT count(*) FROM {s}.dead_letters");
         let n: i64 = self
-            .run("read", async |c| Ok(c.query_one(&query, &[]).await?.get(0)))
+            .run("read", async |c| {
+                Ok(c.query_one(&c.prepare_cached(&query).await?, &[])
+                    .await?
+                    .get(0))
+            })
             .await?;
         Ok(to_u64(n))
     }
@@ -728,7 +760,7 @@ impl Postgres {
         let rows = self
             .run("read", async |c| {
                 c.query(
-                    &query,
+                    &c.prepare_cached(&query).await?,
                     &[
                         &filter.event,
                         &filter.handler,
@@ -766,7 +798,10 @@ impl Postgres {
         );
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
-            .run("read", async |c| c.query(&query, &[&handler, &limit]).await)
+            .run("read", async |c| {
+                c.query(&c.prepare_cached(&query).await?, &[&handler, &limit])
+                    .await
+            })
             .await?;
         Ok(rows.iter().map(dead_letter_of).collect())
     }
@@ -779,7 +814,9 @@ impl Postgres {
         );
         let id = to_i64(id);
         let row = self
-            .run("read", async |c| c.query_opt(&query, &[&id]).await)
+            .run("read", async |c| {
+                c.query_opt(&c.prepare_cached(&query).await?, &[&id]).await
+            })
             .await?;
         Ok(row.as_ref().map(dead_letter_of))
     }
@@ -808,7 +845,11 @@ impl Postgres {
         let since = Instant::now();
         let claimed = self
             .run("write", async |c| {
-                c.query(&claim, &[&handler, &room, owner, &lease]).await
+                c.query(
+                    &c.prepare_cached(&claim).await?,
+                    &[&handler, &room, owner, &lease],
+                )
+                .await
             })
             .await?;
         if claimed.is_empty() {
@@ -832,7 +873,11 @@ impl Postgres {
         );
         let rows = self
             .run("read", async |c| {
-                c.query(&read, &[&handler, &entities, &LANE_BATCH]).await
+                c.query(
+                    &c.prepare_cached(&read).await?,
+                    &[&handler, &entities, &LANE_BATCH],
+                )
+                .await
             })
             .await;
         match rows {
@@ -861,7 +906,11 @@ impl Postgres {
         );
         let rows = self
             .run("read", async |c| {
-                c.query(&read, &[&lane.0, &lane.1, &LANE_BATCH]).await
+                c.query(
+                    &c.prepare_cached(&read).await?,
+                    &[&lane.0, &lane.1, &LANE_BATCH],
+                )
+                .await
             })
             .await?;
         Ok(rows
@@ -890,9 +939,12 @@ impl Postgres {
         let owner = &self.inner.owner;
         let pending: Option<i64> = self
             .run("write", async |c| {
-                Ok(c.query_opt(&free, &[&lane.0, &lane.1, owner, &held.token])
-                    .await?
-                    .map(|r| r.get(0)))
+                Ok(c.query_opt(
+                    &c.prepare_cached(&free).await?,
+                    &[&lane.0, &lane.1, owner, &held.token],
+                )
+                .await?
+                .map(|r| r.get(0)))
             })
             .await?;
         match pending {
@@ -916,8 +968,11 @@ impl Postgres {
                          AND token = $4",
                     );
                     self.run("write", async |c| {
-                        c.execute(&fix, &[&lane.0, &lane.1, owner, &held.token])
-                            .await
+                        c.execute(
+                            &c.prepare_cached(&fix).await?,
+                            &[&lane.0, &lane.1, owner, &held.token],
+                        )
+                        .await
                     })
                     .await?;
                     self.forget(lane);
@@ -940,8 +995,11 @@ impl Postgres {
         self.forget(lane);
         let freed = self
             .run("write", async |c| {
-                c.execute(&free, &[&lane.0, &lane.1, owner, &held.token])
-                    .await
+                c.execute(
+                    &c.prepare_cached(&free).await?,
+                    &[&lane.0, &lane.1, owner, &held.token],
+                )
+                .await
             })
             .await;
         if freed.is_err() {
@@ -979,7 +1037,11 @@ impl Postgres {
         let owner = &self.inner.owner;
         let lease = ms(self.inner.lease);
         self.run("read", async |c| {
-            Ok(c.query_one(&query, &[owner, &name, &lease]).await?.get(0))
+            Ok(
+                c.query_one(&c.prepare_cached(&query).await?, &[owner, &name, &lease])
+                    .await?
+                    .get(0),
+            )
         })
         .await
     }
@@ -997,7 +1059,10 @@ impl Postgres {
         let lease = ms(self.inner.lease);
         let before = to_i64(now_ms()).saturating_sub(lease);
         let rows = self
-            .run("read", async |c| c.query(&query, &[&lease, &before]).await)
+            .run("read", async |c| {
+                c.query(&c.prepare_cached(&query).await?, &[&lease, &before])
+                    .await
+            })
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
@@ -1048,13 +1113,20 @@ impl Postgres {
                 }
                 let renewed = self
                     .run("write", async |c| {
-                        c.execute(&beat, &[&owner, &handlers]).await?;
+                        c.execute(&c.prepare_cached(&beat).await?, &[&owner, &handlers])
+                            .await?;
                         if !gone_tokens.is_empty() {
-                            c.execute(&free, &[&owner, &gone[0], &gone[1], &gone_tokens])
-                                .await?;
+                            c.execute(
+                                &c.prepare_cached(&free).await?,
+                                &[&owner, &gone[0], &gone[1], &gone_tokens],
+                            )
+                            .await?;
                         }
-                        c.query(&renew, &[&owner, &lease, &lanes[0], &lanes[1], &tokens])
-                            .await
+                        c.query(
+                            &c.prepare_cached(&renew).await?,
+                            &[&owner, &lease, &lanes[0], &lanes[1], &tokens],
+                        )
+                        .await
                     })
                     .await;
                 if renewed.is_err() {
@@ -1094,7 +1166,8 @@ impl Postgres {
         let owner = &self.inner.owner;
         let handlers = self.inner.handlers.lock().expect("not poisoned").clone();
         self.run("write", async |c| {
-            c.execute(&beat, &[owner, &handlers]).await
+            c.execute(&c.prepare_cached(&beat).await?, &[owner, &handlers])
+                .await
         })
         .await?;
         Ok(())

@@ -108,19 +108,25 @@ BEGIN
 END $$;
 
 -- Settles one attempt, if the caller still holds the lane with `p_token` (fencing):
--- false, and nothing written, otherwise. p_kind: 0 delivered, 1 retry, 2 dead.
+-- 0, and nothing written, otherwise; 1 when settled; 2 when settled and the lane, with
+-- nothing left, freed. p_kind: 0 delivered, 1 retry, 2 dead. Committed without waiting
+-- for the WAL flush (the next accept's commit flushes it): a settlement lost in a
+-- database crash means the attempt is made again, which at-least-once allows.
 CREATE FUNCTION {s}.settle(
     p_id bigint, p_handler text, p_entity text, p_owner text, p_token bigint,
     p_kind integer, p_attempts integer, p_next_at bigint, p_error text, p_reason text,
     p_now bigint, p_at bigint, p_event text, p_object text, p_outcome text,
     p_event_id text, p_row text
-) RETURNS boolean LANGUAGE plpgsql AS $$
+) RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    left_over bigint;
 BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM 1 FROM {s}.lanes
         WHERE handler = p_handler AND entity = p_entity AND owner = p_owner AND token = p_token
         FOR UPDATE;
     IF NOT FOUND THEN
-        RETURN false;
+        RETURN 0;
     END IF;
     IF p_row IS NOT NULL THEN
         INSERT INTO {s}.executions (at, handler, event, object_id, outcome, event_id, row)
@@ -129,7 +135,7 @@ BEGIN
     IF p_kind = 1 THEN
         UPDATE {s}.deliveries SET attempts = p_attempts, next_at = p_next_at, last_error = p_error
             WHERE id = p_id;
-        RETURN true;
+        RETURN 1;
     END IF;
     IF p_kind = 2 THEN
         INSERT INTO {s}.dead_letters
@@ -139,10 +145,18 @@ BEGIN
             ON CONFLICT (id) DO NOTHING;
     END IF;
     DELETE FROM {s}.deliveries WHERE id = p_id;
-    IF FOUND THEN
-        UPDATE {s}.lanes SET pending = pending - 1 WHERE handler = p_handler AND entity = p_entity;
+    IF NOT FOUND THEN
+        RETURN 1;
     END IF;
-    RETURN true;
+    UPDATE {s}.lanes SET pending = pending - 1,
+            owner = CASE WHEN pending - 1 > 0 THEN owner END,
+            lease_until = CASE WHEN pending - 1 > 0 THEN lease_until END
+        WHERE handler = p_handler AND entity = p_entity
+        RETURNING pending INTO left_over;
+    IF left_over > 0 THEN
+        RETURN 1;
+    END IF;
+    RETURN 2;
 END $$;
 
 -- Puts dead letter `p_id` back in the queue under a new id, behind what its lane queued
