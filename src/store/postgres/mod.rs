@@ -70,8 +70,6 @@ struct Inner {
     /// Lanes given up while the database did not answer: still ours there, never
     /// renewed, freed by the next renewal that gets through.
     unfreed: Mutex<Vec<(String, String, i64)>>,
-    /// When the last renewal that succeeded was sent.
-    renewed: Mutex<Option<Instant>>,
     /// This sidecar's after-stage handlers, as the other sidecars should see them.
     handlers: Mutex<Vec<String>>,
     logs: mpsc::Sender<Vec<Execution>>,
@@ -84,6 +82,8 @@ struct Inner {
 #[derive(Debug, Clone, Copy)]
 struct Held {
     token: i64,
+    /// When the claim, or the last renewal of this lane, was sent: the lease runs
+    /// from no earlier.
     since: Instant,
 }
 
@@ -171,7 +171,6 @@ impl Postgres {
                 healthy: AtomicBool::new(false),
                 held: Mutex::default(),
                 unfreed: Mutex::default(),
-                renewed: Mutex::default(),
                 handlers: Mutex::default(),
                 logs: logs_tx,
                 log_bytes: Arc::new(AtomicUsize::new(0)),
@@ -1017,11 +1016,9 @@ impl Postgres {
         let Some(held) = self.token(lane) else {
             return false;
         };
-        let renewed = *self.inner.renewed.lock().expect("not poisoned");
-        let since = renewed.map_or(held.since, |r| r.max(held.since));
         let lease = self.inner.lease;
         let spare = (lease / 5).max(Duration::from_secs(1)).min(lease / 2);
-        since.elapsed() + spare < lease
+        held.since.elapsed() + spare < lease
     }
 
     pub(super) fn set_handlers(&self, mut handlers: Vec<String>) {
@@ -1097,10 +1094,20 @@ impl Postgres {
                 let handlers = self.inner.handlers.lock().expect("not poisoned").clone();
                 let mut lanes: [Vec<String>; 2] = Default::default();
                 let mut tokens: Vec<i64> = Vec::new();
-                for ((handler, entity), h) in self.inner.held.lock().expect("not poisoned").iter() {
+                // What this renewal asks for: a lane claimed from now on is not in it, and
+                // must not be taken for lost when the answer lacks it.
+                let asked: HashMap<(String, String), i64> = self
+                    .inner
+                    .held
+                    .lock()
+                    .expect("not poisoned")
+                    .iter()
+                    .map(|(lane, h)| (lane.clone(), h.token))
+                    .collect();
+                for ((handler, entity), token) in &asked {
                     lanes[0].push(handler.clone());
                     lanes[1].push(entity.clone());
-                    tokens.push(h.token);
+                    tokens.push(*token);
                 }
                 let unfreed =
                     std::mem::take(&mut *self.inner.unfreed.lock().expect("not poisoned"));
@@ -1143,9 +1150,15 @@ impl Postgres {
                             .map(|r| ((r.get(0), r.get(1)), r.get(2)))
                             .collect();
                         let mut held = self.inner.held.lock().expect("not poisoned");
-                        // Claimed after the renewal was sent: not in its answer yet.
-                        held.retain(|lane, h| h.since > sent || ours.get(lane) == Some(&h.token));
-                        *self.inner.renewed.lock().expect("not poisoned") = Some(sent);
+                        // Lost: asked for with this token and not renewed. A lane claimed
+                        // (or claimed again) since the question stays.
+                        held.retain(|lane, h| {
+                            if ours.get(lane) == Some(&h.token) {
+                                h.since = h.since.max(sent);
+                                return true;
+                            }
+                            asked.get(lane) != Some(&h.token)
+                        });
                     }
                     Err(e) => warn!(error = %e, "cannot renew the lanes' leases"),
                 }
