@@ -21,6 +21,7 @@ impl KeyPath {
     }
 
     /// This path with one more key.
+    #[must_use]
     pub fn key(&self, key: impl Into<String>) -> Self {
         let mut segs = self.0.clone();
         segs.push(Seg::Key(key.into()));
@@ -28,6 +29,7 @@ impl KeyPath {
     }
 
     /// This path with one more array index.
+    #[must_use]
     pub fn index(&self, index: usize) -> Self {
         let mut segs = self.0.clone();
         segs.push(Seg::Index(index));
@@ -35,6 +37,7 @@ impl KeyPath {
     }
 
     /// This path followed by `rest`.
+    #[must_use]
     pub fn join(&self, rest: &KeyPath) -> Self {
         let mut segs = self.0.clone();
         segs.extend(rest.0.iter().cloned());
