@@ -412,6 +412,15 @@ pub(crate) async fn closed_loop(url: &str, concurrency: usize, total: usize) -> 
             (latencies, errors)
         }));
     }
+    gather(workers, started, total).await
+}
+
+/// One run's figures from its workers' latencies and error counts, timed from `started`.
+pub(crate) async fn gather(
+    workers: Vec<tokio::task::JoinHandle<(Vec<Duration>, usize)>>,
+    started: Instant,
+    total: usize,
+) -> Stats {
     let mut stats = Stats {
         latencies: Vec::with_capacity(total),
         errors: 0,

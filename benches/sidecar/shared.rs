@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
 
-use crate::common::{Rounds, Row, Sidecar, Stats, client, cpu_time, paced, reply, scaled};
+use crate::common::{Rounds, Row, Sidecar, Stats, client, cpu_time, gather, paced, reply, scaled};
 
 // The tests' harness, as it is: it needs a `free_addr` in its parent module (below).
 #[path = "../../tests/common/pg.rs"]
@@ -247,18 +247,7 @@ async fn closed_loop(
             })
         })
         .collect();
-    let mut stats = Stats {
-        latencies: Vec::with_capacity(total),
-        errors: 0,
-        elapsed: Duration::ZERO,
-    };
-    for worker in workers {
-        let (latencies, errors) = worker.await.unwrap();
-        stats.latencies.extend(latencies);
-        stats.errors += errors;
-    }
-    stats.elapsed = started.elapsed();
-    stats
+    gather(workers, started, total).await
 }
 
 /// Waits until `count` reaches `target`, at most `limit`; whether it did.

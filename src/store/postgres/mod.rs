@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -1310,6 +1311,41 @@ fn describe(cfg: &tokio_postgres::Config, schema: &str) -> String {
     )
 }
 
+/// A delivery's numbers as the columns take them.
+struct Numbers {
+    attempts: i32,
+    next_at: i64,
+    enqueued_at: i64,
+}
+
+impl Numbers {
+    fn of(d: &Delivery) -> Self {
+        Self {
+            attempts: i32::try_from(d.attempts).unwrap_or(i32::MAX),
+            next_at: to_i64(d.next_at),
+            enqueued_at: to_i64(d.enqueued_at),
+        }
+    }
+}
+
+/// A delivery's columns in the order `deliveries` and `dead_letters` list them, after
+/// the id.
+fn delivery_params<'a>(d: &'a Delivery, n: &'a Numbers) -> Vec<&'a (dyn ToSql + Sync)> {
+    vec![
+        &d.handler,
+        &d.entity,
+        &d.event,
+        &d.object_id,
+        &d.message_id,
+        &d.body,
+        &n.attempts,
+        &n.next_at,
+        &n.enqueued_at,
+        &d.last_error,
+        &d.event_id,
+    ]
+}
+
 fn delivery_of(r: &tokio_postgres::Row) -> Delivery {
     Delivery {
         id: to_u64(r.get(0)),
@@ -1361,48 +1397,16 @@ impl Postgres {
         let work = async {
             let txn = client.transaction().await?;
             for d in &deliveries {
-                let attempts = i32::try_from(d.attempts).unwrap_or(i32::MAX);
+                let numbers = Numbers::of(d);
                 txn.execute(&lane, &[&d.handler, &d.entity]).await?;
-                txn.execute(
-                    &queue,
-                    &[
-                        &d.handler,
-                        &d.entity,
-                        &d.event,
-                        &d.object_id,
-                        &d.message_id,
-                        &d.body,
-                        &attempts,
-                        &to_i64(d.next_at),
-                        &to_i64(d.enqueued_at),
-                        &d.last_error,
-                        &d.event_id,
-                    ],
-                )
-                .await?;
+                txn.execute(&queue, &delivery_params(d, &numbers)).await?;
             }
             for l in &dead {
-                let d = &l.delivery;
-                let attempts = i32::try_from(d.attempts).unwrap_or(i32::MAX);
-                txn.execute(
-                    &letter,
-                    &[
-                        &d.handler,
-                        &d.entity,
-                        &d.event,
-                        &d.object_id,
-                        &d.message_id,
-                        &d.body,
-                        &attempts,
-                        &to_i64(d.next_at),
-                        &to_i64(d.enqueued_at),
-                        &d.last_error,
-                        &d.event_id,
-                        &l.reason,
-                        &to_i64(l.died_at),
-                    ],
-                )
-                .await?;
+                let numbers = Numbers::of(&l.delivery);
+                let died = to_i64(l.died_at);
+                let mut params = delivery_params(&l.delivery, &numbers);
+                params.extend([&l.reason as &(dyn ToSql + Sync), &died]);
+                txn.execute(&letter, &params).await?;
             }
             txn.commit().await
         };
