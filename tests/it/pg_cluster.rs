@@ -428,13 +428,20 @@ async fn three_sidecars_share_the_work_and_a_kill_9_of_one_loses_nothing() {
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicUsize::new(0));
     let billing = tokio::spawn(load(urls.clone(), 1..=24, stop.clone(), progress.clone()));
+    // Every sidecar delivering (a lane per entity, 24 entities, 4 at a time on each):
+    // then kill one mid-delivery.
     let warmed = eventually(Duration::from_secs(60), || {
+        let by = tally_by_sidecar(&recorder.delivered());
         progress.load(Ordering::SeqCst) >= 300
+            && ["a", "b", "c"].iter().all(|s| by.contains_key(*s))
     })
     .await;
-    assert!(warmed, "only {} accepted", progress.load(Ordering::SeqCst));
-    // Every sidecar is delivering by now (a lane per entity, 24 entities, 4 at a time
-    // on each): kill one mid-delivery.
+    assert!(
+        warmed,
+        "only {} accepted, delivered by sidecar: {:?}",
+        progress.load(Ordering::SeqCst),
+        tally_by_sidecar(&recorder.delivered())
+    );
     let killed = sidecars[1].take().unwrap();
     let before_kill = tally_by_sidecar(&recorder.delivered());
     let _ = killed.kill_9();

@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -27,6 +27,8 @@ use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+mod group;
 
 use super::records::{
     DeadLetter, DeadLetterFilter, Delivery, Execution, ExecutionFilter, NewDelivery, Queued,
@@ -44,6 +46,11 @@ pub(super) const OP_TIMEOUT: Duration = Duration::from_secs(5);
 const LANE_BATCH: i64 = 1000;
 /// Execution log rows written in one statement at most.
 const LOG_BATCH: usize = 2000;
+/// Group commits of accepts in flight at once, at most (each takes one of the pool's
+/// connections; at most half of them).
+const ACCEPT_WORKERS: usize = 4;
+/// Groups of settlements in flight at once, at most (at most a quarter of the pool).
+const SETTLE_WORKERS: usize = 2;
 /// The advisory lock key's first half: "provisiond" spelt in the lock's namespace.
 const LOCK_CLASS: i32 = 0x7072_6f76;
 
@@ -73,6 +80,10 @@ struct Inner {
     unfreed: Mutex<Vec<(String, String, i64)>>,
     /// This sidecar's after-stage handlers, as the other sidecars should see them.
     handlers: Mutex<Vec<String>>,
+    /// Accepts waiting for their group commit.
+    accepts: OnceLock<group::Group<Accepts>>,
+    /// Settlements waiting for their group.
+    settles: OnceLock<group::Group<Settlements>>,
     logs: mpsc::Sender<Vec<Execution>>,
     log_bytes: Arc<AtomicUsize>,
     dropped: AtomicU64,
@@ -86,6 +97,67 @@ struct Held {
     /// When the claim, or the last renewal of this lane, was sent: the lease runs
     /// from no earlier.
     since: Instant,
+}
+
+/// One event's fan-out waiting for its group commit.
+struct Accept {
+    items: Vec<NewDelivery>,
+    window: Duration,
+}
+
+/// Runs this sidecar's accepts in groups ([`group`]).
+struct Accepts(Postgres);
+
+impl group::Run for Accepts {
+    type Request = Accept;
+    type Answer = Vec<Option<u64>>;
+
+    async fn run(&self, requests: &[Accept]) -> Result<Vec<Vec<Option<u64>>>, StoreError> {
+        self.0.enqueue_group(requests).await
+    }
+}
+
+/// The lanes of `$2` (handlers), `$3` (entities) and `$4` (tokens) that owner `$1` still
+/// holds with those tokens, locked one after the other in lane order (`COLLATE "C"`:
+/// byte order, as Rust sorts the lanes of accepts and settlements), as `mine`.
+/// Transactions that lock several lanes all take them in this order, so none waits on
+/// another in a ring.
+const MINE_IN_ORDER: &str = "WITH mine AS (SELECT l.handler, l.entity FROM {s}.lanes l \
+     JOIN unnest($2::text[], $3::text[], $4::bigint[]) AS h(handler, entity, token) \
+     ON l.handler = h.handler AND l.entity = h.entity AND l.token = h.token \
+     WHERE l.owner = $1 ORDER BY l.handler COLLATE \"C\", l.entity COLLATE \"C\" FOR UPDATE OF l)";
+
+/// One attempt's settlement waiting for its group.
+struct Settlement {
+    id: i64,
+    handler: String,
+    entity: String,
+    token: i64,
+    /// 0 delivered, 1 retry, 2 dead (`settle`'s `p_kind`).
+    kind: i32,
+    attempts: i32,
+    next_at: i64,
+    error: Option<String>,
+    reason: Option<String>,
+    /// The execution log row's columns, when there is one.
+    at: Option<i64>,
+    event: Option<String>,
+    object: Option<String>,
+    outcome: Option<String>,
+    event_id: Option<String>,
+    row: Option<String>,
+}
+
+/// Runs this sidecar's settlements in groups ([`group`]).
+struct Settlements(Postgres);
+
+impl group::Run for Settlements {
+    type Request = Settlement;
+    type Answer = i32;
+
+    async fn run(&self, requests: &[Settlement]) -> Result<Vec<i32>, StoreError> {
+        self.0.settle_group(requests).await
+    }
 }
 
 /// The SQL with `{s}` replaced by the schema.
@@ -173,6 +245,8 @@ impl Postgres {
                 held: Mutex::default(),
                 unfreed: Mutex::default(),
                 handlers: Mutex::default(),
+                accepts: OnceLock::new(),
+                settles: OnceLock::new(),
                 logs: logs_tx,
                 log_bytes: Arc::new(AtomicUsize::new(0)),
                 dropped: AtomicU64::new(0),
@@ -180,6 +254,20 @@ impl Postgres {
                 tasks: tokio_util::task::TaskTracker::new(),
             }),
         };
+        let accepts = group::Group::start(
+            Accepts(this.clone()),
+            (pg.pool / 2).clamp(1, ACCEPT_WORKERS),
+            &this.inner.tasks,
+            &this.inner.stop,
+        );
+        let _ = this.inner.accepts.set(accepts);
+        let settles = group::Group::start(
+            Settlements(this.clone()),
+            (pg.pool / 4).clamp(1, SETTLE_WORKERS),
+            &this.inner.tasks,
+            &this.inner.stop,
+        );
+        let _ = this.inner.settles.set(settles);
         match this.migrate().await {
             Ok(()) => {}
             Err(Migrate::Refused(reason)) => {
@@ -267,53 +355,77 @@ impl Postgres {
         }
     }
 
+    /// Stores one event's fan-out, in the next group commit of this sidecar's accepts.
     pub(super) async fn enqueue(
         &self,
-        mut items: Vec<NewDelivery>,
+        items: Vec<NewDelivery>,
         window: Duration,
     ) -> Result<Vec<Option<u64>>, StoreError> {
-        let n = items.len();
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let accepts = self.inner.accepts.get().ok_or(StoreError::Closed)?;
+        accepts.submit(Accept { items, window }).await
+    }
+
+    /// Stores the fan-outs of a group of accepts in one `enqueue` call (one
+    /// transaction): for each accept, the id of each of its items, `None` for one
+    /// skipped as a duplicate.
+    async fn enqueue_group(&self, accepts: &[Accept]) -> Result<Vec<Vec<Option<u64>>>, StoreError> {
         // Sorted by lane, so that concurrent accepts lock lanes in one order.
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|a, b| {
-            (&items[*a].handler, &items[*a].entity).cmp(&(&items[*b].handler, &items[*b].entity))
+        let mut order: Vec<(usize, usize)> = accepts
+            .iter()
+            .enumerate()
+            .flat_map(|(a, accept)| (0..accept.items.len()).map(move |i| (a, i)))
+            .collect();
+        let item = |&(a, i): &(usize, usize)| &accepts[a].items[i];
+        order.sort_by(|x, y| {
+            let (x, y) = (item(x), item(y));
+            (&x.handler, &x.entity).cmp(&(&y.handler, &y.entity))
         });
-        let mut cols: [Vec<String>; 7] = Default::default();
-        let mut keys: Vec<Option<Vec<u8>>> = Vec::with_capacity(n);
-        let mut event_ids: Vec<Option<String>> = Vec::with_capacity(n);
-        for &i in &order {
-            let item = &mut items[i];
-            cols[0].push(std::mem::take(&mut item.handler));
-            cols[1].push(std::mem::take(&mut item.entity));
-            cols[2].push(std::mem::take(&mut item.event));
-            cols[3].push(std::mem::take(&mut item.object_id));
-            cols[4].push(std::mem::take(&mut item.message_id));
-            cols[5].push(std::mem::take(&mut item.body));
-            keys.push(item.dedupe.map(|k| k.to_vec()));
-            event_ids.push(item.event_id.take());
+        let n = order.len();
+        let mut cols: [Vec<&str>; 6] = Default::default();
+        let mut keys: Vec<Option<&[u8]>> = Vec::with_capacity(n);
+        let mut event_ids: Vec<Option<&str>> = Vec::with_capacity(n);
+        let mut windows: Vec<i64> = Vec::with_capacity(n);
+        for at in &order {
+            let d = item(at);
+            for (col, value) in cols.iter_mut().zip([
+                &d.handler,
+                &d.entity,
+                &d.event,
+                &d.object_id,
+                &d.message_id,
+                &d.body,
+            ]) {
+                col.push(value);
+            }
+            keys.push(d.dedupe.as_ref().map(|k| &k[..]));
+            event_ids.push(d.event_id.as_deref());
+            windows.push(ms(accepts[at.0].window));
         }
         let query = self
             .sql("SELECT item, delivery FROM {s}.enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)");
         let now = to_i64(now_ms());
-        let window = ms(window);
         let rows = self
             .run("write", async |c| {
                 c.query(
                     &c.prepare_cached(&query).await?,
                     &[
                         &cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5], &keys,
-                        &event_ids, &window, &now,
+                        &event_ids, &windows, &now,
                     ],
                 )
                 .await
             })
             .await?;
-        let mut out = vec![None; n];
+        let mut out: Vec<Vec<Option<u64>>> =
+            accepts.iter().map(|a| vec![None; a.items.len()]).collect();
         for row in rows {
-            let item: i32 = row.get(0);
+            let k: i32 = row.get(0);
             let id: i64 = row.get(1);
-            if let Some(&slot) = usize::try_from(item - 1).ok().and_then(|k| order.get(k)) {
-                out[slot] = Some(to_u64(id));
+            if let Some(&(a, i)) = usize::try_from(k - 1).ok().and_then(|k| order.get(k)) {
+                out[a][i] = Some(to_u64(id));
             }
         }
         Ok(out)
@@ -329,6 +441,7 @@ impl Postgres {
         held.remove(&(lane.0.to_owned(), lane.1.to_owned()));
     }
 
+    /// Settles one attempt, in the next group of this sidecar's settlements.
     pub(super) async fn settle(
         &self,
         id: u64,
@@ -339,13 +452,7 @@ impl Postgres {
         let Some(held) = self.token(lane) else {
             return Err(StoreError::Lost);
         };
-        let (kind, attempts, next_at, error, reason): (
-            i32,
-            u32,
-            u64,
-            Option<String>,
-            Option<String>,
-        ) = match settle {
+        let (kind, attempts, next_at, error, reason) = match settle {
             Settle::Delivered => (0, 0, 0, None, None),
             Settle::Retry {
                 attempts,
@@ -358,53 +465,29 @@ impl Postgres {
                 error,
             } => (2, attempts, 0, error, Some(reason)),
         };
-        let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
-        let (at, event, object, outcome, event_id, row) = match &record {
-            Some(r) => (
-                Some(to_i64(r.at)),
-                Some(r.event.clone()),
-                Some(r.object_id.clone()),
-                Some(r.outcome.clone()),
-                r.event_id.clone(),
-                Some(serde_json::to_string(r).map_err(StoreError::write)?),
-            ),
-            None => (None, None, None, None, None, None),
+        let row = match &record {
+            Some(r) => Some(serde_json::to_string(r).map_err(StoreError::write)?),
+            None => None,
         };
-        let query = self.sql(
-            "SELECT {s}.settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
-        );
-        let owner = &self.inner.owner;
-        let (id, next_at, now) = (to_i64(id), to_i64(next_at), to_i64(now_ms()));
-        let done: i32 = self
-            .run("write", async |c| {
-                let row = c
-                    .query_one(
-                        &c.prepare_cached(&query).await?,
-                        &[
-                            &id,
-                            &lane.0,
-                            &lane.1,
-                            owner,
-                            &held.token,
-                            &kind,
-                            &attempts,
-                            &next_at,
-                            &error,
-                            &reason,
-                            &now,
-                            &at,
-                            &event,
-                            &object,
-                            &outcome,
-                            &event_id,
-                            &row,
-                        ],
-                    )
-                    .await?;
-                Ok(row.get(0))
-            })
-            .await?;
-        match done {
+        let settlement = Settlement {
+            id: to_i64(id),
+            handler: lane.0.to_owned(),
+            entity: lane.1.to_owned(),
+            token: held.token,
+            kind,
+            attempts: i32::try_from(attempts).unwrap_or(i32::MAX),
+            next_at: to_i64(next_at),
+            error,
+            reason,
+            at: record.as_ref().map(|r| to_i64(r.at)),
+            event: record.as_ref().map(|r| r.event.clone()),
+            object: record.as_ref().map(|r| r.object_id.clone()),
+            outcome: record.as_ref().map(|r| r.outcome.clone()),
+            event_id: record.and_then(|r| r.event_id),
+            row,
+        };
+        let settles = self.inner.settles.get().ok_or(StoreError::Closed)?;
+        match settles.submit(settlement).await? {
             1 => Ok(()),
             2 => {
                 // Nothing left in the lane: the database freed it with the settlement.
@@ -416,6 +499,75 @@ impl Postgres {
                 Err(StoreError::Lost)
             }
         }
+    }
+
+    /// Runs a group of settlements in one statement (one transaction, committed without
+    /// waiting for its WAL flush, as each `settle` asks): for each, what `settle`
+    /// answered.
+    async fn settle_group(&self, group: &[Settlement]) -> Result<Vec<i32>, StoreError> {
+        // In lane order, as every transaction that locks several lanes takes them.
+        let mut order: Vec<usize> = (0..group.len()).collect();
+        order.sort_by(|&x, &y| {
+            let (x, y) = (&group[x], &group[y]);
+            (&x.handler, &x.entity).cmp(&(&y.handler, &y.entity))
+        });
+        let pick = |f: fn(&Settlement) -> i64| -> Vec<i64> {
+            order.iter().map(|&i| f(&group[i])).collect()
+        };
+        let (ids, tokens, next_at) = (pick(|s| s.id), pick(|s| s.token), pick(|s| s.next_at));
+        let at: Vec<Option<i64>> = order.iter().map(|&i| group[i].at).collect();
+        let small = |f: fn(&Settlement) -> i32| -> Vec<i32> {
+            order.iter().map(|&i| f(&group[i])).collect()
+        };
+        let (kinds, attempts) = (small(|s| s.kind), small(|s| s.attempts));
+        let text = |f: fn(&Settlement) -> &str| -> Vec<&str> {
+            order.iter().map(|&i| f(&group[i])).collect()
+        };
+        let (handlers, entities) = (text(|s| &s.handler), text(|s| &s.entity));
+        let maybe = |f: fn(&Settlement) -> Option<&str>| -> Vec<Option<&str>> {
+            order.iter().map(|&i| f(&group[i])).collect()
+        };
+        let (errors, reasons, events, objects, outcomes, event_ids, rows) = (
+            maybe(|s| s.error.as_deref()),
+            maybe(|s| s.reason.as_deref()),
+            maybe(|s| s.event.as_deref()),
+            maybe(|s| s.object.as_deref()),
+            maybe(|s| s.outcome.as_deref()),
+            maybe(|s| s.event_id.as_deref()),
+            maybe(|s| s.row.as_deref()),
+        );
+        let query = self.sql(
+            "SELECT u.i, {s}.settle(u.id, u.handler, u.entity, $1, u.token, u.kind, u.attempts, \
+             u.next_at, u.error, u.reason, $2, u.at, u.event, u.object, u.outcome, u.event_id, \
+             u.row) FROM unnest($3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::int[], \
+             $8::int[], $9::bigint[], $10::text[], $11::text[], $12::bigint[], $13::text[], \
+             $14::text[], $15::text[], $16::text[], $17::text[]) WITH ORDINALITY AS u(id, \
+             handler, entity, token, kind, attempts, next_at, error, reason, at, event, object, \
+             outcome, event_id, row, i)",
+        );
+        let owner = &self.inner.owner;
+        let now = to_i64(now_ms());
+        let answers = self
+            .run("write", async |c| {
+                c.query(
+                    &c.prepare_cached(&query).await?,
+                    &[
+                        owner, &now, &ids, &handlers, &entities, &tokens, &kinds, &attempts,
+                        &next_at, &errors, &reasons, &at, &events, &objects, &outcomes, &event_ids,
+                        &rows,
+                    ],
+                )
+                .await
+            })
+            .await?;
+        let mut out = vec![0; group.len()];
+        for answer in answers {
+            let k: i64 = answer.get(0);
+            if let Some(&slot) = usize::try_from(k - 1).ok().and_then(|k| order.get(k)) {
+                out[slot] = answer.get(1);
+            }
+        }
+        Ok(out)
     }
 
     pub(super) async fn replay(&self, id: u64) -> Result<Option<u64>, StoreError> {
@@ -656,8 +808,12 @@ impl Postgres {
         // Rows still in the channel are written first: closing the sender ends the
         // writer once it has drained them.
         self.inner.stop.cancel();
-        let release =
-            self.sql("UPDATE {s}.lanes SET owner = NULL, lease_until = NULL WHERE owner = $1");
+        let release = self.sql(
+            "WITH mine AS (SELECT handler, entity FROM {s}.lanes WHERE owner = $1 \
+             ORDER BY handler COLLATE \"C\", entity COLLATE \"C\" FOR UPDATE) \
+             UPDATE {s}.lanes l SET owner = NULL, lease_until = NULL FROM mine \
+             WHERE l.handler = mine.handler AND l.entity = mine.entity AND l.owner = $1",
+        );
         let gone = self.sql("DELETE FROM {s}.sidecars WHERE id = $1");
         let owner = self.inner.owner.clone();
         if self.inner.ready.load(Ordering::Relaxed)
@@ -1071,18 +1227,17 @@ impl Postgres {
         let every = (self.inner.lease / 3).max(Duration::from_millis(200));
         // Only the lanes held here, each with its token: a lane this sidecar gave up (or
         // lost) is never renewed, whatever its row still says.
-        let renew = self.sql(
-            "UPDATE {s}.lanes l SET lease_until = now() + $2::bigint * interval '1 millisecond' \
-             FROM unnest($3::text[], $4::text[], $5::bigint[]) AS h(handler, entity, token) \
-             WHERE l.owner = $1 AND l.handler = h.handler AND l.entity = h.entity \
-             AND l.token = h.token RETURNING l.handler, l.entity, l.token",
-        );
-        let free = self.sql(
-            "UPDATE {s}.lanes l SET owner = NULL, lease_until = NULL \
-             FROM unnest($2::text[], $3::text[], $4::bigint[]) AS h(handler, entity, token) \
-             WHERE l.owner = $1 AND l.handler = h.handler AND l.entity = h.entity \
-             AND l.token = h.token",
-        );
+        // Both lock their lanes in lane order, as accepts and settlements do.
+        let renew = self.sql(&format!(
+            "{MINE_IN_ORDER} UPDATE {{s}}.lanes l \
+             SET lease_until = now() + $5::bigint * interval '1 millisecond' FROM mine \
+             WHERE l.handler = mine.handler AND l.entity = mine.entity \
+             RETURNING l.handler, l.entity, l.token"
+        ));
+        let free = self.sql(&format!(
+            "{MINE_IN_ORDER} UPDATE {{s}}.lanes l SET owner = NULL, lease_until = NULL FROM mine \
+             WHERE l.handler = mine.handler AND l.entity = mine.entity"
+        ));
         let beat = self.sql(
             "INSERT INTO {s}.sidecars (id, handlers, seen_at) VALUES ($1, $2, now()) \
              ON CONFLICT (id) DO UPDATE SET handlers = excluded.handlers, seen_at = now()",
@@ -1132,7 +1287,7 @@ impl Postgres {
                         }
                         c.query(
                             &c.prepare_cached(&renew).await?,
-                            &[&owner, &lease, &lanes[0], &lanes[1], &tokens],
+                            &[&owner, &lanes[0], &lanes[1], &tokens, &lease],
                         )
                         .await
                     })

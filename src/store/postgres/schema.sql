@@ -76,25 +76,29 @@ CREATE TABLE {s}.sidecars (
     seen_at  timestamptz NOT NULL
 );
 
--- Stores one event's fan-out: per item, the dedupe key (skipped when stored within the
--- window), the lane's row (locked: ids of one lane follow commit order), the delivery.
--- Items come sorted by lane, so two transactions lock lanes in the same order.
+-- Stores the fan-out of one or more events (a group commit): first every dedupe key,
+-- in key order (an item whose key was stored within its window is skipped); then, in
+-- the items' order, which is sorted by lane, the lane's row (locked: ids of one lane
+-- follow commit order) and the delivery. Every accept takes its locks in these two
+-- orders, and settlements take one lane's only, so no two wait on each other in a ring.
 CREATE FUNCTION {s}.enqueue(
     p_handler text[], p_entity text[], p_event text[], p_object text[], p_message text[],
-    p_body text[], p_key bytea[], p_event_id text[], p_window bigint, p_now bigint
+    p_body text[], p_key bytea[], p_event_id text[], p_window bigint[], p_now bigint
 ) RETURNS TABLE (item integer, delivery bigint) LANGUAGE plpgsql AS $$
 DECLARE
     i integer;
+    n integer := coalesce(array_length(p_handler, 1), 0);
+    fresh boolean[] := array_fill(true, ARRAY[n]);
 BEGIN
-    FOR i IN 1 .. coalesce(array_length(p_handler, 1), 0) LOOP
-        IF p_key[i] IS NOT NULL THEN
-            INSERT INTO {s}.dedupe AS d (key, stored_at) VALUES (p_key[i], p_now)
-                ON CONFLICT (key) DO UPDATE SET stored_at = excluded.stored_at
-                WHERE d.stored_at <= p_now - p_window;
-            IF NOT FOUND THEN
-                CONTINUE;
-            END IF;
-        END IF;
+    FOR i IN SELECT k.i FROM unnest(p_key) WITH ORDINALITY AS k(key, i)
+             WHERE k.key IS NOT NULL ORDER BY k.key, k.i LOOP
+        INSERT INTO {s}.dedupe AS d (key, stored_at) VALUES (p_key[i], p_now)
+            ON CONFLICT (key) DO UPDATE SET stored_at = excluded.stored_at
+            WHERE d.stored_at <= p_now - p_window[i];
+        fresh[i] := FOUND;
+    END LOOP;
+    FOR i IN 1 .. n LOOP
+        CONTINUE WHEN NOT fresh[i];
         INSERT INTO {s}.lanes AS l (handler, entity, pending) VALUES (p_handler[i], p_entity[i], 1)
             ON CONFLICT (handler, entity) DO UPDATE SET pending = l.pending + 1;
         INSERT INTO {s}.deliveries
