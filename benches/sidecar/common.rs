@@ -1,7 +1,7 @@
 //! Shared bench parts: a loopback handler server, a provisiond process, load generators
 //! and latency statistics.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write as _};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -319,6 +319,38 @@ pub(crate) fn cpu_time(pid: u32) -> Duration {
     // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name, in clock
     // ticks: USER_HZ, which Linux fixes at 100 for everything it shows user space.
     Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / 100.0)
+}
+
+/// This disk's fdatasync rate: 8 KiB written in place in a preallocated 16 MiB file
+/// (as PostgreSQL writes its WAL segments) and `fdatasync`ed, in a loop; under `/tmp`,
+/// the file system of the PostgreSQL data and of the redb files.
+pub(crate) fn fdatasync_rate(scale: f64) -> Stats {
+    let dir = tempfile::Builder::new()
+        .prefix("provisiond-fsync-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let mut file = std::fs::File::create(dir.path().join("probe")).unwrap();
+    const SIZE: u64 = 16 << 20;
+    file.write_all(&vec![0; 16 << 20]).unwrap();
+    file.sync_all().unwrap();
+    let block = vec![7u8; 8192];
+    let watch = Duration::from_secs_f64(5.0 * scale.max(0.2));
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    let mut offset = 0;
+    while started.elapsed() < watch {
+        let one = Instant::now();
+        file.seek(SeekFrom::Start(offset)).unwrap();
+        file.write_all(&block).unwrap();
+        file.sync_data().unwrap();
+        latencies.push(one.elapsed());
+        offset = (offset + 8192) % SIZE;
+    }
+    Stats {
+        latencies,
+        errors: 0,
+        elapsed: started.elapsed(),
+    }
 }
 
 fn rss_of(pid: u32) -> Option<u64> {
