@@ -1,29 +1,35 @@
 //! Before stage, one HTTP handler: provisiond in front of the echo handler, against the
 //! echo handler called directly and against a bare forwarding hop, at 2,000 events/s and
-//! saturated; and provisiond's memory, idle and at its peak under that load.
+//! saturated; and provisiond's memory, idle and at its peak under that load, and at its
+//! peak under a longer saturated run with its stderr read slowly, against the same with
+//! stderr read at once.
 //!
 //! Each measurement runs in rounds, the three targets one after the other in each round;
 //! the figures are medians over the rounds (see `common::Rounds`).
 
 use std::time::Duration;
 
-use crate::common::{Rounds, Row, Sidecar, closed_loop, cpu_time, open_loop, start_echo};
+use crate::common::{
+    Rounds, Row, Sidecar, Stats, Summary, closed_loop, cpu_time, open_loop, start_echo, status_kib,
+};
 use crate::hop::Hop;
 
 const ROUNDS: usize = 5;
 
-pub(crate) async fn run(scale: f64) -> Vec<Row> {
+pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
     let echo = start_echo();
     let direct_url = format!("http://{echo}/");
     let hop = Hop::start(&echo.to_string());
     let hop_url = format!("http://{}/", hop.addr);
-    let sidecar = Sidecar::start(&format!(
+    let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n\n[[handler]]\nname = \"echo\"\nevents = [\"*\"]\n\
          stage = \"before\"\nurl = \"{direct_url}\"\nmodifies = true\n"
-    ));
+    );
+    let sidecar = Sidecar::start(&config);
     let via = sidecar.url("/events");
     std::thread::sleep(std::time::Duration::from_millis(300));
     let idle_kib = sidecar.rss_kib().unwrap_or_default();
+    let hop_idle_kib = status_kib(hop.pid(), "VmRSS:").unwrap_or_default();
     let n = |x: usize| crate::common::scaled(x, scale, 100);
     let mut rows = Vec::new();
 
@@ -46,6 +52,22 @@ pub(crate) async fn run(scale: f64) -> Vec<Row> {
     rows.push(direct.row(scenario, "direct", ""));
     rows.push(hopped.row(scenario, "bare hop", added(&hopped)));
     rows.push(through.row(scenario, "provisiond", added(&through)));
+    summary.push(Summary {
+        note: format!(
+            "p99 median over rounds: direct {:.3} ms, provisiond {:.3} ms",
+            direct.median(|s| crate::common::ms(s.quantile(0.99))),
+            through.median(|s| crate::common::ms(s.quantile(0.99)))
+        ),
+        ..Summary::new(
+            3,
+            "p99 added over calling the handler directly, at 2,000 events/s",
+            "ms",
+            through.added(&direct, 0.99),
+            "added by the bare hop",
+            hopped.added(&direct, 0.99),
+            "< 0.5 ms",
+        )
+    });
 
     // Saturated: 32 connections sending back to back.
     let scenario = "1. before, 1 HTTP handler, saturated";
@@ -91,6 +113,33 @@ pub(crate) async fn run(scale: f64) -> Vec<Row> {
             rps(&through) / rps(&hopped)
         ),
     ));
+    summary.push(Summary::new(
+        1,
+        "saturated throughput, provisiond / bare hop",
+        "req/s",
+        rps(&through),
+        "bare hop",
+        rps(&hopped),
+        ">= 0.8",
+    ));
+    summary.push(Summary::new(
+        2,
+        "CPU per event, provisiond / bare hop",
+        "us",
+        sidecar_us,
+        "bare hop",
+        hop_us,
+        "<= 1.5 x",
+    ));
+    summary.push(Summary::new(
+        5,
+        "resident memory idle",
+        "MiB",
+        mib(idle_kib),
+        "bare hop",
+        mib(hop_idle_kib),
+        "< 12 MiB",
+    ));
     rows.push(Row {
         scenario: "6. provisiond resident memory".into(),
         target: "provisiond".into(),
@@ -101,9 +150,67 @@ pub(crate) async fn run(scale: f64) -> Vec<Row> {
         p99_ms: f64::NAN,
         note: format!(
             "idle {:.1} MiB, peak {:.1} MiB under the saturated runs",
-            idle_kib as f64 / 1024.0,
-            peak_kib as f64 / 1024.0
+            mib(idle_kib),
+            mib(peak_kib)
         ),
     });
+    drop(sidecar);
+
+    // The peak under a longer saturated run on a fresh process, its stderr a pipe read
+    // slowly (the log writer's buffer must stay bounded), against stderr read at once.
+    let scenario = "6. provisiond peak memory, saturated, distinct envelopes";
+    let total = n(80_000);
+    let (at_once, at_once_kib, at_once_dropped) = saturated_peak(&config, false, total).await;
+    let (slow, slow_kib, slow_dropped) = saturated_peak(&config, true, total).await;
+    let note = |kib: u64, dropped: f64| {
+        format!(
+            "peak {:.1} MiB (VmHWM); {dropped:.0} log lines dropped",
+            mib(kib)
+        )
+    };
+    rows.push(at_once.row(
+        scenario,
+        "stderr read at once",
+        note(at_once_kib, at_once_dropped),
+    ));
+    rows.push(slow.row(
+        scenario,
+        "stderr read at 10 KiB/s",
+        note(slow_kib, slow_dropped),
+    ));
+    summary.push(Summary {
+        note: format!(
+            "{total} envelopes from 32 connections; log lines dropped: {slow_dropped:.0} \
+             (stderr read at once: {at_once_dropped:.0})"
+        ),
+        ..Summary::new(
+            4,
+            "resident memory at the peak of a saturated run, stderr a pipe read at 10 KiB/s",
+            "MiB",
+            mib(slow_kib),
+            "stderr read at once",
+            mib(at_once_kib),
+            "< 64 MiB",
+        )
+    });
     rows
+}
+
+/// A fresh provisiond serving `config` under `total` distinct envelopes from 32
+/// connections back to back, its stderr read slowly or at once: the run, the process's
+/// peak resident memory in KiB and the log lines it dropped.
+async fn saturated_peak(config: &str, slow_stderr: bool, total: usize) -> (Stats, u64, f64) {
+    let sidecar = if slow_stderr {
+        Sidecar::start_slow_stderr(config)
+    } else {
+        Sidecar::start(config)
+    };
+    let stats = closed_loop(&sidecar.url("/events"), 32, total).await;
+    let peak_kib = sidecar.peak_kib().unwrap_or_default();
+    let dropped = sidecar.metric("provisiond_log_lines_dropped_total").await;
+    (stats, peak_kib, dropped)
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
 }

@@ -1,7 +1,7 @@
 //! Shared bench parts: a loopback handler server, a provisiond process, load generators
 //! and latency statistics.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write as _};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -27,6 +27,47 @@ pub(crate) struct Row {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub note: String,
+}
+
+/// One row of issue 11's table: provisiond's figure beside its baseline from the same
+/// run, their ratio, and the issue's target.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Summary {
+    /// The row's number in the issue's table.
+    pub row: usize,
+    pub figure: String,
+    pub unit: String,
+    pub measured: f64,
+    pub baseline: String,
+    pub baseline_value: f64,
+    pub ratio: f64,
+    pub target: String,
+    pub note: String,
+}
+
+impl Summary {
+    /// A row with its ratio, measured / baseline, and no note.
+    pub(crate) fn new(
+        row: usize,
+        figure: &str,
+        unit: &str,
+        measured: f64,
+        baseline: &str,
+        baseline_value: f64,
+        target: &str,
+    ) -> Self {
+        Self {
+            row,
+            figure: figure.into(),
+            unit: unit.into(),
+            measured,
+            baseline: baseline.into(),
+            baseline_value,
+            ratio: measured / baseline_value,
+            target: target.into(),
+            note: String::new(),
+        }
+    }
 }
 
 /// `count` times the run's scale (`--quick` is a tenth), at least `min`.
@@ -210,6 +251,18 @@ impl Sidecar {
     }
 
     pub(crate) fn start_in(dir: tempfile::TempDir, config: &Path) -> Self {
+        Self::spawn(dir, config, false)
+    }
+
+    /// As `start`, its stderr read slowly: 1 KiB every 100 ms, about 10 KiB/s.
+    pub(crate) fn start_slow_stderr(config: &str) -> Self {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("provisioning.toml");
+        std::fs::write(&path, config).unwrap();
+        Self::spawn(dir, &path, true)
+    }
+
+    fn spawn(dir: tempfile::TempDir, config: &Path, slow_stderr: bool) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_provisiond"))
             .args([
                 "run",
@@ -227,6 +280,11 @@ impl Sidecar {
             .spawn()
             .expect("provisiond starts");
         let stderr = child.stderr.take().unwrap();
+        let stderr: Box<dyn Read + Send> = if slow_stderr {
+            Box::new(SlowReader(stderr))
+        } else {
+            Box::new(stderr)
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut sent = false;
@@ -239,7 +297,7 @@ impl Sidecar {
                     let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
                     sent = true;
                 }
-                // Keep draining so the sidecar never blocks on a full pipe.
+                // Keep draining (slowly or not) until the sidecar exits.
             }
         });
         let addr = rx
@@ -268,6 +326,34 @@ impl Sidecar {
 
     pub(crate) fn rss_kib(&self) -> Option<u64> {
         rss_of(self.child.id())
+    }
+
+    /// The peak resident memory of the process's whole life (`VmHWM`), in KiB.
+    pub(crate) fn peak_kib(&self) -> Option<u64> {
+        status_kib(self.child.id(), "VmHWM:")
+    }
+
+    /// A counter or gauge from its `/metrics` (0 when absent).
+    pub(crate) async fn metric(&self, name: &str) -> f64 {
+        let text = match client().get(self.url("/metrics")).send().await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        text.lines()
+            .find(|l| l.split([' ', '{']).next() == Some(name))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+/// A reader that takes at most 1 KiB every 100 ms: a slow consumer of stderr.
+struct SlowReader<R>(R);
+
+impl<R: Read> Read for SlowReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        std::thread::sleep(Duration::from_millis(100));
+        let len = buf.len().min(1024);
+        self.0.read(&mut buf[..len])
     }
 }
 
@@ -321,11 +407,48 @@ pub(crate) fn cpu_time(pid: u32) -> Duration {
     Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / 100.0)
 }
 
+/// This disk's fdatasync rate: 8 KiB written in place in a preallocated 16 MiB file
+/// (as PostgreSQL writes its WAL segments) and `fdatasync`ed, in a loop; under `/tmp`,
+/// the file system of the PostgreSQL data and of the redb files.
+pub(crate) fn fdatasync_rate(scale: f64) -> Stats {
+    let dir = tempfile::Builder::new()
+        .prefix("provisiond-fsync-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let mut file = std::fs::File::create(dir.path().join("probe")).unwrap();
+    const SIZE: u64 = 16 << 20;
+    file.write_all(&vec![0; 16 << 20]).unwrap();
+    file.sync_all().unwrap();
+    let block = vec![7u8; 8192];
+    let watch = Duration::from_secs_f64(5.0 * scale.max(0.2));
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    let mut offset = 0;
+    while started.elapsed() < watch {
+        let one = Instant::now();
+        file.seek(SeekFrom::Start(offset)).unwrap();
+        file.write_all(&block).unwrap();
+        file.sync_data().unwrap();
+        latencies.push(one.elapsed());
+        offset = (offset + 8192) % SIZE;
+    }
+    Stats {
+        latencies,
+        errors: 0,
+        elapsed: started.elapsed(),
+    }
+}
+
 fn rss_of(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A field of `/proc/<pid>/status` given in kB, such as `VmRSS:`.
+pub(crate) fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
@@ -504,5 +627,41 @@ pub(crate) fn print_table(rows: &[Row]) {
             num(r.p99_ms, 3),
             r.note
         );
+    }
+}
+
+/// Issue 11's table, in the issue's order, for the scenarios that ran.
+pub(crate) fn print_summary(summary: &mut [Summary]) {
+    if summary.is_empty() {
+        return;
+    }
+    summary.sort_by_key(|s| s.row);
+    println!(
+        "\nissue 11\n\n| # | figure | provisiond | baseline | ratio | target | note |\n\
+         | ---: | --- | ---: | --- | ---: | --- | --- |"
+    );
+    for s in summary.iter() {
+        println!(
+            "| {} | {} | {} {} | {} {}, {} | {:.2} | {} | {} |",
+            s.row,
+            s.figure,
+            figure(s.measured),
+            s.unit,
+            figure(s.baseline_value),
+            s.unit,
+            s.baseline,
+            s.ratio,
+            s.target,
+            s.note
+        );
+    }
+}
+
+/// A figure with the decimals its size calls for: 21139 req/s, 43.2 MiB, 0.552 ms.
+fn figure(v: f64) -> String {
+    match v.abs() {
+        a if a >= 100.0 => format!("{v:.0}"),
+        a if a >= 10.0 => format!("{v:.1}"),
+        _ => format!("{v:.3}"),
     }
 }

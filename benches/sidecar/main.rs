@@ -1,7 +1,8 @@
 //! The bench harness: `cargo bench --bench sidecar -- [SCENARIO...] [--quick]`.
 //!
 //! Every scenario runs its baseline in the same run, so the figures are ratios that hold
-//! on a noisy machine. Results go to stdout as a table and to `bench-results.json`.
+//! on a noisy machine. Results go to stdout as a table, then issue 11's rows each beside
+//! its baseline, and to `bench-results.json` (`rows` and `summary`).
 //! Load is always bounded (a fixed number of requests). Everything binds loopback.
 
 mod after;
@@ -17,7 +18,7 @@ mod shared;
 
 use std::time::Duration;
 
-use common::Row;
+use common::{Row, Summary};
 
 const SCENARIOS: &[&str] = &["before", "chain", "select", "scripts", "after", "reload"];
 /// Run only when named: heavy on the disk (`shared` also needs PostgreSQL's programs).
@@ -85,14 +86,15 @@ fn main() {
         .build()
         .unwrap();
     let mut rows: Vec<Row> = Vec::new();
+    let mut summary: Vec<Summary> = Vec::new();
     for name in chosen {
         eprintln!("== {name}");
         let scenario_rows = match name {
-            "before" => runtime.block_on(before::run(scale)),
+            "before" => runtime.block_on(before::run(scale, &mut summary)),
             "chain" => runtime.block_on(chain::run(scale)),
             "select" => select::run(scale),
-            "scripts" => runtime.block_on(scripts::run(scale)),
-            "after" => runtime.block_on(after::run(scale)),
+            "scripts" => runtime.block_on(scripts::run(scale, &mut summary)),
+            "after" => runtime.block_on(after::run(scale, &mut summary)),
             "reload" => runtime.block_on(reload::run(scale)),
             "backlog" => runtime.block_on(backlog::run(scale)),
             "shared" => runtime.block_on(shared::run(scale)),
@@ -103,7 +105,9 @@ fn main() {
         std::thread::sleep(Duration::from_secs(2));
     }
     common::print_table(&rows);
+    common::print_summary(&mut summary);
     let path = "bench-results.json";
-    std::fs::write(path, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+    let results = serde_json::json!({"rows": rows, "summary": summary});
+    std::fs::write(path, serde_json::to_string_pretty(&results).unwrap()).unwrap();
     eprintln!("wrote {path}");
 }

@@ -12,7 +12,6 @@
 //! keeps the disk busy): `cargo bench --bench sidecar -- shared`.
 
 use std::collections::HashSet;
-use std::io::{Seek, SeekFrom, Write as _};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -21,7 +20,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
 
-use crate::common::{Rounds, Row, Sidecar, Stats, client, cpu_time, gather, paced, reply, scaled};
+use crate::common::{
+    Rounds, Row, Sidecar, Stats, client, cpu_time, fdatasync_rate, gather, paced, reply, scaled,
+};
 
 // The tests' harness, as it is: it needs a `free_addr` in its parent module (below).
 #[path = "../../tests/common/pg.rs"]
@@ -556,38 +557,6 @@ async fn takeover(server: &PgServer) -> Row {
             lanes.len(),
             calls
         ),
-    }
-}
-
-/// This disk's fdatasync rate: 8 KiB written in place in a preallocated 16 MiB file
-/// (as PostgreSQL writes its WAL segments) and `fdatasync`ed, in a loop; under `/tmp`,
-/// the file system of the PostgreSQL data and of the redb files.
-fn fdatasync_rate(scale: f64) -> Stats {
-    let dir = tempfile::Builder::new()
-        .prefix("provisiond-fsync-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let mut file = std::fs::File::create(dir.path().join("probe")).unwrap();
-    const SIZE: u64 = 16 << 20;
-    file.write_all(&vec![0; 16 << 20]).unwrap();
-    file.sync_all().unwrap();
-    let block = vec![7u8; 8192];
-    let watch = Duration::from_secs_f64(5.0 * scale.max(0.2));
-    let started = Instant::now();
-    let mut latencies = Vec::new();
-    let mut offset = 0;
-    while started.elapsed() < watch {
-        let one = Instant::now();
-        file.seek(SeekFrom::Start(offset)).unwrap();
-        file.write_all(&block).unwrap();
-        file.sync_data().unwrap();
-        latencies.push(one.elapsed());
-        offset = (offset + 8192) % SIZE;
-    }
-    Stats {
-        latencies,
-        errors: 0,
-        elapsed: started.elapsed(),
     }
 }
 
