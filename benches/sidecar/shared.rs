@@ -578,8 +578,23 @@ pub(crate) async fn run(scale: f64) -> Vec<Row> {
     for (key, value) in OPERATOR_SETTINGS {
         server.psql("postgres", &format!("ALTER SYSTEM SET {key} = '{value}'"));
     }
+    let statements = std::env::var_os("PROVISIOND_BENCH_STATEMENTS").is_some();
+    if statements {
+        server.psql(
+            "postgres",
+            "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'",
+        );
+    }
     server.stop();
     server.restart();
+    if statements {
+        // Statements inside `enqueue` and `settle` too.
+        server.psql(
+            "postgres",
+            "ALTER SYSTEM SET pg_stat_statements.track = 'all'",
+        );
+        server.psql("postgres", "SELECT pg_reload_conf()");
+    }
     let settings = server.psql(
         "postgres",
         "SELECT string_agg(name || ' = ' || current_setting(name), ', ' ORDER BY name) \
@@ -617,7 +632,27 @@ pub(crate) async fn run(scale: f64) -> Vec<Row> {
     for (target, configs) in &runs {
         eprintln!("   saturated: {target}");
         let pg = target.starts_with("postgres").then_some(&server);
+        if let Some(server) = pg.filter(|_| statements) {
+            server.psql(
+                "postgres",
+                "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; \
+                 SELECT pg_stat_statements_reset()",
+            );
+        }
         let (mut row, deliveries) = saturated(target, configs, &handler, pg, total).await;
+        if let Some(server) = pg.filter(|_| statements) {
+            eprintln!("   statements of {target}, by total time (ms, calls, ms per call):");
+            eprintln!(
+                "{}",
+                server.psql(
+                    "postgres",
+                    "SELECT round(total_exec_time) || ' | ' || calls || ' | ' || \
+                     round((total_exec_time / calls)::numeric, 3) || ' | ' || \
+                     left(regexp_replace(query, '\\s+', ' ', 'g'), 110) \
+                     FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 14",
+                )
+            );
+        }
         row.note = format!(
             "{:.1} x the disk's fdatasync rate ({:.1} x for deliveries); {}",
             row.rps / fsyncs,

@@ -450,6 +450,62 @@ async fn the_same_envelope_twice_is_delivered_once_even_across_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn copies_of_one_envelope_sent_at_once_are_delivered_once_beside_other_events() {
+    // Sent together, they are stored together (one group commit, or one batch of the
+    // redb writer): the copies dedupe within it, and the other events are stored.
+    let handler = HandlerServer::fixed(200, "").await;
+    let config = format!("{SERVER}{}", after_handler("crm", &handler.url("/"), FAST));
+    let db = db();
+    let sidecar = Arc::new(Sidecar::start(&db.config(&config)));
+    let same = envelope("clients.update", 1, json!({"seq": 0})).to_string();
+    let mut sends = Vec::new();
+    for i in 0..24 {
+        let body = if i % 2 == 0 {
+            same.clone()
+        } else {
+            envelope("clients.update", 100 + i, json!({"seq": i})).to_string()
+        };
+        let sidecar = sidecar.clone();
+        sends.push(tokio::spawn(async move { sidecar.post(body).await.0 }));
+    }
+    for send in sends {
+        assert_eq!(send.await.unwrap(), 200);
+    }
+    // The next event of entity 1: were a copy queued, it would arrive before this one.
+    sidecar.send("clients.update", 1, json!({"seq": 1})).await;
+    assert!(
+        eventually(Duration::from_secs(20), || handler
+            .calls()
+            .iter()
+            .any(|c| key(c) == (1, 1)))
+        .await
+    );
+    assert!(eventually(Duration::from_secs(20), || handler.calls().len() >= 14).await);
+    let mut keys: Vec<(i64, i64)> = handler.calls().iter().map(key).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut expected: Vec<(i64, i64)> = (0..24)
+        .filter(|i| i % 2 == 1)
+        .map(|i| (100 + i, i))
+        .chain([(1, 0), (1, 1)])
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(keys, expected);
+    let copies = handler
+        .calls()
+        .iter()
+        .filter(|c| key(c) == (1, 0))
+        .map(|c| c.header("webhook-id").unwrap_or_default().to_owned())
+        .collect::<Vec<_>>();
+    assert_eq!(
+        copies.len(),
+        1,
+        "the envelope was delivered {} times",
+        copies.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn with_no_dedupe_window_the_same_envelope_is_delivered_again() {
     let handler = HandlerServer::fixed(200, "").await;
     let config = format!(

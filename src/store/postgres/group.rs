@@ -119,3 +119,96 @@ async fn answer<G: Run>(jobs: Vec<Job<G::Request, G::Answer>>, runner: &G) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Doubles each number after a pause; fails every group holding a negative one.
+    /// Keeps the size of every group it ran.
+    #[derive(Default)]
+    struct Double {
+        sizes: Arc<StdMutex<Vec<usize>>>,
+    }
+
+    impl Run for Double {
+        type Request = i64;
+        type Answer = i64;
+
+        async fn run(&self, requests: &[i64]) -> Result<Vec<i64>, StoreError> {
+            self.sizes.lock().unwrap().push(requests.len());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if requests.iter().any(|n| *n < 0) {
+                return Err(StoreError::Write(format!("{requests:?} holds a negative")));
+            }
+            Ok(requests.iter().map(|n| n * 2).collect())
+        }
+    }
+
+    fn start(workers: usize) -> (Arc<Group<Double>>, Arc<StdMutex<Vec<usize>>>) {
+        let runner = Double::default();
+        let sizes = runner.sizes.clone();
+        let group = Group::start(
+            runner,
+            workers,
+            &TaskTracker::new(),
+            &CancellationToken::new(),
+        );
+        (Arc::new(group), sizes)
+    }
+
+    async fn submit_all(group: &Arc<Group<Double>>, numbers: &[i64]) -> Vec<Result<i64, String>> {
+        let asks: Vec<_> = numbers
+            .iter()
+            .map(|&n| {
+                let group = group.clone();
+                tokio::spawn(async move { group.submit(n).await.map_err(|e| e.to_string()) })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for ask in asks {
+            out.push(ask.await.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn requests_that_wait_for_a_busy_worker_run_as_one_group() {
+        let (group, sizes) = start(1);
+        let numbers: Vec<i64> = (1..=40).collect();
+        let answers = submit_all(&group, &numbers).await;
+        let doubled: Vec<Result<i64, String>> = numbers.iter().map(|n| Ok(n * 2)).collect();
+        assert_eq!(answers, doubled, "each requester gets its own answer");
+        let sizes = sizes.lock().unwrap().clone();
+        assert_eq!(sizes.iter().sum::<usize>(), 40);
+        assert!(
+            sizes.len() < 40 && sizes.iter().any(|&n| n > 1),
+            "nothing was grouped: {sizes:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_alone_goes_at_once() {
+        let (group, sizes) = start(2);
+        assert_eq!(group.submit(5).await.unwrap(), 10);
+        assert_eq!(*sizes.lock().unwrap(), vec![1]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_group_is_run_again_request_by_request() {
+        let (group, sizes) = start(1);
+        let answers = submit_all(&group, &[1, 2, -3, 4, 5, 6]).await;
+        assert_eq!(
+            answers[2],
+            Err("store write failed: [-3] holds a negative".into())
+        );
+        for (i, n) in [(0, 1), (1, 2), (3, 4), (4, 5), (5, 6)] {
+            assert_eq!(answers[i], Ok(n * 2), "{answers:?}");
+        }
+        let sizes = sizes.lock().unwrap().clone();
+        assert!(sizes.iter().any(|&n| n > 1), "never grouped: {sizes:?}");
+    }
+}

@@ -46,6 +46,8 @@ pub(super) const OP_TIMEOUT: Duration = Duration::from_secs(5);
 const LANE_BATCH: i64 = 1000;
 /// Execution log rows written in one statement at most.
 const LOG_BATCH: usize = 2000;
+/// How often a handler's claims look for lanes whose lease ran out, at most.
+const EXPIRED_EVERY: Duration = Duration::from_millis(500);
 /// Group commits of accepts in flight at once, at most (each takes one of the pool's
 /// connections; at most half of them).
 const ACCEPT_WORKERS: usize = 4;
@@ -80,6 +82,8 @@ struct Inner {
     unfreed: Mutex<Vec<(String, String, i64)>>,
     /// This sidecar's after-stage handlers, as the other sidecars should see them.
     handlers: Mutex<Vec<String>>,
+    /// When each handler's claims last looked for lanes whose lease ran out.
+    expired_at: Mutex<HashMap<String, Instant>>,
     /// Accepts waiting for their group commit.
     accepts: OnceLock<group::Group<Accepts>>,
     /// Settlements waiting for their group.
@@ -245,6 +249,7 @@ impl Postgres {
                 held: Mutex::default(),
                 unfreed: Mutex::default(),
                 handlers: Mutex::default(),
+                expired_at: Mutex::default(),
                 accepts: OnceLock::new(),
                 settles: OnceLock::new(),
                 logs: logs_tx,
@@ -987,14 +992,32 @@ impl Postgres {
         if room == 0 || !self.is_open() && !self.inner.ready.load(Ordering::Relaxed) {
             return Ok(Vec::new());
         }
+        // Free lanes come from their own index (`lanes_free`), which holds no lane that
+        // anyone holds: a claim does not walk past the lanes other sidecars are working.
+        // Lanes whose lease ran out (their sidecar died) are looked for at most every
+        // EXPIRED_EVERY, among the lanes held.
         let claim = self.sql(
             "WITH free AS (SELECT handler, entity FROM {s}.lanes WHERE handler = $1 \
-             AND pending > 0 AND (owner IS NULL OR lease_until < now()) \
-             LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             AND pending > 0 AND owner IS NULL LIMIT $2 FOR UPDATE SKIP LOCKED), \
+             expired AS (SELECT handler, entity FROM {s}.lanes WHERE $5::boolean \
+             AND handler = $1 AND pending > 0 AND owner IS NOT NULL AND lease_until < now() \
+             LIMIT $2 FOR UPDATE SKIP LOCKED), \
+             taken AS (SELECT * FROM free UNION ALL SELECT * FROM expired LIMIT $2) \
              UPDATE {s}.lanes l SET owner = $3, token = l.token + 1, \
-             lease_until = now() + $4::bigint * interval '1 millisecond' FROM free \
-             WHERE l.handler = free.handler AND l.entity = free.entity RETURNING l.entity, l.token",
+             lease_until = now() + $4::bigint * interval '1 millisecond' FROM taken \
+             WHERE l.handler = taken.handler AND l.entity = taken.entity \
+             RETURNING l.entity, l.token",
         );
+        let expired = {
+            let mut looked = self.inner.expired_at.lock().expect("not poisoned");
+            match looked.get(handler) {
+                Some(at) if at.elapsed() < EXPIRED_EVERY => false,
+                _ => {
+                    looked.insert(handler.to_owned(), Instant::now());
+                    true
+                }
+            }
+        };
         let room = i64::try_from(room).unwrap_or(i64::MAX);
         let lease = ms(self.inner.lease);
         let owner = &self.inner.owner;
@@ -1003,7 +1026,7 @@ impl Postgres {
             .run("write", async |c| {
                 c.query(
                     &c.prepare_cached(&claim).await?,
-                    &[&handler, &room, owner, &lease],
+                    &[&handler, &room, owner, &lease, &expired],
                 )
                 .await
             })

@@ -49,6 +49,9 @@ CREATE TABLE {s}.lanes (
     PRIMARY KEY (handler, entity)
 );
 CREATE INDEX lanes_with_work ON {s}.lanes (handler) WHERE pending > 0;
+-- The lanes a claim may take: with work and held by nobody. A lane enters it only when
+-- it is freed with work left or gets work while free, so it stays small and cheap.
+CREATE INDEX lanes_free ON {s}.lanes (handler) WHERE pending > 0 AND owner IS NULL;
 CREATE INDEX lanes_by_owner ON {s}.lanes (owner) WHERE owner IS NOT NULL;
 
 CREATE TABLE {s}.dedupe (
