@@ -248,8 +248,14 @@ impl fmt::Debug for SigningKey {
 #[derive(Debug)]
 pub struct ScriptTarget {
     /// The program (resolved against the config's directory when relative) and its
-    /// arguments.
+    /// arguments: what the script gets as its argv.
     pub argv: Vec<String>,
+    /// The file executed: `argv[0]`, or for a bare name the file of that name first
+    /// found in provisiond's `PATH` when the config was loaded. Given a path, the
+    /// standard library spawns with `posix_spawn`; given a bare name while the child's
+    /// `PATH` is set, it falls back to fork + exec, which copies provisiond's page
+    /// tables on every call.
+    pub program: PathBuf,
     /// The command as written in the file (before substitution).
     pub shown_argv: Vec<String>,
     pub env: Vec<(String, String)>,

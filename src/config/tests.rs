@@ -154,6 +154,48 @@ on_error = 1
 }
 
 #[test]
+fn a_bare_program_name_is_found_in_path_once_and_keeps_its_name_as_argv0() {
+    let text = r#"
+[[handler]]
+name = "sh"
+events = ["*"]
+stage = "before"
+command = ["sh", "-c", "cat"]
+
+[[handler]]
+name = "nowhere"
+events = ["*"]
+stage = "before"
+command = ["no-such-program-anywhere"]
+
+[[handler]]
+name = "path"
+events = ["*"]
+stage = "before"
+command = ["hooks/a.sh"]
+"#;
+    fn script<'a>(config: &'a Config, name: &str) -> &'a ScriptTarget {
+        match &config.handler(name).unwrap().target {
+            Target::Script(s) => s,
+            Target::Http(_) => panic!("{name} is a script"),
+        }
+    }
+    let config = parse(text).unwrap();
+    let sh = script(&config, "sh");
+    assert!(sh.program.is_absolute(), "{:?}", sh.program);
+    assert!(sh.program.ends_with("sh") && sh.program.is_file(), "{:?}", sh.program);
+    assert_eq!(sh.argv[0], "sh", "the script sees its name as written");
+    // Not found: left as written, and the call fails as it did.
+    assert_eq!(
+        script(&config, "nowhere").program,
+        PathBuf::from("no-such-program-anywhere")
+    );
+    let path = script(&config, "path");
+    assert_eq!(path.program, PathBuf::from("/etc/p/hooks/a.sh"));
+    assert_eq!(path.argv[0], "/etc/p/hooks/a.sh");
+}
+
+#[test]
 fn warns_about_scripts_that_are_not_there_or_not_executable() {
     use std::os::unix::fs::PermissionsExt as _;
 

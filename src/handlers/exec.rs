@@ -18,9 +18,9 @@ use crate::config::ScriptTarget;
 const PASSED_THROUGH: &[&str] = &["PATH", "HOME", "LANG"];
 
 pub(crate) async fn call(target: &ScriptTarget, call: &Call<'_>) -> Result<Reply, CallError> {
-    let program = &target.argv[0];
-    let mut command = Command::new(program);
+    let mut command = Command::new(&target.program);
     command
+        .arg0(&target.argv[0])
         .args(&target.argv[1..])
         .env_clear()
         .current_dir(&target.workdir)

@@ -1,7 +1,7 @@
 //! The compile step for one `[[handler]]`: its events, stage settings, filter and
 //! target (an HTTP URL or a script), every rule checked with its key path.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -286,10 +286,15 @@ impl Checker<'_> {
             })
             .collect();
         let mut argv = argv.to_vec();
-        let program = Path::new(&argv[0]);
-        if program.is_relative() && argv[0].contains('/') {
-            argv[0] = base.join(program).display().to_string();
+        let written = Path::new(&argv[0]);
+        if written.is_relative() && argv[0].contains('/') {
+            argv[0] = base.join(written).display().to_string();
         }
+        let program = if argv[0].contains('/') {
+            PathBuf::from(&argv[0])
+        } else {
+            on_path(&argv[0]).unwrap_or_else(|| PathBuf::from(&argv[0]))
+        };
         let mut env = Vec::new();
         for (name, value) in raw.env.iter().flatten() {
             let ok = !name.is_empty() && !name.contains('=') && !name.contains('\0');
@@ -308,11 +313,26 @@ impl Checker<'_> {
         };
         Some(Target::Script(ScriptTarget {
             argv,
+            program,
             shown_argv,
             env,
             workdir,
         }))
     }
+}
+
+/// The executable file `name` in provisiond's `PATH`, first found, as the shell would
+/// run it; `None` when there is none (the call then fails as it would have).
+fn on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join(name))
+        .find(|file| {
+            std::fs::metadata(file).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 /// One entry of a handler's `events`, checked against the `known` event names.
