@@ -502,7 +502,9 @@ pub(crate) async fn warm(client: &reqwest::Client, url: &str, width: usize) {
             .map(|i| {
                 let client = client.clone();
                 let url = url.to_owned();
-                tokio::spawn(async move { one(&client, &url, envelope(first + wave * width + i)).await })
+                tokio::spawn(
+                    async move { one(&client, &url, envelope(first + wave * width + i)).await },
+                )
             })
             .collect();
         for task in tasks {

@@ -183,7 +183,11 @@ command = ["hooks/a.sh"]
     let config = parse(text).unwrap();
     let sh = script(&config, "sh");
     assert!(sh.program.is_absolute(), "{:?}", sh.program);
-    assert!(sh.program.ends_with("sh") && sh.program.is_file(), "{:?}", sh.program);
+    assert!(
+        sh.program.ends_with("sh") && sh.program.is_file(),
+        "{:?}",
+        sh.program
+    );
     assert_eq!(sh.argv[0], "sh", "the script sees its name as written");
     // Not found: left as written, and the call fails as it did.
     assert_eq!(
