@@ -1,7 +1,8 @@
 //! The PostgreSQL backend's own promises, beyond the after-stage suite that runs on
 //! both backends (`after_pg`): a handler removed by one sidecar's reload but kept by
 //! another is not dead-lettered; `store copy` moves a redb file's queue and dead letters
-//! in; a schema newer than the build is refused; the URL's password is never shown.
+//! in; a schema newer than the build is refused, and sidecars started together create
+//! it once; the URL's password is never shown.
 
 use std::time::Duration;
 
@@ -216,6 +217,63 @@ async fn a_schema_newer_than_the_build_is_refused_in_one_sentence() {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sidecars_started_together_on_an_empty_database_create_the_schema_once() {
+    let Some(db) = server() else { return };
+    let handler = HandlerServer::fixed(200, "").await;
+    let config = format!(
+        "{SERVER}{}{}",
+        store(&db),
+        after_handler("crm", &handler.url("/"), FAST)
+    );
+    // All at once, each process on a thread of its own.
+    let starts: Vec<_> = (0..4)
+        .map(|_| {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || Sidecar::start(&config))
+        })
+        .collect();
+    let mut sidecars = Vec::new();
+    for start in starts {
+        sidecars.push(start.await.unwrap());
+    }
+    for (i, sidecar) in sidecars.iter().enumerate() {
+        let (code, ready) = sidecar.get("/readyz").await;
+        assert_eq!(code, 200, "sidecar {i}: {ready}");
+        let (code, _) = sidecar
+            .send("clients.update", i64::try_from(i).unwrap(), json!({}))
+            .await;
+        assert_eq!(code, 200, "sidecar {i}");
+    }
+    assert!(eventually(Duration::from_secs(10), || handler.calls().len() >= 4).await);
+    let created: usize = sidecars
+        .iter()
+        .map(|s| {
+            s.logs()
+                .iter()
+                .filter(|l| l.contains("database schema created"))
+                .count()
+        })
+        .sum();
+    assert_eq!(created, 1, "the schema is created by exactly one sidecar");
+    // The others waited for the lock and found it made: none failed on the way.
+    for (i, sidecar) in sidecars.iter().enumerate() {
+        let logs = sidecar.logs().join("\n");
+        assert!(
+            !logs.contains("cannot reach the database"),
+            "sidecar {i}: {logs}"
+        );
+        assert!(!logs.contains("\"level\":\"ERROR\""), "sidecar {i}: {logs}");
+    }
+    assert_eq!(
+        db.psql(
+            "provisiond",
+            "SELECT value FROM provisiond.meta WHERE key = 'schema_version'"
+        ),
+        "1"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
