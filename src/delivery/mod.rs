@@ -65,6 +65,10 @@ pub const NOT_AFTER: &str =
 
 /// Lanes one handler keeps in memory at most; the rest wait in the store.
 pub const LANES_PER_HANDLER: usize = 1024;
+/// Shared store: lanes a sidecar holds at once per slot of a handler's
+/// `max_concurrency`. Two: a slot that finishes a lane finds the next one in memory, and
+/// lanes this sidecar could not work yet are left for the others to claim.
+const HELD_PER_SLOT: usize = 2;
 
 /// Longest wait between two tries of a store operation that failed.
 const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
@@ -521,6 +525,10 @@ impl Deliveries {
             lanes.refilling = true;
             drop(state);
             self.spawn_refill(lane.handler.clone());
+        } else if self.store.is_shared() {
+            // Room for another lane: claim one now rather than at the next look.
+            drop(state);
+            self.wake.notify_one();
         }
         None
     }
@@ -780,9 +788,9 @@ async fn claim_lanes(this: Arc<Deliveries>) {
                 .iter()
                 .filter(|h| h.stage == Stage::After);
             let all: Vec<String> = after.clone().map(|h| h.name.clone()).collect();
-            let enabled: Vec<String> = after
+            let enabled: Vec<(String, Option<usize>)> = after
                 .filter(|h| h.enabled)
-                .map(|h| h.name.clone())
+                .map(|h| (h.name.clone(), Some(h.max_concurrency)))
                 .collect();
             (all, enabled)
         };
@@ -797,12 +805,23 @@ async fn claim_lanes(this: Arc<Deliveries>) {
         if orphans_at.elapsed() >= ORPHANS_EVERY {
             orphans_at = Instant::now();
             match this.store.orphans().await {
-                Ok(orphans) => wanted.extend(orphans.into_iter().filter(|h| !all.contains(h))),
+                Ok(orphans) => wanted.extend(
+                    orphans
+                        .into_iter()
+                        .filter(|h| !all.contains(h))
+                        .map(|h| (h, None)),
+                ),
                 Err(e) => debug!(error = %e, "cannot look for orphaned lanes"),
             }
         }
-        for handler in wanted {
+        for (handler, slots) in wanted {
             let room = this.room(&handler);
+            // A handler of ours holds at most HELD_PER_SLOT lanes per slot; one no longer
+            // configured (its lanes are dead-lettered) as many as memory allows.
+            let room = slots.map_or(room, |n| {
+                let held = LANES_PER_HANDLER - room;
+                room.min((n * HELD_PER_SLOT).saturating_sub(held))
+            });
             match this.store.claim(&handler, room).await {
                 Ok(queued) if !queued.is_empty() => {
                     found += queued.len();

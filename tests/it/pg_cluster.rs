@@ -481,6 +481,15 @@ async fn three_sidecars_share_the_work_and_a_kill_9_of_one_loses_nothing() {
             "sidecar {name} delivered nothing: {by:?}"
         );
     }
+    // The two left shared the work: neither hoarded lanes it could not work (a sidecar
+    // holds two lanes per slot of max_concurrency at most).
+    let total: usize = by.values().sum();
+    for name in ["a", "c"] {
+        assert!(
+            by.get(name).copied().unwrap_or(0) * 10 >= total,
+            "sidecar {name} did less than a tenth of the work: {by:?}"
+        );
+    }
     // The two left saw it all: the queue is empty, nothing dead-lettered.
     let survivor = sidecars[0].as_ref().unwrap();
     assert_eq!(dead_letters(survivor).await, 0);
