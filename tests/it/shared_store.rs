@@ -29,9 +29,10 @@ fn store(server: &PgServer) -> String {
     )
 }
 
-/// Waits until `n` dead letters are stored, or 10 s; what `/v1/deadletters` says then.
+/// Waits until `n` dead letters are stored, or 30 s (orphaned lanes are looked for every
+/// 5 s, and a loaded CI machine stretches that); what `/v1/deadletters` says then.
 async fn dead_letters(sidecar: &Sidecar, n: usize) -> Vec<serde_json::Value> {
-    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let (_, body) = sidecar.get("/v1/deadletters").await;
         let letters = body["deadletters"].as_array().cloned().unwrap_or_default();
