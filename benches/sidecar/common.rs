@@ -482,7 +482,7 @@ pub(crate) fn envelope(i: usize) -> Bytes {
     )
 }
 
-async fn one(client: &reqwest::Client, url: &str, body: Bytes) -> Option<Duration> {
+pub(crate) async fn one(client: &reqwest::Client, url: &str, body: Bytes) -> Option<Duration> {
     let started = Instant::now();
     let response = client.post(url).body(body).send().await.ok()?;
     let ok = response.status().is_success();
@@ -517,29 +517,39 @@ pub(crate) async fn warm(client: &reqwest::Client, url: &str, width: usize) {
 pub(crate) async fn closed_loop(url: &str, concurrency: usize, total: usize) -> Stats {
     let client = client();
     warm(&client, url, concurrency).await;
+    closed_loop_over(&client, &[url.to_owned()], concurrency, total, envelope).await
+}
+
+/// `concurrency` workers, spread evenly over `urls`, send `body(0)` to `body(total - 1)`
+/// back to back, as fast as answers come.
+pub(crate) async fn closed_loop_over(
+    client: &reqwest::Client,
+    urls: &[String],
+    concurrency: usize,
+    total: usize,
+    body: fn(usize) -> Bytes,
+) -> Stats {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let client = client.clone();
-        let url = url.to_owned();
-        let next = next.clone();
-        workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut errors = 0;
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= total {
-                    break;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let (client, url, next) = (client.clone(), urls[w % urls.len()].clone(), next.clone());
+            tokio::spawn(async move {
+                let (mut latencies, mut errors) = (Vec::new(), 0);
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= total {
+                        break;
+                    }
+                    match one(&client, &url, body(i)).await {
+                        Some(l) => latencies.push(l),
+                        None => errors += 1,
+                    }
                 }
-                match one(&client, &url, envelope(i)).await {
-                    Some(l) => latencies.push(l),
-                    None => errors += 1,
-                }
-            }
-            (latencies, errors)
-        }));
-    }
+                (latencies, errors)
+            })
+        })
+        .collect();
     gather(workers, started, total).await
 }
 

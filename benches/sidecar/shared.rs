@@ -21,7 +21,8 @@ use bytes::Bytes;
 use http_body_util::BodyExt as _;
 
 use crate::common::{
-    Rounds, Row, Sidecar, Stats, client, cpu_time, fdatasync_rate, gather, paced, reply, scaled,
+    Rounds, Row, Sidecar, Stats, client, closed_loop_over, cpu_time, fdatasync_rate, one, paced,
+    reply, scaled,
 };
 
 // The tests' harness, as it is: it needs a `free_addr` in its parent module (below).
@@ -169,14 +170,6 @@ fn start_recorder(delay: Duration) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
     (addr, seen)
 }
 
-async fn post(client: &reqwest::Client, url: &str, body: Bytes) -> Option<Duration> {
-    let started = Instant::now();
-    let response = client.post(url).body(body).send().await.ok()?;
-    let ok = response.status().is_success();
-    let _ = response.bytes().await.ok()?;
-    ok.then(|| started.elapsed())
-}
-
 /// Waits until every sidecar says it is ready (its store open).
 async fn ready(sidecars: &[&Sidecar]) {
     let client = client();
@@ -208,7 +201,7 @@ async fn warm(client: &reqwest::Client, urls: &[String], width: usize, seq: &mut
             .map(|i| {
                 let (client, url) = (client.clone(), urls[i % urls.len()].clone());
                 let body = envelope(*seq + i);
-                tokio::spawn(async move { post(&client, &url, body).await })
+                tokio::spawn(async move { one(&client, &url, body).await })
             })
             .collect();
         *seq += width;
@@ -217,38 +210,6 @@ async fn warm(client: &reqwest::Client, urls: &[String], width: usize, seq: &mut
         }
     }
     accepted
-}
-
-/// `connections` workers, worker `w` on `urls[w % urls.len()]`, send `total` distinct
-/// envelopes back to back.
-async fn closed_loop(
-    client: &reqwest::Client,
-    urls: &[String],
-    connections: usize,
-    total: usize,
-) -> Stats {
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let workers: Vec<_> = (0..connections)
-        .map(|w| {
-            let (client, url, next) = (client.clone(), urls[w % urls.len()].clone(), next.clone());
-            tokio::spawn(async move {
-                let (mut latencies, mut errors) = (Vec::new(), 0);
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= total {
-                        break;
-                    }
-                    match post(&client, &url, envelope(i)).await {
-                        Some(l) => latencies.push(l),
-                        None => errors += 1,
-                    }
-                }
-                (latencies, errors)
-            })
-        })
-        .collect();
-    gather(workers, started, total).await
 }
 
 /// Waits until `count` reaches `target`, at most `limit`; whether it did.
@@ -385,7 +346,7 @@ async fn saturated(
     let counters = server.map_or((0, 0), pg_counters);
     let before = cpu_now(&sidecars, server);
     let started = Instant::now();
-    let stats = closed_loop(&client, &urls, CONNECTIONS, total).await;
+    let stats = closed_loop_over(&client, &urls, CONNECTIONS, total, envelope).await;
     let during = handler.count.load(Ordering::Relaxed) - base;
     let accepted = stats.latencies.len();
     let drained = wait_for(&handler.count, base + accepted, Duration::from_secs(300)).await;
@@ -427,7 +388,7 @@ async fn steady(url: &str, total: usize, seq0: usize) -> Stats {
     let url = url.to_owned();
     paced(RATE, total, move |i| {
         let (client, url) = (client.clone(), url.clone());
-        async move { post(&client, &url, envelope(seq0 + i)).await }
+        async move { one(&client, &url, envelope(seq0 + i)).await }
     })
     .await
 }
@@ -462,7 +423,7 @@ async fn takeover(server: &PgServer) -> Row {
                 let mut accepted = 0;
                 for k in 0..PER_LANE {
                     let body = envelope_about(lane * PER_LANE + k, lane);
-                    accepted += usize::from(post(&client, &url, body).await.is_some());
+                    accepted += usize::from(one(&client, &url, body).await.is_some());
                 }
                 accepted
             })
