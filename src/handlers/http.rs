@@ -15,10 +15,10 @@ use crate::config::{HttpTarget, SigningKey};
 /// redirects is misconfigured, and following one would re-send the envelope elsewhere),
 /// no retries of its own, no proxy from the environment.
 pub(crate) fn client() -> reqwest::Client {
-    // reqwest is built without a default crypto provider; install ring once. An error
-    // only means one is installed already.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
+        // rustls with ring, and the system's CA roots read at the first https handshake
+        // rather than here (`tls.rs`).
+        .tls_backend_preconfigured(super::tls::config())
         .redirect(reqwest::redirect::Policy::none())
         // No hidden retries: a POST repeated behind the caller's back could provision
         // twice; the after stage retries deliveries itself, with backoff.

@@ -7,6 +7,7 @@
 
 pub(crate) mod exec;
 pub(crate) mod http;
+mod tls;
 
 use std::time::{Duration, Instant};
 

@@ -505,9 +505,17 @@ impl Recorded {
     }
 }
 
+/// A file of `tests/fixtures/`.
+pub(crate) fn tls_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
 /// A real HTTP handler on `127.0.0.1:0`, answering with a closure and recording calls.
 pub(crate) struct HandlerServer {
     pub addr: SocketAddr,
+    scheme: &'static str,
     calls: Arc<Mutex<Vec<Recorded>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -530,6 +538,27 @@ impl HandlerServer {
         Self::start_on("127.0.0.1:0".parse().unwrap(), answer).await
     }
 
+    /// Like [`Self::start`], over TLS with `tests/fixtures/localhost-cert.pem`, a
+    /// self-signed certificate for 127.0.0.1; [`Self::url`] gives an `https://` URL.
+    pub(crate) async fn start_tls<F, Fut>(answer: F) -> Self
+    where
+        F: Fn(Recorded) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Reply> + Send + 'static,
+    {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let cert = CertificateDer::from_pem_file(tls_fixture("localhost-cert.pem")).unwrap();
+        let key = PrivateKeyDer::from_pem_file(tls_fixture("localhost-key.pem")).unwrap();
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, Some(acceptor), answer)
+    }
+
     /// Like [`Self::start`], on a given address: a handler that comes up where one was
     /// down.
     pub(crate) async fn start_on<F, Fut>(addr: SocketAddr, answer: F) -> Self
@@ -538,7 +567,20 @@ impl HandlerServer {
         Fut: Future<Output = Reply> + Send + 'static,
     {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        Self::serve(listener, None, answer)
+    }
+
+    fn serve<F, Fut>(
+        listener: tokio::net::TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        answer: F,
+    ) -> Self
+    where
+        F: Fn(Recorded) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Reply> + Send + 'static,
+    {
         let addr = listener.local_addr().unwrap();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let calls = Arc::new(Mutex::new(Vec::new()));
         let answer = Arc::new(answer);
         let recorded = calls.clone();
@@ -549,6 +591,7 @@ impl HandlerServer {
                 };
                 let answer = answer.clone();
                 let recorded = recorded.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request: Request<hyper::body::Incoming>| {
                         let answer = answer.clone();
@@ -571,13 +614,31 @@ impl HandlerServer {
                             Ok::<_, std::convert::Infallible>(answer(call).await)
                         }
                     });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let connection = http1::Builder::new();
+                    match &tls {
+                        None => {
+                            let _ = connection
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                        // A handshake the client gives up on ends the connection.
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = connection
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await;
+                            }
+                        }
+                    }
                 });
             }
         });
-        Self { addr, calls, task }
+        Self {
+            addr,
+            scheme,
+            calls,
+            task,
+        }
     }
 
     /// The billing docs' echo handler: returns the request body unchanged.
@@ -591,7 +652,7 @@ impl HandlerServer {
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
     }
 
     pub(crate) fn calls(&self) -> Vec<Recorded> {

@@ -33,4 +33,5 @@ mod pg_harness;
 mod reload;
 mod robustness;
 mod shared_store;
+mod tls;
 mod ui;
