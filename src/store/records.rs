@@ -1,8 +1,9 @@
 //! What the store holds, as Rust types: deliveries, dead letters, execution log rows.
 //!
-//! Rows are stored as JSON (readable with any redb tool, and easy to extend: a new field
-//! with a default does not need a schema change). Times are unix milliseconds, so that
-//! they survive a restart and read the same in every process.
+//! Dead letters and execution log rows are stored as JSON (readable with any redb tool,
+//! and easy to extend: a new field with a default does not need a schema change); the
+//! queue's rows, read back on every attempt, in postcard (`file/row.rs`). Times are unix
+//! milliseconds, so that they survive a restart and read the same in every process.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -44,40 +45,6 @@ pub struct NewDelivery {
     pub dedupe: Option<[u8; 32]>,
     /// The id of the billing's event (`X-Provisioning-Event-Id`), for the log rows.
     pub event_id: Option<String>,
-}
-
-impl NewDelivery {
-    /// The stored row of this delivery, accepted at `now`: a [`Delivery`] without
-    /// copying the body first.
-    pub fn encode(&self, now: u64) -> Vec<u8> {
-        #[derive(Serialize)]
-        struct Row<'a> {
-            handler: &'a str,
-            event: &'a str,
-            object_id: &'a str,
-            entity: &'a str,
-            message_id: &'a str,
-            body: &'a str,
-            attempts: u32,
-            next_at: u64,
-            enqueued_at: u64,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            event_id: Option<&'a str>,
-        }
-        serde_json::to_vec(&Row {
-            handler: &self.handler,
-            event: &self.event,
-            object_id: &self.object_id,
-            entity: &self.entity,
-            message_id: &self.message_id,
-            body: &self.body,
-            attempts: 0,
-            next_at: now,
-            enqueued_at: now,
-            event_id: self.event_id.as_deref(),
-        })
-        .expect("store rows serialise")
-    }
 }
 
 /// A delivery just stored, as the after stage needs to know of it: its id and lane.
@@ -373,9 +340,8 @@ mod tests {
             dedupe: None,
             event_id: Some("evt_1".into()),
         };
-        let bytes = new.encode(1000);
         let d = Delivery::new(7, new, 1000);
-        assert_eq!(bytes, serde_json::to_vec(&d).unwrap());
+        let bytes = serde_json::to_vec(&d).unwrap();
         let mut back: Delivery = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(back.id, 0);
         back.id = 7;

@@ -7,6 +7,7 @@
 //! or one that is not a provisiond store, is refused at open with a sentence that says
 //! what to do.
 
+mod row;
 mod writer;
 
 use std::collections::HashMap;
@@ -34,10 +35,11 @@ use writer::{Op, Parts, Writer, decode};
 
 /// The layout this build reads and writes. A later release that changes it migrates
 /// files with a lower number at open; a file with a higher number is refused.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// Delivery id -> [`Delivery`] (JSON). Ids grow with arrival, so key order is arrival order.
+/// Delivery id -> [`Delivery`] (postcard, `row.rs`; JSON in files of earlier versions).
+/// Ids grow with arrival, so key order is arrival order.
 const DELIVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("deliveries");
 /// Delivery id -> [`DeadLetter`] (JSON).
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
@@ -343,7 +345,7 @@ impl File {
         let Some(row) = table.get(id).map_err(StoreError::read)? else {
             return Ok(None);
         };
-        let mut delivery: Delivery = decode(row.value())?;
+        let mut delivery = row::decode(row.value()).map_err(unreadable)?;
         delivery.id = id;
         Ok(Some(delivery))
     }
@@ -356,13 +358,6 @@ impl File {
         after: u64,
         mut each: impl FnMut(u64, &str, &str),
     ) -> Result<(), StoreError> {
-        #[derive(serde::Deserialize)]
-        struct Lane<'a> {
-            #[serde(borrow)]
-            handler: std::borrow::Cow<'a, str>,
-            #[serde(borrow)]
-            entity: std::borrow::Cow<'a, str>,
-        }
         let txn = self.read()?;
         let table = txn.open_table(DELIVERIES).map_err(StoreError::read)?;
         let Some(from) = after.checked_add(1) else {
@@ -370,8 +365,8 @@ impl File {
         };
         for row in table.range(from..).map_err(StoreError::read)? {
             let (id, value) = row.map_err(StoreError::read)?;
-            match serde_json::from_slice::<Lane>(value.value()) {
-                Ok(lane) => each(id.value(), &lane.handler, &lane.entity),
+            match row::head(value.value()) {
+                Ok(head) => each(id.value(), &head.handler, &head.entity),
                 Err(e) => warn!(delivery = id.value(), error = %e, "unreadable delivery skipped"),
             }
         }
@@ -397,17 +392,13 @@ impl File {
 
     /// When the oldest delivery in the queue was accepted (unix ms); `None` when empty.
     pub(super) fn oldest_enqueued(&self) -> Result<Option<u64>, StoreError> {
-        #[derive(serde::Deserialize)]
-        struct Enqueued {
-            enqueued_at: u64,
-        }
         let txn = self.read()?;
         let table = txn.open_table(DELIVERIES).map_err(StoreError::read)?;
         let Some((_, row)) = table.first().map_err(StoreError::read)? else {
             return Ok(None);
         };
-        let row: Enqueued = decode(row.value())?;
-        Ok(Some(row.enqueued_at))
+        let head = row::head(row.value()).map_err(unreadable)?;
+        Ok(Some(head.enqueued_at))
     }
 
     /// Dead letters stored.
@@ -536,8 +527,20 @@ fn prepare(db: &Database) -> Result<Prepared, String> {
                      the file aside to start with an empty store"
                 ));
             }
+            Some(1) => {
+                // Version 1 held the queue's rows as JSON; 2 writes them in postcard and
+                // reads both (`row.rs`), so nothing is rewritten here. The number goes up
+                // so that a release from before refuses the file instead of taking its
+                // new rows for damaged ones.
+                meta.insert("schema_version", SCHEMA_VERSION)
+                    .map_err(|e| e.to_string())?;
+                info!(
+                    from = 1,
+                    schema_version = SCHEMA_VERSION,
+                    "store upgraded: queued rows keep their format until next written"
+                );
+            }
             Some(v) if v < SCHEMA_VERSION => {
-                // Version 1 is the first layout: nothing older exists to migrate.
                 return Err(format!("unknown store schema version {v}"));
             }
             Some(_) => {}
@@ -569,6 +572,11 @@ fn prepare(db: &Database) -> Result<Prepared, String> {
     })
 }
 
+/// A stored row that does not decode.
+fn unreadable(e: String) -> StoreError {
+    StoreError::Corrupt(format!("unreadable row: {e}"))
+}
+
 /// Moves queued rows that cannot be read to the dead letters, with the reason, so that
 /// one damaged row neither stops the start nor blocks its lane. Returns how many.
 fn quarantine(txn: &redb::WriteTransaction) -> Result<usize, StoreError> {
@@ -576,7 +584,7 @@ fn quarantine(txn: &redb::WriteTransaction) -> Result<usize, StoreError> {
     let mut bad = Vec::new();
     for row in queue.iter().map_err(StoreError::read)? {
         let (id, value) = row.map_err(StoreError::read)?;
-        if let Err(e) = serde_json::from_slice::<Delivery>(value.value()) {
+        if let Err(e) = row::decode(value.value()) {
             bad.push((
                 id.value(),
                 String::from_utf8_lossy(value.value()).into_owned(),

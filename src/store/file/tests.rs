@@ -848,3 +848,82 @@ async fn pruning_goes_on_while_a_prune_comes_back_full() {
     );
     store.close().await;
 }
+
+#[tokio::test]
+async fn a_queue_written_by_an_earlier_version_in_json_is_read_retried_and_dead_lettered() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("provisiond.db");
+    let store = Store::open(&path).unwrap();
+    let ids: Vec<u64> = store
+        .enqueue(
+            vec![
+                item("a", "clients/1", "x", None),
+                item("a", "clients/2", "y", None),
+            ],
+            MINUTE,
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.unwrap())
+        .collect();
+    let stored: Vec<Delivery> = ids
+        .iter()
+        .map(|id| store.delivery(*id).unwrap().unwrap())
+        .collect();
+    store.close().await;
+    drop(store);
+    // The file as versions before postcard rows wrote it: schema 1, JSON rows.
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", 1)
+                .unwrap();
+            let mut queue = txn.open_table(DELIVERIES).unwrap();
+            for d in &stored {
+                let json = serde_json::to_vec(d).unwrap();
+                queue.insert(d.id, json.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.quarantined(), 0);
+    assert_eq!(schema_version(&store), SCHEMA_VERSION);
+    assert_eq!(
+        store.pending().unwrap(),
+        vec![
+            (ids[0], "a".into(), "clients/1".into()),
+            (ids[1], "a".into(), "clients/2".into())
+        ]
+    );
+    assert_eq!(store.delivery(ids[0]).unwrap().unwrap(), stored[0]);
+    assert!(store.oldest_enqueued().unwrap().is_some());
+    let retry = Settle::Retry {
+        attempts: 1,
+        next_at: 42,
+        error: "HTTP 500".into(),
+    };
+    store.settle(ids[0], retry, None).await.unwrap();
+    let d = store.delivery(ids[0]).unwrap().unwrap();
+    assert_eq!((d.attempts, d.body.as_str()), (1, "x"));
+    let dead = Settle::Dead {
+        attempts: 2,
+        reason: "gone".into(),
+        error: None,
+    };
+    store.settle(ids[1], dead, None).await.unwrap();
+    let letter = store.dead_letter(ids[1]).unwrap().unwrap();
+    assert_eq!(letter.delivery.body, "y");
+    assert_eq!(letter.delivery.entity, "clients/2");
+    store.close().await;
+}
+
+fn schema_version(store: &Store) -> u64 {
+    let txn = store.read().unwrap();
+    let meta = txn.open_table(META).unwrap();
+    meta.get("schema_version").unwrap().unwrap().value()
+}

@@ -42,8 +42,7 @@ use tracing::{debug, error, info, warn};
 use super::{DEAD, DEDUPE_AGE, DELIVERIES, EXECUTIONS, META};
 use crate::store::StoreError;
 use crate::store::records::{
-    DeadLetter, DeadLetterFilter, DeadLetterKey, Delivery, Execution, NewDelivery, Queued,
-    Replayed, now_ms,
+    DeadLetter, DeadLetterFilter, DeadLetterKey, Execution, NewDelivery, Queued, Replayed, now_ms,
 };
 use crate::store::records::{Retention, Settle, Sink};
 
@@ -566,7 +565,7 @@ impl Writer {
             let id = self.parts.next_delivery;
             self.parts.next_delivery += 1;
             queue
-                .insert(id, item.encode(now).as_slice())
+                .insert(id, super::row::accepted(item, now).as_slice())
                 .map_err(StoreError::write)?;
             queued.push(Queued {
                 id,
@@ -611,7 +610,7 @@ impl Writer {
         delivery.next_at = now;
         delivery.last_error = None;
         queue
-            .insert(delivery.id, encode(&delivery).as_slice())
+            .insert(delivery.id, super::row::encode(&delivery).as_slice())
             .map_err(StoreError::write)?;
         queued.push(Queued {
             id: delivery.id,
@@ -693,13 +692,13 @@ fn settle_one(
             let Some(old) = queue.get(id).map_err(StoreError::write)? else {
                 return Ok(());
             };
-            let mut delivery: Delivery = decode(old.value())?;
+            let mut delivery = super::row::decode(old.value()).map_err(super::unreadable)?;
             drop(old);
             delivery.attempts = *attempts;
             delivery.next_at = *next_at;
             delivery.last_error = Some(error.clone());
             queue
-                .insert(id, encode(&delivery).as_slice())
+                .insert(id, super::row::encode(&delivery).as_slice())
                 .map_err(StoreError::write)?;
         }
         Settle::Dead {
@@ -710,7 +709,7 @@ fn settle_one(
             let Some(old) = queue.remove(id).map_err(StoreError::write)? else {
                 return Ok(());
             };
-            let mut delivery: Delivery = decode(old.value())?;
+            let mut delivery = super::row::decode(old.value()).map_err(super::unreadable)?;
             drop(old);
             delivery.id = id;
             delivery.attempts = *attempts;
@@ -802,5 +801,5 @@ pub(super) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
 }
 
 pub(super) fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("unreadable row: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| super::unreadable(e.to_string()))
 }

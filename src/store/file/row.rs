@@ -1,0 +1,194 @@
+//! The queue's rows (`deliveries`): postcard after a one-byte tag.
+//!
+//! Each attempt reads its row back, and the envelope is most of it. As JSON the envelope
+//! was an escaped string, unescaped on every read: 28k instructions of a stored event's
+//! 277k (BENCHMARKS.md, "Where the stored path spends its time"). In postcard a string
+//! is its length and its bytes, so a read is a few copies, and `handler` and `entity`
+//! come first, so the queue's scan at start reads only them.
+//!
+//! Rows written by earlier versions are JSON: they begin with `{`, never with [`TAG`],
+//! and are read as before. A row is written in this format the next time it is written
+//! (a retry's settlement, a replay). Dead letters and the execution log stay JSON.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::records::{Delivery, NewDelivery};
+
+/// The first byte of a postcard row; `{` (0x7b) begins a JSON one.
+const TAG: u8 = 1;
+
+/// A delivery row, borrowed from where it is read or written. The field order is the
+/// format: add fields at the end only, with a new [`TAG`].
+#[derive(Serialize, Deserialize)]
+struct Row<'a> {
+    #[serde(borrow)]
+    handler: Cow<'a, str>,
+    #[serde(borrow)]
+    entity: Cow<'a, str>,
+    enqueued_at: u64,
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(borrow)]
+    object_id: Cow<'a, str>,
+    #[serde(borrow)]
+    message_id: Cow<'a, str>,
+    #[serde(borrow)]
+    body: Cow<'a, str>,
+    attempts: u32,
+    next_at: u64,
+    #[serde(borrow)]
+    last_error: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    event_id: Option<Cow<'a, str>>,
+}
+
+/// The part of a row the queue's scan and the oldest-delivery gauge need.
+#[derive(Deserialize)]
+pub(super) struct Head<'a> {
+    #[serde(borrow)]
+    pub handler: Cow<'a, str>,
+    #[serde(borrow)]
+    pub entity: Cow<'a, str>,
+    pub enqueued_at: u64,
+}
+
+fn write(row: &Row<'_>) -> Vec<u8> {
+    postcard::to_extend(row, vec![TAG]).expect("delivery rows serialise")
+}
+
+/// The row of a delivery just accepted at `now`.
+pub(super) fn accepted(new: &NewDelivery, now: u64) -> Vec<u8> {
+    write(&Row {
+        handler: Cow::Borrowed(&new.handler),
+        entity: Cow::Borrowed(&new.entity),
+        enqueued_at: now,
+        event: Cow::Borrowed(&new.event),
+        object_id: Cow::Borrowed(&new.object_id),
+        message_id: Cow::Borrowed(&new.message_id),
+        body: Cow::Borrowed(&new.body),
+        attempts: 0,
+        next_at: now,
+        last_error: None,
+        event_id: new.event_id.as_deref().map(Cow::Borrowed),
+    })
+}
+
+/// The row of a stored delivery (its id is the row's key, not in the row).
+pub(super) fn encode(d: &Delivery) -> Vec<u8> {
+    write(&Row {
+        handler: Cow::Borrowed(&d.handler),
+        entity: Cow::Borrowed(&d.entity),
+        enqueued_at: d.enqueued_at,
+        event: Cow::Borrowed(&d.event),
+        object_id: Cow::Borrowed(&d.object_id),
+        message_id: Cow::Borrowed(&d.message_id),
+        body: Cow::Borrowed(&d.body),
+        attempts: d.attempts,
+        next_at: d.next_at,
+        last_error: d.last_error.as_deref().map(Cow::Borrowed),
+        event_id: d.event_id.as_deref().map(Cow::Borrowed),
+    })
+}
+
+/// A stored delivery, with `id` 0: the caller knows the key it read.
+pub(super) fn decode(bytes: &[u8]) -> Result<Delivery, String> {
+    let Some(rest) = bytes.strip_prefix(&[TAG]) else {
+        return serde_json::from_slice(bytes).map_err(|e| e.to_string());
+    };
+    let row: Row<'_> = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
+    Ok(Delivery {
+        id: 0,
+        handler: row.handler.into_owned(),
+        event: row.event.into_owned(),
+        object_id: row.object_id.into_owned(),
+        entity: row.entity.into_owned(),
+        message_id: row.message_id.into_owned(),
+        body: row.body.into_owned(),
+        attempts: row.attempts,
+        next_at: row.next_at,
+        enqueued_at: row.enqueued_at,
+        last_error: row.last_error.map(Cow::into_owned),
+        event_id: row.event_id.map(Cow::into_owned),
+    })
+}
+
+/// A row's handler, entity and acceptance time, without reading the rest.
+pub(super) fn head(bytes: &[u8]) -> Result<Head<'_>, String> {
+    match bytes.strip_prefix(&[TAG]) {
+        Some(rest) => postcard::take_from_bytes(rest)
+            .map(|(head, _)| head)
+            .map_err(|e| e.to_string()),
+        None => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new() -> NewDelivery {
+        NewDelivery {
+            handler: "crm".into(),
+            event: "clients.create".into(),
+            object_id: "12".into(),
+            entity: "clients/12".into(),
+            message_id: "msg_1".into(),
+            body: r#"{"event":{"name":"clients.create"},"data":{"name":"O\"Neil \u00e9"}}"#.into(),
+            dedupe: None,
+            event_id: Some("evt_1".into()),
+        }
+    }
+
+    #[test]
+    fn an_accepted_row_reads_back_as_the_delivery_and_its_head() {
+        let bytes = accepted(&new(), 1000);
+        assert_eq!(bytes[0], TAG);
+        let d = Delivery::new(0, new(), 1000);
+        assert_eq!(decode(&bytes).unwrap(), d);
+        assert_eq!(bytes, encode(&d));
+        let head = head(&bytes).unwrap();
+        assert_eq!(
+            (&*head.handler, &*head.entity, head.enqueued_at),
+            ("crm", "clients/12", 1000)
+        );
+    }
+
+    #[test]
+    fn a_retried_row_keeps_its_error_and_times() {
+        let mut d = Delivery::new(0, new(), 1000);
+        d.attempts = 3;
+        d.next_at = 9000;
+        d.last_error = Some("HTTP 503".into());
+        d.event_id = None;
+        assert_eq!(decode(&encode(&d)).unwrap(), d);
+    }
+
+    #[test]
+    fn a_json_row_of_an_earlier_version_still_reads() {
+        let mut d = Delivery::new(0, new(), 1000);
+        d.last_error = Some("HTTP 500".into());
+        let json = serde_json::to_vec(&d).unwrap();
+        assert_eq!(json[0], b'{');
+        assert_eq!(decode(&json).unwrap(), d);
+        let head = head(&json).unwrap();
+        assert_eq!((&*head.handler, &*head.entity), ("crm", "clients/12"));
+        // Written again, it is a postcard row.
+        assert_eq!(encode(&decode(&json).unwrap())[0], TAG);
+    }
+
+    #[test]
+    fn a_damaged_row_is_an_error_naming_what_is_wrong() {
+        let mut bytes = accepted(&new(), 1000);
+        bytes.truncate(bytes.len() / 2);
+        assert!(decode(&bytes).is_err());
+        assert!(
+            decode(b"{not json")
+                .unwrap_err()
+                .contains("key must be a string")
+        );
+        assert!(decode(&[TAG]).is_err());
+        assert!(decode(b"").is_err());
+    }
+}
