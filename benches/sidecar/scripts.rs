@@ -1,10 +1,16 @@
 //! Script handlers: provisiond running a script per event against adnanh/webhook
-//! (Debian package `webhook`) running the same script on the same events.
+//! (Debian package `webhook`) running the same script on the same events, and against a
+//! plain program doing only the spawning: 8 threads of this process running the script
+//! with std's `Command` (envelope on stdin, output read, exit waited for), no HTTP. It
+//! shows how much of each side's rate is the process start itself.
 
+use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use crate::common::{Row, Sidecar, Summary, closed_loop};
+use crate::common::{Row, Sidecar, Stats, Summary, closed_loop, envelope};
 
 const SCRIPT: &str =
     "#!/bin/sh\n# Reads whatever it is given and answers.\ncat >/dev/null\necho ok\n";
@@ -33,14 +39,25 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
         script.display()
     ));
     let through = closed_loop(&sidecar.url("/events"), concurrency, n).await;
+    drop(sidecar);
+    let direct = spawned_directly(&script, concurrency, n);
     let ratio = through.rps() / baseline.rps();
-    rows.push(baseline.row("5. script handler, 8 at once", "webhook 2.8", ""));
-    rows.push(through.row(
-        "5. script handler, 8 at once",
-        "provisiond",
-        format!("{ratio:.2} x webhook"),
+    let scenario = "5. script handler, 8 at once";
+    rows.push(direct.row(scenario, "spawned directly", "8 threads, no HTTP"));
+    rows.push(baseline.row(
+        scenario,
+        "webhook 2.8",
+        format!("{:.2} x spawned directly", baseline.rps() / direct.rps()),
     ));
-    summary.push(Summary::new(
+    rows.push(through.row(
+        scenario,
+        "provisiond",
+        format!(
+            "{ratio:.2} x webhook, {:.2} x spawned directly",
+            through.rps() / direct.rps()
+        ),
+    ));
+    let mut row = Summary::new(
         7,
         "script handlers, provisiond / adnanh/webhook on the same script",
         "events/s",
@@ -48,8 +65,69 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
         "webhook 2.8",
         baseline.rps(),
         ">= 1.5 x",
-    ));
+    );
+    row.note = format!(
+        "the script spawned by a plain program, no HTTP: {:.0}/s ({:.2} x webhook); provisiond {:.2} x that",
+        direct.rps(),
+        direct.rps() / baseline.rps(),
+        through.rps() / direct.rps()
+    );
+    summary.push(row);
     rows
+}
+
+/// `concurrency` threads running the script `total` times in all, as a handler call does
+/// it (the envelope on stdin, stdout read to the end, the exit waited for), timed per run.
+fn spawned_directly(script: &std::path::Path, concurrency: usize, total: usize) -> Stats {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let threads: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (next, script) = (next.clone(), script.to_owned());
+            std::thread::spawn(move || {
+                let (mut latencies, mut errors) = (Vec::new(), 0);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        break (latencies, errors);
+                    }
+                    let at = Instant::now();
+                    match run_once(&script, &envelope(i)) {
+                        Ok(()) => latencies.push(at.elapsed()),
+                        Err(_) => errors += 1,
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut stats = Stats {
+        latencies: Vec::new(),
+        errors: 0,
+        elapsed: Duration::ZERO,
+    };
+    for thread in threads {
+        let (latencies, errors) = thread.join().unwrap();
+        stats.latencies.extend(latencies);
+        stats.errors += errors;
+    }
+    stats.elapsed = started.elapsed();
+    stats
+}
+
+fn run_once(script: &std::path::Path, input: &[u8]) -> std::io::Result<()> {
+    let mut child = Command::new(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    child.stdin.take().expect("piped").write_all(input)?;
+    let mut out = Vec::new();
+    child.stdout.take().expect("piped").read_to_end(&mut out)?;
+    if child.wait()?.success() && out == b"ok\n" {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("the script failed"))
+    }
 }
 
 /// adnanh/webhook serving one hook that runs the script and answers with its output
