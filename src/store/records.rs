@@ -1,9 +1,10 @@
 //! What the store holds, as Rust types: deliveries, dead letters, execution log rows.
 //!
-//! Dead letters and execution log rows are stored as JSON (readable with any redb tool,
-//! and easy to extend: a new field with a default does not need a schema change); the
-//! queue's rows, read back on every attempt, in postcard (`file/row.rs`). Times are unix
-//! milliseconds, so that they survive a restart and read the same in every process.
+//! Dead letters are stored as JSON (readable with any redb tool, and easy to extend: a
+//! new field with a default does not need a schema change); the queue's rows, read back
+//! on every attempt, and the execution log's, written for every call, in postcard
+//! (`file/row.rs`). Times are unix milliseconds, so that they survive a restart and
+//! read the same in every process.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -43,7 +43,7 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DELIVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("deliveries");
 /// Delivery id -> [`DeadLetter`] (JSON).
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
-/// Row id -> [`Execution`] (JSON), oldest first.
+/// Row id -> [`Execution`] (postcard, `row.rs`; JSON in files of earlier versions), oldest first.
 const EXECUTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("executions");
 /// (when it was stored, dedupe key): the dedupe keys (SHA-256 of handler and body) in
 /// time order. Appending is cheap and pruning takes the front; lookups go to a map the
@@ -423,7 +423,7 @@ impl File {
         let first = filter.after.map_or(0, |a| a.saturating_add(1));
         for row in table.range(first..).map_err(StoreError::read)?.rev() {
             let (id, value) = row.map_err(StoreError::read)?;
-            let mut row: Execution = decode(value.value())?;
+            let mut row = row::read_execution(value.value()).map_err(unreadable)?;
             row.id = id.value();
             if filter
                 .since

@@ -887,6 +887,11 @@ async fn a_queue_written_by_an_earlier_version_in_json_is_read_retried_and_dead_
                 let json = serde_json::to_vec(d).unwrap();
                 queue.insert(d.id, json.as_slice()).unwrap();
             }
+            let old = serde_json::to_vec(&row("a", now_ms(), "delivered")).unwrap();
+            txn.open_table(EXECUTIONS)
+                .unwrap()
+                .insert(1, old.as_slice())
+                .unwrap();
         }
         txn.commit().unwrap();
     }
@@ -910,6 +915,26 @@ async fn a_queue_written_by_an_earlier_version_in_json_is_read_retried_and_dead_
     store.settle(ids[0], retry, None).await.unwrap();
     let d = store.delivery(ids[0]).unwrap().unwrap();
     assert_eq!((d.attempts, d.body.as_str()), (1, "x"));
+    // The old JSON log row and a new one, side by side.
+    store.log(vec![row("b", now_ms(), "allowed")]);
+    let mut logged = Vec::new();
+    for _ in 0..100 {
+        logged = store
+            .executions(&ExecutionFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        if logged.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let outcomes: Vec<(&str, &str)> = logged
+        .iter()
+        .map(|r| (r.handler.as_str(), r.outcome.as_str()))
+        .collect();
+    assert_eq!(outcomes, [("b", "allowed"), ("a", "delivered")]);
     let dead = Settle::Dead {
         attempts: 2,
         reason: "gone".into(),

@@ -500,6 +500,9 @@ impl Writer {
         }
         let now = now_ms();
         let mut done = Vec::with_capacity(ops.len());
+        // The settlements' log rows, written with the batch's other rows below: the
+        // log's table is opened once a transaction.
+        let mut records: Vec<&Execution> = Vec::new();
         for op in ops {
             done.push(match op {
                 Op::Enqueue { items, window, .. } => {
@@ -509,9 +512,7 @@ impl Writer {
                     id, settle, record, ..
                 } => {
                     settle_one(&txn, *id, settle, now)?;
-                    if let Some(record) = record {
-                        self.log(&txn, std::slice::from_ref(record))?;
-                    }
+                    records.extend(record.as_deref());
                     Done::Settled
                 }
                 Op::Replay { id, .. } => Done::Replayed(self.replay(&txn, *id, now, queued)?),
@@ -530,8 +531,8 @@ impl Writer {
                 Op::Close { .. } => unreachable!("taken out by run"),
             });
         }
-        if !rows.is_empty() {
-            self.log(&txn, rows)?;
+        if !records.is_empty() || !rows.is_empty() {
+            self.log(&txn, records.into_iter().chain(rows))?;
         }
         self.write_counters(&txn)?;
         txn.commit().map_err(StoreError::write)?;
@@ -661,11 +662,18 @@ impl Writer {
         Ok(out)
     }
 
-    fn log(&mut self, txn: &WriteTransaction, rows: &[Execution]) -> Result<(), StoreError> {
+    fn log<'a>(
+        &mut self,
+        txn: &WriteTransaction,
+        rows: impl IntoIterator<Item = &'a Execution>,
+    ) -> Result<(), StoreError> {
         let mut table = txn.open_table(EXECUTIONS).map_err(StoreError::write)?;
         for row in rows {
             table
-                .insert(self.parts.next_execution, encode(row).as_slice())
+                .insert(
+                    self.parts.next_execution,
+                    super::row::execution(row).as_slice(),
+                )
                 .map_err(StoreError::write)?;
             self.parts.next_execution += 1;
         }
@@ -745,7 +753,7 @@ fn prune(
         let (key, too_old) = {
             let first = rows.first().map_err(StoreError::write)?;
             let Some((key, value)) = first else { break };
-            let at = decode::<Execution>(value.value()).map_or(0, |r| r.at);
+            let at = super::row::execution_at(value.value()).unwrap_or(0);
             (key.value(), at < oldest)
         };
         if !(too_many || too_old) {
