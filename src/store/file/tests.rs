@@ -104,10 +104,9 @@ async fn the_same_key_within_the_window_is_stored_once() {
     assert_eq!(store.queue_depth().unwrap(), 3);
 }
 
-#[tokio::test]
-async fn settling_retries_delivers_and_dead_letters() {
-    let store = Store::memory().unwrap();
-    let ids: Vec<u64> = store
+/// Stores `x` for clients/1 and `y` for clients/2, both for handler `a`; their ids.
+async fn two_queued(store: &Store) -> Vec<u64> {
+    store
         .enqueue(
             vec![
                 item("a", "clients/1", "x", None),
@@ -119,7 +118,13 @@ async fn settling_retries_delivers_and_dead_letters() {
         .unwrap()
         .into_iter()
         .map(|d| d.unwrap())
-        .collect();
+        .collect()
+}
+
+#[tokio::test]
+async fn settling_retries_delivers_and_dead_letters() {
+    let store = Store::memory().unwrap();
+    let ids = two_queued(&store).await;
     let retry = Settle::Retry {
         attempts: 1,
         next_at: 42,
@@ -854,19 +859,7 @@ async fn a_queue_written_by_an_earlier_version_in_json_is_read_retried_and_dead_
     let dir = tempfile::TempDir::new().unwrap();
     let path = dir.path().join("provisiond.db");
     let store = Store::open(&path).unwrap();
-    let ids: Vec<u64> = store
-        .enqueue(
-            vec![
-                item("a", "clients/1", "x", None),
-                item("a", "clients/2", "y", None),
-            ],
-            MINUTE,
-        )
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|d| d.unwrap())
-        .collect();
+    let ids = two_queued(&store).await;
     let stored: Vec<Delivery> = ids
         .iter()
         .map(|id| store.delivery(*id).unwrap().unwrap())
