@@ -581,15 +581,19 @@ async fn log_rows_are_bounded_in_bytes_not_only_in_batches() {
         excerpt: "x".repeat(1024),
         ..row("a", 1, "allowed")
     };
+    // The writer takes rows meanwhile (sooner once half the budget waits), so how many
+    // are dropped depends on its speed; what waits for it never passes the budget.
+    let mut peak = 0;
     for _ in 0..1000 {
         store.log(vec![big()]);
+        peak = peak.max(store.inner.log_bytes.load(Ordering::Relaxed));
     }
-    let dropped = store.dropped_log_rows();
-    let weight = big().weight();
     assert!(
-        dropped >= 1000 - (64 << 10) as u64 / weight as u64 - 1,
-        "{dropped} dropped"
+        peak <= 64 << 10,
+        "{peak} bytes of rows waited for the writer"
     );
+    let dropped = store.dropped_log_rows();
+    assert!(dropped > 0, "nothing dropped");
     // Once written, the budget is free again.
     store
         .prune(retention(1_000_000, 3600 * 24 * 365 * 100))
