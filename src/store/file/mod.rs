@@ -528,10 +528,10 @@ fn prepare(db: &Database) -> Result<Prepared, String> {
                 ));
             }
             Some(1) => {
-                // Version 1 held the queue's rows as JSON; 2 writes them in postcard and
-                // reads both (`row.rs`), so nothing is rewritten here. The number goes up
-                // so that a release from before refuses the file instead of taking its
-                // new rows for damaged ones.
+                // Version 1 held the queue's and the execution log's rows as JSON; 2
+                // writes them in postcard and reads both (`row.rs`), so nothing is
+                // rewritten here. The number goes up so that a release from before
+                // refuses the file instead of taking its new rows for damaged ones.
                 meta.insert("schema_version", SCHEMA_VERSION)
                     .map_err(|e| e.to_string())?;
                 info!(
