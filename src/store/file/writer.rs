@@ -35,7 +35,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, WriteTransaction};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
@@ -459,8 +459,11 @@ impl Writer {
         let db = self.db()?;
         let txn = db.begin_write().map_err(StoreError::write)?;
         let now = now_ms();
-        for (id, settle) in &self.redo {
-            settle_one(&txn, *id, settle, now)?;
+        {
+            let mut queue = txn.open_table(DELIVERIES).map_err(StoreError::write)?;
+            for (id, settle) in &self.redo {
+                settle_one(&txn, &mut queue, *id, settle, now)?;
+            }
         }
         self.write_counters(&txn)?;
         txn.commit().map_err(StoreError::write)?;
@@ -503,15 +506,25 @@ impl Writer {
         // The settlements' log rows, written with the batch's other rows below: the
         // log's table is opened once a transaction.
         let mut records: Vec<&Execution> = Vec::new();
+        // The queue's tables, opened once for the run of accepts and settlements that
+        // makes up nearly every batch (an open costs a lookup in redb's table of tables).
+        let mut open = Open::default();
         for op in ops {
+            if !matches!(op, Op::Enqueue { .. } | Op::Settle { .. }) {
+                // The other requests open the tables they need themselves.
+                open = Open::default();
+            }
             done.push(match op {
                 Op::Enqueue { items, window, .. } => {
-                    Done::Enqueued(self.enqueue(&txn, items, *window, now, changes, queued)?)
+                    let (queue, by_age) = open.enqueue(&txn)?;
+                    Done::Enqueued(
+                        self.enqueue(queue, by_age, items, *window, now, changes, queued)?,
+                    )
                 }
                 Op::Settle {
                     id, settle, record, ..
                 } => {
-                    settle_one(&txn, *id, settle, now)?;
+                    settle_one(&txn, open.queue(&txn)?, *id, settle, now)?;
                     records.extend(record.as_deref());
                     Done::Settled
                 }
@@ -531,6 +544,7 @@ impl Writer {
                 Op::Close { .. } => unreachable!("taken out by run"),
             });
         }
+        drop(open);
         if !records.is_empty() || !rows.is_empty() {
             self.log(&txn, records.into_iter().chain(rows))?;
         }
@@ -539,17 +553,17 @@ impl Writer {
         Ok(done)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn enqueue(
         &mut self,
-        txn: &WriteTransaction,
+        queue: &mut Table<'_, u64, &[u8]>,
+        by_age: &mut Table<'_, (u64, &[u8; 32]), ()>,
         items: &[NewDelivery],
         window: Duration,
         now: u64,
         changes: &mut DedupeChanges,
         queued: &mut Vec<Queued>,
     ) -> Result<Vec<Option<u64>>, StoreError> {
-        let mut queue = txn.open_table(DELIVERIES).map_err(StoreError::write)?;
-        let mut by_age = txn.open_table(DEDUPE_AGE).map_err(StoreError::write)?;
         let window = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
         let mut out = Vec::with_capacity(items.len());
         for item in items {
@@ -681,13 +695,54 @@ impl Writer {
     }
 }
 
+/// The queue's tables of one transaction, each opened when first needed and then kept
+/// for the accepts and settlements that follow.
+#[derive(Default)]
+struct Open<'txn> {
+    queue: Option<Table<'txn, u64, &'static [u8]>>,
+    by_age: Option<Table<'txn, (u64, &'static [u8; 32]), ()>>,
+}
+
+impl<'txn> Open<'txn> {
+    fn queue(
+        &mut self,
+        txn: &'txn WriteTransaction,
+    ) -> Result<&mut Table<'txn, u64, &'static [u8]>, StoreError> {
+        if self.queue.is_none() {
+            self.queue = Some(txn.open_table(DELIVERIES).map_err(StoreError::write)?);
+        }
+        Ok(self.queue.as_mut().expect("opened above"))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn enqueue(
+        &mut self,
+        txn: &'txn WriteTransaction,
+    ) -> Result<
+        (
+            &mut Table<'txn, u64, &'static [u8]>,
+            &mut Table<'txn, (u64, &'static [u8; 32]), ()>,
+        ),
+        StoreError,
+    > {
+        self.queue(txn)?;
+        if self.by_age.is_none() {
+            self.by_age = Some(txn.open_table(DEDUPE_AGE).map_err(StoreError::write)?);
+        }
+        Ok((
+            self.queue.as_mut().expect("opened above"),
+            self.by_age.as_mut().expect("opened above"),
+        ))
+    }
+}
+
 fn settle_one(
     txn: &WriteTransaction,
+    queue: &mut Table<'_, u64, &[u8]>,
     id: u64,
     settle: &Settle,
     now: u64,
 ) -> Result<(), StoreError> {
-    let mut queue = txn.open_table(DELIVERIES).map_err(StoreError::write)?;
     match settle {
         Settle::Delivered => {
             queue.remove(id).map_err(StoreError::write)?;
