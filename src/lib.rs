@@ -52,3 +52,10 @@ pub mod server;
 pub(crate) mod shutdown;
 pub mod store;
 pub mod telemetry;
+
+/// The HTTP client every handler call goes through, built as the sidecar builds it: for
+/// the benchmark's hop through reqwest, which measures what this client costs alone.
+#[doc(hidden)]
+pub fn handler_client() -> reqwest::Client {
+    handlers::http::client()
+}

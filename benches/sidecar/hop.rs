@@ -2,6 +2,10 @@
 //! take the request, forward the body to the handler over a pooled keep-alive client
 //! and return the reply, nothing else. It runs in a process of its own (this bench
 //! binary started again with `--serve-hop`), as provisiond does.
+//!
+//! The same hop can forward through reqwest instead, with the very client provisiond's
+//! handler calls use (`--serve-hop ADDR reqwest`): the least a sidecar that keeps
+//! reqwest, as issue 11 asks, can cost.
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
@@ -16,9 +20,37 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+/// How the hop forwards.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Via {
+    /// hyper-util's pooled client: the bare hop.
+    Hyper,
+    /// provisiond's own reqwest client, one POST per request.
+    Reqwest,
+}
+
+impl Via {
+    fn arg(self) -> &'static str {
+        match self {
+            Self::Hyper => "hyper",
+            Self::Reqwest => "reqwest",
+        }
+    }
+
+    pub(crate) fn from_arg(arg: Option<&str>) -> Self {
+        match arg {
+            Some("reqwest") => Self::Reqwest,
+            _ => Self::Hyper,
+        }
+    }
+}
+
 /// Serves the hop on a free port, printing it, forwarding to `upstream` (`host:port`).
 /// Never returns.
-pub(crate) fn serve(upstream: &str) -> ! {
+pub(crate) fn serve(upstream: &str, via: Via) -> ! {
+    if via == Via::Reqwest {
+        serve_reqwest(upstream);
+    }
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let upstream = format!("http://{upstream}/");
     runtime.block_on(async move {
@@ -58,6 +90,49 @@ pub(crate) fn serve(upstream: &str) -> ! {
     })
 }
 
+/// The hop through reqwest: provisiond's handler client, the body POSTed as JSON with a
+/// timeout, the reply's status and bytes returned.
+fn serve_reqwest(upstream: &str) -> ! {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = reqwest::Url::parse(&format!("http://{upstream}/")).unwrap();
+    let client = provisiond::handler_client();
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", listener.local_addr().unwrap());
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let _ = stream.set_nodelay(true);
+            let client = client.clone();
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let client = client.clone();
+                    let upstream = upstream.clone();
+                    async move {
+                        let body = request.into_body().collect().await.unwrap().to_bytes();
+                        let reply = client
+                            .post(upstream)
+                            .timeout(std::time::Duration::from_secs(5))
+                            .header("content-type", "application/json")
+                            .body(body)
+                            .send()
+                            .await
+                            .unwrap();
+                        let status = reply.status();
+                        let body = reply.bytes().await.unwrap();
+                        let mut response = Response::new(Full::new(body));
+                        *response.status_mut() = status;
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
 /// A hop process forwarding to `upstream`; killed on drop.
 pub(crate) struct Hop {
     child: Child,
@@ -65,9 +140,9 @@ pub(crate) struct Hop {
 }
 
 impl Hop {
-    pub(crate) fn start(upstream: &str) -> Self {
+    pub(crate) fn start(upstream: &str, via: Via) -> Self {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--serve-hop", upstream])
+            .args(["--serve-hop", upstream, via.arg()])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();

@@ -26,10 +26,13 @@ const ON_REQUEST: &[&str] = &["backlog", "shared"];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let [flag, upstream, ..] = args.as_slice()
+    if let [flag, upstream, via @ ..] = args.as_slice()
         && flag == "--serve-hop"
     {
-        hop::serve(upstream);
+        hop::serve(
+            upstream,
+            hop::Via::from_arg(via.first().map(String::as_str)),
+        );
     }
     if args.first().is_some_and(|a| a == "--serve-echo") {
         // For profiling by hand: an echo handler that prints its address and runs on.
