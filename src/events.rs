@@ -155,17 +155,34 @@ pub fn new_id(prefix: &str) -> String {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{SystemTime, UNIX_EPOCH};
-    static START: OnceLock<u64> = OnceLock::new();
+    static START: OnceLock<String> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let start = *START.get_or_init(|| {
-        SystemTime::now()
+    let start = START.get_or_init(|| {
+        let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        format!("{nanos:016x}")
     });
-    format!(
-        "{prefix}_{start:016x}{:08x}",
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    let mut id = String::with_capacity(prefix.len() + 1 + start.len() + 8);
+    id.push_str(prefix);
+    id.push('_');
+    id.push_str(start);
+    push_hex(&mut id, NEXT.fetch_add(1, Ordering::Relaxed), 8);
+    id
+}
+
+/// `n` in lower-case hex, at least `width` digits: what `{n:0width$x}` writes, without
+/// the formatting machinery (two ids an event).
+fn push_hex(out: &mut String, n: u64, width: u32) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let digits = (u64::BITS - n.leading_zeros())
+        .div_ceil(4)
+        .max(width)
+        .max(1);
+    for i in (0..digits).rev() {
+        let nibble = (n >> (i * 4)) & 0xf;
+        out.push(char::from(DIGITS[usize::try_from(nibble).unwrap_or(0)]));
+    }
 }
 
 /// What is wrong with a request body that should have been an envelope.
@@ -510,6 +527,48 @@ pub fn type_name(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_the_prefix_and_24_hex_digits_and_never_repeat() {
+        let ids: Vec<String> = (0..1000).map(|_| new_id("evt")).collect();
+        for id in &ids {
+            let hex = id.strip_prefix("evt_").unwrap();
+            assert_eq!(hex.len(), 24, "{id}");
+            assert!(
+                hex.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+                "{id}"
+            );
+            // The first 16 digits are the process's start, the same in every id.
+            assert_eq!(
+                hex[..16],
+                ids[0]["evt_".len()..]["evt_".len() - 4..16],
+                "{id}"
+            );
+        }
+        let unique: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+    }
+
+    #[test]
+    fn hex_digits_are_what_format_writes() {
+        for n in [
+            0,
+            1,
+            0xf,
+            0x10,
+            0xdead_beef,
+            0xffff_ffff,
+            0x1_0000_0000,
+            u64::MAX,
+        ] {
+            for width in [0, 8, 16] {
+                let mut out = String::new();
+                push_hex(&mut out, n, width);
+                assert_eq!(out, format!("{n:0w$x}", w = width as usize), "{n} {width}");
+            }
+        }
+    }
 
     #[test]
     fn aliases_normalise() {

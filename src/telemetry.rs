@@ -71,7 +71,10 @@ pub fn init(format: LogFormat, level: Option<&str>) -> anyhow::Result<LogGuard> 
     let result = if json {
         // The same lines as tracing-subscriber's own JSON format (flattened fields, the
         // current span), written directly: its formatter costs more than the event.
-        builder.json().event_format(JsonLine).try_init()
+        builder
+            .fmt_fields(SpanFields)
+            .event_format(JsonLine)
+            .try_init()
     } else {
         builder.with_ansi(terminal).with_target(false).try_init()
     };
@@ -238,21 +241,47 @@ where
         if let Some(span) = span {
             writer.write_str(",\"span\":{")?;
             let extensions = span.extensions();
-            // The JSON field formatter keeps a span's fields as one object's text.
-            if let Some(formatted) = extensions.get::<FormattedFields<N>>() {
-                let inner = formatted.fields.trim();
-                let inner = inner.strip_prefix('{').unwrap_or(inner);
-                let inner = inner.strip_suffix('}').unwrap_or(inner).trim();
-                if !inner.is_empty() {
-                    writer.write_str(inner)?;
-                    writer.write_char(',')?;
-                }
+            // `SpanFields` keeps a span's fields as `,"name":value` each.
+            if let Some(formatted) = extensions.get::<FormattedFields<N>>()
+                && let Some(fields) = formatted.fields.strip_prefix(',')
+            {
+                writer.write_str(fields)?;
+                writer.write_char(',')?;
             }
             writer.write_str("\"name\":")?;
             json_str(&mut writer, span.name())?;
             writer.write_char('}')?;
         }
         writer.write_str("}\n")
+    }
+}
+
+/// How a span's fields are kept for the lines written inside it: `,"name":value` each,
+/// as [`JsonLine`] puts them under `span`. (tracing-subscriber's JSON field formatter
+/// builds a map for each span; an event's span costs as much as its line then.)
+struct SpanFields;
+
+impl<'w> FormatFields<'w> for SpanFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        mut writer: Writer<'w>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut out = JsonFieldsOut {
+            out: &mut writer,
+            result: Ok(()),
+        };
+        fields.record(&mut out);
+        out.result
+    }
+
+    fn add_fields(
+        &self,
+        current: &'w mut FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> std::fmt::Result {
+        // Fields recorded later follow those the span was made with.
+        self.format_fields(current.as_writer(), fields)
     }
 }
 
@@ -402,11 +431,12 @@ mod tests {
         let sink = buf.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || Sink(sink.clone()))
-            .json()
+            .fmt_fields(super::SpanFields)
             .event_format(super::JsonLine)
             .finish();
         tracing::subscriber::with_default(subscriber, || {
-            let span = tracing::info_span!("event", id = %"evt_1");
+            let span = tracing::info_span!("event", id = %"evt_1", late = tracing::field::Empty);
+            span.record("late", "a \"b\"");
             let _entered = span.enter();
             tracing::info!(text = "a \"q\" \\ \n\u{1}é", n = 3u64, f = 0.5, b = true, shown = %"x\ty", "hi");
         });
@@ -422,7 +452,7 @@ mod tests {
         assert_eq!(line["level"], "INFO");
         assert_eq!(
             line["span"],
-            serde_json::json!({"id": "evt_1", "name": "event"})
+            serde_json::json!({"id": "evt_1", "late": "a \"b\"", "name": "event"})
         );
         // UTC to the microsecond, as tracing-subscriber's JSON lines have it.
         let stamp = line["timestamp"].as_str().unwrap();
