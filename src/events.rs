@@ -395,7 +395,8 @@ impl Envelope {
     /// `event.object_id` as text (`""` when absent or null).
     pub fn object_id(&self) -> String {
         match self.event.get("object_id") {
-            Some(Value::Number(n)) => n.to_string(),
+            // The number's own digits, as the billing sent them.
+            Some(Value::Number(n)) => n.as_str().to_owned(),
             Some(Value::String(s)) => s.clone(),
             _ => String::new(),
         }

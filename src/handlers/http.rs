@@ -6,10 +6,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use hmac::{KeyInit, Mac};
-use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use reqwest::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 
 use super::{Call, CallError, REPLY_CAP, Reply, root_cause};
 use crate::config::{HttpTarget, SigningKey};
+
+/// The event's name, on every call.
+const EVENT_HEADER: HeaderName = HeaderName::from_static("x-provisioning-event");
+/// The handler's name, on every call.
+const HANDLER_HEADER: HeaderName = HeaderName::from_static("x-provisioning-handler");
 
 /// The client every HTTP handler shares: keep-alive pool, no redirects (a handler that
 /// redirects is misconfigured, and following one would re-send the envelope elsewhere),
@@ -39,11 +44,14 @@ pub(crate) async fn call(
 ) -> Result<Reply, CallError> {
     let mut request = client
         .request(target.method.clone(), target.url.clone())
-        .timeout(call.timeout)
-        .headers(target.headers.clone())
+        .timeout(call.timeout);
+    if !target.headers.is_empty() {
+        request = request.headers(target.headers.clone());
+    }
+    let mut request = request
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-        .header("X-Provisioning-Event", call.event)
-        .header("X-Provisioning-Handler", call.handler.name.as_str());
+        .header(EVENT_HEADER, call.event)
+        .header(HANDLER_HEADER, call.handler.name.as_str());
     if let Some(key) = &target.secret {
         for (name, value) in sign(key, call.message_id, unix_now(), &call.body) {
             request = request.header(name, value);
