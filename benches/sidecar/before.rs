@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use crate::common::{
-    Rounds, Row, Sidecar, Stats, Summary, closed_loop, cpu_time, open_loop, start_echo, status_kib,
+    Rounds, Row, Sidecar, Stats, Summary, closed_loop, cpu_by_thread, cpu_split, cpu_time,
+    open_loop, start_echo, status_kib,
 };
 use crate::hop::{Hop, Via};
 
@@ -90,6 +91,7 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
     let sampler = sidecar.sample_rss();
     let (mut hop_cpu, mut reqwest_cpu, mut sidecar_cpu) =
         (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let threads_before = cpu_by_thread(sidecar.pid());
     for _ in 0..ROUNDS {
         direct.push(closed_loop(&direct_url, 32, n(8000)).await);
         let before = cpu_time(hop.pid());
@@ -103,6 +105,7 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
         sidecar_cpu += cpu_time(sidecar.pid()) - before;
     }
     let peak_kib = sampler.stop();
+    let threads = cpu_by_thread(sidecar.pid());
     // CPU per event: what each process spends, whatever else the machine is doing.
     let per_event = |cpu: Duration, r: &Rounds| {
         let events: usize = r.runs.iter().map(|s| s.latencies.len()).sum();
@@ -158,10 +161,13 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
             ">= 0.8",
         )
     });
+    let events: usize = through.runs.iter().map(|s| s.latencies.len()).sum();
     summary.push(Summary {
         note: format!(
-            "the hop via reqwest: {reqwest_us:.1} us, {:.2} x the bare hop",
-            reqwest_us / hop_us
+            "the hop via reqwest: {reqwest_us:.1} us, {:.2} x the bare hop; provisiond's \
+             threads, us per event: {}",
+            reqwest_us / hop_us,
+            cpu_split(&threads_before, &threads, events)
         ),
         ..Summary::new(
             2,

@@ -391,7 +391,48 @@ impl Sidecar {
 
 /// CPU time (user + system) a process has used so far, from /proc.
 pub(crate) fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+}
+
+/// The CPU time of each of a process's threads so far, summed by thread name
+/// (`tokio-rt-worker`, `log-writer`, `store-writer`...), sorted by name.
+pub(crate) fn cpu_by_thread(pid: u32) -> Vec<(String, Duration)> {
+    let mut by_name = std::collections::BTreeMap::<String, Duration>::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    for task in tasks.flatten() {
+        let path = task.path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+        *by_name.entry(name.trim().to_owned()).or_default() += stat_cpu(&stat);
+    }
+    by_name.into_iter().collect()
+}
+
+/// What `cpu_by_thread` says each thread spent between `before` and `after`, in us per
+/// event: `tokio-rt-worker 40.1, log-writer 1.8, ...`.
+pub(crate) fn cpu_split(
+    before: &[(String, Duration)],
+    after: &[(String, Duration)],
+    events: usize,
+) -> String {
+    after
+        .iter()
+        .map(|(name, spent)| {
+            let earlier = before
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(Duration::ZERO, |(_, d)| *d);
+            let us = spent.saturating_sub(earlier).as_secs_f64() * 1e6 / events.max(1) as f64;
+            format!("{name} {us:.1}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// utime + stime of one `/proc/.../stat` line.
+fn stat_cpu(stat: &str) -> Duration {
     // The fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
