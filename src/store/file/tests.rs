@@ -756,6 +756,102 @@ async fn one_bad_request_fails_alone_not_the_others_of_its_batch() {
 }
 
 #[tokio::test]
+async fn accepts_settlements_replays_and_drops_sent_at_once_all_take_effect() {
+    // The writer keeps the queue's tables open across the accepts and settlements of a
+    // batch, and closes them for any other request: sent together, they land in one
+    // batch, and each must do what it does alone.
+    let store = Store::memory().unwrap();
+    let settled = two_queued(&store).await;
+    let doomed = store
+        .enqueue(vec![item("a", "clients/3", "z", None)], MINUTE)
+        .await
+        .unwrap()[0]
+        .unwrap();
+    let letters = dead(
+        &store,
+        vec![
+            item("b", "clients/4", "replay me", None),
+            item("b", "clients/5", "drop me", None),
+        ],
+    )
+    .await;
+    let mut accepts = Vec::new();
+    let mut spawn_accepts = |from: u8| {
+        for n in from..from + 15 {
+            let store = store.clone();
+            accepts.push(tokio::spawn(async move {
+                let entity = format!("clients/{}", 100 + u32::from(n));
+                store
+                    .enqueue(vec![item("c", &entity, &n.to_string(), Some(n))], MINUTE)
+                    .await
+            }));
+        }
+    };
+    spawn_accepts(0);
+    let settle = |id, how| {
+        let store = store.clone();
+        tokio::spawn(async move { store.settle(id, how, Some(row("a", 1, "x"))).await })
+    };
+    let delivered = settle(settled[0], Settle::Delivered);
+    let retried = settle(
+        settled[1],
+        Settle::Retry {
+            attempts: 1,
+            next_at: 7,
+            error: "HTTP 503".into(),
+        },
+    );
+    let buried = settle(
+        doomed,
+        Settle::Dead {
+            attempts: 4,
+            reason: "gave up".into(),
+            error: None,
+        },
+    );
+    let replay = {
+        let store = store.clone();
+        let id = letters[0];
+        tokio::spawn(async move { store.replay(id).await })
+    };
+    let dropped = {
+        let store = store.clone();
+        let id = letters[1];
+        tokio::spawn(async move { store.drop_dead_letter(id).await })
+    };
+    spawn_accepts(15);
+
+    for accept in accepts {
+        assert!(accept.await.unwrap().unwrap()[0].is_some());
+    }
+    delivered.await.unwrap().unwrap();
+    retried.await.unwrap().unwrap();
+    buried.await.unwrap().unwrap();
+    let replayed = replay
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the dead letter was there");
+    assert!(dropped.await.unwrap().unwrap());
+
+    assert!(store.delivery(settled[0]).unwrap().is_none());
+    let retry = store.delivery(settled[1]).unwrap().unwrap();
+    assert_eq!((retry.attempts, retry.next_at), (1, 7));
+    assert_eq!(retry.last_error.as_deref(), Some("HTTP 503"));
+    assert_eq!(store.delivery(replayed).unwrap().unwrap().body, "replay me");
+    let letters_now: Vec<(u64, String)> = store
+        .dead_letters(None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.delivery.id, l.reason))
+        .collect();
+    assert_eq!(letters_now, vec![(doomed, "gave up".to_owned())]);
+    // The 30 accepts, the retried delivery and the replayed one.
+    assert_eq!(store.queue_depth().unwrap(), 32);
+    store.close().await;
+}
+
+#[tokio::test]
 async fn every_commit_tells_the_sink_its_deliveries_in_id_order() {
     let store = Store::memory().unwrap();
     let told = Arc::new(Mutex::new(Vec::new()));
