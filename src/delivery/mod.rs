@@ -145,6 +145,9 @@ struct HandlerLanes {
     refilling: bool,
     /// Deliveries of this handler in the store, settled or not yet: the queue depth.
     depth: u64,
+    /// The highest id the start's scan counted into `depth`: the writer's word of one up
+    /// to it, arriving after the scan, is already counted.
+    counted_to: u64,
 }
 
 struct LaneQueue {
@@ -260,7 +263,9 @@ impl Deliveries {
                 Some(lanes) => lanes,
                 None => state.handlers.entry(handler.clone()).or_default(),
             };
-            lanes.depth += 1;
+            if id > lanes.counted_to {
+                lanes.depth += 1;
+            }
             if let Some(lane) = lanes.lanes.get_mut(&entity) {
                 lane.push(id);
             } else if resumed
@@ -321,7 +326,7 @@ impl Deliveries {
             state.refill_failed(known, only);
             return Err(e);
         }
-        let start = state.refilled(&known, scan.found, only);
+        let start = state.refilled(&known, scan.found, only, scan.last_id);
         drop(state);
         for lane in start {
             self.start_lane(lane);
@@ -355,7 +360,7 @@ struct Scan {
     found: HashMap<String, Waiting>,
     /// Stored deliveries the first look saw (of `only`, or all).
     seen: u64,
-    /// The last id the first look saw: the second starts above it.
+    /// The last id seen: the second look starts above the first's.
     last_id: u64,
 }
 
@@ -409,9 +414,17 @@ impl Scan {
     /// The second look, under the lock, at what was committed since the first: it
     /// completes the new lanes, and starts none.
     fn since(&mut self, state: &State, only: Option<&str>, id: u64, handler: &str, entity: &str) {
+        // The queue's depth counts what both looks saw: it is all that is stored while
+        // the lock is held.
+        self.last_id = id;
         if only.is_some_and(|o| o != handler) {
             return;
         }
+        let f = match self.found.get_mut(handler) {
+            Some(f) => f,
+            None => self.found.entry(handler.to_owned()).or_default(),
+        };
+        f.count += 1;
         let in_memory = state
             .handlers
             .get(handler)
@@ -419,10 +432,6 @@ impl Scan {
         if in_memory {
             return;
         }
-        let f = match self.found.get_mut(handler) {
-            Some(f) => f,
-            None => self.found.entry(handler.to_owned()).or_default(),
-        };
         match f.lanes.get_mut(entity) {
             Some(ids) => ids.push(id),
             None => f.more = true,
@@ -444,12 +453,14 @@ impl State {
         }
     }
 
-    /// Takes what a refill found into lanes; the lanes to start.
+    /// Takes what a refill found into lanes; the lanes to start. `seen_to` is the last
+    /// id the refill's two looks saw.
     fn refilled(
         &mut self,
         known: &InMemory,
         mut found: HashMap<String, Waiting>,
         only: Option<&str>,
+        seen_to: u64,
     ) -> Vec<Lane> {
         // Handlers with nothing stored come out of the scan as nothing spilled.
         for handler in known.keys() {
@@ -480,6 +491,7 @@ impl State {
             }
             if only.is_none() {
                 lanes.depth = f.count;
+                lanes.counted_to = seen_to;
             }
             lanes.spilled = more;
             lanes.refilling = false;
@@ -1170,4 +1182,75 @@ fn dedupe_key(handler: &str, body: &[u8]) -> [u8; 32] {
     hash.update([0]);
     hash.update(body);
     hash.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(entity: &str) -> NewDelivery {
+        NewDelivery {
+            handler: "down".into(),
+            event: "clients.update".into(),
+            object_id: entity.rsplit('/').next().unwrap_or_default().into(),
+            entity: entity.into(),
+            message_id: new_message_id(),
+            body: "{}".into(),
+            dedupe: None,
+            event_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_queue_depth_counts_each_delivery_once_whichever_of_the_start_and_the_writer_tells_it_first()
+     {
+        // A handler nothing answers, retried an hour later: its deliveries stay queued.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let text = format!(
+            "[[handler]]\nname = \"down\"\nevents = [\"*\"]\nstage = \"after\"\n\
+             url = \"http://127.0.0.1:{port}/\"\n\
+             retry = {{ attempts = 1000, backoff = \"1h\", max_backoff = \"1h\" }}\n"
+        );
+        let config = crate::config::Config::parse(&text, "test.toml").unwrap();
+        let live = Live::new(crate::dispatch::Snapshot::new(config, 1));
+        let store = Store::memory().unwrap();
+        // Stored before the lanes hear of commits: only the start's scan sees these.
+        let ids: Vec<u64> = store
+            .enqueue(
+                vec![
+                    stored("clients/1"),
+                    stored("clients/2"),
+                    stored("clients/3"),
+                ],
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .collect();
+        let deliveries = Deliveries::new(live, store.clone(), Caller::new());
+        Deliveries::attach(&deliveries);
+        assert_eq!(deliveries.resume().unwrap(), 3);
+        assert_eq!(deliveries.depths().get("down"), Some(&3));
+        // The writer's word of a delivery the scan already counted, arriving after it
+        // (it waited for the lock the scan held): not counted again.
+        deliveries.intake(vec![Queued {
+            id: ids[2],
+            handler: "down".into(),
+            entity: "clients/3".into(),
+        }]);
+        assert_eq!(deliveries.depths().get("down"), Some(&3));
+        // A delivery committed after the start is counted when the writer tells of it.
+        store
+            .enqueue(vec![stored("clients/4")], Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(deliveries.depths().get("down"), Some(&4));
+        deliveries.stop.cancel();
+    }
 }
