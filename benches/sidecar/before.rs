@@ -126,24 +126,15 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
             rps(&hopped) / rps(&direct)
         ),
     ));
-    rows.push(reqwested.row(
-        scenario,
-        "hop via reqwest",
+    let against = |r: &Rounds, us: f64| {
         format!(
-            "{:.2} x direct, {:.2} x the bare hop; {reqwest_us:.0} us CPU per event",
-            rps(&reqwested) / rps(&direct),
-            rps(&reqwested) / rps(&hopped)
-        ),
-    ));
-    rows.push(through.row(
-        scenario,
-        "provisiond",
-        format!(
-            "{:.2} x direct, {:.2} x the bare hop; {sidecar_us:.0} us CPU per event",
-            rps(&through) / rps(&direct),
-            rps(&through) / rps(&hopped)
-        ),
-    ));
+            "{:.2} x direct, {:.2} x the bare hop; {us:.0} us CPU per event",
+            rps(r) / rps(&direct),
+            rps(r) / rps(&hopped)
+        )
+    };
+    rows.push(reqwested.row(scenario, "hop via reqwest", against(&reqwested, reqwest_us)));
+    rows.push(through.row(scenario, "provisiond", against(&through, sidecar_us)));
     // What keeping reqwest costs by itself: the floor of rows 1 and 2.
     summary.push(Summary {
         note: format!(

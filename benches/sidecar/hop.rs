@@ -48,81 +48,72 @@ impl Via {
 /// Serves the hop on a free port, printing it, forwarding to `upstream` (`host:port`).
 /// Never returns.
 pub(crate) fn serve(upstream: &str, via: Via) -> ! {
-    if via == Via::Reqwest {
-        serve_reqwest(upstream);
-    }
-    let runtime = tokio::runtime::Runtime::new().unwrap();
     let upstream = format!("http://{upstream}/");
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("{}", listener.local_addr().unwrap());
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(1024)
-            .build(connector);
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let _ = stream.set_nodelay(true);
-            let client = client.clone();
-            let upstream = upstream.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let client = client.clone();
-                    let upstream = upstream.clone();
-                    async move {
-                        let body = request.into_body().collect().await.unwrap().to_bytes();
-                        let forward = Request::post(upstream.as_str())
-                            .header("content-type", "application/json")
-                            .body(Full::new(body))
-                            .unwrap();
-                        let reply = client.request(forward).await.unwrap();
-                        let (parts, body) = reply.into_parts();
-                        let body = body.collect().await.unwrap().to_bytes();
-                        Ok::<_, Infallible>(Response::from_parts(parts, Full::new(body)))
-                    }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+    match via {
+        Via::Hyper => {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(1024)
+                .build(connector);
+            listen(move |body| {
+                let forward = Request::post(upstream.as_str())
+                    .header("content-type", "application/json")
+                    .body(Full::new(body))
+                    .unwrap();
+                let reply = client.request(forward);
+                async move {
+                    let (parts, body) = reply.await.unwrap().into_parts();
+                    let body = body.collect().await.unwrap().to_bytes();
+                    Response::from_parts(parts, Full::new(body))
+                }
+            })
         }
-    })
+        // provisiond's handler client, the body POSTed as JSON with a timeout, the
+        // reply's status and bytes returned.
+        Via::Reqwest => {
+            let client = provisiond::handler_client();
+            let upstream = reqwest::Url::parse(&upstream).unwrap();
+            listen(move |body| {
+                let reply = client
+                    .post(upstream.clone())
+                    .timeout(std::time::Duration::from_secs(5))
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send();
+                async move {
+                    let reply = reply.await.unwrap();
+                    let status = reply.status();
+                    let mut response = Response::new(Full::new(reply.bytes().await.unwrap()));
+                    *response.status_mut() = status;
+                    response
+                }
+            })
+        }
+    }
 }
 
-/// The hop through reqwest: provisiond's handler client, the body POSTed as JSON with a
-/// timeout, the reply's status and bytes returned.
-fn serve_reqwest(upstream: &str) -> ! {
+/// Accepts connections on a free port of loopback, printing it, and answers each
+/// request with what `forward` makes of its body. Never returns.
+fn listen<F, Fut>(forward: F) -> !
+where
+    F: Fn(Bytes) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let upstream = reqwest::Url::parse(&format!("http://{upstream}/")).unwrap();
-    let client = provisiond::handler_client();
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("{}", listener.local_addr().unwrap());
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             let _ = stream.set_nodelay(true);
-            let client = client.clone();
-            let upstream = upstream.clone();
+            let forward = forward.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let client = client.clone();
-                    let upstream = upstream.clone();
+                    let forward = forward.clone();
                     async move {
                         let body = request.into_body().collect().await.unwrap().to_bytes();
-                        let reply = client
-                            .post(upstream)
-                            .timeout(std::time::Duration::from_secs(5))
-                            .header("content-type", "application/json")
-                            .body(body)
-                            .send()
-                            .await
-                            .unwrap();
-                        let status = reply.status();
-                        let body = reply.bytes().await.unwrap();
-                        let mut response = Response::new(Full::new(body));
-                        *response.status_mut() = status;
-                        Ok::<_, Infallible>(response)
+                        Ok::<_, Infallible>(forward(body).await)
                     }
                 });
                 let _ = http1::Builder::new()
