@@ -541,11 +541,7 @@ mod tests {
                 "{id}"
             );
             // The first 16 digits are the process's start, the same in every id.
-            assert_eq!(
-                hex[..16],
-                ids[0]["evt_".len()..]["evt_".len() - 4..16],
-                "{id}"
-            );
+            assert_eq!(hex[..16], ids[0]["evt_".len().."evt_".len() + 16], "{id}");
         }
         let unique: std::collections::HashSet<&String> = ids.iter().collect();
         assert_eq!(unique.len(), ids.len());
