@@ -131,6 +131,10 @@ fn query_string(pairs: &[(&str, Option<String>)]) -> String {
 const FOLLOW_EVERY: Duration = Duration::from_millis(500);
 /// Rows `--follow` starts with when `--limit` does not say.
 const FOLLOW_FIRST: usize = 20;
+/// How late a row may show up behind rows with higher ids and still be printed by
+/// `--follow`. On PostgreSQL a row's id is taken when it is written and the row is seen
+/// when its transaction commits, so another sidecar's row can appear after newer ones.
+const FOLLOW_LATE: Duration = Duration::from_secs(5);
 
 /// `provisiond executions`.
 pub async fn executions(
@@ -181,7 +185,7 @@ pub async fn executions(
         return Ok(ExitCode::SUCCESS);
     }
     // Following: oldest first, like `tail -f`, then whatever comes after the last row.
-    let mut last = rows.first().map_or(0, |r| r.id);
+    let mut window = Window::start(&rows);
     let mut printer = Follower::new(query.output);
     printer.print(&rows);
     // A sidecar that goes away (a restart, a deploy) is waited for, said once; a request
@@ -192,7 +196,7 @@ pub async fn executions(
         // Back from away, ask for the newest rows, not those after the last id: after a
         // crash the store restarts from its last durable commit, so row ids seen before
         // may be given again to new rows. The printer skips the rows it has printed.
-        let after = (!away).then_some(last);
+        let after = (!away).then_some(window.after);
         let asked = remote
             .request(reqwest::Method::GET, &path(Some(1000), after), None)
             .await;
@@ -217,14 +221,53 @@ pub async fn executions(
         if away {
             eprintln!("provisiond: {} answers again", remote.address());
             away = false;
-            // The newest row there is now is where to go on from, even if it is older
-            // than the last one printed (which the crash took).
-            last = 0;
-        }
-        if let Some(row) = rows.first() {
-            last = row.id;
+            // The newest rows there are now are where to go on from, even if they are
+            // older than the last one printed (which the crash took).
+            window = Window::start(&rows);
+        } else {
+            window.polled(&rows);
         }
         printer.print(&rows);
+    }
+}
+
+/// Which rows `--follow` asks for: those after the newest id it had seen
+/// [`FOLLOW_LATE`] ago, not after the newest it has seen, so that a row committed late
+/// with a lower id is still found. The rows asked for again are skipped by the printer.
+struct Window {
+    /// The `after` of the next poll.
+    after: u64,
+    /// The newest id seen at each poll of the last [`FOLLOW_LATE`], oldest first.
+    newest: std::collections::VecDeque<(std::time::Instant, u64)>,
+}
+
+impl Window {
+    /// From the first rows (newest first): they are asked for again until they are
+    /// [`FOLLOW_LATE`] old, as is anything between them.
+    fn start(rows: &[ExecutionRow]) -> Self {
+        let mut window = Self {
+            after: rows.last().map_or(0, |r| r.id.saturating_sub(1)),
+            newest: Default::default(),
+        };
+        window.polled(rows);
+        window
+    }
+
+    /// After a poll: remembers its newest id, and moves `after` up to the newest id of
+    /// the polls older than [`FOLLOW_LATE`].
+    fn polled(&mut self, rows: &[ExecutionRow]) {
+        let now = std::time::Instant::now();
+        let seen = self.newest.back().map_or(0, |&(_, id)| id);
+        let newest = rows.first().map_or(seen, |r| r.id.max(seen));
+        if newest > self.after {
+            self.newest.push_back((now, newest));
+        }
+        while let Some(&(at, id)) = self.newest.front()
+            && now.duration_since(at) >= FOLLOW_LATE
+        {
+            self.after = self.after.max(id);
+            self.newest.pop_front();
+        }
     }
 }
 
@@ -238,8 +281,9 @@ struct Follower {
 }
 
 impl Follower {
-    /// Rows remembered, to skip those a poll after a restart brings again.
-    const REMEMBER: usize = 4096;
+    /// Rows remembered, to skip those a poll brings again: those of the last
+    /// [`FOLLOW_LATE`] (at most 1,000 a poll), and those a poll after a restart brings.
+    const REMEMBER: usize = 16_384;
 
     fn new(output: Output) -> Self {
         Self {

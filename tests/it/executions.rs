@@ -286,3 +286,75 @@ async fn follow_waits_for_a_sidecar_that_restarts() {
         "{out:?}"
     );
 }
+
+/// On PostgreSQL a row's id is taken when the row is written and the row is seen when
+/// its transaction commits: another sidecar's row can come after newer ones, with a
+/// lower id. `--follow` still prints it, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn follow_prints_a_row_committed_late_with_a_lower_id_once() {
+    use crate::common::pg::{self, PgServer};
+    if !pg::installed() {
+        return;
+    }
+    let db = PgServer::start();
+    db.create_database("provisiond");
+    let echo = HandlerServer::echo().await;
+    let config = format!(
+        "{SERVER}[store]\nbackend = \"postgres\"\nurl = {}\n\n[[handler]]\nname = \"echo\"\n\
+         events = [\"*\"]\nstage = \"before\"\nurl = {}\n",
+        toml_str(db.url("provisiond")),
+        toml_str(echo.url("/"))
+    );
+    let sidecar = Sidecar::start(&config);
+    let url = format!("http://{}", sidecar.addr);
+    send(&sidecar, "clients.update", 1).await;
+    let follow = Running::start(&["executions", "-f", "--url", &url]);
+    assert!(follow.wait_for(&follow.out, "clients.update").await);
+
+    // Another writer (as another sidecar would) takes the next id and holds its
+    // transaction open: a copy of the first row, for object 777.
+    let late = db.connect("provisiond").await;
+    let text: String = late
+        .query_one(
+            "SELECT row FROM provisiond.executions ORDER BY id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut row: Value = serde_json::from_str(&text).unwrap();
+    row["object_id"] = json!("777");
+    late.batch_execute("BEGIN").await.unwrap();
+    let id: i64 = late
+        .query_one(
+            "INSERT INTO provisiond.executions (at, handler, event, object_id, outcome, event_id, row) \
+             SELECT at, handler, event, '777', outcome, NULL, $1 FROM provisiond.executions \
+             ORDER BY id LIMIT 1 RETURNING id",
+            &[&row.to_string()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // A newer row, with a higher id, is committed and printed first.
+    send(&sidecar, "clients.delete", 2).await;
+    assert!(
+        follow.wait_for(&follow.out, "clients.delete").await,
+        "{:?}",
+        follow.out.lock().unwrap()
+    );
+    let (_, body) = sidecar.get("/v1/executions?limit=1").await;
+    assert!(body["executions"][0]["id"].as_i64().unwrap() > id, "{body}");
+    // Then the held row commits, a second later.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    late.batch_execute("COMMIT").await.unwrap();
+    let printed = follow.wait_for(&follow.out, " 777 ").await;
+    // And nothing is printed twice while the rows are asked for again.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let out = follow.out.lock().unwrap().clone();
+    assert!(printed, "the late row is printed: {out:?}");
+    let objects: Vec<&str> = out[1..]
+        .iter()
+        .map(|l| l.split_whitespace().nth(4).unwrap())
+        .collect();
+    assert_eq!(objects, ["1", "2", "777"], "{out:?}");
+}
