@@ -62,6 +62,38 @@ fn main() {
         );
         return;
     }
+    if let [flag, rate, total, rounds, urls @ ..] = args.as_slice()
+        && flag == "--open"
+    {
+        // For profiling by hand: row 3's measurement against running targets, the
+        // first URL (the handler called directly) the baseline, in alternating rounds.
+        let (rate, total, rounds): (f64, usize, usize) = (
+            rate.parse().unwrap(),
+            total.parse().unwrap(),
+            rounds.parse().unwrap(),
+        );
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut all: Vec<common::Rounds> = urls.iter().map(|_| common::Rounds::default()).collect();
+        for _ in 0..rounds {
+            for (url, r) in urls.iter().zip(&mut all) {
+                r.push(runtime.block_on(common::open_loop(url, rate, total)));
+            }
+        }
+        for (url, r) in urls.iter().zip(&all) {
+            println!(
+                "{url}: p50 {:.3} ms, p99 {:.3} ms; adds p50 {:.3}, p99 {:.3} ms",
+                r.median(|s| common::ms(s.quantile(0.5))),
+                r.median(|s| common::ms(s.quantile(0.99))),
+                r.added(&all[0], 0.5),
+                r.added(&all[0], 0.99)
+            );
+        }
+        return;
+    }
     // `cargo bench` passes `--bench`; ignore flags we do not know.
     let quick = args.iter().any(|a| a == "--quick");
     let mut chosen: Vec<&str> = args
