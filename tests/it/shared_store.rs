@@ -4,6 +4,7 @@
 //! in; a schema newer than the build is refused, and sidecars started together create
 //! it once; the URL's password is never shown.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::pg::{self, PgServer};
@@ -420,4 +421,74 @@ async fn retention_prunes_the_shared_execution_log_and_dedupe_keys() {
     }
     let (_, body) = sidecar.get("/v1/executions?limit=100").await;
     assert_eq!(body["count"], 5, "{body}");
+}
+
+/// A bulk replay locks each dead letter's lane; it takes them in lane order, as an
+/// accept's group does, so that the two never wait on each other in a ring. Here a
+/// transaction that locks lanes as an accept's group does (`clients/1`, then
+/// `clients/2`) holds the first while the replay runs, and the dead letters' id order
+/// is the other way round.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bulk_replay_takes_the_lanes_in_the_order_accepts_do() {
+    let Some(db) = server() else { return };
+    let handler = HandlerServer::fixed(410, "gone").await;
+    let config = format!(
+        "{SERVER}{}{}",
+        store(&db),
+        after_handler("crm", &handler.url("/"), "")
+    );
+    let sidecar = Arc::new(Sidecar::start(&config));
+    for object in [2, 1] {
+        let (code, _) = sidecar.send("clients.update", object, json!({})).await;
+        assert_eq!(code, 200);
+    }
+    assert_eq!(dead_letters(&sidecar, 2).await.len(), 2);
+    let entities = db.psql(
+        "provisiond",
+        "SELECT entity FROM provisiond.dead_letters ORDER BY id",
+    );
+    assert_eq!(entities.trim(), "clients/2\nclients/1");
+
+    let lock = |entity: &str| {
+        format!(
+            "INSERT INTO provisiond.lanes AS l (handler, entity, pending) \
+             VALUES ('crm', '{entity}', 0) \
+             ON CONFLICT (handler, entity) DO UPDATE SET pending = l.pending"
+        )
+    };
+    let accept = db.connect("provisiond").await;
+    // This session finds a ring at once, so a ring fails it rather than the replay.
+    accept
+        .batch_execute("SET deadlock_timeout = '100ms'; BEGIN")
+        .await
+        .unwrap();
+    accept.batch_execute(&lock("clients/1")).await.unwrap();
+    let replay = {
+        let sidecar = sidecar.clone();
+        tokio::spawn(async move {
+            sidecar
+                .post_to("/v1/deadletters/replay", r#"{"handler": "crm"}"#)
+                .await
+        })
+    };
+    // The replay is waiting for a lane this transaction holds.
+    let waiting = eventually(Duration::from_secs(20), || {
+        db.psql(
+            "provisiond",
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+        )
+        .trim()
+            == "1"
+    })
+    .await;
+    assert!(waiting, "the replay never waited for clients/1");
+    // The next lane is free: the replay has not taken it out of order.
+    let second = accept.batch_execute(&lock("clients/2")).await;
+    let _ = accept.batch_execute("COMMIT").await;
+    if let Err(e) = &second {
+        panic!("clients/2 was held by the replay: {}", pg::describe(e));
+    }
+    let (status, body) = replay.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"replayed": 2, "skipped": 0}));
 }

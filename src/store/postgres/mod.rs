@@ -611,7 +611,7 @@ impl Postgres {
         handlers: Vec<String>,
     ) -> Result<Replayed, StoreError> {
         let select = self.sql(&format!(
-            "SELECT id, handler FROM {{s}}.dead_letters WHERE {} ORDER BY id FOR UPDATE",
+            "SELECT id, handler, entity FROM {{s}}.dead_letters WHERE {} ORDER BY id FOR UPDATE",
             Self::MATCHING
         ));
         let replay = self.sql("SELECT {s}.replay($1, $2)");
@@ -634,17 +634,26 @@ impl Postgres {
                 )
                 .await?;
             let mut out = Replayed::default();
+            let mut chosen: Vec<(String, String, i64)> = Vec::with_capacity(rows.len());
             for row in rows {
-                let id: i64 = row.get(0);
                 let handler: String = row.get(1);
                 if !handlers.contains(&handler) {
                     out.skipped += 1;
                     out.skipped_handlers.insert(handler);
                     continue;
                 }
+                chosen.push((handler, row.get(2), row.get(0)));
+            }
+            // `replay` locks each dead letter's lane: take them in lane order, as every
+            // transaction that locks several lanes does, so that no accept or settlement
+            // waits on this one in a ring. Within a lane, the dead letters keep their
+            // order, and so their new ids.
+            chosen.sort();
+            for (_, _, id) in chosen {
                 let fresh: Option<i64> = txn.query_one(&replay, &[&id, &now]).await?.get(0);
                 out.ids.extend(fresh.map(to_u64));
             }
+            out.ids.sort_unstable();
             txn.commit().await?;
             Ok(out)
         })
