@@ -29,6 +29,7 @@ pub(crate) const LOG_LINES_DROPPED: &str = "provisiond_log_lines_dropped_total";
 pub(crate) const RELOADS: &str = "provisiond_reloads_total";
 pub(crate) const STORE_UNREADABLE_ROWS: &str = "provisiond_store_unreadable_rows_total";
 pub(crate) const STORE_WRITABLE: &str = "provisiond_store_writable";
+pub(crate) const STORE_COMMIT_SECONDS: &str = "provisiond_store_commit_duration_seconds";
 pub(crate) const CONFIG_GENERATION: &str = "provisiond_config_generation";
 pub(crate) const BUILD_INFO: &str = "provisiond_build_info";
 pub(crate) const RESTART_NEEDED: &str = "provisiond_restart_needed_settings";
@@ -106,6 +107,12 @@ fn describe() {
         STORE_WRITABLE,
         "1 while the store takes writes, 0 while they fail (a full disk, an I/O error)."
     );
+    describe_histogram!(
+        STORE_COMMIT_SECONDS,
+        metrics::Unit::Seconds,
+        "Time the store file's writer took for one batch of writes, applied and committed, \
+         by durability (true: fsynced, as every batch with an accept is)."
+    );
     describe_gauge!(CONFIG_GENERATION, "Generation of the live config.");
     describe_gauge!(
         BUILD_INFO,
@@ -127,6 +134,16 @@ fn zero() {
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     gauge!(RESTART_NEEDED).set(0.0);
     counter!(LOG_LINES_DROPPED).absolute(0);
+}
+
+/// One batch of the store file's writer, applied and committed; `durable` when fsynced.
+pub(crate) fn store_commit(durable: bool, took: Duration) {
+    static KEPT: LazyLock<[Histogram; 2]> = LazyLock::new(|| {
+        [false, true].map(|durable| {
+            histogram!(STORE_COMMIT_SECONDS, "durable" => if durable { "true" } else { "false" })
+        })
+    });
+    KEPT[usize::from(durable)].record(took.as_secs_f64());
 }
 
 /// The label for an event name: the name when the config knows it, else `other`.

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    Row, Sidecar, Summary, closed_loop, fdatasync_rate, ms, open_loop, reply, start_server,
+    Row, Sidecar, Summary, closed_loop, cpu_by_thread, cpu_split, fdatasync_rate, ms, open_loop,
+    reply, start_server,
 };
 
 fn config(handler: SocketAddr, events: &str) -> String {
@@ -54,10 +55,15 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
     let total = n(20_000);
     let plain = closed_loop(&baseline.url("/events"), 32, total).await;
     let before = delivered.load(Ordering::Relaxed);
+    let threads_before = cpu_by_thread(stored.pid());
     let started = Instant::now();
     let durable = closed_loop(&stored.url("/events"), 32, total).await;
     let accepted = durable.latencies.len();
     let drained = wait_for(&delivered, before + accepted, Duration::from_secs(120)).await;
+    // What the store's writer did for them: its commits (from the sidecar's metrics) and
+    // its thread's CPU, accepts and deliveries together.
+    let threads = cpu_by_thread(stored.pid());
+    let commits = Commits::of(&stored).await;
     let scenario = "4. after, 1 HTTP handler, saturated";
     rows.push(plain.row(scenario, "no delivery", ""));
     let drain = match drained {
@@ -82,17 +88,18 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
 
     // The disk, after the drain: how many commits of one small write it allows a second.
     let disk = fdatasync_rate(scale);
-    let per_fsync = durable.rps() / disk.rps();
-    rows.push(disk.row(
-        "4. after, disk",
-        "fdatasync of 8 KiB",
-        format!("{per_fsync:.1} stored accepts per fdatasync"),
-    ));
+    let writer_us = cpu_split(&threads_before, &threads, accepted);
+    let commits_note = format!(
+        "{:.1} accepts per durable commit, {:.0} durable commits/s ({:.2} x the disk's \
+         fdatasyncs/s), {:.3} ms each on average; threads, us per stored event: {writer_us}",
+        accepted as f64 / commits.durable.max(1.0),
+        commits.durable / durable.elapsed.as_secs_f64(),
+        commits.durable / durable.elapsed.as_secs_f64() / disk.rps(),
+        commits.durable_ms()
+    );
+    rows.push(disk.row("4. after, disk", "fdatasync of 8 KiB", commits_note.clone()));
     summary.push(Summary {
-        note: format!(
-            "disk: {:.0} fdatasyncs/s, {per_fsync:.1} accepts per fdatasync",
-            disk.rps()
-        ),
+        note: format!("disk: {:.0} fdatasyncs/s; {commits_note}", disk.rps()),
         ..Summary::new(
             6,
             "durable after-stage accepts, distinct envelopes, 32 connections / no after-stage handler",
@@ -104,6 +111,42 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
         )
     });
     rows
+}
+
+/// The store writer's commits so far, from a sidecar's `/metrics`
+/// (`provisiond_store_commit_duration_seconds`).
+struct Commits {
+    durable: f64,
+    durable_seconds: f64,
+}
+
+impl Commits {
+    async fn of(sidecar: &Sidecar) -> Self {
+        let text = crate::common::client()
+            .get(sidecar.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        Self {
+            durable: value("provisiond_store_commit_duration_seconds_count{durable=\"true\"}"),
+            durable_seconds: value(
+                "provisiond_store_commit_duration_seconds_sum{durable=\"true\"}",
+            ),
+        }
+    }
+
+    fn durable_ms(&self) -> f64 {
+        self.durable_seconds * 1e3 / self.durable.max(1.0)
+    }
 }
 
 /// Waits until `count` reaches `target`; when it did, or `None` after `limit`.

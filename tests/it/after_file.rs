@@ -320,3 +320,42 @@ impl Drop for Tmpfs {
             .status();
     }
 }
+
+/// The store's commits are in `/metrics`: every batch with an accept is fsynced; one
+/// holding only settlements and execution log rows is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_time_the_store_files_commits_by_durability() {
+    let crm = HandlerServer::fixed(200, "").await;
+    let sidecar = Sidecar::start(&format!(
+        "{SERVER}{}",
+        after_handler("crm", &crm.url("/"), FAST)
+    ));
+    for object in 1..=3 {
+        let (code, _) = sidecar.send("clients.update", object, json!({})).await;
+        assert_eq!(code, 200);
+    }
+    assert!(eventually(Duration::from_secs(15), || crm.calls().len() >= 3).await);
+    let count = |text: &str, durable: &str| {
+        metric(
+            text,
+            &format!("provisiond_store_commit_duration_seconds_count{{durable=\"{durable}\"}}"),
+        )
+    };
+    // The settlements' commits come after the calls.
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = sidecar.metrics_text().await;
+        if count(&text, "false").is_some_and(|n| n >= 1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Each accept is answered after its own durable commit, as the three were sent one
+    // after the other.
+    assert!(count(&text, "true").is_some_and(|n| n >= 3.0), "{text}");
+    assert!(count(&text, "false").is_some_and(|n| n >= 1.0), "{text}");
+    assert!(
+        text.contains("# TYPE provisiond_store_commit_duration_seconds histogram"),
+        "{text}"
+    );
+}

@@ -380,6 +380,7 @@ impl Writer {
         }
         match result {
             Ok(done) => {
+                crate::metrics::store_commit(durable, took);
                 for (key, at) in changes.pruned {
                     if self.parts.dedupe.get(&key) == Some(&at) {
                         self.parts.dedupe.remove(&key);
