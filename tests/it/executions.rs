@@ -238,6 +238,17 @@ impl Drop for Running {
     }
 }
 
+/// A sidecar on `config` with one event sent, and `executions -f` following it, the
+/// event's row printed; and the sidecar's URL.
+async fn following(config: &str) -> (Sidecar, Running, String) {
+    let sidecar = Sidecar::start(config);
+    let url = format!("http://{}", sidecar.addr);
+    send(&sidecar, "clients.update", 1).await;
+    let follow = Running::start(&["executions", "-f", "--url", &url]);
+    assert!(follow.wait_for(&follow.out, "clients.update").await);
+    (sidecar, follow, url)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn follow_waits_for_a_sidecar_that_restarts() {
     let echo = HandlerServer::echo().await;
@@ -246,11 +257,7 @@ async fn follow_waits_for_a_sidecar_that_restarts() {
         free_addr(),
         toml_str(echo.url("/"))
     );
-    let sidecar = Sidecar::start(&config);
-    let url = format!("http://{}", sidecar.addr);
-    send(&sidecar, "clients.update", 1).await;
-    let follow = Running::start(&["executions", "-f", "--url", &url]);
-    assert!(follow.wait_for(&follow.out, "clients.update").await);
+    let (sidecar, follow, url) = following(&config).await;
 
     let (dir, config_path) = sidecar.kill_9();
     assert!(
@@ -305,11 +312,7 @@ async fn follow_prints_a_row_committed_late_with_a_lower_id_once() {
         toml_str(db.url("provisiond")),
         toml_str(echo.url("/"))
     );
-    let sidecar = Sidecar::start(&config);
-    let url = format!("http://{}", sidecar.addr);
-    send(&sidecar, "clients.update", 1).await;
-    let follow = Running::start(&["executions", "-f", "--url", &url]);
-    assert!(follow.wait_for(&follow.out, "clients.update").await);
+    let (sidecar, follow, _) = following(&config).await;
 
     // Another writer (as another sidecar would) takes the next id and holds its
     // transaction open: a copy of the first row, for object 777.
