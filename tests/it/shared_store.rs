@@ -2,7 +2,8 @@
 //! both backends (`after_pg`): a handler removed by one sidecar's reload but kept by
 //! another is not dead-lettered; `store copy` moves a redb file's queue and dead letters
 //! in; a schema newer than the build is refused, and sidecars started together create
-//! it once; the URL's password is never shown.
+//! it once; the URL's password is never shown; retention prunes the shared log; a bulk
+//! replay takes its lanes in the order accepts do.
 
 use std::sync::Arc;
 use std::time::Duration;
