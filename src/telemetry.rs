@@ -280,9 +280,39 @@ impl<'w> FormatFields<'w> for SpanFields {
         current: &'w mut FormattedFields<Self>,
         fields: &tracing::span::Record<'_>,
     ) -> std::fmt::Result {
-        // Fields recorded later follow those the span was made with.
-        self.format_fields(current.as_writer(), fields)
+        // Fields recorded later follow those the span was made with; a field recorded
+        // again keeps only its new value, so that the span's keys stay unique.
+        let mut added = String::new();
+        self.format_fields(Writer::new(&mut added), fields)?;
+        for (name, _) in span_entries(&added) {
+            let old = span_entries(&current.fields)
+                .find(|(n, _)| *n == name)
+                .map(|(_, at)| at);
+            if let Some(at) = old {
+                current.fields.replace_range(at, "");
+            }
+        }
+        current.fields.push_str(&added);
+        Ok(())
     }
+}
+
+/// The `,"name":value` entries of a span's fields as [`SpanFields`] writes them: each
+/// name, and the range of its whole entry. (Names are tracing's field names, which hold
+/// no quote; a value is JSON, read to its end.)
+fn span_entries(fields: &str) -> impl Iterator<Item = (&str, std::ops::Range<usize>)> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let start = at;
+        let rest = fields.get(start..)?.strip_prefix(",\"")?;
+        let (name, after) = rest.split_once("\":")?;
+        let value_at = fields.len() - after.len();
+        let mut values =
+            serde_json::Deserializer::from_str(after).into_iter::<serde::de::IgnoredAny>();
+        values.next()?.ok()?;
+        at = value_at + values.byte_offset();
+        Some((name, start..at))
+    })
 }
 
 /// Writes each field of an event as `,"name":value`.
@@ -436,11 +466,14 @@ mod tests {
             .finish();
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!("event", id = %"evt_1", late = tracing::field::Empty);
+            span.record("late", "first, \"then\",\"x\":");
             span.record("late", "a \"b\"");
             let _entered = span.enter();
             tracing::info!(text = "a \"q\" \\ \n\u{1}é", n = 3u64, f = 0.5, b = true, shown = %"x\ty", "hi");
         });
         let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        // Recorded twice, kept once: the last value.
+        assert_eq!(text.matches("\"late\":").count(), 1, "{text}");
         let line: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
         assert_eq!(line["message"], "hi");
         assert_eq!(line["text"], "a \"q\" \\ \n\u{1}é");
