@@ -31,6 +31,15 @@ fn store(server: &PgServer) -> String {
     )
 }
 
+/// A sidecar's config on `server`'s database with one after-stage handler, `crm`.
+fn with_crm(server: &PgServer, url: &str, extra: &str) -> String {
+    format!(
+        "{SERVER}{}{}",
+        store(server),
+        after_handler("crm", url, extra)
+    )
+}
+
 /// Waits until `n` dead letters are stored, or 30 s (orphaned lanes are looked for every
 /// 5 s, and a loaded CI machine stretches that); what `/v1/deadletters` says then.
 async fn dead_letters(sidecar: &Sidecar, n: usize) -> Vec<serde_json::Value> {
@@ -50,7 +59,7 @@ async fn a_handler_one_sidecar_removes_is_delivered_by_another_that_still_has_it
     let Some(db) = server() else { return };
     let down = refused_url();
     let handler = HandlerServer::echo().await;
-    let with = |url: &str| format!("{SERVER}{}{}", store(&db), after_handler("crm", url, FAST));
+    let with = |url: &str| with_crm(&db, url, FAST);
     // A queues crm's deliveries while crm is down; B has crm too.
     let a = Sidecar::start(&with(&down));
     for i in 0..5 {
@@ -226,11 +235,7 @@ async fn a_schema_newer_than_the_build_is_refused_in_one_sentence() {
 async fn sidecars_started_together_on_an_empty_database_create_the_schema_once() {
     let Some(db) = server() else { return };
     let handler = HandlerServer::fixed(200, "").await;
-    let config = format!(
-        "{SERVER}{}{}",
-        store(&db),
-        after_handler("crm", &handler.url("/"), FAST)
-    );
+    let config = with_crm(&db, &handler.url("/"), FAST);
     // All at once, each process on a thread of its own.
     let starts: Vec<_> = (0..4)
         .map(|_| {
@@ -433,11 +438,7 @@ async fn retention_prunes_the_shared_execution_log_and_dedupe_keys() {
 async fn a_bulk_replay_takes_the_lanes_in_the_order_accepts_do() {
     let Some(db) = server() else { return };
     let handler = HandlerServer::fixed(410, "gone").await;
-    let config = format!(
-        "{SERVER}{}{}",
-        store(&db),
-        after_handler("crm", &handler.url("/"), "")
-    );
+    let config = with_crm(&db, &handler.url("/"), "");
     let sidecar = Arc::new(Sidecar::start(&config));
     for object in [2, 1] {
         let (code, _) = sidecar.send("clients.update", object, json!({})).await;
