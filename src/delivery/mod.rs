@@ -29,9 +29,12 @@
 //!
 //! Memory is bounded whatever the backlog: a handler keeps at most [`LANES_PER_HANDLER`]
 //! lanes in memory, each with the ids of its stored deliveries (8 bytes each), and a body
-//! is read from the store only for the attempt that sends it. Deliveries of lanes beyond
-//! the bound stay in the store only (the handler is *spilled*); when half its lanes are
-//! done, a scan of the store brings in the next ones ([`Deliveries::refill`]).
+//! is in memory only between its read from the store and the attempt that sends it: a
+//! lane that waits (a retry, a slot, a disabled handler) holds none, and reads it again
+//! for its attempt; one that waits for nothing sends the body its first read brought.
+//! Deliveries of lanes beyond the bound stay in the store only (the handler is
+//! *spilled*); when half its lanes are done, a scan of the store brings in the next ones
+//! ([`Deliveries::refill`]).
 //!
 //! Every attempt looks its handler up in the *current* snapshot, so a reload's changes
 //! (URL, timeout, retry) apply to deliveries already queued. A handler a reload removed
@@ -897,11 +900,11 @@ async fn deliver(this: &Arc<Deliveries>, lane: &Lane, id: u64) -> bool {
         Ok(None) => return true,
         Err(()) => return false,
     };
-    // The body is read again for each attempt: a lane waiting for a retry or a slot
-    // holds no body.
-    delivery.body = String::new();
+    // The body read here goes out with the first attempt when that attempt waits for
+    // nothing; a lane that waits (a retry, a slot, a disabled handler) drops it first and
+    // reads it again for the attempt: a waiting lane holds no body.
     loop {
-        let handler = match turn(this, lane, id, &delivery, &mut generations).await {
+        let handler = match turn(this, lane, id, &mut delivery, &mut generations).await {
             Turn::Go(handler) => handler,
             Turn::Again => continue,
             Turn::Done(settled) => return settled,
@@ -932,20 +935,29 @@ enum Turn {
 
 /// Looks the delivery's handler up in the current config and waits for its turn: the
 /// retry time, or a reload while the handler is disabled. A removed handler
-/// dead-letters it.
+/// dead-letters it. The delivery's body is dropped unless its turn is now.
 async fn turn(
     this: &Arc<Deliveries>,
     lane: &Lane,
     id: u64,
-    delivery: &crate::store::Delivery,
+    delivery: &mut crate::store::Delivery,
     generations: &mut tokio::sync::watch::Receiver<u64>,
 ) -> Turn {
     let stop = &this.stop;
     if stop.is_cancelled() {
         return Turn::Done(false);
     }
-    let handler = match find(&this.live, &delivery.handler) {
-        Found::Ready(h) => h,
+    let found = find(&this.live, &delivery.handler);
+    let wait = Duration::from_millis(delivery.next_at.saturating_sub(now_ms()));
+    if let Found::Ready(handler) = &found
+        && wait.is_zero()
+    {
+        return Turn::Go(handler.clone());
+    }
+    delivery.body = String::new();
+    match found {
+        // Ready, and not due yet: the wait below.
+        Found::Ready(_) => {}
         Found::Dead(reason) => {
             // Shared store: another live sidecar that still has the handler takes it.
             if this.store.is_shared() {
@@ -982,10 +994,6 @@ async fn turn(
                 () = changed(generations) => Turn::Again,
             };
         }
-    };
-    let wait = Duration::from_millis(delivery.next_at.saturating_sub(now_ms()));
-    if wait.is_zero() {
-        return Turn::Go(handler);
     }
     tokio::select! {
         biased;
@@ -1005,10 +1013,17 @@ async fn attempt(
     handler: &Handler,
     delivery: &mut crate::store::Delivery,
 ) -> Result<(Settle, Execution), bool> {
-    let slot = tokio::select! {
-        biased;
-        () = this.stop.cancelled() => return Err(false),
-        slot = handler.slots.clone().acquire_owned() => slot.expect("handler slots are never closed"),
+    let slot = match handler.slots.clone().try_acquire_owned() {
+        Ok(slot) => slot,
+        Err(_) => {
+            // No body while waiting for a slot.
+            delivery.body = String::new();
+            tokio::select! {
+                biased;
+                () = this.stop.cancelled() => return Err(false),
+                slot = handler.slots.clone().acquire_owned() => slot.expect("handler slots are never closed"),
+            }
+        }
     };
     // Shared store: only while the lane's lease is surely still ours, so that a sidecar
     // cut off from the database does not deliver what another has taken over.
@@ -1017,10 +1032,14 @@ async fn attempt(
         this.lost(lane);
         return Err(false);
     }
-    let body = match read_delivery(this, id).await {
-        Ok(Some(d)) => d.body,
-        Ok(None) => return Err(true),
-        Err(()) => return Err(false),
+    let body = if delivery.body.is_empty() {
+        match read_delivery(this, id).await {
+            Ok(Some(d)) => d.body,
+            Ok(None) => return Err(true),
+            Err(()) => return Err(false),
+        }
+    } else {
+        std::mem::take(&mut delivery.body)
     };
     let attempt = delivery.attempts + 1;
     let at = SystemTime::now();
