@@ -59,6 +59,10 @@ pub const PRUNE_LIMIT: usize = 20_000;
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
 /// Settlements kept for a reopen before a commit is made durable anyway.
 const REDO_MAX: usize = 10_000;
+/// How far above the next ids the file's counters are set. A commit writes the counters
+/// only when an id it hands out reaches them, not every time: a restart then goes on
+/// from them, skipping at most this many ids and never reusing one.
+pub(super) const ID_BLOCK: u64 = 1024;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -170,6 +174,9 @@ pub(super) struct Writer {
     redo: Vec<(u64, Settle)>,
     /// Set by a storage error: when the file was last (re)tried, and what failed.
     broken: Option<(Instant, StoreError)>,
+    /// The counters (next delivery id, next execution id) as the file has them; `None`
+    /// until a commit writes them.
+    ceilings: Option<(u64, u64)>,
 }
 
 /// Changes to the dedupe map made by a batch: undone if it fails, completed if it
@@ -197,6 +204,7 @@ impl Writer {
             parts,
             redo: Vec::new(),
             broken: None,
+            ceilings: None,
         }
     }
 
@@ -364,6 +372,7 @@ impl Writer {
         durable: bool,
     ) -> Result<Vec<Done>, StoreError> {
         let (next_delivery, next_execution) = (self.parts.next_delivery, self.parts.next_execution);
+        let ceilings = self.ceilings;
         let mut changes = DedupeChanges::default();
         let mut queued = Vec::new();
         let started = Instant::now();
@@ -406,6 +415,7 @@ impl Writer {
                 // back too.
                 self.parts.next_delivery = next_delivery;
                 self.parts.next_execution = next_execution;
+                self.ceilings = ceilings;
                 for (key, old) in changes.set.into_iter().rev() {
                     match old {
                         Some(at) => self.parts.dedupe.insert(key, at),
@@ -466,6 +476,9 @@ impl Writer {
                 settle_one(&txn, &mut queue, *id, settle, now)?;
             }
         }
+        // The lost handle may have had the counters in a commit that never reached the
+        // disk: write them again.
+        self.ceilings = None;
         self.write_counters(&txn)?;
         txn.commit().map_err(StoreError::write)?;
         self.redo.clear();
@@ -479,12 +492,24 @@ impl Writer {
             .ok_or_else(|| StoreError::Write("the store file is not open".into()))
     }
 
-    fn write_counters(&self, txn: &WriteTransaction) -> Result<(), StoreError> {
+    /// Writes the counters [`ID_BLOCK`] above the next ids when the ids have reached
+    /// what the file has: every id handed out stays below the file's counters, in the
+    /// same transaction as the id itself.
+    fn write_counters(&mut self, txn: &WriteTransaction) -> Result<(), StoreError> {
+        let next = (self.parts.next_delivery, self.parts.next_execution);
+        if let Some(stored) = self.ceilings
+            && next.0 <= stored.0
+            && next.1 <= stored.1
+        {
+            return Ok(());
+        }
+        let ceilings = (next.0 + ID_BLOCK, next.1 + ID_BLOCK);
         let mut meta = txn.open_table(META).map_err(StoreError::write)?;
-        meta.insert("next_delivery_id", self.parts.next_delivery)
+        meta.insert("next_delivery_id", ceilings.0)
             .map_err(StoreError::write)?;
-        meta.insert("next_execution_id", self.parts.next_execution)
+        meta.insert("next_execution_id", ceilings.1)
             .map_err(StoreError::write)?;
+        self.ceilings = Some(ceilings);
         Ok(())
     }
 
