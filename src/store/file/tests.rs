@@ -969,6 +969,63 @@ async fn every_commit_tells_the_sink_its_deliveries_in_id_order() {
     assert_eq!(told, stored);
 }
 
+fn logged(store: &Store) -> usize {
+    store
+        .executions(&ExecutionFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .unwrap()
+        .len()
+}
+
+#[tokio::test]
+async fn settlements_rows_held_for_one_write_reach_the_file_though_nothing_follows() {
+    let store = Store::memory().unwrap();
+    for body in ["a", "b", "c"] {
+        let id = store
+            .enqueue(vec![item("a", "clients/1", body, None)], MINUTE)
+            .await
+            .unwrap()[0]
+            .unwrap();
+        store
+            .settle(id, Settle::Delivered, Some(row("a", now_ms(), "delivered")))
+            .await
+            .unwrap();
+    }
+    // No request follows: the writer writes what it holds by itself, within LOG_LINGER.
+    let started = std::time::Instant::now();
+    while logged(&store) < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "held rows never written"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(logged(&store), 3);
+    assert_eq!(
+        store
+            .inner
+            .log_bytes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "written rows still counted against the log's bound"
+    );
+
+    // A request of another kind writes the rows held with it.
+    let id = store
+        .enqueue(vec![item("a", "clients/1", "d", None)], MINUTE)
+        .await
+        .unwrap()[0]
+        .unwrap();
+    store
+        .settle(id, Settle::Delivered, Some(row("a", now_ms(), "delivered")))
+        .await
+        .unwrap();
+    store.prune(retention(1000, 3600)).await.unwrap();
+    assert_eq!(logged(&store), 4);
+}
+
 async fn eventually_true(mut check: impl FnMut() -> bool) -> bool {
     for _ in 0..200 {
         if check() {

@@ -27,6 +27,15 @@
 //! without fsync; the next durable commit (an enqueue, at the latest the periodic prune)
 //! makes it durable. A crash before that repeats those attempts: deliveries are at least
 //! once anyway.
+//!
+//! Under a stream of accepts and deliveries, the writer holds the execution log's rows
+//! (the channel's, and each delivery's once it is committed) and writes them together
+//! every [`ROWS_EVERY`], rather than a few rows in every commit: each commit that touches
+//! the log copies its last pages, so this is most of what the log costs per event. A row
+//! therefore reaches the file up to [`ROWS_EVERY`] after its call under load, and up to
+//! [`LOG_LINGER`] when quiet; a retry's or a dead letter's row is written with it, and
+//! with every row held then. Held rows count against the log's byte bound like rows
+//! still in the channel, and a crash loses them as it loses a commit without fsync.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -52,6 +61,11 @@ const SLOW_COMMIT: Duration = Duration::from_millis(100);
 const MAX_BATCH: usize = 2048;
 /// Longest a batch of execution log rows alone waits for company before its commit.
 const LOG_LINGER: Duration = Duration::from_millis(1000);
+/// Under a stream of accepts and settlements: how long execution log rows (the log
+/// channel's and the settlements') are held for one write, instead of going into every
+/// commit. Held rows are written by the first commit after this, by any commit with
+/// another kind of request, and at the latest [`LOG_LINGER`] after the first was held.
+const ROWS_EVERY: Duration = Duration::from_millis(100);
 /// Most rows one prune removes from each table, so that a prune never holds the writer
 /// for long; the caller prunes again at once while a prune comes back full.
 pub const PRUNE_LIMIT: usize = 20_000;
@@ -177,6 +191,11 @@ pub(super) struct Writer {
     /// The counters (next delivery id, next execution id) as the file has them; `None`
     /// until a commit writes them.
     ceilings: Option<(u64, u64)>,
+    /// Execution log rows taken and not yet written ([`ROWS_EVERY`]), counted in
+    /// `log_bytes` until they are; at most [`MAX_BATCH`] and a batch's worth.
+    held: Vec<Execution>,
+    /// When the oldest of `held` was taken.
+    held_since: Option<Instant>,
 }
 
 /// Changes to the dedupe map made by a batch: undone if it fails, completed if it
@@ -195,6 +214,8 @@ enum Next {
     Rows(Vec<Execution>),
     /// Broken and idle: time to try the file again.
     Probe,
+    /// Idle with rows held: time to write them.
+    Flush,
     Closed,
 }
 
@@ -205,6 +226,8 @@ impl Writer {
             redo: Vec::new(),
             broken: None,
             ceilings: None,
+            held: Vec::new(),
+            held_since: None,
         }
     }
 
@@ -215,6 +238,10 @@ impl Writer {
             let mut ops = Vec::new();
             let mut rows = Vec::new();
             let broken = self.broken.is_some();
+            // Held rows are written when nothing else comes to write them.
+            let flush_at = self
+                .held_since
+                .map(|since| tokio::time::Instant::from_std(since + LOG_LINGER));
             let p = &mut self.parts;
             let next = runtime.block_on(async {
                 tokio::select! {
@@ -222,6 +249,8 @@ impl Writer {
                     op = p.ops.recv() => op.map_or(Next::Closed, Next::Op),
                     rows = p.logs.recv() => rows.map_or(Next::Closed, Next::Rows),
                     () = tokio::time::sleep(REOPEN_EVERY), if broken => Next::Probe,
+                    () = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)),
+                        if flush_at.is_some() && !broken => Next::Flush,
                 }
             });
             match next {
@@ -231,6 +260,7 @@ impl Writer {
                     let _ = self.recover();
                     continue;
                 }
+                Next::Flush => {}
                 Next::Closed => break,
             }
             while ops.len() < MAX_BATCH {
@@ -267,9 +297,7 @@ impl Writer {
                     late.answer(Err(StoreError::Closed));
                 }
             }
-            let weight: usize = rows.iter().map(Execution::weight).sum();
             self.batch(ops, rows, closing.is_some());
-            self.parts.log_bytes.fetch_sub(weight, Ordering::Relaxed);
         }
         if let Some(reply) = closing {
             let _ = reply.send(());
@@ -310,17 +338,24 @@ impl Writer {
     }
 
     fn batch(&mut self, ops: Vec<Op>, rows: Vec<Execution>, last: bool) {
-        if ops.is_empty() && rows.is_empty() {
+        if !rows.is_empty() {
+            // Counted in `log_bytes` by their senders already.
+            self.held_since.get_or_insert_with(Instant::now);
+            self.held.extend(rows);
+        }
+        if ops.is_empty() && self.held.is_empty() {
             return;
         }
         if let Err(e) = self.recover() {
             // The file cannot take writes yet: answer at once, so the billing hears 503
             // now instead of waiting for a write that will fail.
-            if !rows.is_empty() {
+            if !self.held.is_empty() {
                 warn!(
-                    rows = rows.len(),
+                    rows = self.held.len(),
                     "execution log rows lost: the store cannot take writes"
                 );
+                let held = std::mem::take(&mut self.held);
+                self.wrote(&held);
             }
             for op in ops {
                 op.answer(Err(e.clone()));
@@ -333,9 +368,29 @@ impl Writer {
         let durable = last
             || self.redo.len() >= REDO_MAX
             || ops.iter().any(|op| !matches!(op, Op::Settle { .. }));
-        match self.commit(&ops, &rows, durable) {
+        // Accepts and deliveries alone leave the log's rows held for a while: one write
+        // of many rows costs far less than a few rows in every commit. A retry or a dead
+        // letter, what an operator looks into, has its row in the log when it is stored.
+        let write_rows = last
+            || ops.is_empty()
+            || self.held.len() >= MAX_BATCH
+            || self.held_since.is_some_and(|at| at.elapsed() >= ROWS_EVERY)
+            || ops.iter().any(|op| {
+                !matches!(
+                    op,
+                    Op::Enqueue { .. }
+                        | Op::Settle {
+                            settle: Settle::Delivered,
+                            ..
+                        }
+                )
+            });
+        match self.commit(&ops, write_rows, durable) {
             Ok(done) => {
-                for (op, done) in ops.into_iter().zip(done) {
+                for (mut op, done) in ops.into_iter().zip(done) {
+                    if !write_rows {
+                        self.hold_record(&mut op);
+                    }
                     op.answer(Ok(done));
                 }
             }
@@ -348,41 +403,71 @@ impl Writer {
                 // One request can spoil a batch (an unreadable row it touches): try each
                 // alone, so the others go through.
                 warn!(error = %e, requests = ops.len(), "store batch failed, trying its requests one by one");
-                for op in ops {
+                for mut op in ops {
                     let durable = last || !matches!(op, Op::Settle { .. });
                     let result = self
-                        .commit(std::slice::from_ref(&op), &[], durable)
+                        .commit(std::slice::from_ref(&op), false, durable)
                         .map(|mut done| done.remove(0));
+                    if result.is_ok() {
+                        self.hold_record(&mut op);
+                    }
                     op.answer(result);
                 }
-                if !rows.is_empty() && self.broken.is_none() {
-                    let _ = self.commit(&[], &rows, last);
+                if !self.held.is_empty() && self.broken.is_none() {
+                    let _ = self.commit(&[], true, last);
                 }
             }
         }
     }
 
-    /// Applies `ops` and `rows` in one transaction and commits it; on success the sink
-    /// has been told of the deliveries stored. On failure nothing is committed and the
-    /// writer's counters and dedupe map are as before.
+    /// Holds a committed settlement's execution log row for the next write of rows.
+    fn hold_record(&mut self, op: &mut Op) {
+        if let Op::Settle { record, .. } = op
+            && let Some(row) = record.take()
+        {
+            self.parts
+                .log_bytes
+                .fetch_add(row.weight(), Ordering::Relaxed);
+            self.held_since.get_or_insert_with(Instant::now);
+            self.held.push(*row);
+        }
+    }
+
+    /// Rows held are gone (written or lost): off the count of rows not yet written.
+    fn wrote(&mut self, rows: &[Execution]) {
+        let weight: usize = rows.iter().map(Execution::weight).sum();
+        self.parts.log_bytes.fetch_sub(weight, Ordering::Relaxed);
+        self.held_since = None;
+    }
+
+    /// Applies `ops` in one transaction and commits it, with the held execution log rows
+    /// and the settlements' rows when `write_rows` (without, the settlements' rows stay in
+    /// their requests); on success the sink has been told of the deliveries stored. On
+    /// failure nothing is committed and the writer's counters, dedupe map and held rows
+    /// are as before.
     fn commit(
         &mut self,
         ops: &[Op],
-        rows: &[Execution],
+        write_rows: bool,
         durable: bool,
     ) -> Result<Vec<Done>, StoreError> {
         let (next_delivery, next_execution) = (self.parts.next_delivery, self.parts.next_execution);
         let ceilings = self.ceilings;
         let mut changes = DedupeChanges::default();
         let mut queued = Vec::new();
+        let rows = if write_rows {
+            Some(std::mem::take(&mut self.held))
+        } else {
+            None
+        };
         let started = Instant::now();
-        let result = self.apply(ops, rows, durable, &mut changes, &mut queued);
+        let result = self.apply(ops, rows.as_deref(), durable, &mut changes, &mut queued);
         let took = started.elapsed();
         if took > SLOW_COMMIT {
             warn!(
                 ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
                 requests = ops.len(),
-                log_rows = rows.len(),
+                log_rows = rows.as_ref().map_or(0, Vec::len),
                 durable,
                 "slow store commit"
             );
@@ -403,6 +488,9 @@ impl Writer {
                         _ => None,
                     }));
                 }
+                if let Some(rows) = rows {
+                    self.wrote(&rows);
+                }
                 if !queued.is_empty()
                     && let Some(sink) = self.parts.sink.get()
                 {
@@ -416,6 +504,9 @@ impl Writer {
                 self.parts.next_delivery = next_delivery;
                 self.parts.next_execution = next_execution;
                 self.ceilings = ceilings;
+                if let Some(rows) = rows {
+                    self.held = rows;
+                }
                 for (key, old) in changes.set.into_iter().rev() {
                     match old {
                         Some(at) => self.parts.dedupe.insert(key, at),
@@ -516,7 +607,7 @@ impl Writer {
     fn apply(
         &mut self,
         ops: &[Op],
-        rows: &[Execution],
+        rows: Option<&[Execution]>,
         durable: bool,
         changes: &mut DedupeChanges,
         queued: &mut Vec<Queued>,
@@ -551,7 +642,9 @@ impl Writer {
                     id, settle, record, ..
                 } => {
                     settle_one(&txn, open.queue(&txn)?, *id, settle, now)?;
-                    records.extend(record.as_deref());
+                    if rows.is_some() {
+                        records.extend(record.as_deref());
+                    }
                     Done::Settled
                 }
                 Op::Replay { id, .. } => Done::Replayed(self.replay(&txn, *id, now, queued)?),
@@ -571,8 +664,11 @@ impl Writer {
             });
         }
         drop(open);
-        if !records.is_empty() || !rows.is_empty() {
-            self.log(&txn, records.into_iter().chain(rows))?;
+        if let Some(rows) = rows
+            && !(records.is_empty() && rows.is_empty())
+        {
+            // The rows held are older than this batch's.
+            self.log(&txn, rows.iter().chain(records))?;
         }
         self.write_counters(&txn)?;
         txn.commit().map_err(StoreError::write)?;
