@@ -359,3 +359,63 @@ async fn metrics_time_the_store_files_commits_by_durability() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_duplicate_accept_is_answered_without_an_fsync_of_its_own() {
+    // A handler that never answers in time would retry; this one takes everything, and
+    // its settlements are the only non-durable commits besides the duplicates'.
+    let crm = HandlerServer::fixed(200, "").await;
+    let sidecar = Sidecar::start(&format!(
+        "{SERVER}{}",
+        after_handler("crm", &crm.url("/"), FAST)
+    ));
+    let (code, _) = sidecar
+        .send("clients.update", 7, json!({"name": "Acme"}))
+        .await;
+    assert_eq!(code, 200);
+    assert!(eventually(Duration::from_secs(15), || crm.calls().len() == 1).await);
+    let count = |text: &str, durable: &str| {
+        metric(
+            text,
+            &format!("provisiond_store_commit_duration_seconds_count{{durable=\"{durable}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    // The first one's settlement is committed once the handler has answered.
+    let mut before = String::new();
+    for _ in 0..200 {
+        before = sidecar.metrics_text().await;
+        if count(&before, "false") >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(count(&before, "false") >= 1.0, "{before}");
+    // The billing sends the same bytes again, twice: deduped, each answered 200 after a
+    // commit that stored nothing, so without an fsync. (The periodic prune commits
+    // durably every few seconds: a round it falls into is tried again.)
+    let mut rounds = Vec::new();
+    for _ in 0..3 {
+        let before = sidecar.metrics_text().await;
+        for _ in 0..2 {
+            let (code, _) = sidecar
+                .send("clients.update", 7, json!({"name": "Acme"}))
+                .await;
+            assert_eq!(code, 200);
+        }
+        let after = sidecar.metrics_text().await;
+        let durable = count(&after, "true") - count(&before, "true");
+        let other = count(&after, "false") - count(&before, "false");
+        rounds.push((durable, other));
+        if durable == 0.0 {
+            break;
+        }
+    }
+    let (durable, other) = *rounds.last().unwrap();
+    assert!(
+        durable == 0.0 && other >= 2.0,
+        "durable and other commits per round of two duplicates: {rounds:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(crm.calls().len(), 1, "a duplicate was delivered");
+}

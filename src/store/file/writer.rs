@@ -23,8 +23,9 @@
 //! the request that caused it is still there.
 //!
 //! Execution log rows come on a second, bounded channel, so that a burst of them never
-//! delays the queue. A batch holding only log rows and delivery settlements is committed
-//! without fsync; the next durable commit (an enqueue, at the latest the periodic prune)
+//! delays the queue. A batch holding only log rows, delivery settlements and accepts
+//! whose deliveries were all duplicates (their answer rests on the first one's commit)
+//! is committed without fsync; the next durable commit (an enqueue, at the latest the periodic prune)
 //! makes it durable. A crash before that repeats those attempts: deliveries are at least
 //! once anyway.
 //!
@@ -364,10 +365,14 @@ impl Writer {
         }
         // Settlements and log rows can wait for the next durable commit: losing them in a
         // crash repeats an attempt (deliveries are at least once) or a log row. What the
-        // billing or an operator was told is done (enqueue, replay, drop) cannot.
+        // billing or an operator was told is done (an accept stored, a replay, a drop)
+        // cannot; accepts are looked at in `apply`, where it is known whether they stored
+        // anything.
         let durable = last
             || self.redo.len() >= REDO_MAX
-            || ops.iter().any(|op| !matches!(op, Op::Settle { .. }));
+            || ops
+                .iter()
+                .any(|op| !matches!(op, Op::Settle { .. } | Op::Enqueue { .. }));
         // Accepts and deliveries alone leave the log's rows held for a while: one write
         // of many rows costs far less than a few rows in every commit. A retry or a dead
         // letter, what an operator looks into, has its row in the log when it is stored.
@@ -404,7 +409,7 @@ impl Writer {
                 // alone, so the others go through.
                 warn!(error = %e, requests = ops.len(), "store batch failed, trying its requests one by one");
                 for mut op in ops {
-                    let durable = last || !matches!(op, Op::Settle { .. });
+                    let durable = last || !matches!(op, Op::Settle { .. } | Op::Enqueue { .. });
                     let result = self
                         .commit(std::slice::from_ref(&op), false, durable)
                         .map(|mut done| done.remove(0));
@@ -440,7 +445,8 @@ impl Writer {
         self.held_since = None;
     }
 
-    /// Applies `ops` in one transaction and commits it, with the held execution log rows
+    /// Applies `ops` in one transaction and commits it (with fsync when `durable`, or
+    /// when an accept stored a delivery), with the held execution log rows
     /// and the settlements' rows when `write_rows` (without, the settlements' rows stay in
     /// their requests); on success the sink has been told of the deliveries stored. On
     /// failure nothing is committed and the writer's counters, dedupe map and held rows
@@ -462,6 +468,7 @@ impl Writer {
         };
         let started = Instant::now();
         let result = self.apply(ops, rows.as_deref(), durable, &mut changes, &mut queued);
+        let durable = result.as_ref().map_or(durable, |(_, durable)| *durable);
         let took = started.elapsed();
         if took > SLOW_COMMIT {
             warn!(
@@ -473,7 +480,7 @@ impl Writer {
             );
         }
         match result {
-            Ok(done) => {
+            Ok((done, _)) => {
                 crate::metrics::store_commit(durable, took);
                 for (key, at) in changes.pruned {
                     if self.parts.dedupe.get(&key) == Some(&at) {
@@ -611,13 +618,9 @@ impl Writer {
         durable: bool,
         changes: &mut DedupeChanges,
         queued: &mut Vec<Queued>,
-    ) -> Result<Vec<Done>, StoreError> {
+    ) -> Result<(Vec<Done>, bool), StoreError> {
         let db = self.db()?;
         let mut txn = db.begin_write().map_err(StoreError::write)?;
-        if !durable {
-            txn.set_durability(Durability::None)
-                .map_err(StoreError::write)?;
-        }
         let now = now_ms();
         let mut done = Vec::with_capacity(ops.len());
         // The settlements' log rows, written with the batch's other rows below: the
@@ -671,8 +674,18 @@ impl Writer {
             self.log(&txn, rows.iter().chain(records))?;
         }
         self.write_counters(&txn)?;
+        // An accept whose deliveries were all duplicates stored nothing: its answer rests
+        // on the first one's commit, durable already.
+        let durable = durable
+            || done
+                .iter()
+                .any(|d| matches!(d, Done::Enqueued(ids) if ids.iter().any(Option::is_some)));
+        if !durable {
+            txn.set_durability(Durability::None)
+                .map_err(StoreError::write)?;
+        }
         txn.commit().map_err(StoreError::write)?;
-        Ok(done)
+        Ok((done, durable))
     }
 
     #[allow(clippy::too_many_arguments)]
