@@ -453,6 +453,21 @@ async fn a_reopened_file_keeps_its_queue_and_never_reuses_ids() {
     ));
 }
 
+/// Stores a delivery of `body` and settles it delivered, with its execution log row;
+/// its id.
+async fn delivered(store: &Store, body: &str) -> u64 {
+    let id = store
+        .enqueue(vec![item("a", "clients/1", body, None)], MINUTE)
+        .await
+        .unwrap()[0]
+        .unwrap();
+    store
+        .settle(id, Settle::Delivered, Some(row("a", now_ms(), "delivered")))
+        .await
+        .unwrap();
+    id
+}
+
 /// The file's id counters, read with the store closed.
 fn stored_counters(path: &Path) -> (u64, u64) {
     let db = Database::create(path).unwrap();
@@ -469,16 +484,7 @@ async fn the_counters_are_written_a_block_ahead_and_ids_go_on_above_them_after_a
     let store = Store::open(&path).unwrap();
     let mut ids = Vec::new();
     for body in ["a", "b", "c"] {
-        let id = store
-            .enqueue(vec![item("a", "clients/1", body, None)], MINUTE)
-            .await
-            .unwrap()[0]
-            .unwrap();
-        store
-            .settle(id, Settle::Delivered, Some(row("a", now_ms(), "delivered")))
-            .await
-            .unwrap();
-        ids.push(id);
+        ids.push(delivered(&store, body).await);
     }
     store.close().await;
     drop(store);
@@ -983,15 +989,7 @@ fn logged(store: &Store) -> usize {
 async fn settlements_rows_held_for_one_write_reach_the_file_though_nothing_follows() {
     let store = Store::memory().unwrap();
     for body in ["a", "b", "c"] {
-        let id = store
-            .enqueue(vec![item("a", "clients/1", body, None)], MINUTE)
-            .await
-            .unwrap()[0]
-            .unwrap();
-        store
-            .settle(id, Settle::Delivered, Some(row("a", now_ms(), "delivered")))
-            .await
-            .unwrap();
+        delivered(&store, body).await;
     }
     // No request follows: the writer writes what it holds by itself, within LOG_LINGER.
     let started = std::time::Instant::now();
@@ -1013,15 +1011,7 @@ async fn settlements_rows_held_for_one_write_reach_the_file_though_nothing_follo
     );
 
     // A request of another kind writes the rows held with it.
-    let id = store
-        .enqueue(vec![item("a", "clients/1", "d", None)], MINUTE)
-        .await
-        .unwrap()[0]
-        .unwrap();
-    store
-        .settle(id, Settle::Delivered, Some(row("a", now_ms(), "delivered")))
-        .await
-        .unwrap();
+    delivered(&store, "d").await;
     store.prune(retention(1000, 3600)).await.unwrap();
     assert_eq!(logged(&store), 4);
 }
