@@ -25,9 +25,9 @@
 //! Execution log rows come on a second, bounded channel, so that a burst of them never
 //! delays the queue. A batch holding only log rows, delivery settlements and accepts
 //! whose deliveries were all duplicates (their answer rests on the first one's commit)
-//! is committed without fsync; the next durable commit (an enqueue, at the latest the periodic prune)
-//! makes it durable. A crash before that repeats those attempts: deliveries are at least
-//! once anyway.
+//! is committed without fsync; the next durable commit (an accept that stores a
+//! delivery, at the latest the periodic prune) makes it durable. A crash before that
+//! repeats those attempts: deliveries are at least once anyway.
 //!
 //! Under a stream of accepts and deliveries, the writer holds the execution log's rows
 //! (the channel's, and each delivery's once it is committed) and writes them together
@@ -62,9 +62,9 @@ const SLOW_COMMIT: Duration = Duration::from_millis(100);
 const MAX_BATCH: usize = 2048;
 /// Longest a batch of execution log rows alone waits for company before its commit.
 const LOG_LINGER: Duration = Duration::from_millis(1000);
-/// Under a stream of accepts and settlements: how long execution log rows (the log
-/// channel's and the settlements') are held for one write, instead of going into every
-/// commit. Held rows are written by the first commit after this, by any commit with
+/// Under a stream of accepts and deliveries: how long execution log rows (the log
+/// channel's and the delivered attempts') are held for one write, instead of going into
+/// every commit. Held rows are written by the first commit after this, by any commit with
 /// another kind of request, and at the latest [`LOG_LINGER`] after the first was held.
 const ROWS_EVERY: Duration = Duration::from_millis(100);
 /// Most rows one prune removes from each table, so that a prune never holds the writer
@@ -446,11 +446,11 @@ impl Writer {
     }
 
     /// Applies `ops` in one transaction and commits it (with fsync when `durable`, or
-    /// when an accept stored a delivery), with the held execution log rows
-    /// and the settlements' rows when `write_rows` (without, the settlements' rows stay in
-    /// their requests); on success the sink has been told of the deliveries stored. On
-    /// failure nothing is committed and the writer's counters, dedupe map and held rows
-    /// are as before.
+    /// when an accept stored a delivery), with the held execution log rows and the
+    /// settlements' rows when `write_rows` (without, the settlements' rows stay in their
+    /// requests); on success the sink has been told of the deliveries stored. On failure
+    /// nothing is committed and the writer's counters, dedupe map and held rows are as
+    /// before.
     fn commit(
         &mut self,
         ops: &[Op],
