@@ -18,7 +18,7 @@ use crate::config::{Config, ConfigErrors};
 use crate::dispatch::Snapshot;
 use crate::reload;
 use crate::server::{App, Listener, serve};
-use crate::store::{Retention, Store};
+use crate::store::{Copied, Retention, Store};
 
 /// `provisiond check`: validate, print a summary or every error. Warnings (a script
 /// that is not there) go to stderr and do not fail the check.
@@ -71,11 +71,17 @@ pub async fn store_copy(path: &Path, from: &Path) -> ExitCode {
     let copied = store.copy_from_file(from).await;
     store.close().await;
     match copied {
-        Ok((queued, dead)) => {
+        Ok(Copied {
+            queued,
+            dead,
+            dedupe,
+        }) => {
             println!(
-                "copied {queued} queued deliver{} and {dead} dead letter{} from {} into {}",
+                "copied {queued} queued deliver{}, {dead} dead letter{} and {dedupe} dedupe \
+                 key{} from {} into {}",
                 if queued == 1 { "y" } else { "ies" },
                 if dead == 1 { "" } else { "s" },
+                if dedupe == 1 { "" } else { "s" },
                 from.display(),
                 store.path()
             );

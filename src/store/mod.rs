@@ -84,6 +84,14 @@ fn offer_log(
     before
 }
 
+/// What `store copy` moved ([`Store::copy_from_file`]): how many of each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Copied {
+    pub queued: usize,
+    pub dead: usize,
+    pub dedupe: usize,
+}
+
 /// What became of a lane a sidecar was done with ([`Store::release`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Release {
@@ -472,12 +480,12 @@ impl Store {
 
     /// Moves what the redb file at `from` holds (queued deliveries, dead letters) into
     /// this store, which must be a shared one: copied in one transaction, then removed
-    /// from the file, so that running it twice copies nothing twice. The file must not
-    /// be in use by a running sidecar (redb locks it). How many of each.
-    pub async fn copy_from_file(
-        &self,
-        from: &std::path::Path,
-    ) -> Result<(usize, usize), StoreError> {
+    /// from the file, so that running it twice copies nothing twice. The dedupe keys
+    /// are copied too (and stay in the file: copying them again changes nothing), so
+    /// that an envelope the file's node accepted is still deduped within its window
+    /// once the database takes over. The file must not be in use by a running sidecar
+    /// (redb locks it). How many of each.
+    pub async fn copy_from_file(&self, from: &std::path::Path) -> Result<Copied, StoreError> {
         let Backend::Postgres(pg) = &self.backend else {
             return Err(StoreError::Open {
                 path: self.path().to_owned(),
@@ -501,7 +509,8 @@ impl Store {
         }
         let dead = file.dead_letters(None, usize::MAX)?;
         let dead_ids: Vec<u64> = dead.iter().map(|l| l.delivery.id).collect();
-        let copied = pg.import(deliveries, dead).await?;
+        let dedupe = file.dedupe_keys()?;
+        let copied = pg.import(deliveries, dead, dedupe).await?;
         for id in ids {
             file.settle(id, Settle::Delivered, None).await?;
         }

@@ -148,18 +148,19 @@ async fn store_copy_moves_a_files_queue_and_dead_letters_into_postgres_once() {
     let (code, stdout, stderr) = copy(dir.path());
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(
-        stdout.contains("copied 3 queued deliveries and 3 dead letters"),
+        stdout.contains("copied 3 queued deliveries, 3 dead letters and 6 dedupe keys"),
         "{stdout}"
     );
     assert!(
         !stdout.contains("postgres@"),
         "no credentials shown: {stdout}"
     );
-    // Twice copies nothing twice: the file no longer holds them.
+    // Twice copies nothing twice: the file no longer holds its queue or dead letters,
+    // and its dedupe keys, copied again, change nothing.
     let (code, stdout, _) = copy(dir.path());
     assert_eq!(code, 0);
     assert!(
-        stdout.contains("copied 0 queued deliveries and 0 dead letters"),
+        stdout.contains("copied 0 queued deliveries, 0 dead letters and 6 dedupe keys"),
         "{stdout}"
     );
 
@@ -177,6 +178,38 @@ async fn store_copy_moves_a_files_queue_and_dead_letters_into_postgres_once() {
     let letters = dead_letters(&sidecar, 3).await;
     assert_eq!(letters.len(), 3, "{letters:?}");
     assert!(letters.iter().all(|l| l["handler"] == "erp"));
+
+    // The billing's retry of an envelope the file's node accepted is deduped by the
+    // database: a new event of the same lane, sent after it, is delivered, and the
+    // retry is not.
+    let (code, _) = sidecar.send("clients.update", 0, json!({"seq": 0})).await;
+    assert_eq!(code, 200);
+    let (code, _) = sidecar.send("clients.update", 0, json!({"seq": 100})).await;
+    assert_eq!(code, 200);
+    assert!(
+        eventually(Duration::from_secs(15), || handler.calls().len() >= 4).await,
+        "the new event is delivered"
+    );
+    let seqs: Vec<i64> = handler
+        .calls()
+        .iter()
+        .map(|c| c.json()["data"]["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs.len(), 4, "the retry is not delivered: {seqs:?}");
+    assert_eq!(seqs[3], 100, "{seqs:?}");
+    // erp answers 410: the new event is its fourth dead letter, and the retry, queued
+    // before it on the same lane had it been stored, is not a fifth.
+    let letters = dead_letters(&sidecar, 4).await;
+    let seqs: Vec<i64> = letters
+        .iter()
+        .map(|l| l["envelope"]["data"]["seq"].as_i64().unwrap())
+        .collect();
+    assert!(seqs.contains(&100), "{seqs:?}");
+    assert_eq!(
+        seqs.len(),
+        4,
+        "the retry is not dead-lettered again: {seqs:?}"
+    );
 
     // Refused plainly: a missing file, and a config whose store is the file itself.
     let (code, _, stderr) = run_binary(

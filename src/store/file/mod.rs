@@ -464,6 +464,20 @@ impl File {
         Ok(out)
     }
 
+    /// The dedupe keys stored, each with the time it was last stored (unix ms).
+    pub(super) fn dedupe_keys(&self) -> Result<Vec<([u8; 32], u64)>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(DEDUPE_AGE).map_err(StoreError::read)?;
+        let mut latest = HashMap::new();
+        for row in table.iter().map_err(StoreError::read)? {
+            let (key, _) = row.map_err(StoreError::read)?;
+            let (at, hash) = key.value();
+            let seen = latest.entry(*hash).or_insert(at);
+            *seen = (*seen).max(at);
+        }
+        Ok(latest.into_iter().collect())
+    }
+
     /// One dead letter.
     pub(super) fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError> {
         let txn = self.read()?;

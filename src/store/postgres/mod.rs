@@ -1559,14 +1559,16 @@ fn dead_letter_of(r: &tokio_postgres::Row) -> DeadLetter {
 }
 
 impl Postgres {
-    /// Adds deliveries and dead letters read from elsewhere (a redb file), in one
-    /// transaction: deliveries in their order, behind what their lanes hold, with their
-    /// attempts and times; dead letters under new ids. How many of each.
+    /// Adds deliveries, dead letters and dedupe keys read from elsewhere (a redb file),
+    /// in one transaction: deliveries in their order, behind what their lanes hold, with
+    /// their attempts and times; dead letters under new ids; a dedupe key the database
+    /// has already keeps the later of its two times.
     pub(super) async fn import(
         &self,
         deliveries: Vec<Delivery>,
         dead: Vec<DeadLetter>,
-    ) -> Result<(usize, usize), StoreError> {
+        dedupe: Vec<([u8; 32], u64)>,
+    ) -> Result<super::Copied, StoreError> {
         let lane = self.sql(
             "INSERT INTO {s}.lanes AS l (handler, entity, pending) VALUES ($1, $2, 1) \
              ON CONFLICT (handler, entity) DO UPDATE SET pending = l.pending + 1",
@@ -1580,9 +1582,19 @@ impl Postgres {
             "INSERT INTO {s}.dead_letters VALUES (nextval(pg_get_serial_sequence('{s}.deliveries', 'id')), \
              $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         );
+        let keys = self.sql(
+            "INSERT INTO {s}.dedupe AS d (key, stored_at) \
+             SELECT * FROM unnest($1::bytea[], $2::bigint[]) \
+             ON CONFLICT (key) DO UPDATE SET stored_at = greatest(d.stored_at, excluded.stored_at)",
+        );
         let mut client = self.client().await?;
         let work = async {
             let txn = client.transaction().await?;
+            for chunk in dedupe.chunks(10_000) {
+                let hashes: Vec<&[u8]> = chunk.iter().map(|(k, _)| &k[..]).collect();
+                let times: Vec<i64> = chunk.iter().map(|(_, at)| to_i64(*at)).collect();
+                txn.execute(&keys, &[&hashes, &times]).await?;
+            }
             for d in &deliveries {
                 let numbers = Numbers::of(d);
                 txn.execute(&lane, &[&d.handler, &d.entity]).await?;
@@ -1598,7 +1610,11 @@ impl Postgres {
             txn.commit().await
         };
         work.await.map_err(|e| StoreError::Write(pg_error(&e)))?;
-        Ok((deliveries.len(), dead.len()))
+        Ok(super::Copied {
+            queued: deliveries.len(),
+            dead: dead.len(),
+            dedupe: dedupe.len(),
+        })
     }
 
     /// Waits until the database is ready (or `within` has passed): whether it is.
