@@ -6,6 +6,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// Every event name the billing is documented to send.
@@ -226,29 +227,32 @@ pub enum EnvelopeError {
 pub struct Envelope {
     /// The normalised event name (`event.events_id` with aliases resolved).
     pub name: String,
-    /// The `event` object as the billing sent it.
-    pub event: Map<String, Value>,
+    /// The `event` object as the billing sent it, parsed only when something reads it
+    /// (a filter on `event`, [`Envelope::to_value`]).
+    pub event: Object,
     /// The `data` object, as the chain has left it so far: the billing's bytes, parsed
     /// only when something reads it (a filter, a modifying handler's caller).
-    pub data: Data,
+    pub data: Object,
     /// Other top-level keys of the body, kept and echoed back.
     pub extra: Map<String, Value>,
+    /// `event.object_id` as text, read at parse.
+    object_id: String,
 }
 
 /// Longest `event.events_id` and `event.object_id` accepted, in bytes.
 pub const MAX_ID_LEN: usize = 256;
 
-/// The envelope's `data` object. Kept as the billing's bytes (already checked to be a JSON
-/// object) until first read as a map; most events are never read (no filter on `data`, no
-/// handler modifying it), and parsing `data` is most of parsing an envelope.
+/// The envelope's `event` or `data` object. Kept as the billing's bytes (already checked
+/// to be a JSON object) until first read as a map; most events are never read (no filter,
+/// no handler modifying the data), and building the maps is most of parsing an envelope.
 #[derive(Debug, Clone, Default)]
-pub struct Data {
-    raw: Option<Box<serde_json::value::RawValue>>,
+pub struct Object {
+    raw: Option<Box<RawValue>>,
     map: std::sync::OnceLock<Map<String, Value>>,
 }
 
-impl Data {
-    /// The data as a map, parsed now if it was not yet.
+impl Object {
+    /// The object as a map, parsed now if it was not yet.
     pub fn map(&self) -> &Map<String, Value> {
         self.map.get_or_init(|| {
             self.raw
@@ -259,14 +263,25 @@ impl Data {
         })
     }
 
-    /// The data as a map of its own.
+    /// The object as a map of its own.
     pub fn into_map(mut self) -> Map<String, Value> {
         self.map();
         self.map.take().unwrap_or_default()
     }
 }
 
-impl From<Map<String, Value>> for Data {
+impl Object {
+    /// The billing's bytes of an object, checked to be one (it starts with `{` and
+    /// parsed as JSON), nested no deeper than the limit.
+    fn raw(raw: Box<RawValue>) -> Self {
+        Self {
+            raw: Some(raw),
+            map: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl From<Map<String, Value>> for Object {
     fn from(map: Map<String, Value>) -> Self {
         Self {
             raw: None,
@@ -275,7 +290,7 @@ impl From<Map<String, Value>> for Data {
     }
 }
 
-impl std::ops::Deref for Data {
+impl std::ops::Deref for Object {
     type Target = Map<String, Value>;
 
     fn deref(&self) -> &Self::Target {
@@ -283,28 +298,74 @@ impl std::ops::Deref for Data {
     }
 }
 
-impl PartialEq for Data {
+impl PartialEq for Object {
     fn eq(&self, other: &Self) -> bool {
         self.map() == other.map()
     }
 }
 
-impl serde::Serialize for Data {
-    /// The billing's bytes while unparsed, else the map.
+impl serde::Serialize for Object {
+    /// The billing's bytes when the object is theirs (read or not: a read never changes
+    /// the map), else the map.
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match (self.map.get(), &self.raw) {
-            (None, Some(raw)) => raw.serialize(serializer),
-            _ => self.map().serialize(serializer),
+        match &self.raw {
+            Some(raw) => raw.serialize(serializer),
+            None => self.map().serialize(serializer),
         }
     }
 }
 
-/// The top level of a body, `data` left as bytes. Keys as in a JSON map: a repeated key
-/// keeps its last value.
+/// The top level of a body, `event` and `data` left as bytes. Keys as in a JSON map: a
+/// repeated key keeps its last value.
 struct Top {
-    event: Option<Value>,
-    data: Option<Box<serde_json::value::RawValue>>,
+    event: Option<Box<RawValue>>,
+    data: Option<Box<RawValue>>,
     extra: Map<String, Value>,
+}
+
+/// A key of a JSON object, matched against the ones the parse reads without allocating
+/// for them (serde_json hands unescaped keys over borrowed).
+enum Key<const N: usize> {
+    Known(usize),
+    Other(String),
+}
+
+impl<const N: usize> Key<N> {
+    fn seed(known: &'static [&'static str; N]) -> KeySeed<N> {
+        KeySeed(known)
+    }
+}
+
+struct KeySeed<const N: usize>(&'static [&'static str; N]);
+
+impl<'de, const N: usize> serde::de::DeserializeSeed<'de> for KeySeed<N> {
+    type Value = Key<N>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Key<N>, D::Error> {
+        struct Visit<const N: usize>(&'static [&'static str; N]);
+        impl<const N: usize> serde::de::Visitor<'_> for Visit<N> {
+            type Value = Key<N>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Key<N>, E> {
+                Ok(match self.0.iter().position(|k| *k == key) {
+                    Some(i) => Key::Known(i),
+                    None => Key::Other(key.to_owned()),
+                })
+            }
+
+            fn visit_string<E: serde::de::Error>(self, key: String) -> Result<Key<N>, E> {
+                Ok(match self.0.iter().position(|k| *k == key) {
+                    Some(i) => Key::Known(i),
+                    None => Key::Other(key),
+                })
+            }
+        }
+        deserializer.deserialize_str(Visit(self.0))
+    }
 }
 
 impl<'de> serde::Deserialize<'de> for Top {
@@ -323,17 +384,55 @@ impl<'de> serde::Deserialize<'de> for Top {
                     data: None,
                     extra: Map::new(),
                 };
-                while let Some(key) = map.next_key::<String>()? {
-                    match key.as_str() {
-                        "event" => top.event = Some(map.next_value()?),
-                        "data" => top.data = Some(map.next_value()?),
-                        _ => {
+                while let Some(key) = map.next_key_seed(Key::seed(&["event", "data"]))? {
+                    match key {
+                        Key::Known(0) => top.event = Some(map.next_value()?),
+                        Key::Known(_) => top.data = Some(map.next_value()?),
+                        Key::Other(key) => {
                             let value = map.next_value()?;
                             top.extra.insert(key, value);
                         }
                     }
                 }
                 Ok(top)
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
+}
+
+/// What the parse reads of `event`: `events_id` and `object_id`, as a JSON map would
+/// (a repeated key keeps its last value); the other keys are skipped unread.
+struct Ids {
+    events_id: Option<Value>,
+    object_id: Option<Value>,
+}
+
+impl<'de> serde::Deserialize<'de> for Ids {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Ids;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Ids, A::Error> {
+                let mut ids = Ids {
+                    events_id: None,
+                    object_id: None,
+                };
+                while let Some(key) = map.next_key_seed(Key::seed(&["events_id", "object_id"]))? {
+                    match key {
+                        Key::Known(0) => ids.events_id = Some(map.next_value()?),
+                        Key::Known(_) => ids.object_id = Some(map.next_value()?),
+                        Key::Other(_) => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(ids)
             }
         }
         deserializer.deserialize_map(Visit)
@@ -348,23 +447,24 @@ impl Envelope {
     /// `event` keeps what the billing sent.
     pub fn parse(body: &[u8], max_depth: usize) -> Result<Self, EnvelopeError> {
         check_depth(body, max_depth)?;
-        // The common case: an object whose `data` is an object, which stays bytes.
+        // The common case: an object whose `event` and `data` are objects, which stay
+        // bytes; only `event`'s two ids are read from them.
         if let Ok(Top {
-            event,
+            event: Some(event),
             data: Some(data),
             extra,
         }) = serde_json::from_slice::<Top>(body)
+            && event.get().starts_with('{')
             && data.get().starts_with('{')
+            && let Ok(ids) = serde_json::from_str::<Ids>(event.get())
         {
-            let (name, event) = check_event(event)?;
+            let (name, object_id) = check_event(ids.events_id.as_ref(), ids.object_id.as_ref())?;
             return Ok(Self {
                 name,
-                event,
-                data: Data {
-                    raw: Some(data),
-                    map: std::sync::OnceLock::new(),
-                },
+                event: Object::raw(event),
+                data: Object::raw(data),
                 extra,
+                object_id,
             });
         }
         // Anything else is parsed whole, for the errors it has always had.
@@ -378,40 +478,41 @@ impl Envelope {
         let Value::Object(mut body) = value else {
             return Err(EnvelopeError::NotAnObject(type_name(&value)));
         };
-        let (name, event) = check_event(body.remove("event"))?;
+        let event = match body.remove("event") {
+            None => return Err(EnvelopeError::MissingEvent),
+            Some(Value::Object(event)) => event,
+            Some(other) => return Err(EnvelopeError::EventNotAnObject(type_name(&other))),
+        };
+        let (name, object_id) = check_event(event.get("events_id"), event.get("object_id"))?;
         let data = match body.remove("data") {
             None => return Err(EnvelopeError::MissingData),
-            Some(Value::Object(data)) => Data::from(data),
+            Some(Value::Object(data)) => Object::from(data),
             Some(other) => return Err(EnvelopeError::DataNotAnObject(type_name(&other))),
         };
         Ok(Self {
             name,
-            event,
+            event: Object::from(event),
             data,
             extra: body,
+            object_id,
         })
     }
 
     /// `event.object_id` as text (`""` when absent or null).
     pub fn object_id(&self) -> String {
-        match self.event.get("object_id") {
-            // The number's own digits, as the billing sent them.
-            Some(Value::Number(n)) => n.as_str().to_owned(),
-            Some(Value::String(s)) => s.clone(),
-            _ => String::new(),
-        }
+        self.object_id.clone()
     }
 
     /// The entity this event is about, then the object id: see [`entity_kind`]
     /// (`clients/12`, `clients.accounts/7`).
     pub fn entity(&self) -> String {
-        format!("{}/{}", entity_kind(&self.name), self.object_id())
+        format!("{}/{}", entity_kind(&self.name), self.object_id)
     }
 
     /// The envelope as JSON: `event`, then `data`, then any other keys the billing sent.
     pub fn to_value(&self) -> Value {
         let mut body = Map::with_capacity(2 + self.extra.len());
-        body.insert("event".into(), Value::Object(self.event.clone()));
+        body.insert("event".into(), Value::Object(self.event.map().clone()));
         body.insert("data".into(), Value::Object(self.data.map().clone()));
         for (k, v) in &self.extra {
             body.insert(k.clone(), v.clone());
@@ -423,8 +524,8 @@ impl Envelope {
     pub fn to_json(&self) -> Vec<u8> {
         #[derive(serde::Serialize)]
         struct Ref<'a> {
-            event: &'a Map<String, Value>,
-            data: &'a Data,
+            event: &'a Object,
+            data: &'a Object,
             #[serde(flatten)]
             extra: &'a Map<String, Value>,
         }
@@ -437,14 +538,13 @@ impl Envelope {
     }
 }
 
-/// The `event` object of an envelope, checked, and its normalised name.
-fn check_event(event: Option<Value>) -> Result<(String, Map<String, Value>), EnvelopeError> {
-    let event = match event {
-        None => return Err(EnvelopeError::MissingEvent),
-        Some(Value::Object(event)) => event,
-        Some(other) => return Err(EnvelopeError::EventNotAnObject(type_name(&other))),
-    };
-    let name = match event.get("events_id") {
+/// The `event` object's two ids, checked: its normalised name, and the object id as
+/// text (`""` when absent or null; a number's own digits, as the billing sent them).
+fn check_event(
+    events_id: Option<&Value>,
+    object_id: Option<&Value>,
+) -> Result<(String, String), EnvelopeError> {
+    let name = match events_id {
         None | Some(Value::Null) => return Err(EnvelopeError::MissingEventsId),
         Some(Value::String(s)) if !s.is_empty() => {
             check_id("event.events_id", s)?;
@@ -452,12 +552,16 @@ fn check_event(event: Option<Value>) -> Result<(String, Map<String, Value>), Env
         }
         Some(other) => return Err(EnvelopeError::BadEventsId(type_name(other))),
     };
-    match event.get("object_id") {
-        None | Some(Value::Null | Value::Number(_)) => {}
-        Some(Value::String(s)) => check_id("event.object_id", s)?,
+    let object_id = match object_id {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::Number(n)) => n.as_str().to_owned(),
+        Some(Value::String(s)) => {
+            check_id("event.object_id", s)?;
+            s.clone()
+        }
         Some(other) => return Err(EnvelopeError::BadObjectId(type_name(other))),
-    }
-    Ok((name, event))
+    };
+    Ok((name, object_id))
 }
 
 /// Refuses an event name or object id that could not reach a script whole: a script
@@ -725,6 +829,10 @@ mod tests {
         ] {
             let lazy = Envelope::parse(body.as_bytes(), DEFAULT_MAX_DEPTH).unwrap();
             assert!(lazy.data.map.get().is_none(), "data parsed at once: {body}");
+            assert!(
+                lazy.event.map.get().is_none(),
+                "event parsed at once: {body}"
+            );
             let whole = Envelope::from_value(serde_json::from_str::<Value>(body).unwrap()).unwrap();
             assert_eq!(lazy.name, whole.name);
             assert_eq!(lazy.event, whole.event);
@@ -734,18 +842,86 @@ mod tests {
             sorted.sort();
             assert_eq!(keys(&lazy), sorted, "extra keys in the order sent");
         }
-        // Unparsed data is written as it came; parsed data as the map.
-        let body = r#"{"event":{"events_id":"a.b"},"data":{ "z" : 1.0 }}"#;
-        let env = Envelope::parse(body.as_bytes(), DEFAULT_MAX_DEPTH).unwrap();
+        // The billing's objects are written as they came, read (by a filter) or not;
+        // data a handler replaced, as its map.
+        let body = r#"{"event":{ "events_id" : "a.b" },"data":{ "z" : 1.0 }}"#;
+        let mut env = Envelope::parse(body.as_bytes(), DEFAULT_MAX_DEPTH).unwrap();
+        assert_eq!(String::from_utf8(env.to_json()).unwrap(), body);
+        let _ = (env.event.map(), env.data.map());
+        assert_eq!(String::from_utf8(env.to_json()).unwrap(), body);
+        env.data = Object::from(env.data.map().clone());
         assert_eq!(
             String::from_utf8(env.to_json()).unwrap(),
-            r#"{"event":{"events_id":"a.b"},"data":{ "z" : 1.0 }}"#
+            r#"{"event":{ "events_id" : "a.b" },"data":{"z":1.0}}"#
         );
-        let _ = env.data.map();
-        assert_eq!(
-            String::from_utf8(env.to_json()).unwrap(),
-            r#"{"event":{"events_id":"a.b"},"data":{"z":1.0}}"#
-        );
+    }
+
+    #[test]
+    fn event_kept_as_bytes_gives_the_ids_a_whole_parse_would() {
+        for (body, name, object_id) in [
+            // A repeated key keeps its last value, as in a map.
+            (
+                r#"{"event":{"events_id":"x.y","object_id":1,"events_id":"clients.update","object_id":2},"data":{}}"#,
+                "clients.update",
+                "2",
+            ),
+            // An escaped key is the key it spells.
+            (
+                r#"{"event":{"events\u005fid":"clients.create","object\u005fid":"7"},"data":{}}"#,
+                "clients.create",
+                "7",
+            ),
+            // A number keeps the digits the billing sent.
+            (
+                r#"{"event":{"object_id":123456789012345678901234567890,"events_id":"a.b","more":{"x":[1,2]}},"data":{"a":1}}"#,
+                "a.b",
+                "123456789012345678901234567890",
+            ),
+            (
+                r#"{"event":{"events_id":"a.b","object_id":null},"data":{}}"#,
+                "a.b",
+                "",
+            ),
+            (r#"{"event":{"events_id":"a.b"},"data":{}}"#, "a.b", ""),
+        ] {
+            let lazy = Envelope::parse(body.as_bytes(), DEFAULT_MAX_DEPTH).unwrap();
+            assert!(
+                lazy.event.map.get().is_none(),
+                "event parsed at once: {body}"
+            );
+            let whole = Envelope::from_value(serde_json::from_str::<Value>(body).unwrap()).unwrap();
+            assert_eq!(
+                (lazy.name.as_str(), lazy.object_id.as_str()),
+                (name, object_id)
+            );
+            assert_eq!(
+                (&whole.name, &whole.object_id),
+                (&lazy.name, &lazy.object_id)
+            );
+            assert_eq!(lazy.event.map(), whole.event.map(), "{body}");
+        }
+        // The errors of a whole parse, whichever way the event came.
+        for (body, error) in [
+            (
+                r#"{"event":{"object_id":1},"data":{}}"#,
+                "missing `event.events_id`",
+            ),
+            (
+                r#"{"event":{"events_id":"a.b","object_id":[1]},"data":{}}"#,
+                "`event.object_id` must be a number or a string, got an array",
+            ),
+            (
+                r#"{"event":{"events_id":7},"data":{}}"#,
+                "`event.events_id` must be a non-empty string, got a number",
+            ),
+            (
+                r#"{"event":[],"data":{}}"#,
+                "`event` must be an object, got an array",
+            ),
+        ] {
+            let e = Envelope::parse(body.as_bytes(), DEFAULT_MAX_DEPTH).unwrap_err();
+            assert_eq!(e.to_string(), error, "{body}");
+        }
     }
 
     #[test]

@@ -327,7 +327,7 @@ impl Condition {
     /// The value at this condition's path, if there is one.
     fn lookup<'a>(&self, envelope: &'a Envelope) -> Option<&'a Value> {
         let map = match self.root {
-            Root::Event => &envelope.event,
+            Root::Event => envelope.event.map(),
             Root::Data => envelope.data.map(),
         };
         let (first, rest) = self.segments.split_first()?;
@@ -463,7 +463,7 @@ impl CelInput {
                 .map_err(|e: cel::ExecutionError| FilterError(format!("when: {e}")))
         }
         if when.reads_event && self.event.is_none() {
-            self.event = Some(convert(&envelope.event)?);
+            self.event = Some(convert(envelope.event.map())?);
         }
         if when.reads_data && self.data.is_none() {
             self.data = Some(convert(envelope.data.map())?);

@@ -141,6 +141,11 @@ async fn rewritten_data_keeps_every_number_exactly() {
     assert_eq!(status, 200, "{reply}");
     assert_eq!(String::from_utf8_lossy(&echo.calls()[0].body), ODD);
 
+    // The data is written again; `event`, which no handler changes, is not.
+    let start = ODD.find("{\"object_id\"").unwrap();
+    let end = ODD.find("+00:00\"}").unwrap() + "+00:00\"}".len();
+    let event = &ODD[start..end];
+    assert!(event.contains('\n'), "{event}");
     let next_body = String::from_utf8_lossy(&next.calls()[0].body).into_owned();
     let delivery = delivered(&after).await;
     let after_body = String::from_utf8_lossy(&delivery.body).into_owned();
@@ -155,6 +160,10 @@ async fn rewritten_data_keeps_every_number_exactly() {
                 "{whose} lost {number}: {text}"
             );
         }
+        assert!(
+            text.contains(event),
+            "{whose} has the billing's `event` bytes: {text}"
+        );
         let value: serde_json::Value = serde_json::from_str(text).unwrap();
         assert_eq!(value["data"]["esc"], "café ☃ / 😀", "{whose}");
         assert_eq!(value["data"]["z"], 1, "{whose}");
