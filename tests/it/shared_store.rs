@@ -169,11 +169,14 @@ async fn store_copy_moves_a_files_queue_and_dead_letters_into_postgres_once() {
         eventually(Duration::from_secs(15), || handler.calls().len() >= 3).await,
         "the copied deliveries are delivered from the database"
     );
-    let seqs: Vec<i64> = handler
-        .calls()
-        .iter()
-        .map(|c| c.json()["data"]["seq"].as_i64().unwrap())
-        .collect();
+    let delivered = || -> Vec<i64> {
+        handler
+            .calls()
+            .iter()
+            .map(|c| c.json()["data"]["seq"].as_i64().unwrap())
+            .collect()
+    };
+    let seqs = delivered();
     assert_eq!(seqs.len(), 3, "each once: {seqs:?}");
     let letters = dead_letters(&sidecar, 3).await;
     assert_eq!(letters.len(), 3, "{letters:?}");
@@ -190,11 +193,7 @@ async fn store_copy_moves_a_files_queue_and_dead_letters_into_postgres_once() {
         eventually(Duration::from_secs(15), || handler.calls().len() >= 4).await,
         "the new event is delivered"
     );
-    let seqs: Vec<i64> = handler
-        .calls()
-        .iter()
-        .map(|c| c.json()["data"]["seq"].as_i64().unwrap())
-        .collect();
+    let seqs = delivered();
     assert_eq!(seqs.len(), 4, "the retry is not delivered: {seqs:?}");
     assert_eq!(seqs[3], 100, "{seqs:?}");
     // erp answers 410: the new event is its fourth dead letter, and the retry, queued
