@@ -323,48 +323,42 @@ struct Top {
     extra: Map<String, Value>,
 }
 
-/// A key of a JSON object, matched against the ones the parse reads without allocating
-/// for them (serde_json hands unescaped keys over borrowed).
-enum Key<const N: usize> {
+/// A key of a JSON object, matched against the keys a parse reads without allocating
+/// for them (serde_json hands unescaped keys over borrowed); another key is copied only
+/// when the parse keeps it.
+enum Key {
     Known(usize),
     Other(String),
+    Skipped,
 }
 
-impl<const N: usize> Key<N> {
-    fn seed(known: &'static [&'static str; N]) -> KeySeed<N> {
-        KeySeed(known)
+/// Reads one [`Key`]: its index in `known`, else the key itself if `keep`.
+struct KeySeed {
+    known: &'static [&'static str],
+    keep: bool,
+}
+
+impl serde::de::Visitor<'_> for KeySeed {
+    type Value = Key;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Key, E> {
+        Ok(match self.known.iter().position(|k| *k == key) {
+            Some(i) => Key::Known(i),
+            None if self.keep => Key::Other(key.to_owned()),
+            None => Key::Skipped,
+        })
     }
 }
 
-struct KeySeed<const N: usize>(&'static [&'static str; N]);
+impl<'de> serde::de::DeserializeSeed<'de> for KeySeed {
+    type Value = Key;
 
-impl<'de, const N: usize> serde::de::DeserializeSeed<'de> for KeySeed<N> {
-    type Value = Key<N>;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Key<N>, D::Error> {
-        struct Visit<const N: usize>(&'static [&'static str; N]);
-        impl<const N: usize> serde::de::Visitor<'_> for Visit<N> {
-            type Value = Key<N>;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a key")
-            }
-
-            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Key<N>, E> {
-                Ok(match self.0.iter().position(|k| *k == key) {
-                    Some(i) => Key::Known(i),
-                    None => Key::Other(key.to_owned()),
-                })
-            }
-
-            fn visit_string<E: serde::de::Error>(self, key: String) -> Result<Key<N>, E> {
-                Ok(match self.0.iter().position(|k| *k == key) {
-                    Some(i) => Key::Known(i),
-                    None => Key::Other(key),
-                })
-            }
-        }
-        deserializer.deserialize_str(Visit(self.0))
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Key, D::Error> {
+        deserializer.deserialize_str(self)
     }
 }
 
@@ -384,13 +378,20 @@ impl<'de> serde::Deserialize<'de> for Top {
                     data: None,
                     extra: Map::new(),
                 };
-                while let Some(key) = map.next_key_seed(Key::seed(&["event", "data"]))? {
+                let keys = || KeySeed {
+                    known: &["event", "data"],
+                    keep: true,
+                };
+                while let Some(key) = map.next_key_seed(keys())? {
                     match key {
                         Key::Known(0) => top.event = Some(map.next_value()?),
                         Key::Known(_) => top.data = Some(map.next_value()?),
                         Key::Other(key) => {
                             let value = map.next_value()?;
                             top.extra.insert(key, value);
+                        }
+                        Key::Skipped => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
                         }
                     }
                 }
@@ -423,11 +424,15 @@ impl<'de> serde::Deserialize<'de> for Ids {
                     events_id: None,
                     object_id: None,
                 };
-                while let Some(key) = map.next_key_seed(Key::seed(&["events_id", "object_id"]))? {
+                let keys = || KeySeed {
+                    known: &["events_id", "object_id"],
+                    keep: false,
+                };
+                while let Some(key) = map.next_key_seed(keys())? {
                     match key {
                         Key::Known(0) => ids.events_id = Some(map.next_value()?),
                         Key::Known(_) => ids.object_id = Some(map.next_value()?),
-                        Key::Other(_) => {
+                        Key::Other(_) | Key::Skipped => {
                             map.next_value::<serde::de::IgnoredAny>()?;
                         }
                     }
