@@ -358,16 +358,29 @@ impl Config {
         if let Backend::Postgres(_) = &self.store.backend {
             text.push_str(&format!(", store {}", self.store.describe()));
         }
-        for h in &self.handlers {
-            let events: Vec<String> = h.events.iter().map(ToString::to_string).collect();
+        // One line a handler, its columns aligned: stage, priority, name, events, target.
+        let rows: Vec<[String; 4]> = self
+            .handlers
+            .iter()
+            .map(|h| {
+                let events: Vec<String> = h.events.iter().map(ToString::to_string).collect();
+                [
+                    format!("{:?}", h.stage).to_lowercase(),
+                    format!("{}{}", h.name, if h.enabled { "" } else { " (disabled)" }),
+                    format!("[{}]", events.join(", ")),
+                    h.describe_target(),
+                ]
+            })
+            .collect();
+        let width = |column: usize| {
+            let widths = rows.iter().map(|r| r[column].chars().count());
+            widths.max().unwrap_or(0)
+        };
+        let (names, events) = (width(1), width(2));
+        for (h, [stage, name, on, target]) in self.handlers.iter().zip(&rows) {
             text.push_str(&format!(
-                "\n  {:<7} {:>4}  {}{}  [{}]  {}",
-                format!("{:?}", h.stage).to_lowercase(),
+                "\n  {stage:<6} {:>4}  {name:<names$}  {on:<events$}  {target}",
                 h.priority,
-                h.name,
-                if h.enabled { "" } else { " (disabled)" },
-                events.join(", "),
-                h.describe_target(),
             ));
         }
         text

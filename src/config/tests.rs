@@ -555,3 +555,43 @@ fn an_unknown_backend_says_which_are_accepted() {
         ]
     );
 }
+
+#[test]
+fn the_summary_lines_up_its_columns() {
+    let config = parse(
+        r#"
+[[handler]]
+name = "require-client-name"
+events = ["clients.create"]
+stage = "before"
+priority = 10
+command = ["/bin/true"]
+
+[[handler]]
+name = "echo"
+events = ["clients.*", "clients.update"]
+stage = "before"
+priority = 300
+url = "http://127.0.0.1:5001/"
+enabled = false
+
+[[handler]]
+name = "crm"
+events = ["*"]
+stage = "after"
+url = "http://127.0.0.1:5002/hook"
+"#,
+    )
+    .unwrap();
+    let summary = config.summary();
+    let lines: Vec<&str> = summary.lines().skip(1).collect();
+    assert_eq!(
+        lines,
+        [
+            "  before   10  require-client-name  [clients.create]             /bin/true",
+            "  before  300  echo (disabled)      [clients.*, clients.update]  POST http://127.0.0.1:5001/",
+            "  after   100  crm                  [*]                          POST http://127.0.0.1:5002/hook",
+        ],
+        "{summary}"
+    );
+}

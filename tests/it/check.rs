@@ -552,6 +552,29 @@ fn the_checked_in_schema_is_current() {
     );
 }
 
+/// `check` on the repository's own `provisioning.toml` prints the summary the README
+/// shows, line for line.
+#[test]
+fn check_prints_the_summary_the_readme_shows() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(binary())
+        .args(["check", "-c", "provisioning.toml"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.starts_with("provisioning.toml: ok, 4 handlers"),
+        "{stdout}"
+    );
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("```\n{stdout}```\n")),
+        "the README's summary of provisioning.toml is not what check prints:\n{stdout}"
+    );
+}
+
 /// The README's first command serves the default config: the two script handlers in it
 /// work as documented.
 #[tokio::test(flavor = "multi_thread")]
