@@ -333,6 +333,7 @@ enum Key {
 }
 
 /// Reads one [`Key`]: its index in `known`, else the key itself if `keep`.
+#[derive(Clone, Copy)]
 struct KeySeed {
     known: &'static [&'static str],
     keep: bool,
@@ -378,11 +379,11 @@ impl<'de> serde::Deserialize<'de> for Top {
                     data: None,
                     extra: Map::new(),
                 };
-                let keys = || KeySeed {
+                let keys = KeySeed {
                     known: &["event", "data"],
                     keep: true,
                 };
-                while let Some(key) = map.next_key_seed(keys())? {
+                while let Some(key) = map.next_key_seed(keys)? {
                     match key {
                         Key::Known(0) => top.event = Some(map.next_value()?),
                         Key::Known(_) => top.data = Some(map.next_value()?),
@@ -424,11 +425,11 @@ impl<'de> serde::Deserialize<'de> for Ids {
                     events_id: None,
                     object_id: None,
                 };
-                let keys = || KeySeed {
+                let keys = KeySeed {
                     known: &["events_id", "object_id"],
                     keep: false,
                 };
-                while let Some(key) = map.next_key_seed(keys())? {
+                while let Some(key) = map.next_key_seed(keys)? {
                     match key {
                         Key::Known(0) => ids.events_id = Some(map.next_value()?),
                         Key::Known(_) => ids.object_id = Some(map.next_value()?),
