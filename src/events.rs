@@ -201,7 +201,7 @@ pub enum EnvelopeError {
     MissingEventsId,
     #[error("`event.events_id` must be a non-empty string, got {0}")]
     BadEventsId(&'static str),
-    #[error("`event.object_id` must be a number or a string, got {0}")]
+    #[error("`event.object_id` must be a number, a string or null, got {0}")]
     BadObjectId(&'static str),
     /// A value a script could not be given in its environment (and no log line or
     /// header should carry): `field` is `event.events_id` or `event.object_id`.
@@ -556,6 +556,7 @@ fn check_event(
             check_id("event.events_id", s)?;
             normalize(s).into_owned()
         }
+        Some(Value::String(_)) => return Err(EnvelopeError::BadEventsId("an empty string")),
         Some(other) => return Err(EnvelopeError::BadEventsId(type_name(other))),
     };
     let object_id = match object_id {
@@ -914,11 +915,15 @@ mod tests {
             ),
             (
                 r#"{"event":{"events_id":"a.b","object_id":[1]},"data":{}}"#,
-                "`event.object_id` must be a number or a string, got an array",
+                "`event.object_id` must be a number, a string or null, got an array",
             ),
             (
                 r#"{"event":{"events_id":7},"data":{}}"#,
                 "`event.events_id` must be a non-empty string, got a number",
+            ),
+            (
+                r#"{"event":{"events_id":""},"data":{}}"#,
+                "`event.events_id` must be a non-empty string, got an empty string",
             ),
             (
                 r#"{"event":[],"data":{}}"#,

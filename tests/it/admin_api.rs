@@ -249,7 +249,7 @@ url = "http://127.0.0.1:1/balance"
         ),
         (
             r#"{"event": "clients.create", "object_id": [1]}"#,
-            "`object_id` must be a number or a string, got",
+            "`object_id` must be a number, a string or null, got",
         ),
         (
             r#"{"event": "clients.create", "obj_id": 1}"#,

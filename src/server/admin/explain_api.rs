@@ -103,7 +103,7 @@ fn parse(body: &[u8]) -> Result<(String, Value, Map<String, Value>), String> {
         Some(id @ (Value::Number(_) | Value::String(_))) => id,
         Some(other) => {
             return Err(format!(
-                "`object_id` must be a number or a string, got {}",
+                "`object_id` must be a number, a string or null, got {}",
                 type_name(&other)
             ));
         }
@@ -176,7 +176,7 @@ mod tests {
         assert!(err(r#"{"event": "x", "data": [1]}"#).starts_with("`data` must be a JSON object"));
         assert!(
             err(r#"{"event": "x", "object_id": {}}"#)
-                .starts_with("`object_id` must be a number or a string")
+                .starts_with("`object_id` must be a number, a string or null")
         );
         let (event, id, data) = parse(br#"{"event": "clients.create"}"#).unwrap();
         assert_eq!(
