@@ -98,6 +98,20 @@ impl Filter {
         self.conditions.is_empty() && self.when.is_none()
     }
 
+    /// Equalities whose last key looks like a misspelt operator (`regx`, `Regex`, `gte`):
+    /// a table with no operator in it is a nested path, so `{ regx = "^A" }` compares
+    /// field `regx` rather than matching a pattern. Each with the operator meant.
+    pub fn suspect_operators(&self) -> Vec<(&str, &'static str)> {
+        self.conditions
+            .iter()
+            .filter(|c| matches!(c.op, Op::Eq(_)))
+            .filter_map(|c| {
+                let key = c.segments.last()?;
+                meant_operator(key).map(|op| (c.path.as_str(), op))
+            })
+            .collect()
+    }
+
     /// Compiles `match` and `when`. Errors come with the key path, relative to the
     /// handler, of what is wrong.
     pub fn compile(
@@ -189,6 +203,32 @@ impl Filter {
             error
         }
     }
+}
+
+/// The operator `key` was probably meant to be: the same in another case, a spelling
+/// one letter off a long one, or another filter language's name for it.
+fn meant_operator(key: &str) -> Option<&'static str> {
+    const ELSEWHERE: &[(&str, &str)] = &[
+        ("gte", "ge"),
+        ("lte", "le"),
+        ("neq", "ne"),
+        ("nin", "not_in"),
+        ("notin", "not_in"),
+        ("not-in", "not_in"),
+        ("match", "regex"),
+        ("regexp", "regex"),
+    ];
+    let lower = key.to_lowercase();
+    if let Some(&op) = OPERATORS.iter().find(|op| **op == lower) {
+        return (op != key).then_some(op);
+    }
+    if let Some(&(_, op)) = ELSEWHERE.iter().find(|(alias, _)| *alias == lower) {
+        return Some(op);
+    }
+    OPERATORS
+        .iter()
+        .copied()
+        .find(|op| op.len() >= 5 && strsim::levenshtein(op, &lower) == 1)
 }
 
 /// Walks a `match` value: operator tables become conditions, other tables are nested

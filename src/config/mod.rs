@@ -319,17 +319,28 @@ impl Config {
     }
 
     /// Problems that do not stop the config from loading, one line each, as `check`
-    /// prints them after `warning: `. So far: a script handler whose program is a path
-    /// (it holds a `/`) that is not there or not executable. It may well be deployed
-    /// separately from the file, so this is no error.
+    /// prints them after `warning: `:
+    /// - a script handler whose program is a path (it holds a `/`) that is not there or
+    ///   not executable. It may well be deployed separately from the file, so this is no
+    ///   error;
+    /// - a `match` key that looks like a misspelt operator (`{ regx = "^A" }`), read as
+    ///   a field name. A field may really be called that, so this is no error either.
     pub fn warnings(&self) -> Vec<String> {
-        self.handlers
-            .iter()
-            .filter_map(|h| match &h.target {
-                Target::Script(script) => script_warning(&h.name, script),
-                Target::Http(_) => None,
-            })
-            .collect()
+        let mut warnings = Vec::new();
+        for h in &self.handlers {
+            if let Target::Script(script) = &h.target {
+                warnings.extend(script_warning(&h.name, script));
+            }
+            for (path, op) in h.filter.suspect_operators() {
+                let (parent, key) = path.rsplit_once('.').unwrap_or(("", path));
+                warnings.push(format!(
+                    "handler {:?}: match compares field {path} for equality; if `{key}` \
+                     is meant as an operator, it is `{op}` (\"{parent}\" = {{ {op} = ... }})",
+                    h.name
+                ));
+            }
+        }
+        warnings
     }
 
     /// A one-paragraph summary, as `check` prints it.

@@ -595,3 +595,34 @@ url = "http://127.0.0.1:5002/hook"
         "{summary}"
     );
 }
+
+#[test]
+fn warns_about_match_keys_that_look_like_misspelt_operators() {
+    let text = r#"
+[[handler]]
+name = "typos"
+events = ["*"]
+stage = "after"
+url = "http://127.0.0.1:9/h"
+match = { "data.name" = { regx = "^A" }, "data.balance" = { gte = 0 }, data = { tag = { Exists = true } } }
+
+[[handler]]
+name = "fields"
+events = ["*"]
+stage = "after"
+url = "http://127.0.0.1:9/h"
+match = { data = { id = 5, ids = "x", name = "Acme", region = "eu", ex = 1 }, "data.balance" = { ge = 0 } }
+"#;
+    let config = Config::parse_with_env(text, "p.toml", Path::new("."), &env).unwrap();
+    assert_eq!(
+        config.warnings(),
+        [
+            "handler \"typos\": match compares field data.tag.Exists for equality; if `Exists` \
+             is meant as an operator, it is `exists` (\"data.tag\" = { exists = ... })",
+            "handler \"typos\": match compares field data.balance.gte for equality; if `gte` \
+             is meant as an operator, it is `ge` (\"data.balance\" = { ge = ... })",
+            "handler \"typos\": match compares field data.name.regx for equality; if `regx` \
+             is meant as an operator, it is `regex` (\"data.name\" = { regex = ... })",
+        ]
+    );
+}

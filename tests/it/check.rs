@@ -474,6 +474,45 @@ fn check_warns_about_a_missing_script_and_still_passes() {
     );
 }
 
+/// A misspelt operator in `match` is read as a field name; `check` passes the file and
+/// says which operator was probably meant, in the words the README shows. The sidecar
+/// then compares the field, as the warning says: a name matching `^A` is not enough.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_warns_about_a_match_key_like_a_misspelt_operator() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("p.toml");
+    let handler = HandlerServer::echo().await;
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[handler]]\nname = \"vip\"\n\
+         events = [\"clients.create\"]\nstage = \"before\"\nurl = \"{}\"\n\
+         match = {{ \"data.name\" = {{ regx = \"^A\" }} }}\n",
+        handler.url("/")
+    );
+    std::fs::write(&path, &text).unwrap();
+    let (code, stdout, stderr) = check(&path, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(": ok, 1 handler"), "{stdout}");
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("```\n{stderr}```\n")),
+        "the README does not show this warning:\n{stderr}"
+    );
+
+    let sidecar = Sidecar::start(&text);
+    let (status, _) = sidecar
+        .send("clients.create", 1, json!({"name": "Acme"}))
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = sidecar
+        .send("clients.create", 2, json!({"name": {"regx": "^A"}}))
+        .await;
+    assert_eq!(status, 200);
+    let calls = handler.calls();
+    assert_eq!(calls.len(), 1, "only the event with a field data.name.regx");
+    assert_eq!(calls[0].json()["event"]["object_id"], 2);
+}
+
 /// Every config the project ships, and the default one.
 fn shipped_configs() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
