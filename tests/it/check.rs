@@ -614,6 +614,50 @@ fn check_prints_the_summary_the_readme_shows() {
     );
 }
 
+/// The README's CI job, run as written on the Kubernetes example it names: its commands,
+/// with only the environment variables it passes (`-e NAME=VALUE`).
+#[test]
+fn the_readme_ci_job_passes_on_the_kubernetes_example() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let job = readme
+        .split("```yaml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .find(|b| b.contains(".github/workflows/provisioning.yml"))
+        .expect("the README has the CI job");
+    let words: Vec<&str> = job.split_whitespace().collect();
+    let env: Vec<(&str, &str)> = words
+        .windows(2)
+        .filter(|w| w[0] == "-e")
+        .map(|w| w[1].split_once('=').expect("-e NAME=VALUE"))
+        .collect();
+    let commands: Vec<&str> = job
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|c| c.starts_with("check ") || c.starts_with("test "))
+        .collect();
+    assert!(!env.is_empty(), "{job}");
+    assert_eq!(commands.len(), 2, "{job}");
+    for command in commands {
+        let out = Command::new(binary())
+            .args(command.split_whitespace())
+            .current_dir(root.join("examples/kubernetes"))
+            .env_clear()
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "`provisiond {command}` with {env:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// The README's first command serves the default config: the two script handlers in it
 /// work as documented.
 #[tokio::test(flavor = "multi_thread")]

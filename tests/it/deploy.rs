@@ -368,6 +368,46 @@ fn the_systemd_unit_runs_a_notifying_hardened_service_with_its_store_in_its_stat
     );
 }
 
+/// The install steps in the unit's header are the README's (its systemd section, without
+/// `sudo`): an operator following either one gets the same files in place.
+#[test]
+fn the_units_install_steps_are_the_readmes() {
+    fn steps<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<String> {
+        lines
+            .map(|l| l.split(" #").next().unwrap().trim())
+            .filter(|l| {
+                ["cargo install ", "install ", "cp "]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            })
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect()
+    }
+    let readme = read("README.md");
+    let section = readme
+        .split("\n### systemd\n")
+        .nth(1)
+        .expect("the README has a systemd section");
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    let from_readme = steps(block.lines().filter_map(|l| l.strip_prefix("sudo ")));
+    let unit = read("examples/systemd/provisiond.service");
+    let from_unit = steps(unit.lines().filter_map(|l| l.strip_prefix("#   ")));
+    assert_eq!(from_readme.len(), 4, "{block}");
+    let mut sorted = (from_readme.clone(), from_unit.clone());
+    sorted.0.sort();
+    sorted.1.sort();
+    assert_eq!(
+        sorted.0, sorted.1,
+        "README {from_readme:#?}\nunit {from_unit:#?}"
+    );
+}
+
 /// The `command: [...]` arrays of a YAML file, as argv.
 fn yaml_commands(text: &str) -> Vec<Vec<String>> {
     text.lines()

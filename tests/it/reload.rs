@@ -864,3 +864,61 @@ url = "http://127.0.0.1:1/off"
     let logs = sidecar.logs().join("\n");
     assert!(!logs.contains("SECRET"), "{logs}");
 }
+
+/// The README's `GET /v1/config` sample is what a sidecar shows for the three handlers
+/// in it: the same handlers with the same settings, the same dispatch of the two events
+/// it shows, and the same keys.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readmes_config_sample_is_what_the_sidecar_shows() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme.split("\n### `GET /v1/config`\n").nth(1).unwrap();
+    let block = section
+        .split("```json\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    let sample: Value = serde_json::from_str(block).expect("the sample is JSON");
+    let sidecar = Sidecar::start(
+        r#"[server]
+listen = "127.0.0.1:0"
+
+[[handler]]
+name = "crm-validate"
+events = ["clients.create", "clients.update"]
+stage = "before"
+priority = 10
+url = "http://crm.crm.svc.cluster.local:8080/provisioning/validate"
+timeout = "3s"
+on_error = "deny"
+
+[[handler]]
+name = "reseller-defaults"
+events = ["clients.create"]
+stage = "before"
+priority = 20
+url = "http://reseller-hooks.billing.svc.cluster.local:8080/defaults"
+modifies = true
+
+[[handler]]
+name = "crm-sync"
+events = ["clients.*"]
+stage = "after"
+url = "http://crm.example/sync"
+"#,
+    );
+    let (status, live) = sidecar.get("/v1/config").await;
+    assert_eq!(status, 200);
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&sample), keys(&live));
+    assert_eq!(sample["handlers"], live["handlers"]);
+    assert_eq!(sample["store"], live["store"]);
+    let shown = sample["events"].as_object().unwrap();
+    assert_eq!(shown.len(), 2);
+    for (event, handlers) in shown {
+        assert_eq!(handlers, &live["events"][event], "{event}");
+    }
+    assert_eq!(keys(&sample["reloads"]), keys(&live["reloads"]));
+}
