@@ -67,15 +67,24 @@ impl Remote {
         if let Some(url) = url {
             check_url(url)?;
         }
+        // Where the file says the sidecar listens, when the rest of it does not load.
+        let mut written = None;
         let config = match Config::load(config_path) {
             Ok(config) => Some(config),
             Err(errors) => {
                 if url.is_none() {
+                    written = std::fs::read_to_string(config_path)
+                        .ok()
+                        .and_then(|text| Listen::written_in(&text))
+                        .map(|listen| listener_url(&listen));
+                    let (tried, why) = match &written {
+                        Some(at) => (at.clone(), "its server.listen, with no token"),
+                        None => (fallback(), "the default address"),
+                    };
                     eprintln!(
-                        "provisiond: warning: {}; trying {} (give --url to choose the \
-                         sidecar)",
+                        "provisiond: warning: {}; trying {tried}, {why} (give --url to \
+                         choose the sidecar)",
                         not_loaded(&errors),
-                        fallback()
                     );
                 } else if config_path.exists() && target.token.is_none() {
                     eprintln!(
@@ -94,7 +103,7 @@ impl Remote {
         let target_url = match (url, listen) {
             (Some(url), _) => url.to_owned(),
             (None, Some(listen)) => listener_url(listen),
-            (None, None) => fallback(),
+            (None, None) => written.unwrap_or_else(fallback),
         };
         let token = match (&target.token, configured) {
             (Some(given), _) => Some(given.clone()),

@@ -572,7 +572,7 @@ fn insecure(listen: &Listen) -> Option<String> {
     ))
 }
 
-fn parse_listen(text: &str) -> Result<Listen, String> {
+pub(super) fn parse_listen(text: &str) -> Result<Listen, String> {
     if let Some(path) = text.strip_prefix("unix:") {
         if path.is_empty() {
             return Err("\"unix:\" needs a socket path, e.g. \"unix:/run/provisiond.sock\"".into());

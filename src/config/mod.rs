@@ -52,6 +52,24 @@ pub enum Listen {
     Unix(PathBuf),
 }
 
+impl Listen {
+    /// The `server.listen` a config's text gives, read without loading the rest: for a
+    /// client command whose config does not load (a `${VAR}` unset, say), to still find
+    /// the sidecar it names. The default when the file does not set it; `None` when the
+    /// text is not TOML, or the value is not a plain address (`${VAR}` in it, a typo).
+    pub fn written_in(text: &str) -> Option<Self> {
+        let table: toml::Table = toml::from_str(text).ok()?;
+        let listen = match table.get("server").and_then(|s| s.get("listen")) {
+            None => defaults::LISTEN,
+            Some(value) => value.as_str()?,
+        };
+        if listen.contains("${") {
+            return None;
+        }
+        compile::parse_listen(listen).ok()
+    }
+}
+
 impl fmt::Display for Listen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -626,3 +626,27 @@ match = { data = { id = 5, ids = "x", name = "Acme", region = "eu", ex = 1 }, "d
         ]
     );
 }
+
+#[test]
+fn the_listen_address_is_read_from_a_file_that_does_not_load() {
+    let tcp = |a: &str| Some(Listen::Tcp(a.parse().unwrap()));
+    let unset = "[server]\nlisten = \"127.0.0.1:9\"\ntoken = \"${UNSET}\"\n";
+    assert!(Config::parse_with_env(unset, "p.toml", Path::new("."), &env).is_err());
+    assert_eq!(Listen::written_in(unset), tcp("127.0.0.1:9"));
+    assert_eq!(
+        Listen::written_in("[[handler]]\nname = 1\n"),
+        tcp(defaults::LISTEN)
+    );
+    assert_eq!(
+        Listen::written_in("[server]\nlisten = \"unix:/run/p.sock\"\n"),
+        Some(Listen::Unix("/run/p.sock".into()))
+    );
+    for text in [
+        "[server\n",
+        "[server]\nlisten = 8600\n",
+        "[server]\nlisten = \"${LISTEN}\"\n",
+        "[server]\nlisten = \"localhost\"\n",
+    ] {
+        assert_eq!(Listen::written_in(text), None, "{text}");
+    }
+}

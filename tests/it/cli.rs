@@ -195,8 +195,9 @@ async fn client_commands_say_when_the_config_does_not_load_and_when_nothing_matc
     let sidecar = Sidecar::start(SERVER);
     let url = format!("http://{}", sidecar.addr);
 
-    // The config names the sidecar but does not load: without --url the commands cannot
-    // know where it is, and say so instead of quietly trying the default address.
+    // The config names the sidecar but does not load (a variable is unset): without
+    // --url the commands still go to the server.listen it names, without a token, and
+    // say so, rather than asking whatever answers on the default address.
     let dir = tempfile::TempDir::new().unwrap();
     std::fs::write(
         dir.path().join("provisioning.toml"),
@@ -206,20 +207,42 @@ async fn client_commands_say_when_the_config_does_not_load_and_when_nothing_matc
         ),
     )
     .unwrap();
-    // (`send` warns the same way; not run here, as it would post to whatever listens on
-    // the default address.)
-    for args in [&["executions"][..], &["deadletters", "list"]] {
-        let (_, _, err) = run_binary(dir.path(), args);
-        let first = err.lines().next().unwrap_or_default();
+    for (args, said) in [
+        (&["executions"][..], "no executions match"),
+        (&["deadletters", "list"], "no dead letters"),
+    ] {
+        let (code, out, err) = run_binary(dir.path(), args);
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!((code, out.as_str()), (0, ""), "{args:?}: {err}");
+        assert_eq!(lines.len(), 2, "{args:?}: {err}");
         assert!(
-            first.starts_with(
+            lines[0].starts_with(
                 "provisiond: warning: cannot load the config: provisioning.toml:3:9: \
                  server.token: environment variable `PROVISIOND_CLI_TEST_UNSET` is not set"
-            ) && first
-                .ends_with("; trying http://127.0.0.1:8600 (give --url to choose the sidecar)"),
+            ) && lines[0].ends_with(&format!(
+                "; trying {url}, its server.listen, with no token (give --url to choose the \
+                 sidecar)"
+            )),
             "{args:?}: {err}"
         );
+        assert_eq!(
+            lines[1], said,
+            "{args:?}: the sidecar the file names answered"
+        );
     }
+    // A file that is not TOML names no address: the default one is tried, and said so.
+    let broken = tempfile::TempDir::new().unwrap();
+    std::fs::write(broken.path().join("provisioning.toml"), "[server\n").unwrap();
+    let (_, _, err) = run_binary(broken.path(), &["executions"]);
+    let first = err.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("provisiond: warning: cannot load the config: provisioning.toml:1:")
+            && first.ends_with(
+                "; trying http://127.0.0.1:8600, the default address (give --url to choose \
+                 the sidecar)"
+            ),
+        "{err}"
+    );
 
     // With --url it goes there, and warns that no token is sent.
     let (code, out, err) = run_binary(dir.path(), &["executions", "--url", &url]);
