@@ -372,6 +372,30 @@ fn execution_line(row: &ExecutionRow) -> String {
     .to_owned()
 }
 
+/// The names of [`dead_letter_line`]'s columns, aligned with them.
+fn dead_letter_header() -> String {
+    format!(
+        "{:<6} {:<24}  {:<20} {:<30} {:<8} {:>8}  {}",
+        "ID", "DIED", "HANDLER", "EVENT", "OBJECT", "ATTEMPTS", "REASON"
+    )
+}
+
+/// One dead letter on one line.
+fn dead_letter_line(letter: &api::DeadLetterRow) -> String {
+    format!(
+        "{:<6} {:<24}  {:<20} {:<30} {:<8} {:>8}  {}",
+        letter.id,
+        letter.died_at,
+        letter.handler,
+        letter.event,
+        letter.object_id,
+        letter.attempts,
+        letter.reason.replace('\n', " ")
+    )
+    .trim_end()
+    .to_owned()
+}
+
 /// `provisiond deadletters list|replay|drop`.
 pub async fn dead_letters(
     config: &Path,
@@ -407,17 +431,11 @@ pub async fn dead_letters(
                     }
                 );
             }
+            if !letters.is_empty() {
+                println!("{}", dead_letter_header());
+            }
             for letter in &letters {
-                println!(
-                    "{:<6} {:<24}  {:<20} {:<30} {:<8} attempts {:<3} {}",
-                    letter.id,
-                    letter.died_at,
-                    letter.handler,
-                    letter.event,
-                    letter.object_id,
-                    letter.attempts,
-                    letter.reason.replace('\n', " ")
-                );
+                println!("{}", dead_letter_line(letter));
             }
         }
         DeadLetterCommand::Replay(Selection { id: Some(id), .. }) => {
@@ -525,6 +543,42 @@ mod tests {
                 "{column}\n{header}\n{line}"
             );
         }
+    }
+
+    #[test]
+    fn a_dead_letter_reads_on_one_line_under_its_header() {
+        let letter = json!({"id": 41, "handler": "crm", "event": "clients.create",
+            "object_id": "12", "entity": "clients/12", "attempts": 25,
+            "reason": "handler answered 410 Gone:\nno such client",
+            "enqueued_at": "2026-11-26T09:00:00.000Z", "died_at": "2026-11-26T10:00:00.000Z",
+            "message_id": "msg_1", "envelope": {}});
+        let line = dead_letter_line(&serde_json::from_value(letter).unwrap());
+        assert!(
+            line.starts_with("41     2026-11-26T10:00:00.000Z  crm"),
+            "{line}"
+        );
+        assert!(line.ends_with("410 Gone: no such client"), "{line}");
+        let header = dead_letter_header();
+        for (column, value) in [
+            ("DIED", "2026-11-26"),
+            ("HANDLER", "crm"),
+            ("EVENT", "clients.create"),
+            ("OBJECT", "12 "),
+            ("REASON", "handler answered"),
+        ] {
+            assert_eq!(
+                header.find(column),
+                line.find(value),
+                "{column}\n{header}\n{line}"
+            );
+        }
+        // ATTEMPTS is right-aligned, as the numbers under it.
+        let end = |text: &str, what: &str| text.find(what).map(|at| at + what.len());
+        assert_eq!(
+            end(&header, "ATTEMPTS"),
+            end(&line, "25"),
+            "{header}\n{line}"
+        );
     }
 
     #[test]

@@ -798,10 +798,11 @@ async fn the_cli_lists_replays_and_drops_dead_letters_of_a_running_sidecar() {
     let (code, out, err) = run_binary(dir, &["deadletters", "list", "--url", &url]);
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 2, "{out}");
-    assert!(lines[0].starts_with(&first), "{out}");
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].starts_with("ID     DIED"), "a header first: {out}");
+    assert!(lines[1].starts_with(&first), "{out}");
     assert!(
-        lines[0].contains("crm") && lines[0].contains("handler answered 410 Gone: no such client"),
+        lines[1].contains("crm") && lines[1].contains("handler answered 410 Gone: no such client"),
         "{out}"
     );
     let (code, out, _) = run_binary(dir, &["deadletters", "list", "--url", &url, "--json"]);
@@ -846,7 +847,10 @@ async fn the_cli_lists_replays_and_drops_dead_letters_of_a_running_sidecar() {
     let (code, out, err) = run_binary(other.path(), &["deadletters", "list"]);
     assert_eq!(code, 0, "{err}");
     let id = listed[0]["id"].as_u64().unwrap().to_string();
-    assert!(out.starts_with(&id), "{out}");
+    assert!(
+        out.lines().nth(1).unwrap_or_default().starts_with(&id),
+        "{out}"
+    );
 
     // Nothing listening: a clear error.
     let (code, _, err) = run_binary(
