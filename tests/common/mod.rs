@@ -818,3 +818,20 @@ impl Db {
         }
     }
 }
+
+/// The repository's README.
+pub(crate) fn readme() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap()
+}
+
+/// The fenced code blocks of `lang` in `markdown` (in a README section, say), in order,
+/// each without its fences.
+pub(crate) fn code_blocks<'a>(markdown: &'a str, lang: &str) -> impl Iterator<Item = &'a str> {
+    let fence = format!("```{lang}\n");
+    let blocks: Vec<&'a str> = markdown
+        .split(fence.as_str())
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    blocks.into_iter()
+}

@@ -492,8 +492,7 @@ async fn check_warns_about_a_match_key_like_a_misspelt_operator() {
     let (code, stdout, stderr) = check(&path, &[]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains(": ok, 1 handler"), "{stdout}");
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let readme = readme();
     assert!(
         readme.contains(&format!("```\n{stderr}```\n")),
         "the README does not show this warning:\n{stderr}"
@@ -607,7 +606,7 @@ fn check_prints_the_summary_the_readme_shows() {
         stdout.starts_with("provisioning.toml: ok, 4 handlers"),
         "{stdout}"
     );
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let readme = readme();
     assert!(
         readme.contains(&format!("```\n{stdout}```\n")),
         "the README's summary of provisioning.toml is not what check prints:\n{stdout}"
@@ -619,11 +618,8 @@ fn check_prints_the_summary_the_readme_shows() {
 #[test]
 fn the_readme_ci_job_passes_on_the_kubernetes_example() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    let job = readme
-        .split("```yaml\n")
-        .skip(1)
-        .map(|b| b.split("```").next().unwrap())
+    let readme = readme();
+    let job = code_blocks(&readme, "yaml")
         .find(|b| b.contains(".github/workflows/provisioning.yml"))
         .expect("the README has the CI job");
     let words: Vec<&str> = job.split_whitespace().collect();

@@ -383,18 +383,12 @@ fn the_units_install_steps_are_the_readmes() {
             .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
             .collect()
     }
-    let readme = read("README.md");
+    let readme = readme();
     let section = readme
         .split("\n### systemd\n")
         .nth(1)
         .expect("the README has a systemd section");
-    let block = section
-        .split("```sh\n")
-        .nth(1)
-        .unwrap()
-        .split("```")
-        .next()
-        .unwrap();
+    let block = code_blocks(section, "sh").next().unwrap();
     let from_readme = steps(block.lines().filter_map(|l| l.strip_prefix("sudo ")));
     let unit = read("examples/systemd/provisiond.service");
     let from_unit = steps(unit.lines().filter_map(|l| l.strip_prefix("#   ")));

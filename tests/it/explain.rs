@@ -353,11 +353,8 @@ fn the_example_cases_pass() {
     }
     assert_eq!(found, 2);
     // The case the README shows is one of the example's, word for word.
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    let shown = readme
-        .split("```toml\n")
-        .skip(1)
-        .map(|b| b.split("```").next().unwrap())
+    let readme = readme();
+    let shown = code_blocks(&readme, "toml")
         .find(|b| b.starts_with("[[case]]\n"))
         .expect("the README shows a case");
     let cases = std::fs::read_to_string(root.join("examples/configs/filters.cases.toml")).unwrap();

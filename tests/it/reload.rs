@@ -870,16 +870,9 @@ url = "http://127.0.0.1:1/off"
 /// it shows, and the same keys.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_readmes_config_sample_is_what_the_sidecar_shows() {
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let readme = readme();
     let section = readme.split("\n### `GET /v1/config`\n").nth(1).unwrap();
-    let block = section
-        .split("```json\n")
-        .nth(1)
-        .unwrap()
-        .split("```")
-        .next()
-        .unwrap();
+    let block = code_blocks(section, "json").next().unwrap();
     let sample: Value = serde_json::from_str(block).expect("the sample is JSON");
     let sidecar = Sidecar::start(
         r#"[server]
