@@ -281,6 +281,21 @@ async fn kill_9_under_load_loses_nothing_acknowledged_and_keeps_entity_order() {
     }
     let (status, letters) = sidecar.get("/v1/deadletters").await;
     assert_eq!(status, 200);
+    // The execution log, written in blocks by commits that the kills cut short, reads
+    // back: each row once, newest first.
+    let (status, log) = sidecar.get("/v1/executions?limit=1000").await;
+    assert_eq!(status, 200, "{log}");
+    let ids: Vec<u64> = log["executions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["id"].as_u64().unwrap())
+        .collect();
+    assert!(!ids.is_empty(), "no execution log rows after the run");
+    assert!(
+        ids.windows(2).all(|w| w[0] > w[1]),
+        "execution log ids not unique and newest first"
+    );
 
     let t = tally(&acked, &delivered.lock().unwrap());
     println!(

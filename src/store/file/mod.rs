@@ -35,7 +35,7 @@ use writer::{Op, Parts, Writer, decode};
 
 /// The layout this build reads and writes. A later release that changes it migrates
 /// files with a lower number at open; a file with a higher number is refused.
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Delivery id -> [`Delivery`] (postcard, `row.rs`; JSON in files of earlier versions).
@@ -43,7 +43,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DELIVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("deliveries");
 /// Delivery id -> [`DeadLetter`] (JSON).
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
-/// Row id -> [`Execution`] (postcard, `row.rs`; JSON in files of earlier versions), oldest first.
+/// Id of a block's first row -> a block of [`Execution`]s, the ids following on from
+/// the key (postcard, `row.rs`; one row a key, JSON or postcard, in files of earlier
+/// versions), oldest first.
 const EXECUTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("executions");
 /// (when it was stored, dedupe key): the dedupe keys (SHA-256 of handler and body) in
 /// time order. Appending is cheap and pruning takes the front; lookups go to a map the
@@ -135,6 +137,7 @@ impl File {
         let Prepared {
             next_delivery,
             next_execution,
+            execution_rows,
             quarantined,
         } = prepare(&db).map_err(fail)?;
         let dedupe = load_dedupe(&db).map_err(fail)?;
@@ -154,6 +157,7 @@ impl File {
             log_bytes: log_bytes.clone(),
             next_delivery,
             next_execution,
+            execution_rows,
             dedupe,
             sink: sink.clone(),
             writable: writable.clone(),
@@ -421,20 +425,22 @@ impl File {
         let mut out = Vec::new();
         // `after` (what `executions --follow` has seen) bounds the scan from below.
         let first = filter.after.map_or(0, |a| a.saturating_add(1));
-        for row in table.range(first..).map_err(StoreError::read)?.rev() {
-            let (id, value) = row.map_err(StoreError::read)?;
-            let mut row = row::read_execution(value.value()).map_err(unreadable)?;
-            row.id = id.value();
-            if filter
-                .since
-                .is_some_and(|s| row.at.saturating_add(SLACK_MS) < s)
-            {
-                break;
-            }
-            if filter.matches(&row) {
-                out.push(row);
-                if out.len() >= filter.limit {
-                    break;
+        'blocks: for block in table.iter().map_err(StoreError::read)?.rev() {
+            let (key, value) = block.map_err(StoreError::read)?;
+            let rows = row::read_executions(key.value(), value.value()).map_err(unreadable)?;
+            for row in rows.into_iter().rev() {
+                if row.id < first
+                    || filter
+                        .since
+                        .is_some_and(|s| row.at.saturating_add(SLACK_MS) < s)
+                {
+                    break 'blocks;
+                }
+                if filter.matches(&row) {
+                    out.push(row);
+                    if out.len() >= filter.limit {
+                        break 'blocks;
+                    }
                 }
             }
         }
@@ -495,6 +501,7 @@ impl File {
 struct Prepared {
     next_delivery: u64,
     next_execution: u64,
+    execution_rows: u64,
     /// Unreadable queued rows moved to the dead letters.
     quarantined: usize,
 }
@@ -541,17 +548,18 @@ fn prepare(db: &Database) -> Result<Prepared, String> {
                      the file aside to start with an empty store"
                 ));
             }
-            Some(1) => {
+            Some(from @ (1 | 2)) => {
                 // Version 1 held the queue's and the execution log's rows as JSON; 2
-                // writes them in postcard and reads both (`row.rs`), so nothing is
+                // wrote them in postcard, a log row under each key; 3 writes the log's
+                // rows in blocks. This build reads all three (`row.rs`), so nothing is
                 // rewritten here. The number goes up so that a release from before
                 // refuses the file instead of taking its new rows for damaged ones.
                 meta.insert("schema_version", SCHEMA_VERSION)
                     .map_err(|e| e.to_string())?;
                 info!(
-                    from = 1,
+                    from,
                     schema_version = SCHEMA_VERSION,
-                    "store upgraded: queued rows keep their format until next written"
+                    "store upgraded: rows keep their format until next written"
                 );
             }
             Some(v) if v < SCHEMA_VERSION => {
@@ -576,14 +584,38 @@ fn prepare(db: &Database) -> Result<Prepared, String> {
     };
     let max_delivery = last(DELIVERIES)?.max(last(DEAD)?);
     let quarantined = quarantine(&txn).map_err(|e| e.to_string())?;
-    let max_execution = last(EXECUTIONS)?;
+    let log = log_extent(&txn.open_table(EXECUTIONS).map_err(not_ours)?)?;
     txn.open_table(DEDUPE_AGE).map_err(not_ours)?;
     txn.commit().map_err(|e| e.to_string())?;
     Ok(Prepared {
         next_delivery: counters.0.max(max_delivery + 1),
-        next_execution: counters.1.max(max_execution + 1),
+        next_execution: counters.1.max(log.next_id),
+        execution_rows: log.rows,
         quarantined,
     })
+}
+
+/// What the execution log's table holds.
+struct LogExtent {
+    /// Above the id of every row.
+    next_id: u64,
+    rows: u64,
+}
+
+/// Reads how many rows the log holds (a count from each block's head) and where its
+/// ids end.
+fn log_extent(table: &impl ReadableTable<u64, &'static [u8]>) -> Result<LogExtent, String> {
+    let mut extent = LogExtent {
+        next_id: 1,
+        rows: 0,
+    };
+    for block in table.iter().map_err(|e| e.to_string())? {
+        let (key, value) = block.map_err(|e| e.to_string())?;
+        let n = row::rows_in(value.value()).unwrap_or(1);
+        extent.rows += n;
+        extent.next_id = extent.next_id.max(key.value().saturating_add(n));
+    }
+    Ok(extent)
 }
 
 /// A stored row that does not decode.

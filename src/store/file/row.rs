@@ -9,11 +9,15 @@
 //!
 //! An execution log row is written for every handler call, on the writer thread: in
 //! JSON, its encoding was a third of the log's cost there (7.4k instructions a row), and
-//! its keys were most of its size. Its time comes first, so retention reads only that.
+//! its keys were most of its size. The rows a commit writes go in blocks of up to
+//! [`BLOCK_ROWS`] under one key, the id of the block's first row (the others follow it
+//! one by one): one B-tree insert a block, where a row each cost about 5.6k instructions
+//! (BENCHMARKS.md, "Tenth pass").
 //!
 //! Rows written by earlier versions are JSON: they begin with `{`, never with [`TAG`],
 //! and are read as before. A queued row is written in this format the next time it is
-//! written (a retry's settlement, a replay); old log rows stay as they are until pruned.
+//! written (a retry's settlement, a replay); old log rows (a JSON row or a [`TAG`] row
+//! under each key) stay as they are until pruned, each read as a block of one.
 //! Dead letters stay JSON (the API's filters read them, never on the event path).
 
 use std::borrow::Cow;
@@ -25,6 +29,11 @@ use crate::store::records::{Delivery, Execution, NewDelivery};
 
 /// The first byte of a postcard row; `{` (0x7b) begins a JSON one.
 const TAG: u8 = 1;
+/// The first byte of a block of log rows: their number, then each row (postcard).
+const BLOCK: u8 = 2;
+/// Most log rows in one block. A query decodes whole blocks, and retention rewrites the
+/// oldest one when it keeps only part of it.
+pub(super) const BLOCK_ROWS: usize = 64;
 
 /// A delivery row, borrowed from where it is read or written. The field order is the
 /// format: add fields at the end only, with a new [`TAG`].
@@ -125,15 +134,53 @@ struct LogRow<'a> {
     event_id: Option<Cow<'a, str>>,
 }
 
-/// The part of a log row retention needs.
-#[derive(Deserialize)]
-struct LogHead {
-    at: u64,
+/// A block of log rows, oldest first (ids: the key, then one more each).
+pub(super) fn executions<'a>(rows: impl ExactSizeIterator<Item = &'a Execution>) -> Vec<u8> {
+    let n = u32::try_from(rows.len()).expect("a block holds few rows");
+    let mut out = postcard::to_extend(&n, vec![BLOCK]).expect("a count serialises");
+    for e in rows {
+        out = postcard::to_extend(&log_row(e), out).expect("log rows serialise");
+    }
+    out
 }
 
-/// The row of one handler call (its id is the row's key).
-pub(super) fn execution(e: &Execution) -> Vec<u8> {
-    let row = LogRow {
+/// The rows under `key` in the log's table, oldest first, with their ids: a block's, or
+/// the one row of an earlier version.
+pub(super) fn read_executions(key: u64, bytes: &[u8]) -> Result<Vec<Execution>, String> {
+    let Some(rest) = bytes.strip_prefix(&[BLOCK]) else {
+        let mut row = read_execution(bytes)?;
+        row.id = key;
+        return Ok(vec![row]);
+    };
+    let (n, mut rest) = postcard::take_from_bytes::<u32>(rest).map_err(|e| e.to_string())?;
+    let mut rows = Vec::with_capacity(usize::try_from(n).unwrap_or(0).min(BLOCK_ROWS));
+    for id in key..key + u64::from(n) {
+        let (row, left) = postcard::take_from_bytes::<LogRow<'_>>(rest)
+            .map_err(|e| format!("row {} of the block at {key}: {e}", id - key + 1))?;
+        rows.push(owned(id, row));
+        rest = left;
+    }
+    if !rest.is_empty() {
+        return Err(format!(
+            "{} bytes after the last row of the block at {key}",
+            rest.len()
+        ));
+    }
+    Ok(rows)
+}
+
+/// How many rows are under a key of the log's table, without reading them.
+pub(super) fn rows_in(bytes: &[u8]) -> Result<u64, String> {
+    match bytes.strip_prefix(&[BLOCK]) {
+        Some(rest) => postcard::take_from_bytes::<u32>(rest)
+            .map(|(n, _)| u64::from(n))
+            .map_err(|e| e.to_string()),
+        None => Ok(1),
+    }
+}
+
+fn log_row(e: &Execution) -> LogRow<'_> {
+    LogRow {
         at: e.at,
         event: Cow::Borrowed(&e.event),
         object_id: Cow::Borrowed(&e.object_id),
@@ -147,18 +194,27 @@ pub(super) fn execution(e: &Execution) -> Vec<u8> {
         error: e.error.as_deref().map(Cow::Borrowed),
         delivery: e.delivery,
         event_id: e.event_id.as_deref().map(Cow::Borrowed),
-    };
-    postcard::to_extend(&row, vec![TAG]).expect("log rows serialise")
+    }
 }
 
-/// A log row, with `id` 0.
-pub(super) fn read_execution(bytes: &[u8]) -> Result<Execution, String> {
+/// The row of one handler call, as versions before blocks wrote it.
+#[cfg(test)]
+pub(super) fn execution(e: &Execution) -> Vec<u8> {
+    postcard::to_extend(&log_row(e), vec![TAG]).expect("log rows serialise")
+}
+
+/// A log row of an earlier version (one under each key), with `id` 0.
+fn read_execution(bytes: &[u8]) -> Result<Execution, String> {
     let Some(rest) = bytes.strip_prefix(&[TAG]) else {
         return serde_json::from_slice(bytes).map_err(|e| e.to_string());
     };
     let row: LogRow<'_> = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
-    Ok(Execution {
-        id: 0,
+    Ok(owned(0, row))
+}
+
+fn owned(id: u64, row: LogRow<'_>) -> Execution {
+    Execution {
+        id,
         at: row.at,
         event: row.event.into_owned(),
         object_id: row.object_id.into_owned(),
@@ -172,18 +228,6 @@ pub(super) fn read_execution(bytes: &[u8]) -> Result<Execution, String> {
         error: row.error.map(Cow::into_owned),
         delivery: row.delivery,
         event_id: row.event_id.map(Cow::into_owned),
-    })
-}
-
-/// When a log row's call started (unix ms), without reading the rest.
-pub(super) fn execution_at(bytes: &[u8]) -> Result<u64, String> {
-    match bytes.strip_prefix(&[TAG]) {
-        Some(rest) => postcard::take_from_bytes::<LogHead>(rest)
-            .map(|(head, _)| head.at)
-            .map_err(|e| e.to_string()),
-        None => serde_json::from_slice::<LogHead>(bytes)
-            .map(|head| head.at)
-            .map_err(|e| e.to_string()),
     }
 }
 
@@ -292,13 +336,12 @@ mod tests {
         }
     }
 
+    fn with_id(id: u64, row: Execution) -> Execution {
+        Execution { id, ..row }
+    }
+
     #[test]
-    fn a_log_row_reads_back_and_is_smaller_than_its_json() {
-        let row = execution(&call());
-        assert_eq!(row[0], TAG);
-        assert_eq!(read_execution(&row).unwrap(), call());
-        assert_eq!(execution_at(&row).unwrap(), 1_700_000_000_123);
-        assert!(row.len() * 2 < serde_json::to_vec(&call()).unwrap().len());
+    fn a_block_of_log_rows_reads_back_with_their_ids_and_is_smaller_than_their_json() {
         let bare = Execution {
             stage: Stage::Before,
             code: None,
@@ -308,15 +351,43 @@ mod tests {
             event_id: None,
             ..call()
         };
-        assert_eq!(read_execution(&execution(&bare)).unwrap(), bare);
+        let rows = [call(), bare.clone(), call()];
+        let block = executions(rows.iter());
+        assert_eq!(block[0], BLOCK);
+        assert_eq!(rows_in(&block).unwrap(), 3);
+        assert_eq!(
+            read_executions(40, &block).unwrap(),
+            vec![with_id(40, call()), with_id(41, bare), with_id(42, call())]
+        );
+        let json: usize = rows
+            .iter()
+            .map(|r| serde_json::to_vec(r).unwrap().len())
+            .sum();
+        assert!(block.len() * 2 < json, "{} bytes", block.len());
     }
 
     #[test]
-    fn a_json_log_row_of_an_earlier_version_still_reads() {
+    fn log_rows_of_earlier_versions_still_read_as_blocks_of_one() {
         let json = serde_json::to_vec(&call()).unwrap();
-        assert_eq!(read_execution(&json).unwrap(), call());
-        assert_eq!(execution_at(&json).unwrap(), 1_700_000_000_123);
-        assert!(read_execution(&execution(&call())[..10]).is_err());
+        assert_eq!(read_executions(7, &json).unwrap(), vec![with_id(7, call())]);
+        assert_eq!(rows_in(&json).unwrap(), 1);
+        let one = execution(&call());
+        assert_eq!(one[0], TAG);
+        assert_eq!(read_executions(8, &one).unwrap(), vec![with_id(8, call())]);
+        assert_eq!(rows_in(&one).unwrap(), 1);
+        assert!(read_executions(8, &one[..10]).is_err());
+    }
+
+    #[test]
+    fn a_damaged_block_is_an_error_naming_the_row() {
+        let rows = [call(), call()];
+        let block = executions(rows.iter());
+        let cut = read_executions(5, &block[..block.len() - 4]).unwrap_err();
+        assert!(cut.starts_with("row 2 of the block at 5"), "{cut}");
+        let mut long = block.clone();
+        long.push(0);
+        let extra = read_executions(5, &long).unwrap_err();
+        assert_eq!(extra, "1 bytes after the last row of the block at 5");
     }
 
     #[test]

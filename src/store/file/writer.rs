@@ -45,10 +45,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
+use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
+use super::row::{self, BLOCK_ROWS};
 use super::{DEAD, DEDUPE_AGE, DELIVERIES, EXECUTIONS, META};
 use crate::store::StoreError;
 use crate::store::records::{
@@ -175,6 +176,9 @@ pub(super) struct Parts {
     pub log_bytes: Arc<std::sync::atomic::AtomicUsize>,
     pub next_delivery: u64,
     pub next_execution: u64,
+    /// Rows in the execution log's table (a key holds a block of them): what retention by
+    /// rows counts. Counted from the file at open and after a reopen.
+    pub execution_rows: u64,
     /// Dedupe key -> when it was last stored (unix ms): the index of `DEDUPE_AGE`.
     pub dedupe: HashMap<[u8; 32], u64>,
     pub sink: Arc<OnceLock<Sink>>,
@@ -458,6 +462,7 @@ impl Writer {
         durable: bool,
     ) -> Result<Vec<Done>, StoreError> {
         let (next_delivery, next_execution) = (self.parts.next_delivery, self.parts.next_execution);
+        let execution_rows = self.parts.execution_rows;
         let ceilings = self.ceilings;
         let mut changes = DedupeChanges::default();
         let mut queued = Vec::new();
@@ -510,6 +515,7 @@ impl Writer {
                 // back too.
                 self.parts.next_delivery = next_delivery;
                 self.parts.next_execution = next_execution;
+                self.parts.execution_rows = execution_rows;
                 self.ceilings = ceilings;
                 if let Some(rows) = rows {
                     self.held = rows;
@@ -575,7 +581,11 @@ impl Writer {
             }
         }
         // The lost handle may have had the counters in a commit that never reached the
-        // disk: write them again.
+        // disk: write them again. Log rows it committed without fsync may be gone too.
+        self.parts.execution_rows =
+            super::log_extent(&txn.open_table(EXECUTIONS).map_err(StoreError::write)?)
+                .map_err(StoreError::write)?
+                .rows;
         self.ceilings = None;
         self.write_counters(&txn)?;
         txn.commit().map_err(StoreError::write)?;
@@ -660,9 +670,13 @@ impl Writer {
                 Op::DropMatching { filter, .. } => {
                     Done::DroppedMatching(drop_matching(&txn, filter)?)
                 }
-                Op::Prune { retention, .. } => {
-                    Done::Pruned(prune(&txn, *retention, now, &mut changes.pruned)?)
-                }
+                Op::Prune { retention, .. } => Done::Pruned(prune(
+                    &txn,
+                    *retention,
+                    now,
+                    &mut self.parts.execution_rows,
+                    &mut changes.pruned,
+                )?),
                 Op::Close { .. } => unreachable!("taken out by run"),
             });
         }
@@ -715,7 +729,7 @@ impl Writer {
             let id = self.parts.next_delivery;
             self.parts.next_delivery += 1;
             queue
-                .insert(id, super::row::accepted(item, now).as_slice())
+                .insert(id, row::accepted(item, now).as_slice())
                 .map_err(StoreError::write)?;
             queued.push(Queued {
                 id,
@@ -760,7 +774,7 @@ impl Writer {
         delivery.next_at = now;
         delivery.last_error = None;
         queue
-            .insert(delivery.id, super::row::encode(&delivery).as_slice())
+            .insert(delivery.id, row::encode(&delivery).as_slice())
             .map_err(StoreError::write)?;
         queued.push(Queued {
             id: delivery.id,
@@ -817,14 +831,18 @@ impl Writer {
         rows: impl IntoIterator<Item = &'a Execution>,
     ) -> Result<(), StoreError> {
         let mut table = txn.open_table(EXECUTIONS).map_err(StoreError::write)?;
-        for row in rows {
+        let mut rows = rows.into_iter().peekable();
+        let mut block = Vec::with_capacity(BLOCK_ROWS);
+        while rows.peek().is_some() {
+            block.clear();
+            block.extend(rows.by_ref().take(BLOCK_ROWS));
+            let value = row::executions(block.iter().copied());
             table
-                .insert(
-                    self.parts.next_execution,
-                    super::row::execution(row).as_slice(),
-                )
+                .insert(self.parts.next_execution, value.as_slice())
                 .map_err(StoreError::write)?;
-            self.parts.next_execution += 1;
+            let n = block.len() as u64;
+            self.parts.next_execution += n;
+            self.parts.execution_rows += n;
         }
         Ok(())
     }
@@ -890,13 +908,13 @@ fn settle_one(
             let Some(old) = queue.get(id).map_err(StoreError::write)? else {
                 return Ok(());
             };
-            let mut delivery = super::row::decode(old.value()).map_err(super::unreadable)?;
+            let mut delivery = row::decode(old.value()).map_err(super::unreadable)?;
             drop(old);
             delivery.attempts = *attempts;
             delivery.next_at = *next_at;
             delivery.last_error = Some(error.clone());
             queue
-                .insert(id, super::row::encode(&delivery).as_slice())
+                .insert(id, row::encode(&delivery).as_slice())
                 .map_err(StoreError::write)?;
         }
         Settle::Dead {
@@ -907,7 +925,7 @@ fn settle_one(
             let Some(old) = queue.remove(id).map_err(StoreError::write)? else {
                 return Ok(());
             };
-            let mut delivery = super::row::decode(old.value()).map_err(super::unreadable)?;
+            let mut delivery = row::decode(old.value()).map_err(super::unreadable)?;
             drop(old);
             delivery.id = id;
             delivery.attempts = *attempts;
@@ -927,30 +945,55 @@ fn settle_one(
     Ok(())
 }
 
-/// Drops execution rows beyond the retention, and dedupe keys older than the window.
+/// Drops execution rows beyond the retention (`rows`: how many the log holds), oldest
+/// first, and dedupe keys older than the window. Rows go from the front while there are
+/// more than `keep_rows` or the first is older than `keep_age`; a block kept in part is
+/// written again under the id of its first row kept.
 fn prune(
     txn: &WriteTransaction,
     retention: Retention,
     now: u64,
+    rows: &mut u64,
     pruned: &mut Vec<([u8; 32], u64)>,
 ) -> Result<usize, StoreError> {
     let mut removed = 0;
     let oldest =
         now.saturating_sub(u64::try_from(retention.keep_age.as_millis()).unwrap_or(u64::MAX));
-    let mut rows = txn.open_table(EXECUTIONS).map_err(StoreError::write)?;
-    while removed < PRUNE_LIMIT {
-        let too_many = rows.len().map_err(StoreError::write)? > retention.keep_rows;
-        let (key, too_old) = {
-            let first = rows.first().map_err(StoreError::write)?;
+    let mut log = txn.open_table(EXECUTIONS).map_err(StoreError::write)?;
+    while removed < PRUNE_LIMIT && *rows > 0 {
+        let (key, block) = {
+            let first = log.first().map_err(StoreError::write)?;
             let Some((key, value)) = first else { break };
-            let at = super::row::execution_at(value.value()).unwrap_or(0);
-            (key.value(), at < oldest)
+            let key = key.value();
+            // An unreadable block goes whole, as a row older than any would.
+            let block = row::read_executions(key, value.value())
+                .map_err(|_| row::rows_in(value.value()).unwrap_or(1));
+            (key, block)
         };
-        if !(too_many || too_old) {
+        let (gone, kept) = match &block {
+            Err(n) => (*n, &[][..]),
+            Ok(block) => {
+                let gone = block
+                    .iter()
+                    .enumerate()
+                    .take_while(|(i, r)| *rows - *i as u64 > retention.keep_rows || r.at < oldest)
+                    .count();
+                (gone as u64, &block[gone..])
+            }
+        };
+        if gone == 0 {
             break;
         }
-        rows.remove(key).map_err(StoreError::write)?;
-        removed += 1;
+        log.remove(key).map_err(StoreError::write)?;
+        if let Some(first) = kept.first() {
+            log.insert(first.id, row::executions(kept.iter()).as_slice())
+                .map_err(StoreError::write)?;
+        }
+        *rows = rows.saturating_sub(gone);
+        removed += usize::try_from(gone).unwrap_or(usize::MAX);
+        if !kept.is_empty() {
+            break;
+        }
     }
     let cutoff =
         now.saturating_sub(u64::try_from(retention.dedupe_window.as_millis()).unwrap_or(u64::MAX));
