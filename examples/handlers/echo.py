@@ -5,7 +5,11 @@ parse the request body and return it unchanged.
     python3 examples/handlers/echo.py 5001
 
 Point a handler with `modifies = true` at http://127.0.0.1:5001/ and the billing gets
-back exactly what it sent.
+back what it sent, as Python's json module writes it: the same keys and values, but a
+number in Python's spelling (`1.50` comes back `1.5`, `-0` as `0`, `1E3` as `1000.0`).
+provisiond passes on the reply as it is, so those are this handler's changes, not
+provisiond's; a handler that must keep the billing's digits answers with the bytes it
+read.
 """
 import json
 import sys

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::common::*;
-use serde_json::json;
+use serde_json::{Value, json};
 
 fn check(path: &Path, env: &[(&str, &str)]) -> (i32, String, String) {
     let mut command = Command::new(binary());
@@ -693,4 +693,70 @@ async fn the_default_config_serves() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(delivered, "block-on-switch was not delivered to");
+}
+
+/// The example echo handler (the billing docs' one) behind the default config, as its
+/// comment says to run it: the billing gets its envelope back, in Python's spelling of
+/// numbers, as the README warns.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_example_echo_handler_works_behind_the_default_config() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut echo = KillOnDrop(
+        Command::new("python3")
+            .arg(root.join("examples/handlers/echo.py"))
+            .arg(port.to_string())
+            .spawn()
+            .expect("python3 runs the example"),
+    );
+    let listening = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(listening, "echo.py never listened: {:?}", echo.0.try_wait());
+    let text = std::fs::read_to_string(root.join("provisioning.toml")).unwrap();
+    let (head, echo_block) = text.split_once("name = \"echo\"").unwrap();
+    let text = format!(
+        "{head}name = \"echo\"{}",
+        echo_block
+            .replacen("enabled = false", "enabled = true", 1)
+            .replacen("127.0.0.1:5001", &format!("127.0.0.1:{port}"), 1)
+    )
+    .replace("listen = \"127.0.0.1:8600\"", "listen = \"127.0.0.1:0\"");
+    let dir = tempfile::TempDir::new().unwrap();
+    std::os::unix::fs::symlink(root.join("examples"), dir.path().join("examples")).unwrap();
+    let sidecar = Sidecar::start_in(dir, &text, &[]);
+    let (status, body) = sidecar
+        .post(
+            r#"{"event":{"dt":"2026-11-26T10:00:00+00:00","events_id":"clients.update","object_id":7},"data":{"id":7,"balance":1.50,"limit":-0}}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["event"]["object_id"], 7);
+    assert_eq!(body["data"]["id"], 7);
+    assert_eq!(body["data"]["balance"].to_string(), "1.5");
+    assert_eq!(body["data"]["limit"].to_string(), "0");
+    // The execution log is written off the event's path, within a second.
+    let mut log = Value::Null;
+    for _ in 0..100 {
+        log = sidecar.get("/v1/executions?handler=echo").await.1;
+        if log["count"] == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(log["executions"][0]["outcome"], "allowed", "{log}");
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -540,3 +540,80 @@ fn the_readme_installs_and_the_release_profile_is_tuned_for_a_daemon() {
         "CHANGELOG.md has no entry for {version}"
     );
 }
+
+/// The (Secret, key) pairs a Kubernetes manifest reads through `secretKeyRef`.
+fn secret_refs(yaml: &str) -> Vec<(String, String)> {
+    let lines: Vec<&str> = yaml.lines().map(str::trim).collect();
+    lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| **l == "secretKeyRef:")
+        .map(|(i, _)| {
+            let field = |name: &str| {
+                lines[i + 1..i + 3]
+                    .iter()
+                    .find_map(|l| l.strip_prefix(name))
+                    .unwrap_or_else(|| panic!("{name} under secretKeyRef"))
+                    .to_owned()
+            };
+            (field("name: "), field("key: "))
+        })
+        .collect()
+}
+
+/// `kubectl create secret generic NAME --from-literal=KEY=...` commands in `text`
+/// (shell lines, continued with `\`, possibly behind `# `), as (NAME, KEY) pairs.
+fn created_secrets(text: &str) -> Vec<(String, String)> {
+    let shell: String = text
+        .lines()
+        .map(|l| l.trim().trim_start_matches('#').trim())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace("\\ ", " ");
+    let mut pairs = Vec::new();
+    for command in shell.split("kubectl create secret generic ").skip(1) {
+        let mut words = command.split_whitespace();
+        let name = words.next().unwrap().to_owned();
+        for word in words.take_while(|w| w.starts_with("--from-literal=")) {
+            let key = word["--from-literal=".len()..].split('=').next().unwrap();
+            pairs.push((name.clone(), key.to_owned()));
+        }
+    }
+    pairs
+}
+
+#[test]
+fn the_kubernetes_secrets_the_manifests_read_are_the_ones_the_docs_say_to_create() {
+    let readme = readme();
+    let section = readme
+        .split("\n### On Kubernetes\n")
+        .nth(1)
+        .expect("the README has a Kubernetes section");
+    let block = code_blocks(section, "sh").next().unwrap();
+    assert!(
+        block.find("kubectl create secret") < block.find("kubectl apply -k"),
+        "the README creates the Secret after applying: {block}"
+    );
+    for (manifest, docs) in [
+        (
+            "examples/kubernetes/deployment.yaml",
+            vec![
+                block.to_owned(),
+                read("examples/kubernetes/kustomization.yaml"),
+            ],
+        ),
+        (
+            "examples/kubernetes/shared/deployment.yaml",
+            vec![read("examples/kubernetes/shared/kustomization.yaml")],
+        ),
+    ] {
+        let mut wanted = secret_refs(&read(manifest));
+        wanted.sort();
+        assert!(!wanted.is_empty(), "{manifest} reads no Secret");
+        for doc in docs {
+            let mut created = created_secrets(&doc);
+            created.sort();
+            assert_eq!(created, wanted, "{manifest}: {doc}");
+        }
+    }
+}
