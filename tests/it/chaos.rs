@@ -262,19 +262,24 @@ async fn kill_9_under_load_loses_nothing_acknowledged_and_keeps_entity_order() {
         c.await.unwrap();
     }
     let acked = acked.lock().unwrap().clone();
-    // Drain: everything acknowledged delivered, and the queue empty.
-    let patience = Duration::from_secs(60 + cycles);
-    let until = Instant::now() + patience;
+    // Drain: everything acknowledged delivered, and the queue empty. A release build's
+    // clients outrun the flaky handler by far (300,000 events in 60 cycles), so the
+    // drain is given as long as deliveries go on, and ends when none came for a while.
+    let patience = Duration::from_secs(30);
+    let mut last = (0, Instant::now());
     loop {
-        let all_there = {
-            let got: HashSet<Sent> = delivered.lock().unwrap().iter().copied().collect();
-            acked.iter().all(|a| got.contains(a))
+        let (all_there, count) = {
+            let delivered = delivered.lock().unwrap();
+            let got: HashSet<Sent> = delivered.iter().copied().collect();
+            (acked.iter().all(|a| got.contains(a)), delivered.len())
         };
         if all_there && queue_depth(&sidecar).await == Some(0.0) {
             break;
         }
-        if Instant::now() > until {
-            println!("not drained after {patience:?}");
+        if count != last.0 {
+            last = (count, Instant::now());
+        } else if last.1.elapsed() > patience {
+            println!("not drained: no delivery for {patience:?}");
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
