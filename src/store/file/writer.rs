@@ -960,7 +960,7 @@ fn prune(
     let oldest =
         now.saturating_sub(u64::try_from(retention.keep_age.as_millis()).unwrap_or(u64::MAX));
     let mut log = txn.open_table(EXECUTIONS).map_err(StoreError::write)?;
-    while removed < PRUNE_LIMIT && *rows > 0 {
+    while removed < PRUNE_LIMIT {
         let (key, block) = {
             let first = log.first().map_err(StoreError::write)?;
             let Some((key, value)) = first else { break };
@@ -976,7 +976,9 @@ fn prune(
                 let gone = block
                     .iter()
                     .enumerate()
-                    .take_while(|(i, r)| *rows - *i as u64 > retention.keep_rows || r.at < oldest)
+                    .take_while(|(i, r)| {
+                        rows.saturating_sub(*i as u64) > retention.keep_rows || r.at < oldest
+                    })
                     .count();
                 (gone as u64, &block[gone..])
             }
