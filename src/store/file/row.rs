@@ -154,7 +154,7 @@ pub(super) fn read_executions(key: u64, bytes: &[u8]) -> Result<Vec<Execution>, 
     };
     let (n, mut rest) = postcard::take_from_bytes::<u32>(rest).map_err(|e| e.to_string())?;
     let mut rows = Vec::with_capacity(usize::try_from(n).unwrap_or(0).min(BLOCK_ROWS));
-    for id in key..key + u64::from(n) {
+    for id in key..key.saturating_add(u64::from(n)) {
         let (row, left) = postcard::take_from_bytes::<LogRow<'_>>(rest)
             .map_err(|e| format!("row {} of the block at {key}: {e}", id - key + 1))?;
         rows.push(owned(id, row));
