@@ -39,6 +39,15 @@ fn row(handler: &str, at: u64, outcome: &str) -> Execution {
 
 const MINUTE: Duration = Duration::from_secs(60);
 
+/// Writes to a closed store file behind the store's back, in one transaction: a file
+/// as another version wrote it, or a damaged row.
+fn write_raw(path: &Path, write: impl FnOnce(&redb::WriteTransaction)) {
+    let db = redb::Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    write(&txn);
+    txn.commit().unwrap();
+}
+
 #[tokio::test]
 async fn enqueued_deliveries_are_pending_in_arrival_order() {
     let store = Store::memory().unwrap();
@@ -756,15 +765,12 @@ async fn an_unreadable_queued_row_goes_to_the_dead_letters_at_open_not_the_start
         .unwrap();
     store.close().await;
     drop(store);
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
+    write_raw(&path, |txn| {
         txn.open_table(DELIVERIES)
             .unwrap()
             .insert(ids[0].unwrap(), b"{not json".as_slice())
             .unwrap();
-        txn.commit().unwrap();
-    }
+    });
     let store = Store::open(&path).unwrap();
     assert_eq!(store.quarantined(), 1);
     assert_eq!(
@@ -785,9 +791,7 @@ async fn an_unreadable_queued_row_goes_to_the_dead_letters_at_open_not_the_start
 async fn one_bad_request_fails_alone_not_the_others_of_its_batch() {
     let dir = tempfile::TempDir::new().unwrap();
     let path = dir.path().join("provisiond.db");
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
+    write_raw(&path, |txn| {
         txn.open_table(DEAD)
             .unwrap()
             .insert(5, b"{damaged".as_slice())
@@ -796,8 +800,7 @@ async fn one_bad_request_fails_alone_not_the_others_of_its_batch() {
             .unwrap()
             .insert("schema_version", SCHEMA_VERSION)
             .unwrap();
-        txn.commit().unwrap();
-    }
+    });
     let store = Store::open(&path).unwrap();
     // Many enqueues and the replay of the damaged dead letter, sent at once: the writer
     // takes them in one batch.
@@ -1081,27 +1084,22 @@ async fn a_queue_written_by_an_earlier_version_in_json_is_read_retried_and_dead_
     store.close().await;
     drop(store);
     // The file as versions before postcard rows wrote it: schema 1, JSON rows.
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            txn.open_table(META)
-                .unwrap()
-                .insert("schema_version", 1)
-                .unwrap();
-            let mut queue = txn.open_table(DELIVERIES).unwrap();
-            for d in &stored {
-                let json = serde_json::to_vec(d).unwrap();
-                queue.insert(d.id, json.as_slice()).unwrap();
-            }
-            let old = serde_json::to_vec(&row("a", now_ms(), "delivered")).unwrap();
-            txn.open_table(EXECUTIONS)
-                .unwrap()
-                .insert(1, old.as_slice())
-                .unwrap();
+    write_raw(&path, |txn| {
+        txn.open_table(META)
+            .unwrap()
+            .insert("schema_version", 1)
+            .unwrap();
+        let mut queue = txn.open_table(DELIVERIES).unwrap();
+        for d in &stored {
+            let json = serde_json::to_vec(d).unwrap();
+            queue.insert(d.id, json.as_slice()).unwrap();
         }
-        txn.commit().unwrap();
-    }
+        let old = serde_json::to_vec(&row("a", now_ms(), "delivered")).unwrap();
+        txn.open_table(EXECUTIONS)
+            .unwrap()
+            .insert(1, old.as_slice())
+            .unwrap();
+    });
     let store = Store::open(&path).unwrap();
     assert_eq!(store.quarantined(), 0);
     assert_eq!(schema_version(&store), SCHEMA_VERSION);
@@ -1180,22 +1178,17 @@ async fn log_rows_go_in_blocks_and_retention_keeps_exactly_its_rows_across_block
     let path = dir.path().join("p.db");
     let now = now_ms();
     // A file as version 2 wrote it: one postcard row under each key.
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            txn.open_table(META)
-                .unwrap()
-                .insert("schema_version", 2)
-                .unwrap();
-            let mut log = txn.open_table(EXECUTIONS).unwrap();
-            for id in 1..=3 {
-                let old = row::execution(&row("old", now - 60_000, "allowed"));
-                log.insert(id, old.as_slice()).unwrap();
-            }
+    write_raw(&path, |txn| {
+        txn.open_table(META)
+            .unwrap()
+            .insert("schema_version", 2)
+            .unwrap();
+        let mut log = txn.open_table(EXECUTIONS).unwrap();
+        for id in 1..=3 {
+            let old = row::execution(&row("old", now - 60_000, "allowed"));
+            log.insert(id, old.as_slice()).unwrap();
         }
-        txn.commit().unwrap();
-    }
+    });
     let store = Store::open(&path).unwrap();
     assert_eq!(schema_version(&store), SCHEMA_VERSION);
     // 150 rows in one batch: blocks of at most BLOCK_ROWS, ids following on.
@@ -1246,15 +1239,12 @@ async fn an_unreadable_log_block_is_named_by_queries_and_goes_at_the_next_prune(
     let store = Store::open(&path).unwrap();
     store.close().await;
     drop(store);
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
+    write_raw(&path, |txn| {
         txn.open_table(EXECUTIONS)
             .unwrap()
             .insert(1, [2, 3, 0xff].as_slice())
             .unwrap();
-        txn.commit().unwrap();
-    }
+    });
     let store = Store::open(&path).unwrap();
     let err = store
         .executions(&ExecutionFilter {
