@@ -7,8 +7,10 @@
 //! inode and miss both. Of the directory's events it keeps those about a name the config
 //! resolves through: the file's own name, the first step of a relative symlink (`..data`
 //! for a ConfigMap), and, when the file is a symlink, the real file in its own directory
-//! (watched too, and re-pointed after every change). Reads, opens and attribute changes are ignored, so that
-//! reading the file does not trigger another reload.
+//! (watched too, and re-pointed after every change). Only names created, removed or
+//! renamed and files closed after writing reach it ([`config_events`], filtered by the
+//! kernel): reading the file does not trigger another reload, and the writes of a store
+//! kept in the same directory do not wake the watcher at all.
 //!
 //! Changes settle when no relevant event has come for [`SETTLE`] (or after [`MAX_SETTLE`]
 //! at most, for a file that never stops changing); then the whole file is read and
@@ -21,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
-use notify::{Event, RecommendedWatcher, RecursiveMode, Watcher as _};
+use notify::{Event, EventKindMask, RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -61,7 +63,7 @@ impl Watcher {
         let inner = {
             let interest = interest.clone();
             let changed = changed.clone();
-            notify::recommended_watcher(move |event: notify::Result<Event>| match event {
+            directory_watcher(move |event: notify::Result<Event>| match event {
                 Ok(event) => {
                     let relevant = interest.lock().expect("interest lock").wants(&event);
                     if relevant {
@@ -140,6 +142,27 @@ impl Watcher {
             reloader.reload(Trigger::Watch).await;
         }
     }
+}
+
+/// The kinds of events a config change makes: a name created, removed or renamed (a
+/// rename-save, a ConfigMap's symlink swap), and a file written and closed (an in-place
+/// save). Not writes as they happen: the kernel then does not wake the watcher for every
+/// write to another file in the directory, such as a store kept beside the config (a
+/// commit is several writes); an in-place save is seen when its writer closes the file,
+/// complete.
+fn config_events() -> EventKindMask {
+    EventKindMask::CREATE
+        | EventKindMask::REMOVE
+        | EventKindMask::MODIFY_NAME
+        | EventKindMask::ACCESS_CLOSE
+}
+
+/// A watcher that hands `handler` the [`config_events`] of the directories it watches.
+fn directory_watcher(handler: impl notify::EventHandler) -> notify::Result<RecommendedWatcher> {
+    RecommendedWatcher::new(
+        handler,
+        notify::Config::default().with_event_kinds(config_events()),
+    )
 }
 
 impl Interest {
@@ -234,6 +257,73 @@ mod tests {
             &config
         )));
         assert!(interest.wants(&Event::new(EventKind::Other)));
+    }
+
+    /// Every event up to and including the one about `marker`, created after the rest.
+    fn events_until(
+        rx: &std::sync::mpsc::Receiver<notify::Result<Event>>,
+        marker: &Path,
+    ) -> Vec<Event> {
+        std::fs::write(marker, "").unwrap();
+        let mut seen = Vec::new();
+        loop {
+            let event = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the marker's event within 10 s")
+                .expect("no watcher error");
+            let done = event.paths.iter().any(|p| p == marker);
+            seen.push(event);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    #[test]
+    fn writes_to_a_store_beside_the_config_do_not_wake_the_watcher_and_saves_do() {
+        use std::io::Write as _;
+        let dir = tempfile::TempDir::new().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let config = root.join("provisioning.toml");
+        std::fs::write(&config, "").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut watcher = directory_watcher(tx).unwrap();
+        watcher.watch(&root, RecursiveMode::NonRecursive).unwrap();
+
+        // A store's commits: writes to a file kept open.
+        let store = root.join("provisiond.db");
+        let mut file = std::fs::File::create(&store).unwrap();
+        let created = events_until(&rx, &root.join("marker-1"));
+        assert!(
+            created.iter().any(|e| e.paths == [store.clone()]),
+            "{created:?}"
+        );
+        for _ in 0..1000 {
+            file.write_all(&[0; 512]).unwrap();
+            file.sync_data().unwrap();
+        }
+        let during = events_until(&rx, &root.join("marker-2"));
+        assert!(
+            !during.iter().any(|e| e.paths.contains(&store)),
+            "no event about the store: {during:?}"
+        );
+
+        // Saves of the config, in place and by rename, are seen, and taken as changes.
+        let interest = Interest::of(&config);
+        std::fs::write(&config, "# in place").unwrap();
+        let in_place = events_until(&rx, &root.join("marker-3"));
+        assert!(in_place.iter().any(|e| interest.wants(e)), "{in_place:?}");
+        let saved = root.join(".provisioning.toml.swp");
+        std::fs::write(&saved, "# renamed").unwrap();
+        std::fs::rename(&saved, &config).unwrap();
+        let renamed = events_until(&rx, &root.join("marker-4"));
+        assert!(
+            renamed
+                .iter()
+                .any(|e| matches!(e.kind, EventKind::Modify(ModifyKind::Name(_)))
+                    && interest.wants(e)),
+            "{renamed:?}"
+        );
     }
 
     #[test]
