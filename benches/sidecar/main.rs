@@ -145,4 +145,23 @@ fn main() {
     let results = serde_json::json!({"rows": rows, "summary": summary});
     std::fs::write(path, serde_json::to_string_pretty(&results).unwrap()).unwrap();
     eprintln!("wrote {path}");
+    // Figures with failed requests behind them are not figures: say so by the exit
+    // status too, so that a smoke run (`--quick`, in CI) fails on them.
+    let failed: Vec<String> = rows
+        .iter()
+        .filter(|r| r.errors > 0)
+        .map(|r| {
+            format!(
+                "{} / {}: {} of {}",
+                r.scenario, r.target, r.errors, r.requests
+            )
+        })
+        .collect();
+    if !failed.is_empty() {
+        eprintln!("requests failed in {} rows:", failed.len());
+        for row in &failed {
+            eprintln!("  {row}");
+        }
+        std::process::exit(1);
+    }
 }
