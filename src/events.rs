@@ -219,6 +219,15 @@ pub enum EnvelopeError {
     DataNotAnObject(&'static str),
     #[error("body nests deeper than {0} levels")]
     TooDeep(usize),
+    #[error(
+        "body is not valid JSON: \\u{code:04x} at line {line} column {column} is half of a \
+         UTF-16 surrogate pair, not a character"
+    )]
+    LoneSurrogate {
+        code: u16,
+        line: usize,
+        column: usize,
+    },
 }
 
 /// A billing event: the envelope exactly as sent (`event` keeps any extra keys it has),
@@ -257,7 +266,8 @@ impl Object {
         self.map.get_or_init(|| {
             self.raw
                 .as_ref()
-                // Checked to be an object, nested no deeper than the limit, at parse.
+                // Checked at parse to be an object, nested no deeper than serde_json reads,
+                // with no lone surrogate in its strings: this parse does not fail.
                 .and_then(|raw| serde_json::from_str(raw.get()).ok())
                 .unwrap_or_default()
         })
@@ -452,7 +462,7 @@ impl Envelope {
     /// Parses a request body. Aliases in `event.events_id` are normalised in `name` only;
     /// `event` keeps what the billing sent.
     pub fn parse(body: &[u8], max_depth: usize) -> Result<Self, EnvelopeError> {
-        check_depth(body, max_depth)?;
+        check_body(body, max_depth)?;
         // The common case: an object whose `event` and `data` are objects, which stay
         // bytes; only `event`'s two ids are read from them.
         if let Ok(Top {
@@ -593,18 +603,21 @@ fn check_id(field: &'static str, value: &str) -> Result<(), EnvelopeError> {
     }
 }
 
-/// Refuses JSON nested deeper than `max` without building it. Strings are skipped, so
-/// brackets inside them do not count.
-fn check_depth(body: &[u8], max: usize) -> Result<(), EnvelopeError> {
+/// Refuses, without building it, JSON nested deeper than `max` (brackets inside strings
+/// do not count) and a string holding a lone UTF-16 surrogate (`"\ud800"`): valid JSON
+/// syntax, but not a character, so no map of the body can hold it. Kept as bytes, such
+/// an object would read as empty to a filter, and to the caller of a modifying handler.
+fn check_body(body: &[u8], max: usize) -> Result<(), EnvelopeError> {
     let mut depth = 0usize;
     let mut in_string = false;
-    let mut escaped = false;
-    for &b in body {
+    let mut at = 0;
+    while let Some(&b) = body.get(at) {
+        at += 1;
         if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
+            match b {
+                b'"' => in_string = false,
+                b'\\' if body.get(at) == Some(&b'u') => at = unicode_escape(body, at - 1)?,
+                b'\\' => at += 1,
                 _ => {}
             }
             continue;
@@ -622,6 +635,32 @@ fn check_depth(body: &[u8], max: usize) -> Result<(), EnvelopeError> {
         }
     }
     Ok(())
+}
+
+/// Checks the `\uXXXX` escape at `at` (and the low half after a high surrogate); returns
+/// where the string goes on. A malformed escape is left to the JSON parser to name.
+fn unicode_escape(body: &[u8], at: usize) -> Result<usize, EnvelopeError> {
+    let hex = |from: usize| {
+        let digits = std::str::from_utf8(body.get(from..from + 4)?).ok()?;
+        u16::from_str_radix(digits, 16).ok()
+    };
+    let Some(code) = hex(at + 2) else {
+        return Ok(at + 2);
+    };
+    let low = |next: usize| {
+        body.get(next..next + 2) == Some(b"\\u")
+            && hex(next + 2).is_some_and(|c| (0xDC00..=0xDFFF).contains(&c))
+    };
+    match code {
+        0xD800..=0xDBFF if low(at + 6) => Ok(at + 12),
+        0xD800..=0xDFFF => {
+            let before = &body[..at];
+            let line = 1 + before.iter().filter(|&&b| b == b'\n').count();
+            let column = 1 + before.iter().rev().take_while(|&&b| b != b'\n').count();
+            Err(EnvelopeError::LoneSurrogate { code, line, column })
+        }
+        _ => Ok(at + 6),
+    }
 }
 
 /// The JSON type of a value, for error messages.
@@ -731,6 +770,57 @@ mod tests {
         assert_eq!(parse(&deep), Err(EnvelopeError::TooDeep(DEFAULT_MAX_DEPTH)));
         let in_string = r#"{"event":{"events_id":"a.b"},"data":{"x":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}}"#;
         assert!(parse(in_string).is_ok());
+    }
+
+    #[test]
+    fn a_lone_surrogate_is_refused_where_it_stands_and_pairs_pass() {
+        let parse = |data: &str| {
+            let body = format!("{{\"event\":{{\"events_id\":\"a.b\"}},\n\"data\":{data}}}");
+            Envelope::parse(body.as_bytes(), DEFAULT_MAX_DEPTH)
+        };
+        for (data, code, column) in [
+            (r#"{"x":"\ud800"}"#, 0xd800, 14),
+            (r#"{"x":"ok \uDC00"}"#, 0xdc00, 17),
+            (r#"{"x":"\ud83d\u0041"}"#, 0xd83d, 14),
+            (r#"{"\udbff":1}"#, 0xdbff, 10),
+            (r#"{"x":["\\", "\ud800\\ude00"]}"#, 0xd800, 21),
+        ] {
+            assert_eq!(
+                parse(data),
+                Err(EnvelopeError::LoneSurrogate {
+                    code,
+                    line: 2,
+                    column
+                }),
+                "{data}"
+            );
+        }
+        let e = parse(r#"{"x":"\ud800"}"#).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "body is not valid JSON: \\ud800 at line 2 column 14 is half of a UTF-16 \
+             surrogate pair, not a character"
+        );
+        // A pair is one character; an escaped backslash before `u` is no escape.
+        for data in [
+            r#"{"x":"\ud83d\ude00"}"#,
+            r#"{"x":"\\ud800"}"#,
+            r#"{"x":"\u00e9\"\ud800\udc00"}"#,
+        ] {
+            let envelope = parse(data).unwrap();
+            assert!(envelope.data.map().contains_key("x"), "{data}");
+        }
+    }
+
+    #[test]
+    fn the_deepest_body_accepted_is_read_whole() {
+        // Kept as bytes, `data` must still read as what it is when a filter reads it
+        // (`server.max_depth` is at most serde_json's own limit).
+        let max = crate::config::defaults::MAX_DEPTH_LIMIT as usize;
+        let nested = format!("{}1{}", "[".repeat(max - 2), "]".repeat(max - 2));
+        let body = format!(r#"{{"event":{{"events_id":"a.b"}},"data":{{"x":{nested}}}}}"#);
+        let envelope = Envelope::parse(body.as_bytes(), max).unwrap();
+        assert!(envelope.data.map().contains_key("x"));
     }
 
     #[test]

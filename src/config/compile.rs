@@ -295,7 +295,21 @@ impl Checker<'_> {
                 path.key("deadline"),
                 defaults::duration(defaults::DEADLINE),
             ),
-            max_depth: self.count(raw.max_depth, path.key("max_depth"), defaults::MAX_DEPTH),
+            max_depth: match raw.max_depth {
+                // serde_json reads no deeper: a deeper `data` would be accepted as bytes
+                // that a filter could not read.
+                Some(n) if !(1..=defaults::MAX_DEPTH_LIMIT).contains(&n) => {
+                    self.error(
+                        path.key("max_depth"),
+                        format!(
+                            "must be between 1 and {} (the deepest JSON provisiond reads)",
+                            defaults::MAX_DEPTH_LIMIT
+                        ),
+                    );
+                    defaults::MAX_DEPTH as usize
+                }
+                n => n.unwrap_or(defaults::MAX_DEPTH) as usize,
+            },
             max_in_flight: self.count(
                 raw.max_in_flight,
                 path.key("max_in_flight"),

@@ -10,6 +10,8 @@ pub const ALLOW_INSECURE: bool = false;
 pub const MAX_BODY: &str = "1MiB";
 pub const DEADLINE: &str = "10s";
 pub const MAX_DEPTH: u32 = 64;
+/// The deepest `server.max_depth`: serde_json's own nesting limit.
+pub const MAX_DEPTH_LIMIT: u32 = 128;
 pub const MAX_IN_FLIGHT: u32 = 1024;
 pub const MAX_CONNECTIONS: u32 = 1024;
 pub const HEADER_TIMEOUT: &str = "10s";

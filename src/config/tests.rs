@@ -505,6 +505,21 @@ fn a_postgres_store_needs_a_url() {
 }
 
 #[test]
+fn max_depth_is_at_most_what_the_json_parser_reads() {
+    for depth in ["0", "129"] {
+        assert_eq!(
+            error_lines(&format!("[server]\nmax_depth = {depth}\n")),
+            [
+                "p.toml:2:13: server.max_depth: must be between 1 and 128 (the deepest JSON \
+              provisiond reads)"
+            ],
+            "{depth}"
+        );
+    }
+    assert!(parse("[server]\nmax_depth = 128\n").is_ok());
+}
+
+#[test]
 fn schema_pool_and_lease_are_checked_naming_their_lines() {
     let text = |schema: &str, pool: &str, lease: &str| {
         format!(

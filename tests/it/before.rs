@@ -257,10 +257,22 @@ async fn handler_failures_follow_on_error() {
     })
     .await;
     let garbage = HandlerServer::fixed(200, "<html>not json</html>").await;
+    // Valid JSON syntax, but `\ud800` is half a character: no map can hold the data.
+    let surrogate = HandlerServer::fixed(
+        200,
+        r#"{"event":{"events_id":"clients.update"},"data":{"s":"\ud800","t":"ok"}}"#,
+    )
+    .await;
     let failures = [
         ("timeout", slow.url("/"), "timed out after 300ms"),
         ("refused", refused_url(), "cannot connect"),
         ("garbage", garbage.url("/"), "reply is not an envelope"),
+        (
+            "surrogate",
+            surrogate.url("/"),
+            "reply is not an envelope (body is not valid JSON: \\ud800 at line 1 column 54 \
+             is half of a UTF-16 surrogate pair",
+        ),
     ];
     for (kind, url, expected) in failures {
         for on_error in ["allow", "deny"] {
@@ -544,6 +556,12 @@ async fn bad_requests_get_a_clear_4xx_and_the_sidecar_keeps_serving() {
             r#"{"event": {"events_id": "clients.update", "object_id": true}, "data": {}}"#.into(),
             400,
             "`event.object_id` must be a number, a string or null, got a boolean",
+        ),
+        (
+            r#"{"event": {"events_id": "clients.update"}, "data": {"x": "\udc00"}}"#.into(),
+            400,
+            "body is not valid JSON: \\udc00 at line 1 column 59 is half of a UTF-16 \
+             surrogate pair, not a character",
         ),
         (r#"{"data": {}}"#.into(), 400, "missing `event` object"),
         (
