@@ -276,15 +276,10 @@ impl Checker<'_> {
             Some(t) => Some(Secret::new(t.to_owned())),
             None => None,
         };
-        if raw.token.is_none()
-            && !raw.allow_insecure.unwrap_or(defaults::ALLOW_INSECURE)
-            && let Some(message) = insecure(&listen)
-        {
-            self.error(path.key("listen"), message);
-        }
-        Server {
+        let server = Server {
             listen,
             token,
+            allow_insecure: raw.allow_insecure.unwrap_or(defaults::ALLOW_INSECURE),
             max_body: self.size(
                 raw.max_body.as_deref(),
                 path.key("max_body"),
@@ -330,7 +325,11 @@ impl Checker<'_> {
                 path.key("shutdown_grace"),
                 defaults::duration(defaults::SHUTDOWN_GRACE),
             ),
+        };
+        if let Some(message) = server.unguarded() {
+            self.error(path.key("listen"), message);
         }
+        server
     }
 
     fn store(&mut self, raw: &RawStore) -> Store {
@@ -566,24 +565,6 @@ struct Defaults {
     on_error: OnError,
     max_concurrency: usize,
     retry: Retry,
-}
-
-/// Why serving `listen` without a token is refused: an address other hosts can reach.
-/// `None` for loopback and unix sockets.
-fn insecure(listen: &Listen) -> Option<String> {
-    let Listen::Tcp(addr) = listen else {
-        return None;
-    };
-    if addr.ip().is_loopback() {
-        return None;
-    }
-    Some(format!(
-        "{addr} is reachable from other hosts and server.token is not set, so anyone who \
-         reaches it could post events and use /v1/reload and the dead-letter routes; set \
-         server.token = \"${{PROVISIOND_TOKEN}}\" (and give PROVISIOND_TOKEN), listen on \
-         127.0.0.1 or a unix socket, or set server.allow_insecure = true if something else \
-         guards the port"
-    ))
 }
 
 pub(super) fn parse_listen(text: &str) -> Result<Listen, String> {

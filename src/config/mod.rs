@@ -84,6 +84,8 @@ impl fmt::Display for Listen {
 pub struct Server {
     pub listen: Listen,
     pub token: Option<Secret>,
+    /// `server.allow_insecure`: a `listen` other hosts can reach may go without a token.
+    pub allow_insecure: bool,
     pub max_body: u64,
     pub deadline: Duration,
     pub max_depth: usize,
@@ -91,6 +93,27 @@ pub struct Server {
     pub max_connections: usize,
     pub header_timeout: Duration,
     pub shutdown_grace: Duration,
+}
+
+impl Server {
+    /// Why this listener must not go without a token: it is reachable from other hosts,
+    /// no token is set and `allow_insecure` does not say that something else guards it.
+    /// Checked at load on the file's `listen`, and at reload on the running one.
+    pub fn unguarded(&self) -> Option<String> {
+        let Listen::Tcp(addr) = self.listen else {
+            return None;
+        };
+        if self.token.is_some() || self.allow_insecure || addr.ip().is_loopback() {
+            return None;
+        }
+        Some(format!(
+            "{addr} is reachable from other hosts and server.token is not set, so anyone who \
+             reaches it could post events and use /v1/reload and the dead-letter routes; set \
+             server.token = \"${{PROVISIOND_TOKEN}}\" (and give PROVISIOND_TOKEN), listen on \
+             127.0.0.1 or a unix socket, or set server.allow_insecure = true if something else \
+             guards the port"
+        ))
+    }
 }
 
 /// `[store]`, with defaults filled in.

@@ -51,6 +51,10 @@ impl Changes {
             }
         };
         setting("server.token", a.token != b.token);
+        setting(
+            "server.allow_insecure",
+            a.allow_insecure != b.allow_insecure,
+        );
         setting("server.max_body", a.max_body != b.max_body);
         setting("server.deadline", a.deadline != b.deadline);
         setting("server.max_depth", a.max_depth != b.max_depth);

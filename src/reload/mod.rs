@@ -312,7 +312,20 @@ impl Reloader {
                 read_hash = Some(config.hash.clone());
                 let restart_needed = self.fixed.pin(&mut config);
                 let changes = Changes::between(&live.config, &config);
-                if changes.is_empty() {
+                // The file was checked with its own `listen`; the sidecar goes on serving
+                // the running one, which must not lose its token either.
+                if let Some(message) = config.server.unguarded() {
+                    Outcome::Rejected {
+                        generation: live.generation,
+                        errors: ConfigErrors::file(
+                            &self.path.display().to_string(),
+                            format!(
+                                "server.token: the running listener {message} (server.listen \
+                                 keeps its running value until a restart)"
+                            ),
+                        ),
+                    }
+                } else if changes.is_empty() {
                     Outcome::Unchanged {
                         generation: live.generation,
                         restart_needed,
@@ -517,6 +530,46 @@ mod tests {
             Duration::from_secs(1),
             "the rest applies"
         );
+    }
+
+    /// A reload cannot take the token off a listener other hosts can reach, even with a
+    /// file whose own `listen` is loopback: the running listener is the one kept.
+    #[tokio::test]
+    async fn a_reload_keeps_the_token_of_a_listener_other_hosts_reach() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("p.toml");
+        let running = || config("[server]\nlisten = \"0.0.0.0:8600\"\ntoken = \"t0ken\"\n");
+        let live = Live::new(Snapshot::new(running(), 1));
+        let reloader = Reloader::new(path.clone(), &running(), live.clone());
+
+        std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:8600\"\n").unwrap();
+        let Outcome::Rejected { generation, errors } = reloader.reload(Trigger::Api).await else {
+            panic!("the token was taken off 0.0.0.0:8600");
+        };
+        assert_eq!(generation, 1);
+        let message = errors.to_string();
+        assert!(
+            message.contains(
+                "server.token: the running listener 0.0.0.0:8600 is reachable from other hosts \
+                 and server.token is not set"
+            ) && message.contains("(server.listen keeps its running value until a restart)"),
+            "{message}"
+        );
+        assert!(live.load().config.server.token.is_some());
+        assert!(reloader.status().last_error.is_some());
+
+        // Said out loud, it applies; so does a new token.
+        for text in [
+            "[server]\nlisten = \"127.0.0.1:8600\"\nallow_insecure = true\n",
+            "[server]\nlisten = \"0.0.0.0:8600\"\ntoken = \"other\"\n",
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let outcome = reloader.reload(Trigger::Api).await;
+            assert!(
+                matches!(outcome, Outcome::Applied { .. }),
+                "{text}: {outcome:?}"
+            );
+        }
     }
 
     const PG: &str = "[store]\nbackend = \"postgres\"\n\
