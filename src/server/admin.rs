@@ -57,7 +57,10 @@ fn ready(app: &App) -> Response<Body> {
         return reply::unavailable("shutting down", 1);
     }
     if !app.store.is_open() {
-        return reply::unavailable("the store is not open", 5);
+        return reply::unavailable(
+            "the store cannot take writes (a full disk, an unreachable database: see the log)",
+            5,
+        );
     }
     let ready = crate::api::Ready {
         status: "ready".into(),

@@ -279,6 +279,113 @@ async fn a_full_disk_is_survived_without_a_restart() {
     assert!(all, "acknowledged but not delivered: {lost:?}");
 }
 
+/// A disk with room for a small write but not for the events: the store still reads as
+/// unwritable (its probes once a second find room for the write that failed, or not),
+/// without flapping, until space is freed; nothing answered 200 is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_disk_with_room_for_small_writes_only_stays_unwritable() {
+    let Some(disk) = Tmpfs::mount("8m") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root and must be able to mount a tmpfs"
+        );
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let up = Arc::new(AtomicBool::new(true));
+    let crm = {
+        let up = up.clone();
+        HandlerServer::start(move |_| {
+            let up = up.load(Ordering::SeqCst);
+            async move { reply(if up { 200 } else { 503 }, "") }
+        })
+        .await
+    };
+    let store = disk.dir.path().join("provisiond.db");
+    let sidecar = Sidecar::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmax_body = \"4MiB\"\n[store]\npath = {:?}\n{}",
+        store.display().to_string(),
+        after_handler("crm", &crm.url("/"), FAST)
+    ));
+    // Deliveries stored and settled leave free pages inside the file.
+    let padding = "x".repeat(64 << 10);
+    for i in 0..24 {
+        let (status, _) = sidecar
+            .send("clients.update", i, json!({"seq": i, "padding": padding}))
+            .await;
+        assert_eq!(status, 200);
+    }
+    assert!(eventually(Duration::from_secs(10), || crm.calls().len() >= 24).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Then the disk fills up, the file cannot grow, and an event too large for the free
+    // pages inside it is refused.
+    up.store(false, Ordering::SeqCst);
+    let filler = disk.dir.path().join("filler");
+    {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        while file.write_all(&[0u8; 64 << 10]).is_ok() {}
+        let _ = file.write_all(&[0u8; 4096]);
+    }
+    let big = "x".repeat(3 << 20);
+    let (status, _) = sidecar
+        .send("clients.update", 100, json!({"seq": 100, "padding": big}))
+        .await;
+    assert_eq!(status, 503);
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let ready = sidecar
+            .client()
+            .get(sidecar.url("/readyz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ready.status(), 503, "ready while the event does not fit");
+        let reason: Value = ready.json().await.unwrap();
+        assert!(
+            reason["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("the store cannot take writes")),
+            "{reason}"
+        );
+        let metrics = sidecar.metrics_text().await;
+        assert!(
+            metrics.contains("provisiond_store_writable 0"),
+            "writable while the event does not fit"
+        );
+    }
+    // Space is freed: ready again by itself, and the event is taken and delivered.
+    std::fs::remove_file(&filler).unwrap();
+    let mut ready = false;
+    for _ in 0..100 {
+        let status = sidecar
+            .client()
+            .get(sidecar.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "/readyz stayed 503 after space was freed");
+    let (status, body) = sidecar
+        .send("clients.update", 100, json!({"seq": 100, "padding": big}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    up.store(true, Ordering::SeqCst);
+    let delivered = eventually(Duration::from_secs(30), || {
+        crm.calls()
+            .iter()
+            .any(|c| !c.body.is_empty() && key(c).0 == 100)
+    })
+    .await;
+    assert!(delivered, "the event answered 200 was not delivered");
+}
+
 /// Whether the store comes to hold at least `n` dead letters within 5 s.
 async fn dead_letters_reach(store: &provisiond::store::Store, n: usize) -> bool {
     let until = std::time::Instant::now() + Duration::from_secs(5);

@@ -12,7 +12,10 @@
 //! - a failed write poisons a redb handle (every later write says "previous I/O
 //!   error"), so after a storage error the writer reopens the file, at most once a
 //!   second, probing by itself while no request comes, and the store reports itself
-//!   unwritable ([`super::File::is_open`]) until a write succeeds again. The
+//!   unwritable ([`super::File::is_open`]) until a write succeeds again, one at least
+//!   as large as the write that failed (on a disk nearly full, a small write can go
+//!   through while every event still fails; the store must not read as writable then,
+//!   nor flap between the two for a probe or an alert to miss). The
 //!   settlements committed without fsync since the last durable commit are kept in memory
 //!   and applied again after a reopen, so a full disk never brings back a delivery that
 //!   was already settled.
@@ -51,6 +54,10 @@ use tracing::{debug, error, info, warn};
 
 use super::row::{self, BLOCK_ROWS};
 use super::{DEAD, DEDUPE_AGE, DELIVERIES, EXECUTIONS, META};
+
+/// Where a reopen after a storage error checks that the file has room again; dropped
+/// at once.
+const ROOM: redb::TableDefinition<(), &[u8]> = redb::TableDefinition::new("room_probe");
 use crate::store::StoreError;
 use crate::store::records::{
     DeadLetter, DeadLetterFilter, DeadLetterKey, Execution, NewDelivery, Queued, Replayed, now_ms,
@@ -135,6 +142,14 @@ enum Done {
 }
 
 impl Op {
+    /// About how many bytes the request adds to the file: an accept's bodies.
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Enqueue { items, .. } => items.iter().map(|item| item.body.len()).sum(),
+            _ => 0,
+        }
+    }
+
     /// Answers the request. A requester that went away (the billing hung up) is no reason
     /// to stop: what it asked for is committed, and the sink has the deliveries.
     fn answer(self, result: Result<Done, StoreError>) {
@@ -186,13 +201,24 @@ pub(super) struct Parts {
     pub writable: Arc<AtomicBool>,
 }
 
+/// A storage error the writer is recovering from.
+struct Broken {
+    /// When the file was last (re)tried.
+    tried: Instant,
+    error: StoreError,
+    /// About how many bytes the largest request of the write that failed would have
+    /// added (or its log rows): a reopen must find room for as many before the store
+    /// says it takes writes again.
+    room: usize,
+}
+
 pub(super) struct Writer {
     parts: Parts,
     /// Settlements committed without fsync since the last durable commit: what a reopen
     /// after a storage error must apply again.
     redo: Vec<(u64, Settle)>,
     /// Set by a storage error: when the file was last (re)tried, and what failed.
-    broken: Option<(Instant, StoreError)>,
+    broken: Option<Broken>,
     /// The counters (next delivery id, next execution id) as the file has them; `None`
     /// until a commit writes them.
     ceilings: Option<(u64, u64)>,
@@ -511,6 +537,8 @@ impl Writer {
                 Ok(done)
             }
             Err(e) => {
+                let rows_bytes = rows.iter().flatten().map(Execution::weight).sum::<usize>();
+                let room = ops.iter().map(Op::bytes).fold(rows_bytes, usize::max);
                 // Nothing of the transaction was committed: the counters and the map go
                 // back too.
                 self.parts.next_delivery = next_delivery;
@@ -529,7 +557,11 @@ impl Writer {
                 if matches!(e, StoreError::Write(_)) {
                     error!(error = %e, "store write failed; the store is unwritable until a write succeeds");
                     self.parts.writable.store(false, Ordering::Relaxed);
-                    self.broken = Some((Instant::now(), e.clone()));
+                    self.broken = Some(Broken {
+                        tried: Instant::now(),
+                        error: e.clone(),
+                        room,
+                    });
                 } else {
                     error!(error = %e, "store request failed");
                 }
@@ -542,13 +574,14 @@ impl Writer {
     /// makes one durable write, applying again the settlements the lost handle had
     /// committed without fsync. Ok when the store takes writes.
     fn recover(&mut self) -> Result<(), StoreError> {
-        let Some((tried, error)) = &self.broken else {
+        let Some(broken) = &self.broken else {
             return Ok(());
         };
-        if tried.elapsed() < REOPEN_EVERY {
-            return Err(error.clone());
+        if broken.tried.elapsed() < REOPEN_EVERY {
+            return Err(broken.error.clone());
         }
-        match self.reopen() {
+        let room = broken.room;
+        match self.reopen().and_then(|()| self.has_room(room)) {
             Ok(()) => {
                 info!("store writable again");
                 self.broken = None;
@@ -557,7 +590,11 @@ impl Writer {
             }
             Err(e) => {
                 debug!(error = %e, "store still unwritable");
-                self.broken = Some((Instant::now(), e.clone()));
+                self.broken = Some(Broken {
+                    tried: Instant::now(),
+                    error: e.clone(),
+                    room,
+                });
                 Err(e)
             }
         }
@@ -591,6 +628,24 @@ impl Writer {
         txn.commit().map_err(StoreError::write)?;
         self.redo.clear();
         Ok(())
+    }
+
+    /// Whether the file takes `bytes` more: they are written, durably, to a table of
+    /// their own, which is then dropped.
+    fn has_room(&self, bytes: usize) -> Result<(), StoreError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let db = self.db()?;
+        let txn = db.begin_write().map_err(StoreError::write)?;
+        txn.open_table(ROOM)
+            .map_err(StoreError::write)?
+            .insert((), vec![0u8; bytes].as_slice())
+            .map_err(StoreError::write)?;
+        txn.commit().map_err(StoreError::write)?;
+        let txn = db.begin_write().map_err(StoreError::write)?;
+        txn.delete_table(ROOM).map_err(StoreError::write)?;
+        txn.commit().map_err(StoreError::write)
     }
 
     fn db(&self) -> Result<Arc<Database>, StoreError> {
