@@ -177,23 +177,23 @@ impl Checker<'_> {
 
     fn size(&mut self, value: Option<&str>, path: KeyPath, default: u64) -> u64 {
         let Some(text) = value else { return default };
-        match bytesize::ByteSize::from_str(text.trim()) {
-            Ok(size) if size.as_u64() > 0 => size.as_u64(),
-            Ok(_) => {
-                self.error(path, "must be larger than zero");
-                default
-            }
-            Err(_) => {
-                self.error(
-                    path,
-                    format!(
-                        "invalid size {text:?}; write a number with a unit, e.g. \"512KiB\", \
-                         \"1MiB\""
-                    ),
-                );
-                default
-            }
-        }
+        let message = match bytes(text.trim()) {
+            Ok(0) => "must be larger than zero".to_owned(),
+            Ok(size) => return size,
+            Err(SizeError::NoUnit(number)) => format!(
+                "invalid size {text:?}: size unit needed, e.g. \"{number}B\" or \"{number}KiB\""
+            ),
+            Err(SizeError::TooLarge) => format!(
+                "size {text:?} is too large: at most 16 EiB less one byte (\"{}B\") is \
+                 accepted",
+                u64::MAX
+            ),
+            Err(SizeError::Invalid) => format!(
+                "invalid size {text:?}; write a number with a unit, e.g. \"512KiB\", \"1MiB\""
+            ),
+        };
+        self.error(path, message);
+        default
     }
 
     fn count(&mut self, value: Option<u32>, path: KeyPath, default: u32) -> usize {
@@ -565,6 +565,53 @@ struct Defaults {
     on_error: OnError,
     max_concurrency: usize,
     retry: Retry,
+}
+
+/// Why a size does not read.
+enum SizeError {
+    /// A bare number (the number as written): bytes, to bytesize; a mistake here, as
+    /// it is for a duration.
+    NoUnit(String),
+    /// Past `u64::MAX` bytes, which bytesize would quietly read as `u64::MAX`: no limit.
+    TooLarge,
+    Invalid,
+}
+
+/// The bytes in a size written as a number and one of bytesize's units ("512KiB",
+/// "1.5MiB", "100B"). Stricter than bytesize alone: it takes a bare number as bytes
+/// and saturates a size past `u64::MAX` ("17EiB") to `u64::MAX`.
+fn bytes(text: &str) -> Result<u64, SizeError> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = (&text[..split], text[split..].trim_start());
+    let size = text.parse::<bytesize::ByteSize>();
+    if unit.is_empty() {
+        return Err(match size {
+            Ok(_) => SizeError::NoUnit(number.to_owned()),
+            Err(_) => SizeError::Invalid,
+        });
+    }
+    let size = size.map_err(|_| SizeError::Invalid)?.as_u64();
+    // bytesize keeps a unit's factor to itself: it is the size of one of the unit.
+    let factor = format!("1{unit}")
+        .parse::<bytesize::ByteSize>()
+        .map_err(|_| SizeError::Invalid)?
+        .as_u64();
+    // Where bytesize saturates: a whole number past u64 or times its factor past it,
+    // or (a fraction, worked out in f64) a product from 2^64 up.
+    let fits = match number.parse::<u64>() {
+        Ok(n) => n.checked_mul(factor).is_some(),
+        Err(_) if !number.contains('.') => false,
+        Err(_) => number
+            .parse::<f64>()
+            .is_ok_and(|n| n * (factor as f64) < 18_446_744_073_709_551_616.0),
+    };
+    if fits {
+        Ok(size)
+    } else {
+        Err(SizeError::TooLarge)
+    }
 }
 
 pub(super) fn parse_listen(text: &str) -> Result<Listen, String> {

@@ -559,6 +559,68 @@ fn schema_pool_and_lease_are_checked_naming_their_lines() {
 }
 
 #[test]
+fn a_size_needs_a_unit_and_must_fit_in_64_bits() {
+    let max_body = |text: &str| format!("[server]\nmax_body = \"{text}\"\n");
+    for (text, bytes) in [
+        ("1MiB", 1 << 20),
+        ("512KiB", 512 << 10),
+        ("1.5KiB", 1536),
+        ("100B", 100),
+        ("2 KB", 2000),
+        ("15EiB", 15 << 60),
+        ("18446744073709551615B", u64::MAX),
+    ] {
+        assert_eq!(
+            parse(&max_body(text)).unwrap().server.max_body,
+            bytes,
+            "{text}"
+        );
+    }
+    // A bare number is an error, as it is for a duration, not a count of bytes.
+    assert_eq!(
+        error_lines(&max_body("10")),
+        [
+            "p.toml:2:12: server.max_body: invalid size \"10\": size unit needed, e.g. \"10B\" \
+             or \"10KiB\""
+        ]
+    );
+    assert_eq!(
+        error_lines("[server]\ndeadline = \"10\"\n"),
+        [
+            "p.toml:2:12: server.deadline: invalid duration \"10\": time unit needed, for \
+             example 10sec or 10ms; write a number with a unit, e.g. \"250ms\", \"5s\", \"10m\""
+        ]
+    );
+    // Past u64::MAX bytes is an error, not u64::MAX (no limit) as bytesize reads it.
+    for text in [
+        "18446744073709551616B",
+        "99999999999999999999999999GiB",
+        "17EiB",
+        "16EiB",
+        "16384PiB",
+        "15.99999999999999999EiB",
+    ] {
+        assert_eq!(
+            error_lines(&max_body(text)),
+            [format!(
+                "p.toml:2:12: server.max_body: size \"{text}\" is too large: at most 16 EiB \
+                 less one byte (\"18446744073709551615B\") is accepted"
+            )],
+        );
+    }
+    for (text, message) in [
+        ("0B", "must be larger than zero"),
+        ("1 parsec", "invalid size \"1 parsec\"; write a number"),
+        ("MiB", "invalid size \"MiB\"; write a number with a unit"),
+        ("", "invalid size \"\"; write a number with a unit"),
+    ] {
+        let errors = error_lines(&max_body(text));
+        assert_eq!(errors.len(), 1, "{text}: {errors:?}");
+        assert!(errors[0].contains(message), "{text}: {errors:?}");
+    }
+}
+
+#[test]
 fn an_unknown_backend_says_which_are_accepted() {
     // And says nothing about the keys of either backend: which was meant is unknown.
     assert_eq!(
