@@ -19,15 +19,16 @@ use crate::dispatch::Snapshot;
 use crate::reload;
 use crate::server::{App, Listener, serve};
 use crate::store::{Copied, Retention, Store};
+use crate::{errln, out, outln};
 
 /// `provisiond check`: validate, print a summary or every error. Warnings (a script
 /// that is not there) go to stderr and do not fail the check.
 pub fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            println!("{}", config.summary());
+            outln!("{}", config.summary());
             for warning in config.warnings() {
-                eprintln!("warning: {warning}");
+                errln!("warning: {warning}");
             }
             ExitCode::SUCCESS
         }
@@ -40,11 +41,11 @@ pub fn check(path: &Path) -> ExitCode {
 
 fn print_errors(errors: &ConfigErrors) {
     for e in errors.iter() {
-        eprintln!("{e}");
+        errln!("{e}");
     }
     let file = errors.iter().next().map_or("config", |e| e.file.as_str());
     let n = errors.len();
-    eprintln!("{file}: {n} error{}", if n == 1 { "" } else { "s" });
+    errln!("{file}: {n} error{}", if n == 1 { "" } else { "s" });
 }
 
 /// `provisiond store copy --from FILE`: what the redb file holds, into the configured
@@ -58,13 +59,13 @@ pub async fn store_copy(path: &Path, from: &Path) -> ExitCode {
         }
     };
     if !from.is_file() {
-        eprintln!("provisiond: {}: no such store file", from.display());
+        errln!("provisiond: {}: no such store file", from.display());
         return ExitCode::FAILURE;
     }
     let store = match Store::open(&config.store).await {
         Ok(store) => store,
         Err(e) => {
-            eprintln!("provisiond: {e}");
+            errln!("provisiond: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -76,7 +77,7 @@ pub async fn store_copy(path: &Path, from: &Path) -> ExitCode {
             dead,
             dedupe,
         }) => {
-            println!(
+            outln!(
                 "copied {queued} queued deliver{}, {dead} dead letter{} and {dedupe} dedupe \
                  key{} from {} into {}",
                 if queued == 1 { "y" } else { "ies" },
@@ -88,7 +89,7 @@ pub async fn store_copy(path: &Path, from: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("provisiond: store copy failed: {e}");
+            errln!("provisiond: store copy failed: {e}");
             ExitCode::FAILURE
         }
     }
@@ -107,7 +108,7 @@ pub fn explain(path: &Path, event: &str, data: Option<&str>, object_id: &str) ->
     let data = match crate::explain::read_data(data) {
         Ok(data) => data,
         Err(e) => {
-            eprintln!("provisiond: {e}");
+            errln!("provisiond: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -117,11 +118,11 @@ pub fn explain(path: &Path, event: &str, data: Option<&str>, object_id: &str) ->
     let envelope = match crate::explain::envelope(event, object_id, data.into()) {
         Ok(envelope) => envelope,
         Err(e) => {
-            eprintln!("provisiond: {e}");
+            errln!("provisiond: {e}");
             return ExitCode::FAILURE;
         }
     };
-    print!(
+    out!(
         "{}",
         crate::explain::explain(&config, &envelope).render(&config)
     );
@@ -139,7 +140,7 @@ pub fn test(path: &Path, cases: &Path) -> ExitCode {
     };
     match crate::cases::run(&config, cases) {
         Ok(results) => {
-            print!("{}", crate::cases::render(&results));
+            out!("{}", crate::cases::render(&results));
             if results.iter().all(crate::cases::CaseResult::passed) {
                 ExitCode::SUCCESS
             } else {
@@ -147,7 +148,7 @@ pub fn test(path: &Path, cases: &Path) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("{e}");
+            errln!("{e}");
             ExitCode::FAILURE
         }
     }
@@ -337,7 +338,7 @@ pub async fn send(
     let body = crate::remote::envelope(event, object_id, data);
     let remote = crate::remote::Remote::new(config_path, target)?;
     if let Some(warning) = outside_catalogue(remote.config(), event) {
-        eprintln!("provisiond: warning: {warning}");
+        errln!("provisiond: warning: {warning}");
     }
     let (status, text) = remote
         .request(
@@ -349,8 +350,8 @@ pub async fn send(
     let shown = serde_json::from_str::<serde_json::Value>(&text).map_or(text, |v| {
         serde_json::to_string_pretty(&v).expect("JSON serialises")
     });
-    eprintln!("HTTP {status}");
-    println!("{shown}");
+    errln!("HTTP {status}");
+    outln!("{shown}");
     Ok(if status == 200 {
         ExitCode::SUCCESS
     } else {

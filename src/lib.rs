@@ -26,7 +26,8 @@
 //!   [`outcome`]: the names of what became of a call or an event.
 //! - [`commands`]: the subcommands the binary runs; [`remote`]: the client they use to
 //!   talk to a running sidecar; [`api`]: the admin API's JSON, shared by the server's
-//!   routes and the client commands.
+//!   routes and the client commands; [`stdio`]: their printing, which a closed pipe
+//!   ends quietly rather than with a panic.
 #![forbid(unsafe_code)]
 
 pub(crate) mod api;
@@ -50,6 +51,7 @@ pub(crate) mod reload;
 pub mod remote;
 pub mod server;
 pub(crate) mod shutdown;
+pub mod stdio;
 pub mod store;
 pub mod telemetry;
 

@@ -11,8 +11,8 @@ use clap::{CommandFactory, Parser, Subcommand};
 /// would otherwise add some 7 MiB of resident memory at idle.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use provisiond::commands;
 use provisiond::telemetry::{self, LogFormat};
+use provisiond::{commands, errln, out, stdio};
 
 /// A sidecar that dispatches JeraSoft Billing's provisioning events to the handlers in
 /// provisioning.toml.
@@ -319,7 +319,7 @@ fn main() -> ExitCode {
             .exit(),
         Some(command) => command,
     };
-    match command {
+    let code = match command {
         Command::Check => commands::check(&cli.config),
         Command::Explain {
             event,
@@ -328,7 +328,7 @@ fn main() -> ExitCode {
         } => commands::explain(&cli.config, &event, data.as_deref(), &object_id),
         Command::Test { cases } => commands::test(&cli.config, &cases),
         Command::Schema { .. } => {
-            print!("{}", commands::schema());
+            out!("{}", commands::schema());
             ExitCode::SUCCESS
         }
         Command::Send {
@@ -415,7 +415,7 @@ fn main() -> ExitCode {
         } => match tokio::runtime::Runtime::new() {
             Ok(runtime) => runtime.block_on(commands::store_copy(&cli.config, &from)),
             Err(e) => {
-                eprintln!("provisiond: cannot start the runtime: {e}");
+                errln!("provisiond: cannot start the runtime: {e}");
                 ExitCode::FAILURE
             }
         },
@@ -425,22 +425,19 @@ fn main() -> ExitCode {
                 Shell::Zsh => clap_complete::Shell::Zsh,
                 Shell::Fish => clap_complete::Shell::Fish,
             };
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "provisiond",
-                &mut std::io::stdout(),
-            );
+            // Written to memory first: clap_complete panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "provisiond", &mut script);
+            out!("{}", String::from_utf8_lossy(&script));
             ExitCode::SUCCESS
         }
         Command::Man => {
-            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("provisiond: cannot write the man page: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut page)
+                .expect("a write to memory does not fail");
+            out!("{}", String::from_utf8_lossy(&page));
+            ExitCode::SUCCESS
         }
         Command::Run(args) => {
             // Held to the end of `run`: dropping it flushes the log lines still queued.
@@ -467,7 +464,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-    }
+    };
+    // A client command's output that could not be written fails it (`run` prints
+    // nothing this way: its code is as it was).
+    stdio::exit_code(code)
 }
 
 /// `send --object-id`: an integer, said plainly when it is not.
@@ -490,14 +490,14 @@ fn block_on(command: impl std::future::Future<Output = anyhow::Result<ExitCode>>
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("provisiond: cannot start the runtime: {e}");
+            errln!("provisiond: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("provisiond: {e:#}");
+            errln!("provisiond: {e:#}");
             ExitCode::FAILURE
         }
     }

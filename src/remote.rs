@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use bytes::Bytes;
 
 use crate::config::{Config, ConfigErrors, Listen};
+use crate::errln;
 
 /// Where a client command looks for the sidecar when neither `--url` nor a config says:
 /// the default `server.listen`.
@@ -81,13 +82,13 @@ impl Remote {
                         Some(at) => (at.clone(), "its server.listen, with no token"),
                         None => (fallback(), "the default address"),
                     };
-                    eprintln!(
+                    errln!(
                         "provisiond: warning: {}; trying {tried}, {why} (give --url to \
                          choose the sidecar)",
                         not_loaded(&errors),
                     );
                 } else if config_path.exists() && target.token.is_none() {
-                    eprintln!(
+                    errln!(
                         "provisiond: warning: {}; sending no token",
                         not_loaded(&errors)
                     );
@@ -111,7 +112,7 @@ impl Remote {
                 (None, _) => Some(token),
                 (Some(url), Some(listen)) if same_listener(listen, url) => Some(token),
                 (Some(url), Some(listen)) => {
-                    eprintln!(
+                    errln!(
                         "provisiond: note: not sending the config's server.token to {url}: \
                          it is not the config's listener ({listen}); give --token to \
                          authenticate there"

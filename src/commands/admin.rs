@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::api::{self, DeadLetters, ExecutionRow, Executions};
 use crate::remote::{Remote, Target};
+use crate::{errln, outln};
 
 /// Sends a request; the JSON reply, or an error with the server's message for a
 /// non-2xx reply.
@@ -168,19 +169,19 @@ pub async fn executions(
     )
     .await?;
     if !query.follow && query.output == Output::Json {
-        println!("{reply:#}");
+        outln!("{reply:#}");
         return Ok(ExitCode::SUCCESS);
     }
     let rows = read::<Executions>(reply)?.executions;
     if !query.follow {
         if rows.is_empty() {
             // On stderr, like the warnings: stdout holds rows only, for scripts.
-            eprintln!("no executions match");
+            errln!("no executions match");
         } else {
-            println!("{}", execution_header());
+            outln!("{}", execution_header());
         }
         for row in &rows {
-            println!("{}", execution_line(row));
+            outln!("{}", execution_line(row));
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -189,9 +190,10 @@ pub async fn executions(
     let mut printer = Follower::new(query.output);
     printer.print(&rows);
     // A sidecar that goes away (a restart, a deploy) is waited for, said once; a request
-    // it refuses (a bad filter, a wrong token) ends the command.
+    // it refuses (a bad filter, a wrong token) ends the command, as does a stdout that is
+    // gone (`| head` has read enough): seen at the first rows printed after it went.
     let mut away = false;
-    loop {
+    while !crate::stdio::stdout_gone() {
         tokio::time::sleep(FOLLOW_EVERY).await;
         // Back from away, ask for the newest rows, not those after the last id: after a
         // crash the store restarts from its last durable commit, so row ids seen before
@@ -203,7 +205,7 @@ pub async fn executions(
         let reply = match asked {
             Ok((503, _)) | Err(_) if away => continue,
             Ok((503, _)) => {
-                eprintln!(
+                errln!(
                     "provisiond: {} answers 503; still following",
                     remote.address()
                 );
@@ -211,7 +213,7 @@ pub async fn executions(
                 continue;
             }
             Err(e) => {
-                eprintln!("provisiond: {e:#}; still following");
+                errln!("provisiond: {e:#}; still following");
                 away = true;
                 continue;
             }
@@ -219,7 +221,7 @@ pub async fn executions(
         };
         let rows = read::<Executions>(reply)?.executions;
         if away {
-            eprintln!("provisiond: {} answers again", remote.address());
+            errln!("provisiond: {} answers again", remote.address());
             away = false;
             // The newest rows there are now are where to go on from, even if they are
             // older than the last one printed (which the crash took).
@@ -229,6 +231,7 @@ pub async fn executions(
         }
         printer.print(&rows);
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Which rows `--follow` asks for: those after the newest id it had seen
@@ -308,14 +311,14 @@ impl Follower {
                 self.printed.remove(&old);
             }
             if self.output == Output::Json {
-                println!("{}", serde_json::to_string(row).expect("a row serialises"));
+                outln!("{}", serde_json::to_string(row).expect("a row serialises"));
                 continue;
             }
             if !self.header {
-                println!("{}", execution_header());
+                outln!("{}", execution_header());
                 self.header = true;
             }
-            println!("{}", execution_line(row));
+            outln!("{}", execution_line(row));
         }
     }
 }
@@ -417,12 +420,12 @@ pub async fn dead_letters(
             let path = format!("/v1/deadletters{q}");
             let reply = call(&remote, reqwest::Method::GET, &path, None).await?;
             if output == Output::Json {
-                println!("{reply:#}");
+                outln!("{reply:#}");
                 return Ok(ExitCode::SUCCESS);
             }
             let letters = read::<DeadLetters>(reply)?.deadletters;
             if letters.is_empty() {
-                eprintln!(
+                errln!(
                     "{}",
                     if filtered {
                         "no dead letters match"
@@ -432,17 +435,17 @@ pub async fn dead_letters(
                 );
             }
             if !letters.is_empty() {
-                println!("{}", dead_letter_header());
+                outln!("{}", dead_letter_header());
             }
             for letter in &letters {
-                println!("{}", dead_letter_line(letter));
+                outln!("{}", dead_letter_line(letter));
             }
         }
         DeadLetterCommand::Replay(Selection { id: Some(id), .. }) => {
             let path = format!("/v1/deadletters/{id}/replay");
             let reply = call(&remote, reqwest::Method::POST, &path, None).await?;
             let replayed = read::<api::ReplayedOne>(reply)?;
-            println!(
+            outln!(
                 "dead letter {id} replayed as delivery {}",
                 replayed.delivery
             );
@@ -450,23 +453,23 @@ pub async fn dead_letters(
         DeadLetterCommand::Drop(Selection { id: Some(id), .. }) => {
             let path = format!("/v1/deadletters/{id}");
             call(&remote, reqwest::Method::DELETE, &path, None).await?;
-            println!("dead letter {id} dropped");
+            outln!("dead letter {id} dropped");
         }
         DeadLetterCommand::Replay(selection) => {
             let path = "/v1/deadletters/replay";
             let reply = call(&remote, reqwest::Method::POST, path, Some(selection.body())).await?;
             let reply = read::<api::ReplayedMatching>(reply)?;
             let n = reply.replayed;
-            println!("{n} dead letter{} replayed", plural(n));
+            outln!("{n} dead letter{} replayed", plural(n));
             if let Some(message) = reply.message {
-                eprintln!("provisiond: {message}");
+                errln!("provisiond: {message}");
             }
         }
         DeadLetterCommand::Drop(selection) => {
             let path = "/v1/deadletters/drop";
             let reply = call(&remote, reqwest::Method::POST, path, Some(selection.body())).await?;
             let n = read::<api::DroppedMatching>(reply)?.dropped;
-            println!("{n} dead letter{} dropped", plural(n));
+            outln!("{n} dead letter{} dropped", plural(n));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -484,17 +487,18 @@ pub async fn health(config: &Path, target: &Target, ready: bool) -> anyhow::Resu
     let (status, text) = remote.request(reqwest::Method::GET, path, None).await?;
     if status == 200 {
         match serde_json::from_str::<api::Ready>(&text) {
-            Ok(reply) if ready => println!(
+            Ok(reply) if ready => outln!(
                 "ready: config generation {}, store {}",
-                reply.generation, reply.store
+                reply.generation,
+                reply.store
             ),
-            _ => println!("ok"),
+            _ => outln!("ok"),
         }
         return Ok(ExitCode::SUCCESS);
     }
     let why = serde_json::from_str::<api::ErrorReply>(&text)
         .map_or_else(|_| text.trim().to_owned(), |reply| reply.error.message);
-    eprintln!(
+    errln!(
         "provisiond: {} at {}: {why} (HTTP {status})",
         if ready { "not ready" } else { "not healthy" },
         remote.address()

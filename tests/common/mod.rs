@@ -313,6 +313,17 @@ impl Sidecar {
 /// Runs `provisiond ARGS` in `dir` and waits (30 s at most) for it to exit; its exit
 /// code, stdout and stderr.
 pub(crate) fn run_binary(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    run_binary_to(dir, args, Stdio::piped(), Stdio::piped())
+}
+
+/// [`run_binary`] with its stdout and stderr going where the test says (a pipe closed by
+/// its reader, `/dev/full`); those not piped come back empty.
+pub(crate) fn run_binary_to(
+    dir: &Path,
+    args: &[&str],
+    stdout: Stdio,
+    stderr: Stdio,
+) -> (i32, String, String) {
     let mut child = Command::new(binary())
         .args(args)
         .current_dir(dir)
@@ -320,8 +331,8 @@ pub(crate) fn run_binary(dir: &Path, args: &[&str]) -> (i32, String, String) {
         .env_remove("PROVISIOND_CONFIG")
         .env_remove("PROVISIOND_TOKEN")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(stdout)
+        .stderr(stderr)
         .spawn()
         .expect("provisiond runs");
     let until = Instant::now() + Duration::from_secs(30);

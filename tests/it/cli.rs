@@ -1,13 +1,14 @@
 //! The command line's shape: which options each command takes and shows, the forms of
-//! `run`, and the client commands' defaults, warnings and empty answers.
+//! `run`, the client commands' defaults, warnings and empty answers, and output to a
+//! pipe closed early or a full disk.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::common::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const RUN_OPTIONS: [&str; 3] = ["--log-format", "--log-level", "--no-watch"];
 
@@ -277,4 +278,123 @@ async fn client_commands_say_when_the_config_does_not_load_and_when_nothing_matc
     assert_eq!((code, err.as_str()), (0, ""));
     let reply: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(reply["count"], 0);
+}
+
+/// A stand-in sidecar whose execution log and dead letters hold `rows` rows each, with
+/// long details: 1000 rows are some 300 KiB, more than a pipe buffers.
+async fn full_of_rows(rows: u64) -> HandlerServer {
+    let detail = "x".repeat(200);
+    let executions: Vec<Value> = (1..=rows)
+        .map(|id| {
+            json!({"id": id, "time": "2026-11-26T10:00:00.000Z", "stage": "after",
+                "handler": "crm", "event": "clients.create", "object_id": "12",
+                "attempt": 1, "outcome": "failed", "code": 503, "duration_ms": 1.5,
+                "excerpt": "", "error": detail})
+        })
+        .collect();
+    let letters: Vec<Value> = (1..=rows)
+        .map(|id| {
+            json!({"id": id, "handler": "crm", "event": "clients.create",
+                "object_id": "12", "entity": "clients/12", "attempts": 25, "reason": detail,
+                "enqueued_at": "2026-11-26T09:00:00.000Z",
+                "died_at": "2026-11-26T10:00:00.000Z", "message_id": "msg_1",
+                "envelope": {}})
+        })
+        .collect();
+    let executions = json!({"count": rows, "executions": executions}).to_string();
+    let letters = json!({"count": rows, "deadletters": letters}).to_string();
+    HandlerServer::start(move |call| {
+        let body = match call.path.as_str() {
+            "/v1/executions" => executions.clone(),
+            "/v1/deadletters" => letters.clone(),
+            "/healthz" => r#"{"status": "ok"}"#.to_owned(),
+            _ => r#"{"event": {}, "data": {}}"#.to_owned(),
+        };
+        async move { reply(200, body) }
+    })
+    .await
+}
+
+/// A pipe whose reader has gone: every write to it fails with EPIPE.
+fn closed_pipe() -> std::io::PipeWriter {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    writer
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipe_closed_early_ends_the_output_quietly_and_a_full_disk_fails_in_one_line() {
+    let sidecar = full_of_rows(1000).await;
+    let url = sidecar.url("");
+    let dir = tempfile::TempDir::new().unwrap();
+    std::fs::write(dir.path().join("good.toml"), "# no handlers\n").unwrap();
+    // Errors enough for many lines: `check` prints them on stderr.
+    let bad: String = (0..2000).map(|i| format!("key{i} = 1\n")).collect();
+    std::fs::write(dir.path().join("bad.toml"), format!("[server]\n{bad}")).unwrap();
+
+    // `provisiond executions --limit 1000 | head -c 100`: the reader goes after 100 bytes
+    // of some 300 KiB, with the rest still to write.
+    let mut child = Command::new(binary())
+        .args(["executions", "--limit", "1000", "--url", &url])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0; 100];
+    child.stdout.take().unwrap().read_exact(&mut head).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!((out.status.code(), err.as_ref()), (Some(0), ""));
+    assert!(String::from_utf8_lossy(&head).starts_with("TIME "));
+
+    // Every command that prints, to a pipe closed before it starts: no panic, no
+    // message, and the exit code it has otherwise (`--follow` stops too).
+    let commands: &[&[&str]] = &[
+        &["executions", "--url", &url],
+        &["executions", "--json", "--url", &url],
+        &["executions", "--follow", "--url", &url],
+        &["executions", "--follow", "--json", "--url", &url],
+        &["deadletters", "list", "--url", &url],
+        &["send", "clients.create", "--url", &url],
+        &["health", "--url", &url],
+        &["check", "-c", "good.toml"],
+        &["explain", "clients.create", "-c", "good.toml"],
+        &["schema"],
+        &["man"],
+        &["completions", "bash"],
+    ];
+    for args in commands {
+        let (code, _, err) = run_binary_to(dir.path(), args, closed_pipe().into(), Stdio::piped());
+        assert_eq!(code, 0, "{args:?}: {err}");
+        // `send` says the reply's status on stderr, and nothing else.
+        let said = if args[0] == "send" { "HTTP 200" } else { "" };
+        assert_eq!(err.lines().next().unwrap_or_default(), said, "{args:?}");
+    }
+    // `check 2>&1 | head -1` on a bad file: its errors go to the closed pipe too, and it
+    // still fails as a check (1), not as a panic (101).
+    let pipe = closed_pipe();
+    let stderr = pipe.try_clone().unwrap();
+    let (code, _, _) = run_binary_to(
+        dir.path(),
+        &["check", "-c", "bad.toml"],
+        pipe.into(),
+        stderr.into(),
+    );
+    assert_eq!(code, 1);
+
+    // `>/dev/full`: one line on stderr, however many writes failed, and exit 1.
+    for args in commands {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let (code, _, err) = run_binary_to(dir.path(), args, full.into(), Stdio::piped());
+        assert_eq!(code, 1, "{args:?}: {err}");
+        let err = err.trim_start_matches("HTTP 200\n");
+        assert_eq!(
+            err, "provisiond: cannot write to stdout: No space left on device (os error 28)\n",
+            "{args:?}"
+        );
+    }
 }
