@@ -320,7 +320,8 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
 }
 
 /// `provisiond send`: post an envelope like the billing's to a running sidecar and print
-/// the reply. Exit 0 on 200, 1 otherwise.
+/// the reply: its status and event id on stderr, its body on stdout. Exit 0 on 200, 1
+/// otherwise.
 pub async fn send(
     config_path: &Path,
     target: &crate::remote::Target,
@@ -340,17 +341,29 @@ pub async fn send(
     if let Some(warning) = outside_catalogue(remote.config(), event) {
         errln!("provisiond: warning: {warning}");
     }
-    let (status, text) = remote
-        .request(
+    let response = remote
+        .response(
             reqwest::Method::POST,
             "/events",
             Some(bytes::Bytes::from(body.to_string())),
         )
         .await?;
+    let status = response.status().as_u16();
+    // The id to look the event up by (`executions --event-id`), as the billing gets it.
+    let event_id = response
+        .headers()
+        .get(crate::server::ingress::EVENT_ID_HEADER)
+        .and_then(|id| id.to_str().ok())
+        .map(str::to_owned);
+    let text = response.text().await.context("cannot read the reply")?;
     let shown = serde_json::from_str::<serde_json::Value>(&text).map_or(text, |v| {
         serde_json::to_string_pretty(&v).expect("JSON serialises")
     });
-    errln!("HTTP {status}");
+    match (status, event_id) {
+        (401, _) => errln!("HTTP 401: {}", remote.token_hint()),
+        (status, Some(id)) => errln!("HTTP {status}, event {id}"),
+        (status, None) => errln!("HTTP {status}"),
+    }
     outln!("{shown}");
     Ok(if status == 200 {
         ExitCode::SUCCESS

@@ -154,6 +154,14 @@ impl Remote {
         &self.shown
     }
 
+    /// What to do about a 401 from this sidecar.
+    pub fn token_hint(&self) -> String {
+        format!(
+            "the sidecar at {} wants its server.token; give --token, or -c with its config",
+            self.shown
+        )
+    }
+
     /// Sends a request; returns the status and the body text.
     pub async fn request(
         &self,
@@ -161,6 +169,20 @@ impl Remote {
         path: &str,
         body: Option<Bytes>,
     ) -> anyhow::Result<(u16, String)> {
+        let response = self.response(method, path, body).await?;
+        let status = response.status().as_u16();
+        let text = response.text().await.context("cannot read the reply")?;
+        Ok((status, text))
+    }
+
+    /// Sends a request; the reply with its body still to read, for a caller that wants
+    /// its headers.
+    pub async fn response(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> anyhow::Result<reqwest::Response> {
         let url = format!("{}{path}", self.base);
         let mut request = self.client.request(method, &url);
         if let Some(token) = &self.token {
@@ -179,9 +201,7 @@ impl Remote {
             };
             anyhow::anyhow!("cannot reach provisiond at {}: {why}", self.shown)
         })?;
-        let status = response.status().as_u16();
-        let text = response.text().await.context("cannot read the reply")?;
-        Ok((status, text))
+        Ok(response)
     }
 }
 

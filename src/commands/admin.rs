@@ -36,11 +36,7 @@ fn reply_of(remote: &Remote, status: u16, text: String) -> anyhow::Result<Value>
         Err(_) => value.to_string(),
     };
     if status == 401 {
-        anyhow::bail!(
-            "{message} (HTTP 401): the sidecar at {} wants its server.token; give --token, \
-             or -c with its config",
-            remote.address()
-        )
+        anyhow::bail!("{message} (HTTP 401): {}", remote.token_hint())
     }
     anyhow::bail!("{message} (HTTP {status})")
 }

@@ -160,6 +160,25 @@ async fn send_defaults_the_object_id_to_1_and_wants_an_integer() {
     let reply: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(reply["event"]["object_id"], 1, "{reply}");
     assert_eq!(echo.calls()[0].json()["event"]["object_id"], 1);
+    // The status and the event's id on stderr: the id the execution log has its calls
+    // under, as the README's "execution log" looks it up.
+    let id = err
+        .strip_prefix("HTTP 200, event evt_")
+        .and_then(|rest| rest.strip_suffix('\n'))
+        .unwrap_or_else(|| panic!("{err}"));
+    let mut rows = Vec::new();
+    for _ in 0..100 {
+        let (_, body) = sidecar
+            .get(&format!("/v1/executions?event_id=evt_{id}"))
+            .await;
+        rows = body["executions"].as_array().unwrap().clone();
+        if !rows.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["handler"], "echo");
 
     let (code, out, err) = run_binary(
         dir,

@@ -122,12 +122,21 @@ async fn a_sidecar_that_wants_a_token_says_so_and_takes_one_given_with_token() {
         &["executions", "--url", &url, "--token", "tok-9"],
     );
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = run_binary(
+    // `send` says the status and the same hint on stderr; the reply's body is on stdout.
+    let (code, out, err) = run_binary(
         empty.path(),
         &["send", "clients.create", "--url", &url, "--token", "wrong"],
     );
     assert_eq!(code, 1, "{err}");
-    assert!(err.starts_with("HTTP 401"), "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "HTTP 401: the sidecar at {url} wants its server.token; give --token, or -c with \
+             its config\n"
+        )
+    );
+    let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(reply["error"]["message"].is_string(), "{reply}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
