@@ -558,6 +558,115 @@ impl cel::context::VariableResolver for CelInput {
     }
 }
 
+/// The first name in `expr` that is not `event`, `data`, a type (`int`, `string`, ...)
+/// nor a variable of a macro around it (`x` in `data.items.exists(x, x > 1)`, in
+/// `bound`).
+fn unknown_name<'e>(
+    expr: &'e cel::parser::Expression,
+    bound: &mut Vec<&'e str>,
+) -> Option<&'e str> {
+    use cel::common::ast::{EntryExpr, Expr};
+    let known = |name: &str| {
+        name == "event"
+            || name == "data"
+            || name.starts_with('@')
+            || bound.contains(&name)
+            || cel_env().types().find_type(name).is_some()
+    };
+    match &expr.expr {
+        Expr::Ident(name) => (!known(name)).then_some(name.as_str()),
+        // A dotted name may be a type's (`google.protobuf.Timestamp`).
+        Expr::Select(select) => {
+            let mut segments = vec![select.field.as_str()];
+            let mut operand = &*select.operand;
+            while let Expr::Select(inner) = &operand.expr {
+                segments.push(&inner.field);
+                operand = &inner.operand;
+            }
+            if let Expr::Ident(root) = &operand.expr {
+                segments.push(root);
+                segments.reverse();
+                let is_type = |n: usize| {
+                    cel_env()
+                        .types()
+                        .find_type(&segments[..n].join("."))
+                        .is_some()
+                };
+                if (1..=segments.len()).any(is_type) {
+                    return None;
+                }
+            }
+            unknown_name(&select.operand, bound)
+        }
+        Expr::Call(call) => call
+            .target
+            .iter()
+            .map(|t| &**t)
+            .chain(&call.args)
+            .find_map(|e| unknown_name(e, bound)),
+        Expr::Comprehension(c) => {
+            if let Some(name) =
+                unknown_name(&c.iter_range, bound).or_else(|| unknown_name(&c.accu_init, bound))
+            {
+                return Some(name);
+            }
+            let outer = bound.len();
+            bound.extend([c.iter_var.as_str(), c.accu_var.as_str()]);
+            bound.extend(c.iter_var2.as_deref());
+            let found = [&c.loop_cond, &c.loop_step, &c.result]
+                .into_iter()
+                .find_map(|e| unknown_name(e, bound));
+            bound.truncate(outer);
+            found
+        }
+        Expr::List(list) => list.elements.iter().find_map(|e| unknown_name(e, bound)),
+        Expr::Map(map) => map.entries.iter().find_map(|entry| match &entry.expr {
+            EntryExpr::StructField(field) => unknown_name(&field.value, bound),
+            EntryExpr::MapEntry(entry) => {
+                unknown_name(&entry.key, bound).or_else(|| unknown_name(&entry.value, bound))
+            }
+        }),
+        Expr::Struct(_) | Expr::Literal(_) | Expr::Unspecified => None,
+    }
+}
+
+/// What `expr` gives when that can never be a boolean: a literal other than `true` or
+/// `false`, arithmetic, a list or a map, a conversion, `size()`.
+fn never_bool(expr: &cel::parser::Expression) -> Option<&'static str> {
+    use cel::common::ast::{Expr, LiteralValue, operators};
+    match &expr.expr {
+        Expr::Literal(LiteralValue::Boolean(_)) => None,
+        Expr::Literal(LiteralValue::Null) => Some("null"),
+        Expr::Literal(LiteralValue::String(_)) => Some("a string"),
+        Expr::Literal(LiteralValue::Bytes(_)) => Some("bytes"),
+        Expr::Literal(_) => Some("a number"),
+        Expr::List(_) => Some("a list"),
+        Expr::Map(_) | Expr::Struct(_) => Some("a map"),
+        Expr::Call(call) => match call.func_name.as_str() {
+            operators::ADD
+            | operators::SUBSTRACT
+            | operators::MULTIPLY
+            | operators::DIVIDE
+            | operators::MODULO
+            | operators::NEGATE => Some("a number (or a string or list)"),
+            "size" | "int" | "uint" | "double" => Some("a number"),
+            "string" => Some("a string"),
+            "bytes" => Some("bytes"),
+            "type" => Some("a type"),
+            operators::CONDITIONAL => call.args.get(1..).and_then(|branches| {
+                let kinds: Vec<_> = branches.iter().map(never_bool).collect();
+                kinds
+                    .iter()
+                    .all(Option::is_some)
+                    .then(|| kinds[0])
+                    .flatten()
+            }),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// The CEL environment, built once: building it registers the whole standard library.
 fn cel_env() -> &'static Arc<cel::Env> {
     static ENV: OnceLock<Arc<cel::Env>> = OnceLock::new();
@@ -575,6 +684,21 @@ impl When {
                 .join("; ");
             format!("invalid CEL expression: {text}")
         })?;
+        // What CEL would only find out on every event: a name that is neither `event`,
+        // `data` nor a type, and an expression that cannot be true or false.
+        let expression = program.expression();
+        if let Some(name) = unknown_name(expression, &mut Vec::new()) {
+            return Err(format!(
+                "unknown name `{name}`: an expression reads `event` and `data` (e.g. \
+                 data.{name} or event.{name})"
+            ));
+        }
+        if let Some(kind) = never_bool(expression) {
+            return Err(format!(
+                "the expression gives {kind}, never true or false (compare it: data.x == 1, \
+                 size(data.items) > 0)"
+            ));
+        }
         let references = program.references();
         let (reads_event, reads_data) = (
             references.has_variable("event"),
@@ -603,7 +727,8 @@ impl When {
         match self.program.execute(&context) {
             Ok(cel::Value::Bool(b)) => Ok(b),
             Ok(other) => Err(FilterError(format!(
-                "when must be true or false, got {other:?}"
+                "when must be true or false, got a value of type {}",
+                other.type_of()
             ))),
             Err(e) => Err(FilterError(format!("when: {e}"))),
         }
@@ -739,11 +864,60 @@ mod tests {
         assert!(!passes(&f, json!({})));
         let f = filter(json!({}), Some("data.missing > 1"));
         assert!(f.evaluate(&envelope(json!({}))).is_err());
+        let f = filter(json!({}), Some("data.name"));
+        assert_eq!(
+            f.evaluate(&envelope(json!({"name": "bob"}))).unwrap_err().0,
+            "when must be true or false, got a value of type string"
+        );
         let f = filter(
             json!({}),
             Some("event.object_id == 12 && data.n.exists(x, x > 2)"),
         );
         assert!(passes(&f, json!({"n": [1, 3]})));
+    }
+
+    #[test]
+    fn a_when_that_would_fail_on_every_event_is_refused_at_load() {
+        let error = |source: &str| When::compile(source).err().unwrap_or_default();
+        assert_eq!(
+            error("dat.x == 1"),
+            "unknown name `dat`: an expression reads `event` and `data` (e.g. data.dat or \
+             event.dat)"
+        );
+        assert!(error("data.items.exists(x, x > y)").contains("unknown name `y`"));
+        assert!(error("[1].map(x, x + 1).size() > 0 && x == 1").contains("unknown name `x`"));
+        let never = "never true or false (compare it: data.x == 1, size(data.items) > 0)";
+        for (source, kind) in [
+            ("1 + 1", "a number (or a string or list)"),
+            ("'yes'", "a string"),
+            ("42", "a number"),
+            ("null", "null"),
+            ("[data.a]", "a list"),
+            ("{'a': data.a}", "a map"),
+            ("size(data.items)", "a number"),
+            ("string(data.n)", "a string"),
+            ("data.a ? 1 : 2", "a number"),
+        ] {
+            assert_eq!(
+                error(source),
+                format!("the expression gives {kind}, {never}"),
+                "{source}"
+            );
+        }
+        // What may be true or false is taken: fields, macros with their own names,
+        // types, and a conditional with a boolean branch.
+        for source in [
+            "data.active",
+            "true",
+            "data.items.exists(x, x > 1) && data.m.all(k, k != '')",
+            "data.items.filter(i, i > 1).size() > 0",
+            "type(data.n) == int || type(data.n) == string",
+            "data.a ? data.b : false",
+            "has(event.object_id) && event.object_id != ''",
+            "google.protobuf.Timestamp == type(data.t) || true",
+        ] {
+            assert!(When::compile(source).is_ok(), "{source}: {}", error(source));
+        }
     }
 
     #[test]
