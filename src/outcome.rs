@@ -90,6 +90,8 @@ pub enum EventOutcome {
     TooLarge,
     /// Draining, over the in-flight cap, or the store cannot take the deliveries (503).
     Unavailable,
+    /// The billing hung up during the before stage, before it had an answer.
+    Abandoned,
 }
 
 impl EventOutcome {
@@ -102,6 +104,7 @@ impl EventOutcome {
             Self::Timeout => "timeout",
             Self::TooLarge => "too_large",
             Self::Unavailable => "unavailable",
+            Self::Abandoned => "abandoned",
         }
     }
 }

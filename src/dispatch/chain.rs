@@ -95,6 +95,9 @@ impl Calls for Caller {
 pub trait Trace {
     fn record(&mut self, handler: &Arc<Handler>, record: CallRecord);
     fn passed_over(&mut self, _handler: &Arc<Handler>, _verdict: Verdict) {}
+    /// `handler` is being called now: its record comes when the call is over, unless
+    /// the event is dropped first (the billing hung up).
+    fn calling(&mut self, _handler: &Arc<Handler>, _at: SystemTime, _started: Instant) {}
 }
 
 impl Trace for Vec<CallRecord> {
@@ -142,6 +145,7 @@ pub async fn run_before(
             .evaluate_with(&data.envelope, &mut data.cel)
         {
             Ok(Verdict::Pass) => {
+                records.calling(handler, at, started);
                 call(caller, handler, &mut data, &object_id, started, budget).await
             }
             Ok(verdict) => {

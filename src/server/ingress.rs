@@ -13,13 +13,13 @@ use tracing::{Instrument as _, info, info_span, warn};
 
 use super::App;
 use super::reply::{self, Body};
-use crate::config::Server;
+use crate::config::{Handler, Server, Stage};
 use crate::delivery::Intake;
-use crate::dispatch::{CallRecord, Outcome, Route, Snapshot, run_before, select_after};
+use crate::dispatch::{CallRecord, Outcome, Route, Snapshot, Trace, run_before, select_after};
 use crate::events::Envelope;
 use crate::filter::CelInput;
 use crate::metrics;
-use crate::outcome::EventOutcome;
+use crate::outcome::{CallOutcome, EventOutcome};
 
 /// The header that carries the event id back, the same id every log line of the event has.
 pub const EVENT_ID_HEADER: &str = "x-provisioning-event-id";
@@ -100,7 +100,18 @@ async fn handle(
     let label = metrics::event_label(&event, known);
 
     let route = snapshot.plan.route(&event);
-    let mut records: Vec<CallRecord> = Vec::new();
+    let mut chain = Chain {
+        app,
+        id,
+        event: &event,
+        object_id: &object_id,
+        label: &label,
+        started,
+        generation: snapshot.generation,
+        records: Vec::new(),
+        calling: None,
+        over: false,
+    };
     let outcome = run_before(
         &app.caller,
         &route,
@@ -108,13 +119,11 @@ async fn handle(
         body.clone(),
         deadline,
         server.deadline,
-        &mut records,
+        &mut chain,
     )
     .await;
+    let records = chain.over();
     metrics::before_chain(started.elapsed());
-    for record in &records {
-        metrics::handler_call(&record.handler, "before", record.outcome, record.duration);
-    }
 
     let judged = Judged {
         app,
@@ -137,6 +146,82 @@ async fn handle(
                 .allowed(&route, &envelope, modified, &mut cel, &body)
                 .await
         }
+    }
+}
+
+/// An event's before stage under way: the calls made so far, and the one being made. If
+/// the billing hangs up meanwhile, hyper drops the event's future, and with it this:
+/// the event still gets its log line (outcome `abandoned`), its execution log rows (the
+/// call cut short as an `error`) and its metrics.
+struct Chain<'a> {
+    app: &'a App,
+    id: &'a str,
+    event: &'a str,
+    object_id: &'a str,
+    label: &'a str,
+    started: Instant,
+    generation: u64,
+    records: Vec<CallRecord>,
+    /// The handler called now, when and since when.
+    calling: Option<(Arc<Handler>, std::time::SystemTime, Instant)>,
+    /// The chain ran to its end: the event is answered the usual way.
+    over: bool,
+}
+
+impl Chain<'_> {
+    /// The chain ran to its end: its calls, counted in the metrics.
+    fn over(mut self) -> Vec<CallRecord> {
+        self.over = true;
+        let records = std::mem::take(&mut self.records);
+        for record in &records {
+            metrics::handler_call(&record.handler, "before", record.outcome, record.duration);
+        }
+        records
+    }
+}
+
+impl Trace for Chain<'_> {
+    fn record(&mut self, _handler: &Arc<Handler>, record: CallRecord) {
+        self.calling = None;
+        self.records.push(record);
+    }
+
+    fn calling(&mut self, handler: &Arc<Handler>, at: std::time::SystemTime, started: Instant) {
+        self.calling = Some((handler.clone(), at, started));
+    }
+}
+
+impl Drop for Chain<'_> {
+    fn drop(&mut self) {
+        if self.over {
+            return;
+        }
+        let mut records = std::mem::take(&mut self.records);
+        if let Some((handler, at, started)) = self.calling.take() {
+            records.push(CallRecord {
+                at,
+                handler: handler.name.clone(),
+                stage: Stage::Before,
+                attempt: 1,
+                outcome: CallOutcome::Error,
+                duration: started.elapsed(),
+                code: None,
+                excerpt: String::new(),
+                error: Some(
+                    "the billing hung up before the call was over; the call was cancelled".into(),
+                ),
+            });
+        }
+        for record in &records {
+            metrics::handler_call(&record.handler, "before", record.outcome, record.duration);
+        }
+        warn!(
+            event = %self.event, object_id = %self.object_id, outcome = EventOutcome::Abandoned.as_str(),
+            calls = records.len(), duration_ms = ms(self.started), generation = self.generation,
+            "event"
+        );
+        log_calls(self.app, records, self.event, self.object_id, self.id);
+        metrics::event(self.label.to_owned(), EventOutcome::Abandoned);
     }
 }
 
@@ -263,6 +348,10 @@ impl Judged<'_> {
             dedupe_window: self.snapshot.config.store.dedupe_window,
             event_id: self.id,
         };
+        // The calls' rows go first: a billing that hangs up while the deliveries are
+        // stored (they are, whether it waits or not) leaves them in the log all the same.
+        let calls = self.records.len();
+        log_calls(self.app, self.records, event, object_id, self.id);
         // The 200 leaves only once the deliveries are on disk.
         let accepted = match self
             .app
@@ -273,7 +362,6 @@ impl Judged<'_> {
             Ok(accepted) => accepted,
             Err(e) => {
                 warn!(event = %event, object_id = %object_id, error = %e, "cannot store the deliveries, answering 503");
-                log_calls(self.app, self.records, event, object_id, self.id);
                 metrics::event(self.label, EventOutcome::Unavailable);
                 return reply::unavailable(
                     "the store cannot take the after-stage deliveries; retry shortly",
@@ -287,11 +375,10 @@ impl Judged<'_> {
         }
         info!(
             event = %event, object_id = %object_id, outcome = EventOutcome::Allowed.as_str(), modified,
-            calls = self.records.len(), queued, duration_ms = ms(self.started),
+            calls, queued, duration_ms = ms(self.started),
             generation = self.snapshot.generation, "event"
         );
         metrics::event(self.label, EventOutcome::Allowed);
-        log_calls(self.app, self.records, event, object_id, self.id);
         reply::raw_json(StatusCode::OK, reply_body)
     }
 }

@@ -717,6 +717,90 @@ async fn a_script_whose_caller_hangs_up_has_its_whole_process_group_killed() {
     assert_eq!(status, 200);
 }
 
+/// A billing that hangs up mid-chain (its own timeout shorter than `server.deadline`)
+/// still leaves the event in the log, the execution log and the metrics.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_whose_caller_hangs_up_is_logged_as_abandoned() {
+    let quick = HandlerServer::echo().await;
+    let slow = HandlerServer::start(|call| async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        reply(200, call.body)
+    })
+    .await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndeadline = \"60s\"\n{}{}",
+        http_handler("quick", &quick.url("/"), "priority = 1"),
+        http_handler("slow", &slow.url("/"), "priority = 2\ntimeout = \"60s\""),
+    );
+    let sidecar = Sidecar::start(&config);
+    let body = envelope("clients.update", 77, json!({})).to_string();
+    let request = format!(
+        "POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut billing = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut billing, request.as_bytes())
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || !slow.calls().is_empty()).await,
+        "the slow handler was never called"
+    );
+    drop(billing); // the billing hangs up
+
+    let line = sidecar
+        .wait_for_log(Duration::from_secs(10), |v| {
+            v["message"] == "event" && v["outcome"] == "abandoned"
+        })
+        .expect("the abandoned event's log line");
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert_eq!(line["object_id"], "77", "{line}");
+    assert_eq!(line["calls"], 2, "{line}");
+    let event_id = line["span"]["id"].as_str().unwrap().to_owned();
+
+    let rows = eventually_rows(&sidecar, &format!("/v1/executions?event_id={event_id}"), 2).await;
+    let by_handler = |name: &str| {
+        rows.iter()
+            .find(|r| r["handler"] == name)
+            .unwrap_or_else(|| panic!("no row for {name}: {rows:?}"))
+            .clone()
+    };
+    assert_eq!(by_handler("quick")["outcome"], "allowed");
+    let cut = by_handler("slow");
+    assert_eq!(cut["outcome"], "error", "{cut}");
+    assert!(
+        cut["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("the billing hung up")),
+        "{cut}"
+    );
+    let metrics = sidecar.metrics_text().await;
+    assert!(
+        metrics
+            .contains("provisiond_events_total{event=\"clients.update\",outcome=\"abandoned\"} 1"),
+        "{metrics}"
+    );
+    // The sidecar carries on.
+    let (status, _) = sidecar.get("/healthz").await;
+    assert_eq!(status, 200);
+}
+
+/// The rows `path` lists, once there are at least `n` (the execution log is written a
+/// little after the calls).
+async fn eventually_rows(sidecar: &Sidecar, path: &str, n: usize) -> Vec<Value> {
+    for _ in 0..100 {
+        let (status, reply) = sidecar.get(path).await;
+        assert_eq!(status, 200, "{reply}");
+        let rows = reply["executions"].as_array().cloned().unwrap_or_default();
+        if rows.len() >= n {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("fewer than {n} rows at {path}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ids_no_script_could_be_given_get_a_400_naming_the_field_never_a_skipped_check() {
     let dir = tempfile::TempDir::new().unwrap();
