@@ -332,7 +332,12 @@ impl Judged<'_> {
         cel: &mut CelInput,
         body: &Bytes,
     ) -> Response<Body> {
+        let before = self.records.len();
         let after = select_after(route, envelope, cel, &mut self.records);
+        // Its rows: after-stage filters that failed.
+        for record in &self.records[before..] {
+            metrics::handler_call(&record.handler, "after", record.outcome, record.duration);
+        }
         let reply_body = if modified {
             Bytes::from(envelope.to_json())
         } else {

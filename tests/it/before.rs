@@ -477,6 +477,46 @@ async fn a_filter_that_fails_at_run_time_is_a_handler_error() {
     assert!(guarded.calls().is_empty());
 }
 
+/// An after-stage handler has no `on_error`: a filter of its that fails costs the event
+/// that delivery only, and says so in the log, the execution log and the metrics.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_after_stage_filter_that_fails_is_an_error_row_and_no_delivery() {
+    let crm = HandlerServer::echo().await;
+    let other = HandlerServer::echo().await;
+    let config = format!(
+        "{SERVER}{}{}",
+        after_handler("crm", &crm.url("/"), "match = { \"data.n\" = { lt = 5 } }"),
+        after_handler("other", &other.url("/"), ""),
+    );
+    let sidecar = Sidecar::start(&config);
+    let (status, body) = sidecar
+        .send("clients.update", 9, json!({"n": {"a": 1}}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        eventually(Duration::from_secs(10), || other.calls().len() == 1).await,
+        "the other handler is delivered"
+    );
+    let rows = eventually_rows(&sidecar, "/v1/executions?handler=crm", 1).await;
+    assert_eq!(rows[0]["stage"], "after", "{rows:?}");
+    assert_eq!(rows[0]["attempt"], 0, "{rows:?}");
+    assert_eq!(rows[0]["outcome"], "error", "{rows:?}");
+    assert!(
+        rows[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("data.n")),
+        "{rows:?}"
+    );
+    let metrics = sidecar.metrics_text().await;
+    assert!(
+        metrics.contains(
+            "provisiond_handler_calls_total{handler=\"crm\",stage=\"after\",outcome=\"error\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(crm.calls().is_empty(), "no delivery for a failed filter");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn events_outside_the_catalogue_reach_wildcard_handlers_only() {
     let any = HandlerServer::echo().await;
