@@ -221,7 +221,7 @@ async fn selection(request: Request<Incoming>) -> Result<DeadLetterFilter, Strin
             Value::String(s) => Ok(s.clone()),
             Value::Number(n) => Ok(n.to_string()),
             other => Err(format!(
-                "{key} must be a string, got {}",
+                "{key} must be a string or a number, got {}",
                 crate::events::type_name(other)
             )),
         };

@@ -228,6 +228,16 @@ url = "http://127.0.0.1:1/balance"
         (json!(false), json!("clients.update"))
     );
 
+    // A null object id is the empty one, as in an envelope; absent, 1.
+    for (body, id) in [
+        (json!({"event": "clients.create", "object_id": null}), ""),
+        (json!({"event": "clients.create"}), "1"),
+    ] {
+        let (status, answer) = explain(body.to_string(), Some("s3cret")).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["object_id"], id, "{body}: {answer}");
+    }
+
     // Bad bodies are 400s that say what is wrong.
     for (body, message) in [
         ("{\"event\": ", "the body is not valid JSON"),
@@ -254,6 +264,11 @@ url = "http://127.0.0.1:1/balance"
         (
             r#"{"event": "clients.create", "obj_id": 1}"#,
             "unknown key \"obj_id\"; the body takes event, data, object_id",
+        ),
+        // The envelope's own checks, named as this body's keys.
+        (
+            r#"{"event": "clients.create", "object_id": "a\u0007b"}"#,
+            "`object_id` must not hold control characters",
         ),
     ] {
         let (status, answer) = explain(body.to_owned(), Some("s3cret")).await;

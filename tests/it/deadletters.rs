@@ -176,7 +176,7 @@ async fn filters_choose_what_is_replayed_or_dropped_and_an_empty_filter_is_refus
         ),
         (
             r#"{"handler": ["crm"]}"#,
-            "handler must be a string, got an array",
+            "handler must be a string or a number, got an array",
         ),
         (
             r#"{"all": "yes"}"#,

@@ -1,7 +1,8 @@
 //! `POST /v1/explain`: what `provisiond explain` says, as JSON, against the live config.
 //!
 //! The body is `{"event": NAME, "data": {...}, "object_id": N}` (`data` defaults to `{}`
-//! and `object_id` to 1, as on the command line). The work is [`crate::explain`]'s: this
+//! and `object_id` to 1, as on the command line; a null `object_id` is the empty id, as
+//! in an envelope). The work is [`crate::explain`]'s: this
 //! module only reads the request and shapes the answer; `text` is the command's own
 //! output, word for word.
 
@@ -49,7 +50,14 @@ pub(crate) async fn explain(app: &Arc<App>, request: Request<Incoming>) -> Respo
     };
     let envelope = match envelope(&event, object_id, Value::Object(data)) {
         Ok(envelope) => envelope,
-        Err(e) => return reply::error(StatusCode::BAD_REQUEST, e.to_string()),
+        // Named as this body has them, not as an envelope's.
+        Err(e) => {
+            let message = e
+                .to_string()
+                .replace("`event.events_id`", "`event`")
+                .replace("`event.object_id`", "`object_id`");
+            return reply::error(StatusCode::BAD_REQUEST, message);
+        }
     };
     let explanation = explain_envelope(config, &envelope);
     let mut answer = to_json(&explanation);
@@ -98,9 +106,10 @@ fn parse(body: &[u8]) -> Result<(String, Value, Map<String, Value>), String> {
             ));
         }
     };
+    // Absent, 1 as on the command line; null, as on the wire: the empty id.
     let object_id = match body.remove("object_id") {
-        None | Some(Value::Null) => Value::from(1),
-        Some(id @ (Value::Number(_) | Value::String(_))) => id,
+        None => Value::from(1),
+        Some(id @ (Value::Null | Value::Number(_) | Value::String(_))) => id,
         Some(other) => {
             return Err(format!(
                 "`object_id` must be a number, a string or null, got {}",
