@@ -179,6 +179,11 @@ impl<'i> Document<'i> {
 fn syntax_error(text: &str, error: &toml::de::Error) -> Diag {
     let message = error.message().trim();
     let span = error.span();
+    if message == "duplicate key"
+        && let Some(diag) = span.clone().and_then(|at| duplicate_key(text, at))
+    {
+        return diag;
+    }
     let at_line_start = span.as_ref().is_some_and(|s| starts_line(text, s.start));
     let hint = match closing_bracket(message) {
         Some(bracket) if at_line_start => {
@@ -191,6 +196,104 @@ fn syntax_error(text: &str, error: &toml::de::Error) -> Diag {
         span,
         message: format!("invalid TOML: {message}{hint}"),
     }
+}
+
+/// toml's "duplicate key", made to name the key and the line it was first set on. toml
+/// gives only the span of the second occurrence's key: the key is read there, and the
+/// text parsed again with that occurrence renamed, so that the tree shows where the key
+/// sits (its path) and, untouched, where the first occurrence is. `None` when the tree
+/// does not tell (the plain message is kept then).
+fn duplicate_key(text: &str, at: Range<usize>) -> Option<Diag> {
+    let written = text.get(at.clone())?;
+    // The key as TOML reads it (`"na me"` is `na me`).
+    let name = DeTable::parse(&format!("{written} = 0"))
+        .ok()?
+        .get_ref()
+        .keys()
+        .next()?
+        .get_ref()
+        .to_string();
+    let renamed = (0..)
+        .map(|n| format!("provisiond-duplicate-{n}"))
+        .find(|r| !text.contains(r.as_str()))?;
+    let patched = format!("{}{renamed}{}", &text[..at.start], &text[at.end..]);
+    let (root, _) = DeTable::parse_recoverable(&patched);
+    let root = Spanned::new(root.span(), DeValue::Table(root.into_inner()));
+    let (mut path, value) = find_key(&root, &renamed)?;
+    path.0.pop();
+    let path = path.key(name.as_str());
+    let (line, _) = line_col(text, at.start);
+    let first = first_key_span(&root, &path)
+        .filter(|s| s.end <= at.start)
+        .map(|s| match line_col(text, s.start) {
+            (l, c) if l == line => format!("line {l}, column {c}"),
+            (l, _) => format!("line {l}"),
+        });
+    // A `[table]` or `[[table]]` header: the key is on a line that opens with `[`, its
+    // value a table (or an array of them) whose span is the header's.
+    let line_start = text[..at.start].rfind('\n').map_or(0, |i| i + 1);
+    let in_header = text[line_start..at.start].trim_start().starts_with('[')
+        && matches!(value.get_ref(), DeValue::Table(_) | DeValue::Array(_));
+    let header = patched.get(value.span()).filter(|_| in_header);
+    let message = match header {
+        Some(header) => format!(
+            "invalid TOML: duplicate table {}{}",
+            header.replace(&renamed, written),
+            first
+                .map(|f| format!(" (first defined on {f})"))
+                .unwrap_or_default()
+        ),
+        None => format!(
+            "invalid TOML: duplicate key `{name}`{}",
+            first
+                .map(|f| format!(" (first set on {f})"))
+                .unwrap_or_default()
+        ),
+    };
+    Some(Diag {
+        path,
+        span: Some(at),
+        message,
+    })
+}
+
+/// The path to the first key called `key` below `value`, and its value.
+fn find_key<'a, 'i>(
+    value: &'a Spanned<DeValue<'i>>,
+    key: &str,
+) -> Option<(KeyPath, &'a Spanned<DeValue<'i>>)> {
+    match value.get_ref() {
+        DeValue::Table(table) => table.iter().find_map(|(k, v)| {
+            let here = KeyPath::root().key(k.get_ref().as_ref());
+            if k.get_ref() == key {
+                return Some((here, v));
+            }
+            let (rest, found) = find_key(v, key)?;
+            Some((here.join(&rest), found))
+        }),
+        DeValue::Array(items) => items.iter().enumerate().find_map(|(i, v)| {
+            let (rest, found) = find_key(v, key)?;
+            Some((KeyPath::root().index(i).join(&rest), found))
+        }),
+        _ => None,
+    }
+}
+
+/// The span of the key (not the value) at `path` below `root`.
+fn first_key_span(root: &Spanned<DeValue<'_>>, path: &KeyPath) -> Option<Range<usize>> {
+    let (Seg::Key(last), parents) = path.0.split_last()? else {
+        return None;
+    };
+    let mut current = root;
+    for seg in parents {
+        current = match (seg, current.get_ref()) {
+            (Seg::Key(k), DeValue::Table(t)) => t.get(k.as_str())?,
+            (Seg::Index(i), DeValue::Array(a)) => a.get(*i)?,
+            _ => return None,
+        };
+    }
+    let table = current.get_ref().as_table()?;
+    table.get_key_value(last.as_str()).map(|(k, _)| k.span())
 }
 
 /// The bracket that closes what a syntax error `message` is about (an array, an inline

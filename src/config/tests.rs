@@ -370,6 +370,47 @@ fn a_missing_bracket_is_one_syntax_error_with_a_hint() {
 }
 
 #[test]
+fn a_repeated_key_or_table_names_itself_and_where_it_was_first_set() {
+    let handler = "[[handler]]\nname = \"a\"\nevents = [\"*\"]\nstage = \"after\"\n\
+                   url = \"http://a/\"\n";
+    for (text, want) in [
+        (
+            "[server]\nlisten = \"127.0.0.1:1\"\nmax_body = \"1MiB\"\nlisten = \"127.0.0.1:2\"\n"
+                .to_owned(),
+            "p.toml:4:1: server.listen: invalid TOML: duplicate key `listen` (first set on \
+             line 2)",
+        ),
+        (
+            "[server]\nlisten = \"127.0.0.1:1\"\n\n[server]\nmax_body = \"1MiB\"\n".to_owned(),
+            "p.toml:4:2: server: invalid TOML: duplicate table [server] (first defined on \
+             line 1)",
+        ),
+        (
+            format!("{handler}{handler}name = \"b\"\n"),
+            "p.toml:11:1: handler[1].name: invalid TOML: duplicate key `name` (first set on \
+             line 7)",
+        ),
+        (
+            format!("{handler}[handler.retry]\nattempts = 2\n[handler.retry]\nattempts = 3\n"),
+            "p.toml:8:10: handler[0].retry: invalid TOML: duplicate table [handler.retry] \
+             (first defined on line 6)",
+        ),
+        (
+            format!("{handler}headers = {{ X-A = \"1\", 'X-A' = \"2\" }}\n"),
+            "p.toml:6:24: handler[0].headers.X-A: invalid TOML: duplicate key `X-A` (first \
+             set on line 6, column 13)",
+        ),
+        (
+            format!("{handler}match.data.id = 1\nmatch.data.id = 2\n"),
+            "p.toml:7:12: handler[0].match.data.id: invalid TOML: duplicate key `id` (first \
+             set on line 6)",
+        ),
+    ] {
+        assert_eq!(error_lines(&text), [want], "{text}");
+    }
+}
+
+#[test]
 fn stage_is_required_and_syntax_errors_have_positions() {
     let errors =
         parse("[[handler]]\nname = \"x\"\nevents = [\"*\"]\nurl = \"http://a/\"\n").unwrap_err();
