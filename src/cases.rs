@@ -277,7 +277,7 @@ impl Recover for Case {
         }
     }
 
-    fn word(message: &str) -> String {
+    fn word(_path: &crate::config::KeyPath, message: &str) -> String {
         if let Some(rest) = message.strip_prefix("unknown field `") {
             let key = rest.split('`').next().unwrap_or_default();
             let hint = crate::events::suggest(key, KEYS.iter().copied())

@@ -11,7 +11,7 @@ use std::time::Duration;
 use sha2::Digest as _;
 
 use super::defaults;
-use super::error::{ConfigErrors, KeyPath};
+use super::error::{ConfigErrors, KeyPath, Seg};
 use super::raw::{OnError, RawConfig, RawDefaults, RawRetry, RawServer, RawStore};
 use super::source::{Diag, Document};
 use super::{Backend, Config, Listen, Postgres, Retry, Secret, Server, Store};
@@ -196,14 +196,20 @@ impl Checker<'_> {
         default
     }
 
-    fn count(&mut self, value: Option<u32>, path: KeyPath, default: u32) -> usize {
-        match value {
-            Some(0) => {
-                self.error(path, "must be at least 1");
-                default as usize
+    /// An integer key: its value when in the key's range ([`defaults::whole_range`]),
+    /// else an error saying the range, and `default`.
+    fn whole<T: Copy + Into<i128>>(&mut self, value: Option<T>, path: KeyPath, default: T) -> T {
+        let Some(n) = value else { return default };
+        let Some(Seg::Key(key)) = path.0.last() else {
+            return n;
+        };
+        match defaults::whole_range(key) {
+            Some(range) if !range.contains(&n.into()) => {
+                let message = defaults::out_of_range(key).unwrap_or_default();
+                self.error(path, message);
+                default
             }
-            Some(n) => n as usize,
-            None => default as usize,
+            _ => n,
         }
     }
 
@@ -290,31 +296,18 @@ impl Checker<'_> {
                 path.key("deadline"),
                 defaults::duration(defaults::DEADLINE),
             ),
-            max_depth: match raw.max_depth {
-                // serde_json reads no deeper: a deeper `data` would be accepted as bytes
-                // that a filter could not read.
-                Some(n) if !(1..=defaults::MAX_DEPTH_LIMIT).contains(&n) => {
-                    self.error(
-                        path.key("max_depth"),
-                        format!(
-                            "must be between 1 and {} (the deepest JSON provisiond reads)",
-                            defaults::MAX_DEPTH_LIMIT
-                        ),
-                    );
-                    defaults::MAX_DEPTH as usize
-                }
-                n => n.unwrap_or(defaults::MAX_DEPTH) as usize,
-            },
-            max_in_flight: self.count(
+            max_depth: self.whole(raw.max_depth, path.key("max_depth"), defaults::MAX_DEPTH)
+                as usize,
+            max_in_flight: self.whole(
                 raw.max_in_flight,
                 path.key("max_in_flight"),
                 defaults::MAX_IN_FLIGHT,
-            ),
-            max_connections: self.count(
+            ) as usize,
+            max_connections: self.whole(
                 raw.max_connections,
                 path.key("max_connections"),
                 defaults::MAX_CONNECTIONS,
-            ),
+            ) as usize,
             header_timeout: self.positive_duration(
                 raw.header_timeout.as_deref(),
                 path.key("header_timeout"),
@@ -340,14 +333,7 @@ impl Checker<'_> {
         }
         let keep = raw.keep_executions.clone().unwrap_or_default();
         let keep_path = path.key("keep_executions");
-        let keep_rows = match keep.rows {
-            Some(0) => {
-                self.error(keep_path.key("rows"), "must be at least 1");
-                defaults::KEEP_ROWS
-            }
-            Some(n) => n,
-            None => defaults::KEEP_ROWS,
-        };
+        let keep_rows = self.whole(keep.rows, keep_path.key("rows"), defaults::KEEP_ROWS);
         let backend = self.backend(raw, &path);
         Store {
             path: PathBuf::from(file),
@@ -433,17 +419,7 @@ impl Checker<'_> {
                 ),
             );
         }
-        let pool = match raw.pool {
-            Some(n) if (1..=defaults::PG_POOL_MAX).contains(&n) => n,
-            Some(_) => {
-                self.error(
-                    path.key("pool"),
-                    format!("must be between 1 and {}", defaults::PG_POOL_MAX),
-                );
-                defaults::PG_POOL
-            }
-            None => defaults::PG_POOL,
-        };
+        let pool = self.whole(raw.pool, path.key("pool"), defaults::PG_POOL);
         let default_lease = defaults::duration(defaults::PG_LEASE);
         let lease = match self.duration(raw.lease.as_deref(), path.key("lease"), default_lease) {
             d if d < Duration::from_secs(1) => {
@@ -519,25 +495,18 @@ impl Checker<'_> {
                 defaults::duration(defaults::TIMEOUT),
             ),
             on_error: raw.on_error.unwrap_or_else(default_on_error),
-            max_concurrency: self.count(
+            max_concurrency: self.whole(
                 raw.max_concurrency,
                 path.key("max_concurrency"),
                 defaults::MAX_CONCURRENCY,
-            ),
+            ) as usize,
             retry: self.retry(raw.retry.as_ref(), &path.key("retry"), default_retry()),
         }
     }
 
     fn retry(&mut self, raw: Option<&RawRetry>, path: &KeyPath, default: Retry) -> Retry {
         let Some(raw) = raw else { return default };
-        let attempts = match raw.attempts {
-            Some(0) => {
-                self.error(path.key("attempts"), "must be at least 1");
-                default.attempts
-            }
-            Some(n) => n,
-            None => default.attempts,
-        };
+        let attempts = self.whole(raw.attempts, path.key("attempts"), default.attempts);
         let backoff =
             self.positive_duration(raw.backoff.as_deref(), path.key("backoff"), default.backoff);
         let max_backoff = self.positive_duration(

@@ -40,6 +40,41 @@ pub const ENABLED: bool = true;
 pub const MODIFIES: bool = false;
 pub const METHOD: &str = "POST";
 
+/// The whole numbers the integer key `key` accepts (keys are named alike in every
+/// section: `max_concurrency` in `[defaults]` and in a handler); `None` for other keys.
+/// One range a key, whichever stage refuses a value: the compile step (`0`, `65` for
+/// `pool`) or the raw layer, whose type cannot hold it (`-1`, `99999999999`).
+pub fn whole_range(key: &str) -> Option<std::ops::RangeInclusive<i128>> {
+    let up_to = |max: u64| 1..=i128::from(max);
+    Some(match key {
+        "max_depth" => up_to(MAX_DEPTH_LIMIT.into()),
+        "pool" => up_to(PG_POOL_MAX.into()),
+        "max_in_flight" | "max_connections" | "max_concurrency" | "attempts" => {
+            up_to(u32::MAX.into())
+        }
+        "rows" => up_to(u64::MAX),
+        "priority" => i128::from(i64::MIN)..=i128::from(i64::MAX),
+        _ => return None,
+    })
+}
+
+/// What `check` says of a value of `key` outside [`whole_range`]:
+/// `must be between 1 and 64`.
+pub fn out_of_range(key: &str) -> Option<String> {
+    let range = whole_range(key)?;
+    let why = match key {
+        // serde_json reads no deeper: a deeper `data` would be accepted as bytes that a
+        // filter could not read.
+        "max_depth" => " (the deepest JSON provisiond reads)",
+        _ => "",
+    };
+    Some(format!(
+        "must be between {} and {}{why}",
+        range.start(),
+        range.end()
+    ))
+}
+
 /// `d` the way the config writes durations: "10s", "250ms".
 pub fn fmt_duration(d: Duration) -> String {
     humantime::format_duration(d).to_string()

@@ -376,9 +376,10 @@ pub(crate) trait Recover: DeserializeOwned {
         None
     }
 
-    /// A serde message in the words of the file's users (the config's, by default).
-    fn word(message: &str) -> String {
-        tidy(message)
+    /// A serde message about the value at `path`, in the words of the file's users (the
+    /// config's, by default).
+    fn word(path: &KeyPath, message: &str) -> String {
+        tidy(path, message)
     }
 }
 
@@ -460,13 +461,13 @@ impl Recovery<'_> {
             if rel.is_empty() {
                 // About the table as a whole: only a missing required key can be mended.
                 let Some(field) = missing_field(error.message()) else {
-                    self.report(base.clone(), span, &T::word(error.message()));
+                    self.report(base.clone(), span, &T::word(base, error.message()));
                     return None;
                 };
                 // A key removed for a wrong value was reported then; say nothing twice.
                 let written = removed.iter().find(|(k, _)| *k == field).map(|(_, v)| v);
                 if written.is_none() {
-                    self.report(base.clone(), span, &T::word(error.message()));
+                    self.report(base.clone(), span, &T::word(base, error.message()));
                 }
                 let stand_in = T::stand_in(&field, written.map(Spanned::get_ref))?;
                 let stand_in = match stand_in {
@@ -482,7 +483,8 @@ impl Recovery<'_> {
                 continue;
             }
             // A key or element at fault: report it, take it out, try again.
-            self.report(base.join(&rel), span, &T::word(error.message()));
+            let path = base.join(&rel);
+            self.report(path.clone(), span, &T::word(&path, error.message()));
             let gone = remove(&mut value, &rel.0)?;
             if let [Seg::Key(key)] = rel.0.as_slice() {
                 removed.push((key.clone(), gone));
@@ -590,9 +592,19 @@ fn missing_field(message: &str) -> Option<String> {
     Some(rest.split('`').next()?.to_owned())
 }
 
-/// Serde's messages, in the words of this file's users.
-fn tidy(message: &str) -> String {
+/// Serde's messages about the value at `path`, in the words of this file's users.
+fn tidy(path: &KeyPath, message: &str) -> String {
     let message = message.trim();
+    // An integer that the key's type cannot hold (`-1`, `99999999999`): the key's range,
+    // as the compile step says it of `0`.
+    let integer = message.starts_with("invalid value: integer `")
+        || message.starts_with("invalid type: integer `")
+        || message == "integer number overflowed";
+    if let (true, Some(Seg::Key(key))) = (integer, path.0.last())
+        && let Some(range) = super::defaults::out_of_range(key)
+    {
+        return range;
+    }
     if let Some(field) = missing_field(message) {
         return match field.as_str() {
             "stage" => "missing `stage`: say \"before\" (may modify, allow or forbid) or \

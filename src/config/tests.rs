@@ -561,6 +561,70 @@ fn max_depth_is_at_most_what_the_json_parser_reads() {
 }
 
 #[test]
+fn an_integer_out_of_range_says_the_range_of_its_key() {
+    let text = r#"[server]
+max_connections = 99999999999
+max_in_flight = -1
+max_depth = 99999999999
+
+[store]
+keep_executions = { rows = -3 }
+
+[defaults]
+max_concurrency = 0
+retry = { attempts = 4294967296 }
+
+[[handler]]
+name = "a"
+events = ["*"]
+stage = "after"
+url = "http://a/"
+priority = 99999999999999999999
+max_concurrency = -1
+retry = { attempts = 0 }
+"#;
+    let u32_max = "must be between 1 and 4294967295";
+    assert_eq!(
+        error_lines(text),
+        [
+            format!("p.toml:2:19: server.max_connections: {u32_max}"),
+            format!("p.toml:3:17: server.max_in_flight: {u32_max}"),
+            "p.toml:4:13: server.max_depth: must be between 1 and 128 (the deepest JSON \
+             provisiond reads)"
+                .to_owned(),
+            "p.toml:7:28: store.keep_executions.rows: must be between 1 and \
+             18446744073709551615"
+                .to_owned(),
+            format!("p.toml:10:19: defaults.max_concurrency: {u32_max}"),
+            format!("p.toml:11:22: defaults.retry.attempts: {u32_max}"),
+            "p.toml:18:12: handler[0].priority: must be between -9223372036854775808 and \
+             9223372036854775807"
+                .to_owned(),
+            format!("p.toml:19:19: handler[0].max_concurrency: {u32_max}"),
+            format!("p.toml:20:22: handler[0].retry.attempts: {u32_max}"),
+        ]
+    );
+    // A float is no whole number, whatever its size.
+    assert_eq!(
+        error_lines("[server]\nmax_connections = 1.5\n"),
+        [
+            "p.toml:2:19: server.max_connections: invalid type: floating point `1.5`, \
+             expected a whole number"
+        ]
+    );
+    for pool in ["0", "65", "-1", "99999999999"] {
+        let text = format!(
+            "[store]\nbackend = \"postgres\"\nurl = \"postgres://db/billing\"\npool = {pool}\n"
+        );
+        assert_eq!(
+            error_lines(&text),
+            ["p.toml:4:8: store.pool: must be between 1 and 64"],
+            "{pool}"
+        );
+    }
+}
+
+#[test]
 fn schema_pool_and_lease_are_checked_naming_their_lines() {
     let text = |schema: &str, pool: &str, lease: &str| {
         format!(

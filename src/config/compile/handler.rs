@@ -75,7 +75,7 @@ impl Checker<'_> {
             defaults.timeout,
         );
         let max_concurrency = match raw.max_concurrency {
-            Some(n) => self.count(Some(n), path.key("max_concurrency"), 1),
+            Some(n) => self.whole(Some(n), path.key("max_concurrency"), 1) as usize,
             None => defaults.max_concurrency,
         };
         let retry = self.retry(raw.retry.as_ref(), &path.key("retry"), defaults.retry);
