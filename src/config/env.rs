@@ -6,8 +6,27 @@ use std::collections::HashMap;
 use toml::Spanned;
 use toml::de::DeValue;
 
-use super::error::KeyPath;
+use super::error::{KeyPath, Seg};
 use super::source::Diag;
+
+/// Whether the value at `path` is a secret: `server.token` and `store.url` (kept as
+/// [`super::Secret`]), a handler's `secret` (a [`super::SigningKey`]) and its `headers`
+/// values (sent as sensitive). A variable such a value names gets no default in the
+/// file: the secret would then sit in the file, in Git.
+pub(super) fn is_secret(path: &KeyPath) -> bool {
+    let keys: Vec<&str> = path
+        .0
+        .iter()
+        .filter_map(|seg| match seg {
+            Seg::Key(key) => Some(key.as_str()),
+            Seg::Index(_) => None,
+        })
+        .collect();
+    matches!(
+        keys.as_slice(),
+        ["server", "token"] | ["store", "url"] | ["handler", "secret"] | ["handler", "headers", _]
+    )
+}
 
 pub(super) fn substitute_value(
     value: &mut Spanned<DeValue<'_>>,
@@ -22,7 +41,7 @@ pub(super) fn substitute_value(
             if !s.contains('$') {
                 return;
             }
-            match expand_env(s, lookup) {
+            match expand(s, lookup, is_secret(path)) {
                 Ok(expanded) => {
                     if expanded != s.as_ref() {
                         originals.insert(path.clone(), s.to_string());
@@ -54,6 +73,16 @@ pub(super) fn substitute_value(
 /// Expands `${NAME}` and `${NAME:-default}`; `$${` stands for a literal `${`. A `$` not
 /// followed by `{` is kept as it is.
 pub fn expand_env(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    expand(text, lookup, false)
+}
+
+/// [`expand_env`], for a value that is a `secret` or not: a variable missing from a
+/// secret is to be set, never given a default in the file.
+fn expand(
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    secret: bool,
+) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find('$') {
@@ -92,6 +121,12 @@ pub fn expand_env(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result
             (Some(v), Some(d)) if v.is_empty() => out.push_str(d),
             (Some(v), _) => out.push_str(&v),
             (None, Some(d)) => out.push_str(d),
+            (None, None) if secret => {
+                return Err(format!(
+                    "environment variable `{name}` is not set; set it in provisiond's \
+                     environment (this is a secret: give it no default in the file)"
+                ));
+            }
             (None, None) => {
                 return Err(format!(
                     "environment variable `{name}` is not set (write ${{{name}:-default}} \

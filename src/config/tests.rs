@@ -252,6 +252,46 @@ fn warns_about_scripts_that_are_not_there_or_not_executable() {
 }
 
 #[test]
+fn a_secret_from_an_unset_variable_is_to_be_set_not_given_a_default() {
+    let text = r#"[server]
+token = "${PROVISIOND_TOKEN}"
+
+[store]
+backend = "postgres"
+url = "${PG_URL}"
+
+[[handler]]
+name = "a"
+events = ["*"]
+stage = "after"
+url = "http://crm/${CRM_PATH}"
+headers = { Authorization = "Bearer ${CRM_KEY}" }
+secret = "${HOOK_SECRET}"
+"#;
+    let set_it = |name: &str| {
+        format!(
+            "environment variable `{name}` is not set; set it in provisiond's environment \
+             (this is a secret: give it no default in the file)"
+        )
+    };
+    let errors = error_lines(text);
+    for want in [
+        format!("p.toml:2:9: server.token: {}", set_it("PROVISIOND_TOKEN")),
+        format!("p.toml:6:7: store.url: {}", set_it("PG_URL")),
+        "p.toml:12:7: handler[0].url: environment variable `CRM_PATH` is not set (write \
+         ${CRM_PATH:-default} to give a default)"
+            .to_owned(),
+        format!(
+            "p.toml:13:29: handler[0].headers.Authorization: {}",
+            set_it("CRM_KEY")
+        ),
+        format!("p.toml:14:10: handler[0].secret: {}", set_it("HOOK_SECRET")),
+    ] {
+        assert!(errors.contains(&want), "missing {want:?} in {errors:#?}");
+    }
+}
+
+#[test]
 fn error_messages_never_quote_values_from_the_environment() {
     let errors = parse(
         "[[handler]]\nname = \"a\"\nevents = [\"*\"]\nstage = \"before\"\n\
