@@ -53,12 +53,16 @@ pub(super) fn compile(
             return Err(ConfigErrors(errors));
         }
     };
-    // The values substituted from the environment, to keep them out of messages.
+    // The values substituted from the environment, to keep them out of messages, and
+    // the variables that are set but empty, for messages about empty values.
     let substituted = std::cell::RefCell::new(Vec::new());
+    let empty_vars = std::cell::RefCell::new(Vec::new());
     let recording = |name: &str| {
         let value = env(name);
-        if let Some(v) = &value {
-            substituted.borrow_mut().push(v.clone());
+        match &value {
+            Some(v) if v.is_empty() => empty_vars.borrow_mut().push(name.to_owned()),
+            Some(v) => substituted.borrow_mut().push(v.clone()),
+            None => {}
         }
         value
     };
@@ -69,6 +73,7 @@ pub(super) fn compile(
     let mut checker = Checker {
         diags,
         originals: &doc.originals,
+        empty_vars: &empty_vars.take(),
         synthetic: &parsed.synthetic,
     };
     let config = checker.config(&parsed.raw, &parsed.handler_index, file, base, text);
@@ -109,6 +114,8 @@ fn hide_substituted(errors: &mut [super::ConfigError], values: &[String]) {
 struct Checker<'a> {
     diags: Vec<Diag>,
     originals: &'a HashMap<KeyPath, String>,
+    /// Variables that are set, but to an empty string.
+    empty_vars: &'a [String],
     /// Paths of placeholders the raw layer put in for missing or wrong required keys.
     synthetic: &'a [KeyPath],
 }
@@ -125,6 +132,40 @@ impl Checker<'_> {
     /// already reported, and anything said about the placeholder would be noise.
     fn is_synthetic(&self, path: &KeyPath) -> bool {
         self.synthetic.iter().any(|s| path.0.starts_with(&s.0))
+    }
+
+    /// ` (the value came from the environment variable `CRM_URL`)`, naming the variables
+    /// the value at `path` was made from, if it was, and those of them that are set but
+    /// empty (`${NAME}` is then replaced by nothing).
+    fn env_note(&self, path: &KeyPath) -> String {
+        let Some(written) = self.originals.get(path) else {
+            return String::new();
+        };
+        let names = super::env::env_references(written);
+        let empty: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| self.empty_vars.iter().any(|e| e == n))
+            .filter(|n| written.contains(&format!("${{{n}}}")))
+            .collect();
+        let list = |names: &[&str]| {
+            let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+            quoted.join(", ")
+        };
+        let empty = match empty.as_slice() {
+            [] => String::new(),
+            [_] if names.len() == 1 => ", which is set but empty".to_owned(),
+            [one] => format!("; `{one}` is set but empty"),
+            many => format!("; {} are set but empty", list(many)),
+        };
+        match names.as_slice() {
+            [] => String::new(),
+            [one] => format!(" (the value came from the environment variable `{one}`{empty})"),
+            many => format!(
+                " (the value came from the environment variables {}{empty})",
+                list(many)
+            ),
+        }
     }
 
     fn duration(&mut self, value: Option<&str>, path: KeyPath, default: Duration) -> Duration {
@@ -273,10 +314,13 @@ impl Checker<'_> {
         };
         let token = match raw.token.as_deref() {
             Some("") => {
-                self.error(
-                    path.key("token"),
-                    "is empty; remove the key to turn authentication off",
-                );
+                let from_env = self.env_note(&path.key("token"));
+                let fix = if from_env.is_empty() {
+                    "remove the key to turn authentication off"
+                } else {
+                    "give the variable the token, or remove the key to turn authentication off"
+                };
+                self.error(path.key("token"), format!("is empty{from_env}; {fix}"));
                 None
             }
             Some(t) => Some(Secret::new(t.to_owned())),
@@ -429,11 +473,7 @@ impl Checker<'_> {
             d => d,
         };
         let url_path = path.key("url");
-        let from_env = self
-            .originals
-            .get(&url_path)
-            .map(|w| handler::from_env_note(w))
-            .unwrap_or_default();
+        let from_env = self.env_note(&url_path);
         let url = match raw.url.as_deref() {
             None => {
                 self.error(

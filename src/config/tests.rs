@@ -292,6 +292,69 @@ secret = "${HOOK_SECRET}"
 }
 
 #[test]
+fn an_empty_value_from_a_variable_set_but_empty_says_so() {
+    let env = |name: &str| match name {
+        "EMPTY" | "ALSO_EMPTY" => Some(String::new()),
+        "HOST" => Some("crm".to_owned()),
+        _ => None,
+    };
+    let text = r#"[server]
+token = "${EMPTY}"
+
+[store]
+backend = "postgres"
+url = "${EMPTY}"
+
+[[handler]]
+name = "a"
+events = ["*"]
+stage = "after"
+url = "${EMPTY}${ALSO_EMPTY}"
+secret = "${EMPTY}"
+
+[[handler]]
+name = "b"
+events = ["*"]
+stage = "after"
+url = "${HOST}${EMPTY}"
+
+[[handler]]
+name = "c"
+events = ["*"]
+stage = "after"
+command = ["${EMPTY}"]
+"#;
+    let errors = Config::parse_with_env(text, "p.toml", Path::new("."), &env).unwrap_err();
+    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        lines,
+        [
+            "p.toml:2:9: server.token: is empty (the value came from the environment variable \
+             `EMPTY`, which is set but empty); give the variable the token, or remove the \
+             key to turn authentication off",
+            "p.toml:6:7: store.url: is empty (the value came from the environment variable \
+             `EMPTY`, which is set but empty)",
+            "p.toml:12:7: handler[0].url: invalid URL: relative URL without a base (the \
+             value came from the environment variables `EMPTY`, `ALSO_EMPTY`; `EMPTY`, \
+             `ALSO_EMPTY` are set but empty)",
+            "p.toml:13:10: handler[0].secret: must be \"whsec_\" followed by base64 (a \
+             Standard Webhooks secret) (the value came from the environment variable \
+             `EMPTY`, which is set but empty)",
+            "p.toml:19:7: handler[1].url: invalid URL: relative URL without a base (the \
+             value came from the environment variables `HOST`, `EMPTY`; `EMPTY` is set but \
+             empty)",
+            "p.toml:25:11: handler[2].command: must name a program (the value came from the \
+             environment variable `EMPTY`, which is set but empty): command = \
+             [\"/path/to/script\", \"arg\"...]",
+        ]
+    );
+    // Set but empty with a default: the default, as the README says.
+    let text = "[server]\ntoken = \"${EMPTY:-s3cret-token}\"\n";
+    let config = Config::parse_with_env(text, "p.toml", Path::new("."), &env).unwrap();
+    assert_eq!(config.server.token.unwrap().expose(), "s3cret-token");
+}
+
+#[test]
 fn error_messages_never_quote_values_from_the_environment() {
     let errors = parse(
         "[[handler]]\nname = \"a\"\nevents = [\"*\"]\nstage = \"before\"\n\

@@ -187,10 +187,8 @@ impl Checker<'_> {
         // When the value came from `${VAR}`, messages show the URL as written, never the
         // value, and say where the value came from.
         let written = self.originals.get(&url_path).map(String::as_str);
-        let (shown, from_env) = match written {
-            Some(w) => (without_password(w), from_env_note(w)),
-            None => (url.to_owned(), String::new()),
-        };
+        let shown = written.map_or_else(|| url.to_owned(), without_password);
+        let from_env = self.env_note(&url_path);
         let parsed = match reqwest::Url::parse(url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
             Ok(u) => {
@@ -244,9 +242,13 @@ impl Checker<'_> {
                 .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
                 .filter(|k| !k.is_empty());
             if key.is_none() {
+                let from_env = self.env_note(&path.key("secret"));
                 self.error(
                     path.key("secret"),
-                    "must be \"whsec_\" followed by base64 (a Standard Webhooks secret)",
+                    format!(
+                        "must be \"whsec_\" followed by base64 (a Standard Webhooks \
+                         secret){from_env}"
+                    ),
                 );
             }
             key.map(SigningKey)
@@ -269,9 +271,13 @@ impl Checker<'_> {
     ) -> Option<Target> {
         let command_path = path.key("command");
         if argv.is_empty() || argv[0].trim().is_empty() {
+            let from_env = self.env_note(&command_path.index(0));
             self.error(
                 command_path,
-                "must name a program: command = [\"/path/to/script\", \"arg\"...]",
+                format!(
+                    "must name a program{from_env}: command = [\"/path/to/script\", \
+                     \"arg\"...]"
+                ),
             );
             return None;
         }
@@ -423,23 +429,6 @@ fn without_password(url: &str) -> String {
             format!("{}{}:***{}", &url[..start], &userinfo[..colon], &rest[at..])
         }
         _ => url.to_owned(),
-    }
-}
-
-/// ` (the value came from the environment variable `CRM_URL`)`, naming the variables
-/// that `written` refers to.
-pub(super) fn from_env_note(written: &str) -> String {
-    let names: Vec<String> = crate::config::env::env_references(written)
-        .iter()
-        .map(|name| format!("`{name}`"))
-        .collect();
-    match names.as_slice() {
-        [] => String::new(),
-        [one] => format!(" (the value came from the environment variable {one})"),
-        many => format!(
-            " (the value came from the environment variables {})",
-            many.join(", ")
-        ),
     }
 }
 
