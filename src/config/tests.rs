@@ -413,6 +413,30 @@ retry = { attempts = 3 }
 }
 
 #[test]
+fn a_url_or_command_of_the_wrong_type_is_one_error_not_a_missing_target() {
+    let handler = |name: &str, target: &str| {
+        format!("[[handler]]\nname = \"{name}\"\nevents = [\"*\"]\nstage = \"after\"\n{target}\n")
+    };
+    let text = [
+        handler("a", "url = 3"),
+        handler("b", "command = \"/bin/true\""),
+        handler("c", "url = [\"http://a/\"]"),
+        handler("d", "timeout = \"1s\""),
+    ]
+    .concat();
+    assert_eq!(
+        error_lines(&text),
+        [
+            "p.toml:5:7: handler[0].url: invalid type: integer `3`, expected a string",
+            "p.toml:10:11: handler[1].command: invalid type: string \"/bin/true\", expected \
+             an array",
+            "p.toml:15:7: handler[2].url: invalid type: sequence, expected a string",
+            "p.toml:16:1: handler[3]: a handler needs `url` (HTTP) or `command` (script)",
+        ]
+    );
+}
+
+#[test]
 fn placeholders_for_missing_keys_cause_no_errors_of_their_own() {
     // Two handlers without a name are no duplicates (of each other or of a real
     // handler with the placeholder's name), one without events does not "name no

@@ -154,10 +154,19 @@ impl Checker<'_> {
                 None
             }
             (None, None) => {
-                self.error(
-                    path.clone(),
-                    "a handler needs `url` (HTTP) or `command` (script)",
-                );
+                // A `url` or `command` of the wrong type was reported (and taken out):
+                // that is the mistake, not a missing target.
+                let reported = self.diags.iter().any(|d| {
+                    ["url", "command"]
+                        .iter()
+                        .any(|key| d.path.0.starts_with(&path.key(*key).0))
+                });
+                if !reported {
+                    self.error(
+                        path.clone(),
+                        "a handler needs `url` (HTTP) or `command` (script)",
+                    );
+                }
                 None
             }
             (Some(url), None) => {
