@@ -154,6 +154,32 @@ on_error = 1
 }
 
 #[test]
+fn a_prefix_that_matches_no_known_event_points_at_events_extra() {
+    let text = r#"[[handler]]
+name = "a"
+events = ["invoices.*", "client.*"]
+stage = "after"
+url = "http://a/"
+"#;
+    let extra = "list events the billing's catalogue lacks in [events] extra";
+    assert_eq!(
+        error_lines(text),
+        [
+            format!(
+                "p.toml:3:11: handler[0].events[0]: \"invoices.*\" matches no known event; {extra}"
+            ),
+            format!(
+                "p.toml:3:25: handler[0].events[1]: \"client.*\" matches no known event (did \
+                 you mean \"clients.*\"?); {extra}"
+            ),
+        ]
+    );
+    let listed =
+        format!("[events]\nextra = [\"invoices.paid\"]\n\n{text}").replace(", \"client.*\"", "");
+    assert!(parse(&listed).is_ok());
+}
+
+#[test]
 fn a_bare_program_name_is_found_in_path_once_and_keeps_its_name_as_argv0() {
     let text = r#"
 [[handler]]

@@ -374,7 +374,8 @@ fn event_pattern(text: &str, known: &[String]) -> Result<EventPattern, String> {
         )),
         EventPattern::Prefix(prefix) if !known.iter().any(|k| k.starts_with(prefix)) => {
             Err(format!(
-                "{text:?} matches no known event{}",
+                "{text:?} matches no known event{}; list events the billing's catalogue \
+                 lacks in [events] extra",
                 did_you_mean(text, &pattern, known)
             ))
         }
