@@ -365,12 +365,29 @@ impl Config {
     ///   not executable. It may well be deployed separately from the file, so this is no
     ///   error;
     /// - a `match` key that looks like a misspelt operator (`{ regx = "^A" }`), read as
-    ///   a field name. A field may really be called that, so this is no error either.
+    ///   a field name. A field may really be called that, so this is no error either;
+    /// - a before-stage handler whose `timeout` is longer than `server.deadline`: the
+    ///   chain is cut at the deadline, so the handler never has its whole timeout.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
         for h in &self.handlers {
             if let Target::Script(script) = &h.target {
                 warnings.extend(script_warning(&h.name, script));
+            }
+            if h.stage == Stage::Before && h.timeout > self.server.deadline {
+                let from = if h.raw.timeout.is_none() {
+                    " (from [defaults])"
+                } else {
+                    ""
+                };
+                warnings.push(format!(
+                    "handler {:?}: timeout {}{from} is longer than server.deadline {}: the \
+                     before stage is cut at the deadline, so the handler never has its whole \
+                     timeout; keep the timeout below the deadline",
+                    h.name,
+                    fmt_duration(h.timeout),
+                    fmt_duration(self.server.deadline),
+                ));
             }
             for (path, op) in h.filter.suspect_operators() {
                 let (parent, key) = path.rsplit_once('.').unwrap_or(("", path));

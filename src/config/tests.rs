@@ -963,6 +963,44 @@ match = { data = { id = 5, ids = "x", name = "Acme", region = "eu", ex = 1 }, "d
 }
 
 #[test]
+fn warns_about_a_before_stage_timeout_longer_than_the_deadline() {
+    let handler = |name: &str, stage: &str, timeout: &str| {
+        format!(
+            "[[handler]]\nname = \"{name}\"\nevents = [\"*\"]\nstage = \"{stage}\"\n\
+             url = \"http://127.0.0.1:9/h\"\n{timeout}\n"
+        )
+    };
+    let text = [
+        "[server]\ndeadline = \"8s\"\n[defaults]\ntimeout = \"9s\"\n".to_owned(),
+        handler("slow", "before", "timeout = \"1m\""),
+        handler("inherits", "before", ""),
+        handler("at-deadline", "before", "timeout = \"8s\""),
+        handler("quick", "before", "timeout = \"2s\""),
+        handler("after", "after", "timeout = \"1m\""),
+    ]
+    .concat();
+    let config = parse(&text).unwrap();
+    let cut = "the before stage is cut at the deadline, so the handler never has its whole \
+               timeout; keep the timeout below the deadline";
+    assert_eq!(
+        config.warnings(),
+        [
+            format!("handler \"slow\": timeout 1m is longer than server.deadline 8s: {cut}"),
+            format!(
+                "handler \"inherits\": timeout 9s (from [defaults]) is longer than \
+                 server.deadline 8s: {cut}"
+            ),
+        ]
+    );
+    assert!(
+        parse(&text.replace("deadline = \"8s\"", "deadline = \"2m\""))
+            .unwrap()
+            .warnings()
+            .is_empty()
+    );
+}
+
+#[test]
 fn the_listen_address_is_read_from_a_file_that_does_not_load() {
     let tcp = |a: &str| Some(Listen::Tcp(a.parse().unwrap()));
     let unset = "[server]\nlisten = \"127.0.0.1:9\"\ntoken = \"${UNSET}\"\n";
