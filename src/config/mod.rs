@@ -265,6 +265,28 @@ pub enum Target {
     Script(ScriptTarget),
 }
 
+/// The request headers provisiond sets on an HTTP handler's calls (`handlers::http`),
+/// each with what it holds. A handler's `headers` may not name one, in any case: the
+/// call would carry the file's value instead or as well (a second `Content-Type`,
+/// another handler's name, a `Host` other than the URL's, a forged signature).
+pub const SET_BY_PROVISIOND: &[(&str, &str)] = &[
+    ("content-type", "application/json: the body is the envelope"),
+    ("content-length", "from the body"),
+    ("transfer-encoding", "from the body"),
+    ("host", "from `url`"),
+    ("x-provisioning-event", "the event's name"),
+    ("x-provisioning-handler", "the handler's name"),
+    ("webhook-id", "Standard Webhooks signing, with `secret`"),
+    (
+        "webhook-timestamp",
+        "Standard Webhooks signing, with `secret`",
+    ),
+    (
+        "webhook-signature",
+        "Standard Webhooks signing, with `secret`",
+    ),
+];
+
 #[derive(Debug)]
 pub struct HttpTarget {
     pub url: reqwest::Url,

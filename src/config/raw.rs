@@ -222,7 +222,9 @@ pub struct RawHandler {
     /// HTTP handler: the method ("POST" by default, or "PUT", "PATCH").
     #[schemars(extend("enum" = ["POST", "PUT", "PATCH"], "default" = defaults::METHOD))]
     pub method: Option<String>,
-    /// HTTP handler: extra request headers.
+    /// HTTP handler: extra request headers. Not those provisiond sets itself:
+    /// Content-Type, Content-Length, Transfer-Encoding, Host, X-Provisioning-Event,
+    /// X-Provisioning-Handler and the webhook-* signing headers.
     pub headers: Option<BTreeMap<String, String>>,
     /// HTTP handler: a Standard Webhooks secret ("whsec_" + base64); requests are then
     /// signed.

@@ -381,6 +381,56 @@ command = ["${EMPTY}"]
 }
 
 #[test]
+fn headers_that_provisiond_sets_are_refused_in_any_case() {
+    let text = r#"[[handler]]
+name = "a"
+events = ["*"]
+stage = "before"
+url = "http://127.0.0.1:1/"
+secret = "whsec_c2VjcmV0"
+
+[handler.headers]
+Authorization = "Bearer x"
+Content-Type = "text/plain"
+X-Provisioning-Handler = "spoof"
+host = "evil"
+CONTENT-LENGTH = "1"
+Webhook-Signature = "v1,forged"
+User-Agent = "crm-client/2"
+"#;
+    assert_eq!(
+        error_lines(text),
+        [
+            "p.toml:10:16: handler[0].headers.Content-Type: \"Content-Type\" is set by \
+             provisiond (application/json: the body is the envelope); remove it from `headers`",
+            "p.toml:11:26: handler[0].headers.X-Provisioning-Handler: \"X-Provisioning-Handler\" \
+             is set by provisiond (the handler's name); remove it from `headers`",
+            "p.toml:12:8: handler[0].headers.host: \"host\" is set by provisiond (from `url`); \
+             remove it from `headers`",
+            "p.toml:13:18: handler[0].headers.CONTENT-LENGTH: \"CONTENT-LENGTH\" is set by \
+             provisiond (from the body); remove it from `headers`",
+            "p.toml:14:21: handler[0].headers.Webhook-Signature: \"Webhook-Signature\" is set \
+             by provisiond (Standard Webhooks signing, with `secret`); remove it from `headers`",
+        ]
+    );
+    // Others (User-Agent replaces provisiond's) are sent as given.
+    let config = parse(
+        &text
+            .replace("Content-Type", "X-Type")
+            .replace("X-Provisioning-Handler", "X-Tenant")
+            .replace("host", "X-Host")
+            .replace("CONTENT-LENGTH", "X-Length")
+            .replace("Webhook-Signature", "X-Sig"),
+    )
+    .unwrap();
+    let Target::Http(http) = &config.handler("a").unwrap().target else {
+        panic!("an HTTP handler")
+    };
+    assert_eq!(http.headers["user-agent"], "crm-client/2");
+    assert_eq!(http.headers.len(), 7);
+}
+
+#[test]
 fn error_messages_never_quote_values_from_the_environment() {
     let errors = parse(
         "[[handler]]\nname = \"a\"\nevents = [\"*\"]\nstage = \"before\"\n\

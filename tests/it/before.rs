@@ -84,6 +84,36 @@ async fn echo_handler_returns_exactly_what_the_billing_sent() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn every_header_provisiond_sets_on_a_call_is_one_the_config_refuses() {
+    let handler = HandlerServer::fixed(200, "").await;
+    let config = format!(
+        "{SERVER}{}",
+        http_handler(
+            "crm",
+            &handler.url("/"),
+            "secret = \"whsec_c2VjcmV0\"\nheaders = { X-Tenant = \"acme\" }"
+        )
+    );
+    let sidecar = Sidecar::start(&config);
+    let (status, _) = sidecar.send("clients.create", 1, json!({})).await;
+    assert_eq!(status, 200);
+    let calls = handler.calls();
+    let names: Vec<&str> = calls[0].headers.keys().map(|n| n.as_str()).collect();
+    for name in &names {
+        // The file's own, and reqwest's defaults that `headers` replaces.
+        let configurable = ["x-tenant", "user-agent", "accept"].contains(name);
+        let refused = provisiond::config::SET_BY_PROVISIOND
+            .iter()
+            .any(|(set, _)| set == name);
+        assert!(
+            configurable || refused,
+            "{name} is set on calls but may be set in `headers` too: {names:?}"
+        );
+    }
+    assert!(names.contains(&"webhook-signature"), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn chain_runs_in_priority_order_each_seeing_the_previous_data() {
     let first = appender("1").await;
     let third = appender("3").await;

@@ -10,7 +10,7 @@ use super::{Checker, Defaults};
 use crate::config::defaults;
 use crate::config::error::KeyPath;
 use crate::config::raw::{RawHandler, Stage};
-use crate::config::{Handler, HttpTarget, ScriptTarget, SigningKey, Target};
+use crate::config::{Handler, HttpTarget, SET_BY_PROVISIOND, ScriptTarget, SigningKey, Target};
 use crate::events::{self, EventPattern};
 use crate::filter::Filter;
 
@@ -234,6 +234,16 @@ impl Checker<'_> {
         let mut headers = reqwest::header::HeaderMap::new();
         for (name, value) in raw.headers.iter().flatten() {
             let header_path = path.key("headers").key(name.as_str());
+            let set = SET_BY_PROVISIOND
+                .iter()
+                .find(|(set, _)| set.eq_ignore_ascii_case(name));
+            if let Some((_, what)) = set {
+                self.error(
+                    header_path,
+                    format!("{name:?} is set by provisiond ({what}); remove it from `headers`"),
+                );
+                continue;
+            }
             let parsed_name = reqwest::header::HeaderName::from_bytes(name.as_bytes());
             let parsed_value = reqwest::header::HeaderValue::from_str(value);
             match (parsed_name, parsed_value) {
