@@ -71,6 +71,7 @@ pub(super) fn compile(
     diags.extend(more);
 
     let mut checker = Checker {
+        earlier: diags.len(),
         diags,
         originals: &doc.originals,
         empty_vars: &empty_vars.take(),
@@ -113,6 +114,9 @@ fn hide_substituted(errors: &mut [super::ConfigError], values: &[String]) {
 /// there was any.
 struct Checker<'a> {
     diags: Vec<Diag>,
+    /// How many of `diags` came before this stage: a `${VAR}` missing, a value of the
+    /// wrong type.
+    earlier: usize,
     originals: &'a HashMap<KeyPath, String>,
     /// Variables that are set, but to an empty string.
     empty_vars: &'a [String],
@@ -121,9 +125,13 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    /// Records a problem, unless it is about a placeholder (see [`Self::is_synthetic`]).
+    /// Records a problem, unless it is about a placeholder (see [`Self::is_synthetic`]),
+    /// or about a value whose problem was found before this stage: a `${VAR}` that is
+    /// not set leaves the reference in the value, which is then no URL or secret, but
+    /// the variable is what to fix.
     fn error(&mut self, path: KeyPath, message: impl Into<String>) {
-        if !self.is_synthetic(&path) {
+        let reported = self.diags[..self.earlier].iter().any(|d| d.path == path);
+        if !self.is_synthetic(&path) && !reported {
             self.diags.push(Diag::at(path, message));
         }
     }

@@ -318,6 +318,31 @@ secret = "${HOOK_SECRET}"
 }
 
 #[test]
+fn a_value_with_an_unset_variable_gets_that_error_alone() {
+    let text = r#"[server]
+listen = "${LISTEN}"
+
+[[handler]]
+name = "a"
+events = ["*"]
+stage = "after"
+url = "${CRM_URL}"
+secret = "${HOOK_SECRET}"
+"#;
+    let errors = error_lines(text);
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    for (error, path) in errors
+        .iter()
+        .zip(["server.listen", "handler[0].url", "handler[0].secret"])
+    {
+        assert!(
+            error.contains(&format!("{path}: environment variable `")),
+            "{errors:#?}"
+        );
+    }
+}
+
+#[test]
 fn an_empty_value_from_a_variable_set_but_empty_says_so() {
     let env = |name: &str| match name {
         "EMPTY" | "ALSO_EMPTY" => Some(String::new()),
