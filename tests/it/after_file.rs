@@ -162,12 +162,7 @@ async fn a_reload_that_removes_a_handler_dead_letters_its_queue_and_disabling_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_disk_is_survived_without_a_restart() {
-    let Some(disk) = Tmpfs::mount("4m") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root and must be able to mount a tmpfs"
-        );
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+    let Some(disk) = Tmpfs::mount_or_skip("4m") else {
         return;
     };
     // Space taken by something else, freed later.
@@ -175,14 +170,7 @@ async fn a_full_disk_is_survived_without_a_restart() {
     std::fs::write(&filler, vec![0u8; 2 << 20]).unwrap();
     // The handler is down until the end, so that the queue grows.
     let up = Arc::new(AtomicBool::new(false));
-    let crm = {
-        let up = up.clone();
-        HandlerServer::start(move |_| {
-            let up = up.load(Ordering::SeqCst);
-            async move { reply(if up { 200 } else { 503 }, "") }
-        })
-        .await
-    };
+    let crm = up_or_down(&up).await;
     let store = disk.dir.path().join("provisiond.db");
     let config = format!(
         "{SERVER}[store]\npath = {:?}\n{}",
@@ -240,21 +228,10 @@ async fn a_full_disk_is_survived_without_a_restart() {
 
     // Space is freed: the store takes writes again by itself.
     std::fs::remove_file(&filler).unwrap();
-    let mut recovered = false;
-    for _ in 0..100 {
-        let ready = sidecar
-            .client()
-            .get(sidecar.url("/readyz"))
-            .send()
-            .await
-            .unwrap();
-        if ready.status() == 200 {
-            recovered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(recovered, "/readyz stayed 503 after space was freed");
+    assert!(
+        ready_within(&sidecar, Duration::from_secs(10)).await,
+        "/readyz stayed 503 after space was freed"
+    );
     for i in refused..refused + 10 {
         let (status, body) = sidecar.send("clients.update", i, json!({"seq": i})).await;
         assert_eq!(status, 200, "{body}");
@@ -284,23 +261,11 @@ async fn a_full_disk_is_survived_without_a_restart() {
 /// without flapping, until space is freed; nothing answered 200 is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_disk_with_room_for_small_writes_only_stays_unwritable() {
-    let Some(disk) = Tmpfs::mount("8m") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root and must be able to mount a tmpfs"
-        );
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+    let Some(disk) = Tmpfs::mount_or_skip("8m") else {
         return;
     };
     let up = Arc::new(AtomicBool::new(true));
-    let crm = {
-        let up = up.clone();
-        HandlerServer::start(move |_| {
-            let up = up.load(Ordering::SeqCst);
-            async move { reply(if up { 200 } else { 503 }, "") }
-        })
-        .await
-    };
+    let crm = up_or_down(&up).await;
     let store = disk.dir.path().join("provisiond.db");
     let sidecar = Sidecar::start(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nmax_body = \"4MiB\"\n[store]\npath = {:?}\n{}",
@@ -356,22 +321,10 @@ async fn a_disk_with_room_for_small_writes_only_stays_unwritable() {
     }
     // Space is freed: ready again by itself, and the event is taken and delivered.
     std::fs::remove_file(&filler).unwrap();
-    let mut ready = false;
-    for _ in 0..100 {
-        let status = sidecar
-            .client()
-            .get(sidecar.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status();
-        if status == 200 {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "/readyz stayed 503 after space was freed");
+    assert!(
+        ready_within(&sidecar, Duration::from_secs(10)).await,
+        "/readyz stayed 503 after space was freed"
+    );
     let (status, body) = sidecar
         .send("clients.update", 100, json!({"seq": 100, "padding": big}))
         .await;
@@ -402,6 +355,29 @@ async fn dead_letters_reach(store: &provisiond::store::Store, n: usize) -> bool 
     false
 }
 
+/// A handler that takes deliveries while `up`, and answers 503 otherwise.
+async fn up_or_down(up: &Arc<AtomicBool>) -> HandlerServer {
+    let up = up.clone();
+    HandlerServer::start(move |_| {
+        let up = up.load(Ordering::SeqCst);
+        async move { reply(if up { 200 } else { 503 }, "") }
+    })
+    .await
+}
+
+/// Whether `/readyz` answers 200 within `timeout`.
+async fn ready_within(sidecar: &Sidecar, timeout: Duration) -> bool {
+    let until = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < until {
+        let ready = sidecar.client().get(sidecar.url("/readyz")).send().await;
+        if ready.is_ok_and(|r| r.status() == 200) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// A tmpfs of `size` mounted on a fresh directory, unmounted on drop; `None` where this
 /// process may not mount (not root, or no mount namespace of its own).
 struct Tmpfs {
@@ -409,6 +385,20 @@ struct Tmpfs {
 }
 
 impl Tmpfs {
+    /// The tmpfs, or `None` (said on stderr: the test is skipped) where this process may
+    /// not mount one. CI runs as root and must.
+    fn mount_or_skip(size: &str) -> Option<Self> {
+        let disk = Self::mount(size);
+        if disk.is_none() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs as root and must be able to mount a tmpfs"
+            );
+            eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        }
+        disk
+    }
+
     fn mount(size: &str) -> Option<Self> {
         let dir = tempfile::TempDir::new().unwrap();
         let ok = std::process::Command::new("mount")

@@ -755,16 +755,7 @@ async fn a_script_whose_caller_hangs_up_has_its_whole_process_group_killed() {
         )
     );
     let sidecar = Sidecar::start_in(dir, &config, &[]);
-    let body = envelope("clients.update", 1, json!({})).to_string();
-    let request = format!(
-        "POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut billing = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut billing, request.as_bytes())
-        .await
-        .unwrap();
+    let billing = post_and_wait(&sidecar, envelope("clients.update", 1, json!({}))).await;
     assert!(
         eventually(Duration::from_secs(10), || pids.exists()).await,
         "the script never started"
@@ -803,16 +794,7 @@ async fn an_event_whose_caller_hangs_up_is_logged_as_abandoned() {
         http_handler("slow", &slow.url("/"), "priority = 2\ntimeout = \"60s\""),
     );
     let sidecar = Sidecar::start(&config);
-    let body = envelope("clients.update", 77, json!({})).to_string();
-    let request = format!(
-        "POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut billing = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut billing, request.as_bytes())
-        .await
-        .unwrap();
+    let billing = post_and_wait(&sidecar, envelope("clients.update", 77, json!({}))).await;
     assert!(
         eventually(Duration::from_secs(10), || !slow.calls().is_empty()).await,
         "the slow handler was never called"
@@ -854,6 +836,22 @@ async fn an_event_whose_caller_hangs_up_is_logged_as_abandoned() {
     // The sidecar carries on.
     let (status, _) = sidecar.get("/healthz").await;
     assert_eq!(status, 200);
+}
+
+/// A billing that posts `envelope` and waits for the answer on the connection it
+/// returns: dropping it hangs up.
+async fn post_and_wait(sidecar: &Sidecar, envelope: Value) -> tokio::net::TcpStream {
+    let body = envelope.to_string();
+    let request = format!(
+        "POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut billing = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut billing, request.as_bytes())
+        .await
+        .unwrap();
+    billing
 }
 
 /// The rows `path` lists, once there are at least `n` (the execution log is written a
