@@ -47,14 +47,16 @@ pub enum LogFormat {
 /// dropping it flushes what is queued. If stderr cannot keep up (over [`LOG_BUFFER`]
 /// bytes behind), lines are dropped and counted rather than slowing the billing down.
 pub fn init(format: LogFormat, level: Option<&str>) -> anyhow::Result<LogGuard> {
+    // A bad RUST_LOG is said once logging is up, as a log line in the chosen format.
+    let mut ignored = None;
     let filter = match level {
         Some(level) => EnvFilter::try_new(scoped(level))
             .map_err(|e| anyhow::anyhow!("invalid --log-level {level:?}: {e}"))?,
         None => match std::env::var("RUST_LOG") {
             Ok(value) if !value.trim().is_empty() => EnvFilter::try_new(scoped(&value))
                 .unwrap_or_else(|e| {
-                    eprintln!("provisiond: ignoring RUST_LOG={value:?}: {e}; logging at info");
-                    EnvFilter::new("info")
+                    ignored = Some((value, e.to_string()));
+                    EnvFilter::new(scoped("info"))
                 }),
             _ => EnvFilter::new(scoped("info")),
         },
@@ -80,6 +82,9 @@ pub fn init(format: LogFormat, level: Option<&str>) -> anyhow::Result<LogGuard> 
         builder.with_ansi(terminal).with_target(false).try_init()
     };
     result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))?;
+    if let Some((value, error)) = ignored {
+        tracing::warn!(rust_log = %value, %error, "ignoring RUST_LOG; logging at info");
+    }
     Ok(guard)
 }
 

@@ -291,6 +291,39 @@ async fn secrets_from_the_environment_never_reach_the_logs() {
     }
 }
 
+/// A RUST_LOG that does not parse is said in the log's own format (not as plain text
+/// before it), and logging goes on at info.
+#[test]
+fn a_bad_rust_log_is_a_log_line_and_logging_goes_on_at_info() {
+    use std::io::BufRead as _;
+    let dir = tempfile::TempDir::new().unwrap();
+    std::fs::write(dir.path().join("p.toml"), SERVER).unwrap();
+    let mut child = std::process::Command::new(binary())
+        .args(["run", "-c", "p.toml", "--no-watch", "--log-format", "json"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "foo=[[")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    // The first lines: the warning, then info lines (the listener's) as usual.
+    let lines: Vec<Value> = stderr
+        .lines()
+        .take_while(|line| line.as_ref().is_ok_and(|l| !l.contains("\"listening\"")))
+        .map(|line| serde_json::from_str(&line.unwrap()).expect("every line is JSON"))
+        .collect();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let warning = &lines[0];
+    assert_eq!(
+        warning["message"], "ignoring RUST_LOG; logging at info",
+        "{lines:?}"
+    );
+    assert_eq!(warning["level"], "WARN");
+    assert_eq!(warning["rust_log"], "foo=[[");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_log_line_of_an_event_carries_its_id() {
     let echo = HandlerServer::echo().await;
