@@ -619,8 +619,11 @@ function deadLetterTable(letters, paint) {
 }
 
 /** Replays or drops dead letters, after a confirmation; one API call per id. */
-async function act(action, ids, letters) {
-  if (!ids.length) return;
+async function act(action, selected, letters) {
+  if (!selected.length) return;
+  // In id order, the order their events arrived (not the order they were ticked): one
+  // entity's replays then go out in their original order.
+  const ids = [...selected].sort((a, b) => a - b);
   const byId = new Map(letters.map((l) => [l.id, l]));
   const n = ids.length;
   const what = `${n} dead letter${n === 1 ? '' : 's'}`;

@@ -477,10 +477,11 @@ async fn a_dead_letter_is_replayed_from_the_page_and_delivered_and_others_droppe
             let (healthy, delivered) = (healthy.clone(), delivered.clone());
             async move {
                 if healthy.load(Ordering::SeqCst) {
-                    delivered
-                        .lock()
-                        .unwrap()
-                        .push(call.json()["event"]["object_id"].clone());
+                    let envelope = call.json();
+                    delivered.lock().unwrap().push(json!([
+                        envelope["event"]["object_id"],
+                        envelope["data"]["seq"]
+                    ]));
                     reply(200, "{}")
                 } else {
                     // Markup in a reply is shown as text, never run.
@@ -504,31 +505,34 @@ async fn a_dead_letter_is_replayed_from_the_page_and_delivered_and_others_droppe
         ),
     );
     let sidecar = Sidecar::start(&config);
-    for id in [1, 2, 3, 4] {
+    // Client 2 has two events, to be replayed in their order.
+    let events = [(1, 1), (2, 1), (2, 2), (4, 1), (5, 1)];
+    for (id, seq) in events {
         let (status, _) = sidecar
-            .send("clients.update", id, json!({"name": "x"}))
+            .send("clients.update", id, json!({"name": "x", "seq": seq}))
             .await;
         assert_eq!(status, 200);
     }
-    let letters = until("four dead letters", || async {
+    let letters = until("five dead letters", || async {
         let (_, body) = sidecar.get("/v1/deadletters").await;
-        (body["count"] == 4).then_some(body)
+        (body["count"] == 5).then_some(body)
     })
     .await;
-    let id_of = |object: &str| {
+    let id_of_seq = |object: &str, seq: i64| {
         letters["deadletters"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|l| l["object_id"] == object)
+            .find(|l| l["object_id"] == object && l["envelope"]["data"]["seq"] == seq)
             .unwrap()["id"]
             .clone()
     };
+    let id_of = |object: &str| id_of_seq(object, 1);
     let first = id_of("1");
 
     browser.open(&sidecar, "deadletters").await;
-    until("four rows", || async {
-        (browser.texts("#deadletters-table tr.row").await.len() == 4).then_some(())
+    until("five rows", || async {
+        (browser.texts("#deadletters-table tr.row").await.len() == 5).then_some(())
     })
     .await;
     let table = browser.text("#deadletters-table").await.unwrap();
@@ -578,12 +582,12 @@ async fn a_dead_letter_is_replayed_from_the_page_and_delivered_and_others_droppe
         (!delivered.lock().unwrap().is_empty()).then_some(())
     })
     .await;
-    assert_eq!(*delivered.lock().unwrap(), [json!(1)]);
+    assert_eq!(*delivered.lock().unwrap(), [json!([1, 1])]);
     browser
         .wait_text("#notice", &format!("Replayed 1: #{first} → delivery"))
         .await;
-    until("three rows left", || async {
-        (browser.texts("#deadletters-table tr.row").await.len() == 3).then_some(())
+    until("four rows left", || async {
+        (browser.texts("#deadletters-table tr.row").await.len() == 4).then_some(())
     })
     .await;
 
@@ -600,10 +604,43 @@ async fn a_dead_letter_is_replayed_from_the_page_and_delivered_and_others_droppe
         .wait_text("#confirm-dialog", "Drop 1 dead letter?")
         .await;
     browser.click("#confirm-ok").await;
-    until("two rows left", || async {
-        (browser.texts("#deadletters-table tr.row").await.len() == 2).then_some(())
+    until("three rows left", || async {
+        (browser.texts("#deadletters-table tr.row").await.len() == 3).then_some(())
     })
     .await;
+
+    // Client 2's two, ticked newest first, are replayed oldest first: in its order.
+    let (older, newer) = (id_of_seq("2", 1), id_of_seq("2", 2));
+    for id in [&newer, &older] {
+        browser
+            .click(&format!("tr[data-deadletter=\"{id}\"] input.select"))
+            .await;
+    }
+    browser
+        .wait_text("#replay-selected", "Replay selected (2)")
+        .await;
+    browser.click("#replay-selected").await;
+    browser
+        .wait_text("#confirm-dialog", "Replay 2 dead letters?")
+        .await;
+    browser.click("#confirm-ok").await;
+    let notice = browser.wait_text("#notice", "Replayed 2: ").await;
+    let (at_older, at_newer) = (
+        notice.find(&format!("#{older} →")),
+        notice.find(&format!("#{newer} →")),
+    );
+    assert!(
+        at_older.is_some() && at_older < at_newer,
+        "replayed oldest first: {notice}"
+    );
+    until("client 2's replays to reach the handler", || async {
+        (delivered.lock().unwrap().len() == 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        *delivered.lock().unwrap(),
+        [json!([1, 1]), json!([2, 1]), json!([2, 2])]
+    );
 
     // Replay the rest in one call of the bulk API, through the confirmation.
     browser.click("#replay-matching").await;
@@ -611,21 +648,19 @@ async fn a_dead_letter_is_replayed_from_the_page_and_delivered_and_others_droppe
         .wait_text("#confirm-dialog", "Replay every dead letter?")
         .await;
     browser.click("#confirm-ok").await;
-    browser.wait_text("#notice", "Replayed 2.").await;
+    browser.wait_text("#notice", "Replayed 1.").await;
     browser
         .wait_text("#deadletters .empty", "No dead letters.")
         .await;
     until("the bulk replay to reach the handler", || async {
-        (delivered.lock().unwrap().len() == 3).then_some(())
+        (delivered.lock().unwrap().len() == 4).then_some(())
     })
     .await;
     let (_, body) = sidecar.get("/v1/deadletters").await;
     assert_eq!(body["count"], 0, "{body}");
-    let mut got = delivered.lock().unwrap().clone();
-    got.sort_by_key(|v| v.as_i64());
     assert_eq!(
-        got,
-        [json!(1), json!(2), json!(3)],
+        delivered.lock().unwrap()[3],
+        json!([5, 1]),
         "the dropped dead letter is not delivered"
     );
     browser.screenshot("deadletters-empty").await;
