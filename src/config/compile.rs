@@ -470,6 +470,12 @@ impl Checker<'_> {
                      not starting with a digit, at most 63 characters"
                 ),
             );
+        } else if schema.starts_with("pg_") {
+            // PostgreSQL keeps these names for its own schemas.
+            self.error(
+                path.key("schema"),
+                format!("{schema:?} starts with \"pg_\", which PostgreSQL keeps for itself"),
+            );
         }
         let pool = self.whole(raw.pool, path.key("pool"), defaults::PG_POOL);
         let default_lease = defaults::duration(defaults::PG_LEASE);

@@ -870,6 +870,15 @@ fn schema_pool_and_lease_are_checked_naming_their_lines() {
             "p.toml:6:9: store.lease: must be at least 1s".to_owned(),
         ]
     );
+    assert_eq!(
+        error_lines(&text("pg_queue", "8", "30s")),
+        [
+            "p.toml:4:10: store.schema: \"pg_queue\" starts with \"pg_\", which PostgreSQL keeps for \
+          itself"
+        ]
+    );
+    // A keyword is a name like another: the store quotes it.
+    assert!(parse(&text("select", "8", "30s")).is_ok());
     let long = "a".repeat(64);
     assert_eq!(
         error_lines(&text(&long, "65", "2y")),

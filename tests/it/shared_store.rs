@@ -316,6 +316,48 @@ async fn sidecars_started_together_on_an_empty_database_create_the_schema_once()
     );
 }
 
+/// A schema named like an SQL keyword is a name like another (the store quotes it), and
+/// a database that refuses the connection says why, in the database's own words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keyword_schema_works_and_a_refused_connection_says_why() {
+    let Some(db) = server() else { return };
+    let crm = HandlerServer::echo().await;
+    let config = format!(
+        "{SERVER}{}schema = \"select\"\n{}",
+        store(&db),
+        after_handler("crm", &crm.url("/"), FAST)
+    );
+    let sidecar = Sidecar::start(&config);
+    let (code, body) = sidecar.send("clients.update", 1, json!({"n": 1})).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        eventually(Duration::from_secs(10), || crm.calls().len() == 1).await,
+        "delivered from the schema \"select\""
+    );
+    let tables = db.psql(
+        "provisiond",
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'select'",
+    );
+    assert_ne!(tables.trim(), "0", "{tables}");
+
+    // No such database: the server's reason, not only the pool's.
+    let missing = format!(
+        "{SERVER}[store]\nbackend = \"postgres\"\nurl = {}\n",
+        toml_str(db.url("nope"))
+    );
+    let sidecar = Sidecar::start(&missing);
+    let line = sidecar
+        .wait_for_log(Duration::from_secs(10), |v| {
+            v["message"] == "cannot reach the database yet; not ready until it answers"
+        })
+        .expect("the warning");
+    let error = line["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("3D000") && error.contains("\"nope\" does not exist"),
+        "{line}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_database_password_never_shows_in_logs_config_or_readyz() {
     let Some(db) = server() else { return };

@@ -165,8 +165,10 @@ impl group::Run for Settlements {
 }
 
 /// The SQL with `{s}` replaced by the schema.
+/// `text` with `{s}` the schema, quoted: a plain lower-case name is the same quoted or
+/// not, and quoted a keyword (`select`, `user`) is a name too.
 fn sql(schema: &str, text: &str) -> String {
-    text.replace("{s}", schema)
+    text.replace("{s}", &format!("\"{schema}\""))
 }
 
 fn ms(d: Duration) -> i64 {
@@ -183,6 +185,15 @@ fn to_u64(n: i64) -> u64 {
 
 /// A database error as the log and the requester see it: the server's message when it
 /// sent one, else what went wrong with the connection.
+/// A pool's error: the database's own when it gave one (a wrong password, a database
+/// that does not exist), not only the pool's "error occurred while creating a new object".
+fn pool_error(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_error(e),
+        other => other.to_string(),
+    }
+}
+
 fn pg_error(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
@@ -319,7 +330,11 @@ impl Postgres {
         }
         self.inner.pool.get().await.map_err(|e| {
             self.inner.healthy.store(false, Ordering::Relaxed);
-            StoreError::Write(format!("cannot connect to {}: {e}", self.inner.shown))
+            StoreError::Write(format!(
+                "cannot connect to {}: {}",
+                self.inner.shown,
+                pool_error(&e)
+            ))
         })
     }
 
@@ -1402,7 +1417,7 @@ impl Postgres {
                 .pool
                 .get()
                 .await
-                .map_err(|e| Migrate::Failed(e.to_string()))?;
+                .map_err(|e| Migrate::Failed(pool_error(&e)))?;
             let failed = |e: tokio_postgres::Error| Migrate::Failed(pg_error(&e));
             let txn = client.transaction().await.map_err(failed)?;
             txn.execute(
