@@ -683,14 +683,41 @@ impl Deliveries {
     /// that had some before), the oldest waiting delivery's age, the dead letters.
     pub async fn report_metrics(&self, config: &crate::config::Config) {
         let store = &self.store;
-        let mut depths = match store.queue_depths().await {
-            Ok(Some(shared)) => shared.into_iter().collect(),
-            Ok(None) => self.depths(),
+        // A queue that cannot be read (the database is down) keeps the figures last
+        // read: a backlog does not read as 0 during an outage.
+        let depths = match store.queue_depths().await {
+            Ok(Some(shared)) => Some(shared.into_iter().collect()),
+            Ok(None) => Some(self.depths()),
             Err(e) => {
-                warn!(error = %e, "cannot read the queue for metrics");
-                self.depths()
+                warn!(error = %e, "cannot read the queue for metrics; keeping the last figures");
+                None
             }
         };
+        if let Some(depths) = depths {
+            self.report_depths(config, depths).await;
+        }
+        crate::metrics::store_writable(store.is_open());
+        crate::metrics::lanes_in_memory(self.active_lanes());
+        match store.oldest_enqueued().await {
+            Ok(oldest) => {
+                let age = oldest.map_or(0, |at| now_ms().saturating_sub(at));
+                crate::metrics::queue_oldest(Duration::from_millis(age));
+            }
+            Err(e) => warn!(error = %e, "cannot read the queue for metrics"),
+        }
+        match store.dead_letter_count().await {
+            Ok(n) => crate::metrics::dead_letters(n),
+            Err(e) => warn!(error = %e, "cannot count the dead letters for metrics"),
+        }
+    }
+
+    /// The queue depth and the oldest waiting delivery's age per handler, from `depths`.
+    async fn report_depths(
+        &self,
+        config: &crate::config::Config,
+        mut depths: HashMap<String, u64>,
+    ) {
+        let store = &self.store;
         for h in config.handlers.iter().filter(|h| h.stage == Stage::After) {
             depths.entry(h.name.clone()).or_default();
         }
@@ -714,19 +741,6 @@ impl Deliveries {
                 crate::metrics::handler_oldest(handler, age);
                 reported.insert(handler.clone());
             }
-        }
-        crate::metrics::store_writable(store.is_open());
-        crate::metrics::lanes_in_memory(self.active_lanes());
-        match store.oldest_enqueued().await {
-            Ok(oldest) => {
-                let age = oldest.map_or(0, |at| now_ms().saturating_sub(at));
-                crate::metrics::queue_oldest(Duration::from_millis(age));
-            }
-            Err(e) => warn!(error = %e, "cannot read the queue for metrics"),
-        }
-        match store.dead_letter_count().await {
-            Ok(n) => crate::metrics::dead_letters(n),
-            Err(e) => warn!(error = %e, "cannot count the dead letters for metrics"),
         }
     }
 

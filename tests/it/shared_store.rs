@@ -358,6 +358,36 @@ async fn a_keyword_schema_works_and_a_refused_connection_says_why() {
     );
 }
 
+/// While the database is down, the queue's depth keeps its last figure: a backlog must
+/// not read as nothing waiting on a dashboard or to an alert. (The backlog here is a
+/// killed sidecar's, not yet in the other's memory.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_queue_depth_keeps_its_last_figure_while_the_database_is_down() {
+    let Some(mut db) = server() else { return };
+    let crm = HandlerServer::fixed(503, "busy").await;
+    let first = Sidecar::start(&with_crm(&db, &crm.url("/"), FAST));
+    for id in 1..=3 {
+        let (code, body) = first.send("clients.update", id, json!({})).await;
+        assert_eq!(code, 200, "{body}");
+    }
+    drop(first.kill_9());
+    let sidecar = Sidecar::start(&with_crm(&db, &crm.url("/"), FAST));
+    let depth = "provisiond_after_queue_depth{handler=\"crm\"} 3";
+    let mut seen = false;
+    for _ in 0..100 {
+        if sidecar.metrics_text().await.contains(depth) {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(seen, "{}", sidecar.metrics_text().await);
+    tokio::task::block_in_place(|| db.stop());
+    let metrics = sidecar.metrics_text().await;
+    assert!(metrics.contains(depth), "{metrics}");
+    tokio::task::block_in_place(|| db.restart());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_database_password_never_shows_in_logs_config_or_readyz() {
     let Some(db) = server() else { return };
