@@ -385,6 +385,11 @@ async fn the_queue_depth_keeps_its_last_figure_while_the_database_is_down() {
     tokio::task::block_in_place(|| db.stop());
     let metrics = sidecar.metrics_text().await;
     assert!(metrics.contains(depth), "{metrics}");
+    // A read that cannot be made says so, not that a write failed.
+    let (status, body) = sidecar.get("/v1/deadletters").await;
+    assert_eq!(status, 503, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("store read failed: "), "{body}");
     tokio::task::block_in_place(|| db.restart());
 }
 

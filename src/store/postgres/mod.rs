@@ -345,7 +345,11 @@ impl Postgres {
         F: AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, tokio_postgres::Error>,
     {
         let attempt = async {
-            let mut client = self.client().await?;
+            let mut client = self.client().await.map_err(|e| match e {
+                // A read that finds no connection is a failed read, not a write.
+                StoreError::Write(text) if what == "read" => StoreError::Read(text),
+                other => other,
+            })?;
             op(&mut client).await.map_err(|e| {
                 let text = pg_error(&e);
                 if e.is_closed() || e.as_db_error().is_none() {
