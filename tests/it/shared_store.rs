@@ -391,6 +391,11 @@ async fn the_queue_depth_keeps_its_last_figure_while_the_database_is_down() {
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.starts_with("store read failed: "), "{body}");
     tokio::task::block_in_place(|| db.restart());
+    // Back: said once in the log.
+    let back = sidecar.wait_for_log(Duration::from_secs(30), |v| {
+        v["message"] == "the database answers again"
+    });
+    assert!(back.is_some(), "no line says the database is back");
 }
 
 #[tokio::test(flavor = "multi_thread")]

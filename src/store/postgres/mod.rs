@@ -364,7 +364,11 @@ impl Postgres {
         };
         match tokio::time::timeout(OP_TIMEOUT, attempt).await {
             Ok(Ok(v)) => {
-                self.inner.healthy.store(true, Ordering::Relaxed);
+                if !self.inner.healthy.load(Ordering::Relaxed)
+                    && !self.inner.healthy.swap(true, Ordering::Relaxed)
+                {
+                    info!(store = %self.inner.shown, "the database answers again");
+                }
                 Ok(v)
             }
             Ok(Err(e)) => Err(e),
