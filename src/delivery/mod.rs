@@ -72,6 +72,15 @@ pub const LANES_PER_HANDLER: usize = 1024;
 /// `max_concurrency`. Two: a slot that finishes a lane finds the next one in memory, and
 /// lanes this sidecar could not work yet are left for the others to claim.
 const HELD_PER_SLOT: usize = 2;
+/// Shared store: a lane's turn. A sidecar that holds all the lanes it may of a handler,
+/// while other lanes of it wait (free with work, or their lease run out), hands back
+/// the lanes it has held this long, oldest first, as many as wait: each after the
+/// delivery it is on is settled. A lane that never empties (a steady stream for its
+/// entity) would otherwise keep its sidecar for ever, and the others would wait.
+const TURN: Duration = Duration::from_secs(1);
+/// Shared store: how often a sidecar with no room for more lanes of a handler asks
+/// whether others wait, at most.
+const WAITING_EVERY: Duration = Duration::from_millis(250);
 
 /// Longest wait between two tries of a store operation that failed.
 const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
@@ -126,6 +135,9 @@ pub struct Deliveries {
     reported: Mutex<HashSet<String>>,
     /// Shared store: an accept stored deliveries, look for free lanes now.
     wake: tokio::sync::Notify,
+    /// Shared store: lanes were asked to hand back (their turn is over); those that
+    /// wait for a retry or a reload look at their flag.
+    handing: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -159,15 +171,26 @@ struct LaneQueue {
     current: Option<u64>,
     /// The highest id the lane has had: a later word of a lower one is old news.
     last: u64,
+    /// Shared store: when this sidecar claimed the lane (its turn began).
+    since: Instant,
+    /// Shared store: its turn is over and others wait: hand it back once the delivery
+    /// it is on is settled.
+    hand_back: bool,
 }
 
 impl LaneQueue {
     fn new(ids: Vec<u64>) -> Self {
+        Self::since(ids, Instant::now())
+    }
+
+    fn since(ids: Vec<u64>, since: Instant) -> Self {
         let last = ids.last().copied().unwrap_or(0);
         Self {
             ids: ids.into(),
             current: None,
             last,
+            since,
+            hand_back: false,
         }
     }
 
@@ -193,6 +216,7 @@ impl Deliveries {
             caller,
             reported: Mutex::default(),
             wake: tokio::sync::Notify::new(),
+            handing: tokio::sync::Notify::new(),
         })
     }
 
@@ -526,14 +550,21 @@ fn find(live: &Live, name: &str) -> Found {
 impl Deliveries {
     /// The next delivery of `lane`, or `None` when it has no more: the lane then leaves
     /// memory (and a spilled handler with room scans the store for more).
-    fn next(self: &Arc<Self>, lane: &Lane) -> Option<u64> {
+    fn next(self: &Arc<Self>, lane: &Lane) -> Next {
         let mut state = self.state.lock().expect("not poisoned");
-        let lanes = state.handlers.get_mut(&lane.handler)?;
-        if let Some(queue) = lanes.lanes.get_mut(&lane.entity)
-            && let Some(id) = queue.ids.pop_front()
-        {
-            queue.current = Some(id);
-            return Some(id);
+        let Some(lanes) = state.handlers.get_mut(&lane.handler) else {
+            return Next::Empty;
+        };
+        if let Some(queue) = lanes.lanes.get_mut(&lane.entity) {
+            if queue.hand_back {
+                drop(state);
+                self.lost(lane);
+                return Next::HandedBack;
+            }
+            if let Some(id) = queue.ids.pop_front() {
+                queue.current = Some(id);
+                return Next::Deliver(id);
+            }
         }
         lanes.lanes.remove(&lane.entity);
         if lanes.spilled && !lanes.refilling && lanes.lanes.len() <= LANES_PER_HANDLER / 2 {
@@ -545,7 +576,43 @@ impl Deliveries {
             drop(state);
             self.wake.notify_one();
         }
-        None
+        Next::Empty
+    }
+
+    /// Shared store: whether the lane's turn is over (it was asked to hand back).
+    fn handing_back(&self, lane: &Lane) -> bool {
+        let state = self.state.lock().expect("not poisoned");
+        state
+            .handlers
+            .get(&lane.handler)
+            .and_then(|lanes| lanes.lanes.get(&lane.entity))
+            .is_some_and(|queue| queue.hand_back)
+    }
+
+    /// Shared store: `waiting` lanes of `handler` wait for a sidecar while this one has
+    /// no room for more: asks as many of its lanes whose turn is over to hand back,
+    /// those held longest first. How many it asked.
+    fn hand_back(&self, handler: &str, waiting: usize) -> usize {
+        let mut state = self.state.lock().expect("not poisoned");
+        let Some(lanes) = state.handlers.get_mut(handler) else {
+            return 0;
+        };
+        let already = lanes.lanes.values().filter(|q| q.hand_back).count();
+        let mut done: Vec<&mut LaneQueue> = lanes
+            .lanes
+            .values_mut()
+            .filter(|q| !q.hand_back && q.since.elapsed() >= TURN)
+            .collect();
+        done.sort_by_key(|q| q.since);
+        let asked = waiting.saturating_sub(already).min(done.len());
+        for queue in done.into_iter().take(asked) {
+            queue.hand_back = true;
+        }
+        drop(state);
+        if asked > 0 {
+            self.handing.notify_waiters();
+        }
+        asked
     }
 
     fn spawn_refill(self: &Arc<Self>, handler: String) {
@@ -606,7 +673,7 @@ impl Deliveries {
 
     /// Shared store: the lane came back with more deliveries after it left memory.
     /// Whether this task goes on with it (else a lane in memory already has them).
-    fn take_back(self: &Arc<Self>, lane: &Lane, more: Vec<Queued>) -> bool {
+    fn take_back(self: &Arc<Self>, lane: &Lane, more: Vec<Queued>, since: Instant) -> bool {
         let mut state = self.state.lock().expect("not poisoned");
         let lanes = state.handlers.entry(lane.handler.clone()).or_default();
         let ids = more.into_iter().map(|q| q.id);
@@ -618,7 +685,7 @@ impl Deliveries {
             None => {
                 lanes
                     .lanes
-                    .insert(lane.entity.clone(), LaneQueue::new(ids.collect()));
+                    .insert(lane.entity.clone(), LaneQueue::since(ids.collect(), since));
                 true
             }
         }
@@ -639,6 +706,8 @@ impl Deliveries {
                 if let Err(e) = this.store.abandon((&lane.handler, &lane.entity)).await {
                     debug!(error = %e, "cannot give a lane back; its lease runs out");
                 }
+                // Room for another lane, and this one waits for a sidecar.
+                this.wake.notify_one();
             },
             &self.runtime,
         );
@@ -754,13 +823,32 @@ impl Deliveries {
     }
 }
 
+/// What a lane's task does next.
+enum Next {
+    Deliver(u64),
+    /// Nothing left in memory: the lane has left it.
+    Empty,
+    /// Shared store: its turn was over; the lane has left memory and is given back.
+    HandedBack,
+}
+
 async fn run_lane(this: Arc<Deliveries>, lane: Lane) {
+    let since = Instant::now();
     let mut last = 0;
     loop {
-        while let Some(id) = this.next(&lane) {
-            last = id;
-            if !deliver(&this, &lane, id).await {
-                return;
+        loop {
+            match this.next(&lane) {
+                Next::Deliver(id) => {
+                    last = id;
+                    if !deliver(&this, &lane, id).await {
+                        return;
+                    }
+                }
+                Next::Empty => break,
+                Next::HandedBack => {
+                    debug!(handler = %lane.handler, entity = %lane.entity, "lane handed back: its turn is over and others wait");
+                    return;
+                }
             }
         }
         // The lane has left memory. A shared store's stays held until it is freed; what
@@ -771,7 +859,7 @@ async fn run_lane(this: Arc<Deliveries>, lane: Lane) {
         let Some(more) = release(&this, &lane, last).await else {
             return;
         };
-        if !this.take_back(&lane, more) {
+        if !this.take_back(&lane, more, since) {
             return;
         }
     }
@@ -808,6 +896,8 @@ async fn claim_lanes(this: Arc<Deliveries>) {
     let mut idle = CLAIM_MIN;
     let mut announced: Option<Vec<String>> = None;
     let mut orphans_at = Instant::now();
+    // Per handler, when this sidecar last asked whether others' lanes wait.
+    let mut asked_at: HashMap<String, Instant> = HashMap::new();
     loop {
         let (all, enabled) = {
             let snapshot = this.live.load();
@@ -851,6 +941,29 @@ async fn claim_lanes(this: Arc<Deliveries>) {
                 let held = LANES_PER_HANDLER - room;
                 room.min((n * HELD_PER_SLOT).saturating_sub(held))
             });
+            // No room: lanes whose turn is over make room for those that wait.
+            if room == 0 && slots.is_some() {
+                let due = asked_at
+                    .get(&handler)
+                    .is_none_or(|at| at.elapsed() >= WAITING_EVERY);
+                if due {
+                    asked_at.insert(handler.clone(), Instant::now());
+                    let held = LANES_PER_HANDLER - this.room(&handler);
+                    match this.store.waiting(&handler, held).await {
+                        Ok(0) => {}
+                        Ok(waiting) => {
+                            let asked = this.hand_back(&handler, waiting);
+                            if asked > 0 {
+                                debug!(handler = %handler, waiting, asked, "lanes wait: handing back those whose turn is over");
+                            }
+                        }
+                        Err(e) => {
+                            debug!(handler = %handler, error = %e, "cannot ask whether lanes wait")
+                        }
+                    }
+                }
+                continue;
+            }
             match this.store.claim(&handler, room).await {
                 Ok(queued) if !queued.is_empty() => {
                     found += queued.len();
@@ -970,7 +1083,11 @@ async fn turn(
     }
     delivery.body = String::new();
     match found {
-        // Ready, and not due yet: the wait below.
+        // Ready, and not due yet: the wait below, unless the lane's turn is over.
+        Found::Ready(_) if this.handing_back(lane) => {
+            this.lost(lane);
+            return Turn::Done(false);
+        }
         Found::Ready(_) => {}
         Found::Dead(reason) => {
             // Shared store: another live sidecar that still has the handler takes it.
@@ -1000,12 +1117,17 @@ async fn turn(
             };
             return Turn::Done(record(this, lane, id, settle, None).await);
         }
+        Found::Disabled if this.handing_back(lane) => {
+            this.lost(lane);
+            return Turn::Done(false);
+        }
         Found::Disabled => {
             debug!(handler = %lane.handler, delivery = id, "handler disabled, delivery waits");
             return tokio::select! {
                 biased;
                 () = stop.cancelled() => Turn::Done(false),
                 () = changed(generations) => Turn::Again,
+                () = this.handing.notified() => Turn::Again,
             };
         }
     }
@@ -1014,6 +1136,8 @@ async fn turn(
         () = stop.cancelled() => Turn::Done(false),
         // A reload: look at the handler again, then wait what is left.
         () = changed(generations) => Turn::Again,
+        // Lanes were asked to hand back: this one may be among them.
+        () = this.handing.notified() => Turn::Again,
         () = tokio::time::sleep(wait) => Turn::Again,
     }
 }

@@ -442,6 +442,16 @@ impl Store {
         }
     }
 
+    /// Shared store: how many lanes of `handler` wait for a sidecar (free with work
+    /// left, or held by a lease that ran out), counting up to `limit`. The file's lanes
+    /// never wait for one.
+    pub async fn waiting(&self, handler: &str, limit: usize) -> Result<usize, StoreError> {
+        match &self.backend {
+            Backend::File(_) => Ok(0),
+            Backend::Postgres(p) => p.waiting(handler, limit).await,
+        }
+    }
+
     /// Shared store: this sidecar is done with the lane's deliveries up to `last`: it
     /// frees the lane, or keeps it when more were queued meanwhile.
     pub async fn release(&self, lane: (&str, &str), last: u64) -> Result<Release, StoreError> {
@@ -452,7 +462,9 @@ impl Store {
     }
 
     /// Shared store: gives a held lane up, its deliveries still queued, for another
-    /// sidecar to take (a handler this one no longer has, but others do).
+    /// sidecar to take (a handler this one no longer has, but others do; a lane whose
+    /// turn is over while others wait). It waits from now on, behind those that waited
+    /// before it.
     pub async fn abandon(&self, lane: (&str, &str)) -> Result<(), StoreError> {
         match &self.backend {
             Backend::File(_) => Ok(()),

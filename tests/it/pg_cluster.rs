@@ -4,6 +4,8 @@
 //!
 //! - three sidecars on one database under load, one killed with `kill -9`: every
 //!   acknowledged delivery delivered, per-entity order kept, work done by all three;
+//! - a steady stream for more entities than the sidecars hold lanes of: every entity
+//!   has its turn while it goes on, and a killed sidecar's lanes move after the lease;
 //! - an identical envelope sent to two sidecars is delivered once;
 //! - the PostgreSQL primary killed under load and its synchronous standby promoted: the
 //!   sidecars find it through the multi-host URL, the billing sees 503s, never a 200 for
@@ -22,7 +24,7 @@
 //! again (to the next sidecar), as the billing retries.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,9 +45,13 @@ const GIVE_UP: Duration = Duration::from_secs(30);
 /// How long everything acknowledged may take to arrive once the load stops.
 const DRAIN: Duration = Duration::from_secs(90);
 
-/// A sidecar's config: the postgres store at `url`, one after-stage handler `crm` that
-/// tells the handler which sidecar called (`X-Sidecar: NAME`).
-fn config(url: &str, handler: &str, name: &str) -> String {
+/// The `max_concurrency` of the tests' handler, but where a test says otherwise.
+const SLOTS: usize = 4;
+
+/// A sidecar's config: the postgres store at `url`, one after-stage handler `crm` with
+/// `slots` for its `max_concurrency`, that tells the handler which sidecar called
+/// (`X-Sidecar: NAME`).
+fn config(url: &str, handler: &str, name: &str, slots: usize) -> String {
     format!(
         "{SERVER}[store]\nbackend = \"postgres\"\nurl = {}\nlease = \"3s\"\n{}",
         toml_str(url),
@@ -53,7 +59,7 @@ fn config(url: &str, handler: &str, name: &str) -> String {
             "crm",
             handler,
             &format!(
-                "{FAST}\ntimeout = \"5s\"\nmax_concurrency = 4\nsecret = {}\n\
+                "{FAST}\ntimeout = \"5s\"\nmax_concurrency = {slots}\nsecret = {}\n\
                  headers = {{ \"X-Sidecar\" = {} }}",
                 toml_str(SECRET),
                 toml_str(name)
@@ -65,10 +71,20 @@ fn config(url: &str, handler: &str, name: &str) -> String {
 /// Starts sidecars `names` on `url` all at once (their schema migrations race: the
 /// advisory lock must sort them out).
 async fn start_sidecars(url: &str, handler: &str, names: &[&str]) -> Vec<Sidecar> {
+    start_sidecars_with(url, handler, names, SLOTS).await
+}
+
+/// [`start_sidecars`], the handler's `max_concurrency` being `slots`.
+async fn start_sidecars_with(
+    url: &str,
+    handler: &str,
+    names: &[&str],
+    slots: usize,
+) -> Vec<Sidecar> {
     let starting: Vec<_> = names
         .iter()
         .map(|name| {
-            let config = config(url, handler, name);
+            let config = config(url, handler, name, slots);
             tokio::task::spawn_blocking(move || Sidecar::start(&config))
         })
         .collect();
@@ -104,6 +120,8 @@ struct Delivered {
     sidecar: String,
     /// Its `webhook-id`.
     message: String,
+    /// When the handler answered it.
+    at: Instant,
 }
 
 /// The after-stage handler of the load: answers 200 after a few milliseconds (one call
@@ -113,6 +131,8 @@ struct Recorder {
     server: HandlerServer,
     delivered: Arc<Mutex<Vec<Delivered>>>,
     overlaps: Arc<Mutex<Vec<String>>>,
+    /// How long it takes to answer, in milliseconds.
+    delay: Arc<AtomicU64>,
 }
 
 /// A call in flight at the handler, per entity. A guard: a call whose connection
@@ -152,14 +172,16 @@ impl Recorder {
         let overlaps = Arc::new(Mutex::new(Vec::new()));
         let in_flight: Arc<Mutex<HashMap<i64, usize>>> = Arc::default();
         let calls = Arc::new(AtomicUsize::new(0));
+        let delay = Arc::new(AtomicU64::new(3));
         let server = {
-            let (delivered, overlaps) = (delivered.clone(), overlaps.clone());
+            let (delivered, overlaps, delay) = (delivered.clone(), overlaps.clone(), delay.clone());
             HandlerServer::start(move |call| {
-                let (delivered, overlaps, in_flight, calls) = (
+                let (delivered, overlaps, in_flight, calls, delay) = (
                     delivered.clone(),
                     overlaps.clone(),
                     in_flight.clone(),
                     calls.clone(),
+                    delay.clone(),
                 );
                 async move {
                     let envelope = call.json();
@@ -176,7 +198,8 @@ impl Recorder {
                             key.0, key.1
                         ));
                     }
-                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    let delay = delay.load(Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
                     drop(calling);
                     if calls.fetch_add(1, Ordering::SeqCst) % 20 == 19 {
                         return reply(500, "try again");
@@ -185,6 +208,7 @@ impl Recorder {
                         key,
                         sidecar,
                         message: call.header("webhook-id").unwrap_or_default().to_owned(),
+                        at: Instant::now(),
                     });
                     reply(200, "")
                 }
@@ -195,7 +219,14 @@ impl Recorder {
             server,
             delivered,
             overlaps,
+            delay,
         }
+    }
+
+    /// Answers each call after `delay` from now on.
+    fn set_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap();
+        self.delay.store(ms, Ordering::SeqCst);
     }
 
     fn url(&self) -> String {
@@ -240,6 +271,17 @@ async fn load(
     entities: std::ops::RangeInclusive<i64>,
     stop: Arc<AtomicBool>,
     progress: Arc<AtomicUsize>,
+) -> Billing {
+    paced_load(urls, entities, stop, progress, Duration::ZERO).await
+}
+
+/// [`load`], each entity's next event sent `pace` after the last one's 200.
+async fn paced_load(
+    urls: Vec<String>,
+    entities: std::ops::RangeInclusive<i64>,
+    stop: Arc<AtomicBool>,
+    progress: Arc<AtomicUsize>,
+    pace: Duration,
 ) -> Billing {
     let billing = Arc::new(Mutex::new(Billing::default()));
     let mut tasks = Vec::new();
@@ -298,6 +340,9 @@ async fn load(
                         }
                     };
                     if acked {
+                        if !pace.is_zero() {
+                            tokio::time::sleep(pace).await;
+                        }
                         break;
                     }
                     // The billing's retry, a little later (not a storm of 503s).
@@ -510,6 +555,101 @@ async fn three_sidecars_share_the_work_and_a_kill_9_of_one_loses_nothing() {
     drop(server);
 }
 
+/// More entities with a steady stream each than the sidecars may hold lanes of (three
+/// sidecars, `max_concurrency = 1`: two lanes each, six in all, for twelve entities whose
+/// events come faster than a lane is worked, so that no lane ever empties): every entity
+/// is delivered while the stream goes on, because a sidecar with no room hands back the
+/// lanes whose turn is over when others wait; and a killed sidecar's lanes go to the
+/// others once its lease runs out, not when the load ends. Order per entity, nothing
+/// lost, no two calls of one entity at once, as in every test here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_a_steady_stream_for_more_entities_than_lanes_every_entity_gets_its_turn() {
+    if !pg::installed() {
+        return;
+    }
+    let server = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+    let url = server.create_database("billing");
+    let recorder = Recorder::start().await;
+    // 100 ms a call: a sidecar delivers 10 a second; each entity sends about 15.
+    recorder.set_delay(Duration::from_millis(100));
+    let mut sidecars: Vec<Option<Sidecar>> =
+        start_sidecars_with(&url, &recorder.url(), &["a", "b", "c"], 1)
+            .await
+            .into_iter()
+            .map(Some)
+            .collect();
+    let urls: Vec<String> = sidecars
+        .iter()
+        .map(|s| s.as_ref().unwrap().url("/events"))
+        .collect();
+    let entities = 1..=12;
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let billing = tokio::spawn(paced_load(
+        urls.clone(),
+        entities.clone(),
+        stop.clone(),
+        progress.clone(),
+        Duration::from_millis(50),
+    ));
+    let served = |since: Instant, by: &[&str]| -> HashSet<i64> {
+        recorder
+            .delivered()
+            .iter()
+            .filter(|d| d.at >= since && by.contains(&d.sidecar.as_str()))
+            .map(|d| d.key.0)
+            .collect()
+    };
+    let everyone = eventually(Duration::from_secs(40), || {
+        served(started, &["a", "b", "c"]).len() == entities.clone().count()
+    })
+    .await;
+    let first_round = started.elapsed();
+    let mut seen: Vec<i64> = served(started, &["a", "b", "c"]).into_iter().collect();
+    seen.sort_unstable();
+    assert!(
+        everyone,
+        "under the stream, only entities {seen:?} were delivered in {first_round:?}\n{}",
+        lanes_with_work(&server)
+    );
+
+    // Kill b with its lanes held: the two left must take them over while the stream
+    // goes on.
+    let killed = sidecars[1].take().unwrap();
+    let _ = killed.kill_9();
+    let killed_at = Instant::now();
+    let taken_over = eventually(Duration::from_secs(40), || {
+        served(killed_at, &["a", "c"]).len() == entities.clone().count()
+    })
+    .await;
+    let takeover = killed_at.elapsed();
+    let mut after: Vec<i64> = served(killed_at, &["a", "c"]).into_iter().collect();
+    after.sort_unstable();
+    let lanes = lanes_with_work(&server);
+    stop.store(true, Ordering::SeqCst);
+    let billing = billing.await.unwrap();
+    println!(
+        "every entity delivered {first_round:?} into the stream; after the kill, every \
+         entity delivered by the two left within {takeover:?} (lease {LEASE:?}); \
+         accepted {}",
+        billing.acked.len()
+    );
+    assert!(
+        taken_over,
+        "after the kill, the two left delivered only entities {after:?} in {takeover:?}\n{lanes}"
+    );
+    assert!(billing.unexpected.is_empty(), "{:?}", billing.unexpected);
+
+    // The backlog drains (quickly now), complete and in order.
+    recorder.set_delay(Duration::ZERO);
+    let arrived = recorder.wait_for(&billing.acked).await;
+    println!("all acknowledged arrived: {arrived}");
+    check_deliveries(&billing.acked, &recorder);
+    drop(sidecars);
+    drop(server);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_identical_envelope_sent_to_two_sidecars_is_delivered_once() {
     if !pg::installed() {
@@ -685,7 +825,7 @@ async fn postgres_unreachable_at_start_and_mid_run_is_503_then_recovers_without_
 
     let recorder = Recorder::start().await;
     let sidecar = tokio::task::spawn_blocking({
-        let config = config(&url, &recorder.url(), "a");
+        let config = config(&url, &recorder.url(), "a", SLOTS);
         move || Sidecar::start(&config)
     })
     .await

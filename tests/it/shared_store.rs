@@ -1,8 +1,8 @@
 //! The PostgreSQL backend's own promises, beyond the after-stage suite that runs on
 //! both backends (`after_pg`): a handler removed by one sidecar's reload but kept by
 //! another is not dead-lettered; `store copy` moves a redb file's queue and dead letters
-//! in; a schema newer than the build is refused, and sidecars started together create
-//! it once; the URL's password is never shown; retention prunes the shared log; a bulk
+//! in; a schema newer than the build is refused, one older is migrated at start, and
+//! sidecars started together create it once; the URL's password is never shown; retention prunes the shared log; a bulk
 //! replay takes its lanes in the order accepts do.
 
 use std::sync::Arc;
@@ -263,6 +263,117 @@ async fn a_schema_newer_than_the_build_is_refused_in_one_sentence() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schema_of_an_older_version_is_migrated_at_start_and_its_queue_delivered() {
+    let Some(db) = server() else { return };
+    // The schema as the first build with a shared store wrote it (version 1), with
+    // deliveries queued by its own `enqueue`: two for one entity, one for another.
+    let v1 = include_str!("../fixtures/pg_schema_v1.sql").replace("{s}", "provisiond");
+    db.psql(
+        "provisiond",
+        &format!(
+            "CREATE SCHEMA provisiond; CREATE TABLE provisiond.meta \
+             (key text PRIMARY KEY, value bigint NOT NULL); \
+             INSERT INTO provisiond.meta VALUES ('schema_version', 1); {v1}"
+        ),
+    );
+    let bodies: Vec<String> = [(1, 1), (1, 2), (2, 1)]
+        .iter()
+        .map(|(entity, seq)| {
+            let body = envelope("clients.update", *entity, json!({"seq": seq}));
+            format!("$j${body}$j$")
+        })
+        .collect();
+    db.psql(
+        "provisiond",
+        &format!(
+            "SELECT * FROM provisiond.enqueue(ARRAY['crm','crm','crm'], \
+             ARRAY['clients/1','clients/1','clients/2'], \
+             ARRAY['clients.update','clients.update','clients.update'], ARRAY['1','1','2'], \
+             ARRAY['msg_1','msg_2','msg_3'], ARRAY[{}], ARRAY[NULL,NULL,NULL]::bytea[], \
+             ARRAY['evt_1','evt_2','evt_3'], ARRAY[0,0,0]::bigint[], \
+             (extract(epoch from now()) * 1000)::bigint)",
+            bodies.join(",")
+        ),
+    );
+    let handler = HandlerServer::fixed(200, "").await;
+    let sidecar = Sidecar::start(&with_crm(&db, &handler.url("/"), FAST));
+    let migrated = sidecar.wait_for_log(Duration::from_secs(10), |v| {
+        v["message"] == "database schema migrated"
+    });
+    let migrated = migrated.expect("the migration is logged");
+    assert_eq!(
+        (migrated["from"].as_i64(), migrated["to"].as_i64()),
+        (Some(1), Some(2))
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || handler.calls().len() >= 3).await,
+        "{} calls",
+        handler.calls().len()
+    );
+    let delivered: Vec<(i64, i64)> = handler
+        .calls()
+        .iter()
+        .map(|c| {
+            let v = c.json();
+            (
+                v["event"]["object_id"].as_i64().unwrap(),
+                v["data"]["seq"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let first: Vec<_> = delivered.iter().filter(|(e, _)| *e == 1).collect();
+    assert_eq!(first, [&(1, 1), &(1, 2)], "{delivered:?}");
+    assert!(delivered.contains(&(2, 1)), "{delivered:?}");
+    assert_eq!(
+        db.psql(
+            "provisiond",
+            "SELECT value FROM provisiond.meta WHERE key = 'schema_version'"
+        ),
+        "2"
+    );
+    // The migrated schema is the one a fresh start creates: same columns, same indexes.
+    let fresh = format!(
+        "{SERVER}{}schema = \"fresh\"\n{}",
+        store(&db),
+        after_handler("crm", &handler.url("/"), FAST)
+    );
+    let other = Sidecar::start(&fresh);
+    assert_eq!(other.get("/readyz").await.0, 200);
+    let layout = |schema: &str| {
+        db.psql(
+            "provisiond",
+            &format!(
+                "SELECT table_name, column_name, data_type, is_nullable, column_default \
+                 FROM information_schema.columns WHERE table_schema = '{schema}' \
+                 ORDER BY table_name, ordinal_position; \
+                 SELECT indexname, replace(indexdef, '{schema}.', '') FROM pg_indexes \
+                 WHERE schemaname = '{schema}' ORDER BY indexname"
+            ),
+        )
+        .replace(&format!("{schema}."), "")
+    };
+    let migrated = layout("provisiond");
+    assert!(
+        migrated.contains("lanes|waiting_since") && migrated.contains("lanes_waiting|"),
+        "{migrated}"
+    );
+    assert_eq!(migrated, layout("fresh"));
+    drop(other);
+    // A sidecar started on the migrated schema finds nothing to do.
+    drop(sidecar);
+    let again = Sidecar::start(&with_crm(&db, &handler.url("/"), FAST));
+    let (code, _) = again.get("/readyz").await;
+    assert_eq!(code, 200);
+    assert!(
+        again
+            .log_records()
+            .iter()
+            .all(|v| v["message"] != "database schema migrated"),
+        "migrated twice"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sidecars_started_together_on_an_empty_database_create_the_schema_once() {
     let Some(db) = server() else { return };
@@ -312,7 +423,7 @@ async fn sidecars_started_together_on_an_empty_database_create_the_schema_once()
             "provisiond",
             "SELECT value FROM provisiond.meta WHERE key = 'schema_version'"
         ),
-        "1"
+        "2"
     );
 }
 

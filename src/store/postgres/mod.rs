@@ -1,14 +1,16 @@
 //! The PostgreSQL backend: the after stage's data in one schema that any number of
 //! sidecars share (`store.backend = "postgres"`).
 //!
-//! - **Accepts** run one function call ([`schema.sql`](schema.sql) `enqueue`) in one
+//! - **Accepts** run one function call ([`functions.sql`](functions.sql) `enqueue`) in one
 //!   transaction: the dedupe keys, the lanes' rows (locked, so that a lane's ids follow
 //!   commit order) and the deliveries. The 200 follows its commit.
-//! - **Lanes** are held by leases: a sidecar claims free lanes (`FOR UPDATE SKIP
-//!   LOCKED`, so sidecars never wait on each other's claims), renews all it holds every
-//!   third of `store.lease`, and frees a lane when it has delivered all of it. Every
-//!   claim raises the lane's token; a settlement names the token it holds, and the
-//!   database refuses it when the lane has been claimed since (fencing).
+//! - **Lanes** are held by leases: a sidecar claims free lanes, those that have waited
+//!   longest first (`FOR UPDATE SKIP LOCKED`, so sidecars never wait on each other's
+//!   claims), renews all it holds every third of `store.lease`, and frees a lane when
+//!   it has delivered all of it, or gives it back when its turn is over and others wait
+//!   (`crate::delivery`). Every claim raises the lane's token; a settlement names the
+//!   token it holds, and the database refuses it when the lane has been claimed since
+//!   (fencing).
 //! - **Waking**: the sidecar that accepted an event claims at once; the others look for
 //!   free lanes with a backoff (50 ms up to 1 s while nothing is found), which is also
 //!   how a dead sidecar's lanes are found once their leases have run out. No
@@ -37,9 +39,15 @@ use super::records::{
 use super::{LOG_BYTES, LOG_CAPACITY, PRUNE_LIMIT, Release, StoreError};
 use crate::config;
 
+/// The steps from each older layout to the next: the first takes version 1 to 2.
+const MIGRATIONS: &[&str] = &[include_str!("migrations/2.sql")];
 /// The layout this build reads and writes (the `meta` table's `schema_version`).
-pub(super) const SCHEMA_VERSION: i64 = 1;
+#[expect(clippy::cast_possible_wrap, reason = "a handful of steps")]
+pub(super) const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
+/// The tables at [`SCHEMA_VERSION`], for a schema created afresh.
 const SCHEMA_SQL: &str = include_str!("schema.sql");
+/// The functions at [`SCHEMA_VERSION`], created afresh or replaced after a migration.
+const FUNCTIONS_SQL: &str = include_str!("functions.sql");
 /// The longest any one database operation may take before it counts as failed.
 pub(super) const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Queued deliveries a lane takes into memory at once.
@@ -848,8 +856,9 @@ impl Postgres {
         let release = self.sql(
             "WITH mine AS (SELECT handler, entity FROM {s}.lanes WHERE owner = $1 \
              ORDER BY handler COLLATE \"C\", entity COLLATE \"C\" FOR UPDATE) \
-             UPDATE {s}.lanes l SET owner = NULL, lease_until = NULL FROM mine \
-             WHERE l.handler = mine.handler AND l.entity = mine.entity AND l.owner = $1",
+             UPDATE {s}.lanes l SET owner = NULL, lease_until = NULL, waiting_since = now() \
+             FROM mine WHERE l.handler = mine.handler AND l.entity = mine.entity \
+             AND l.owner = $1",
         );
         let gone = self.sql("DELETE FROM {s}.sidecars WHERE id = $1");
         let owner = self.inner.owner.clone();
@@ -1024,17 +1033,20 @@ impl Postgres {
         if room == 0 || !self.is_open() && !self.inner.ready.load(Ordering::Relaxed) {
             return Ok(Vec::new());
         }
-        // Free lanes come from their own index (`lanes_free`), which holds no lane that
-        // anyone holds: a claim does not walk past the lanes other sidecars are working.
-        // Lanes whose lease ran out (their sidecar died) are looked for at most every
-        // EXPIRED_EVERY, among the lanes held.
+        // Free lanes come from their own index (`lanes_waiting`), which holds no lane
+        // that anyone holds: a claim does not walk past the lanes other sidecars are
+        // working. Lanes whose lease ran out (their sidecar died) are looked for at most
+        // every EXPIRED_EVERY, among the lanes held; they have waited since their lease
+        // ran out. The lanes that have waited longest go first.
         let claim = self.sql(
-            "WITH free AS (SELECT handler, entity FROM {s}.lanes WHERE handler = $1 \
-             AND pending > 0 AND owner IS NULL LIMIT $2 FOR UPDATE SKIP LOCKED), \
-             expired AS (SELECT handler, entity FROM {s}.lanes WHERE $5::boolean \
-             AND handler = $1 AND pending > 0 AND owner IS NOT NULL AND lease_until < now() \
+            "WITH free AS (SELECT handler, entity, waiting_since AS since FROM {s}.lanes \
+             WHERE handler = $1 AND pending > 0 AND owner IS NULL ORDER BY waiting_since \
              LIMIT $2 FOR UPDATE SKIP LOCKED), \
-             taken AS (SELECT * FROM free UNION ALL SELECT * FROM expired LIMIT $2) \
+             expired AS (SELECT handler, entity, lease_until AS since FROM {s}.lanes \
+             WHERE $5::boolean AND handler = $1 AND pending > 0 AND owner IS NOT NULL \
+             AND lease_until < now() ORDER BY lease_until LIMIT $2 FOR UPDATE SKIP LOCKED), \
+             taken AS (SELECT handler, entity FROM (SELECT * FROM free UNION ALL \
+             SELECT * FROM expired) w ORDER BY since LIMIT $2) \
              UPDATE {s}.lanes l SET owner = $3, token = l.token + 1, \
              lease_until = now() + $4::bigint * interval '1 millisecond' FROM taken \
              WHERE l.handler = taken.handler AND l.entity = taken.entity \
@@ -1110,6 +1122,29 @@ impl Postgres {
         }
     }
 
+    pub(super) async fn waiting(&self, handler: &str, limit: usize) -> Result<usize, StoreError> {
+        if limit == 0 || !self.is_open() && !self.inner.ready.load(Ordering::Relaxed) {
+            return Ok(0);
+        }
+        let query = self.sql(
+            "SELECT (SELECT count(*) FROM (SELECT 1 FROM {s}.lanes WHERE handler = $1 \
+             AND pending > 0 AND owner IS NULL LIMIT $2) f) + (SELECT count(*) FROM \
+             (SELECT 1 FROM {s}.lanes WHERE handler = $1 AND pending > 0 \
+             AND owner IS NOT NULL AND lease_until < now() LIMIT $2) e)",
+        );
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let n: i64 = self
+            .run("read", async |c| {
+                Ok(
+                    c.query_one(&c.prepare_cached(&query).await?, &[&handler, &limit])
+                        .await?
+                        .get(0),
+                )
+            })
+            .await?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
     /// The lane's queued deliveries, oldest first, at most [`LANE_BATCH`].
     async fn lane_rows(&self, lane: (&str, &str)) -> Result<Vec<Queued>, StoreError> {
         let read = self.sql(
@@ -1175,8 +1210,8 @@ impl Postgres {
                     let fix = self.sql(
                         "UPDATE {s}.lanes l SET pending = (SELECT count(*) FROM {s}.deliveries d \
                          WHERE d.handler = l.handler AND d.entity = l.entity), owner = NULL, \
-                         lease_until = NULL WHERE handler = $1 AND entity = $2 AND owner = $3 \
-                         AND token = $4",
+                         lease_until = NULL, waiting_since = now() WHERE handler = $1 \
+                         AND entity = $2 AND owner = $3 AND token = $4",
                     );
                     self.run("write", async |c| {
                         c.execute(
@@ -1199,7 +1234,7 @@ impl Postgres {
             return Ok(());
         };
         let free = self.sql(
-            "UPDATE {s}.lanes SET owner = NULL, lease_until = NULL \
+            "UPDATE {s}.lanes SET owner = NULL, lease_until = NULL, waiting_since = now() \
              WHERE handler = $1 AND entity = $2 AND owner = $3 AND token = $4",
         );
         let owner = &self.inner.owner;
@@ -1290,7 +1325,8 @@ impl Postgres {
              RETURNING l.handler, l.entity, l.token"
         ));
         let free = self.sql(&format!(
-            "{MINE_IN_ORDER} UPDATE {{s}}.lanes l SET owner = NULL, lease_until = NULL FROM mine \
+            "{MINE_IN_ORDER} UPDATE {{s}}.lanes l SET owner = NULL, lease_until = NULL, \
+             waiting_since = now() FROM mine \
              WHERE l.handler = mine.handler AND l.entity = mine.entity"
         ));
         let beat = self.sql(
@@ -1457,6 +1493,9 @@ impl Postgres {
                     txn.batch_execute(&sql(schema, SCHEMA_SQL))
                         .await
                         .map_err(failed)?;
+                    txn.batch_execute(&sql(schema, FUNCTIONS_SQL))
+                        .await
+                        .map_err(failed)?;
                     txn.execute(
                         &sql(schema, "INSERT INTO {s}.meta VALUES ('schema_version', $1)"),
                         &[&SCHEMA_VERSION],
@@ -1464,6 +1503,29 @@ impl Postgres {
                     .await
                     .map_err(failed)?;
                     info!(schema = %schema, schema_version = SCHEMA_VERSION, "database schema created");
+                }
+                Some(v) if v < SCHEMA_VERSION => {
+                    // Every step, then the functions, in the one transaction: a sidecar
+                    // that fails midway leaves the schema as it was.
+                    let from = usize::try_from(v.max(1) - 1).unwrap_or(0);
+                    for step in &MIGRATIONS[from..] {
+                        txn.batch_execute(&sql(schema, step))
+                            .await
+                            .map_err(failed)?;
+                    }
+                    txn.batch_execute(&sql(schema, FUNCTIONS_SQL))
+                        .await
+                        .map_err(failed)?;
+                    txn.execute(
+                        &sql(
+                            schema,
+                            "UPDATE {s}.meta SET value = $1 WHERE key = 'schema_version'",
+                        ),
+                        &[&SCHEMA_VERSION],
+                    )
+                    .await
+                    .map_err(failed)?;
+                    info!(schema = %schema, from = v, to = SCHEMA_VERSION, "database schema migrated");
                 }
                 Some(v) if v > SCHEMA_VERSION => {
                     return Err(Migrate::Refused(format!(
@@ -1593,8 +1655,10 @@ impl Postgres {
         dedupe: Vec<([u8; 32], u64)>,
     ) -> Result<super::Copied, StoreError> {
         let lane = self.sql(
-            "INSERT INTO {s}.lanes AS l (handler, entity, pending) VALUES ($1, $2, 1) \
-             ON CONFLICT (handler, entity) DO UPDATE SET pending = l.pending + 1",
+            "INSERT INTO {s}.lanes AS l (handler, entity, pending, waiting_since) \
+             VALUES ($1, $2, 1, now()) ON CONFLICT (handler, entity) DO UPDATE SET \
+             pending = l.pending + 1, \
+             waiting_since = CASE WHEN l.pending = 0 THEN now() ELSE l.waiting_since END",
         );
         let queue = self.sql(
             "INSERT INTO {s}.deliveries (handler, entity, event, object_id, message_id, body, \
