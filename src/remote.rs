@@ -51,6 +51,8 @@ pub struct Remote {
     shown: String,
     token: Option<String>,
     config: Option<Config>,
+    /// The config file whose `server.listen` gave the address (no `--url`).
+    listen_of: Option<std::path::PathBuf>,
 }
 
 impl Remote {
@@ -101,6 +103,7 @@ impl Remote {
             .as_ref()
             .and_then(|c| c.server.token.as_ref())
             .map(|t| t.expose().to_owned());
+        let from_file = url.is_none() && (listen.is_some() || written.is_some());
         let target_url = match (url, listen) {
             (Some(url), _) => url.to_owned(),
             (None, Some(listen)) => listener_url(listen),
@@ -140,6 +143,7 @@ impl Remote {
             base,
             shown: target_url,
             token,
+            listen_of: from_file.then(|| config_path.to_owned()),
             config,
         })
     }
@@ -194,12 +198,23 @@ impl Remote {
                 .body(body);
         }
         let response = request.send().await.map_err(|e| {
+            // Nobody at the file's address: the sidecar may still run on the address
+            // it started with, as a changed listen waits for a restart.
+            let hint = match &self.listen_of {
+                Some(path) if e.is_connect() => format!(
+                    " (the server.listen of {}: is provisiond running? A changed \
+                     listen applies at restart; until then give --url with the address it \
+                     runs on)",
+                    path.display()
+                ),
+                _ => String::new(),
+            };
             let why = if e.is_timeout() {
                 "no answer in time".to_owned()
             } else {
                 format!("{:#}", anyhow::Error::from(e))
             };
-            anyhow::anyhow!("cannot reach provisiond at {}: {why}", self.shown)
+            anyhow::anyhow!("cannot reach provisiond at {}: {why}{hint}", self.shown)
         })?;
         Ok(response)
     }

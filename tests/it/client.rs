@@ -182,3 +182,45 @@ async fn send_warns_about_an_event_outside_the_catalogue_and_sends_it_anyway() {
     );
     assert_eq!(other.calls().len(), before + 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_listen_change_waiting_for_a_restart_the_client_says_to_give_url() {
+    // The sidecar runs on `old`; the file now says `new`, which needs a restart.
+    let (old, new) = (free_addr(), free_addr());
+    let sidecar = Sidecar::start(&format!("[server]\nlisten = \"{old}\"\n"));
+    write_atomic(
+        &sidecar.config_path,
+        &format!("[server]\nlisten = \"{new}\"\n"),
+    );
+    sidecar
+        .wait_for_config(std::time::Duration::from_secs(30), |c| {
+            c["restart_needed"][0]["setting"] == "server.listen"
+        })
+        .await;
+    let dir = sidecar.dir.path();
+    let (code, out, err) = run_binary(dir, &["executions", "-c", "provisioning.toml"]);
+    assert_eq!((code, out.as_str()), (1, ""), "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "provisiond: cannot reach provisiond at http://{new}: "
+        )),
+        "{err}"
+    );
+    assert!(
+        err.ends_with(
+            " (the server.listen of provisioning.toml: is provisiond running? A changed \
+             listen applies at restart; until then give --url with the address it runs on)\n"
+        ),
+        "{err}"
+    );
+    // As the hint says.
+    let url = format!("http://{old}");
+    let (code, _, err) = run_binary(dir, &["executions", "--url", &url]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(err, "no executions match\n");
+    // A --url that reaches nothing gets no such hint: it did not come from the file.
+    let nobody = format!("http://{}", free_addr());
+    let (code, _, err) = run_binary(dir, &["executions", "--url", &nobody]);
+    assert_eq!(code, 1);
+    assert!(!err.contains("server.listen"), "{err}");
+}
