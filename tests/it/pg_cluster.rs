@@ -95,6 +95,42 @@ async fn start_sidecars_with(
     sidecars
 }
 
+/// A throwaway PostgreSQL with the database `billing`, the load's handler, and sidecars
+/// on it (started at once, the handler's `max_concurrency` being `slots`), each with
+/// its `/events` URL, in `names`' order.
+struct Cluster {
+    server: PgServer,
+    recorder: Recorder,
+    /// `None` once a test has taken one away (to kill it).
+    sidecars: Vec<Option<Sidecar>>,
+    urls: Vec<String>,
+}
+
+/// Starts a [`Cluster`] of sidecars `names`; `None` where PostgreSQL is not installed.
+async fn cluster(names: &[&str], slots: usize) -> Option<Cluster> {
+    if !pg::installed() {
+        return None;
+    }
+    let server = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+    let url = server.create_database("billing");
+    let recorder = Recorder::start().await;
+    let sidecars: Vec<Option<Sidecar>> = start_sidecars_with(&url, &recorder.url(), names, slots)
+        .await
+        .into_iter()
+        .map(Some)
+        .collect();
+    let urls = sidecars
+        .iter()
+        .map(|s| s.as_ref().unwrap().url("/events"))
+        .collect();
+    Some(Cluster {
+        server,
+        recorder,
+        sidecars,
+        urls,
+    })
+}
+
 /// Waits until `GET /readyz` answers `status` on `sidecar`; whether it did in `timeout`.
 async fn wait_ready(sidecar: &Sidecar, status: u16, timeout: Duration) -> bool {
     let until = Instant::now() + timeout;
@@ -453,22 +489,15 @@ async fn dead_letters(sidecar: &Sidecar) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_sidecars_share_the_work_and_a_kill_9_of_one_loses_nothing() {
-    if !pg::installed() {
+    let Some(Cluster {
+        server,
+        recorder,
+        mut sidecars,
+        urls,
+    }) = cluster(&["a", "b", "c"], SLOTS).await
+    else {
         return;
-    }
-    let server = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
-    let url = server.create_database("billing");
-    let recorder = Recorder::start().await;
-    let mut sidecars: Vec<Option<Sidecar>> =
-        start_sidecars(&url, &recorder.url(), &["a", "b", "c"])
-            .await
-            .into_iter()
-            .map(Some)
-            .collect();
-    let urls: Vec<String> = sidecars
-        .iter()
-        .map(|s| s.as_ref().unwrap().url("/events"))
-        .collect();
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicUsize::new(0));
@@ -564,24 +593,17 @@ async fn three_sidecars_share_the_work_and_a_kill_9_of_one_loses_nothing() {
 /// lost, no two calls of one entity at once, as in every test here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn under_a_steady_stream_for_more_entities_than_lanes_every_entity_gets_its_turn() {
-    if !pg::installed() {
+    let Some(Cluster {
+        server,
+        recorder,
+        mut sidecars,
+        urls,
+    }) = cluster(&["a", "b", "c"], 1).await
+    else {
         return;
-    }
-    let server = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
-    let url = server.create_database("billing");
-    let recorder = Recorder::start().await;
+    };
     // 100 ms a call: a sidecar delivers 10 a second; each entity sends about 15.
     recorder.set_delay(Duration::from_millis(100));
-    let mut sidecars: Vec<Option<Sidecar>> =
-        start_sidecars_with(&url, &recorder.url(), &["a", "b", "c"], 1)
-            .await
-            .into_iter()
-            .map(Some)
-            .collect();
-    let urls: Vec<String> = sidecars
-        .iter()
-        .map(|s| s.as_ref().unwrap().url("/events"))
-        .collect();
     let entities = 1..=12;
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicUsize::new(0));

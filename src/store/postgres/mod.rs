@@ -1488,45 +1488,14 @@ impl Postgres {
                 .await
                 .map_err(failed)?
                 .map(|r| r.get(0));
-            match version {
-                None => {
-                    txn.batch_execute(&sql(schema, SCHEMA_SQL))
-                        .await
-                        .map_err(failed)?;
-                    txn.batch_execute(&sql(schema, FUNCTIONS_SQL))
-                        .await
-                        .map_err(failed)?;
-                    txn.execute(
-                        &sql(schema, "INSERT INTO {s}.meta VALUES ('schema_version', $1)"),
-                        &[&SCHEMA_VERSION],
-                    )
-                    .await
-                    .map_err(failed)?;
-                    info!(schema = %schema, schema_version = SCHEMA_VERSION, "database schema created");
-                }
-                Some(v) if v < SCHEMA_VERSION => {
-                    // Every step, then the functions, in the one transaction: a sidecar
-                    // that fails midway leaves the schema as it was.
-                    let from = usize::try_from(v.max(1) - 1).unwrap_or(0);
-                    for step in &MIGRATIONS[from..] {
-                        txn.batch_execute(&sql(schema, step))
-                            .await
-                            .map_err(failed)?;
-                    }
-                    txn.batch_execute(&sql(schema, FUNCTIONS_SQL))
-                        .await
-                        .map_err(failed)?;
-                    txn.execute(
-                        &sql(
-                            schema,
-                            "UPDATE {s}.meta SET value = $1 WHERE key = 'schema_version'",
-                        ),
-                        &[&SCHEMA_VERSION],
-                    )
-                    .await
-                    .map_err(failed)?;
-                    info!(schema = %schema, from = v, to = SCHEMA_VERSION, "database schema migrated");
-                }
+            // A new schema is the newest tables; an older one, the steps from its
+            // version on: either way followed by the functions, all in this transaction,
+            // so that a sidecar that fails midway leaves the schema as it was.
+            let (steps, record) = match version {
+                None => (
+                    vec![SCHEMA_SQL],
+                    "INSERT INTO {s}.meta VALUES ('schema_version', $1)",
+                ),
                 Some(v) if v > SCHEMA_VERSION => {
                     return Err(Migrate::Refused(format!(
                         "the schema {schema} is at version {v}, newer than this provisiond \
@@ -1534,7 +1503,29 @@ impl Postgres {
                          store.schema to another schema"
                     )));
                 }
-                Some(_) => {}
+                Some(v) if v < SCHEMA_VERSION => (
+                    MIGRATIONS[usize::try_from(v.max(1) - 1).unwrap_or(0)..].to_vec(),
+                    "UPDATE {s}.meta SET value = $1 WHERE key = 'schema_version'",
+                ),
+                Some(_) => (Vec::new(), ""),
+            };
+            if !steps.is_empty() {
+                for step in steps.iter().chain([&FUNCTIONS_SQL]) {
+                    txn.batch_execute(&sql(schema, step))
+                        .await
+                        .map_err(failed)?;
+                }
+                txn.execute(&sql(schema, record), &[&SCHEMA_VERSION])
+                    .await
+                    .map_err(failed)?;
+                match version {
+                    None => {
+                        info!(schema = %schema, schema_version = SCHEMA_VERSION, "database schema created");
+                    }
+                    Some(from) => {
+                        info!(schema = %schema, from, to = SCHEMA_VERSION, "database schema migrated");
+                    }
+                }
             }
             txn.commit().await.map_err(failed)?;
             Ok(())
