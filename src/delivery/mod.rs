@@ -1,18 +1,3 @@
-//! The after stage's workers: stored deliveries out to their handlers, in order per
-//! entity, with retries, until delivered or dead-lettered.
-//!
-//! A *lane* is one handler and one entity (`crm` + `clients/12`). Each lane with work has
-//! one task that takes its deliveries strictly in arrival order (the store's ids), and
-//! works on one until it is settled: delivered, or moved to the dead letters. While it
-//! waits for a retry, the lane's later deliveries wait behind it; other lanes go on. Calls
-//! of one handler at once are bounded by its `max_concurrency` slots, which a lane waits
-//! for without a time limit (waiting for a slot is not a failed attempt).
-//!
-//! Every attempt looks its handler up in the *current* snapshot, so a reload's changes
-//! (URL, timeout, retry) apply to deliveries already queued. A handler a reload removed
-//! (or turned into a before-stage one) sends its queued deliveries to the dead letters;
-//! a disabled handler's deliveries wait, stored, until it is enabled again.
-
 //! The after stage: it takes an allowed event's deliveries into the store, hands what
 //! the store committed to the lanes, and works the lanes: stored deliveries out to their
 //! handlers, in order per entity, with retries, until delivered or dead-lettered.
@@ -39,7 +24,12 @@
 //! Every attempt looks its handler up in the *current* snapshot, so a reload's changes
 //! (URL, timeout, retry) apply to deliveries already queued. A handler a reload removed
 //! (or turned into a before-stage one) sends its queued deliveries to the dead letters;
-//! a disabled handler's deliveries wait, stored, until it is enabled again.
+//! a disabled handler's deliveries wait, stored, until it is enabled again (a shared
+//! store's lanes are left to the sidecars that have it enabled).
+//!
+//! A shared store's lanes come by claims instead of from the writer, at most
+//! [`HELD_PER_SLOT`] per slot of a handler's `max_concurrency`; a sidecar with no room
+//! while other lanes wait hands back those whose [`TURN`] is over.
 
 pub mod retry;
 
@@ -1117,7 +1107,10 @@ async fn turn(
             };
             return Turn::Done(record(this, lane, id, settle, None).await);
         }
-        Found::Disabled if this.handing_back(lane) => {
+        // Shared store: the lane goes back, to a sidecar that has the handler enabled;
+        // disabled on every one, it waits in the database (none claims it).
+        Found::Disabled if this.store.is_shared() => {
+            info!(handler = %lane.handler, entity = %lane.entity, "handler disabled here: lane left to the sidecars that have it enabled");
             this.lost(lane);
             return Turn::Done(false);
         }
@@ -1127,7 +1120,6 @@ async fn turn(
                 biased;
                 () = stop.cancelled() => Turn::Done(false),
                 () = changed(generations) => Turn::Again,
-                () = this.handing.notified() => Turn::Again,
             };
         }
     }

@@ -1,6 +1,6 @@
 //! The PostgreSQL backend's own promises, beyond the after-stage suite that runs on
 //! both backends (`after_pg`): a handler removed by one sidecar's reload but kept by
-//! another is not dead-lettered; `store copy` moves a redb file's queue and dead letters
+//! another is not dead-lettered, and one disabled on one sidecar is delivered by another; `store copy` moves a redb file's queue and dead letters
 //! in; a schema newer than the build is refused, one older is migrated at start, and
 //! sidecars started together create it once; the URL's password is never shown; retention prunes the shared log; a bulk
 //! replay takes its lanes in the order accepts do.
@@ -103,6 +103,41 @@ async fn a_handler_one_sidecar_removes_is_delivered_by_another_that_still_has_it
     assert_eq!(letters[0]["handler"], "crm");
     assert_eq!(letters[0]["object_id"], "10");
     assert_eq!(letters[0]["reason"], "handler removed by a config reload");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_disabled_on_one_sidecar_is_delivered_by_another_that_has_it_enabled() {
+    let Some(db) = server() else { return };
+    let down = refused_url();
+    let handler = HandlerServer::echo().await;
+    let with = |url: &str, extra: &str| with_crm(&db, url, &format!("{FAST}\n{extra}"));
+    // A queues crm's deliveries while crm is down: it holds their lanes, retrying.
+    let a = Sidecar::start(&with(&down, ""));
+    for i in 0..5 {
+        let (code, _) = a.send("clients.update", i, json!({"seq": i})).await;
+        assert_eq!(code, 200);
+    }
+    // A's reload disables crm; B, with crm enabled, starts after.
+    write_atomic(&a.config_path, &with(&down, "enabled = false"));
+    a.wait_for_config(Duration::from_secs(10), |c| {
+        c["handlers"][0]["enabled"] == false
+    })
+    .await;
+    let _b = Sidecar::start(&with(&handler.url("/"), ""));
+    assert!(
+        eventually(Duration::from_secs(20), || handler.calls().len() >= 5).await,
+        "B delivered {} of crm's 5 deliveries",
+        handler.calls().len()
+    );
+    let mut objects: Vec<i64> = handler
+        .calls()
+        .iter()
+        .map(|c| c.json()["event"]["object_id"].as_i64().unwrap())
+        .collect();
+    objects.sort_unstable();
+    objects.dedup();
+    assert_eq!(objects, [0, 1, 2, 3, 4]);
+    assert!(dead_letters(&a, 0).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
