@@ -248,7 +248,9 @@ async function route() {
   } catch (e) {
     if (id !== state.renderId) return;
     main.replaceChildren(h('div', { class: 'alert bad', id: 'load-error' },
-      h('strong', {}, 'Could not load this page. '), e.message));
+      h('strong', {}, 'Could not load this page. '), e.message, ` · trying again every ${REFRESH_MS / 1000} s`));
+    // The sidecar may be restarting: load the page again as a refresh would.
+    again(id, route);
   }
 }
 

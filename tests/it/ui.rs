@@ -164,6 +164,14 @@ impl Browser {
         .await
     }
 
+    /// Whether an element matching `css` is displayed now.
+    async fn shown(&self, css: &str) -> bool {
+        match self.client.find(Locator::Css(css)).await {
+            Ok(element) => element.is_displayed().await.unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
     async fn click(&self, css: &str) {
         self.wait_shown(css).await.click().await.unwrap();
     }
@@ -266,6 +274,29 @@ where
         assert!(Instant::now() < deadline, "waited {WAIT:?} for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A `[server]` section on a port of its own, that a sidecar stopped there can start on
+/// again (see [`restart`]).
+fn server_on_its_own_port() -> String {
+    format!("[server]\nlisten = \"{}\"\n", free_addr())
+}
+
+/// Starts provisiond again, on the directory and config a stopped one handed back and on
+/// its address `addr` (the config's `listen`), once the port can be bound again: as
+/// provisiond binds it (tokio sets `SO_REUSEADDR`), which a socket still listening there
+/// refuses and the port's reservation or a connection in `TIME_WAIT` does not.
+async fn restart(addr: &str, dir: tempfile::TempDir, config_path: PathBuf) -> Sidecar {
+    let at: std::net::SocketAddr = addr.parse().unwrap();
+    until(&format!("{addr} to be free to listen on again"), || async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(at).ok()
+    })
+    .await;
+    let sidecar = Sidecar::spawn(dir, config_path, &[]);
+    assert_eq!(sidecar.addr, addr, "provisiond started on another address");
+    sidecar
 }
 
 fn handler(name: &str, events: &str, stage: &str, url: &str, extra: &str) -> String {
@@ -767,5 +798,48 @@ async fn a_wrong_token_is_refused_with_a_clear_message_and_the_right_one_is_kept
         .await
         .unwrap();
     assert_eq!(kept, json!(["right-token", 0]));
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_page_opened_while_the_sidecar_is_down_loads_by_itself_once_it_is_back() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let config = format!(
+        "{}{}",
+        server_on_its_own_port(),
+        handler(
+            "crm-sync",
+            "\"clients.*\"",
+            "after",
+            "http://127.0.0.1:1/crm",
+            ""
+        ),
+    );
+    let sidecar = Sidecar::start(&config);
+    let addr = sidecar.addr.clone();
+    // The console is open on a page that does not refresh itself.
+    browser.open(&sidecar, "explain").await;
+    browser.wait_shown("#explain-form").await;
+
+    // provisiond is down (killed; it is restarting) when the operator opens the overview.
+    let (dir, config_path) = sidecar.kill_9();
+    browser.click("#nav a[data-page=overview]").await;
+    let error = browser
+        .wait_text("#load-error", "Could not load this page")
+        .await;
+    assert!(error.contains("provisiond did not answer"), "{error}");
+    browser.screenshot("overview-sidecar-down").await;
+
+    // Back on the same port: the page loads by itself, without a reload.
+    let _sidecar = restart(&addr, dir, config_path).await;
+    browser.wait_text("#handlers-table", "crm-sync").await;
+    assert!(
+        browser.text("#load-error").await.is_none(),
+        "the error is still shown"
+    );
+    assert!(!browser.shown("#notice").await, "a notice is shown");
     browser.close().await;
 }
