@@ -27,6 +27,8 @@ const state = {
   live: true,
   explain: { event: 'clients.create', object_id: '1', data: '{\n  \n}' },
   tokenWaiters: [],
+  notices: 0,
+  refreshFailed: null,
 };
 
 // ---------------------------------------------------------------------------- DOM
@@ -102,10 +104,12 @@ function code(text) {
   return h('code', {}, text);
 }
 
+/** Shows `text` in the notice bar, in place of what it showed; its number. */
 function notice(text, tone = 'ok') {
   $('notice-text').textContent = text;
   $('notice').className = `notice ${tone}`;
   $('notice').hidden = false;
+  return ++state.notices;
 }
 
 function hashRoute() {
@@ -264,8 +268,10 @@ function again(id, refresh) {
     }
     try {
       await refresh();
+      // Refreshes work again: the failure goes, if no other notice took its place.
+      if (state.refreshFailed === state.notices) $('notice').hidden = true;
     } catch (e) {
-      notice(`Refresh failed: ${e.message}`, 'bad');
+      state.refreshFailed = notice(`Refresh failed: ${e.message}`, 'bad');
     }
     if (id === state.renderId) again(id, refresh);
   }, REFRESH_MS);

@@ -843,3 +843,82 @@ async fn a_page_opened_while_the_sidecar_is_down_loads_by_itself_once_it_is_back
     assert!(!browser.shown("#notice").await, "a notice is shown");
     browser.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_refresh_is_said_until_the_sidecar_answers_again_and_other_notices_stay() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    // 410 Gone: every delivery is a dead letter at once.
+    let crm = HandlerServer::start(|_| async { reply(410, "gone") }).await;
+    let config = format!(
+        "{}{}",
+        server_on_its_own_port(),
+        handler("crm-sync", "\"clients.*\"", "after", &crm.url("/sync"), ""),
+    );
+    let sidecar = Sidecar::start(&config);
+    let addr = sidecar.addr.clone();
+    let objects_shown = |object: &'static str| {
+        let browser = &browser;
+        move || async move {
+            let objects = browser
+                .texts("#deadletters-table tr.row td:nth-child(6)")
+                .await;
+            objects.iter().any(|o| o == object).then_some(())
+        }
+    };
+    let (status, _) = sidecar
+        .send("clients.update", 1, json!({"name": "x"}))
+        .await;
+    assert_eq!(status, 200);
+    browser.open(&sidecar, "deadletters").await;
+    until("object 1's dead letter on the page", objects_shown("1")).await;
+
+    // provisiond stops (it is restarting): the page says its refresh failed.
+    let (dir, config_path, _) = sidecar.terminate();
+    let failed = browser.wait_text("#notice", "Refresh failed: ").await;
+    assert!(failed.contains("provisiond did not answer"), "{failed}");
+    browser.screenshot("deadletters-refresh-failed").await;
+
+    // Back on the same port, with a new dead letter: the page shows it, without a
+    // reload, and the failure is no longer said.
+    let sidecar = restart(&addr, dir, config_path).await;
+    let (status, _) = sidecar
+        .send("clients.update", 2, json!({"name": "x"}))
+        .await;
+    assert_eq!(status, 200);
+    until("object 2's dead letter on the page", objects_shown("2")).await;
+    until("the failure notice to go", || async {
+        (!browser.shown("#notice").await).then_some(())
+    })
+    .await;
+
+    // A notice the operator's own action put up stays through the refreshes after it.
+    let (_, letters) = sidecar.get("/v1/deadletters").await;
+    let first = letters["deadletters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["object_id"] == "1")
+        .unwrap()["id"]
+        .clone();
+    browser
+        .click(&format!("button[data-action=drop][data-id=\"{first}\"]"))
+        .await;
+    browser
+        .wait_text("#confirm-dialog", "Drop 1 dead letter?")
+        .await;
+    browser.click("#confirm-ok").await;
+    let dropped = format!("Dropped 1: #{first}.");
+    browser.wait_text("#notice", &dropped).await;
+    let (status, _) = sidecar
+        .send("clients.update", 3, json!({"name": "x"}))
+        .await;
+    assert_eq!(status, 200);
+    until("object 3's dead letter, from a refresh", objects_shown("3")).await;
+    assert!(browser.shown("#notice").await, "the operator's notice went");
+    let notice = browser.text("#notice").await.unwrap();
+    assert!(notice.contains(&dropped), "{notice}");
+    browser.close().await;
+}
