@@ -283,6 +283,9 @@ pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
         addr = %listener.local_addr(), config = %path.display(), handlers, watching,
         store = %app.store.path(), version = env!("CARGO_PKG_VERSION"), "listening"
     );
+    for warning in app.live.load().config.warnings() {
+        warn!(%warning, "config warning");
+    }
     notify_ready(&listener.local_addr());
     let stopping_notice = {
         let shutdown = shutdown.clone();

@@ -76,6 +76,7 @@ pub(super) fn compile(
         originals: &doc.originals,
         empty_vars: &empty_vars.take(),
         synthetic: &parsed.synthetic,
+        warnings: Vec::new(),
     };
     let config = checker.config(&parsed.raw, &parsed.handler_index, file, base, text);
     // A placeholder is only ever put in for a key whose error was reported.
@@ -110,6 +111,12 @@ fn hide_substituted(errors: &mut [super::ConfigError], values: &[String]) {
     }
 }
 
+/// `` `A`, `B` ``: variable names as messages list them.
+fn quoted_list(names: &[&str]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    quoted.join(", ")
+}
+
 /// Collects problems while building the config; whatever it builds is thrown away when
 /// there was any.
 struct Checker<'a> {
@@ -122,6 +129,8 @@ struct Checker<'a> {
     empty_vars: &'a [String],
     /// Paths of placeholders the raw layer put in for missing or wrong required keys.
     synthetic: &'a [KeyPath],
+    /// Problems that do not stop the load (see [`Config::warnings`]).
+    warnings: Vec<String>,
 }
 
 impl Checker<'_> {
@@ -142,6 +151,19 @@ impl Checker<'_> {
         self.synthetic.iter().any(|s| path.0.starts_with(&s.0))
     }
 
+    /// The variables the value at `path` was made from that are set but empty (each
+    /// `${NAME}` of them was replaced by nothing).
+    fn empty_in(&self, path: &KeyPath) -> Vec<&str> {
+        let Some(written) = self.originals.get(path) else {
+            return Vec::new();
+        };
+        super::env::env_references(written)
+            .into_iter()
+            .filter(|n| self.empty_vars.iter().any(|e| e == n))
+            .filter(|n| written.contains(&format!("${{{n}}}")))
+            .collect()
+    }
+
     /// ` (the value came from the environment variable `CRM_URL`)`, naming the variables
     /// the value at `path` was made from, if it was, and those of them that are set but
     /// empty (`${NAME}` is then replaced by nothing).
@@ -150,28 +172,19 @@ impl Checker<'_> {
             return String::new();
         };
         let names = super::env::env_references(written);
-        let empty: Vec<&str> = names
-            .iter()
-            .copied()
-            .filter(|n| self.empty_vars.iter().any(|e| e == n))
-            .filter(|n| written.contains(&format!("${{{n}}}")))
-            .collect();
-        let list = |names: &[&str]| {
-            let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
-            quoted.join(", ")
-        };
+        let empty = self.empty_in(path);
         let empty = match empty.as_slice() {
             [] => String::new(),
             [_] if names.len() == 1 => ", which is set but empty".to_owned(),
             [one] => format!("; `{one}` is set but empty"),
-            many => format!("; {} are set but empty", list(many)),
+            many => format!("; {} are set but empty", quoted_list(many)),
         };
         match names.as_slice() {
             [] => String::new(),
             [one] => format!(" (the value came from the environment variable `{one}`{empty})"),
             many => format!(
                 " (the value came from the environment variables {}{empty})",
-                list(many)
+                quoted_list(many)
             ),
         }
     }
@@ -307,6 +320,7 @@ impl Checker<'_> {
             store,
             extra_events,
             handlers,
+            env_warnings: std::mem::take(&mut self.warnings),
         }
     }
 

@@ -43,6 +43,9 @@ pub struct Config {
     pub extra_events: Vec<String>,
     /// The handlers in file order, enabled or not.
     pub handlers: Vec<Arc<Handler>>,
+    /// Warnings about values made from the environment, found while loading (see
+    /// [`Config::warnings`]).
+    pub env_warnings: Vec<String>,
 }
 
 /// Where the sidecar listens.
@@ -389,9 +392,11 @@ impl Config {
     /// - a `match` key that looks like a misspelt operator (`{ regx = "^A" }`), read as
     ///   a field name. A field may really be called that, so this is no error either;
     /// - a before-stage handler whose `timeout` is longer than `server.deadline`: the
-    ///   chain is cut at the deadline, so the handler never has its whole timeout.
+    ///   chain is cut at the deadline, so the handler never has its whole timeout;
+    /// - a header value made with a variable that is set but empty (`Bearer ${TOKEN}`
+    ///   sent as `Bearer `): an empty value may be meant, so this is no error.
     pub fn warnings(&self) -> Vec<String> {
-        let mut warnings = Vec::new();
+        let mut warnings = self.env_warnings.clone();
         for h in &self.handlers {
             if let Target::Script(script) = &h.target {
                 warnings.extend(script_warning(&h.name, script));

@@ -1085,6 +1085,37 @@ fn warns_about_a_before_stage_timeout_longer_than_the_deadline() {
 }
 
 #[test]
+fn a_header_made_with_a_variable_set_but_empty_is_a_warning() {
+    let env = |name: &str| match name {
+        "EMPTY" | "ALSO_EMPTY" => Some(String::new()),
+        "TOKEN" => Some("s3cret-token".to_owned()),
+        _ => None,
+    };
+    let text = r#"[[handler]]
+name = "crm"
+events = ["*"]
+stage = "after"
+url = "http://crm.example/"
+headers = { Authorization = "Bearer ${EMPTY}", X-Both = "${EMPTY}${ALSO_EMPTY}", X-Set = "${TOKEN}", X-Plain = "v" }
+"#;
+    let config = Config::parse_with_env(text, "p.toml", Path::new("."), &env).unwrap();
+    assert_eq!(
+        config.warnings(),
+        [
+            "handler \"crm\": header Authorization: the environment variable `EMPTY` is set \
+             but empty, so it adds nothing to the value sent",
+            "handler \"crm\": header X-Both: the environment variables `EMPTY`, `ALSO_EMPTY` \
+             are set but empty, so they add nothing to the value sent",
+        ]
+    );
+    // The value itself is never in the warning.
+    assert!(config.warnings().iter().all(|w| !w.contains("s3cret")));
+    let set = |name: &str| Some(format!("{name}-value"));
+    let config = Config::parse_with_env(text, "p.toml", Path::new("."), &set).unwrap();
+    assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+}
+
+#[test]
 fn the_listen_address_is_read_from_a_file_that_does_not_load() {
     let tcp = |a: &str| Some(Listen::Tcp(a.parse().unwrap()));
     let unset = "[server]\nlisten = \"127.0.0.1:9\"\ntoken = \"${UNSET}\"\n";

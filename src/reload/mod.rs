@@ -333,6 +333,9 @@ impl Reloader {
                 } else {
                     diff::keep_unchanged_handlers(&live.config, &mut config);
                     let generation = live.generation + 1;
+                    for warning in config.warnings() {
+                        warn!(%warning, "config warning");
+                    }
                     self.live.publish(Snapshot::new(config, generation));
                     Outcome::Applied {
                         generation,

@@ -760,3 +760,47 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn warnings_are_printed_by_check_and_logged_by_run_at_start_and_reload() {
+    let config = format!(
+        "{SERVER}{}",
+        after_handler(
+            "crm",
+            "http://127.0.0.1:9/",
+            "headers = { Authorization = \"Bearer ${CRM_TOKEN}\" }"
+        )
+    );
+    let warning = "handler \"crm\": header Authorization: the environment variable \
+                   `CRM_TOKEN` is set but empty, so it adds nothing to the value sent";
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("provisioning.toml");
+    std::fs::write(&path, &config).unwrap();
+    let (code, _, err) = check(&path, &[("CRM_TOKEN", "")]);
+    assert_eq!(
+        (code, err.as_str()),
+        (0, format!("warning: {warning}\n").as_str())
+    );
+
+    let sidecar = Sidecar::start_in(dir, &config, &[("CRM_TOKEN", "")]);
+    let logged = sidecar.wait_for_log(std::time::Duration::from_secs(10), |v| {
+        v["message"] == "config warning"
+    });
+    assert_eq!(logged.expect("logged at start")["warning"], warning);
+    // A reload that brings another warning logs it.
+    write_atomic(
+        &sidecar.config_path,
+        &format!(
+            "{SERVER}deadline = \"2s\"\n{}",
+            "[[handler]]\nname = \"slow\"\nevents = [\"*\"]\nstage = \"before\"\n\
+             url = \"http://127.0.0.1:9/\"\ntimeout = \"5s\"\n"
+        ),
+    );
+    let logged = sidecar.wait_for_log(std::time::Duration::from_secs(30), |v| {
+        v["message"] == "config warning"
+            && v["warning"]
+                .as_str()
+                .is_some_and(|w| w.starts_with("handler \"slow\": timeout 5s is longer"))
+    });
+    assert!(logged.is_some(), "{:?}", sidecar.logs());
+}

@@ -248,6 +248,22 @@ impl Checker<'_> {
             let parsed_value = reqwest::header::HeaderValue::from_str(value);
             match (parsed_name, parsed_value) {
                 (Ok(n), Ok(mut v)) => {
+                    let empty = self.empty_in(&header_path);
+                    if !empty.is_empty() {
+                        let said = match empty.as_slice() {
+                            [one] => format!(
+                                "the environment variable `{one}` is set but empty, so it adds"
+                            ),
+                            many => format!(
+                                "the environment variables {} are set but empty, so they add",
+                                super::quoted_list(many)
+                            ),
+                        };
+                        self.warnings.push(format!(
+                            "handler {:?}: header {name}: {said} nothing to the value sent",
+                            raw.name
+                        ));
+                    }
                     v.set_sensitive(true);
                     headers.insert(n, v);
                 }
