@@ -368,6 +368,93 @@ fn the_systemd_unit_runs_a_notifying_hardened_service_with_its_store_in_its_stat
     );
 }
 
+/// The live descendants of `pid` (children, their children...).
+fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(')')?;
+            let mut fields = rest.split_whitespace();
+            let state = fields.next()?;
+            let ppid = fields.next()?.parse().ok()?;
+            (state != "Z").then_some((p, ppid))
+        })
+        .collect();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    found.split_off(1)
+}
+
+/// `systemctl stop` as the unit has it: SIGTERM to the main process, and with
+/// `KillMode=control-group` (systemd's default) to every other process of the unit too,
+/// the script handlers running at that moment included.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_systemctl_stop_lets_the_script_handlers_in_flight_finish() {
+    let unit = read("examples/systemd/provisiond.service");
+    let kill_mode = unit
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("KillMode="))
+        .next_back()
+        .unwrap_or("control-group")
+        .to_owned();
+    let dir = tempfile::TempDir::new().unwrap();
+    script(
+        dir.path(),
+        "slow.sh",
+        "#!/bin/sh\ncat >/dev/null\nsleep 1\ntouch finished\n",
+    );
+    let finished = dir.path().join("finished");
+    let config = format!(
+        "{SERVER}\n[[handler]]\nname = \"provision\"\nevents = [\"clients.create\"]\n\
+         stage = \"before\"\ncommand = [\"./slow.sh\"]\ntimeout = \"8s\"\non_error = \"deny\"\n"
+    );
+    let mut sidecar = Sidecar::start_in(dir, &config, &[]);
+    let main = sidecar.child.id();
+    let stop = async {
+        let mut scripts = Vec::new();
+        for _ in 0..250 {
+            scripts = descendants(main);
+            if !scripts.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!scripts.is_empty(), "the script did not start");
+        let mut targets = vec![main];
+        if kill_mode == "control-group" {
+            targets.extend(scripts);
+        }
+        for pid in targets {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+    };
+    let ((status, body), ()) = tokio::join!(
+        sidecar.send("clients.create", 12, serde_json::json!({"name": "acme"})),
+        stop
+    );
+    // The drain promised: the event in flight is answered as if nothing had happened.
+    assert_eq!(status, 200, "KillMode={kill_mode}: {body}");
+    assert!(finished.exists(), "the script was cut short");
+    let exit = sidecar
+        .wait_exit(Duration::from_secs(20))
+        .expect("it exits");
+    assert!(exit.success(), "{exit:?}");
+}
+
 /// The install steps in the unit's header are the README's (its systemd section, without
 /// `sudo`): an operator following either one gets the same files in place.
 #[test]
