@@ -202,6 +202,11 @@ fn drop_null(value: &mut serde_json::Value) {
 /// `provisiond run`: serve until SIGINT or SIGTERM; reload on file changes (unless
 /// `watch` is false), SIGHUP and `POST /v1/reload`.
 pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
+    // SIGHUP first of all: its default action ends the process, and a start can take a
+    // while (the store's integrity check reads the whole file). A reload asked for
+    // meanwhile (`systemctl reload`, configuration management) is then done once the
+    // sidecar runs, rather than killing it.
+    let hangup = reload::hangup().context("cannot watch SIGHUP")?;
     // Watch first, read second: a change made while the file is read is still seen.
     let watcher = if watch {
         match reload::watch::Watcher::start(path) {
@@ -250,7 +255,6 @@ pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
     let app = App::new(Snapshot::new(config, 1), store, path.to_path_buf(), metrics);
     let shutdown = CancellationToken::new();
     crate::shutdown::watch(shutdown.clone()).context("cannot watch signals")?;
-    let hangup = reload::hangup().context("cannot watch SIGHUP")?;
     let watching = watcher.is_some();
     reload::spawn(app.reloader.clone(), watcher, hangup, shutdown.clone());
     let pending = app

@@ -915,3 +915,61 @@ url = "http://crm.example/sync"
     }
     assert_eq!(keys(&sample["reloads"]), keys(&live["reloads"]));
 }
+
+/// The pid of the process whose command line holds `needle`.
+fn pid_with_argument(needle: &str) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|line| String::from_utf8_lossy(&line).contains(needle))
+        })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sighup_during_the_start_reloads_once_started_instead_of_killing_it() {
+    let stamper = stamper().await;
+    let dir = tempfile::TempDir::new().unwrap();
+    // A start held in the middle: the config is a FIFO, which the sidecar reads only
+    // once something writes it (as a slow start would hold it in the store's check).
+    let path = dir.path().join("provisioning.toml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let text = tagged(&stamper, "one");
+    let real = dir.path().join("real.toml");
+    std::fs::write(&real, &text).unwrap();
+    let starting = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            // Opens once the sidecar opened it to read: it is starting.
+            let mut fifo = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            let pid = pid_with_argument(path.to_str().unwrap()).expect("the sidecar's pid");
+            // The file a reload reads, from now on.
+            std::fs::rename(&real, &path).unwrap();
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGHUP,
+            )
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            use std::io::Write as _;
+            let _ = fifo.write_all(text.as_bytes());
+        })
+    };
+    let sidecar = Sidecar::spawn_with(dir, path, &[], &["--no-watch"]);
+    starting.join().unwrap();
+    let config = sidecar
+        .wait_for_config(PATIENCE, |c| reloads(c, "unchanged") == 1)
+        .await;
+    assert_eq!(generation(&config), 1);
+    let logged = sidecar
+        .wait_for_log(PATIENCE, |r| r["message"] == "config unchanged")
+        .unwrap();
+    assert_eq!(logged["trigger"], "signal");
+    assert_eq!(served_by(&sidecar).await, ["/one"]);
+}
