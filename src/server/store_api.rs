@@ -46,7 +46,10 @@ pub(crate) async fn executions(app: &Arc<App>, uri: &Uri) -> Response<Body> {
                 Ok(at) => filter.since = Some(at),
                 Err(e) => return reply::error(StatusCode::BAD_REQUEST, e),
             },
-            "limit" => match parse_limit(value.as_deref().unwrap_or_default()) {
+            "limit" => match parse_limit(
+                value.as_deref().unwrap_or_default(),
+                "since or the other filters",
+            ) {
                 Ok(n) => filter.limit = n,
                 Err(e) => return reply::error(StatusCode::BAD_REQUEST, e),
             },
@@ -111,7 +114,7 @@ async fn list(app: &Arc<App>, uri: &Uri) -> Response<Body> {
     for (key, value) in query(uri) {
         match key.as_str() {
             "handler" => handler = Some(value),
-            "limit" => match parse_limit(&value) {
+            "limit" => match parse_limit(&value, "handler") {
                 Ok(n) => limit = n,
                 Err(e) => return reply::error(StatusCode::BAD_REQUEST, e),
             },
@@ -349,12 +352,13 @@ fn parse_after(text: &str) -> Result<u64, String> {
         .map_err(|_| format!("after must be a row id (a whole number), got {text:?}"))
 }
 
-fn parse_limit(text: &str) -> Result<usize, String> {
+/// `limit`: 1 to [`MAX_LIMIT`]; over it, the error says to narrow the query with
+/// `narrow`, the filters the route takes.
+fn parse_limit(text: &str, narrow: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
         Ok(n) if n > MAX_LIMIT => Err(format!(
-            "limit is at most {MAX_LIMIT}, got {n}; narrow the query with since or the other \
-             filters"
+            "limit is at most {MAX_LIMIT}, got {n}; narrow the query with {narrow}"
         )),
         _ => Err(format!(
             "limit must be a whole number from 1 to {MAX_LIMIT} (at most {MAX_LIMIT}), got \
@@ -425,15 +429,18 @@ mod tests {
 
     #[test]
     fn limits_are_bounded() {
-        assert_eq!(parse_limit("5"), Ok(5));
-        assert_eq!(parse_limit("1000"), Ok(1000));
-        assert!(parse_limit("0").unwrap_err().contains("from 1 to 1000"));
+        assert_eq!(parse_limit("5", "handler"), Ok(5));
+        assert_eq!(parse_limit("1000", "handler"), Ok(1000));
         assert!(
-            parse_limit("1001")
+            parse_limit("0", "handler")
                 .unwrap_err()
-                .starts_with("limit is at most 1000, got 1001")
+                .contains("from 1 to 1000")
         );
-        assert!(parse_limit("x").is_err());
+        assert_eq!(
+            parse_limit("1001", "handler").unwrap_err(),
+            "limit is at most 1000, got 1001; narrow the query with handler"
+        );
+        assert!(parse_limit("x", "handler").is_err());
     }
 
     #[test]
