@@ -91,6 +91,9 @@ impl From<&Execution> for ExecutionRow {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct DeadLetters {
     pub count: usize,
+    /// More dead letters match, after the last one here.
+    #[serde(default)]
+    pub more: bool,
     pub deadletters: Vec<DeadLetterRow>,
 }
 

@@ -272,13 +272,31 @@ impl SelectionArgs {
 
 #[derive(Subcommand)]
 enum DeadLetters {
-    /// List dead letters, oldest first.
+    /// List dead letters, oldest first: those the same filters would replay or drop.
     List {
         #[command(flatten)]
         remote: RemoteArgs,
         /// Only this handler's.
         #[arg(long)]
         handler: Option<String>,
+        /// Only those of this event (e.g. clients.update).
+        #[arg(long)]
+        event: Option<String>,
+        /// Only those of this object id.
+        #[arg(long)]
+        object_id: Option<String>,
+        /// Only those of this entity (e.g. clients/12).
+        #[arg(long)]
+        entity: Option<String>,
+        /// Only those that died since a time (2026-11-26T10:00:00Z) or a duration back (2h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only those that died before a time, or a duration back.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only those with an id above this one: the next page after the last id shown.
+        #[arg(long)]
+        after: Option<u64>,
         /// At most this many (default 100, at most 1000).
         #[arg(long)]
         limit: Option<usize>,
@@ -375,13 +393,29 @@ fn main() -> ExitCode {
                 DeadLetters::List {
                     remote,
                     handler,
+                    event,
+                    object_id,
+                    entity,
+                    since,
+                    until,
+                    after,
                     limit,
                     output,
                     json,
                 } => (
                     remote,
                     commands::DeadLetterCommand::List {
-                        handler,
+                        filters: commands::Selection {
+                            id: None,
+                            handler,
+                            event,
+                            object_id,
+                            entity,
+                            since,
+                            until,
+                            all: false,
+                        },
+                        after,
                         limit,
                         output: if json { commands::Output::Json } else { output },
                     },

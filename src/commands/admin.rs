@@ -100,7 +100,9 @@ impl Selection {
 #[derive(Debug, Clone)]
 pub enum DeadLetterCommand {
     List {
-        handler: Option<String>,
+        /// The filters (`id` and `all` unused).
+        filters: Selection,
+        after: Option<u64>,
         limit: Option<usize>,
         output: Output,
     },
@@ -404,13 +406,26 @@ pub async fn dead_letters(
     let remote = Remote::new(config, target)?;
     match command {
         DeadLetterCommand::List {
-            handler,
+            filters,
+            after,
             limit,
             output,
         } => {
-            let filtered = handler.is_some();
+            let filtered = filters.handler.is_some()
+                || filters.event.is_some()
+                || filters.object_id.is_some()
+                || filters.entity.is_some()
+                || filters.since.is_some()
+                || filters.until.is_some()
+                || after.is_some();
             let q = query_string(&[
-                ("handler", handler),
+                ("handler", filters.handler),
+                ("event", filters.event),
+                ("object_id", filters.object_id),
+                ("entity", filters.entity),
+                ("since", filters.since),
+                ("until", filters.until),
+                ("after", after.map(|n| n.to_string())),
                 ("limit", limit.map(|n| n.to_string())),
             ]);
             let path = format!("/v1/deadletters{q}");
@@ -419,7 +434,8 @@ pub async fn dead_letters(
                 outln!("{reply:#}");
                 return Ok(ExitCode::SUCCESS);
             }
-            let letters = read::<DeadLetters>(reply)?.deadletters;
+            let page = read::<DeadLetters>(reply)?;
+            let letters = page.deadletters;
             if letters.is_empty() {
                 errln!(
                     "{}",
@@ -435,6 +451,12 @@ pub async fn dead_letters(
             }
             for letter in &letters {
                 outln!("{}", dead_letter_line(letter));
+            }
+            if let Some(last) = letters.last().filter(|_| page.more) {
+                errln!(
+                    "more dead letters match: --after {} for the next ones",
+                    last.id
+                );
             }
         }
         DeadLetterCommand::Replay(Selection { id: Some(id), .. }) => {

@@ -108,29 +108,61 @@ pub(crate) async fn dead_letters(app: &Arc<App>, request: Request<Incoming>) -> 
     }
 }
 
+/// The filters of `GET /v1/deadletters`: those of the bulk routes, and the page's.
+const LIST_KEYS: &str = "handler, event, object_id, entity, since, until, after, limit";
+
+/// `GET /v1/deadletters?handler=&event=&object_id=&entity=&since=&until=&after=&limit=`:
+/// what the bulk replay or drop with the same filters would take, a page at a time
+/// (`more` says whether there is a next one, from `after` = the last id shown).
 async fn list(app: &Arc<App>, uri: &Uri) -> Response<Body> {
-    let mut handler = None;
+    let mut filter = DeadLetterFilter::default();
+    let mut after = 0;
     let mut limit = DEFAULT_LIMIT;
     for (key, value) in query(uri) {
-        match key.as_str() {
-            "handler" => handler = Some(value),
-            "limit" => match parse_limit(&value, "handler") {
-                Ok(n) => limit = n,
-                Err(e) => return reply::error(StatusCode::BAD_REQUEST, e),
-            },
-            other => {
-                return reply::error(
-                    StatusCode::BAD_REQUEST,
-                    format!("unknown filter {other:?}; use handler, limit"),
-                );
+        let parsed = match key.as_str() {
+            "handler" => {
+                filter.handler = Some(value);
+                Ok(())
             }
+            "event" => {
+                filter.event = Some(crate::events::normalize(&value).into_owned());
+                Ok(())
+            }
+            "object_id" => {
+                filter.object_id = Some(value);
+                Ok(())
+            }
+            "entity" => {
+                filter.entity = Some(value);
+                Ok(())
+            }
+            "since" => parse_since(&value).map(|at| filter.since = Some(at)),
+            "until" => parse_since(&value)
+                .map(|at| filter.until = Some(at))
+                .map_err(|e| e.replacen("since", "until", 1)),
+            "after" => parse_after(&value).map(|id| after = id),
+            "limit" => parse_limit(&value, "the filters or after").map(|n| limit = n),
+            other => Err(format!("unknown filter {other:?}; use {LIST_KEYS}")),
+        };
+        if let Err(e) = parsed {
+            return reply::error(StatusCode::BAD_REQUEST, e);
         }
     }
-    match app.store.dead_letters(handler, limit).await {
-        Ok(letters) => {
+    // One more than asked for says whether there is a next page.
+    match app.store.dead_letters(filter, after, limit + 1).await {
+        Ok(mut letters) => {
+            let more = letters.len() > limit;
+            letters.truncate(limit);
             let deadletters: Vec<_> = letters.iter().map(api::DeadLetterRow::from).collect();
             let count = deadletters.len();
-            reply::json(StatusCode::OK, &api::DeadLetters { count, deadletters })
+            reply::json(
+                StatusCode::OK,
+                &api::DeadLetters {
+                    count,
+                    more,
+                    deadletters,
+                },
+            )
         }
         Err(e) => store_error(&e),
     }

@@ -407,20 +407,22 @@ impl Store {
         }
     }
 
-    /// Dead letters, oldest first; only `handler`'s when given.
+    /// Dead letters `filter` takes, oldest first, with ids above `after`: at most
+    /// `limit`.
     pub async fn dead_letters(
         &self,
-        handler: Option<String>,
+        filter: DeadLetterFilter,
+        after: u64,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
         match &self.backend {
             Backend::File(f) => {
                 let f = f.clone();
-                tokio::task::spawn_blocking(move || f.dead_letters(handler.as_deref(), limit))
+                tokio::task::spawn_blocking(move || f.dead_letters(&filter, after, limit))
                     .await
                     .map_err(StoreError::read)?
             }
-            Backend::Postgres(p) => p.dead_letters(handler.as_deref(), limit).await,
+            Backend::Postgres(p) => p.dead_letters(&filter, after, limit).await,
         }
     }
 
@@ -519,7 +521,7 @@ impl Store {
         for id in &ids {
             deliveries.extend(file.delivery(*id)?);
         }
-        let dead = file.dead_letters(None, usize::MAX)?;
+        let dead = file.dead_letters(&DeadLetterFilter::default(), 0, usize::MAX)?;
         let dead_ids: Vec<u64> = dead.iter().map(|l| l.delivery.id).collect();
         let dedupe = file.dedupe_keys()?;
         let copied = pg.import(deliveries, dead, dedupe).await?;

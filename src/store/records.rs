@@ -236,13 +236,36 @@ impl DeadLetterFilter {
     }
 
     pub fn matches(&self, letter: &DeadLetterKey) -> bool {
+        self.takes(
+            [
+                &letter.handler,
+                &letter.event,
+                &letter.object_id,
+                &letter.entity,
+            ],
+            letter.died_at,
+        )
+    }
+
+    /// [`Self::matches`], for a dead letter read whole.
+    pub fn matches_letter(&self, letter: &DeadLetter) -> bool {
+        let d = &letter.delivery;
+        self.takes(
+            [&d.handler, &d.event, &d.object_id, &d.entity],
+            letter.died_at,
+        )
+    }
+
+    /// `[handler, event, object_id, entity]`, and when it died.
+    fn takes(&self, fields: [&str; 4], died_at: u64) -> bool {
         let eq = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
-        eq(&self.handler, &letter.handler)
-            && eq(&self.event, &letter.event)
-            && eq(&self.object_id, &letter.object_id)
-            && eq(&self.entity, &letter.entity)
-            && self.since.is_none_or(|s| letter.died_at >= s)
-            && self.until.is_none_or(|u| letter.died_at < u)
+        let [handler, event, object_id, entity] = fields;
+        eq(&self.handler, handler)
+            && eq(&self.event, event)
+            && eq(&self.object_id, object_id)
+            && eq(&self.entity, entity)
+            && self.since.is_none_or(|s| died_at >= s)
+            && self.until.is_none_or(|u| died_at < u)
     }
 }
 

@@ -119,7 +119,7 @@ async fn a_reload_that_removes_a_handler_dead_letters_its_queue_and_disabling_on
     );
     sidecar.publish(&disabled, 2);
     assert!(dead_letters_reach(&store, 3).await);
-    let letters = store.dead_letters(None, 10).await.unwrap();
+    let letters = store.dead_letters(Default::default(), 0, 10).await.unwrap();
     assert_eq!(letters.len(), 3, "{letters:?}");
     for letter in &letters {
         assert_eq!(letter.delivery.handler, "crm2");
@@ -135,7 +135,7 @@ async fn a_reload_that_removes_a_handler_dead_letters_its_queue_and_disabling_on
     sidecar.publish(SERVER, 3);
     assert!(dead_letters_reach(&store, 6).await);
     let crm: Vec<_> = store
-        .dead_letters(None, 10)
+        .dead_letters(Default::default(), 0, 10)
         .await
         .unwrap()
         .into_iter()
@@ -148,7 +148,9 @@ async fn a_reload_that_removes_a_handler_dead_letters_its_queue_and_disabling_on
     assert_eq!(store.queue_depth().await.unwrap(), 0);
 
     // A dead letter of a handler the config lacks cannot be replayed.
-    let id = store.dead_letters(None, 1).await.unwrap()[0].delivery.id;
+    let id = store.dead_letters(Default::default(), 0, 1).await.unwrap()[0]
+        .delivery
+        .id;
     let response = http_client()
         .post(format!(
             "http://{}/v1/deadletters/{id}/replay",
@@ -344,7 +346,7 @@ async fn dead_letters_reach(store: &provisiond::store::Store, n: usize) -> bool 
     let until = std::time::Instant::now() + Duration::from_secs(5);
     while std::time::Instant::now() < until {
         if store
-            .dead_letters(None, 10)
+            .dead_letters(Default::default(), 0, 10)
             .await
             .is_ok_and(|l| l.len() >= n)
         {

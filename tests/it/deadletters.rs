@@ -331,3 +331,159 @@ async fn replayed_deliveries_show_in_the_log_under_their_event_id() {
     assert_eq!(outcomes, ["delivered", "dead"], "{rows:?}");
     assert!(rows.iter().all(|r| r["event_id"] == event_id.as_str()));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_list_takes_the_bulk_filters_shows_what_a_drop_takes_and_pages() {
+    the_list_takes_the_bulk_filters("").await;
+}
+
+/// The dead letters' list, on the store `store` says (`[store]` TOML; the default's
+/// when empty): the bulk filters, what a drop with them takes, pages, bad filters, the
+/// command line.
+pub(crate) async fn the_list_takes_the_bulk_filters(store: &str) {
+    let down = Arc::new(AtomicBool::new(true));
+    let crm_server = crm(down.clone()).await;
+    let erp_server = crm(down).await;
+    let handlers = format!(
+        "{}{}",
+        after_handler("crm", &crm_server.url("/crm"), ""),
+        after_handler("erp", &erp_server.url("/erp"), "")
+    );
+    let sidecar = Sidecar::start(&format!("{SERVER}{store}{handlers}"));
+    for (event, id) in [
+        ("clients.create", 1),
+        ("clients.update", 1),
+        ("clients.update", 2),
+        ("clients.create", 3),
+    ] {
+        let (status, _) = sidecar.send(event, id, json!({})).await;
+        assert_eq!(status, 200);
+    }
+    wait_dead(&sidecar, 8).await;
+    let list = |query: &'static str| {
+        let sidecar = &sidecar;
+        async move {
+            let (status, body) = sidecar.get(&format!("/v1/deadletters{query}")).await;
+            assert_eq!(status, 200, "{query}: {body}");
+            let rows = body["deadletters"].as_array().unwrap().clone();
+            assert_eq!(body["count"], rows.len(), "{query}");
+            let ids: Vec<u64> = rows.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+            (ids, rows, body["more"].as_bool().unwrap())
+        }
+    };
+    let (all, _, more) = list("").await;
+    assert_eq!((all.len(), more), (8, false));
+    assert!(all.windows(2).all(|w| w[0] < w[1]), "oldest first: {all:?}");
+
+    // The bulk routes' filters, each alone and together.
+    let (_, rows, _) = list("?event=clients.update").await;
+    assert_eq!(rows.len(), 4);
+    assert!(rows.iter().all(|r| r["event"] == "clients.update"));
+    let (_, rows, _) = list("?event=clients.update&handler=crm&object_id=2").await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (&rows[0]["handler"], &rows[0]["object_id"]),
+        (&json!("crm"), &json!("2"))
+    );
+    let (_, rows, _) = list("?entity=clients/1").await;
+    assert_eq!(rows.len(), 4);
+    assert_eq!(list("?since=1h").await.0.len(), 8);
+    assert!(list("?until=1h").await.0.is_empty());
+
+    // What the list shows is what a drop with the same filters takes.
+    let (shown, _, _) = list("?event=clients.create&object_id=3").await;
+    assert_eq!(shown.len(), 2);
+    let (status, reply) = sidecar
+        .post_to(
+            "/v1/deadletters/drop",
+            r#"{"event": "clients.create", "object_id": "3"}"#,
+        )
+        .await;
+    assert_eq!((status, &reply["dropped"]), (200, &json!(2)), "{reply}");
+    let (left, _, _) = list("").await;
+    assert!(
+        shown.iter().all(|id| !left.contains(id)),
+        "{shown:?} {left:?}"
+    );
+    assert_eq!(left.len(), 6);
+
+    // Pages: `after` the last id shown, `more` until the last page.
+    let mut paged: Vec<u64> = Vec::new();
+    let mut after = 0;
+    loop {
+        let (status, body) = sidecar
+            .get(&format!("/v1/deadletters?limit=4&after={after}"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let ids: Vec<u64> = body["deadletters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_u64().unwrap())
+            .collect();
+        paged.extend(&ids);
+        if body["more"] == false {
+            break;
+        }
+        after = *ids.last().unwrap();
+    }
+    assert_eq!(paged, left, "the pages, end to end, are the whole list");
+
+    // Bad filters name the fix.
+    for (query, message) in [
+        (
+            "?hander=crm",
+            "unknown filter \"hander\"; use handler, event, object_id, entity, since, until, \
+             after, limit",
+        ),
+        (
+            "?since=yesterday",
+            "since must be a time (\"2026-11-26T10:00:00Z\") or a duration back from now \
+             (\"15m\"), got \"yesterday\"",
+        ),
+        (
+            "?until=soon",
+            "until must be a time (\"2026-11-26T10:00:00Z\") or a duration back from now \
+             (\"15m\"), got \"soon\"",
+        ),
+        (
+            "?after=last",
+            "after must be a row id (a whole number), got \"last\"",
+        ),
+        (
+            "?limit=1001",
+            "limit is at most 1000, got 1001; narrow the query with the filters or after",
+        ),
+    ] {
+        let (status, body) = sidecar.get(&format!("/v1/deadletters{query}")).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(body["error"]["message"], message, "{query}");
+    }
+
+    // The command line: the same filters, and the next page named.
+    let url = format!("http://{}", sidecar.addr);
+    let dir = sidecar.dir.path();
+    let (code, out, err) = run_binary(
+        dir,
+        &[
+            "deadletters",
+            "list",
+            "--event",
+            "clients.update",
+            "--limit",
+            "1",
+            "--url",
+            &url,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 2, "a header and one row: {out}");
+    let (first, _, _) = list("?event=clients.update&limit=1").await;
+    assert_eq!(
+        err,
+        format!(
+            "more dead letters match: --after {} for the next ones\n",
+            first[0]
+        )
+    );
+}

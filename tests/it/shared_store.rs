@@ -140,6 +140,12 @@ async fn a_handler_disabled_on_one_sidecar_is_delivered_by_another_that_has_it_e
     assert!(dead_letters(&a, 0).await.is_empty());
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dead_letters_list_takes_the_bulk_filters_and_pages() {
+    let Some(db) = server() else { return };
+    crate::deadletters::the_list_takes_the_bulk_filters(&store(&db)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn store_copy_moves_a_files_queue_and_dead_letters_into_postgres_once() {
     let Some(db) = server() else { return };

@@ -450,17 +450,19 @@ impl File {
     /// Dead letters, oldest first; only `handler`'s when given.
     pub(super) fn dead_letters(
         &self,
-        handler: Option<&str>,
+        filter: &DeadLetterFilter,
+        after: u64,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
         let txn = self.read()?;
         let table = txn.open_table(DEAD).map_err(StoreError::read)?;
         let mut out = Vec::new();
-        for row in table.iter().map_err(StoreError::read)? {
+        let from = after.saturating_add(1);
+        for row in table.range(from..).map_err(StoreError::read)? {
             let (id, value) = row.map_err(StoreError::read)?;
             let mut letter: DeadLetter = decode(value.value())?;
             letter.delivery.id = id.value();
-            if handler.is_none_or(|h| h == letter.delivery.handler) {
+            if filter.matches_letter(&letter) {
                 out.push(letter);
                 if out.len() >= limit {
                     break;

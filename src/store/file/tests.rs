@@ -157,12 +157,26 @@ async fn settling_retries_delivers_and_dead_letters() {
     };
     store.settle(ids[1], dead, None).await.unwrap();
     assert_eq!(store.queue_depth().unwrap(), 0);
-    let letters = store.dead_letters(None, 10).unwrap();
+    let letters = store
+        .dead_letters(&DeadLetterFilter::default(), 0, 10)
+        .unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].delivery.id, ids[1]);
     assert_eq!(letters[0].reason, "handler answered 410 Gone");
     assert_eq!(letters[0].delivery.attempts, 3);
-    assert!(store.dead_letters(Some("other"), 10).unwrap().is_empty());
+    assert!(
+        store
+            .dead_letters(
+                &DeadLetterFilter {
+                    handler: Some("other".into()),
+                    ..Default::default()
+                },
+                0,
+                10
+            )
+            .unwrap()
+            .is_empty()
+    );
 
     // Replay: back in the queue under a new id, same message id, attempts reset.
     let replayed_id = store.replay(ids[1]).await.unwrap().unwrap();
@@ -184,7 +198,12 @@ async fn settling_retries_delivers_and_dead_letters() {
     store.settle(replayed_id, dead, None).await.unwrap();
     assert!(store.drop_dead_letter(replayed_id).await.unwrap());
     assert!(!store.drop_dead_letter(replayed_id).await.unwrap());
-    assert!(store.dead_letters(None, 10).unwrap().is_empty());
+    assert!(
+        store
+            .dead_letters(&DeadLetterFilter::default(), 0, 10)
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// Enqueues `items` and dead-letters every one of them; their ids.
@@ -249,7 +268,7 @@ async fn bulk_replay_takes_the_matches_in_their_order_and_leaves_unknown_handler
     );
     // What is left: clients/2 and the one for the unknown handler.
     let left: Vec<u64> = store
-        .dead_letters(None, 10)
+        .dead_letters(&DeadLetterFilter::default(), 0, 10)
         .unwrap()
         .iter()
         .map(|l| l.delivery.id)
@@ -916,7 +935,7 @@ async fn accepts_settlements_replays_and_drops_sent_at_once_all_take_effect() {
     assert_eq!(retry.last_error.as_deref(), Some("HTTP 503"));
     assert_eq!(store.delivery(replayed).unwrap().unwrap().body, "replay me");
     let letters_now: Vec<(u64, String)> = store
-        .dead_letters(None, 10)
+        .dead_letters(&DeadLetterFilter::default(), 0, 10)
         .unwrap()
         .into_iter()
         .map(|l| (l.delivery.id, l.reason))

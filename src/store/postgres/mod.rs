@@ -990,19 +990,36 @@ impl Postgres {
 
     pub(super) async fn dead_letters(
         &self,
-        handler: Option<&str>,
+        filter: &DeadLetterFilter,
+        after: u64,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
-        let query = self.sql(
+        let query = self.sql(&format!(
             "SELECT id, handler, entity, event, object_id, message_id, body, attempts, \
-             next_at, enqueued_at, last_error, event_id, reason, died_at FROM {s}.dead_letters \
-             WHERE ($1::text IS NULL OR handler = $1) ORDER BY id LIMIT $2",
-        );
+             next_at, enqueued_at, last_error, event_id, reason, died_at FROM {{s}}.dead_letters \
+             WHERE {} AND id > $7 ORDER BY id LIMIT $8",
+            Self::MATCHING
+        ));
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let after = to_i64(after);
+        let since = filter.since.map(to_i64);
+        let until = filter.until.map(to_i64);
         let rows = self
             .run("read", async |c| {
-                c.query(&c.prepare_cached(&query).await?, &[&handler, &limit])
-                    .await
+                c.query(
+                    &c.prepare_cached(&query).await?,
+                    &[
+                        &filter.handler,
+                        &filter.event,
+                        &filter.object_id,
+                        &filter.entity,
+                        &since,
+                        &until,
+                        &after,
+                        &limit,
+                    ],
+                )
+                .await
             })
             .await?;
         Ok(rows.iter().map(dead_letter_of).collect())
