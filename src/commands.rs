@@ -291,6 +291,7 @@ pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
         warn!(%warning, "config warning");
     }
     notify_ready(&listener.local_addr());
+    watchdog();
     let stopping_notice = {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -318,6 +319,24 @@ fn notify_ready(addr: &str) {
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&status),
     ]);
+}
+
+/// systemd's watchdog (`WatchdogSec=` in the unit): `WATCHDOG=1` every half of its
+/// interval, from a task on the runtime that serves the events. A runtime that no longer
+/// runs its tasks (a deadlock, a hang) stops the pings, and systemd restarts the
+/// service. Nothing without `WATCHDOG_USEC` (for this process) in the environment.
+fn watchdog() {
+    let Some(every) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let every = (every / 2).max(std::time::Duration::from_millis(10));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+    });
 }
 
 fn notify(states: &[sd_notify::NotifyState<'_>]) {

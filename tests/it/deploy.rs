@@ -258,6 +258,35 @@ async fn readiness_and_stopping_are_notified_to_systemd() {
     assert_eq!(notify.next(), "STOPPING=1\n");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_systemd_watchdog_is_pinged_while_the_sidecar_runs() {
+    let notify = Notify::new();
+    let env = [
+        ("NOTIFY_SOCKET", notify.path.to_str().unwrap()),
+        // 200 ms: a ping every 100 ms.
+        ("WATCHDOG_USEC", "200000"),
+    ];
+    let sidecar = Sidecar::start_in(tempfile::TempDir::new().unwrap(), SERVER, &env);
+    assert!(notify.next().starts_with("READY=1\n"));
+    for _ in 0..3 {
+        assert_eq!(notify.next(), "WATCHDOG=1\n");
+    }
+    // For another process (WATCHDOG_PID), the watchdog is not ours: no pings, as
+    // without WATCHDOG_USEC (readiness_and_stopping_are_notified_to_systemd).
+    drop(sidecar);
+    let notify = Notify::new();
+    let env = [
+        ("NOTIFY_SOCKET", notify.path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "200000"),
+        ("WATCHDOG_PID", "1"),
+    ];
+    let sidecar = Sidecar::start_in(tempfile::TempDir::new().unwrap(), SERVER, &env);
+    assert!(notify.next().starts_with("READY=1\n"));
+    let (_, _, exit) = sidecar.terminate();
+    assert!(exit.success());
+    assert_eq!(notify.next(), "STOPPING=1\n");
+}
+
 #[test]
 fn a_config_that_does_not_load_notifies_nothing() {
     let notify = Notify::new();
@@ -348,7 +377,9 @@ fn the_systemd_unit_runs_a_notifying_hardened_service_with_its_store_in_its_stat
     for want in [
         "Type=notify",
         "ExecStart=/usr/local/bin/provisiond run -c /etc/provisiond/provisioning.toml --log-format json",
+        "ExecReload=/usr/local/bin/provisiond check -c /etc/provisiond/provisioning.toml",
         "ExecReload=/bin/kill -HUP $MAINPID",
+        "WatchdogSec=30",
         "StateDirectory=provisiond",
         "WorkingDirectory=/var/lib/provisiond",
         "User=provisiond",
