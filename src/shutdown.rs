@@ -1,5 +1,6 @@
 //! SIGINT and SIGTERM: the first starts a graceful drain, the second quits at once
-//! (exit status 130 or 143, as if killed by the signal).
+//! (exit status 130 or 143, as if killed by the signal), killing the script handlers
+//! still running.
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -23,7 +24,12 @@ pub(crate) fn watch(token: CancellationToken) -> std::io::Result<()> {
             _ = interrupt.recv() => ("SIGINT", 130),
             _ = terminate.recv() => ("SIGTERM", 143),
         };
-        warn!(signal = name, "second signal, quitting now");
+        warn!(
+            signal = name,
+            "second signal, quitting now; scripts running are killed"
+        );
+        // No destructor runs on the way out: the scripts' guards would not kill them.
+        crate::handlers::exec::kill_running();
         // 128 + the signal's number, as a shell reports a process killed by it.
         std::process::exit(code);
     });

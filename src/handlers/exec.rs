@@ -49,7 +49,7 @@ pub(crate) async fn call(target: &ScriptTarget, call: &Call<'_>) -> Result<Reply
     // Until the script has exited, a call that ends any other way (a timeout, or its
     // future dropped because the billing hung up) kills the whole group. `kill_on_drop`
     // alone would reach the script only, not what it started.
-    let mut group = GroupGuard(pid);
+    let mut group = GroupGuard::new(pid);
     let mut stdin = child.stdin.take().expect("stdin is piped");
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
@@ -92,11 +92,36 @@ pub(crate) async fn call(target: &ScriptTarget, call: &Call<'_>) -> Result<Reply
     })
 }
 
+/// The process groups of the scripts running now: what [`kill_running`] kills.
+static RUNNING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Kills every script running now, with everything it started: for a process that
+/// exits without unwinding (`std::process::exit` on a second SIGTERM), whose calls'
+/// guards never run, so that no script outlives it.
+pub(crate) fn kill_running() {
+    let running = RUNNING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for pid in running.iter().filter_map(|p| i32::try_from(*p).ok()) {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
 /// The process group of a running script (the script is its leader): killed with
 /// everything in it when the guard is dropped while still armed.
 struct GroupGuard(Option<u32>);
 
 impl GroupGuard {
+    fn new(pid: Option<u32>) -> Self {
+        if let Some(pid) = pid {
+            let mut running = RUNNING
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            running.push(pid);
+        }
+        Self(pid)
+    }
+
     /// Kills the script's whole process group: the script and anything it started.
     fn kill(&mut self) {
         if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
@@ -106,13 +131,21 @@ impl GroupGuard {
 
     /// The script has been waited for: nothing to kill any more.
     fn disarm(&mut self) {
-        self.0 = None;
+        if let Some(pid) = self.0.take() {
+            let mut running = RUNNING
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(at) = running.iter().position(|p| *p == pid) {
+                running.swap_remove(at);
+            }
+        }
     }
 }
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         self.kill();
+        self.disarm();
     }
 }
 

@@ -735,3 +735,67 @@ fn the_kubernetes_secrets_the_manifests_read_are_the_ones_the_docs_say_to_create
         }
     }
 }
+
+/// A second SIGTERM quits at once (143): the script handlers still running go with it,
+/// and what they started, instead of running on as orphans.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_sigterm_quits_at_once_and_takes_the_running_scripts_with_it() {
+    let dir = tempfile::TempDir::new().unwrap();
+    script(
+        dir.path(),
+        "stuck.sh",
+        "#!/bin/sh\ncat >/dev/null\nsleep 30 &\nsleep 30\ntouch finished\n",
+    );
+    // A drain long enough that only the second signal can end it.
+    let config = "[server]\nlisten = \"127.0.0.1:0\"\ndeadline = \"60s\"\n\
+                  shutdown_grace = \"60s\"\n\n[[handler]]\nname = \"provision\"\n\
+                  events = [\"clients.create\"]\nstage = \"before\"\n\
+                  command = [\"./stuck.sh\"]\ntimeout = \"60s\"\n";
+    let mut sidecar = Sidecar::start_in(dir, config, &[]);
+    let main = sidecar.child.id();
+    // The billing's request: cut when provisiond quits.
+    let sending = sidecar
+        .client()
+        .post(sidecar.url("/events"))
+        .body(envelope("clients.create", 12, serde_json::json!({"name": "acme"})).to_string())
+        .send();
+    let kill = async {
+        // The script and the two sleeps.
+        let mut scripts = Vec::new();
+        for _ in 0..250 {
+            scripts = descendants(main);
+            if scripts.len() >= 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(scripts.len() >= 3, "the script did not start: {scripts:?}");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(main).unwrap());
+        for _ in 0..2 {
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        scripts
+    };
+    let (cut, scripts) = tokio::join!(sending, kill);
+    assert!(cut.is_err(), "answered: {cut:?}");
+    let exit = sidecar
+        .wait_exit(Duration::from_secs(10))
+        .expect("it quits");
+    assert_eq!(exit.code(), Some(143), "{exit:?}");
+    let alive = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let (_, rest) = stat.rsplit_once(')')?;
+                rest.split_whitespace().next().map(|s| s != "Z")
+            })
+            .unwrap_or(false)
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while scripts.iter().any(alive) && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left: Vec<&u32> = scripts.iter().filter(|p| alive(p)).collect();
+    assert!(left.is_empty(), "still running after the quit: {left:?}");
+}
