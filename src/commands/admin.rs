@@ -482,6 +482,11 @@ pub async fn dead_letters(
             if let Some(message) = reply.message {
                 errln!("provisiond: {message}");
             }
+            // Some of what the filters took was left in place: not all done, as a
+            // script running this must be able to tell.
+            if reply.skipped > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         DeadLetterCommand::Drop(selection) => {
             let path = "/v1/deadletters/drop";

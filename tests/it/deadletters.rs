@@ -248,8 +248,9 @@ async fn filters_choose_what_is_replayed_or_dropped_and_an_empty_filter_is_refus
     .unwrap();
     let (status, body) = sidecar.post_to("/v1/reload", "").await;
     assert_eq!(status, 200, "{body}");
+    // Exit 1: not all that the filters took was replayed.
     let (code, out, err) = run_binary(dir, &["deadletters", "replay", "--all", "--url", &url]);
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, 1, "{err}");
     assert_eq!(out, "1 dead letter replayed\n");
     assert_eq!(
         err,
