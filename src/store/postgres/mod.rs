@@ -1069,16 +1069,7 @@ impl Postgres {
              WHERE l.handler = taken.handler AND l.entity = taken.entity \
              RETURNING l.entity, l.token",
         );
-        let expired = {
-            let mut looked = self.inner.expired_at.lock().expect("not poisoned");
-            match looked.get(handler) {
-                Some(at) if at.elapsed() < EXPIRED_EVERY => false,
-                _ => {
-                    looked.insert(handler.to_owned(), Instant::now());
-                    true
-                }
-            }
-        };
+        let expired = self.expired_due(handler);
         let room = i64::try_from(room).unwrap_or(i64::MAX);
         let lease = ms(self.inner.lease);
         let owner = &self.inner.owner;
@@ -1143,23 +1134,46 @@ impl Postgres {
         if limit == 0 || !self.is_open() && !self.inner.ready.load(Ordering::Relaxed) {
             return Ok(0);
         }
-        let query = self.sql(
-            "SELECT (SELECT count(*) FROM (SELECT 1 FROM {s}.lanes WHERE handler = $1 \
-             AND pending > 0 AND owner IS NULL LIMIT $2) f) + (SELECT count(*) FROM \
-             (SELECT 1 FROM {s}.lanes WHERE handler = $1 AND pending > 0 \
-             AND owner IS NOT NULL AND lease_until < now() LIMIT $2) e)",
+        // Free lanes with work first, from their own index; lanes whose lease ran out
+        // only when there are none, and at most every EXPIRED_EVERY: finding those walks
+        // every lane of the handler with work, which a large backlog makes long.
+        let free = self.sql(
+            "SELECT count(*) FROM (SELECT 1 FROM {s}.lanes WHERE handler = $1 \
+             AND pending > 0 AND owner IS NULL LIMIT $2) f",
+        );
+        let expired = self.sql(
+            "SELECT count(*) FROM (SELECT 1 FROM {s}.lanes WHERE handler = $1 \
+             AND pending > 0 AND owner IS NOT NULL AND lease_until < now() LIMIT $2) e",
         );
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let n: i64 = self
-            .run("read", async |c| {
-                Ok(
-                    c.query_one(&c.prepare_cached(&query).await?, &[&handler, &limit])
+        let count = async |query: &str| -> Result<usize, StoreError> {
+            let n: i64 = self
+                .run("read", async |c| {
+                    Ok(c.query_one(&c.prepare_cached(query).await?, &[&handler, &limit])
                         .await?
-                        .get(0),
-                )
-            })
-            .await?;
-        Ok(usize::try_from(n).unwrap_or(0))
+                        .get(0))
+                })
+                .await?;
+            Ok(usize::try_from(n).unwrap_or(0))
+        };
+        let waiting = count(&free).await?;
+        if waiting > 0 || !self.expired_due(&format!("waiting {handler}")) {
+            return Ok(waiting);
+        }
+        count(&expired).await
+    }
+
+    /// Whether lanes whose lease ran out may be looked for now, for `what` (a handler's
+    /// claims, or its question whether lanes wait): at most every [`EXPIRED_EVERY`].
+    fn expired_due(&self, what: &str) -> bool {
+        let mut looked = self.inner.expired_at.lock().expect("not poisoned");
+        match looked.get(what) {
+            Some(at) if at.elapsed() < EXPIRED_EVERY => false,
+            _ => {
+                looked.insert(what.to_owned(), Instant::now());
+                true
+            }
+        }
     }
 
     /// The lane's queued deliveries, oldest first, at most [`LANE_BATCH`].
