@@ -24,9 +24,12 @@ fn server() -> Option<PgServer> {
     Some(server)
 }
 
+/// The shared store on `server`. A lease of 5 s: a sidecar whose last heartbeat is
+/// older than the lease counts as gone, and on a loaded machine 2 s was not enough for
+/// a live one's heartbeats (every third of the lease) to always arrive in time.
 fn store(server: &PgServer) -> String {
     format!(
-        "[store]\nbackend = \"postgres\"\nurl = {}\nlease = \"2s\"\n",
+        "[store]\nbackend = \"postgres\"\nurl = {}\nlease = \"5s\"\n",
         toml_str(server.url("provisiond"))
     )
 }
