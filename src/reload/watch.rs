@@ -5,10 +5,10 @@
 //! new file and rename it over the old one, and Kubernetes swaps the `..data` symlink a
 //! ConfigMap's files point through; a watch on the file itself would follow the old
 //! inode and miss both. Of the directory's events it keeps those about a name the config
-//! resolves through: the file's own name, the first step of a relative symlink (`..data`
-//! for a ConfigMap), and, when the file is a symlink, the real file in its own directory
-//! (watched too, and re-pointed after every change). Only names created, removed or
-//! renamed and files closed after writing reach it ([`config_events`], filtered by the
+//! resolves through: every symlink met on the way (the file itself, `..data` for a
+//! ConfigMap, a release's `current` directory), each in its real directory, and the real
+//! file in its own (all watched as they really are, and re-pointed after every change).
+//! Only names created, removed or renamed and files closed after writing reach it ([`config_events`], filtered by the
 //! kernel): reading the file does not trigger another reload, and the writes of a store
 //! kept in the same directory do not wake the watcher at all.
 //!
@@ -97,7 +97,8 @@ impl Watcher {
         for dir in self.dirs.difference(&interest.dirs) {
             let _ = self.inner.unwatch(dir);
         }
-        let own = self.config.parent().map(Path::to_path_buf);
+        // The directory the file really is in: without a watch there, no change is seen.
+        let own = resolve(&self.config).1.parent().map(Path::to_path_buf);
         let mut watched = HashSet::new();
         let mut failure = None;
         for dir in &interest.dirs {
@@ -166,32 +167,18 @@ fn directory_watcher(handler: impl notify::EventHandler) -> notify::Result<Recom
 }
 
 impl Interest {
-    /// Where `config` (absolute) resolves through now.
+    /// Where `config` (absolute) resolves through now: every symlink met on the way (a
+    /// ConfigMap's `..data`, a release's `current` directory, the file itself), named in
+    /// its real directory, and the real file. Those directories are watched as they
+    /// really are, so that a directory symlink swapped over (`current` -> `releases/2`)
+    /// is seen, and the next look watches the directory it leads to now.
     fn of(config: &Path) -> Self {
         let mut interest = Self::default();
-        let Some(dir) = config.parent() else {
-            return interest;
-        };
-        interest.dirs.insert(dir.to_path_buf());
-        interest.paths.insert(config.to_path_buf());
-        // A relative symlink such as `..data/provisioning.toml`: its first step is a name
-        // in this directory, which a ConfigMap update swaps.
-        if let Ok(target) = std::fs::read_link(config)
-            && target.is_relative()
-            && let Some(Component::Normal(first)) = target.components().next()
-        {
-            interest.paths.insert(dir.join(first));
-        }
-        // A symlink: watch the real file where it lives, so that writing it there is
-        // seen. (For a ConfigMap that is the current `..<timestamp>` directory, which the
-        // next update replaces; `refresh` then moves the watch.)
-        if let Ok(real) = std::fs::canonicalize(config)
-            && let Some(real_dir) = real.parent()
-        {
-            let own = std::fs::canonicalize(dir).is_ok_and(|d| d == real_dir);
-            if !own {
-                interest.dirs.insert(real_dir.to_path_buf());
-                interest.paths.insert(real);
+        let (links, real) = resolve(config);
+        for path in links.into_iter().chain([real]) {
+            if let Some(dir) = path.parent() {
+                interest.dirs.insert(dir.to_path_buf());
+                interest.paths.insert(path);
             }
         }
         interest
@@ -207,6 +194,49 @@ impl Interest {
         // No paths: the watcher lost track (e.g. a rescan is needed).
         kind && (event.paths.is_empty() || event.paths.iter().any(|p| self.paths.contains(p)))
     }
+}
+
+/// Symlinks followed at most while resolving the config's path, as the kernel's own limit.
+const MAX_LINKS: usize = 40;
+
+/// Resolves `path` (absolute) one name at a time, as the kernel does: the symlinks met
+/// (each as its real directory joined with its name, in the order met) and the real path
+/// it ends at. A name that does not exist ends the walk there, as it is.
+fn resolve(path: &Path) -> (Vec<PathBuf>, PathBuf) {
+    let mut links = Vec::new();
+    let mut real = PathBuf::from("/");
+    let mut todo: Vec<std::ffi::OsString> = Vec::new();
+    let push = |todo: &mut Vec<std::ffi::OsString>, path: &Path| {
+        // Reversed, so that `pop` takes the first name next.
+        let names: Vec<_> = path
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(name) => Some(name.to_os_string()),
+                Component::ParentDir => Some("..".into()),
+                _ => None,
+            })
+            .collect();
+        todo.extend(names.into_iter().rev());
+    };
+    push(&mut todo, path);
+    while let Some(name) = todo.pop() {
+        if name == ".." {
+            real.pop();
+            continue;
+        }
+        let next = real.join(&name);
+        match std::fs::read_link(&next) {
+            Ok(target) if links.len() < MAX_LINKS => {
+                links.push(next);
+                if target.is_absolute() {
+                    real = PathBuf::from("/");
+                }
+                push(&mut todo, &target);
+            }
+            _ => real = next,
+        }
+    }
+    (links, real)
 }
 
 #[cfg(test)]
@@ -324,6 +354,40 @@ mod tests {
                     && interest.wants(e)),
             "{renamed:?}"
         );
+    }
+
+    /// `-c /srv/provisiond/current/provisioning.toml`, `current` -> `releases/1`: a
+    /// release deploy renames a new `current` over it and keeps the old release.
+    #[test]
+    fn a_swapped_directory_symlink_is_of_interest_and_the_watch_follows_it() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        for release in ["releases/1", "releases/2"] {
+            std::fs::create_dir_all(root.join(release)).unwrap();
+            std::fs::write(root.join(release).join("provisioning.toml"), "").unwrap();
+        }
+        std::os::unix::fs::symlink("releases/1", root.join("current")).unwrap();
+        let config = root.join("current/provisioning.toml");
+
+        let interest = Interest::of(&config);
+        assert_eq!(
+            interest.dirs,
+            HashSet::from([root.clone(), root.join("releases/1")])
+        );
+        let rename = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        assert!(interest.wants(&event(rename, &root.join("current"))));
+        let write = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        assert!(interest.wants(&event(write, &root.join("releases/1/provisioning.toml"))));
+
+        std::os::unix::fs::symlink("releases/2", root.join("current.tmp")).unwrap();
+        std::fs::rename(root.join("current.tmp"), root.join("current")).unwrap();
+        let interest = Interest::of(&config);
+        assert_eq!(
+            interest.dirs,
+            HashSet::from([root.clone(), root.join("releases/2")])
+        );
+        assert!(interest.wants(&event(write, &root.join("releases/2/provisioning.toml"))));
+        assert!(!interest.wants(&event(write, &root.join("releases/1/provisioning.toml"))));
     }
 
     #[test]

@@ -212,6 +212,27 @@ async fn writing_the_file_a_symlink_points_to_reloads_once() {
     .await;
 }
 
+/// A release layout: the config read as `current/provisioning.toml`, `current` ->
+/// `releases/1`.
+fn released(dir: &Path, text: &str) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir.join("releases/1")).unwrap();
+    std::fs::write(dir.join("releases/1/provisioning.toml"), text).unwrap();
+    std::os::unix::fs::symlink("releases/1", dir.join("current")).unwrap();
+    dir.join("current/provisioning.toml")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_release_directory_symlink_swap_reloads_once() {
+    one_reload_per_change(released, |dir, text| {
+        // A deploy: a new release beside the old one (kept), `current` renamed over.
+        std::fs::create_dir_all(dir.join("releases/2")).unwrap();
+        std::fs::write(dir.join("releases/2/provisioning.toml"), text).unwrap();
+        std::os::unix::fs::symlink("releases/2", dir.join("current.tmp")).unwrap();
+        std::fs::rename(dir.join("current.tmp"), dir.join("current")).unwrap();
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn changes_that_do_not_touch_the_config_do_not_reload() {
     let stamper = stamper().await;
