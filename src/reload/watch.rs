@@ -8,9 +8,10 @@
 //! resolves through: every symlink met on the way (the file itself, `..data` for a
 //! ConfigMap, a release's `current` directory), each in its real directory, and the real
 //! file in its own (all watched as they really are, and re-pointed after every change).
-//! Only names created, removed or renamed and files closed after writing reach it ([`config_events`], filtered by the
-//! kernel): reading the file does not trigger another reload, and the writes of a store
-//! kept in the same directory do not wake the watcher at all.
+//! Only names created, removed or renamed and files closed after writing reach it
+//! ([`config_events`], filtered by the kernel): reading the file does not trigger
+//! another reload, and the writes of a store kept in the same directory do not wake the
+//! watcher at all.
 //!
 //! Changes settle when no relevant event has come for [`SETTLE`] (or after [`MAX_SETTLE`]
 //! at most, for a file that never stops changing); then the whole file is read and

@@ -1149,9 +1149,11 @@ impl Postgres {
         let count = async |query: &str| -> Result<usize, StoreError> {
             let n: i64 = self
                 .run("read", async |c| {
-                    Ok(c.query_one(&c.prepare_cached(query).await?, &[&handler, &limit])
-                        .await?
-                        .get(0))
+                    Ok(
+                        c.query_one(&c.prepare_cached(query).await?, &[&handler, &limit])
+                            .await?
+                            .get(0),
+                    )
                 })
                 .await?;
             Ok(usize::try_from(n).unwrap_or(0))
