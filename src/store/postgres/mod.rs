@@ -636,6 +636,26 @@ impl Postgres {
          AND ($4::text IS NULL OR entity = $4) AND ($5::bigint IS NULL OR died_at >= $5) \
          AND ($6::bigint IS NULL OR died_at < $6)";
 
+    /// The parameters `$1` to `$6` of [`Self::MATCHING`] for `filter`, its times as
+    /// `times` holds them (`[since, until]`, from [`Self::matching_times`]).
+    fn matching<'a>(
+        filter: &'a DeadLetterFilter,
+        times: &'a [Option<i64>; 2],
+    ) -> [&'a (dyn ToSql + Sync); 6] {
+        [
+            &filter.handler,
+            &filter.event,
+            &filter.object_id,
+            &filter.entity,
+            &times[0],
+            &times[1],
+        ]
+    }
+
+    fn matching_times(filter: &DeadLetterFilter) -> [Option<i64>; 2] {
+        [filter.since.map(to_i64), filter.until.map(to_i64)]
+    }
+
     pub(super) async fn replay_matching(
         &self,
         filter: DeadLetterFilter,
@@ -647,23 +667,10 @@ impl Postgres {
         ));
         let replay = self.sql("SELECT {s}.replay($1, $2)");
         let now = to_i64(now_ms());
-        let since = filter.since.map(to_i64);
-        let until = filter.until.map(to_i64);
+        let times = Self::matching_times(&filter);
         self.run("write", async |c| {
             let txn = c.transaction().await?;
-            let rows = txn
-                .query(
-                    &select,
-                    &[
-                        &filter.handler,
-                        &filter.event,
-                        &filter.object_id,
-                        &filter.entity,
-                        &since,
-                        &until,
-                    ],
-                )
-                .await?;
+            let rows = txn.query(&select, &Self::matching(&filter, &times)).await?;
             let mut out = Replayed::default();
             let mut chosen: Vec<(String, String, i64)> = Vec::with_capacity(rows.len());
             for row in rows {
@@ -699,20 +706,12 @@ impl Postgres {
             "DELETE FROM {{s}}.dead_letters WHERE {}",
             Self::MATCHING
         ));
-        let since = filter.since.map(to_i64);
-        let until = filter.until.map(to_i64);
+        let times = Self::matching_times(&filter);
         let n = self
             .run("write", async |c| {
                 c.execute(
                     &c.prepare_cached(&query).await?,
-                    &[
-                        &filter.handler,
-                        &filter.event,
-                        &filter.object_id,
-                        &filter.entity,
-                        &since,
-                        &until,
-                    ],
+                    &Self::matching(&filter, &times),
                 )
                 .await
             })
@@ -1002,24 +1001,12 @@ impl Postgres {
         ));
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let after = to_i64(after);
-        let since = filter.since.map(to_i64);
-        let until = filter.until.map(to_i64);
+        let times = Self::matching_times(filter);
+        let mut params = Self::matching(filter, &times).to_vec();
+        params.extend([&after as &(dyn ToSql + Sync), &limit]);
         let rows = self
             .run("read", async |c| {
-                c.query(
-                    &c.prepare_cached(&query).await?,
-                    &[
-                        &filter.handler,
-                        &filter.event,
-                        &filter.object_id,
-                        &filter.entity,
-                        &since,
-                        &until,
-                        &after,
-                        &limit,
-                    ],
-                )
-                .await
+                c.query(&c.prepare_cached(&query).await?, &params).await
             })
             .await?;
         Ok(rows.iter().map(dead_letter_of).collect())
