@@ -235,19 +235,27 @@ pub async fn serve(
         .header_read_timeout(server.header_timeout)
         .keep_alive(true);
 
-    let spawn = |stream, permit: Option<tokio::sync::OwnedSemaphorePermit>| {
+    // The connections' tasks: those still open when the grace runs out are ended here,
+    // so that what they leave (an abandoned event's log line and execution log rows) is
+    // written before the store closes, not at the runtime's end.
+    let mut tasks = tokio::task::JoinSet::new();
+    let spawn = |tasks: &mut tokio::task::JoinSet<()>,
+                 stream,
+                 permit: Option<tokio::sync::OwnedSemaphorePermit>| {
         let app = app.clone();
         let service = service_fn(move |request| {
             let app = app.clone();
             async move { Ok::<_, Infallible>(route(&app, request).await) }
         });
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             if let Err(e) = connection.await {
                 debug!(error = %e, "connection ended with an error");
             }
             drop(permit);
         });
+        // Forget those that have ended.
+        while tasks.try_join_next().is_some() {}
     };
 
     loop {
@@ -267,7 +275,7 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
-        spawn(stream, Some(permit));
+        spawn(&mut tasks, stream, Some(permit));
     }
 
     // Draining: the events in flight finish; new ones, on new connections or kept-alive
@@ -283,7 +291,7 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => {
                 if let Ok(stream) = accepted {
-                    spawn(stream, None);
+                    spawn(&mut tasks, stream, None);
                 }
             }
             () = tokio::time::sleep(Duration::from_millis(10)) => {}
@@ -299,6 +307,14 @@ pub async fn serve(
         .is_err()
     {
         warn!("grace period over, closing the remaining connections");
+    }
+    tasks.abort_all();
+    let ended = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(1), ended)
+        .await
+        .is_err()
+    {
+        warn!("connections still ending a second after they were closed");
     }
 }
 

@@ -799,3 +799,63 @@ async fn a_second_sigterm_quits_at_once_and_takes_the_running_scripts_with_it() 
     let left: Vec<&u32> = scripts.iter().filter(|p| alive(p)).collect();
     assert!(left.is_empty(), "still running after the quit: {left:?}");
 }
+
+/// An event still in flight when the drain's grace runs out is cut, and leaves its
+/// trace before provisiond says `stopped`: its `abandoned` log line and its execution
+/// log rows, in the store that a restart reads (they used to come after `stopped`,
+/// with the store already closed: "execution log is behind, rows dropped").
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_cut_by_the_end_of_the_grace_is_logged_before_stopped() {
+    let dir = tempfile::TempDir::new().unwrap();
+    script(
+        dir.path(),
+        "slow.sh",
+        "#!/bin/sh\ncat >/dev/null\nsleep 10\n",
+    );
+    let config = "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n\n\
+                  [[handler]]\nname = \"slow\"\nevents = [\"clients.create\"]\n\
+                  stage = \"before\"\ncommand = [\"./slow.sh\"]\ntimeout = \"9s\"\n";
+    let mut sidecar = Sidecar::start_in(dir, config, &[]);
+    let main = sidecar.child.id();
+    let sending = sidecar
+        .client()
+        .post(sidecar.url("/events"))
+        .body(envelope("clients.create", 12, serde_json::json!({"name": "acme"})).to_string())
+        .send();
+    let stop = async {
+        for _ in 0..250 {
+            if !descendants(main).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(main).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    };
+    let (cut, ()) = tokio::join!(sending, stop);
+    assert!(cut.is_err(), "answered: {cut:?}");
+    let exit = sidecar
+        .wait_exit(Duration::from_secs(20))
+        .expect("it exits");
+    assert!(exit.success(), "{exit:?}");
+    let messages: Vec<String> = sidecar
+        .log_records()
+        .iter()
+        .map(|r| format!("{} {}", r["message"], r["outcome"]))
+        .collect();
+    let at = |m: &str| messages.iter().position(|x| x.starts_with(m));
+    let abandoned = at("\"event\" \"abandoned\"").expect("the cut event is logged");
+    let stopped = at("\"stopped\"").expect("stopped is logged");
+    assert!(abandoned < stopped, "{messages:#?}");
+    assert!(
+        !messages.iter().any(|m| m.contains("rows dropped")),
+        "{messages:#?}"
+    );
+    // The store has its row: a restart on the same directory shows it.
+    let dir = std::mem::replace(&mut sidecar.dir, tempfile::TempDir::new().unwrap());
+    let again = Sidecar::spawn(dir, sidecar.config_path.clone(), &[]);
+    let (status, body) = again.get("/v1/executions?handler=slow").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["count"], 1, "{body}");
+    assert_eq!(body["executions"][0]["outcome"], "error", "{body}");
+}
