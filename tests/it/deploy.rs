@@ -429,6 +429,20 @@ fn descendants(pid: u32) -> Vec<u32> {
     found.split_off(1)
 }
 
+/// Waits (5 s at most) until `pid` has at least `n` descendants: the script handlers it
+/// started, and theirs; those.
+async fn started(pid: u32, n: usize) -> Vec<u32> {
+    let mut found = Vec::new();
+    for _ in 0..250 {
+        found = descendants(pid);
+        if found.len() >= n {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the script did not start: {found:?}");
+}
+
 /// `systemctl stop` as the unit has it: SIGTERM to the main process, and with
 /// `KillMode=control-group` (systemd's default) to every other process of the unit too,
 /// the script handlers running at that moment included.
@@ -455,15 +469,7 @@ async fn a_systemctl_stop_lets_the_script_handlers_in_flight_finish() {
     let mut sidecar = Sidecar::start_in(dir, &config, &[]);
     let main = sidecar.child.id();
     let stop = async {
-        let mut scripts = Vec::new();
-        for _ in 0..250 {
-            scripts = descendants(main);
-            if !scripts.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(!scripts.is_empty(), "the script did not start");
+        let scripts = started(main, 1).await;
         let mut targets = vec![main];
         if kill_mode == "control-group" {
             targets.extend(scripts);
@@ -761,15 +767,7 @@ async fn a_second_sigterm_quits_at_once_and_takes_the_running_scripts_with_it() 
         .send();
     let kill = async {
         // The script and the two sleeps.
-        let mut scripts = Vec::new();
-        for _ in 0..250 {
-            scripts = descendants(main);
-            if scripts.len() >= 3 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(scripts.len() >= 3, "the script did not start: {scripts:?}");
+        let scripts = started(main, 3).await;
         let pid = nix::unistd::Pid::from_raw(i32::try_from(main).unwrap());
         for _ in 0..2 {
             nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -823,12 +821,7 @@ async fn an_event_cut_by_the_end_of_the_grace_is_logged_before_stopped() {
         .body(envelope("clients.create", 12, serde_json::json!({"name": "acme"})).to_string())
         .send();
     let stop = async {
-        for _ in 0..250 {
-            if !descendants(main).is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        started(main, 1).await;
         let pid = nix::unistd::Pid::from_raw(i32::try_from(main).unwrap());
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     };
