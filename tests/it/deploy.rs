@@ -429,6 +429,24 @@ fn descendants(pid: u32) -> Vec<u32> {
     found.split_off(1)
 }
 
+/// The billing's request for a `clients.create` that a test cuts short (by stopping
+/// provisiond): its result, an error when it was cut.
+fn cut_short(
+    sidecar: &Sidecar,
+) -> impl std::future::Future<Output = reqwest::Result<reqwest::Response>> {
+    sidecar
+        .client()
+        .post(sidecar.url("/events"))
+        .body(envelope("clients.create", 12, serde_json::json!({"name": "acme"})).to_string())
+        .send()
+}
+
+/// Sends SIGTERM to process `pid`.
+fn sigterm(pid: u32) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+}
+
 /// Waits (5 s at most) until `pid` has at least `n` descendants: the script handlers it
 /// started, and theirs; those.
 async fn started(pid: u32, n: usize) -> Vec<u32> {
@@ -759,18 +777,12 @@ async fn a_second_sigterm_quits_at_once_and_takes_the_running_scripts_with_it() 
                   command = [\"./stuck.sh\"]\ntimeout = \"60s\"\n";
     let mut sidecar = Sidecar::start_in(dir, config, &[]);
     let main = sidecar.child.id();
-    // The billing's request: cut when provisiond quits.
-    let sending = sidecar
-        .client()
-        .post(sidecar.url("/events"))
-        .body(envelope("clients.create", 12, serde_json::json!({"name": "acme"})).to_string())
-        .send();
+    let sending = cut_short(&sidecar);
     let kill = async {
         // The script and the two sleeps.
         let scripts = started(main, 3).await;
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(main).unwrap());
         for _ in 0..2 {
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+            sigterm(main);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         scripts
@@ -815,15 +827,10 @@ async fn an_event_cut_by_the_end_of_the_grace_is_logged_before_stopped() {
                   stage = \"before\"\ncommand = [\"./slow.sh\"]\ntimeout = \"9s\"\n";
     let mut sidecar = Sidecar::start_in(dir, config, &[]);
     let main = sidecar.child.id();
-    let sending = sidecar
-        .client()
-        .post(sidecar.url("/events"))
-        .body(envelope("clients.create", 12, serde_json::json!({"name": "acme"})).to_string())
-        .send();
+    let sending = cut_short(&sidecar);
     let stop = async {
         started(main, 1).await;
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(main).unwrap());
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        sigterm(main);
     };
     let (cut, ()) = tokio::join!(sending, stop);
     assert!(cut.is_err(), "answered: {cut:?}");
