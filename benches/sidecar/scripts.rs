@@ -3,6 +3,9 @@
 //! plain program doing only the spawning: 8 threads of this process running the script
 //! with std's `Command` (envelope on stdin, output read, exit waited for), no HTTP. It
 //! shows how much of each side's rate is the process start itself.
+//!
+//! `PROVISIOND_BENCH_SCRIPT=FILE` runs another script instead (copied into the run's
+//! directory): a script's own start cost decides how much the spawner's shows.
 
 use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
@@ -18,7 +21,12 @@ const SCRIPT: &str =
 pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
     let dir = tempfile::TempDir::new().unwrap();
     let script = dir.path().join("hook.sh");
-    std::fs::write(&script, SCRIPT).unwrap();
+    match std::env::var_os("PROVISIOND_BENCH_SCRIPT") {
+        Some(other) => std::fs::copy(&other, &script)
+            .map(drop)
+            .unwrap_or_else(|e| panic!("PROVISIOND_BENCH_SCRIPT={}: {e}", other.display())),
+        None => std::fs::write(&script, SCRIPT).unwrap(),
+    }
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
 
@@ -38,12 +46,24 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
          stage = \"before\"\ncommand = [\"{}\"]\nmax_concurrency = {concurrency}\n",
         script.display()
     ));
+    let cpu = crate::common::cpu_time(sidecar.pid());
     let through = closed_loop(&sidecar.url("/events"), concurrency, n).await;
+    let cpu = crate::common::cpu_time(sidecar.pid()) - cpu;
     drop(sidecar);
+    let own = crate::common::cpu_time(std::process::id());
     let direct = spawned_directly(&script, concurrency, n);
+    let own = crate::common::cpu_time(std::process::id()) - own;
+    let per_event = |cpu: Duration| cpu.as_secs_f64() * 1e6 / n as f64;
     let ratio = through.rps() / baseline.rps();
     let scenario = "5. script handler, 8 at once";
-    rows.push(direct.row(scenario, "spawned directly", "8 threads, no HTTP"));
+    rows.push(direct.row(
+        scenario,
+        "spawned directly",
+        format!(
+            "8 threads, no HTTP; {:.0} us CPU per run, the script's not counted",
+            per_event(own)
+        ),
+    ));
     rows.push(baseline.row(
         scenario,
         "webhook 2.8",
@@ -53,8 +73,9 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
         scenario,
         "provisiond",
         format!(
-            "{ratio:.2} x webhook, {:.2} x spawned directly",
-            through.rps() / direct.rps()
+            "{ratio:.2} x webhook, {:.2} x spawned directly; {:.0} us CPU per event, the script's not counted",
+            through.rps() / direct.rps(),
+            per_event(cpu)
         ),
     ));
     let mut row = Summary::new(
