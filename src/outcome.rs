@@ -82,7 +82,7 @@ pub enum EventOutcome {
     Allowed,
     /// A before-stage handler denied it (403).
     Denied,
-    /// Not an envelope (400).
+    /// Not an envelope (400), or not readable as one: sent in a content coding (415).
     BadRequest,
     /// The body did not arrive within `server.deadline` (408).
     Timeout,

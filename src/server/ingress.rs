@@ -6,7 +6,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
-use hyper::header::CONTENT_LENGTH;
+use hyper::header::{CONTENT_ENCODING, CONTENT_LENGTH};
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
 use tracing::{Instrument as _, info, info_span, warn};
@@ -74,6 +74,11 @@ async fn handle(
         metrics::event("unparsed".into(), EventOutcome::Unavailable);
         return reply::unavailable("too many events in flight; retry shortly", 1);
     };
+    if let Some(coding) = content_coding(&request) {
+        warn!(content_encoding = %coding, "bad request");
+        metrics::event("unparsed".into(), EventOutcome::BadRequest);
+        return reply::unsupported_coding(&coding);
+    }
     let server = &snapshot.config.server;
     // Reading the body counts against the deadline: a stalled upload must not hold an
     // in-flight slot for longer than an event may take.
@@ -265,6 +270,21 @@ impl Unread {
             }
         }
     }
+}
+
+/// The request's `Content-Encoding` when it is anything but `identity`: the body is then
+/// not the envelope's bytes (a proxy's gzip, say), and provisiond decodes no content coding.
+fn content_coding(request: &Request<Incoming>) -> Option<String> {
+    let mut codings = request
+        .headers()
+        .get_all(CONTENT_ENCODING)
+        .iter()
+        .flat_map(|value| value.to_str().unwrap_or("(not ASCII)").split(','))
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+        .peekable();
+    codings.peek()?;
+    Some(codings.collect::<Vec<_>>().join(", "))
 }
 
 /// The event's body, at most `server.max_body` bytes, by `deadline`.

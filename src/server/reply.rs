@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::header::{ACCEPT_ENCODING, ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 
 pub type Body = Full<Bytes>;
@@ -41,6 +41,22 @@ pub(crate) fn unavailable(message: &str, retry_after_secs: u64) -> Response<Body
     response
         .headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    response
+}
+
+/// 415 with `Accept-Encoding: identity`, for a body sent in a content coding (RFC 9110,
+/// 15.5.16): provisiond reads the envelope as it is sent.
+pub(crate) fn unsupported_coding(coding: &str) -> Response<Body> {
+    let mut response = error(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        format!(
+            "the body is sent with Content-Encoding: {coding}; provisiond takes the envelope \
+             uncompressed, with no Content-Encoding"
+        ),
+    );
+    response
+        .headers_mut()
+        .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     response
 }
 

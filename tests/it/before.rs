@@ -664,6 +664,37 @@ async fn bad_requests_get_a_clear_4xx_and_the_sidecar_keeps_serving() {
     let response = raw_request(&sidecar.addr, &request).await;
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
 
+    // A body in a content coding is not the envelope's bytes: 415, saying so, whatever
+    // the bytes are; `identity` is no coding at all.
+    let body = envelope("clients.update", 1, json!({})).to_string();
+    for (coding, want) in [("gzip", 415), ("identity, br", 415), ("identity", 200)] {
+        let response = reqwest::Client::new()
+            .post(sidecar.url("/events"))
+            .header("content-encoding", coding)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), want, "{coding}");
+        if want == 415 {
+            assert_eq!(response.headers()["accept-encoding"], "identity");
+            let reply: serde_json::Value = response.json().await.unwrap();
+            let coding = coding.trim_start_matches("identity, ");
+            assert_eq!(
+                reply["error"]["message"],
+                format!(
+                    "the body is sent with Content-Encoding: {coding}; provisiond takes the \
+                     envelope uncompressed, with no Content-Encoding"
+                )
+            );
+        }
+    }
+    assert_eq!(
+        echo.calls().len(),
+        n + 1,
+        "no encoded body reached a handler"
+    );
+
     let (status, reply) = sidecar.get("/events").await;
     assert_eq!(status, 405, "{reply}");
     let (status, _) = sidecar.get("/nope").await;
