@@ -219,6 +219,13 @@ pub enum EnvelopeError {
     DataNotAnObject(&'static str),
     #[error("body nests deeper than {0} levels")]
     TooDeep(usize),
+    /// `event`, `data`, `event.events_id` or `event.object_id` twice: JSON parsers differ
+    /// on which one counts, so a handler could read another than provisiond routed on.
+    #[error(
+        "`{0}` is given more than once; send it once (a handler could read another one than \
+         provisiond went by)"
+    )]
+    Repeated(&'static str),
     #[error(
         "body is not valid JSON: \\u{code:04x} at line {line} column {column} is half of a \
          UTF-16 surrogate pair, not a character"
@@ -325,12 +332,14 @@ impl serde::Serialize for Object {
     }
 }
 
-/// The top level of a body, `event` and `data` left as bytes. Keys as in a JSON map: a
-/// repeated key keeps its last value.
+/// The top level of a body, `event` and `data` left as bytes. Another key keeps its last
+/// value if repeated, as in a JSON map.
 struct Top {
     event: Option<Box<RawValue>>,
     data: Option<Box<RawValue>>,
     extra: Map<String, Value>,
+    /// The first of `event` and `data` found twice.
+    repeated: Option<&'static str>,
 }
 
 /// A key of a JSON object, matched against the keys a parse reads without allocating
@@ -388,6 +397,7 @@ impl<'de> serde::Deserialize<'de> for Top {
                     event: None,
                     data: None,
                     extra: Map::new(),
+                    repeated: None,
                 };
                 let keys = KeySeed {
                     known: &["event", "data"],
@@ -395,8 +405,16 @@ impl<'de> serde::Deserialize<'de> for Top {
                 };
                 while let Some(key) = map.next_key_seed(keys)? {
                     match key {
-                        Key::Known(0) => top.event = Some(map.next_value()?),
-                        Key::Known(_) => top.data = Some(map.next_value()?),
+                        Key::Known(0) => {
+                            if top.event.replace(map.next_value()?).is_some() {
+                                top.repeated.get_or_insert("event");
+                            }
+                        }
+                        Key::Known(_) => {
+                            if top.data.replace(map.next_value()?).is_some() {
+                                top.repeated.get_or_insert("data");
+                            }
+                        }
                         Key::Other(key) => {
                             let value = map.next_value()?;
                             top.extra.insert(key, value);
@@ -413,11 +431,13 @@ impl<'de> serde::Deserialize<'de> for Top {
     }
 }
 
-/// What the parse reads of `event`: `events_id` and `object_id`, as a JSON map would
-/// (a repeated key keeps its last value); the other keys are skipped unread.
+/// What the parse reads of `event`: `events_id` and `object_id`; the other keys are
+/// skipped unread.
 struct Ids {
     events_id: Option<Value>,
     object_id: Option<Value>,
+    /// The first of the two found twice.
+    repeated: Option<&'static str>,
 }
 
 impl<'de> serde::Deserialize<'de> for Ids {
@@ -434,6 +454,7 @@ impl<'de> serde::Deserialize<'de> for Ids {
                 let mut ids = Ids {
                     events_id: None,
                     object_id: None,
+                    repeated: None,
                 };
                 let keys = KeySeed {
                     known: &["events_id", "object_id"],
@@ -441,8 +462,16 @@ impl<'de> serde::Deserialize<'de> for Ids {
                 };
                 while let Some(key) = map.next_key_seed(keys)? {
                     match key {
-                        Key::Known(0) => ids.events_id = Some(map.next_value()?),
-                        Key::Known(_) => ids.object_id = Some(map.next_value()?),
+                        Key::Known(0) => {
+                            if ids.events_id.replace(map.next_value()?).is_some() {
+                                ids.repeated.get_or_insert("event.events_id");
+                            }
+                        }
+                        Key::Known(_) => {
+                            if ids.object_id.replace(map.next_value()?).is_some() {
+                                ids.repeated.get_or_insert("event.object_id");
+                            }
+                        }
                         Key::Other(_) | Key::Skipped => {
                             map.next_value::<serde::de::IgnoredAny>()?;
                         }
@@ -469,11 +498,15 @@ impl Envelope {
             event: Some(event),
             data: Some(data),
             extra,
+            repeated,
         }) = serde_json::from_slice::<Top>(body)
             && event.get().starts_with('{')
             && data.get().starts_with('{')
             && let Ok(ids) = serde_json::from_str::<Ids>(event.get())
         {
+            if let Some(field) = repeated.or(ids.repeated) {
+                return Err(EnvelopeError::Repeated(field));
+            }
             let (name, object_id) = check_event(ids.events_id.as_ref(), ids.object_id.as_ref())?;
             return Ok(Self {
                 name,
@@ -922,7 +955,7 @@ mod tests {
         for body in [
             r#"{"event":{"events_id":"clients.update","object_id":12},"data":{"b":1,"a":[1.50,{"x":null}],"n":123456789012345678901234567890}}"#,
             r#"{ "data" : { } , "event" : {"events_id":"a.b"}, "x": 1, "y": [2] }"#,
-            r#"{"event":{"events_id":"a.b"},"data":{"a":1},"data":{"b":2}}"#,
+            r#"{"event":{"events_id":"a.b"},"data":{"a":1,"a":2}}"#,
         ] {
             let lazy = Envelope::parse(body.as_bytes(), DEFAULT_MAX_DEPTH).unwrap();
             assert!(lazy.data.map.get().is_none(), "data parsed at once: {body}");
@@ -956,11 +989,11 @@ mod tests {
     #[test]
     fn event_kept_as_bytes_gives_the_ids_a_whole_parse_would() {
         for (body, name, object_id) in [
-            // A repeated key keeps its last value, as in a map.
+            // Other keys may repeat: they are the handlers' business.
             (
-                r#"{"event":{"events_id":"x.y","object_id":1,"events_id":"clients.update","object_id":2},"data":{}}"#,
+                r#"{"event":{"dt":1,"events_id":"clients.update","dt":2},"data":{"a":1,"a":2}}"#,
                 "clients.update",
-                "2",
+                "",
             ),
             // An escaped key is the key it spells.
             (
@@ -1018,6 +1051,26 @@ mod tests {
             (
                 r#"{"event":[],"data":{}}"#,
                 "`event` must be an object, got an array",
+            ),
+            (
+                r#"{"event":{"events_id":"x.y","object_id":1,"events_id":"clients.update"},"data":{}}"#,
+                "`event.events_id` is given more than once; send it once (a handler could \
+                 read another one than provisiond went by)",
+            ),
+            (
+                r#"{"event":{"object\u005fid":1,"events_id":"a.b","object_id":2},"data":{}}"#,
+                "`event.object_id` is given more than once; send it once (a handler could \
+                 read another one than provisiond went by)",
+            ),
+            (
+                r#"{"event":{"events_id":"a.b"},"data":{},"event":{"events_id":"c.d"}}"#,
+                "`event` is given more than once; send it once (a handler could read \
+                 another one than provisiond went by)",
+            ),
+            (
+                r#"{"data":{"x":1},"event":{"events_id":"a.b"},"data":{}}"#,
+                "`data` is given more than once; send it once (a handler could read \
+                 another one than provisiond went by)",
             ),
         ] {
             let e = Envelope::parse(body.as_bytes(), DEFAULT_MAX_DEPTH).unwrap_err();

@@ -633,6 +633,12 @@ async fn bad_requests_get_a_clear_4xx_and_the_sidecar_keeps_serving() {
             "body is not valid JSON: \\udc00 at line 1 column 59 is half of a UTF-16 \
              surrogate pair, not a character",
         ),
+        (
+            r#"{"event": {"events_id": "clients.update", "events_id": "clients.delete"}, "data": {}}"#
+                .into(),
+            400,
+            "`event.events_id` is given more than once",
+        ),
         (r#"{"data": {}}"#.into(), 400, "missing `event` object"),
         (
             r#"{"event": {"events_id": "clients.update"}}"#.into(),
