@@ -384,6 +384,28 @@ impl PgServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP to the postmaster and every process it started), as
+    /// a hung machine or a network that drops packets looks: connections stay open and
+    /// nothing answers. [`Self::thaw`] lets it go on.
+    pub(crate) fn freeze(&self) {
+        for pid in self.processes() {
+            signal(pid, nix::sys::signal::Signal::SIGSTOP);
+        }
+    }
+
+    pub(crate) fn thaw(&self) {
+        for pid in self.processes() {
+            signal(pid, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+
+    /// The postmaster and the processes it started.
+    fn processes(&self) -> Vec<i32> {
+        let postmaster = self.postmaster.as_ref().expect("the server is running");
+        let pid = i32::try_from(postmaster.id()).expect("a pid fits i32");
+        std::iter::once(pid).chain(children(pid)).collect()
+    }
+
     /// Whether something accepts connections on the server's port.
     pub(crate) fn port_open(&self) -> bool {
         std::net::TcpStream::connect_timeout(

@@ -553,6 +553,36 @@ async fn the_queue_depth_keeps_its_last_figure_while_the_database_is_down() {
     assert!(back.is_some(), "no line says the database is back");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_that_stops_answering_fails_reads_as_reads_and_is_used_again_when_it_answers() {
+    let Some(db) = server() else { return };
+    let crm = HandlerServer::echo().await;
+    let sidecar = Sidecar::start(&with_crm(&db, &crm.url("/"), FAST));
+    let (status, body) = sidecar.get("/v1/deadletters").await;
+    assert_eq!(status, 200, "{body}");
+    tokio::task::block_in_place(|| db.freeze());
+    // Connections stay open and nothing answers: each operation gives up after 5 s.
+    let (status, body) = sidecar.get("/v1/deadletters").await;
+    let (accepted, _) = sidecar.send("clients.update", 1, json!({})).await;
+    tokio::task::block_in_place(|| db.thaw());
+    assert_eq!(status, 503, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("store read failed: the database ")
+            && message.ends_with(" did not answer within 5s"),
+        "{body}"
+    );
+    assert_eq!(accepted, 503, "an accept that cannot be stored is refused");
+    let back = sidecar.wait_for_log(Duration::from_secs(30), |v| {
+        v["message"] == "the database answers again"
+    });
+    assert!(back.is_some(), "no line says the database is back");
+    let (status, body) = sidecar.send("clients.update", 1, json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let delivered = eventually(Duration::from_secs(20), || !crm.calls().is_empty()).await;
+    assert!(delivered, "delivered once the database answers");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_database_password_never_shows_in_logs_config_or_readyz() {
     let Some(db) = server() else { return };

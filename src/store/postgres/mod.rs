@@ -285,22 +285,25 @@ impl Postgres {
     where
         F: AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, tokio_postgres::Error>,
     {
+        // What failed is said as what was asked: a read that finds no connection, or
+        // no answer, is a failed read.
+        let failed = |text| {
+            if what == "read" {
+                StoreError::Read(text)
+            } else {
+                StoreError::Write(text)
+            }
+        };
         let attempt = async {
             let mut client = self.client().await.map_err(|e| match e {
-                // A read that finds no connection is a failed read, not a write.
-                StoreError::Write(text) if what == "read" => StoreError::Read(text),
+                StoreError::Write(text) => failed(text),
                 other => other,
             })?;
             op(&mut client).await.map_err(|e| {
-                let text = pg_error(&e);
                 if e.is_closed() || e.as_db_error().is_none() {
                     self.inner.healthy.store(false, Ordering::Relaxed);
                 }
-                if what == "read" {
-                    StoreError::Read(text)
-                } else {
-                    StoreError::Write(text)
-                }
+                failed(pg_error(&e))
             })
         };
         match tokio::time::timeout(OP_TIMEOUT, attempt).await {
@@ -315,7 +318,7 @@ impl Postgres {
             Ok(Err(e)) => Err(e),
             Err(_) => {
                 self.inner.healthy.store(false, Ordering::Relaxed);
-                Err(StoreError::Write(format!(
+                Err(failed(format!(
                     "the database {} did not answer within {}s",
                     self.inner.shown,
                     OP_TIMEOUT.as_secs()
