@@ -185,7 +185,7 @@ enum Command {
 enum StoreCommand {
     /// Move what a redb store file holds (queued deliveries, dead letters) into the
     /// configured shared store (store.backend = "postgres"), then remove it from the
-    /// file. Stop the sidecar that used the file first.
+    /// file; its dedupe keys are copied too. Stop the sidecar that used the file first.
     Copy {
         /// The redb file (the old store.path).
         #[arg(long, value_name = "FILE")]

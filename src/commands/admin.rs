@@ -47,7 +47,7 @@ pub enum Output {
     /// Aligned columns under a header row.
     #[default]
     Table,
-    /// The reply as JSON (with `--follow`, one row per line).
+    /// The reply as JSON (`executions --follow`: one row per line).
     Json,
 }
 
