@@ -64,6 +64,8 @@ pub const NOT_AFTER: &str =
 
 /// Lanes one handler keeps in memory at most; the rest wait in the store.
 pub const LANES_PER_HANDLER: usize = 1024;
+/// Longest a scrape of `/metrics` waits for the store's figures.
+const FIGURES_WAIT: Duration = Duration::from_secs(1);
 /// Longest wait between two tries of a store operation that failed.
 const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
 /// One handler and one entity: the unit of ordering.
@@ -108,6 +110,9 @@ pub struct Deliveries {
     caller: Caller,
     /// Handlers whose queue depth `/metrics` has shown, so that an emptied one shows 0.
     reported: Mutex<HashSet<String>>,
+    /// A refresh of the store's figures for `/metrics` under way: it ends when this
+    /// channel's sender is dropped.
+    refreshing: Mutex<Option<tokio::sync::watch::Receiver<()>>>,
     /// Shared store: an accept stored deliveries, look for free lanes now.
     wake: tokio::sync::Notify,
     /// Shared store: lanes were asked to hand back (their turn is over); those that
@@ -190,6 +195,7 @@ impl Deliveries {
             store,
             caller,
             reported: Mutex::default(),
+            refreshing: Mutex::default(),
             wake: tokio::sync::Notify::new(),
             handing: tokio::sync::Notify::new(),
         })
@@ -387,13 +393,47 @@ impl Deliveries {
             .collect()
     }
 
-    /// Sets the after-stage gauges of `/metrics`: queue depth per handler (every
-    /// after-stage handler of `config`, and any other with deliveries waiting; 0 for one
-    /// that had some before), the oldest waiting delivery's age, the dead letters.
-    pub async fn report_metrics(&self, config: &crate::config::Config) {
+    /// Sets the after stage's gauges for a scrape. The store's figures (queue depths,
+    /// the oldest delivery's age, the dead letters) are read by a refresh that the scrape
+    /// waits for at most [`FIGURES_WAIT`]: a store that takes longer (a database that does
+    /// not answer takes up to its operation timeout for each read) leaves the refresh to go
+    /// on alone, its figures for the next scrape, and this one shows those last read.
+    /// A refresh still running is waited for rather than started again.
+    pub async fn report_metrics(self: &Arc<Self>) {
+        let mut done = {
+            let mut refreshing = self.refreshing.lock().expect("not poisoned");
+            if let Some(done) = &*refreshing {
+                done.clone()
+            } else {
+                let (finished, done) = tokio::sync::watch::channel(());
+                *refreshing = Some(done.clone());
+                let this = self.clone();
+                self.runtime.spawn(async move {
+                    this.read_figures().await;
+                    *this.refreshing.lock().expect("not poisoned") = None;
+                    drop(finished);
+                });
+                done
+            }
+        };
+        if tokio::time::timeout(FIGURES_WAIT, done.changed())
+            .await
+            .is_err()
+        {
+            debug!("the store's figures are late; this scrape shows those last read");
+        }
+        crate::metrics::store_writable(self.store.is_open());
+        crate::metrics::lanes_in_memory(self.active_lanes());
+    }
+
+    /// Reads the store's figures into the gauges: queue depth per handler (every
+    /// after-stage handler of the config, and any other with deliveries waiting; 0 for
+    /// one that had some before), the oldest waiting delivery's age, the dead letters. A
+    /// queue that cannot be read (the database is down) keeps the figures last read: a
+    /// backlog does not read as 0 during an outage.
+    async fn read_figures(&self) {
         let store = &self.store;
-        // A queue that cannot be read (the database is down) keeps the figures last
-        // read: a backlog does not read as 0 during an outage.
+        let config = self.live.load().config.clone();
         let depths = match store.queue_depths().await {
             Ok(Some(shared)) => Some(shared.into_iter().collect()),
             Ok(None) => Some(self.depths()),
@@ -403,10 +443,8 @@ impl Deliveries {
             }
         };
         if let Some(depths) = depths {
-            self.report_depths(config, depths).await;
+            self.report_depths(&config, depths).await;
         }
-        crate::metrics::store_writable(store.is_open());
-        crate::metrics::lanes_in_memory(self.active_lanes());
         match store.oldest_enqueued().await {
             Ok(oldest) => {
                 let age = oldest.map_or(0, |at| now_ms().saturating_sub(at));

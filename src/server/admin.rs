@@ -39,7 +39,7 @@ pub async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body>
 
 /// `GET /metrics`: the Prometheus text format.
 async fn metrics(app: &App) -> Response<Body> {
-    app.deliveries.report_metrics(&app.live.load().config).await;
+    app.deliveries.report_metrics().await;
     crate::metrics::restart_needed(app.reloader.status().restart_needed.len());
     app.metrics.run_upkeep();
     let mut response = Response::new(super::full(app.metrics.render()));

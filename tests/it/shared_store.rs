@@ -554,17 +554,40 @@ async fn the_queue_depth_keeps_its_last_figure_while_the_database_is_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_database_that_stops_answering_fails_reads_as_reads_and_is_used_again_when_it_answers() {
+async fn a_database_that_stops_answering_fails_reads_as_reads_keeps_metrics_scrapes_quick_and_is_used_again()
+ {
     let Some(db) = server() else { return };
     let crm = HandlerServer::echo().await;
     let sidecar = Sidecar::start(&with_crm(&db, &crm.url("/"), FAST));
     let (status, body) = sidecar.get("/v1/deadletters").await;
     assert_eq!(status, 200, "{body}");
+    let (_, _) = sidecar.send("clients.update", 1, json!({})).await;
+    let depth = "provisiond_after_queue_depth{handler=\"crm\"}";
+    assert!(sidecar.metrics_text().await.contains(depth));
     tokio::task::block_in_place(|| db.freeze());
     // Connections stay open and nothing answers: each operation gives up after 5 s.
+    // A scrape does not wait for them (Prometheus gives up on a scrape after its
+    // scrape_timeout, and the sidecar would read as down): it shows the figures last
+    // read, and answers well before one operation's 5 s.
+    let scraper = reqwest::Client::builder()
+        .timeout(Duration::from_secs(4))
+        .build()
+        .unwrap();
+    let scrape = scraper.get(sidecar.url("/metrics")).send().await;
+    let metrics = match scrape {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(e) => panic!("a scrape while the database hangs: {e}"),
+    };
+    assert!(metrics.contains(depth), "{metrics}");
     let (status, body) = sidecar.get("/v1/deadletters").await;
-    let (accepted, _) = sidecar.send("clients.update", 1, json!({})).await;
+    let (accepted, _) = sidecar.send("clients.update", 2, json!({})).await;
+    // The store now knows the database does not answer, and says so.
+    let writable = sidecar.metrics_text().await;
     tokio::task::block_in_place(|| db.thaw());
+    assert!(
+        writable.contains("provisiond_store_writable 0"),
+        "{writable}"
+    );
     assert_eq!(status, 503, "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(
@@ -577,9 +600,9 @@ async fn a_database_that_stops_answering_fails_reads_as_reads_and_is_used_again_
         v["message"] == "the database answers again"
     });
     assert!(back.is_some(), "no line says the database is back");
-    let (status, body) = sidecar.send("clients.update", 1, json!({})).await;
+    let (status, body) = sidecar.send("clients.update", 3, json!({})).await;
     assert_eq!(status, 200, "{body}");
-    let delivered = eventually(Duration::from_secs(20), || !crm.calls().is_empty()).await;
+    let delivered = eventually(Duration::from_secs(20), || crm.calls().len() >= 2).await;
     assert!(delivered, "delivered once the database answers");
 }
 
