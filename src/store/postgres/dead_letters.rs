@@ -122,15 +122,7 @@ impl Postgres {
     }
 
     pub(in crate::store) async fn dead_letter_count(&self) -> Result<u64, StoreError> {
-        let query = self.sql("SELECT count(*) FROM {s}.dead_letters");
-        let n: i64 = self
-            .run("read", async |c| {
-                Ok(c.query_one(&c.prepare_cached(&query).await?, &[])
-                    .await?
-                    .get(0))
-            })
-            .await?;
-        Ok(to_u64(n))
+        self.count("dead_letters").await
     }
 
     pub(in crate::store) async fn dead_letters(

@@ -327,6 +327,19 @@ impl Postgres {
         }
     }
 
+    /// The rows of one of the schema's tables.
+    async fn count(&self, table: &str) -> Result<u64, StoreError> {
+        let query = self.sql(&format!("SELECT count(*) FROM {{s}}.{table}"));
+        let n: i64 = self
+            .run("read", async |c| {
+                Ok(c.query_one(&c.prepare_cached(&query).await?, &[])
+                    .await?
+                    .get(0))
+            })
+            .await?;
+        Ok(to_u64(n))
+    }
+
     pub(super) async fn prune(&self, retention: Retention) -> Result<usize, StoreError> {
         let limit = i64::try_from(PRUNE_LIMIT).unwrap_or(i64::MAX);
         let now = to_i64(now_ms());

@@ -298,15 +298,7 @@ impl Postgres {
     }
 
     pub(in crate::store) async fn queue_depth(&self) -> Result<u64, StoreError> {
-        let query = self.sql("SELECT count(*) FROM {s}.deliveries");
-        let n: i64 = self
-            .run("read", async |c| {
-                Ok(c.query_one(&c.prepare_cached(&query).await?, &[])
-                    .await?
-                    .get(0))
-            })
-            .await?;
-        Ok(to_u64(n))
+        self.count("deliveries").await
     }
 
     pub(in crate::store) async fn oldest_enqueued(&self) -> Result<Option<u64>, StoreError> {
