@@ -109,6 +109,12 @@ async fn turn(
         return Turn::Done(false);
     }
     let found = find(&this.live, &delivery.handler);
+    if let Found::Ready(handler) = &found {
+        // No wait is longer than the current `max_backoff`: a reload (or a restart) that
+        // lowered it shortens a wait begun under the old one.
+        let longest = u64::try_from(handler.retry.max_backoff.as_millis()).unwrap_or(u64::MAX);
+        delivery.next_at = delivery.next_at.min(now_ms().saturating_add(longest));
+    }
     let wait = Duration::from_millis(delivery.next_at.saturating_sub(now_ms()));
     if let Found::Ready(handler) = &found
         && wait.is_zero()

@@ -354,6 +354,60 @@ async fn retry_after_is_honoured_and_exhausted_deliveries_keep_their_last_error(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_lowers_max_backoff_shortens_a_wait_already_begun() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let n = n.clone();
+        HandlerServer::start(move |_| {
+            let first = n.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if !first {
+                    return reply(200, "");
+                }
+                let mut r = reply(503, "maintenance");
+                r.headers_mut().insert(
+                    "retry-after",
+                    hyper::header::HeaderValue::from_static("3600"),
+                );
+                r
+            }
+        })
+        .await
+    };
+    let config = |max_backoff: &str| {
+        format!(
+            "{SERVER}{}",
+            after_handler(
+                "crm",
+                &handler.url("/"),
+                &format!(
+                    "retry = {{ attempts = 5, backoff = \"1s\", max_backoff = \"{max_backoff}\" }}"
+                )
+            )
+        )
+    };
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config("1h")));
+    sidecar.send("clients.update", 5, json!({})).await;
+    assert!(eventually(Duration::from_secs(10), || handler.calls().len() == 1).await);
+
+    // The handler asked for an hour, and got it: max_backoff was 1h. The operator
+    // lowers it; the wait begun under the old config is held to the new one.
+    write_atomic(&sidecar.config_path, &db.config(&config("1s")));
+    sidecar
+        .wait_for_config(Duration::from_secs(30), |c| c["generation"] == 2)
+        .await;
+    assert!(
+        eventually(Duration::from_secs(10), || handler.calls().len() == 2).await,
+        "still waiting for the Retry-After of the old config, past max_backoff = 1s"
+    );
+    let rows = wait_executions(&sidecar, "handler=crm", 2).await;
+    assert_eq!(rows[0]["outcome"], "delivered", "{rows:?}");
+    assert_eq!(rows[0]["attempt"], 2, "{rows:?}");
+    drop(sidecar);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_delivery_keeps_its_webhook_id_across_retries() {
     let n = Arc::new(AtomicUsize::new(0));
     let handler = {
