@@ -79,9 +79,20 @@ pub(crate) async fn call(
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_retry_after);
+    // The status came: a failure now is the reply's, not the request's.
+    let cut_short = |e: reqwest::Error| {
+        if e.is_timeout() {
+            CallError::Timeout(timeout)
+        } else {
+            CallError::CutShort {
+                status,
+                cause: root_cause(&e),
+            }
+        }
+    };
     let mut body = BytesMut::new();
     let mut truncated = false;
-    while let Some(chunk) = response.chunk().await.map_err(classify)? {
+    while let Some(chunk) = response.chunk().await.map_err(cut_short)? {
         let room = REPLY_CAP.saturating_sub(body.len());
         if chunk.len() > room {
             body.extend_from_slice(&chunk[..room]);

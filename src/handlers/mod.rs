@@ -111,6 +111,10 @@ pub enum CallError {
     Connect(String),
     #[error("request failed: {0}")]
     Request(String),
+    /// The handler answered a status, then its reply broke off before the body was
+    /// complete (the connection closed or was reset).
+    #[error("reply cut short after HTTP status {status}: {cause}")]
+    CutShort { status: u16, cause: String },
     #[error("cannot start {program}: {error}")]
     Spawn { program: String, error: String },
     #[error("{0}")]

@@ -408,6 +408,56 @@ async fn a_reload_that_lowers_max_backoff_shortens_a_wait_already_begun() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_reply_cut_short_is_retried_and_says_so_with_its_status() {
+    // A handler that answers 200 with a Content-Length of 100, sends 10 bytes of it and
+    // closes the connection: not delivered, and the error says what happened.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let answering = {
+        let calls = calls.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut request = vec![0u8; 64 << 10];
+                let _ = socket.read(&mut request).await;
+                calls.fetch_add(1, Ordering::SeqCst);
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+                    .await;
+            }
+        })
+    };
+    let config = format!(
+        "{SERVER}{}",
+        after_handler(
+            "crm",
+            &url,
+            "retry = { attempts = 2, backoff = \"10ms\", max_backoff = \"10ms\" }"
+        )
+    );
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
+    sidecar.send("clients.update", 5, json!({})).await;
+    let letters = wait_dead_letters(&sidecar, 1).await;
+    answering.abort();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "retried, as a failed attempt"
+    );
+    let error = letters[0]["last_error"].as_str().unwrap();
+    assert!(
+        error.starts_with("reply cut short after HTTP status 200: "),
+        "{error}"
+    );
+    let rows = wait_executions(&sidecar, "handler=crm", 2).await;
+    assert_eq!(rows[1]["outcome"], "failed", "{rows:?}");
+    assert_eq!(rows[1]["error"], error, "{rows:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_delivery_keeps_its_webhook_id_across_retries() {
     let n = Arc::new(AtomicUsize::new(0));
     let handler = {
