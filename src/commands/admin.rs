@@ -350,12 +350,12 @@ fn execution_line(row: &ExecutionRow) -> String {
         crate::config::Stage::Before => "before",
         crate::config::Stage::After => "after",
     };
-    let detail = row
-        .error
-        .as_deref()
-        .or_else(|| Some(row.excerpt.as_str()).filter(|e| !e.is_empty()))
-        .unwrap_or("")
-        .replace('\n', " ");
+    let detail = one_line(
+        row.error
+            .as_deref()
+            .or_else(|| Some(row.excerpt.as_str()).filter(|e| !e.is_empty()))
+            .unwrap_or(""),
+    );
     format!(
         "{:<24}  {:<6} {:<20} {:<30} {:<8} #{:<3} {:<9} {:>4} {:>8.1}ms  {}",
         row.time,
@@ -371,6 +371,23 @@ fn execution_line(row: &ExecutionRow) -> String {
     )
     .trim_end()
     .to_owned()
+}
+
+/// A handler's text (a reply, a script's stderr) for one line of a table: line breaks
+/// and tabs become spaces, other control characters are shown escaped (`\u{1b}`), so
+/// that a CR cannot overwrite the row, nor an escape sequence reach the terminal.
+fn one_line(text: &str) -> String {
+    let mut line = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' if chars.peek() == Some(&'\n') => {}
+            '\n' | '\r' | '\t' => line.push(' '),
+            c if c.is_control() => line.extend(c.escape_unicode()),
+            c => line.push(c),
+        }
+    }
+    line
 }
 
 /// The names of [`dead_letter_line`]'s columns, aligned with them.
@@ -391,7 +408,7 @@ fn dead_letter_line(letter: &api::DeadLetterRow) -> String {
         letter.event,
         letter.object_id,
         letter.attempts,
-        letter.reason.replace('\n', " ")
+        one_line(&letter.reason)
     )
     .trim_end()
     .to_owned()

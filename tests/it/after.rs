@@ -966,6 +966,38 @@ async fn the_cli_lists_replays_and_drops_dead_letters_of_a_running_sidecar() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_cli_tables_keep_a_reply_with_control_characters_on_its_line() {
+    // CRLF line ends (a Windows script, a proxy's error page) and an escape sequence
+    // that would clear the operator's screen.
+    let handler = HandlerServer::fixed(410, "no such client\r\nsee\x1b[2J the log").await;
+    let config = format!("{SERVER}{}", after_handler("crm", &handler.url("/"), FAST));
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
+    sidecar.send("clients.create", 12, json!({})).await;
+    wait_dead_letters(&sidecar, 1).await;
+    wait_executions(&sidecar, "handler=crm", 1).await;
+    let url = format!("http://{}", sidecar.addr);
+    let dir = sidecar.dir.path();
+    for args in [
+        &["deadletters", "list", "--url", &url][..],
+        &["executions", "--url", &url, "--handler", "crm"][..],
+    ] {
+        let (code, out, err) = run_binary(dir, args);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            !out.chars().any(|c| c.is_control() && c != '\n'),
+            "{args:?} printed control characters: {out:?}"
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "a header and one line: {out}");
+        assert!(
+            lines[1].contains("410 Gone: no such client see\\u{1b}[2J the log"),
+            "{out}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn metrics_show_the_queue_the_dead_letters_and_after_stage_calls() {
     let gone = HandlerServer::fixed(410, "").await;
     let config = format!(
