@@ -279,6 +279,10 @@ pub const SET_BY_PROVISIOND: &[(&str, &str)] = &[
     ("host", "from `url`"),
     ("x-provisioning-event", "the event's name"),
     ("x-provisioning-handler", "the handler's name"),
+    (
+        "x-provisioning-attempt",
+        "the attempt's number, 1 for the first",
+    ),
     ("webhook-id", "Standard Webhooks signing, with `secret`"),
     (
         "webhook-timestamp",

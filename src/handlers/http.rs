@@ -15,6 +15,9 @@ use crate::config::{HttpTarget, SigningKey};
 const EVENT_HEADER: HeaderName = HeaderName::from_static("x-provisioning-event");
 /// The handler's name, on every call.
 const HANDLER_HEADER: HeaderName = HeaderName::from_static("x-provisioning-handler");
+/// The attempt's number (1 for the first), as a script's `PROVISIONING_ATTEMPT`: with no
+/// `secret` (so no `webhook-id`), all a handler has to tell a retry from a first call.
+const ATTEMPT_HEADER: HeaderName = HeaderName::from_static("x-provisioning-attempt");
 
 /// The client every HTTP handler shares: keep-alive pool, no redirects (a handler that
 /// redirects is misconfigured, and following one would re-send the envelope elsewhere),
@@ -51,7 +54,8 @@ pub(crate) async fn call(
     let mut request = request
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .header(EVENT_HEADER, call.event)
-        .header(HANDLER_HEADER, call.handler.name.as_str());
+        .header(HANDLER_HEADER, call.handler.name.as_str())
+        .header(ATTEMPT_HEADER, HeaderValue::from(call.attempt));
     if let Some(key) = &target.secret {
         for (name, value) in sign(key, call.message_id, unix_now(), &call.body) {
             request = request.header(name, value);

@@ -458,7 +458,7 @@ async fn a_reply_cut_short_is_retried_and_says_so_with_its_status() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_delivery_keeps_its_webhook_id_across_retries() {
+async fn a_delivery_keeps_its_webhook_id_across_retries_and_numbers_its_attempts() {
     let n = Arc::new(AtomicUsize::new(0));
     let handler = {
         let n = n.clone();
@@ -487,6 +487,15 @@ async fn a_delivery_keeps_its_webhook_id_across_retries() {
         .collect();
     assert!(ids[0].starts_with("msg_"), "{ids:?}");
     assert!(ids.iter().all(|id| id == &ids[0]), "{ids:?}");
+    let attempts: Vec<_> = handler
+        .calls()
+        .iter()
+        .map(|c| c.header("x-provisioning-attempt").map(str::to_owned))
+        .collect();
+    assert_eq!(
+        attempts,
+        [Some("1".into()), Some("2".into()), Some("3".into())]
+    );
     // Delivered once, then left alone: the next event of the entity, which waits behind
     // the first until it is settled, comes next, with an id of its own.
     sidecar.send("clients.update", 5, json!({"next": 1})).await;

@@ -80,6 +80,7 @@ async fn echo_handler_returns_exactly_what_the_billing_sent() {
     assert_eq!(call.header("content-type"), Some("application/json"));
     assert_eq!(call.header("x-provisioning-event"), Some("clients.update"));
     assert_eq!(call.header("x-provisioning-handler"), Some("echo"));
+    assert_eq!(call.header("x-provisioning-attempt"), Some("1"));
     assert_eq!(String::from_utf8_lossy(&call.body), sent);
 }
 
