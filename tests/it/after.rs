@@ -301,6 +301,26 @@ async fn gone_goes_to_the_dead_letters_replay_delivers_and_delete_removes() {
 }
 
 /// Polls `GET /v1/deadletters` until it lists `n`; the list.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_survives_a_kill_9_right_after_it_is_shown() {
+    let crm = HandlerServer::fixed(410, "no such client").await;
+    let config = format!("{SERVER}{}", after_handler("crm", &crm.url("/"), FAST));
+    let db = db();
+    let sidecar = Sidecar::start(&db.config(&config));
+    let (code, _) = sidecar.send("clients.update", 7, json!({})).await;
+    assert_eq!(code, 200);
+    // The operator sees it; the sidecar dies at once.
+    assert_eq!(wait_dead_letters(&sidecar, 1).await.len(), 1);
+    let (dir, config_path) = sidecar.kill_9();
+    let sidecar = Sidecar::spawn(dir, config_path, &[]);
+    // It is still a dead letter: not queued again, its handler not called a second time.
+    let letters = wait_dead_letters(&sidecar, 1).await;
+    assert_eq!(letters[0]["object_id"], "7");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(crm.calls().len(), 1, "called again after the restart");
+    assert_eq!(wait_dead_letters(&sidecar, 1).await.len(), 1);
+}
+
 async fn wait_dead_letters(sidecar: &Sidecar, n: usize) -> Vec<Value> {
     let mut last = Vec::new();
     for _ in 0..500 {

@@ -26,9 +26,9 @@
 //! the request that caused it is still there.
 //!
 //! Execution log rows come on a second, bounded channel, so that a burst of them never
-//! delays the queue. A batch holding only log rows, delivery settlements and accepts
-//! whose deliveries were all duplicates (their answer rests on the first one's commit)
-//! is committed without fsync; the next durable commit (an accept that stores a
+//! delays the queue. A batch holding only log rows, settlements of delivered or retried
+//! attempts and accepts whose deliveries were all duplicates (their answer rests on the
+//! first one's commit) is committed without fsync ([`Op::needs_fsync`]); the next durable commit (an accept that stores a
 //! delivery, at the latest the periodic prune) makes it durable. A crash before that
 //! repeats those attempts: deliveries are at least once anyway.
 //!
@@ -142,6 +142,24 @@ enum Done {
 }
 
 impl Op {
+    /// Whether its commit must be durable by itself. A delivery's attempt (delivered, or
+    /// to be retried) and log rows can wait for the next durable commit: losing them in
+    /// a crash repeats an attempt (deliveries are at least once) or a log row. What the
+    /// billing or an operator was told is done cannot: a replay, a drop, and a delivery
+    /// moved to the dead letters (shown to the operator, who may replay or drop it; lost,
+    /// it would be tried again, and its handler called once more after a 410). Accepts are
+    /// looked at in `apply`, where it is known whether they stored anything.
+    fn needs_fsync(&self) -> bool {
+        !matches!(
+            self,
+            Op::Enqueue { .. }
+                | Op::Settle {
+                    settle: Settle::Delivered | Settle::Retry { .. },
+                    ..
+                }
+        )
+    }
+
     /// About how many bytes the request adds to the file: an accept's bodies.
     fn bytes(&self) -> usize {
         match self {
@@ -393,16 +411,7 @@ impl Writer {
             }
             return;
         }
-        // Settlements and log rows can wait for the next durable commit: losing them in a
-        // crash repeats an attempt (deliveries are at least once) or a log row. What the
-        // billing or an operator was told is done (an accept stored, a replay, a drop)
-        // cannot; accepts are looked at in `apply`, where it is known whether they stored
-        // anything.
-        let durable = last
-            || self.redo.len() >= REDO_MAX
-            || ops
-                .iter()
-                .any(|op| !matches!(op, Op::Settle { .. } | Op::Enqueue { .. }));
+        let durable = last || self.redo.len() >= REDO_MAX || ops.iter().any(Op::needs_fsync);
         // Accepts and deliveries alone leave the log's rows held for a while: one write
         // of many rows costs far less than a few rows in every commit. A retry or a dead
         // letter, what an operator looks into, has its row in the log when it is stored.
@@ -439,7 +448,7 @@ impl Writer {
                 // alone, so the others go through.
                 warn!(error = %e, requests = ops.len(), "store batch failed, trying its requests one by one");
                 for mut op in ops {
-                    let durable = last || !matches!(op, Op::Settle { .. } | Op::Enqueue { .. });
+                    let durable = last || op.needs_fsync();
                     let result = self
                         .commit(std::slice::from_ref(&op), false, durable)
                         .map(|mut done| done.remove(0));
