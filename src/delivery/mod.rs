@@ -402,7 +402,8 @@ impl Deliveries {
     pub async fn report_metrics(self: &Arc<Self>) {
         let mut done = {
             let mut refreshing = self.refreshing.lock().expect("not poisoned");
-            if let Some(done) = &*refreshing {
+            // A refresh whose sender is gone has ended (or died): start another.
+            if let Some(done) = refreshing.as_ref().filter(|d| d.has_changed().is_ok()) {
                 done.clone()
             } else {
                 let (finished, done) = tokio::sync::watch::channel(());
