@@ -6,6 +6,10 @@ mod ui;
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
@@ -34,6 +38,45 @@ pub async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body>
             store_api::dead_letters(app, request).await
         }
         (_, path) => reply::not_found(path),
+    }
+}
+
+/// An admin request's body, at most `limit` bytes, all there within `deadline` (the
+/// event's `server.deadline`): a client that stalls its upload is answered 408 and its
+/// connection closed, so that it cannot hold one of `server.max_connections` for good.
+/// Otherwise the reply to give: 413 over the limit (`limit_name` says which), 400 when
+/// the connection fails.
+pub(crate) async fn body(
+    request: Request<Incoming>,
+    limit: usize,
+    limit_name: &str,
+    deadline: Duration,
+) -> Result<Bytes, Response<Body>> {
+    let read = Limited::new(request.into_body(), limit).collect();
+    match tokio::time::timeout(deadline, read).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(reply::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body is larger than {limit_name} ({limit} bytes)"),
+        )),
+        Ok(Err(e)) => Err(reply::error(
+            StatusCode::BAD_REQUEST,
+            format!("could not read the body: {e}"),
+        )),
+        Err(_) => {
+            let mut response = reply::error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within server.deadline ({})",
+                    crate::config::fmt_duration(deadline)
+                ),
+            );
+            response.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+            Err(response)
+        }
     }
 }
 

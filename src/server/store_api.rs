@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use serde_json::{Value, json};
@@ -86,14 +85,25 @@ pub(crate) async fn dead_letters(app: &Arc<App>, request: Request<Incoming>) -> 
     match (method, parts.as_slice()) {
         (&Method::GET, []) => list(app, uri).await,
         (_, []) => reply::method_not_allowed("GET"),
-        (&Method::POST, ["replay"]) => match selection(request).await {
-            Ok(filter) => replay_matching(app, filter).await,
-            Err(e) => reply::error(StatusCode::BAD_REQUEST, e),
-        },
-        (&Method::POST, ["drop"]) => match selection(request).await {
-            Ok(filter) => drop_matching(app, filter).await,
-            Err(e) => reply::error(StatusCode::BAD_REQUEST, e),
-        },
+        (&Method::POST, ["replay" | "drop"]) => {
+            let deadline = app.live.load().config.server.deadline;
+            let body = match super::admin::body(
+                request,
+                MAX_FILTER_BODY,
+                "the limit of a filter body",
+                deadline,
+            )
+            .await
+            {
+                Ok(body) => body,
+                Err(reply) => return reply,
+            };
+            match (selection(&body), parts[0]) {
+                (Ok(filter), "replay") => replay_matching(app, filter).await,
+                (Ok(filter), _) => drop_matching(app, filter).await,
+                (Err(e), _) => reply::error(StatusCode::BAD_REQUEST, e),
+            }
+        }
         (_, ["replay" | "drop"]) => reply::method_not_allowed("POST"),
         (_, [id, ..]) if id.parse::<u64>().is_err() => reply::error(
             StatusCode::NOT_FOUND,
@@ -232,16 +242,11 @@ const SELECTION_KEYS: &str = "handler, event, object_id, entity, since, until, o
 /// The filter body of `POST /v1/deadletters/replay|drop`: `handler`, `event`,
 /// `object_id`, `entity`, `since`, `until` (a time, or a duration back from now), or
 /// `"all": true`. An empty filter without `all` is refused: it would take everything.
-async fn selection(request: Request<Incoming>) -> Result<DeadLetterFilter, String> {
-    let body = Limited::new(request.into_body(), MAX_FILTER_BODY)
-        .collect()
-        .await
-        .map_err(|e| format!("could not read the filter body: {e}"))?
-        .to_bytes();
+fn selection(body: &[u8]) -> Result<DeadLetterFilter, String> {
     let body: Value = if body.iter().all(u8::is_ascii_whitespace) {
         json!({})
     } else {
-        serde_json::from_slice(&body)
+        serde_json::from_slice(body)
             .map_err(|e| format!("the body must be a JSON object of filters: {e}"))?
     };
     let Value::Object(fields) = body else {

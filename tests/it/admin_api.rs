@@ -294,3 +294,52 @@ url = "http://127.0.0.1:1/balance"
         .unwrap();
     assert_eq!(response.status(), 405);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_admin_body_is_cut_at_the_deadline_and_frees_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // One connection allowed: a client that stalls its upload on an admin route must not
+    // keep it, or the billing's events wait in the backlog for good.
+    let sidecar = Sidecar::start(&format!("{SERVER}max_connections = 1\ndeadline = \"1s\"\n"));
+    for path in [
+        "/v1/explain",
+        "/v1/deadletters/replay",
+        "/v1/deadletters/drop",
+    ] {
+        let mut stalled = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
+        stalled
+            .write_all(
+                format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut reply = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            stalled.read_to_end(&mut reply),
+        )
+        .await;
+        assert!(
+            read.is_ok(),
+            "{path}: the stalled upload still holds its connection"
+        );
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with("HTTP/1.1 408"), "{path}: {reply}");
+        assert!(
+            reply.contains("did not arrive within server.deadline (1s)"),
+            "{path}: {reply}"
+        );
+        // The one connection is free again.
+        let healthz = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            raw_request(
+                &sidecar.addr,
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            ),
+        )
+        .await
+        .expect("a new connection is accepted");
+        assert!(healthz.starts_with("HTTP/1.1 200"), "{path}: {healthz}");
+    }
+}

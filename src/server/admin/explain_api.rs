@@ -8,8 +8,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::{Map, Value, json};
@@ -27,22 +25,10 @@ const KEYS: &str = "event, data, object_id";
 pub(crate) async fn explain(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
     let snapshot = app.live.load_full();
     let config = &snapshot.config;
-    let max = config.server.max_body;
-    let limit = usize::try_from(max).unwrap_or(usize::MAX);
-    let body: Bytes = match Limited::new(request.into_body(), limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return reply::error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("body is larger than server.max_body ({max} bytes)"),
-            );
-        }
-        Err(e) => {
-            return reply::error(
-                StatusCode::BAD_REQUEST,
-                format!("could not read the body: {e}"),
-            );
-        }
+    let limit = usize::try_from(config.server.max_body).unwrap_or(usize::MAX);
+    let body = match super::body(request, limit, "server.max_body", config.server.deadline).await {
+        Ok(body) => body,
+        Err(reply) => return reply,
     };
     let (event, object_id, data) = match parse(&body) {
         Ok(parts) => parts,
