@@ -114,6 +114,27 @@ async fn the_full_flow_over_a_unix_socket() {
     assert_eq!(reply["event"]["object_id"], 6);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_store_file_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    // It holds the billing's envelopes and the handlers' replies: no other local user
+    // may read them, whatever the umask (0022 as a rule) would give.
+    let dir = tempfile::TempDir::new().unwrap();
+    let store = dir.path().join("state.redb");
+    let sidecar = Sidecar::start_in(
+        dir,
+        &format!(
+            "{SERVER}[store]\npath = {}\n",
+            toml_str(store.display().to_string())
+        ),
+        &[],
+    );
+    let (status, _) = sidecar.get("/readyz").await;
+    assert_eq!(status, 200);
+    let mode = std::fs::metadata(&store).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "store file mode {:o}", mode & 0o777);
+}
+
 /// A config listening on the unix socket `socket`, with its store at `store`.
 fn on_socket(socket: &std::path::Path, store: &str) -> String {
     format!(

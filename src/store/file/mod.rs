@@ -676,8 +676,21 @@ fn quarantine(txn: &redb::WriteTransaction) -> Result<usize, StoreError> {
 pub const CACHE_BYTES: usize = 16 << 20;
 
 /// Opens (or creates) the file, checking all of it: damage is then an error, not a
-/// panic later.
+/// panic later. A new file is created with mode 0600 first (redb would leave it to the
+/// umask, 0644 as a rule): it holds the billing's envelopes and the handlers' replies,
+/// which are for this sidecar's user alone. An existing file keeps its mode.
 fn open_file(path: &Path) -> Result<Database, DatabaseError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(DatabaseError::Storage(StorageError::Io(e))),
+    }
     let mut builder = Builder::new();
     builder
         .set_check_integrity_on_open(true)
