@@ -63,7 +63,8 @@ pub struct RawServer {
     /// Open client connections at once; further ones wait to be accepted (default 1024).
     #[schemars(range(min = 1), extend("default" = defaults::MAX_CONNECTIONS))]
     pub max_connections: Option<u32>,
-    /// Time a client has to send its request headers ("10s" by default).
+    /// Time a client has to send its request headers, and to take some of a reply being
+    /// written ("10s" by default).
     #[schemars(extend("default" = defaults::HEADER_TIMEOUT))]
     pub header_timeout: Option<String>,
     /// On SIGTERM, how long in-flight events and deliveries may take to finish ("10s").

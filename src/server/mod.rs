@@ -6,6 +6,7 @@ mod auth;
 mod config_api;
 pub mod ingress;
 mod reply;
+mod stalled;
 mod store_api;
 
 use std::convert::Infallible;
@@ -247,6 +248,9 @@ pub async fn serve(
             let app = app.clone();
             async move { Ok::<_, Infallible>(route(&app, request).await) }
         });
+        // A client that stops taking its replies is cut off after `header_timeout`, as
+        // one that stops sending its headers is.
+        let stream = stalled::WriteTimeout::new(stream, server.header_timeout);
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tasks.spawn(async move {
             if let Err(e) = connection.await {

@@ -377,6 +377,45 @@ async fn every_log_line_of_an_event_carries_its_id() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_reads_its_replies_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    // One connection allowed: a client that pipelines requests and never reads the
+    // replies must not keep it, or the billing's events wait in the backlog for good.
+    let sidecar = Sidecar::start(&format!(
+        "{SERVER}max_connections = 1\nheader_timeout = \"1s\"\n"
+    ));
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut greedy = socket.connect(sidecar.addr.parse().unwrap()).await.unwrap();
+    // Far more reply (the console's script, 500 times) than the sockets' buffers hold.
+    let requests = b"GET /ui/console.js HTTP/1.1\r\nHost: x\r\n\r\n".repeat(500);
+    let writer = tokio::spawn(async move {
+        let _ = greedy.write_all(&requests).await;
+        // Held open, never read.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(greedy);
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let healthz = tokio::time::timeout(
+        Duration::from_secs(10),
+        raw_request(
+            &sidecar.addr,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        ),
+    )
+    .await
+    .expect("the connection a client holds by not reading is freed");
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    writer.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_slow_header_client_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let sidecar = Sidecar::start("[server]\nlisten = \"127.0.0.1:0\"\nheader_timeout = \"1s\"\n");
