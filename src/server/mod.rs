@@ -6,7 +6,6 @@ mod auth;
 mod config_api;
 pub mod ingress;
 mod reply;
-mod stalled;
 mod store_api;
 
 use std::convert::Infallible;
@@ -250,8 +249,10 @@ pub async fn serve(
         });
         // A client that stops taking its replies is cut off after `header_timeout`, as
         // one that stops sending its headers is.
-        let stream = stalled::WriteTimeout::new(stream, server.header_timeout);
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(server.header_timeout));
+        let stream = TokioIo::new(Box::pin(stream));
+        let connection = graceful.watch(builder.serve_connection(stream, service));
         tasks.spawn(async move {
             if let Err(e) = connection.await {
                 debug!(error = %e, "connection ended with an error");
