@@ -759,6 +759,20 @@ pub(crate) fn toml_str(s: impl AsRef<str>) -> String {
 }
 
 /// Writes raw bytes to `addr` and reads the reply until the server closes or 2 s pass.
+/// `GET /healthz` on a connection of its own, if it is answered within `within`: whether
+/// the sidecar takes a new connection (one held by a misbehaving client was freed).
+pub(crate) async fn healthz_on_a_new_connection(addr: &str, within: Duration) -> Option<String> {
+    tokio::time::timeout(
+        within,
+        raw_request(
+            addr,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        ),
+    )
+    .await
+    .ok()
+}
+
 pub(crate) async fn raw_request(addr: &str, request: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();

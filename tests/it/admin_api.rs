@@ -331,15 +331,9 @@ async fn a_stalled_admin_body_is_cut_at_the_deadline_and_frees_its_connection() 
             "{path}: {reply}"
         );
         // The one connection is free again.
-        let healthz = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            raw_request(
-                &sidecar.addr,
-                b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            ),
-        )
-        .await
-        .expect("a new connection is accepted");
+        let healthz = healthz_on_a_new_connection(&sidecar.addr, std::time::Duration::from_secs(5))
+            .await
+            .expect("a new connection is accepted");
         assert!(healthz.starts_with("HTTP/1.1 200"), "{path}: {healthz}");
     }
 }

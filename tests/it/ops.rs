@@ -396,22 +396,11 @@ async fn a_client_that_never_reads_its_replies_is_cut_off() {
         drop(greedy);
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let started = std::time::Instant::now();
-    let healthz = tokio::time::timeout(
-        Duration::from_secs(10),
-        raw_request(
-            &sidecar.addr,
-            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        ),
-    )
-    .await
-    .expect("the connection a client holds by not reading is freed");
+    // The greedy client holds its connection for 30 s unless it is cut off.
+    let healthz = healthz_on_a_new_connection(&sidecar.addr, Duration::from_secs(10))
+        .await
+        .expect("the connection a client holds by not reading is freed");
     assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
     writer.abort();
 }
 
