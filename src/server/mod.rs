@@ -120,15 +120,14 @@ impl Listener {
         match listen {
             Listen::Tcp(addr) => Ok(Self::Tcp(TcpListener::bind(addr).await?)),
             Listen::Unix(path) => {
-                use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+                use std::os::unix::fs::MetadataExt as _;
                 remove_stale_socket(path).await?;
-                let listener = UnixListener::bind(path)?;
+                let listener = bind_unix(path)?;
                 let meta = std::fs::symlink_metadata(path)?;
                 let path = UnixPath {
                     path: path.clone(),
                     created: (meta.dev(), meta.ino()),
                 };
-                std::fs::set_permissions(&path.path, std::fs::Permissions::from_mode(0o660))?;
                 Ok(Self::Unix(listener, path))
             }
         }
@@ -177,6 +176,18 @@ impl Drop for Listener {
 /// answers on (left by a process that was killed) is removed; a socket that accepts a
 /// connection, or whose backlog is full, belongs to a live process and is an error, as
 /// is anything not a socket.
+/// Binds a unix socket whose file has mode 0660 from the moment it exists. bind(2)
+/// creates the file with 0777 less the umask, so a chmod afterwards would leave a window
+/// in which, under a permissive umask (000, 002), another local user could connect. The
+/// umask is the process's: this runs at start-up, before anything else creates files.
+fn bind_unix(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    use nix::sys::stat::{Mode, umask};
+    let before = umask(Mode::from_bits_truncate(0o117));
+    let bound = UnixListener::bind(path);
+    umask(before);
+    bound
+}
+
 async fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
     use std::os::unix::fs::FileTypeExt as _;
@@ -357,6 +368,22 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_unix_socket_is_0660_from_the_moment_it_exists_whatever_the_umask() {
+        use nix::sys::stat::{Mode, umask};
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::TempDir::new().unwrap();
+        for (i, permissive) in [0o000, 0o002, 0o022, 0o077].into_iter().enumerate() {
+            let path = dir.path().join(format!("{i}.sock"));
+            let before = umask(Mode::from_bits_truncate(permissive));
+            let bound = bind_unix(&path);
+            umask(before);
+            let _listener = bound.unwrap();
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o660, "umask {permissive:03o}: {mode:03o}");
+        }
+    }
 
     #[tokio::test]
     async fn only_a_stale_socket_is_removed() {
