@@ -2,6 +2,7 @@
 
 use hyper::HeaderMap;
 use hyper::header::AUTHORIZATION;
+use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 
 use crate::config::Secret;
@@ -13,8 +14,11 @@ pub(crate) fn protected(path: &str) -> bool {
     path == "/events" || path == "/v1" || path.starts_with("/v1/")
 }
 
-/// Whether the request carries `Authorization: Bearer <token>`. The comparison takes the
-/// same time wherever the first difference is.
+/// Whether the request carries `Authorization: Bearer <token>` (spaces around the token
+/// are the header's, not the token's). The comparison takes the same time wherever the
+/// first difference is and whatever the length of what was sent: it compares the
+/// SHA-256 digests of both, which always have the same length, so that a wrong guess
+/// does not tell the token's length either.
 pub(crate) fn authorized(token: &Secret, headers: &HeaderMap) -> bool {
     let Some(given) = headers
         .get(AUTHORIZATION)
@@ -23,10 +27,10 @@ pub(crate) fn authorized(token: &Secret, headers: &HeaderMap) -> bool {
     else {
         return false;
     };
-    given
-        .trim()
-        .as_bytes()
-        .ct_eq(token.expose().as_bytes())
+    let digest = |text: &str| Sha256::digest(text.as_bytes());
+    digest(given.trim())
+        .as_slice()
+        .ct_eq(digest(token.expose()).as_slice())
         .into()
 }
 
@@ -46,6 +50,9 @@ mod tests {
         assert!(!authorized(&token, &with("Bearer s3cre")));
         assert!(!authorized(&token, &with("Bearer s3cret2")));
         assert!(!authorized(&token, &with("Basic s3cret")));
+        assert!(!authorized(&token, &with("Bearer ")));
+        assert!(!authorized(&token, &with("Bearer S3CRET")));
+        assert!(authorized(&token, &with("Bearer  s3cret ")), "the header's spaces");
         assert!(!authorized(&token, &HeaderMap::new()));
         assert!(protected("/events") && protected("/v1/config"));
         assert!(!protected("/healthz") && !protected("/metrics") && !protected("/v10"));
