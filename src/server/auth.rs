@@ -52,7 +52,10 @@ mod tests {
         assert!(!authorized(&token, &with("Basic s3cret")));
         assert!(!authorized(&token, &with("Bearer ")));
         assert!(!authorized(&token, &with("Bearer S3CRET")));
-        assert!(authorized(&token, &with("Bearer  s3cret ")), "the header's spaces");
+        assert!(
+            authorized(&token, &with("Bearer  s3cret ")),
+            "the header's spaces"
+        );
         assert!(!authorized(&token, &HeaderMap::new()));
         assert!(protected("/events") && protected("/v1/config"));
         assert!(!protected("/healthz") && !protected("/metrics") && !protected("/v10"));

@@ -115,7 +115,7 @@ async fn the_full_flow_over_a_unix_socket() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_new_store_file_is_readable_by_its_owner_only() {
+async fn a_new_store_file_is_readable_by_its_owner_only_and_one_open_to_all_gets_a_warning() {
     use std::os::unix::fs::PermissionsExt;
     // It holds the billing's envelopes and the handlers' replies: no other local user
     // may read them, whatever the umask (0022 as a rule) would give.
@@ -133,6 +133,30 @@ async fn a_new_store_file_is_readable_by_its_owner_only() {
     assert_eq!(status, 200);
     let mode = std::fs::metadata(&store).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "store file mode {:o}", mode & 0o777);
+    assert!(
+        !sidecar.logs().iter().any(|l| l.contains("chmod 600")),
+        "no warning for a file of its own making"
+    );
+
+    // A file another version or an operator left readable by all keeps its mode (it may
+    // be deliberate) and gets a warning that names it.
+    let (dir, config, _) = sidecar.terminate();
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let sidecar = Sidecar::spawn(dir, config, &[]);
+    let (status, _) = sidecar.get("/readyz").await;
+    assert_eq!(status, 200);
+    let warning = sidecar
+        .wait_for_log(Duration::from_secs(5), |l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("chmod 600"))
+        })
+        .expect("a warning about the store file's mode");
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    assert_eq!(warning["mode"], "0644", "{warning}");
+    assert_eq!(warning["store"], store.display().to_string(), "{warning}");
+    let mode = std::fs::metadata(&store).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o644, "an existing file keeps its mode");
 }
 
 /// A config listening on the unix socket `socket`, with its store at `store`.

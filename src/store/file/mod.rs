@@ -678,9 +678,10 @@ pub const CACHE_BYTES: usize = 16 << 20;
 /// Opens (or creates) the file, checking all of it: damage is then an error, not a
 /// panic later. A new file is created with mode 0600 first (redb would leave it to the
 /// umask, 0644 as a rule): it holds the billing's envelopes and the handlers' replies,
-/// which are for this sidecar's user alone. An existing file keeps its mode.
+/// which are for this sidecar's user alone. An existing file keeps its mode (an operator
+/// may have chosen it), with a warning when every local user may read it.
 fn open_file(path: &Path) -> Result<Database, DatabaseError> {
-    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -688,7 +689,18 @@ fn open_file(path: &Path) -> Result<Database, DatabaseError> {
         .open(path)
     {
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if let Ok(meta) = std::fs::metadata(path)
+                && meta.permissions().mode() & 0o004 != 0
+            {
+                warn!(
+                    store = %path.display(),
+                    mode = %format!("{:04o}", meta.permissions().mode() & 0o7777),
+                    "the store file is readable by every local user, and it holds the \
+                     billing's envelopes and the handlers' replies: `chmod 600` it"
+                );
+            }
+        }
         Err(e) => return Err(DatabaseError::Storage(StorageError::Io(e))),
     }
     let mut builder = Builder::new();
