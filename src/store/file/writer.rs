@@ -640,7 +640,10 @@ impl Writer {
     }
 
     /// Whether the file takes `bytes` more: they are written, durably, to a table of
-    /// their own, which is then dropped.
+    /// their own, which is then dropped. redb releases a commit's freed pages at the next
+    /// commit, after that one's own writes are placed: without the empty commit at the
+    /// end, the first write after the probe, the event that was waiting, could not reuse
+    /// the probe's pages and would need the file to grow again on a disk still nearly full.
     fn has_room(&self, bytes: usize) -> Result<(), StoreError> {
         if bytes == 0 {
             return Ok(());
@@ -654,6 +657,8 @@ impl Writer {
         txn.commit().map_err(StoreError::write)?;
         let txn = db.begin_write().map_err(StoreError::write)?;
         txn.delete_table(ROOM).map_err(StoreError::write)?;
+        txn.commit().map_err(StoreError::write)?;
+        let txn = db.begin_write().map_err(StoreError::write)?;
         txn.commit().map_err(StoreError::write)
     }
 
