@@ -355,14 +355,8 @@ pub async fn send(
     data: Option<&str>,
     object_id: i64,
 ) -> anyhow::Result<ExitCode> {
-    let data = match data {
-        Some(source) => crate::remote::read_json(source)?,
-        None => serde_json::json!({}),
-    };
-    if !data.is_object() {
-        anyhow::bail!("--data must hold a JSON object");
-    }
-    let body = crate::remote::envelope(event, object_id, data);
+    let data = crate::explain::read_data(data).map_err(anyhow::Error::msg)?;
+    let body = crate::remote::envelope(event, object_id, serde_json::Value::Object(data));
     let remote = crate::remote::Remote::new(config_path, target)?;
     if let Some(warning) = outside_catalogue(remote.config(), event) {
         errln!("provisiond: warning: {warning}");

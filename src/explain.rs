@@ -401,8 +401,17 @@ pub(crate) fn read_data(source: Option<&str>) -> Result<Map<String, Value>, Stri
         None => return Ok(Map::new()),
         Some("-") => std::io::read_to_string(std::io::stdin())
             .map_err(|e| format!("cannot read the data from stdin: {e}"))?,
-        Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read the data from {path}: {e}"))?,
+        Some(path) => std::fs::read_to_string(path).map_err(|e| {
+            let inline = path.trim_start().starts_with(['{', '[']);
+            if inline && e.kind() == std::io::ErrorKind::NotFound {
+                format!(
+                    "--data takes a file, or - for stdin, not the JSON itself: \
+                     echo '{path}' | provisiond ... --data -"
+                )
+            } else {
+                format!("cannot read the data from {path}: {e}")
+            }
+        })?,
     };
     match serde_json::from_str::<Value>(&text) {
         Ok(Value::Object(map)) => Ok(map),

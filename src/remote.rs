@@ -292,16 +292,6 @@ pub fn envelope(event: &str, object_id: i64, data: serde_json::Value) -> serde_j
     })
 }
 
-/// Reads JSON from a file, or from stdin for `-`.
-pub fn read_json(source: &str) -> anyhow::Result<serde_json::Value> {
-    let text = if source == "-" {
-        std::io::read_to_string(std::io::stdin()).context("cannot read stdin")?
-    } else {
-        std::fs::read_to_string(source).with_context(|| format!("cannot read {source}"))?
-    };
-    serde_json::from_str(&text).with_context(|| format!("{source} is not JSON"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

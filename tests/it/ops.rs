@@ -587,7 +587,28 @@ async fn send_posts_an_envelope_and_prints_the_reply() {
 
     let out = run("-", Some("[1]"));
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--data must hold a JSON object"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the data must be a JSON object, got an array"),
+        "{stderr}"
+    );
+
+    // The JSON itself where a file is expected: said so, with what to write instead.
+    let out = run(r#"{"name": "x"}"#, None);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--data takes a file, or - for stdin, not the JSON itself")
+            && stderr.contains(r#"echo '{"name": "x"}' | provisiond ... --data -"#),
+        "{stderr}"
+    );
+    let out = run("/nonexistent/client.json", None);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot read the data from /nonexistent/client.json: No such file"),
+        "{stderr}"
+    );
 }
 
 /// Parses `/metrics` with an independent Prometheus text parser.
