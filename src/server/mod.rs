@@ -172,10 +172,6 @@ impl Drop for Listener {
     }
 }
 
-/// Makes room for a unix socket at `path`: nothing there is fine; a socket nobody
-/// answers on (left by a process that was killed) is removed; a socket that accepts a
-/// connection, or whose backlog is full, belongs to a live process and is an error, as
-/// is anything not a socket.
 /// Binds a unix socket whose file has mode 0660 from the moment it exists. bind(2)
 /// creates the file with 0777 less the umask, so a chmod afterwards would leave a window
 /// in which, under a permissive umask (000, 002), another local user could connect. The
@@ -188,6 +184,10 @@ fn bind_unix(path: &std::path::Path) -> std::io::Result<UnixListener> {
     bound
 }
 
+/// Makes room for a unix socket at `path`: nothing there is fine; a socket nobody
+/// answers on (left by a process that was killed) is removed; a socket that accepts a
+/// connection, or whose backlog is full, belongs to a live process and is an error, as
+/// is anything not a socket.
 async fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
     use std::os::unix::fs::FileTypeExt as _;

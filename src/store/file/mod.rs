@@ -104,6 +104,7 @@ impl File {
                 "it is a directory; set store.path to a file name".into(),
             ));
         }
+        warn_if_readable_by_all(path);
         let db = open_file(path).map_err(|e| fail(open_reason(&e)))?;
         Self::start(db, shown, Some(path.to_path_buf()), LOG_CAPACITY, LOG_BYTES)
     }
@@ -675,13 +676,29 @@ fn quarantine(txn: &redb::WriteTransaction) -> Result<usize, StoreError> {
 /// process's memory; the pages read back are the queue's and the log's newest ones.
 pub const CACHE_BYTES: usize = 16 << 20;
 
+/// Warns, once at start, about an existing store file that every local user may read
+/// (one made before new files were created 0600): its mode is left as it is.
+fn warn_if_readable_by_all(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o004 != 0
+    {
+        warn!(
+            store = %path.display(),
+            mode = %format!("{:04o}", meta.permissions().mode() & 0o7777),
+            "the store file is readable by every local user, and it holds the billing's \
+             envelopes and the handlers' replies: `chmod 600` it"
+        );
+    }
+}
+
 /// Opens (or creates) the file, checking all of it: damage is then an error, not a
 /// panic later. A new file is created with mode 0600 first (redb would leave it to the
 /// umask, 0644 as a rule): it holds the billing's envelopes and the handlers' replies,
 /// which are for this sidecar's user alone. An existing file keeps its mode (an operator
-/// may have chosen it), with a warning when every local user may read it.
+/// may have chosen it); [`File::open`] warns when every local user may read it.
 fn open_file(path: &Path) -> Result<Database, DatabaseError> {
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
     match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -689,18 +706,7 @@ fn open_file(path: &Path) -> Result<Database, DatabaseError> {
         .open(path)
     {
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            if let Ok(meta) = std::fs::metadata(path)
-                && meta.permissions().mode() & 0o004 != 0
-            {
-                warn!(
-                    store = %path.display(),
-                    mode = %format!("{:04o}", meta.permissions().mode() & 0o7777),
-                    "the store file is readable by every local user, and it holds the \
-                     billing's envelopes and the handlers' replies: `chmod 600` it"
-                );
-            }
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(DatabaseError::Storage(StorageError::Io(e))),
     }
     let mut builder = Builder::new();
