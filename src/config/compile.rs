@@ -70,9 +70,11 @@ pub(super) fn compile(
     let (parsed, more) = doc.deserialize();
     diags.extend(more);
 
+    let hidden = super::Hidden::new(&substituted.borrow());
     let mut checker = Checker {
         earlier: diags.len(),
         diags,
+        hidden: hidden.clone(),
         originals: &doc.originals,
         empty_vars: &empty_vars.take(),
         synthetic: &parsed.synthetic,
@@ -85,29 +87,10 @@ pub(super) fn compile(
         Ok(config)
     } else {
         let mut errors = doc.resolve(file, checker.diags);
-        hide_substituted(&mut errors, &substituted.into_inner());
-        Err(ConfigErrors(errors))
-    }
-}
-
-/// Replaces every value that came from the environment with `***` in error messages: a
-/// message may quote a value (a URL with the wrong scheme, a bad regex), and errors go
-/// to logs and `GET /v1/config`. Values shorter than 4 characters are left: they are no
-/// secrets, and masking them would garble messages.
-fn hide_substituted(errors: &mut [super::ConfigError], values: &[String]) {
-    let mut values: Vec<&str> = values
-        .iter()
-        .map(String::as_str)
-        .filter(|v| v.trim().len() >= 4)
-        .collect();
-    // Longest first, so that a value containing another is hidden whole.
-    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-    for error in errors {
-        for value in &values {
-            if error.message.contains(value) {
-                error.message = error.message.replace(value, "***");
-            }
+        for error in &mut errors {
+            error.message = hidden.mask(std::mem::take(&mut error.message));
         }
+        Err(ConfigErrors(errors))
     }
 }
 
@@ -125,6 +108,9 @@ struct Checker<'a> {
     /// wrong type.
     earlier: usize,
     originals: &'a HashMap<KeyPath, String>,
+    /// The values substituted from the environment (every handler keeps them, to mask
+    /// them in what it answers).
+    hidden: super::Hidden,
     /// Variables that are set, but to an empty string.
     empty_vars: &'a [String],
     /// Paths of placeholders the raw layer put in for missing or wrong required keys.

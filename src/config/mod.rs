@@ -207,6 +207,38 @@ impl fmt::Display for Secret {
     }
 }
 
+/// The values the config took from the environment, to be masked (`***`) wherever a
+/// text that may quote them is shown: config errors, and what handlers answer (a
+/// handler that echoes its request headers would otherwise put the token of its
+/// `headers` into the execution log). Values shorter than 4 characters are left: they
+/// are no secrets, and masking them would garble the text.
+#[derive(Clone, Default)]
+pub struct Hidden(Arc<[String]>);
+
+impl Hidden {
+    pub fn new(values: &[String]) -> Self {
+        let mut values: Vec<String> = values
+            .iter()
+            .filter(|v| v.trim().len() >= 4)
+            .cloned()
+            .collect();
+        // Longest first, so that a value containing another is masked whole.
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        values.dedup();
+        Self(values.into())
+    }
+
+    /// `text` with every value masked; as it was (no copy) when none occurs.
+    pub fn mask(&self, mut text: String) -> String {
+        for value in self.0.iter() {
+            if text.contains(value.as_str()) {
+                text = text.replace(value.as_str(), "***");
+            }
+        }
+        text
+    }
+}
+
 /// One compiled `[[handler]]`.
 pub struct Handler {
     pub name: String,
@@ -225,6 +257,9 @@ pub struct Handler {
     pub filter: Filter,
     /// `max_concurrency` permits: a call holds one while it runs.
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// The config's values from the environment, masked in what is kept of its replies
+    /// (execution log excerpts and errors, dead letters, log lines).
+    pub hidden: Hidden,
     /// The handler as written (after `${VAR}` substitution): what a reload compares to
     /// tell a changed handler from an unchanged one.
     pub raw: RawHandler,

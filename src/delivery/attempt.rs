@@ -246,10 +246,14 @@ async fn attempt(
         outcome: CallOutcome::Delivered,
         duration,
         code: result.as_ref().ok().map(crate::handlers::Reply::code),
-        excerpt: result.as_ref().map(|r| r.excerpt()).unwrap_or_default(),
+        excerpt: result
+            .as_ref()
+            .map(|r| handler.hidden.mask(r.excerpt()))
+            .unwrap_or_default(),
         error: None,
     };
-    let settle = settlement(lane, id, handler, retry::judge(&result), &mut call);
+    let verdict = retry::judge(&result).masked(&handler.hidden);
+    let settle = settlement(lane, id, handler, verdict, &mut call);
     crate::metrics::handler_call(&handler.name, "after", call.outcome, duration);
     if let Settle::Retry {
         attempts, next_at, ..

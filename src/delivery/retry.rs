@@ -22,6 +22,23 @@ pub enum Verdict {
     },
 }
 
+impl Verdict {
+    /// With the config's values from the environment masked in what the handler said.
+    #[must_use]
+    pub fn masked(self, hidden: &crate::config::Hidden) -> Self {
+        match self {
+            Self::Delivered => Self::Delivered,
+            Self::Retry { error, retry_after } => Self::Retry {
+                error: hidden.mask(error),
+                retry_after,
+            },
+            Self::Gone { reason } => Self::Gone {
+                reason: hidden.mask(reason),
+            },
+        }
+    }
+}
+
 /// HTTP: 2xx delivered, 410 gone, anything else retried (with `Retry-After` on 429 and
 /// 503). Scripts: exit 0 delivered, anything else retried.
 pub fn judge(result: &Result<Reply, CallError>) -> Verdict {

@@ -236,7 +236,7 @@ async fn call(
     match result {
         Ok(reply) => {
             let code = Some(reply.code());
-            let excerpt = reply.excerpt();
+            let excerpt = handler.hidden.mask(reply.excerpt());
             (interpret(handler, reply, &body), code, excerpt)
         }
         Err(crate::handlers::CallError::Timeout(_)) if capped => (
@@ -275,6 +275,7 @@ fn take_step(
             None
         }
         Step::Deny(message) => {
+            let message = handler.hidden.mask(message);
             debug!(handler = %handler.name, event = %event, ?duration, reason = %message, "handler denied");
             record.outcome = CallOutcome::Denied;
             records.record(handler, record);
@@ -284,6 +285,8 @@ fn take_step(
             })
         }
         Step::Error(error) => {
+            // What the handler said may quote it (an echo of the request's headers).
+            let error = handler.hidden.mask(error);
             record.outcome = CallOutcome::Error;
             record.error = Some(error.clone());
             records.record(handler, record);

@@ -336,6 +336,122 @@ async fn secrets_from_the_environment_never_reach_the_logs() {
     }
 }
 
+/// What a handler answers is kept (execution log excerpts and errors, dead letters, log
+/// lines); a handler that echoes its request, or a script that prints its environment,
+/// would put the config's secrets there. They are masked.
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_a_handler_echoes_back_are_masked_in_what_is_kept_of_its_reply() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let secrets = [
+        ("CRM_KEY", "key-BBBB2222"),
+        ("SCRIPT_PASS", "pass-CCCC3333"),
+    ];
+    // Answers with the request's headers: 500 in the before stage, 410 in the after.
+    let echo_headers = |status: u16| {
+        HandlerServer::start(move |call| async move {
+            let headers: Vec<String> = call
+                .headers
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+                .collect();
+            reply(status, headers.join("\n"))
+        })
+    };
+    let before = echo_headers(500).await;
+    let after = echo_headers(410).await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let script = dir.path().join("show-env.sh");
+    std::fs::write(&script, "#!/bin/sh\nenv >&2\nexit 1\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let auth = "headers = { Authorization = \"Bearer ${CRM_KEY}\" }";
+    let config = format!(
+        "{SERVER}{}{}[[handler]]\nname = \"show-env\"\nevents = [\"clients.delete\"]\nstage = \"before\"\n\
+         command = [{}]\nenv = {{ PASS = \"${{SCRIPT_PASS}}\" }}\n",
+        http_handler("crm", &before.url("/"), auth),
+        after_handler("crm-after", &after.url("/"), auth),
+        toml_str(script.display().to_string()),
+    );
+    let sidecar = Sidecar::start_in(dir, &config, &secrets);
+    let (status, _) = sidecar.send("clients.update", 7, json!({})).await;
+    assert_eq!(status, 200, "crm fails under on_error = allow");
+    // A script that exits non-zero forbids, its stderr the message the billing shows.
+    let (status, denied) = sidecar.send("clients.delete", 7, json!({})).await;
+    assert_eq!(status, 403, "{denied}");
+    let message = denied["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("PASS=***"), "{denied}");
+    assert_eq!(
+        before.calls()[0].header("authorization"),
+        Some("Bearer key-BBBB2222"),
+        "the handler does get the secret"
+    );
+
+    let letters = eventually(Duration::from_secs(10), || after.calls().len() == 1).await;
+    assert!(letters, "the after-stage handler was called");
+    let mut dead = Value::Null;
+    for _ in 0..100 {
+        let (_, body) = sidecar.get("/v1/deadletters").await;
+        if body["deadletters"]
+            .as_array()
+            .is_some_and(|l| !l.is_empty())
+        {
+            dead = body;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reason = dead["deadletters"][0]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("authorization: Bearer ***"), "{dead}");
+
+    let mut rows = Value::Null;
+    for _ in 0..100 {
+        let (_, body) = sidecar.get("/v1/executions").await;
+        if body["executions"].as_array().is_some_and(|r| r.len() >= 4) {
+            rows = body;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let by = |handler: &str| {
+        rows["executions"]
+            .as_array()
+            .and_then(|r| r.iter().find(|row| row["handler"] == handler))
+            .cloned()
+            .unwrap_or_else(|| panic!("no row of {handler}: {rows}"))
+    };
+    let crm = by("crm");
+    assert!(
+        crm["excerpt"]
+            .as_str()
+            .unwrap()
+            .contains("authorization: Bearer ***"),
+        "{crm}"
+    );
+    assert!(
+        crm["error"].as_str().unwrap().contains("Bearer ***"),
+        "{crm}"
+    );
+    let script = by("show-env");
+    assert!(
+        script["excerpt"].as_str().unwrap().contains("PASS=***"),
+        "{script}"
+    );
+    let crm_after = by("crm-after");
+    assert!(
+        crm_after["excerpt"]
+            .as_str()
+            .unwrap()
+            .contains("Bearer ***"),
+        "{crm_after}"
+    );
+
+    let kept = format!("{denied}\n{dead}\n{rows}\n{}", sidecar.logs().join("\n"));
+    for (_, value) in secrets {
+        assert!(!kept.contains(value), "{value} was kept:\n{kept}");
+    }
+}
+
 /// A RUST_LOG that does not parse is said in the log's own format (not as plain text
 /// before it), and logging goes on at info.
 #[test]

@@ -116,6 +116,7 @@ impl Checker<'_> {
             retry,
             filter,
             slots: Arc::new(tokio::sync::Semaphore::new(max_concurrency)),
+            hidden: self.hidden.clone(),
             raw: raw.clone(),
         })
     }
