@@ -226,6 +226,24 @@ impl Sidecar {
         status_and_json(response).await
     }
 
+    /// `GET path` until its JSON satisfies `pred`, for up to `timeout`: that JSON, or the
+    /// last one read.
+    pub(crate) async fn get_until(
+        &self,
+        path: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let until = Instant::now() + timeout;
+        loop {
+            let (_, body) = self.get(path).await;
+            if pred(&body) || Instant::now() > until {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Every log line so far.
     pub(crate) fn logs(&self) -> Vec<String> {
         self.logs.lock().unwrap().clone()

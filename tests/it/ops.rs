@@ -387,32 +387,23 @@ async fn secrets_a_handler_echoes_back_are_masked_in_what_is_kept_of_its_reply()
 
     let letters = eventually(Duration::from_secs(10), || after.calls().len() == 1).await;
     assert!(letters, "the after-stage handler was called");
-    let mut dead = Value::Null;
-    for _ in 0..100 {
-        let (_, body) = sidecar.get("/v1/deadletters").await;
-        if body["deadletters"]
-            .as_array()
-            .is_some_and(|l| !l.is_empty())
-        {
-            dead = body;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let dead = sidecar
+        .get_until("/v1/deadletters", Duration::from_secs(5), |body| {
+            body["deadletters"]
+                .as_array()
+                .is_some_and(|l| !l.is_empty())
+        })
+        .await;
     let reason = dead["deadletters"][0]["reason"]
         .as_str()
         .unwrap_or_default();
     assert!(reason.contains("authorization: Bearer ***"), "{dead}");
 
-    let mut rows = Value::Null;
-    for _ in 0..100 {
-        let (_, body) = sidecar.get("/v1/executions").await;
-        if body["executions"].as_array().is_some_and(|r| r.len() >= 4) {
-            rows = body;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let rows = sidecar
+        .get_until("/v1/executions", Duration::from_secs(5), |body| {
+            body["executions"].as_array().is_some_and(|r| r.len() >= 4)
+        })
+        .await;
     let by = |handler: &str| {
         rows["executions"]
             .as_array()
