@@ -208,8 +208,9 @@ struct RemoteArgs {
     #[arg(long)]
     url: Option<String>,
     /// The bearer token to send (default: the config's server.token, which is sent only
-    /// to the config's own listener, never to another --url).
-    #[arg(long)]
+    /// to the config's own listener, never to another --url). From the environment, it
+    /// stays out of the process list.
+    #[arg(long, env = "PROVISIOND_CLIENT_TOKEN", hide_env_values = true)]
     token: Option<String>,
 }
 

@@ -359,12 +359,14 @@ impl tracing::field::Visit for JsonFieldsOut<'_, '_> {
         }
     }
 
+    // Integers by `itoa`: a few of them on every event's line, where `write!` goes
+    // through the formatting machinery for each.
     fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
-        self.put(|w| write!(w, "{value}"), field);
+        self.put(|w| w.write_str(itoa::Buffer::new().format(value)), field);
     }
 
     fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
-        self.put(|w| write!(w, "{value}"), field);
+        self.put(|w| w.write_str(itoa::Buffer::new().format(value)), field);
     }
 
     fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {

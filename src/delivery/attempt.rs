@@ -277,15 +277,19 @@ fn settlement(
     verdict: Verdict,
     call: &mut CallRecord,
 ) -> Settle {
-    let (name, entity, attempt, duration) =
-        (&lane.handler, &lane.entity, call.attempt, call.duration);
+    let (name, entity, attempt, duration) = (
+        lane.handler.as_str(),
+        lane.entity.as_str(),
+        call.attempt,
+        call.duration,
+    );
     match verdict {
         Verdict::Delivered => {
-            info!(handler = %name, entity = %entity, delivery = id, attempt, ?duration, "delivered");
+            info!(handler = name, entity, delivery = id, attempt, ?duration, "delivered");
             Settle::Delivered
         }
         Verdict::Gone { reason } => {
-            warn!(handler = %name, entity = %entity, delivery = id, attempt, %reason, "delivery dead-lettered");
+            warn!(handler = name, entity, delivery = id, attempt, %reason, "delivery dead-lettered");
             call.outcome = CallOutcome::Dead;
             call.error = Some(reason.clone());
             Settle::Dead {
@@ -295,7 +299,7 @@ fn settlement(
             }
         }
         Verdict::Retry { error, .. } if retry::exhausted(&handler.retry, attempt) => {
-            warn!(handler = %name, entity = %entity, delivery = id, attempt, %error, "delivery failed, attempts exhausted, dead-lettered");
+            warn!(handler = name, entity, delivery = id, attempt, %error, "delivery failed, attempts exhausted, dead-lettered");
             call.outcome = CallOutcome::Dead;
             call.error = Some(error.clone());
             Settle::Dead {
@@ -309,7 +313,7 @@ fn settlement(
         }
         Verdict::Retry { error, retry_after } => {
             let wait = retry::delay(&handler.retry, attempt, retry_after, fastrand::f64());
-            warn!(handler = %name, entity = %entity, delivery = id, attempt, %error, retry_in = ?wait, "delivery failed, retrying");
+            warn!(handler = name, entity, delivery = id, attempt, %error, retry_in = ?wait, "delivery failed, retrying");
             call.outcome = CallOutcome::Failed;
             call.error = Some(error.clone());
             let next_at =

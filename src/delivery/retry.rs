@@ -214,7 +214,10 @@ mod tests {
             }
         ));
         assert!(matches!(
-            judge(&Err(CallError::Connect("refused".into()))),
+            judge(&Err(CallError::Connect {
+                to: "127.0.0.1:9".into(),
+                cause: "refused".into()
+            })),
             Verdict::Retry { .. }
         ));
         let script = |code| {

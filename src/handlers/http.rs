@@ -67,7 +67,10 @@ pub(crate) async fn call(
         if e.is_timeout() {
             CallError::Timeout(timeout)
         } else if e.is_connect() {
-            CallError::Connect(cause)
+            CallError::Connect {
+                to: host_and_port(&target.url),
+                cause,
+            }
         } else {
             CallError::Request(cause)
         }
@@ -113,6 +116,15 @@ pub(crate) async fn call(
     })
 }
 
+/// `host:port` of a handler's URL, the port given even when it is the scheme's default.
+fn host_and_port(url: &reqwest::Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    match url.port_or_known_default() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    }
+}
+
 /// The Standard Webhooks headers for one message: `webhook-id`, `webhook-timestamp`
 /// and `webhook-signature` (`v1,` + base64 HMAC-SHA256 of `id.timestamp.body`).
 pub(crate) fn sign(
@@ -155,6 +167,14 @@ pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connect_error_names_the_host_and_port_only() {
+        let at = |url: &str| host_and_port(&url.parse().unwrap());
+        assert_eq!(at("http://127.0.0.1:8080/hook?key=k"), "127.0.0.1:8080");
+        assert_eq!(at("https://crm.example.com/hook"), "crm.example.com:443");
+        assert_eq!(at("http://user:pw@[::1]/x"), "[::1]:80");
+    }
 
     #[test]
     fn retry_after_forms() {

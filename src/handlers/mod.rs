@@ -107,8 +107,10 @@ pub enum CallError {
         waited: Duration,
         max_concurrency: usize,
     },
-    #[error("cannot connect: {0}")]
-    Connect(String),
+    /// No connection to the handler's host: `to` is its `host:port`, never the whole URL
+    /// (its path or query may hold a key).
+    #[error("cannot connect to {to}: {cause}")]
+    Connect { to: String, cause: String },
     #[error("request failed: {0}")]
     Request(String),
     /// The handler answered a status, then its reply broke off before the body was

@@ -32,7 +32,7 @@ pub async fn events(
     request: Request<Incoming>,
 ) -> Response<Body> {
     let id = crate::events::new_id("evt");
-    let span = info_span!("event", id = %id);
+    let span = info_span!("event", id = id.as_str());
     // A guard, so that a request dropped mid-way (the billing hung up) still counts down.
     let _in_flight = InFlight::enter();
     let mut response = handle(app, snapshot, request, &id).instrument(span).await;
@@ -221,7 +221,7 @@ impl Drop for Chain<'_> {
             metrics::handler_call(&record.handler, "before", record.outcome, record.duration);
         }
         warn!(
-            event = %self.event, object_id = %self.object_id, outcome = EventOutcome::Abandoned.as_str(),
+            event = self.event, object_id = self.object_id, outcome = EventOutcome::Abandoned.as_str(),
             calls = records.len(), duration_ms = ms(self.started), generation = self.generation,
             "event"
         );
@@ -329,8 +329,8 @@ impl Judged<'_> {
     /// A handler of the before stage denied the event: 403.
     fn denied(self, handler: &str, message: &str) -> Response<Body> {
         info!(
-            event = %self.event, object_id = %self.object_id, outcome = EventOutcome::Denied.as_str(), handler = %handler,
-            reason = %message, duration_ms = ms(self.started), generation = self.snapshot.generation,
+            event = self.event, object_id = self.object_id, outcome = EventOutcome::Denied.as_str(), handler,
+            reason = message, duration_ms = ms(self.started), generation = self.snapshot.generation,
             "event"
         );
         log_calls(self.app, self.records, self.event, self.object_id, self.id);
@@ -396,10 +396,10 @@ impl Judged<'_> {
         };
         let queued = accepted.queued;
         if accepted.duplicates > 0 {
-            info!(event = %event, object_id = %object_id, duplicates = accepted.duplicates, "identical envelope within store.dedupe_window, not delivered again");
+            info!(event, object_id, duplicates = accepted.duplicates, "identical envelope within store.dedupe_window, not delivered again");
         }
         info!(
-            event = %event, object_id = %object_id, outcome = EventOutcome::Allowed.as_str(), modified,
+            event, object_id, outcome = EventOutcome::Allowed.as_str(), modified,
             calls, queued, duration_ms = ms(self.started),
             generation = self.snapshot.generation, "event"
         );

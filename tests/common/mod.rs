@@ -342,12 +342,25 @@ pub(crate) fn run_binary_to(
     stdout: Stdio,
     stderr: Stdio,
 ) -> (i32, String, String) {
+    run_binary_env(dir, args, &[], stdout, stderr)
+}
+
+/// [`run_binary_to`] with these environment variables set.
+pub(crate) fn run_binary_env(
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdout: Stdio,
+    stderr: Stdio,
+) -> (i32, String, String) {
     let mut child = Command::new(binary())
         .args(args)
         .current_dir(dir)
         .env_remove("RUST_LOG")
         .env_remove("PROVISIOND_CONFIG")
         .env_remove("PROVISIOND_TOKEN")
+        .env_remove("PROVISIOND_CLIENT_TOKEN")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)

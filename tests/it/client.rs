@@ -2,6 +2,8 @@
 //! `--token` on each, and the config's token never sent anywhere but the config's own
 //! listener.
 
+use std::process::Stdio;
+
 use crate::common::*;
 
 /// Every client command, as argv after `provisiond`.
@@ -122,6 +124,16 @@ async fn a_sidecar_that_wants_a_token_says_so_and_takes_one_given_with_token() {
         &["executions", "--url", &url, "--token", "tok-9"],
     );
     assert_eq!(code, 0, "{err}");
+    // The same token from the environment, out of `ps`; --token still wins over it.
+    let from_env = |args: &[&str]| {
+        let env = [("PROVISIOND_CLIENT_TOKEN", "tok-9")];
+        run_binary_env(empty.path(), args, &env, Stdio::piped(), Stdio::piped())
+    };
+    let (code, _, err) = from_env(&["executions", "--url", &url]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = from_env(&["executions", "--url", &url, "--token", "wrong"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("(HTTP 401)"), "{err}");
     // `send` says the status and the same hint on stderr; the reply's body is on stdout.
     let (code, out, err) = run_binary(
         empty.path(),
