@@ -222,8 +222,10 @@ pub async fn executions(
             errln!("provisiond: {} answers again", remote.address());
             away = false;
             // The newest rows there are now are where to go on from, even if they are
-            // older than the last one printed (which the crash took).
+            // older than the last one printed (which the crash took); of them, only
+            // those written since the last one printed are new to the reader.
             window = Window::start(&rows);
+            printer.from_now_on_since_the_last_printed();
         } else {
             window.polled(&rows);
         }
@@ -279,6 +281,11 @@ struct Follower {
     header: bool,
     printed: std::collections::HashSet<String>,
     order: std::collections::VecDeque<String>,
+    /// The time of the newest row printed.
+    latest: Option<String>,
+    /// Rows older than this are not printed: set when the sidecar is back from away,
+    /// so that the history before the rows first printed (`--limit`) stays unprinted.
+    floor: Option<String>,
 }
 
 impl Follower {
@@ -292,12 +299,26 @@ impl Follower {
             header: false,
             printed: Default::default(),
             order: Default::default(),
+            latest: None,
+            floor: None,
         }
+    }
+
+    /// From now on, prints no row older than the newest printed so far. Times are the
+    /// API's RFC 3339 in UTC with milliseconds, so they compare as text.
+    fn from_now_on_since_the_last_printed(&mut self) {
+        self.floor = self.latest.clone().or(self.floor.take());
     }
 
     /// Prints `rows` (newest first, as the endpoint gives them) oldest first.
     fn print(&mut self, rows: &[ExecutionRow]) {
         for row in rows.iter().rev() {
+            if self.floor.as_ref().is_some_and(|floor| row.time < *floor) {
+                continue;
+            }
+            if self.latest.as_ref().is_none_or(|latest| row.time > *latest) {
+                self.latest = Some(row.time.clone());
+            }
             let key = format!("{}|{}|{}", row.id, row.time, row.handler);
             if !self.printed.insert(key.clone()) {
                 continue;

@@ -294,6 +294,55 @@ async fn follow_waits_for_a_sidecar_that_restarts() {
     );
 }
 
+/// Back from a restart, `--follow` goes on from the rows it had printed: the older
+/// history it did not print (beyond `--limit`) stays unprinted.
+#[tokio::test(flavor = "multi_thread")]
+async fn follow_back_from_a_restart_prints_only_what_came_after_its_last_row() {
+    let echo = HandlerServer::echo().await;
+    let config = format!(
+        "[server]\nlisten = \"{}\"\n[[handler]]\nname = \"echo\"\nevents = [\"*\"]\nstage = \"before\"\nurl = {}\n",
+        free_addr(),
+        toml_str(echo.url("/"))
+    );
+    let sidecar = Sidecar::start(&config);
+    let url = format!("http://{}", sidecar.addr);
+    for id in 1..=3 {
+        send(&sidecar, "clients.archive", id).await;
+    }
+    send(&sidecar, "clients.update", 4).await;
+    // The four rows in the log, so that `--limit 1` leaves three unprinted.
+    let rows = sidecar
+        .get_until("/v1/executions", Duration::from_secs(10), |v| {
+            v["count"] == 4
+        })
+        .await;
+    assert_eq!(rows["count"], 4, "{rows}");
+    let follow = Running::start(&["executions", "-f", "--limit", "1", "--url", &url]);
+    assert!(follow.wait_for(&follow.out, "clients.update").await);
+
+    let (dir, config_path, status) = sidecar.terminate();
+    assert!(status.success(), "{status}");
+    assert!(follow.wait_for(&follow.err, "; still following").await);
+    let sidecar = Sidecar::spawn(dir, config_path, &[]);
+    send(&sidecar, "clients.delete", 5).await;
+    assert!(follow.wait_for(&follow.out, "clients.delete").await);
+    assert!(
+        follow
+            .wait_for(&follow.err, &format!("{url} answers again"))
+            .await
+    );
+    let out = follow.out.lock().unwrap().clone();
+    assert!(
+        !out.iter().any(|l| l.contains("clients.archive")),
+        "rows from before the first one printed: {out:?}"
+    );
+    assert_eq!(
+        out.iter().filter(|l| l.contains("clients.update")).count(),
+        1,
+        "{out:?}"
+    );
+}
+
 /// On PostgreSQL a row's id is taken when the row is written and the row is seen when
 /// its transaction commits: another sidecar's row can come after newer ones, with a
 /// lower id. `--follow` still prints it, once.
