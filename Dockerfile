@@ -17,6 +17,7 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY assets ./assets
 COPY benches ./benches
 COPY examples ./examples
 COPY schema ./schema

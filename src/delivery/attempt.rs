@@ -285,7 +285,14 @@ fn settlement(
     );
     match verdict {
         Verdict::Delivered => {
-            info!(handler = name, entity, delivery = id, attempt, ?duration, "delivered");
+            info!(
+                handler = name,
+                entity,
+                delivery = id,
+                attempt,
+                ?duration,
+                "delivered"
+            );
             Settle::Delivered
         }
         Verdict::Gone { reason } => {

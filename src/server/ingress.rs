@@ -221,8 +221,12 @@ impl Drop for Chain<'_> {
             metrics::handler_call(&record.handler, "before", record.outcome, record.duration);
         }
         warn!(
-            event = self.event, object_id = self.object_id, outcome = EventOutcome::Abandoned.as_str(),
-            calls = records.len(), duration_ms = ms(self.started), generation = self.generation,
+            event = self.event,
+            object_id = self.object_id,
+            outcome = EventOutcome::Abandoned.as_str(),
+            calls = records.len(),
+            duration_ms = ms(self.started),
+            generation = self.generation,
             "event"
         );
         log_calls(self.app, records, self.event, self.object_id, self.id);
@@ -329,8 +333,13 @@ impl Judged<'_> {
     /// A handler of the before stage denied the event: 403.
     fn denied(self, handler: &str, message: &str) -> Response<Body> {
         info!(
-            event = self.event, object_id = self.object_id, outcome = EventOutcome::Denied.as_str(), handler,
-            reason = message, duration_ms = ms(self.started), generation = self.snapshot.generation,
+            event = self.event,
+            object_id = self.object_id,
+            outcome = EventOutcome::Denied.as_str(),
+            handler,
+            reason = message,
+            duration_ms = ms(self.started),
+            generation = self.snapshot.generation,
             "event"
         );
         log_calls(self.app, self.records, self.event, self.object_id, self.id);
@@ -396,12 +405,23 @@ impl Judged<'_> {
         };
         let queued = accepted.queued;
         if accepted.duplicates > 0 {
-            info!(event, object_id, duplicates = accepted.duplicates, "identical envelope within store.dedupe_window, not delivered again");
+            info!(
+                event,
+                object_id,
+                duplicates = accepted.duplicates,
+                "identical envelope within store.dedupe_window, not delivered again"
+            );
         }
         info!(
-            event, object_id, outcome = EventOutcome::Allowed.as_str(), modified,
-            calls, queued, duration_ms = ms(self.started),
-            generation = self.snapshot.generation, "event"
+            event,
+            object_id,
+            outcome = EventOutcome::Allowed.as_str(),
+            modified,
+            calls,
+            queued,
+            duration_ms = ms(self.started),
+            generation = self.snapshot.generation,
+            "event"
         );
         metrics::event(self.label, EventOutcome::Allowed);
         reply::raw_json(StatusCode::OK, reply_body)

@@ -296,7 +296,9 @@ async fn handler_failures_follow_on_error() {
     .await;
     let refused = refused_url();
     // The host and port it could not reach, not the URL's path.
-    let refused_at = refused.trim_start_matches("http://").trim_end_matches("/hook");
+    let refused_at = refused
+        .trim_start_matches("http://")
+        .trim_end_matches("/hook");
     let failures = [
         ("timeout", slow.url("/"), "timed out after 300ms".to_owned()),
         (

@@ -18,6 +18,64 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// The image's build stage copies everything the binary is built from: the manifest,
+/// the sources, the bench target the manifest names, and every file the sources include
+/// (`include_str!`, `include_bytes!`: the web console's assets, the SQL). A directory
+/// left out fails `docker build` at compile time, which no test here runs.
+#[test]
+fn the_image_copies_every_file_the_binary_is_built_from() {
+    let dockerfile = read("Dockerfile");
+    let build_stage = dockerfile
+        .split("\nFROM ")
+        .nth(1)
+        .expect("a build stage after the comments");
+    let copied: Vec<&str> = build_stage
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .flat_map(|l| {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            parts[..parts.len() - 1].to_vec()
+        })
+        .collect();
+    let mut needed = std::collections::BTreeSet::from([
+        "Cargo.toml".to_owned(),
+        "Cargo.lock".to_owned(),
+        "src".to_owned(),
+        "benches".to_owned(),
+    ]);
+    let mut dirs = vec![root().join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let macros = ["include_str!(\"", "include_bytes!(\""];
+            for piece in macros.iter().flat_map(|m| text.split(m).skip(1)) {
+                let included = piece.split('"').next().unwrap_or_default();
+                let file = std::fs::canonicalize(path.parent().unwrap().join(included))
+                    .unwrap_or_else(|e| panic!("{}: {included}: {e}", path.display()));
+                let top = file
+                    .strip_prefix(std::fs::canonicalize(root()).unwrap())
+                    .unwrap()
+                    .components()
+                    .next()
+                    .unwrap();
+                needed.insert(top.as_os_str().to_string_lossy().into_owned());
+            }
+        }
+    }
+    assert!(needed.contains("assets"), "the console's files: {needed:?}");
+    for top in &needed {
+        assert!(
+            copied.iter().any(|c| c.trim_end_matches('/') == top),
+            "the Dockerfile's build stage does not COPY {top} (it copies {copied:?})"
+        );
+    }
+}
+
 /// The first line of a check of `config` written to a temporary file.
 fn check_text(config: &str, env: &[(&str, &str)]) -> (i32, String, String) {
     let dir = tempfile::TempDir::new().unwrap();
