@@ -220,6 +220,7 @@ impl RemoteArgs {
             url: self.url,
             token: self.token,
             timeout: None,
+            no_token_needed: false,
         }
     }
 }
@@ -443,6 +444,8 @@ fn main() -> ExitCode {
         } => {
             let mut target = remote.target();
             target.timeout = Some(timeout);
+            // `/healthz` and `/readyz` take no token.
+            target.no_token_needed = true;
             block_on(commands::health(&cli.config, &target, ready))
         }
         Command::Store {

@@ -40,6 +40,19 @@ pub struct Target {
     pub token: Option<String>,
     /// Longest a request may take, connecting included; none when absent.
     pub timeout: Option<std::time::Duration>,
+    /// The requests need no token (`health`'s `/healthz` and `/readyz`): the config's
+    /// is not sent, and nothing is said about not sending it. `token` still goes.
+    pub no_token_needed: bool,
+}
+
+/// Where the token sent came from, for the hint after a 401.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenFrom {
+    None,
+    /// `--token` or `PROVISIOND_CLIENT_TOKEN`.
+    Given,
+    /// The config's `server.token`.
+    Config,
 }
 
 /// A client for one running provisiond.
@@ -50,6 +63,7 @@ pub struct Remote {
     /// The address as the user would write it, for messages.
     shown: String,
     token: Option<String>,
+    token_from: TokenFrom,
     config: Option<Config>,
     /// The config file whose `server.listen` gave the address (no `--url`).
     listen_of: Option<std::path::PathBuf>,
@@ -111,6 +125,7 @@ impl Remote {
         };
         let token = match (&target.token, configured) {
             (Some(given), _) => Some(given.clone()),
+            (None, Some(_)) if target.no_token_needed => None,
             (None, Some(token)) => match (url, listen) {
                 (None, _) => Some(token),
                 (Some(url), Some(listen)) if same_listener(listen, url) => Some(token),
@@ -142,6 +157,11 @@ impl Remote {
             client: builder.build().context("cannot build the HTTP client")?,
             base,
             shown: target_url,
+            token_from: match (&target.token, &token) {
+                (Some(_), _) => TokenFrom::Given,
+                (None, Some(_)) => TokenFrom::Config,
+                (None, None) => TokenFrom::None,
+            },
             token,
             listen_of: from_file.then(|| config_path.to_owned()),
             config,
@@ -160,10 +180,28 @@ impl Remote {
 
     /// What to do about a 401 from this sidecar.
     pub fn token_hint(&self) -> String {
-        format!(
-            "the sidecar at {} wants its server.token; give --token, or -c with its config",
-            self.shown
-        )
+        let at = &self.shown;
+        match self.token_from {
+            TokenFrom::None => format!(
+                "the sidecar at {at} wants its server.token; give --token (or \
+                 PROVISIOND_CLIENT_TOKEN), or -c with its config"
+            ),
+            TokenFrom::Given => format!(
+                "the sidecar at {at} refused the token given (--token or \
+                 PROVISIOND_CLIENT_TOKEN): it is not its server.token"
+            ),
+            TokenFrom::Config => {
+                let file = self
+                    .listen_of
+                    .as_deref()
+                    .map_or_else(String::new, |p| format!(" of {}", p.display()));
+                format!(
+                    "the sidecar at {at} refused the server.token{file}: it runs with \
+                     another (the variable the token comes from differs between its \
+                     environment and this shell's, or it has not reloaded the file)"
+                )
+            }
+        }
     }
 
     /// Sends a request; returns the status and the body text.
