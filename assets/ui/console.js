@@ -141,7 +141,8 @@ async function api(path, options = {}) {
   for (;;) {
     const headers = Object.assign({}, options.headers);
     const token = sessionStorage.getItem(TOKEN_KEY);
-    if (token) headers.Authorization = `Bearer ${token}`;
+    // The token is for the admin API; `/metrics` takes none and gets none.
+    if (token && path.startsWith('/v1/')) headers.Authorization = `Bearer ${token}`;
     let response;
     try {
       response = await fetch(path, Object.assign({}, options, { headers, cache: 'no-store' }));

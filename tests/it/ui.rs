@@ -798,6 +798,39 @@ async fn a_wrong_token_is_refused_with_a_clear_message_and_the_right_one_is_kept
         .await
         .unwrap();
     assert_eq!(kept, json!(["right-token", 0]));
+
+    // The token goes to `/v1` only: not to `/metrics`, which the overview also reads.
+    browser
+        .client
+        .execute(
+            "window.sent = []; const fetch0 = window.fetch; \
+             window.fetch = (path, options) => { \
+               window.sent.push([String(path), \
+                 Boolean(options && options.headers && options.headers.Authorization)]); \
+               return fetch0(path, options); };",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let sent = until("the overview's next refresh", || async {
+        let sent = browser
+            .client
+            .execute("return window.sent;", vec![])
+            .await
+            .unwrap();
+        let paths: Vec<&str> = sent
+            .as_array()?
+            .iter()
+            .filter_map(|s| s[0].as_str())
+            .collect();
+        (paths.contains(&"/metrics") && paths.iter().any(|p| p.starts_with("/v1/")))
+            .then_some(sent.clone())
+    })
+    .await;
+    for call in sent.as_array().unwrap() {
+        let (path, with_token) = (call[0].as_str().unwrap(), call[1] == json!(true));
+        assert_eq!(with_token, path.starts_with("/v1/"), "{path}: {sent}");
+    }
     browser.close().await;
 }
 
