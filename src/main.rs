@@ -470,11 +470,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Man => {
-            let mut page = Vec::new();
-            clap_mangen::Man::new(Cli::command())
-                .render(&mut page)
-                .expect("a write to memory does not fail");
-            out!("{}", String::from_utf8_lossy(&page));
+            out!("{}", man_page());
             ExitCode::SUCCESS
         }
         Command::Run(args) => {
@@ -518,6 +514,57 @@ fn object_id(text: &str) -> Result<i64, String> {
 /// `health --timeout`: a duration with a unit.
 fn duration(text: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e}; write e.g. \"5s\" or \"500ms\""))
+}
+
+/// The man page: clap_mangen's page of the top-level command, with every command's
+/// description, synopsis and options in it (under COMMANDS), where clap_mangen would
+/// refer to a page of its own for each (`provisiond-run(1)`) that nothing installs.
+fn man_page() -> String {
+    fn write(page: &mut Vec<u8>, render: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>) {
+        render(page).expect("a write to memory does not fail");
+    }
+    /// A section's body: its `.SH` lines left out, for a page within the page.
+    fn body(render: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>) -> String {
+        let mut text = Vec::new();
+        write(&mut text, render);
+        String::from_utf8_lossy(&text)
+            .lines()
+            .filter(|line| !line.starts_with(".SH "))
+            .map(|line| format!("{line}\n"))
+            .collect()
+    }
+    fn commands(page: &mut String, cmd: &clap::Command) {
+        for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+            let man = clap_mangen::Man::new(sub.clone());
+            let name = sub.get_bin_name().unwrap_or(sub.get_name());
+            page.push_str(&format!(".SS \"{name}\"\n"));
+            page.push_str(&body(|w| man.render_description_section(w)));
+            page.push_str(".PP\n");
+            page.push_str(&body(|w| man.render_synopsis_section(w)));
+            if sub.get_arguments().any(|a| !a.is_hide_set()) {
+                page.push_str(&body(|w| man.render_options_section(w)));
+            }
+            commands(page, sub);
+        }
+    }
+    let mut cli = Cli::command().disable_help_subcommand(true);
+    cli.build();
+    let man = clap_mangen::Man::new(cli.clone());
+    let mut top = Vec::new();
+    write(&mut top, |w| man.render_title(w));
+    write(&mut top, |w| man.render_name_section(w));
+    write(&mut top, |w| man.render_synopsis_section(w));
+    write(&mut top, |w| man.render_description_section(w));
+    write(&mut top, |w| man.render_options_section(w));
+    let mut page = String::from_utf8_lossy(&top).into_owned();
+    page.push_str(".SH COMMANDS\n");
+    commands(&mut page, &cli);
+    let mut tail = Vec::new();
+    write(&mut tail, |w| man.render_version_section(w));
+    page.push_str(&String::from_utf8_lossy(&tail));
+    // Each render starts with the same definition of `\*(Aq`; once is enough.
+    let preamble = ".ie \\n(.g .ds Aq \\(aq\n.el .ds Aq '\n";
+    format!("{preamble}{}", page.replace(preamble, ""))
 }
 
 /// Runs a client command on a small runtime; errors print as one line.
