@@ -839,3 +839,44 @@ async fn a_bulk_replay_takes_the_lanes_in_the_order_accepts_do() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, json!({"replayed": 2, "skipped": 0}));
 }
+
+/// A stop on PostgreSQL ends the store's tasks at once (the execution log's writer
+/// waited out its 5 s for a channel that never closed), and the execution log keeps
+/// the delivery's row.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_ends_the_stores_tasks_and_keeps_the_execution_log() {
+    let Some(db) = server() else { return };
+    let handler = HandlerServer::echo().await;
+    let config = with_crm(&db, &handler.url("/"), FAST);
+    let mut node = Sidecar::start(&config);
+    let (code, _) = node.send("clients.update", 7, json!({})).await;
+    assert_eq!(code, 200);
+    assert!(eventually(Duration::from_secs(20), || handler.calls().len() == 1).await);
+
+    node.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = node.wait_exit(Duration::from_secs(30)).expect("it stops");
+    assert!(status.success(), "{status}");
+    assert!(
+        eventually(Duration::from_secs(5), || node
+            .logs()
+            .iter()
+            .any(|l| l.contains("\"stopped\"")))
+        .await,
+        "{:?}",
+        node.logs()
+    );
+    let logs = node.logs();
+    assert!(
+        !logs.iter().any(|l| l.contains("did not end")),
+        "the store's tasks were waited out: {logs:?}"
+    );
+
+    // The delivery's row, there for the next sidecar to show.
+    let next = Sidecar::start(&config);
+    let rows = next
+        .get_until("/v1/executions?object_id=7", Duration::from_secs(10), |v| {
+            v["count"] == 1
+        })
+        .await;
+    assert_eq!(rows["executions"][0]["outcome"], "delivered", "{rows}");
+}

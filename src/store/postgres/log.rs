@@ -43,7 +43,14 @@ impl Postgres {
         );
         let mut batch: Vec<Execution> = Vec::new();
         loop {
-            let Some(rows) = rx.recv().await else { return };
+            // The sender lives as long as the store, so a stop ends the task: once what
+            // is queued has been written (`recv` first, while it has rows).
+            let rows = tokio::select! {
+                biased;
+                rows = rx.recv() => rows,
+                () = self.inner.stop.cancelled() => rx.try_recv().ok(),
+            };
+            let Some(rows) = rows else { return };
             batch.extend(rows);
             while batch.len() < LOG_BATCH
                 && let Ok(rows) = rx.try_recv()

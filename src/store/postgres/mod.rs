@@ -388,8 +388,8 @@ impl Postgres {
     }
 
     pub(super) async fn close(&self) {
-        // Rows still in the channel are written first: closing the sender ends the
-        // writer once it has drained them.
+        // Every task ends at `stop`; the execution log's writer once it has written the
+        // rows still in its channel.
         self.inner.stop.cancel();
         let release = self.sql(
             "WITH mine AS (SELECT handler, entity FROM {s}.lanes WHERE owner = $1 \
@@ -414,7 +414,12 @@ impl Postgres {
         }
         self.inner.held.lock().expect("not poisoned").clear();
         self.inner.tasks.close();
-        let _ = tokio::time::timeout(OP_TIMEOUT, self.inner.tasks.wait()).await;
+        if tokio::time::timeout(OP_TIMEOUT, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(store = %self.inner.shown, "the store's tasks did not end within 5s of the stop; stopping without them");
+        }
         self.inner.pool.close();
     }
 }
