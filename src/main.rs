@@ -520,14 +520,15 @@ fn duration(text: &str) -> Result<std::time::Duration, String> {
 /// description, synopsis and options in it (under COMMANDS), where clap_mangen would
 /// refer to a page of its own for each (`provisiond-run(1)`) that nothing installs.
 fn man_page() -> String {
-    fn write(page: &mut Vec<u8>, render: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>) {
-        render(page).expect("a write to memory does not fail");
+    /// What one of clap_mangen's renders writes.
+    fn text(render: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>) -> String {
+        let mut out = Vec::new();
+        render(&mut out).expect("a write to memory does not fail");
+        String::from_utf8_lossy(&out).into_owned()
     }
-    /// A section's body: its `.SH` lines left out, for a page within the page.
-    fn body(render: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>) -> String {
-        let mut text = Vec::new();
-        write(&mut text, render);
-        String::from_utf8_lossy(&text)
+    /// A section without its `.SH` line, for a page within the page.
+    fn body(section: String) -> String {
+        section
             .lines()
             .filter(|line| !line.starts_with(".SH "))
             .map(|line| format!("{line}\n"))
@@ -538,11 +539,11 @@ fn man_page() -> String {
             let man = clap_mangen::Man::new(sub.clone());
             let name = sub.get_bin_name().unwrap_or(sub.get_name());
             page.push_str(&format!(".SS \"{name}\"\n"));
-            page.push_str(&body(|w| man.render_description_section(w)));
+            page.push_str(&body(text(|w| man.render_description_section(w))));
             page.push_str(".PP\n");
-            page.push_str(&body(|w| man.render_synopsis_section(w)));
+            page.push_str(&body(text(|w| man.render_synopsis_section(w))));
             if sub.get_arguments().any(|a| !a.is_hide_set()) {
-                page.push_str(&body(|w| man.render_options_section(w)));
+                page.push_str(&body(text(|w| man.render_options_section(w))));
             }
             commands(page, sub);
         }
@@ -550,18 +551,14 @@ fn man_page() -> String {
     let mut cli = Cli::command().disable_help_subcommand(true);
     cli.build();
     let man = clap_mangen::Man::new(cli.clone());
-    let mut top = Vec::new();
-    write(&mut top, |w| man.render_title(w));
-    write(&mut top, |w| man.render_name_section(w));
-    write(&mut top, |w| man.render_synopsis_section(w));
-    write(&mut top, |w| man.render_description_section(w));
-    write(&mut top, |w| man.render_options_section(w));
-    let mut page = String::from_utf8_lossy(&top).into_owned();
+    let mut page = text(|w| man.render_title(w));
+    page.push_str(&text(|w| man.render_name_section(w)));
+    page.push_str(&text(|w| man.render_synopsis_section(w)));
+    page.push_str(&text(|w| man.render_description_section(w)));
+    page.push_str(&text(|w| man.render_options_section(w)));
     page.push_str(".SH COMMANDS\n");
     commands(&mut page, &cli);
-    let mut tail = Vec::new();
-    write(&mut tail, |w| man.render_version_section(w));
-    page.push_str(&String::from_utf8_lossy(&tail));
+    page.push_str(&text(|w| man.render_version_section(w)));
     // Each render starts with the same definition of `\*(Aq`; once is enough.
     let preamble = ".ie \\n(.g .ds Aq \\(aq\n.el .ds Aq '\n";
     format!("{preamble}{}", page.replace(preamble, ""))
