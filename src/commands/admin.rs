@@ -225,7 +225,7 @@ pub async fn executions(
             // older than the last one printed (which the crash took); of them, only
             // those written since the last one printed are new to the reader.
             window = Window::start(&rows);
-            printer.from_now_on_since_the_last_printed();
+            printer.skip_older_than_the_last_printed();
         } else {
             window.polled(&rows);
         }
@@ -306,7 +306,7 @@ impl Follower {
 
     /// From now on, prints no row older than the newest printed so far. Times are the
     /// API's RFC 3339 in UTC with milliseconds, so they compare as text.
-    fn from_now_on_since_the_last_printed(&mut self) {
+    fn skip_older_than_the_last_printed(&mut self) {
         self.floor = self.latest.clone().or(self.floor.take());
     }
 
