@@ -129,12 +129,26 @@ async fn turn(
             return Turn::Done(false);
         }
         Found::Ready(_) => {}
-        Found::Dead(reason) => {
-            // Shared store: another live sidecar that still has the handler takes it.
+        Found::Dead(mut reason) => {
+            // Shared store: another live sidecar that still has the handler takes it;
+            // when none has, the deliveries wait a lease for one that has just added it.
             if this.store.is_shared() {
                 match this.store.handler_elsewhere(&lane.handler).await {
-                    Ok(false) => {}
+                    Ok(false) => {
+                        let wait = this.unclaimed_for(&lane.handler);
+                        if !wait.is_zero() {
+                            return tokio::select! {
+                                biased;
+                                () = stop.cancelled() => Turn::Done(false),
+                                () = tokio::time::sleep(wait.min(Duration::from_secs(1))) => Turn::Again,
+                            };
+                        }
+                        if reason == REMOVED {
+                            reason = this.unclaimed_reason(&lane.handler);
+                        }
+                    }
                     Ok(true) => {
+                        this.claimed(&lane.handler);
                         info!(handler = %lane.handler, entity = %lane.entity, "handler not in this config but in another sidecar's: lane left to it");
                         this.lost(lane);
                         return Turn::Done(false);

@@ -58,6 +58,8 @@ use shared::{claim_lanes, release};
 
 /// The dead-letter reason of a delivery whose handler a reload removed.
 pub const REMOVED: &str = "handler removed by a config reload";
+/// Shared store: the reason when this sidecar never had the handler.
+pub const ORPHANED: &str = "no live sidecar has the handler: a config reload removed it, or the sidecars that had it stopped";
 /// ... or turned into a before-stage handler.
 pub const NOT_AFTER: &str =
     "handler is no longer an after-stage handler (changed by a config reload)";
@@ -118,6 +120,13 @@ pub struct Deliveries {
     /// Shared store: lanes were asked to hand back (their turn is over); those that
     /// wait for a retry or a reload look at their flag.
     handing: tokio::sync::Notify,
+    /// Shared store: per handler that no live sidecar has, since when this sidecar has
+    /// seen it so, under which config generation (see [`Deliveries::unclaimed_for`]).
+    unclaimed: Mutex<HashMap<String, (std::time::Instant, u64)>>,
+    /// Shared store: every after-stage handler this sidecar's config has had, to tell a
+    /// handler a reload removed here ([`REMOVED`]) from one only others had
+    /// ([`ORPHANED`]).
+    had: Mutex<HashSet<String>>,
 }
 
 #[derive(Default)]
@@ -198,7 +207,42 @@ impl Deliveries {
             refreshing: Mutex::default(),
             wake: tokio::sync::Notify::new(),
             handing: tokio::sync::Notify::new(),
+            unclaimed: Mutex::default(),
+            had: Mutex::default(),
         })
+    }
+
+    /// Shared store: how long the deliveries of `handler`, which no live sidecar has,
+    /// must still wait before they are dead-lettered: until it has been so for a whole
+    /// lease, in which any live sidecar has said which handlers it has (every third of
+    /// it, and at once after a reload), so that one that has just added the handler
+    /// takes its lanes instead. A reload here starts the wait again.
+    pub(super) fn unclaimed_for(&self, handler: &str) -> std::time::Duration {
+        let lease = self.store.lease().unwrap_or_default();
+        let generation = self.live.load().generation;
+        let mut unclaimed = self.unclaimed.lock().expect("not poisoned");
+        let now = std::time::Instant::now();
+        let (since, seen_in) = unclaimed
+            .entry(handler.to_owned())
+            .or_insert((now, generation));
+        if *seen_in != generation {
+            (*since, *seen_in) = (now, generation);
+        }
+        lease.saturating_sub(since.elapsed())
+    }
+
+    /// Shared store: a live sidecar has `handler` again.
+    pub(super) fn claimed(&self, handler: &str) {
+        self.unclaimed.lock().expect("not poisoned").remove(handler);
+    }
+
+    /// Shared store: the dead-letter reason of a handler no live sidecar has.
+    pub(super) fn unclaimed_reason(&self, handler: &str) -> &'static str {
+        if self.had.lock().expect("not poisoned").contains(handler) {
+            REMOVED
+        } else {
+            ORPHANED
+        }
     }
 
     /// Connects the lanes to the store's commits: from now on every delivery the store

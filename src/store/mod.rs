@@ -164,6 +164,14 @@ impl Store {
         matches!(self.backend, Backend::Postgres(_))
     }
 
+    /// Shared store: how long a lane's lease lasts (`store.lease`).
+    pub fn lease(&self) -> Option<Duration> {
+        match &self.backend {
+            Backend::File(_) => None,
+            Backend::Postgres(p) => Some(p.lease()),
+        }
+    }
+
     /// Whether the store can take writes now.
     pub fn is_open(&self) -> bool {
         match &self.backend {

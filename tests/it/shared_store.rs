@@ -880,3 +880,84 @@ async fn a_stop_ends_the_stores_tasks_and_keeps_the_execution_log() {
         .await;
     assert_eq!(rows["executions"][0]["outcome"], "delivered", "{rows}");
 }
+
+/// Two reloads at the same moment: the only sidecar that has a handler removes it as
+/// another adds it. The queued deliveries go to the second, none is dead-lettered: a
+/// handler that no live sidecar has is waited out for a lease before its deliveries
+/// die, and the second says it has the handler within that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_moved_by_two_reloads_at_once_is_delivered_not_dead_lettered() {
+    let Some(db) = server() else { return };
+    let down = refused_url();
+    let handler = HandlerServer::echo().await;
+    let without = format!("{SERVER}{}", store(&db));
+    let a = Sidecar::start(&without);
+    let b = Sidecar::start(&with_crm(&db, &down, FAST));
+    for i in 0..4 {
+        let (code, _) = b.send("clients.update", i, json!({"seq": i})).await;
+        assert_eq!(code, 200);
+    }
+    // Each lane has failed once at least, and keeps trying every 10 to 200 ms.
+    let rows = b
+        .get_until(
+            "/v1/executions?outcome=failed&limit=1000",
+            Duration::from_secs(20),
+            |v| {
+                let objects: std::collections::BTreeSet<&str> = v["executions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|r| r["object_id"].as_str())
+                    .collect();
+                objects.len() == 4
+            },
+        )
+        .await;
+    assert!(rows["count"].as_u64().unwrap() >= 4, "{rows}");
+
+    // B gives crm up first, then A takes it: B sees no sidecar with crm for a moment.
+    write_atomic(&b.config_path, &without);
+    write_atomic(&a.config_path, &with_crm(&db, &handler.url("/"), FAST));
+    let delivered = || {
+        let mut objects: Vec<i64> = handler
+            .calls()
+            .iter()
+            .map(|c| c.json()["event"]["object_id"].as_i64().unwrap())
+            .collect();
+        objects.sort_unstable();
+        objects.dedup();
+        objects
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || delivered() == [0, 1, 2, 3]).await,
+        "delivered {:?}; dead letters {:?}",
+        delivered(),
+        dead_letters(&a, 0).await
+    );
+    assert_eq!(dead_letters(&a, 0).await, Vec::<serde_json::Value>::new());
+}
+
+/// The only sidecar with a handler is killed: once its lease has run out, another
+/// dead-letters the handler's deliveries, with a reason that says no live sidecar has
+/// it (not that a reload removed it: none did here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_deliveries_of_a_handler_only_a_dead_sidecar_had_are_dead_lettered_as_orphaned() {
+    let Some(db) = server() else { return };
+    let a = Sidecar::start(&format!("{SERVER}{}", store(&db)));
+    let b = Sidecar::start(&with_crm(&db, &refused_url(), FAST));
+    for i in 0..3 {
+        let (code, _) = b.send("clients.update", i, json!({"seq": i})).await;
+        assert_eq!(code, 200);
+    }
+    let _ = b.kill_9();
+    let letters = dead_letters(&a, 3).await;
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    for letter in &letters {
+        assert_eq!(
+            letter["reason"],
+            "no live sidecar has the handler: a config reload removed it, or the sidecars \
+             that had it stopped",
+            "{letter}"
+        );
+    }
+}

@@ -243,6 +243,10 @@ impl Postgres {
         Ok(this)
     }
 
+    pub(super) fn lease(&self) -> Duration {
+        self.inner.lease
+    }
+
     pub(super) fn shown(&self) -> &str {
         &self.inner.shown
     }
