@@ -14,7 +14,7 @@ pub use admin::{
     DeadLetterCommand, ExecutionQuery, Output, Selection, dead_letters, executions, health,
 };
 
-use crate::config::{Config, ConfigErrors};
+use crate::config::{Backend, Config, ConfigErrors};
 use crate::dispatch::Snapshot;
 use crate::reload;
 use crate::server::{App, Listener, serve};
@@ -60,6 +60,15 @@ pub async fn store_copy(path: &Path, from: &Path) -> ExitCode {
     };
     if !from.is_file() {
         errln!("provisiond: {}: no such store file", from.display());
+        return ExitCode::FAILURE;
+    }
+    // Refused before the store is opened: opening a file backend would create its file.
+    if !matches!(config.store.backend, Backend::Postgres(_)) {
+        errln!(
+            "provisiond: store copy needs store.backend = \"postgres\" in {}: the file \
+             backend is the file itself",
+            path.display()
+        );
         return ExitCode::FAILURE;
     }
     let store = match Store::open(&config.store).await {

@@ -519,7 +519,7 @@ impl Store {
         if !pg.wait_open(Duration::from_secs(10)).await {
             return Err(StoreError::Open {
                 path: self.path().to_owned(),
-                reason: "the database did not answer within 10s".into(),
+                reason: format!("not usable within 10s: {}", pg.not_ready()),
             });
         }
         let file = file::File::open(from)?;

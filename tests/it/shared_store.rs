@@ -303,6 +303,41 @@ async fn store_copy_moves_a_files_queue_and_dead_letters_into_postgres_once() {
         stderr.contains("needs store.backend = \"postgres\""),
         "{stderr}"
     );
+    // Refused before the store is opened: no store file is made for it.
+    let empty = tempfile::TempDir::new().unwrap();
+    std::fs::write(empty.path().join("file.toml"), &file_config).unwrap();
+    let from = dir.path().join("provisiond.db");
+    let args = ["store", "copy", "-c", "file.toml", "--from"];
+    let (code, _, stderr) = run_binary(
+        empty.path(),
+        &[&args[..], &[from.to_str().unwrap()]].concat(),
+    );
+    assert_eq!(code, 1, "{stderr}");
+    let files: Vec<_> = std::fs::read_dir(empty.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(files, ["file.toml"], "{stderr}");
+
+    // A database that refuses the user: its own words, not a timeout.
+    let refused = pg_config.replace("postgres@", "nobody@");
+    std::fs::write(dir.path().join("nobody.toml"), &refused).unwrap();
+    let (code, _, stderr) = run_binary(
+        dir.path(),
+        &[
+            "store",
+            "copy",
+            "-c",
+            "nobody.toml",
+            "--from",
+            "provisiond.db",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("yet: 28000: role \"nobody\" does not exist"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -525,13 +560,21 @@ async fn a_keyword_schema_works_and_a_refused_connection_says_why() {
     let sidecar = Sidecar::start(&missing);
     let line = sidecar
         .wait_for_log(Duration::from_secs(10), |v| {
-            v["message"] == "cannot reach the database yet; not ready until it answers"
+            v["message"] == "cannot use the database yet; not ready until it can"
         })
         .expect("the warning");
     let error = line["error"].as_str().unwrap_or_default();
     assert!(
         error.contains("3D000") && error.contains("\"nope\" does not exist"),
         "{line}"
+    );
+    // ... and so do the requests that need the store meanwhile.
+    let (status, body) = sidecar.get("/v1/executions").await;
+    assert_eq!(status, 503, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("yet: 3D000") && message.contains("\"nope\" does not exist"),
+        "{body}"
     );
 }
 
@@ -960,4 +1003,44 @@ async fn the_deliveries_of_a_handler_only_a_dead_sidecar_had_are_dead_lettered_a
             "{letter}"
         );
     }
+}
+
+/// A user without `CREATE` on the database runs on a schema made for it beforehand, as
+/// the README says: the schema is not created again (`CREATE SCHEMA IF NOT EXISTS`
+/// asks for the database's `CREATE` even when the schema exists).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_without_create_on_the_database_runs_on_a_schema_made_for_it() {
+    let Some(db) = server() else { return };
+    db.psql(
+        "provisiond",
+        "CREATE ROLE limited LOGIN; CREATE SCHEMA pre AUTHORIZATION limited;",
+    );
+    let url = db.url("provisiond").replace("postgres@", "limited@");
+    let handler = HandlerServer::echo().await;
+    let node = Sidecar::start(&format!(
+        "{SERVER}[store]\nbackend = \"postgres\"\nurl = {}\nschema = \"pre\"\n{}",
+        toml_str(&url),
+        after_handler("crm", &handler.url("/"), FAST)
+    ));
+    let ready = node
+        .get_until("/readyz", Duration::from_secs(20), |v| {
+            v["status"] == "ready"
+        })
+        .await;
+    assert_eq!(
+        ready["status"],
+        "ready",
+        "{ready}\n{}",
+        node.logs().join("\n")
+    );
+    let (code, _) = node.send("clients.update", 1, json!({})).await;
+    assert_eq!(code, 200);
+    assert!(eventually(Duration::from_secs(20), || handler.calls().len() == 1).await);
+    assert_eq!(
+        db.psql(
+            "provisiond",
+            "SELECT value FROM pre.meta WHERE key = 'schema_version'"
+        ),
+        "2"
+    );
 }

@@ -74,6 +74,9 @@ struct Inner {
     lease: Duration,
     /// The schema is there and of our version.
     ready: AtomicBool,
+    /// Why it is not yet: the last failure to create or check the schema (the
+    /// database down, a wrong password, a missing privilege).
+    not_ready: Mutex<Option<String>>,
     /// The last operation succeeded.
     healthy: AtomicBool,
     /// The lanes this sidecar holds: their tokens, and when each was claimed.
@@ -202,6 +205,7 @@ impl Postgres {
                 unfreed: Mutex::default(),
                 handlers: Mutex::default(),
                 expired_at: Mutex::default(),
+                not_ready: Mutex::default(),
                 accepts: OnceLock::new(),
                 settles: OnceLock::new(),
                 logs: logs_tx,
@@ -234,7 +238,7 @@ impl Postgres {
                 });
             }
             Err(Migrate::Failed(e)) => {
-                warn!(store = %this.inner.shown, error = %e, "cannot reach the database yet; not ready until it answers");
+                warn!(store = %this.inner.shown, error = %e, "cannot use the database yet; not ready until it can");
                 this.inner.tasks.spawn(this.clone().migrate_until_done());
             }
         }
@@ -268,10 +272,7 @@ impl Postgres {
             return Err(StoreError::Closed);
         }
         if !self.inner.ready.load(Ordering::Relaxed) {
-            return Err(StoreError::Write(format!(
-                "the database {} is not reachable yet",
-                self.inner.shown
-            )));
+            return Err(StoreError::Write(self.not_ready()));
         }
         self.inner.pool.get().await.map_err(|e| {
             self.inner.healthy.store(false, Ordering::Relaxed);
@@ -513,6 +514,14 @@ fn dead_letter_of(r: &tokio_postgres::Row) -> DeadLetter {
 
 impl Postgres {
     /// Waits until the database is ready (or `within` has passed): whether it is.
+    /// Why the store takes no requests yet, with the last failure when there was one.
+    pub(super) fn not_ready(&self) -> String {
+        match &*self.inner.not_ready.lock().expect("not poisoned") {
+            Some(why) => format!("cannot use the database {} yet: {why}", self.inner.shown),
+            None => format!("the database {} is not ready yet", self.inner.shown),
+        }
+    }
+
     pub(super) async fn wait_open(&self, within: Duration) -> bool {
         let until = Instant::now() + within;
         while Instant::now() < until {

@@ -43,7 +43,7 @@ impl Postgres {
                 Err(Migrate::Refused(reason)) => {
                     tracing::error!(store = %self.inner.shown, %reason, "cannot use the database");
                 }
-                Err(Migrate::Failed(e)) => debug!(error = %e, "database still unreachable"),
+                Err(Migrate::Failed(e)) => debug!(error = %e, "database still not usable"),
             }
             wait = (wait * 2).min(Duration::from_secs(2));
         }
@@ -68,10 +68,25 @@ impl Postgres {
             )
             .await
             .map_err(failed)?;
+            // `CREATE SCHEMA IF NOT EXISTS` asks for `CREATE` on the database even when
+            // the schema exists: a user given only a schema made for it beforehand (as
+            // the README says to do) would be refused. So it is created only if absent.
+            let exists = txn
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                    &[schema],
+                )
+                .await
+                .map_err(failed)?
+                .get::<_, bool>(0);
+            if !exists {
+                txn.batch_execute(&sql(schema, "CREATE SCHEMA IF NOT EXISTS {s};"))
+                    .await
+                    .map_err(failed)?;
+            }
             txn.batch_execute(&sql(
                 schema,
-                "CREATE SCHEMA IF NOT EXISTS {s}; CREATE TABLE IF NOT EXISTS {s}.meta \
-                 (key text PRIMARY KEY, value bigint NOT NULL);",
+                "CREATE TABLE IF NOT EXISTS {s}.meta (key text PRIMARY KEY, value bigint NOT NULL);",
             ))
             .await
             .map_err(failed)?;
@@ -131,6 +146,10 @@ impl Postgres {
         let done = tokio::time::timeout(OP_TIMEOUT * 2, work)
             .await
             .unwrap_or_else(|_| Err(Migrate::Failed("the database did not answer".into())));
+        *self.inner.not_ready.lock().expect("not poisoned") = match &done {
+            Ok(()) => None,
+            Err(Migrate::Failed(why) | Migrate::Refused(why)) => Some(why.clone()),
+        };
         if done.is_ok() {
             self.inner.ready.store(true, Ordering::Relaxed);
             if let Err(e) = self.announce().await {
