@@ -503,15 +503,29 @@ impl Checker<'_> {
             }
             Some(url) => url,
         };
-        if let Err(e) = tokio_postgres::Config::from_str(url) {
-            self.error(
-                url_path,
-                format!(
-                    "not a PostgreSQL URL or key=value string: {}{from_env}",
-                    conninfo_problem(&e, url)
-                ),
-            );
-            return None;
+        match tokio_postgres::Config::from_str(url) {
+            Err(e) => {
+                self.error(
+                    url_path,
+                    format!(
+                        "not a PostgreSQL URL or key=value string: {}{from_env}",
+                        conninfo_problem(&e, url)
+                    ),
+                );
+                return None;
+            }
+            Ok(conninfo) if conninfo.get_ssl_mode() == tokio_postgres::config::SslMode::Require => {
+                self.error(
+                    url_path,
+                    format!(
+                        "sslmode=require: this build connects to PostgreSQL without TLS; \
+                         reach the database on a private network or a unix socket, or \
+                         through a TLS tunnel (stunnel, PgBouncer){from_env}"
+                    ),
+                );
+                return None;
+            }
+            Ok(_) => {}
         }
         Some(Postgres {
             url: Secret::new(url.to_owned()),
@@ -654,6 +668,17 @@ pub(super) fn parse_listen(text: &str) -> Result<Listen, String> {
 /// key=value string that holds a password may be a piece of that password (an unquoted
 /// one with a space), so it is not named then.
 fn conninfo_problem(e: &tokio_postgres::Error, url: &str) -> String {
+    let scheme = url.trim_start().split_once("://").map(|(scheme, _)| scheme);
+    if let Some(scheme) = scheme
+        && !matches!(scheme, "postgres" | "postgresql")
+    {
+        return format!("a URL must start with postgres:// or postgresql://, not {scheme}://");
+    }
+    if scheme.is_none() && !url.contains('=') {
+        return "neither a URL (postgres://user@host:5432/db) nor key=value pairs \
+                (host=... dbname=...)"
+            .to_owned();
+    }
     let Some(cause) = std::error::Error::source(e).map(ToString::to_string) else {
         return e.to_string();
     };

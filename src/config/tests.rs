@@ -758,6 +758,43 @@ fn a_postgres_store_needs_a_url() {
           for option `port`"
         ]
     );
+    for (url, problem) in [
+        (
+            "http://db1/billing",
+            "a URL must start with postgres:// or postgresql://, not http://",
+        ),
+        (
+            "db1:5432/billing",
+            "neither a URL (postgres://user@host:5432/db) nor key=value pairs (host=... \
+             dbname=...)",
+        ),
+    ] {
+        assert_eq!(
+            error_lines(&format!(
+                "[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n"
+            )),
+            [format!(
+                "p.toml:3:7: store.url: not a PostgreSQL URL or key=value string: {problem}"
+            )]
+        );
+    }
+    // TLS is not in this build: said at check, not found out as a sidecar never ready.
+    for url in [
+        "postgres://db/billing?sslmode=require",
+        "host=db sslmode=require",
+    ] {
+        assert_eq!(
+            error_lines(&format!(
+                "[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n"
+            )),
+            [
+                "p.toml:3:7: store.url: sslmode=require: this build connects to PostgreSQL \
+                 without TLS; reach the database on a private network or a unix socket, or \
+                 through a TLS tunnel (stunnel, PgBouncer)"
+            ]
+        );
+    }
+    assert!(parse("[store]\nbackend = \"postgres\"\nurl = \"host=db sslmode=prefer\"\n").is_ok());
     // An unquoted password with a space reads as an unknown option: not named, and
     // nothing of the value shown.
     let errors = error_lines(

@@ -383,9 +383,9 @@ fn check_shows_a_postgres_store_without_its_password() {
             "postgres://app:***@db1,db2/billing?target_session_attrs=read-write",
         ),
         (
-            "postgres://app:pw%40-4417@db1/billing?sslmode=require",
+            "postgres://app:pw%40-4417@db1/billing?application_name=hooks",
             vec![],
-            "postgres://app:***@db1/billing?sslmode=require",
+            "postgres://app:***@db1/billing?application_name=hooks",
         ),
         (
             "host=db1 user=app password='pw 4417'",

@@ -913,6 +913,10 @@ async fn a_stop_ends_the_stores_tasks_and_keeps_the_execution_log() {
         !logs.iter().any(|l| l.contains("did not end")),
         "the store's tasks were waited out: {logs:?}"
     );
+    assert!(
+        !logs.iter().any(|l| l.contains("answers again")),
+        "the database never went away: {logs:?}"
+    );
 
     // The delivery's row, there for the next sidecar to show.
     let next = Sidecar::start(&config);

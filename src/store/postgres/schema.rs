@@ -151,6 +151,8 @@ impl Postgres {
             Err(Migrate::Failed(why) | Migrate::Refused(why)) => Some(why.clone()),
         };
         if done.is_ok() {
+            // It answered: the first request after this is no "answers again".
+            self.inner.healthy.store(true, Ordering::Relaxed);
             self.inner.ready.store(true, Ordering::Relaxed);
             if let Err(e) = self.announce().await {
                 warn!(error = %e, "cannot tell the other sidecars about this one yet");
