@@ -19,6 +19,8 @@ use crate::events;
 
 mod handler;
 
+pub(super) use handler::on_path;
+
 /// The longest duration any key accepts: one year (`"1y"`, 365.25 days, as humantime
 /// counts it). Longer values are mistakes (`"500000000000y"` once overflowed a deadline
 /// on every event); a year is more than any timeout, backoff, window or retention a

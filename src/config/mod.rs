@@ -391,6 +391,9 @@ impl Config {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        // Absolute: a script runs in its `workdir`, where a path relative to ours (from
+        // a relative `-c`) would name another file.
+        let base = std::path::absolute(&base).unwrap_or(base);
         compile::compile(&text, &file, &base, &|name| std::env::var(name).ok())
     }
 
@@ -530,13 +533,20 @@ fn script_warning(handler: &str, script: &ScriptTarget) -> Option<String> {
     if !script.argv[0].contains('/') {
         return None; // looked up in PATH when it runs
     }
+    let written = &script.shown_argv[0];
     let problem = match std::fs::metadata(program) {
         Err(_) => "not found",
         Ok(m) if !m.is_file() => "is not a file",
         Ok(m) if m.permissions().mode() & 0o111 == 0 => "is not executable",
-        Ok(_) => return None,
+        Ok(_) => {
+            let own_path = script.env.iter().any(|(name, _)| name == "PATH");
+            let problem = interpreter_problem(program, own_path)?;
+            return Some(format!(
+                "handler {handler:?}: command {written:?}: {problem}; it would exit 127, \
+                 which refuses the event (before stage) or is retried (after stage)"
+            ));
+        }
     };
-    let written = &script.shown_argv[0];
     // A path made from `${VAR}` is not shown resolved: values from the environment stay
     // out of the output.
     let at = if written.contains("${") {
@@ -549,6 +559,36 @@ fn script_warning(handler: &str, script: &ScriptTarget) -> Option<String> {
         "handler {handler:?}: command {written:?} {problem}{at} (fine if it is deployed \
          separately)"
     ))
+}
+
+/// What is wrong with the interpreter a script's `#!` line names, if anything can be
+/// seen from here. `env`'s program is looked up in provisiond's `PATH`, unless the
+/// handler's `env` gives the script a `PATH` of its own (`own_path`).
+fn interpreter_problem(program: &Path, own_path: bool) -> Option<String> {
+    use std::io::Read as _;
+
+    let mut head = [0u8; 256];
+    let read = std::fs::File::open(program).ok()?.read(&mut head).ok()?;
+    let line = head[..read].strip_prefix(b"#!")?;
+    let line = std::str::from_utf8(line.split(|&b| b == b'\n').next()?).ok()?;
+    let shebang = format!("#!{}", line.trim());
+    let mut words = line.split_whitespace();
+    let interpreter = words.next()?;
+    if !Path::new(interpreter).is_file() {
+        return Some(format!(
+            "its interpreter {interpreter} ({shebang}) is not found"
+        ));
+    }
+    if interpreter.ends_with("/env") && !own_path {
+        // `env -S python3 -u`: the first word that is no option; `env A=1 prog`: left.
+        let name = words.find(|w| !w.starts_with('-'))?;
+        if !name.contains(['=', '/']) && compile::on_path(name).is_none() {
+            return Some(format!(
+                "its interpreter {name} ({shebang}) is not in provisiond's PATH"
+            ));
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -225,6 +225,61 @@ command = ["hooks/a.sh"]
     assert_eq!(path.argv[0], "/etc/p/hooks/a.sh");
 }
 
+/// A script whose `#!` names an interpreter that is not there exits 126 or 127, which
+/// refuses the event like any non-zero exit: `check` says so beforehand.
+#[test]
+fn warns_about_a_script_whose_interpreter_is_not_there() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let dir = tempfile::TempDir::new().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    write("sh.sh", "#!/bin/sh\nexit 0\n");
+    write("env.sh", "#!/usr/bin/env sh\nexit 0\n");
+    write("env-s.sh", "#!/usr/bin/env -S sh -e\nexit 0\n");
+    write("binary.sh", "\u{7f}ELF");
+    write("gone.py", "#!/usr/bin/python4417 -u\n");
+    write("env-gone.py", "#!/usr/bin/env python4417\n");
+    write("own-path.py", "#!/usr/bin/env python4417\n");
+    let handler = |file: &str, extra: &str| {
+        let name = file.replace('.', "-");
+        format!(
+            "[[handler]]\nname = \"{name}\"\nevents = [\"*\"]\nstage = \"before\"\n\
+             command = [\"./{file}\"]\n{extra}"
+        )
+    };
+    let text = [
+        handler("sh.sh", ""),
+        handler("env.sh", ""),
+        handler("env-s.sh", ""),
+        handler("binary.sh", ""),
+        handler("gone.py", ""),
+        handler("env-gone.py", ""),
+        handler("own-path.py", "env = { PATH = \"/opt/py/bin\" }\n"),
+    ]
+    .concat();
+    let env = |_: &str| None;
+    let config = Config::parse_with_env(&text, "p.toml", dir.path(), &env).unwrap();
+    let tail = "it would exit 127, which refuses the event (before stage) or is retried \
+                (after stage)";
+    assert_eq!(
+        config.warnings(),
+        [
+            format!(
+                "handler \"gone-py\": command \"./gone.py\": its interpreter \
+                 /usr/bin/python4417 (#!/usr/bin/python4417 -u) is not found; {tail}"
+            ),
+            format!(
+                "handler \"env-gone-py\": command \"./env-gone.py\": its interpreter \
+                 python4417 (#!/usr/bin/env python4417) is not in provisiond's PATH; {tail}"
+            ),
+        ]
+    );
+}
+
 #[test]
 fn warns_about_scripts_that_are_not_there_or_not_executable() {
     use std::os::unix::fs::PermissionsExt as _;

@@ -1,6 +1,7 @@
 //! The synchronous path: the billing posts to a real provisiond process, which calls real
 //! HTTP handler servers and real scripts, and answers.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -1190,4 +1191,32 @@ async fn a_second_signal_quits_at_once() {
         .wait_exit(Duration::from_secs(5))
         .expect("the second signal quits at once");
     assert_eq!(status.code(), Some(143), "{status:?}");
+}
+
+/// A script named relative to the config file runs when the config itself is given by a
+/// relative path (`-c sub/provisioning.toml`), as with an absolute one: the script runs
+/// in the config's directory, where a path relative to provisiond's own directory names
+/// no file.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relative_script_runs_under_a_config_given_by_a_relative_path() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir_all(sub.join("hooks")).unwrap();
+    script(
+        &sub.join("hooks"),
+        "deny.sh",
+        "#!/bin/sh\necho \"ran in $(basename \"$PWD\")\" >&2\nexit 1\n",
+    );
+    std::fs::write(
+        sub.join("provisioning.toml"),
+        format!(
+            "{SERVER}[[handler]]\nname = \"deny\"\nevents = [\"*\"]\nstage = \"before\"\n\
+             command = [\"hooks/deny.sh\"]\n"
+        ),
+    )
+    .unwrap();
+    let sidecar = Sidecar::spawn(dir, PathBuf::from("sub/provisioning.toml"), &[]);
+    let (status, body) = sidecar.send("clients.update", 1, json!({})).await;
+    assert_eq!(status, 403, "the script ran and refused: {body}");
+    assert_eq!(body["error"]["message"], "ran in sub", "{body}");
 }

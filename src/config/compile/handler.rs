@@ -365,7 +365,7 @@ impl Checker<'_> {
 
 /// The executable file `name` in provisiond's `PATH`, first found, as the shell would
 /// run it; `None` when there is none (the call then fails as it would have).
-fn on_path(name: &str) -> Option<PathBuf> {
+pub(in crate::config) fn on_path(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt as _;
 
     let path = std::env::var_os("PATH")?;
