@@ -84,7 +84,7 @@ pub fn judge(result: &Result<Reply, CallError>) -> Verdict {
             }
         }
         Reply::Script { signal, .. } => Verdict::Retry {
-            error: format!("killed by signal {}", signal.unwrap_or_default()),
+            error: format!("script was killed by signal {}", signal.unwrap_or_default()),
             retry_after: None,
         },
     }
@@ -234,6 +234,21 @@ mod tests {
             judge(&script(2)),
             Verdict::Retry {
                 error: "exited with status 2: switch unreachable".into(),
+                retry_after: None
+            }
+        );
+        // Worded as the before stage words it.
+        let killed = Ok(Reply::Script {
+            code: None,
+            signal: Some(9),
+            stdout: Bytes::new(),
+            truncated: false,
+            stderr: String::new(),
+        });
+        assert_eq!(
+            judge(&killed),
+            Verdict::Retry {
+                error: "script was killed by signal 9".into(),
                 retry_after: None
             }
         );
