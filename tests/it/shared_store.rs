@@ -205,13 +205,10 @@ async fn store_copy_moves_a_files_queue_and_dead_letters_into_postgres_once() {
         after_handler("erp", &gone.url("/"), FAST)
     );
     std::fs::write(dir.path().join("pg.toml"), &pg_config).unwrap();
-    let copy = |dir: &std::path::Path| {
-        run_binary(
-            dir,
-            &["store", "copy", "-c", "pg.toml", "--from", "provisiond.db"],
-        )
+    let copy = |dir: &std::path::Path, config: &str, from: &str| {
+        run_binary(dir, &["store", "copy", "-c", config, "--from", from])
     };
-    let (code, stdout, stderr) = copy(dir.path());
+    let (code, stdout, stderr) = copy(dir.path(), "pg.toml", "provisiond.db");
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(
         stdout.contains("copied 3 queued deliveries, 3 dead letters and 6 dedupe keys"),
@@ -223,7 +220,7 @@ async fn store_copy_moves_a_files_queue_and_dead_letters_into_postgres_once() {
     );
     // Twice copies nothing twice: the file no longer holds its queue or dead letters,
     // and its dedupe keys, copied again, change nothing.
-    let (code, stdout, _) = copy(dir.path());
+    let (code, stdout, _) = copy(dir.path(), "pg.toml", "provisiond.db");
     assert_eq!(code, 0);
     assert!(
         stdout.contains("copied 0 queued deliveries, 0 dead letters and 6 dedupe keys"),
@@ -277,27 +274,14 @@ async fn store_copy_moves_a_files_queue_and_dead_letters_into_postgres_once() {
     );
 
     // Refused plainly: a missing file, and a config whose store is the file itself.
-    let (code, _, stderr) = run_binary(
-        dir.path(),
-        &["store", "copy", "-c", "pg.toml", "--from", "missing.db"],
-    );
+    let (code, _, stderr) = copy(dir.path(), "pg.toml", "missing.db");
     assert_eq!(code, 1);
     assert!(
         stderr.contains("missing.db: no such store file"),
         "{stderr}"
     );
     std::fs::write(dir.path().join("file.toml"), &file_config).unwrap();
-    let (code, _, stderr) = run_binary(
-        dir.path(),
-        &[
-            "store",
-            "copy",
-            "-c",
-            "file.toml",
-            "--from",
-            "provisiond.db",
-        ],
-    );
+    let (code, _, stderr) = copy(dir.path(), "file.toml", "provisiond.db");
     assert_eq!(code, 1);
     assert!(
         stderr.contains("needs store.backend = \"postgres\""),
@@ -307,11 +291,7 @@ async fn store_copy_moves_a_files_queue_and_dead_letters_into_postgres_once() {
     let empty = tempfile::TempDir::new().unwrap();
     std::fs::write(empty.path().join("file.toml"), &file_config).unwrap();
     let from = dir.path().join("provisiond.db");
-    let args = ["store", "copy", "-c", "file.toml", "--from"];
-    let (code, _, stderr) = run_binary(
-        empty.path(),
-        &[&args[..], &[from.to_str().unwrap()]].concat(),
-    );
+    let (code, _, stderr) = copy(empty.path(), "file.toml", from.to_str().unwrap());
     assert_eq!(code, 1, "{stderr}");
     let files: Vec<_> = std::fs::read_dir(empty.path())
         .unwrap()
@@ -322,17 +302,7 @@ async fn store_copy_moves_a_files_queue_and_dead_letters_into_postgres_once() {
     // A database that refuses the user: its own words, not a timeout.
     let refused = pg_config.replace("postgres@", "nobody@");
     std::fs::write(dir.path().join("nobody.toml"), &refused).unwrap();
-    let (code, _, stderr) = run_binary(
-        dir.path(),
-        &[
-            "store",
-            "copy",
-            "-c",
-            "nobody.toml",
-            "--from",
-            "provisiond.db",
-        ],
-    );
+    let (code, _, stderr) = copy(dir.path(), "nobody.toml", "provisiond.db");
     assert_eq!(code, 1);
     assert!(
         stderr.contains("yet: 28000: role \"nobody\" does not exist"),
