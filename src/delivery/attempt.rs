@@ -135,12 +135,15 @@ async fn turn(
             if this.store.is_shared() {
                 match this.store.handler_elsewhere(&lane.handler).await {
                     Ok(false) => {
+                        // Held meanwhile: looked at again once, when the wait is over
+                        // (a query a second for each of many lanes would load the
+                        // database for nothing).
                         let wait = this.unclaimed_for(&lane.handler);
                         if !wait.is_zero() {
                             return tokio::select! {
                                 biased;
                                 () = stop.cancelled() => Turn::Done(false),
-                                () = tokio::time::sleep(wait.min(Duration::from_secs(1))) => Turn::Again,
+                                () = tokio::time::sleep(wait) => Turn::Again,
                             };
                         }
                         if reason == REMOVED {

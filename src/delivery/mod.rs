@@ -121,12 +121,23 @@ pub struct Deliveries {
     /// wait for a retry or a reload look at their flag.
     handing: tokio::sync::Notify,
     /// Shared store: per handler that no live sidecar has, since when this sidecar has
-    /// seen it so, under which config generation (see [`Deliveries::unclaimed_for`]).
-    unclaimed: Mutex<HashMap<String, (std::time::Instant, u64)>>,
+    /// seen it so (see [`Deliveries::unclaimed_for`]).
+    unclaimed: Mutex<HashMap<String, Unclaimed>>,
     /// Shared store: every after-stage handler this sidecar's config has had, to tell a
     /// handler a reload removed here ([`REMOVED`]) from one only others had
     /// ([`ORPHANED`]).
     had: Mutex<HashSet<String>>,
+}
+
+/// Shared store: a handler no live sidecar has, as this sidecar has seen it.
+struct Unclaimed {
+    /// The first time it was seen so.
+    since: std::time::Instant,
+    /// The last time: a look more than two leases later starts again from there, as
+    /// another sidecar may have had the handler in between.
+    seen: std::time::Instant,
+    /// The config generation here then: a reload here starts again too.
+    generation: u64,
 }
 
 #[derive(Default)]
@@ -220,15 +231,19 @@ impl Deliveries {
     pub(super) fn unclaimed_for(&self, handler: &str) -> std::time::Duration {
         let lease = self.store.lease().unwrap_or_default();
         let generation = self.live.load().generation;
-        let mut unclaimed = self.unclaimed.lock().expect("not poisoned");
         let now = std::time::Instant::now();
-        let (since, seen_in) = unclaimed
-            .entry(handler.to_owned())
-            .or_insert((now, generation));
-        if *seen_in != generation {
-            (*since, *seen_in) = (now, generation);
+        let mut unclaimed = self.unclaimed.lock().expect("not poisoned");
+        let seen = unclaimed.entry(handler.to_owned()).or_insert(Unclaimed {
+            since: now,
+            seen: now,
+            generation,
+        });
+        if seen.generation != generation || now.duration_since(seen.seen) > 2 * lease {
+            seen.since = now;
+            seen.generation = generation;
         }
-        lease.saturating_sub(since.elapsed())
+        seen.seen = now;
+        lease.saturating_sub(now.duration_since(seen.since))
     }
 
     /// Shared store: a live sidecar has `handler` again.
