@@ -519,7 +519,10 @@ impl Store {
         if !pg.wait_open(Duration::from_secs(10)).await {
             return Err(StoreError::Open {
                 path: self.path().to_owned(),
-                reason: format!("not usable within 10s: {}", pg.not_ready()),
+                reason: match pg.why_not_ready() {
+                    Some(why) => format!("not usable within 10s: {why}"),
+                    None => "not usable within 10s".into(),
+                },
             });
         }
         let file = file::File::open(from)?;

@@ -305,7 +305,7 @@ async fn store_copy_moves_a_files_queue_and_dead_letters_into_postgres_once() {
     let (code, _, stderr) = copy(dir.path(), "nobody.toml", "provisiond.db");
     assert_eq!(code, 1);
     assert!(
-        stderr.contains("yet: 28000: role \"nobody\" does not exist"),
+        stderr.contains("not usable within 10s: 28000: role \"nobody\" does not exist"),
         "{stderr}"
     );
 }

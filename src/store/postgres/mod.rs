@@ -513,15 +513,20 @@ fn dead_letter_of(r: &tokio_postgres::Row) -> DeadLetter {
 }
 
 impl Postgres {
-    /// Waits until the database is ready (or `within` has passed): whether it is.
+    /// The last failure to create or check the schema, while the store is not ready.
+    pub(super) fn why_not_ready(&self) -> Option<String> {
+        self.inner.not_ready.lock().expect("not poisoned").clone()
+    }
+
     /// Why the store takes no requests yet, with the last failure when there was one.
-    pub(super) fn not_ready(&self) -> String {
-        match &*self.inner.not_ready.lock().expect("not poisoned") {
+    fn not_ready(&self) -> String {
+        match self.why_not_ready() {
             Some(why) => format!("cannot use the database {} yet: {why}", self.inner.shown),
             None => format!("the database {} is not ready yet", self.inner.shown),
         }
     }
 
+    /// Waits until the database is ready (or `within` has passed): whether it is.
     pub(super) async fn wait_open(&self, within: Duration) -> bool {
         let until = Instant::now() + within;
         while Instant::now() < until {
