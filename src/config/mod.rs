@@ -542,8 +542,7 @@ fn script_warning(handler: &str, script: &ScriptTarget) -> Option<String> {
             let own_path = script.env.iter().any(|(name, _)| name == "PATH");
             let problem = interpreter_problem(program, own_path)?;
             return Some(format!(
-                "handler {handler:?}: command {written:?}: {problem}; it would exit 127, \
-                 which refuses the event (before stage) or is retried (after stage)"
+                "handler {handler:?}: command {written:?}: {problem}"
             ));
         }
     };
@@ -576,7 +575,9 @@ fn interpreter_problem(program: &Path, own_path: bool) -> Option<String> {
     let interpreter = words.next()?;
     if !Path::new(interpreter).is_file() {
         return Some(format!(
-            "its interpreter {interpreter} ({shebang}) is not found"
+            "its interpreter {interpreter} ({shebang}) is not found; the script cannot \
+             start, an error that follows on_error (before stage) or is retried (after \
+             stage)"
         ));
     }
     if interpreter.ends_with("/env") && !own_path {
@@ -584,7 +585,9 @@ fn interpreter_problem(program: &Path, own_path: bool) -> Option<String> {
         let name = words.find(|w| !w.starts_with('-'))?;
         if !name.contains(['=', '/']) && compile::on_path(name).is_none() {
             return Some(format!(
-                "its interpreter {name} ({shebang}) is not in provisiond's PATH"
+                "its interpreter {name} ({shebang}) is not in provisiond's PATH; `env` \
+                 would exit 127, which refuses the event (before stage) or is retried \
+                 (after stage)"
             ));
         }
     }

@@ -263,19 +263,15 @@ fn warns_about_a_script_whose_interpreter_is_not_there() {
     .concat();
     let env = |_: &str| None;
     let config = Config::parse_with_env(&text, "p.toml", dir.path(), &env).unwrap();
-    let tail = "it would exit 127, which refuses the event (before stage) or is retried \
-                (after stage)";
     assert_eq!(
         config.warnings(),
         [
-            format!(
-                "handler \"gone-py\": command \"./gone.py\": its interpreter \
-                 /usr/bin/python4417 (#!/usr/bin/python4417 -u) is not found; {tail}"
-            ),
-            format!(
-                "handler \"env-gone-py\": command \"./env-gone.py\": its interpreter \
-                 python4417 (#!/usr/bin/env python4417) is not in provisiond's PATH; {tail}"
-            ),
+            "handler \"gone-py\": command \"./gone.py\": its interpreter \
+             /usr/bin/python4417 (#!/usr/bin/python4417 -u) is not found; the script cannot \
+             start, an error that follows on_error (before stage) or is retried (after stage)",
+            "handler \"env-gone-py\": command \"./env-gone.py\": its interpreter python4417 \
+             (#!/usr/bin/env python4417) is not in provisiond's PATH; `env` would exit 127, \
+             which refuses the event (before stage) or is retried (after stage)",
         ]
     );
 }
