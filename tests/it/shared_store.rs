@@ -62,6 +62,18 @@ async fn announced(db: &PgServer, n: i64, handler: &str) -> bool {
     false
 }
 
+/// The object ids `handler` was called for, each once, in order.
+fn delivered_objects(handler: &HandlerServer) -> Vec<i64> {
+    let mut objects: Vec<i64> = handler
+        .calls()
+        .iter()
+        .map(|c| c.json()["event"]["object_id"].as_i64().unwrap())
+        .collect();
+    objects.sort_unstable();
+    objects.dedup();
+    objects
+}
+
 /// Waits until `n` dead letters are stored, or 30 s (orphaned lanes are looked for every
 /// 5 s, and a loaded CI machine stretches that); what `/v1/deadletters` says then.
 async fn dead_letters(sidecar: &Sidecar, n: usize) -> Vec<serde_json::Value> {
@@ -107,14 +119,7 @@ async fn a_handler_one_sidecar_removes_is_delivered_by_another_that_still_has_it
         dead_letters(&a, 0).await.is_empty(),
         "nothing dead-lettered while B has crm"
     );
-    let mut objects: Vec<i64> = handler
-        .calls()
-        .iter()
-        .map(|c| c.json()["event"]["object_id"].as_i64().unwrap())
-        .collect();
-    objects.sort_unstable();
-    objects.dedup();
-    assert_eq!(objects, [0, 1, 2, 3, 4]);
+    assert_eq!(delivered_objects(&handler), [0, 1, 2, 3, 4]);
 
     // Once no live sidecar has crm, its queue goes to the dead letters, as on one node:
     // B queues one more (its handler now gone), stops, and A dead-letters it.
@@ -154,14 +159,7 @@ async fn a_handler_disabled_on_one_sidecar_is_delivered_by_another_that_has_it_e
         "B delivered {} of crm's 5 deliveries",
         handler.calls().len()
     );
-    let mut objects: Vec<i64> = handler
-        .calls()
-        .iter()
-        .map(|c| c.json()["event"]["object_id"].as_i64().unwrap())
-        .collect();
-    objects.sort_unstable();
-    objects.dedup();
-    assert_eq!(objects, [0, 1, 2, 3, 4]);
+    assert_eq!(delivered_objects(&handler), [0, 1, 2, 3, 4]);
     assert!(dead_letters(&a, 0).await.is_empty());
 }
 
@@ -935,16 +933,7 @@ async fn a_handler_moved_by_two_reloads_at_once_is_delivered_not_dead_lettered()
     // B gives crm up first, then A takes it: B sees no sidecar with crm for a moment.
     write_atomic(&b.config_path, &without);
     write_atomic(&a.config_path, &with_crm(&db, &handler.url("/"), FAST));
-    let delivered = || {
-        let mut objects: Vec<i64> = handler
-            .calls()
-            .iter()
-            .map(|c| c.json()["event"]["object_id"].as_i64().unwrap())
-            .collect();
-        objects.sort_unstable();
-        objects.dedup();
-        objects
-    };
+    let delivered = || delivered_objects(&handler);
     assert!(
         eventually(Duration::from_secs(30), || delivered() == [0, 1, 2, 3]).await,
         "delivered {:?}; dead letters {:?}",
