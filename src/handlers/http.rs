@@ -29,8 +29,9 @@ pub(crate) fn client() -> reqwest::Client {
         .tls_backend_preconfigured(super::tls::config())
         .redirect(reqwest::redirect::Policy::none())
         // No hidden retries: a POST repeated behind the caller's back could provision
-        // twice; the after stage retries deliveries itself, with backoff.
-        .retry(reqwest::retry::never())
+        // twice; the after stage retries deliveries itself, with backoff. (With no retry
+        // allowed at all, reqwest does not copy each request's headers for one either.)
+        .retry(reqwest::retry::never().max_retries_per_request(0))
         .no_proxy()
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(256)
