@@ -3,7 +3,7 @@
 //! `POST /v1/deadletters/replay` and `POST /v1/deadletters/drop` with a filter body.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, Uri};
@@ -158,6 +158,9 @@ async fn list(app: &Arc<App>, uri: &Uri) -> Response<Body> {
             return reply::error(StatusCode::BAD_REQUEST, e);
         }
     }
+    if let Err(e) = check_window(filter.since, filter.until) {
+        return reply::error(StatusCode::BAD_REQUEST, e);
+    }
     // One more than asked for says whether there is a next page.
     match app.store.dead_letters(filter, after, limit + 1).await {
         Ok(mut letters) => {
@@ -297,7 +300,7 @@ fn selection(body: &[u8]) -> Result<DeadLetterFilter, String> {
              filters match"
                 .into(),
         ),
-        _ => Ok(filter),
+        _ => check_window(filter.since, filter.until).map(|()| filter),
     }
 }
 
@@ -410,10 +413,10 @@ fn parse_outcome(text: &str) -> Result<String, String> {
     match text.parse::<CallOutcome>() {
         Ok(outcome) => Ok(outcome.as_str().to_owned()),
         Err(_) => Err(format!(
-            "unknown outcome {text:?}; use {} (before stage), {} (after stage)",
+            "unknown outcome {text:?}; use {} (before stage), {} (after stage; \
+             error there is a filter that failed)",
             listed(&CallOutcome::BEFORE),
-            // `error` once, with the before stage's.
-            listed(&CallOutcome::AFTER[..3]),
+            listed(&CallOutcome::AFTER),
         )),
     }
 }
@@ -430,8 +433,9 @@ fn listed(outcomes: &[CallOutcome]) -> String {
     }
 }
 
-/// `since`: an RFC 3339 time (`2026-11-26T10:00:00Z`) or a duration back from now
-/// (`15m`, `2h`).
+/// `since`: an RFC 3339 time (`2026-11-26T10:00:00Z`, `2026-11-26T12:00:00+02:00`; one
+/// without a zone, `2026-11-26 10:00:00`, is UTC) or a duration back from now (`15m`,
+/// `2h`). In milliseconds since the epoch.
 fn parse_since(text: &str) -> Result<u64, String> {
     if let Ok(ago) = humantime::parse_duration(text) {
         let at = SystemTime::now()
@@ -439,14 +443,38 @@ fn parse_since(text: &str) -> Result<u64, String> {
             .unwrap_or(SystemTime::UNIX_EPOCH);
         return Ok(unix_ms(at));
     }
+    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(u64::try_from(at.timestamp_millis()).unwrap_or(0));
+    }
     humantime::parse_rfc3339_weak(text)
         .map(unix_ms)
         .map_err(|_| {
             format!(
-                "since must be a time (\"2026-11-26T10:00:00Z\") or a duration back from \
-                 now (\"15m\"), got {text:?}"
+                "since must be a time (\"2026-11-26T10:00:00Z\", \"2026-11-26T12:00:00+02:00\"; \
+                 without a zone, UTC) or a duration back from now (\"15m\"), got {text:?}"
             )
         })
+}
+
+/// Refuses a window that cannot hold anything: `since` at or after `until`.
+fn check_window(since: Option<u64>, until: Option<u64>) -> Result<(), String> {
+    match (since, until) {
+        (Some(since), Some(until)) if since >= until => {
+            let at = |ms: u64| {
+                humantime::format_rfc3339_seconds(
+                    SystemTime::UNIX_EPOCH + Duration::from_millis(ms),
+                )
+            };
+            Err(format!(
+                "since ({}) is not before until ({}), so nothing can match; since is the \
+                 earlier end of the window (a duration counts back from now: since = \"2h\", \
+                 until = \"1h\")",
+                at(since),
+                at(until)
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -462,6 +490,37 @@ mod tests {
         let expect = unix_ms(SystemTime::now() - Duration::from_secs(600));
         assert!(ago.abs_diff(expect) < 5_000);
         assert!(parse_since("yesterday").is_err());
+    }
+
+    #[test]
+    fn a_time_with_an_offset_is_that_instant_and_one_without_a_zone_is_utc() {
+        let utc = parse_since("2026-12-07T15:00:00Z").unwrap();
+        assert_eq!(parse_since("2026-12-07T17:00:00+02:00"), Ok(utc));
+        assert_eq!(parse_since("2026-12-07T10:00:00-05:00"), Ok(utc));
+        assert_eq!(parse_since("2026-12-07 17:00:00+02:00"), Ok(utc));
+        assert_eq!(parse_since("2026-12-07T15:00:00.250Z"), Ok(utc + 250));
+        assert_eq!(parse_since("2026-12-07T15:00:00"), Ok(utc));
+        assert_eq!(parse_since("2026-12-07 15:00:00"), Ok(utc));
+        let error = parse_since("2026-12-07T17:00:00+2").unwrap_err();
+        assert!(error.contains("+02:00"), "{error}");
+    }
+
+    #[test]
+    fn a_window_that_cannot_hold_anything_is_refused() {
+        assert!(check_window(Some(1), Some(2)).is_ok());
+        assert!(check_window(Some(1), None).is_ok());
+        let error = check_window(Some(2_000), Some(1_000)).unwrap_err();
+        assert!(
+            error.starts_with(
+                "since (1970-01-01T00:00:02Z) is not before until (1970-01-01T00:00:01Z)"
+            ),
+            "{error}"
+        );
+        let since = parse_since("1h").unwrap();
+        let until = parse_since("2h").unwrap();
+        assert!(check_window(Some(since), Some(until)).is_err());
+        assert!(selection(br#"{"since": "1h", "until": "2h"}"#).is_err());
+        assert!(selection(br#"{"since": "2h", "until": "1h"}"#).is_ok());
     }
 
     #[test]

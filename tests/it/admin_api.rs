@@ -12,7 +12,7 @@ async fn executions_refuse_an_outcome_the_log_cannot_hold_and_a_limit_over_1000(
     assert_eq!(
         body["error"]["message"],
         "unknown outcome \"bogus\"; use allowed, denied or error (before stage), delivered, \
-         failed or dead (after stage)"
+         failed, dead or error (after stage; error there is a filter that failed)"
     );
     for outcome in ["allowed", "denied", "error", "delivered", "failed", "dead"] {
         let (status, body) = sidecar

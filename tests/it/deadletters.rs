@@ -166,13 +166,13 @@ async fn filters_choose_what_is_replayed_or_dropped_and_an_empty_filter_is_refus
         ),
         (
             r#"{"since": "yesterday"}"#,
-            "since must be a time (\"2026-11-26T10:00:00Z\") or a duration back from now \
-             (\"15m\"), got \"yesterday\"",
+            "since must be a time (\"2026-11-26T10:00:00Z\", \"2026-11-26T12:00:00+02:00\"; \
+             without a zone, UTC) or a duration back from now (\"15m\"), got \"yesterday\"",
         ),
         (
             r#"{"until": "soon"}"#,
-            "until must be a time (\"2026-11-26T10:00:00Z\") or a duration back from now \
-             (\"15m\"), got \"soon\"",
+            "until must be a time (\"2026-11-26T10:00:00Z\", \"2026-11-26T12:00:00+02:00\"; \
+             without a zone, UTC) or a duration back from now (\"15m\"), got \"soon\"",
         ),
         (
             r#"{"handler": ["crm"]}"#,
@@ -193,6 +193,22 @@ async fn filters_choose_what_is_replayed_or_dropped_and_an_empty_filter_is_refus
             assert_eq!(reply["error"]["message"], message, "{route} {body}");
         }
     }
+    // A window that cannot hold anything (since is the earlier end) is refused, not
+    // answered with 0; the list says the same.
+    let (status, reply) = sidecar
+        .post_to("/v1/deadletters/drop", r#"{"since": "1h", "until": "2h"}"#)
+        .await;
+    assert_eq!(status, 400, "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("since ("), "{message}");
+    assert!(message.contains("is not before until"), "{message}");
+    let (status, reply) = sidecar.get("/v1/deadletters?since=1h&until=2h").await;
+    assert_eq!(status, 400, "{reply}");
+    // A time with an offset is that instant.
+    let (status, reply) = sidecar
+        .get("/v1/deadletters?until=2000-01-01T02:00:00%2B02:00")
+        .await;
+    assert_eq!((status, &reply["count"]), (200, &json!(0)), "{reply}");
     let (status, _) = sidecar.get("/v1/deadletters/replay").await;
     assert_eq!(status, 405);
     assert_eq!(dead_letter_count(&sidecar).await, 8);
@@ -439,13 +455,13 @@ pub(crate) async fn the_list_takes_the_bulk_filters(store: &str) {
         ),
         (
             "?since=yesterday",
-            "since must be a time (\"2026-11-26T10:00:00Z\") or a duration back from now \
-             (\"15m\"), got \"yesterday\"",
+            "since must be a time (\"2026-11-26T10:00:00Z\", \"2026-11-26T12:00:00+02:00\"; \
+             without a zone, UTC) or a duration back from now (\"15m\"), got \"yesterday\"",
         ),
         (
             "?until=soon",
-            "until must be a time (\"2026-11-26T10:00:00Z\") or a duration back from now \
-             (\"15m\"), got \"soon\"",
+            "until must be a time (\"2026-11-26T10:00:00Z\", \"2026-11-26T12:00:00+02:00\"; \
+             without a zone, UTC) or a duration back from now (\"15m\"), got \"soon\"",
         ),
         (
             "?after=last",
