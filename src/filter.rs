@@ -512,10 +512,11 @@ impl CelInput {
     }
 }
 
-/// A JSON object as a CEL map. Numbers become what their text reads as: `uint` for
-/// a non-negative integer, `int` for a negative one, else `double` (what CEL's own serde
-/// conversion made of them). Done by hand because numbers keep their text
-/// (`arbitrary_precision`), which serde would hand CEL as a map.
+/// A JSON object as a CEL map. Numbers become what their text reads as: `int` for an
+/// integer (`uint` only past `int`'s range), else `double`. An integer is an `int`
+/// whatever its sign, as CEL's own literals are, so that `data.balance + 100` works for
+/// 5 as for -5 (CEL does no arithmetic between `int` and `uint`). Done by hand because
+/// numbers keep their text (`arbitrary_precision`), which serde would hand CEL as a map.
 fn cel_map(map: &Map<String, Value>) -> cel::Value {
     let entries: std::collections::HashMap<cel::objects::Key, cel::Value> = map
         .iter()
@@ -529,10 +530,10 @@ fn cel_value(value: &Value) -> cel::Value {
         Value::Null => cel::Value::Null,
         Value::Bool(b) => cel::Value::Bool(*b),
         Value::Number(n) => {
-            if let Some(u) = n.as_u64() {
-                cel::Value::UInt(u)
-            } else if let Some(i) = n.as_i64() {
+            if let Some(i) = n.as_i64() {
                 cel::Value::Int(i)
+            } else if let Some(u) = n.as_u64() {
+                cel::Value::UInt(u)
             } else {
                 // `as_f64` refuses what overflows a double (`1e400`); CEL gets infinity.
                 let f = n
@@ -943,6 +944,39 @@ mod tests {
         assert!(passes(&when("data.u == 7u && data.u == 7"), data.clone()));
         assert!(passes(&when("data.f == 2.5 && data.z == 0"), data.clone()));
         assert!(passes(&when("event.object_id == 12"), data));
+    }
+
+    #[test]
+    fn arithmetic_on_an_integer_works_whatever_its_sign() {
+        let when = |source: &str| filter(json!({}), Some(source));
+        let low = when("data.balance + 100 < 0");
+        assert!(passes(&low, json!({"balance": -500})));
+        for balance in [json!(-5), json!(5)] {
+            assert_eq!(
+                low.evaluate(&envelope(json!({ "balance": balance }))),
+                Ok(Verdict::WhenFalse),
+                "{balance}"
+            );
+        }
+        // Past int's range, a uint; a fraction is a double, and takes a double.
+        let big = json!({"n": 18_446_744_073_709_551_615_u64});
+        assert!(passes(
+            &when("data.n == 18446744073709551615u"),
+            big.clone()
+        ));
+        assert!(passes(&when("data.n > 1"), big));
+        let fraction = json!({"balance": 5.5});
+        assert!(
+            when("data.balance + 100 > 0")
+                .evaluate(&envelope(fraction.clone()))
+                .is_err()
+        );
+        let converted = when("double(data.balance) + 100.0 > 0.0");
+        assert!(passes(&converted, fraction));
+        assert!(passes(&converted, json!({"balance": -5})));
+        // Comparisons mix the two.
+        assert!(passes(&when("data.balance < 0"), json!({"balance": -5.5})));
+        assert!(passes(&when("data.balance < 0"), json!({"balance": -5})));
     }
 
     #[test]
