@@ -86,8 +86,15 @@ impl Remote {
         }
         // Where the file says the sidecar listens, when the rest of it does not load.
         let mut written = None;
-        let config = match Config::load(config_path) {
-            Ok(config) => Some(config),
+        // A probe given the address takes nothing from the file: not its address, not
+        // its token (`health` sends none), so a broken file is none of its business.
+        let loaded = if url.is_some() && target.no_token_needed {
+            Ok(None)
+        } else {
+            Config::load(config_path).map(Some)
+        };
+        let config = match loaded {
+            Ok(config) => config,
             Err(errors) => {
                 if url.is_none() {
                     written = std::fs::read_to_string(config_path)

@@ -265,3 +265,33 @@ async fn after_a_listen_change_waiting_for_a_restart_the_client_says_to_give_url
     assert_eq!(code, 1);
     assert!(!err.contains("server.listen"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_with_url_is_not_concerned_by_a_broken_config() {
+    // A Kubernetes probe during a bad push: the image's PROVISIOND_CONFIG names a file
+    // that does not load, the probe gives the address. It says nothing of the file.
+    let sidecar = Sidecar::start(SERVER);
+    let dir = tempfile::TempDir::new().unwrap();
+    let broken = dir.path().join("provisioning.toml");
+    std::fs::write(&broken, "[server\nlisten = \"127.0.0.1:1\"\n").unwrap();
+    let url = format!("http://{}", sidecar.addr);
+    let env = [("PROVISIOND_CONFIG", broken.to_str().unwrap())];
+    for args in [
+        &["health", "--url", &url][..],
+        &["health", "--ready", "--url", &url],
+    ] {
+        let (code, out, err) =
+            run_binary_env(dir.path(), args, &env, Stdio::piped(), Stdio::piped());
+        assert_eq!((code, err.as_str()), (0, ""), "{args:?}: {out}");
+    }
+    // Another client command still says why the file's token is not sent.
+    let (code, _, err) = run_binary_env(
+        dir.path(),
+        &["executions", "--url", &url],
+        &env,
+        Stdio::piped(),
+        Stdio::piped(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("cannot load the config"), "{err}");
+}
