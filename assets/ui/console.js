@@ -14,7 +14,7 @@ const OUTCOMES = {
   delivered: { symbol: '✓', tone: 'ok', title: 'after stage: the handler accepted the delivery' },
   denied: { symbol: '⊘', tone: 'warn', title: 'before stage: the handler forbade the action' },
   failed: { symbol: '↻', tone: 'warn', title: 'after stage: the attempt failed and will be retried' },
-  error: { symbol: '✕', tone: 'bad', title: 'before stage: the handler failed (on_error decided)' },
+  error: { symbol: '✕', tone: 'bad', title: 'the call could not be made or judged (a filter failed, a bad reply): before stage, on_error decided; after stage, retried as a failure' },
   dead: { symbol: '☠', tone: 'dead', title: 'after stage: the delivery went to the dead letters' },
 };
 
@@ -406,9 +406,19 @@ function updateDeadCount(n) {
   badge.textContent = n ? String(n) : '';
 }
 
+/** A time typed without a zone ("2026-12-07 17:00") is read as this browser's local
+ * time, the zone the tables show times in, and sent with its offset; anything else
+ * (a duration, a time with a zone, a typo for the API to name) goes as typed. */
+function zoned(text) {
+  if (!/^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?$/.test(text)) return text;
+  const at = new Date(text.replace(' ', 'T'));
+  if (Number.isNaN(at.getTime())) return text;
+  return at.toISOString();
+}
+
 // Executions ---------------------------------------------------------------------
 
-const EXECUTION_FILTERS = ['event', 'handler', 'object_id', 'outcome', 'since', 'limit'];
+const EXECUTION_FILTERS = ['event', 'handler', 'object_id', 'outcome', 'event_id', 'since', 'limit'];
 
 async function executions(main, params, id) {
   const config = state.config || (await loadConfig());
@@ -453,7 +463,7 @@ function executionForm(config, filters) {
     const params = new URLSearchParams();
     for (const key of EXECUTION_FILTERS) {
       const value = form.elements[key].value.trim();
-      if (value) params.set(key, value);
+      if (value) params.set(key, key === 'since' ? zoned(value) : value);
     }
     go('executions', params);
   } },
@@ -466,7 +476,9 @@ function executionForm(config, filters) {
   field('object_id', 'Object id', h('input', { name: 'object_id', value: filters.object_id || '', placeholder: 'any', size: 8, inputmode: 'numeric' })),
   field('outcome', 'Outcome', h('select', { name: 'outcome' }, h('option', { value: '' }, 'any'),
     Object.keys(OUTCOMES).map((o) => h('option', { value: o, selected: filters.outcome === o }, `${OUTCOMES[o].symbol} ${o}`)))),
-  field('since', 'Since', h('input', { name: 'since', value: filters.since || '', placeholder: '15m, 2h or a time', size: 12 })),
+  field('event_id', 'Event id', h('input', { name: 'event_id', value: filters.event_id || '', placeholder: 'any', size: 12 })),
+  field('since', 'Since', h('input', { name: 'since', value: filters.since || '', placeholder: '15m, 2h or a time', size: 12,
+    title: 'A duration back from now, or a time; a time without a zone is this browser\'s local time, as the tables show them' })),
   field('limit', 'Limit', h('input', { name: 'limit', value: filters.limit || '', placeholder: '100', size: 5, inputmode: 'numeric' })),
   h('div', { class: 'filter-buttons' },
     h('button', { type: 'submit', class: 'primary', id: 'executions-apply' }, 'Apply'),
@@ -526,6 +538,9 @@ function executionTable(rows, filters) {
 
 // Dead letters ---------------------------------------------------------------------
 
+/** The most dead letters the page lists at once (the API's own largest page). */
+const DEAD_PAGE = 1000;
+
 async function deadletters(main, params, id) {
   const config = state.config || (await loadConfig());
   const handler = params.get('handler') || '';
@@ -537,39 +552,56 @@ async function deadletters(main, params, id) {
     if (form.elements.handler.value) p.set('handler', form.elements.handler.value);
     go('deadletters', p);
   } },
-  h('label', { class: 'field' }, h('span', {}, 'Handler'), h('select', { name: 'handler', onchange: () => form.requestSubmit() },
-    h('option', { value: '' }, 'any'),
-    config.handlers.filter((x) => x.stage === 'after' || x.name === handler)
-      .map((x) => h('option', { value: x.name, selected: x.name === handler }, x.name)))));
+  h('label', { class: 'field' }, h('span', {}, 'Handler'), h('select', { name: 'handler', onchange: () => form.requestSubmit() })));
+  // The after-stage handlers of the config, the one asked for, and those whose letters
+  // are listed: a handler a reload removed keeps its dead letters.
+  const names = new Set(config.handlers.filter((x) => x.stage === 'after').map((x) => x.name));
+  if (handler) names.add(handler);
+  const options = () => form.elements.handler.replaceChildren(h('option', { value: '' }, 'any'),
+    ...[...names].sort().map((n) => h('option', { value: n, selected: n === handler }, n)));
+  options();
   main.replaceChildren(h('h1', {}, 'Dead letters'),
     h('p', { class: 'muted' }, 'Deliveries whose retries ran out, that got 410 Gone, or whose handler a reload removed. ' +
       'Replay puts one back in its queue (behind what its entity queued since, attempts from 1); drop deletes it.'),
     h('div', { class: 'filters' }, form, toolbar), holder);
 
   let letters = [];
+  let more = false;
   const draw = async () => {
-    const query = handler ? `?handler=${encodeURIComponent(handler)}&limit=1000` : '?limit=1000';
+    const query = handler ? `?handler=${encodeURIComponent(handler)}&limit=${DEAD_PAGE}` : `?limit=${DEAD_PAGE}`;
     const body = await api(`/v1/deadletters${query}`);
     if (id !== state.renderId) return;
     letters = body.deadletters;
+    more = Boolean(body.more);
     const ids = new Set(letters.map((l) => l.id));
     for (const s of [...state.selected]) if (!ids.has(s)) state.selected.delete(s);
-    if (!handler) updateDeadCount(letters.length);
+    if (!handler && !more) updateDeadCount(letters.length);
+    if (more) {
+      // The page holds only the oldest; the store's count is in the metrics.
+      const dead = metric(parseMetrics(await api('/metrics')), 'provisiond_dead_letters')[0];
+      if (id !== state.renderId) return;
+      if (dead) updateDeadCount(dead.value);
+    }
+    const known = names.size;
+    for (const l of letters) names.add(l.handler);
+    if (names.size !== known) options();
     paint();
   };
   const paint = () => {
     holder.replaceChildren(deadLetterTable(letters, paint));
     const n = state.selected.size;
     toolbar.replaceChildren(
-      h('span', { class: 'muted' }, `${letters.length} dead letter${letters.length === 1 ? '' : 's'}${n ? ` · ${n} selected` : ''}`),
+      h('span', { class: 'muted', id: 'deadletters-count' }, more
+        ? `the oldest ${letters.length} dead letters, and more (the list stops at ${DEAD_PAGE}; replay or drop these, or use the CLI's --after to page)`
+        : `${letters.length} dead letter${letters.length === 1 ? '' : 's'}`, n ? ` · ${n} selected` : ''),
       h('button', { type: 'button', id: 'replay-selected', disabled: !n, onclick: () => act('replay', [...state.selected], letters) },
         `↻ Replay selected (${n})`),
       h('button', { type: 'button', id: 'drop-selected', class: 'danger', disabled: !n, onclick: () => act('drop', [...state.selected], letters) },
         `✕ Drop selected (${n})`),
       h('span', { class: 'sep', 'aria-hidden': 'true' }, '·'),
-      h('button', { type: 'button', id: 'replay-matching', disabled: !letters.length, onclick: () => actMatching('replay', handler, letters) },
+      h('button', { type: 'button', id: 'replay-matching', disabled: !letters.length, onclick: () => actMatching('replay', handler, letters, more) },
         handler ? `↻ Replay all of ${handler}` : '↻ Replay all'),
-      h('button', { type: 'button', id: 'drop-matching', class: 'danger', disabled: !letters.length, onclick: () => actMatching('drop', handler, letters) },
+      h('button', { type: 'button', id: 'drop-matching', class: 'danger', disabled: !letters.length, onclick: () => actMatching('drop', handler, letters, more) },
         handler ? `✕ Drop all of ${handler}` : '✕ Drop all'));
   };
   await draw();
@@ -669,14 +701,16 @@ async function act(action, selected, letters) {
 
 /** Replays or drops every dead letter the filter matches (the handler chosen, or all),
  * after a confirmation, in one call of the bulk API: per-entity order is kept. */
-async function actMatching(action, handler, letters) {
+async function actMatching(action, handler, letters, more) {
   const scope = handler ? `every dead letter of ${handler}` : 'every dead letter';
   const ok = await confirmDialog(
     action === 'replay' ? `Replay ${scope}?` : `Drop ${scope}?`,
     (action === 'replay'
       ? 'They go back to their handlers\' queues in their order, each attempted from 1 with the same webhook-id.'
       : 'They are deleted from the store for good; the billing is not told. This cannot be undone.') +
-      ` ${letters.length} ${letters.length === 1 ? 'is' : 'are'} shown; the filter may match more that arrived since.`,
+      (more
+        ? ` The ${letters.length} listed are the oldest: more match, and all of them are ${action === 'replay' ? 'replayed' : 'dropped'}.`
+        : ` ${letters.length} ${letters.length === 1 ? 'is' : 'are'} listed; any that died since also match.`),
     letters.map((l) => `#${l.id} · ${l.handler} · ${l.event} · object ${l.object_id}`),
     action === 'replay' ? `↻ Replay ${scope}` : `✕ Drop ${scope}`);
   if (!ok) return;

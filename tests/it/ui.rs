@@ -26,6 +26,8 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// One browser at a time: the machine has two cores, and four chromium processes at
 /// once would only make every test slower.
+/// The browser's time zone (`TZ`): not UTC, so that local times are local.
+const BROWSER_ZONE: &str = "Europe/Berlin";
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Where the screenshots go.
@@ -67,6 +69,8 @@ impl Browser {
         let port = free_addr().port();
         let driver = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
+            // A zone that is not UTC, so that the page's local times are tested as such.
+            .env("TZ", BROWSER_ZONE)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -413,6 +417,7 @@ async fn an_event_sent_with_send_shows_in_executions_and_its_filter_finds_it() {
     );
     let sidecar = Sidecar::start(&config);
     let url = format!("http://{}", sidecar.addr);
+    let mut event_ids = Vec::new();
     for id in ["4242", "77"] {
         let (code, _, err) = cli(
             &[
@@ -429,6 +434,8 @@ async fn an_event_sent_with_send_shows_in_executions_and_its_filter_finds_it() {
             r#"{"name": "ACME ltd"}"#,
         );
         assert_eq!(code, 0, "{err}");
+        // "HTTP 200, event evt_...": the id to look the event up by.
+        event_ids.push(err.trim().rsplit(' ').next().unwrap().to_owned());
     }
     browser.open(&sidecar, "executions").await;
     // Every call of both events: the before stage's two and the after stage's.
@@ -479,6 +486,44 @@ async fn an_event_sent_with_send_shows_in_executions_and_its_filter_finds_it() {
     })
     .await;
     assert_eq!(rows.len(), 2);
+
+    // The id `send` printed finds that event's three calls, and only those.
+    let first = &event_ids[0];
+    assert!(first.starts_with("evt_"), "{event_ids:?}");
+    browser
+        .open(&sidecar, &format!("executions?event_id={first}"))
+        .await;
+    let objects = until("the event id filter", || async {
+        let ids = browser.texts("#executions-table a.object-link").await;
+        (ids.len() == 3 && ids.iter().all(|id| id == "4242")).then_some(ids)
+    })
+    .await;
+    assert_eq!(objects.len(), 3);
+    let field = browser
+        .client
+        .find(Locator::Css("input[name=event_id]"))
+        .await
+        .unwrap();
+    assert_eq!(
+        field.prop("value").await.unwrap().as_deref(),
+        Some(first.as_str())
+    );
+
+    // A time typed without a zone is the browser's local time, as the table shows times:
+    // 10:00 in Berlin (UTC+1 in December) goes to the API as 09:00 UTC.
+    browser.open(&sidecar, "executions").await;
+    browser
+        .type_into("input[name=since]", "2026-12-07 10:00")
+        .await;
+    browser.click("#executions-apply").await;
+    until("the since filter in the address", || async {
+        let address = browser.client.current_url().await.ok()?;
+        (address.fragment() == Some("/executions?since=2026-12-07T09%3A00%3A00.000Z")).then_some(())
+    })
+    .await;
+    browser
+        .wait_text("#executions-status", "rows, newest first")
+        .await;
     // A filter the API refuses says why, under the form.
     browser.open(&sidecar, "executions?since=yesterday").await;
     let refused = browser
@@ -695,6 +740,85 @@ async fn a_dead_letter_is_replayed_from_the_page_and_delivered_and_others_droppe
         "the dropped dead letter is not delivered"
     );
     browser.screenshot("deadletters-empty").await;
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_a_page_of_dead_letters_the_page_says_more_match_and_a_removed_handler_is_offered() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    // 410: each delivery goes to the dead letters at once.
+    let gone = HandlerServer::fixed(410, "gone").await;
+    let echo = HandlerServer::echo().await;
+    let config = |with_old: bool| {
+        let old = handler("old-crm", "\"clients.*\"", "after", &gone.url("/"), "");
+        let erp = handler("erp", "\"clients.create\"", "after", &echo.url("/"), "");
+        format!(
+            "{SERVER}\n{}{erp}",
+            if with_old { old.as_str() } else { "" }
+        )
+    };
+    let sidecar = Sidecar::start(&config(true));
+    const LETTERS: i64 = 1_001;
+    for id in 1..=LETTERS {
+        let (status, _) = sidecar.send("clients.update", id, json!({})).await;
+        assert_eq!(status, 200);
+    }
+    until("1,001 dead letters", || async {
+        let text = sidecar.metrics_text().await;
+        (metric(&text, "provisiond_dead_letters ") == Some(1_001.0)).then_some(())
+    })
+    .await;
+    // A reload removes the handler; its dead letters stay, to be dropped.
+    write_atomic(&sidecar.config_path, &config(false));
+    sidecar
+        .wait_for_config(Duration::from_secs(30), |c| c["generation"] == 2)
+        .await;
+
+    browser.open(&sidecar, "deadletters").await;
+    let count = browser
+        .wait_text(
+            "#deadletters-count",
+            "the oldest 1000 dead letters, and more",
+        )
+        .await;
+    assert!(count.contains("--after"), "{count}");
+    assert_eq!(browser.texts("#deadletters-table tr.row").await.len(), 1000);
+    // The badge keeps the store's count, not the page's.
+    assert_eq!(browser.text("#nav-dead").await.as_deref(), Some("1001"));
+    // The removed handler is offered, from its letters, and its filter shows them.
+    let offered = browser.texts("select[name=handler] option").await;
+    assert!(offered.contains(&"old-crm".to_owned()), "{offered:?}");
+    browser.open(&sidecar, "deadletters?handler=old-crm").await;
+    browser
+        .wait_text(
+            "#deadletters-count",
+            "the oldest 1000 dead letters, and more",
+        )
+        .await;
+    let select = browser
+        .client
+        .find(Locator::Css("select[name=handler]"))
+        .await
+        .unwrap();
+    assert_eq!(
+        select.prop("value").await.unwrap().as_deref(),
+        Some("old-crm")
+    );
+    // Dropping all of it says that more than the page's letters go.
+    browser.click("#drop-matching").await;
+    let question = browser
+        .wait_text("#confirm-dialog", "Drop every dead letter of old-crm?")
+        .await;
+    assert!(
+        question
+            .contains("The 1000 listed are the oldest: more match, and all of them are dropped."),
+        "{question}"
+    );
+    browser.click("#confirm-ok").await;
+    browser.wait_text("#notice", "Dropped 1001.").await;
     browser.close().await;
 }
 

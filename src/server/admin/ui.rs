@@ -21,7 +21,7 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 /// The asset at `path` (`/ui`, `/ui/`, `/ui/console.js`, `/ui/console.css`).
 pub(crate) fn asset(method: &Method, path: &str) -> Response<Body> {
     let (body, content_type) = match path {
-        "/ui" | "/ui/" => (INDEX, "text/html; charset=utf-8"),
+        "/ui" | "/ui/" | "/ui/index.html" => (INDEX, "text/html; charset=utf-8"),
         "/ui/console.js" => (SCRIPT, "text/javascript; charset=utf-8"),
         "/ui/console.css" => (STYLE, "text/css; charset=utf-8"),
         _ => return reply::not_found(path),
