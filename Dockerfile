@@ -16,6 +16,8 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# How the binary is linked (packed relocations: less resident memory at every start).
+COPY .cargo ./.cargo
 COPY src ./src
 COPY assets ./assets
 COPY benches ./benches

@@ -40,6 +40,8 @@ fn the_image_copies_every_file_the_binary_is_built_from() {
     let mut needed = std::collections::BTreeSet::from([
         "Cargo.toml".to_owned(),
         "Cargo.lock".to_owned(),
+        // Cargo's build settings: how the binary is linked.
+        ".cargo".to_owned(),
         "src".to_owned(),
         "benches".to_owned(),
     ]);

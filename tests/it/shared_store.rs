@@ -749,6 +749,12 @@ async fn the_shared_examples_run_on_a_real_database() {
         kustomization.contains("- provisioning.toml"),
         "{kustomization}"
     );
+    // A generated ConfigMap keeps its name: a changed config is hot-reloaded, not rolled
+    // out as new billing pods (README, "On Kubernetes").
+    assert!(
+        kustomization.contains("disableNameSuffixHash: true"),
+        "{kustomization}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
