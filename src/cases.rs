@@ -14,8 +14,11 @@
 //! `before` and `after` are required (`[]` for none): an omitted list would leave a
 //! stage unchecked without anyone noticing. An event name outside the catalogue and
 //! `[events] extra` fails the case as a likely typo, with a "did you mean" hint, unless
-//! the case says `unknown_event = true`. A mistake in the file itself is an error, not a
-//! failed case: every one is reported, one line each, as `file:line:column: message`.
+//! the case says `unknown_event = true`. A handler whose filter fails on the case's data
+//! (skipped under `on_error = "allow"`, no delivery in the after stage) does not fail
+//! the case, but is said under it: a case can pass only because a filter errored. A
+//! mistake in the file itself is an error, not a failed case: every one is reported,
+//! one line each, as `file:line:column: message` (two cases of one name are one).
 
 use std::fmt::{self, Write as _};
 use std::path::Path;
@@ -118,6 +121,9 @@ pub(crate) struct CaseResult {
     pub name: String,
     /// Empty when the case passed; else what differs, one line each.
     pub problems: Vec<String>,
+    /// What the report says under the case whatever its result: the handlers whose
+    /// filter failed on its data.
+    pub notes: Vec<String>,
 }
 
 impl CaseResult {
@@ -175,9 +181,21 @@ fn run_case(config: &Config, case: Case, envelope: &Envelope) -> CaseResult {
         &explanation,
         &mut problems,
     );
+    let notes = explanation
+        .not_run
+        .iter()
+        .filter_map(|(handler, reason)| match reason {
+            explain::Reason::FilterError(e) => Some(format!(
+                "note: {}'s filter failed on this data: {e}",
+                handler.name
+            )),
+            _ => None,
+        })
+        .collect();
     CaseResult {
         name: case.name,
         problems,
+        notes,
     }
 }
 
@@ -190,7 +208,9 @@ fn parse(text: &str, file: &str) -> Result<Vec<(Case, Envelope)>, CasesError> {
         let at = e.span().map_or(0, |s| s.start);
         problems.push((at, format!("invalid TOML: {}", one_line(e.message()))));
     }
-    let mut cases = Vec::new();
+    let mut cases: Vec<(Case, Envelope)> = Vec::new();
+    // Each case's name, with where it was first given.
+    let mut named: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     if syntax.is_empty() {
         for (key, value) in root.get_ref().iter() {
             let name: &str = key.get_ref().as_ref();
@@ -213,7 +233,23 @@ fn parse(text: &str, file: &str) -> Result<Vec<(Case, Envelope)>, CasesError> {
             };
             for (i, item) in items.iter().enumerate() {
                 match parse_case(i, item) {
-                    Ok(case) => cases.push(case),
+                    Ok(case) => {
+                        let at = item.span().start;
+                        if let Some(&first) = named.get(&case.0.name) {
+                            let (line, _) = line_col(text, first);
+                            problems.push((
+                                at,
+                                format!(
+                                    "case {:?}: the name of an earlier case (line {line}); \
+                                     give each case its own, the report tells them apart by it",
+                                    case.0.name
+                                ),
+                            ));
+                        } else {
+                            named.insert(case.0.name.clone(), at);
+                        }
+                        cases.push(case);
+                    }
                     Err(found) => problems.extend(found),
                 }
             }
@@ -368,6 +404,9 @@ pub(crate) fn render(results: &[CaseResult]) -> String {
                 let _ = writeln!(out, "        {p}");
             }
         }
+        for note in &r.notes {
+            let _ = writeln!(out, "        {note}");
+        }
     }
     let failed = results.iter().filter(|r| !r.passed()).count();
     let _ = writeln!(
@@ -482,6 +521,46 @@ after = []
             "{e:?}"
         );
         assert!(e.to_string().ends_with("cases.toml: 1 error"), "{e}");
+        let twice = "[[case]]\nname = \"x\"\nevent = \"clients.create\"\nbefore = []\nafter = []\n";
+        let e = problems(&format!("{twice}{twice}"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].ends_with(
+                ":6:1: case \"x\": the name of an earlier case (line 1); give each case its \
+                 own, the report tells them apart by it"
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_filter_that_fails_on_the_data_is_said_under_the_case() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("cases.toml");
+        std::fs::write(
+            &path,
+            "[[case]]\nname = \"email as a number\"\nevent = \"clients.create\"\n\
+             data = { email = 5 }\nbefore = [\"b\"]\nafter = []\n",
+        )
+        .unwrap();
+        let config = format!(
+            "{CONFIG}[[handler]]\nname = \"acme\"\nevents = [\"clients.create\"]\n\
+             stage = \"before\"\nurl = \"http://127.0.0.1:1/c\"\n\
+             when = 'data.email.endsWith(\"@acme.example\")'\n"
+        );
+        let results = run(&Config::parse(&config, "p.toml").unwrap(), &path).unwrap();
+        assert!(results[0].passed(), "{:?}", results[0]);
+        assert_eq!(results[0].notes.len(), 1, "{:?}", results[0]);
+        assert!(
+            results[0].notes[0].starts_with("note: acme's filter failed on this data: "),
+            "{:?}",
+            results[0].notes
+        );
+        let report = render(&results);
+        assert!(
+            report.starts_with("ok    email as a number\n        note: acme's filter failed"),
+            "{report}"
+        );
     }
 
     #[test]

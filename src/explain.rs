@@ -395,6 +395,20 @@ fn patterns(h: &Handler) -> String {
     format!("events = [{}]", list.join(", "))
 }
 
+/// What to say when `--data` holds a whole envelope (`event` and `data`, objects both: a
+/// dead letter's stored envelope pasted, say) where the billing's `data` is meant: it is
+/// taken as given, as the data, which is rarely what was meant.
+fn whole_envelope(data: &Map<String, Value>) -> Option<String> {
+    (data.get("event").is_some_and(Value::is_object)
+        && data.get("data").is_some_and(Value::is_object))
+    .then(|| {
+        "the data given has `event` and `data` objects, like a whole envelope; it is \
+             taken as the event's data as it is. Give only the envelope's data \
+             (jq .data envelope.json | provisiond ... --data -)"
+            .to_owned()
+    })
+}
+
 /// Reads `--data`: a JSON object, from a file or `-` (stdin); `{}` when not given.
 pub(crate) fn read_data(source: Option<&str>) -> Result<Map<String, Value>, String> {
     let text = match source {
@@ -414,7 +428,12 @@ pub(crate) fn read_data(source: Option<&str>) -> Result<Map<String, Value>, Stri
         })?,
     };
     match serde_json::from_str::<Value>(&text) {
-        Ok(Value::Object(map)) => Ok(map),
+        Ok(Value::Object(map)) => {
+            if let Some(warning) = whole_envelope(&map) {
+                crate::errln!("provisiond: warning: {warning}");
+            }
+            Ok(map)
+        }
         Ok(other) => Err(format!(
             "the data must be a JSON object, got {}",
             crate::events::type_name(&other)

@@ -171,6 +171,31 @@ fn explain_refuses_bad_input() {
         stderr.contains("the data must be a JSON object, got an array"),
         "{stderr}"
     );
+    // A whole envelope pasted where the data goes (a dead letter's, say) is explained as
+    // given, with a warning that it is taken as the data.
+    let (code, stdout, stderr) = cli(
+        &["explain", "clients.update", "--data", "-", "-c", &config],
+        ENV,
+        r#"{"event": {"events_id": "clients.update", "object_id": 4}, "data": {"balance": -1}}"#,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.starts_with("clients.update, object_id 1"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(
+            "provisiond: warning: the data given has `event` and `data` objects, like a whole \
+             envelope; it is taken as the event's data as it is."
+        ),
+        "{stderr}"
+    );
+    let (_, _, stderr) = cli(
+        &["explain", "clients.update", "--data", "-", "-c", &config],
+        ENV,
+        r#"{"balance": -1, "event": "x"}"#,
+    );
+    assert!(!stderr.contains("warning"), "{stderr}");
     let (code, _, stderr) = cli(&["explain", "clients.create", "-c", &config], &[], "");
     assert_eq!(code, 1, "a config that does not load cannot be explained");
     assert!(
