@@ -130,7 +130,7 @@ enum Command {
         #[arg(long)]
         object_id: Option<String>,
         /// Only this outcome: allowed, denied, error, delivered, failed, dead.
-        #[arg(long)]
+        #[arg(long, value_parser = outcomes(), hide_possible_values = true)]
         outcome: Option<String>,
         /// Only calls since a time (2026-11-26T10:00:00Z) or for a duration back (15m).
         #[arg(long)]
@@ -583,6 +583,15 @@ fn block_on(command: impl std::future::Future<Output = anyhow::Result<ExitCode>>
             ExitCode::FAILURE
         }
     }
+}
+
+/// The execution log's outcomes, for `--outcome`: checked, and offered by completions.
+fn outcomes() -> clap::builder::PossibleValuesParser {
+    provisiond::outcome::CallOutcome::ALL
+        .iter()
+        .map(|o| o.as_str())
+        .collect::<Vec<_>>()
+        .into()
 }
 
 #[cfg(test)]

@@ -40,12 +40,24 @@ async fn executions_refuse_an_outcome_the_log_cannot_hold_and_a_limit_over_1000(
     let url = format!("http://{}", sidecar.addr);
     let (code, out, err) = run_binary(
         sidecar.dir.path(),
-        &["executions", "--outcome", "bogus", "--url", &url],
+        &["executions", "--since", "yesterday", "--url", &url],
     );
     assert_eq!((code, out.as_str()), (1, ""));
     assert!(
-        err.starts_with("provisiond: unknown outcome \"bogus\"; use allowed")
+        err.starts_with("provisiond: since must be a time (")
             && err.trim_end().ends_with("(HTTP 400)"),
+        "{err}"
+    );
+    // An outcome the command line knows to be none is refused before any request, with
+    // the six (which its shell completions offer too).
+    let (code, _, err) = run_binary(
+        sidecar.dir.path(),
+        &["executions", "--outcome", "bogus", "--url", &url],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("invalid value 'bogus' for '--outcome <OUTCOME>'")
+            && err.contains("[possible values: allowed, denied, error, delivered, failed, dead]"),
         "{err}"
     );
 }
