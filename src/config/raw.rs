@@ -55,7 +55,7 @@ pub struct RawServer {
     #[schemars(extend("default" = defaults::DEADLINE))]
     pub deadline: Option<String>,
     /// Deepest JSON nesting accepted in a request body (default 64).
-    #[schemars(range(min = 1), extend("default" = defaults::MAX_DEPTH))]
+    #[schemars(range(min = 1, max = 128), extend("default" = defaults::MAX_DEPTH))]
     pub max_depth: Option<u32>,
     /// Events handled at once; over it the billing gets 503 with Retry-After (default 1024).
     #[schemars(range(min = 1), extend("default" = defaults::MAX_IN_FLIGHT))]
@@ -95,7 +95,7 @@ pub struct RawStore {
     /// (default "provisiond"): a plain lower-case SQL identifier. Changing it needs a
     /// restart.
     #[schemars(
-        regex(pattern = r"^[a-z_][a-z0-9_]{0,62}$"),
+        regex(pattern = r"^(?!pg_)[a-z_][a-z0-9_]{0,62}$"),
         extend("default" = defaults::PG_SCHEMA)
     )]
     pub schema: Option<String>,

@@ -584,6 +584,17 @@ fn the_checked_in_schema_is_current() {
     assert_eq!(handler["max_concurrency"]["minimum"], 1);
     let server = &schema["$defs"]["RawServer"]["properties"];
     assert_eq!(server["listen"]["default"], "127.0.0.1:8600");
+    // The bounds `check` holds the values to, where the schema can say them.
+    assert_eq!(server["max_depth"]["maximum"], 128);
+    let store = &schema["$defs"]["RawStore"]["properties"];
+    assert_eq!(store["pool"]["maximum"], 64);
+    assert!(
+        store["schema"]["pattern"]
+            .as_str()
+            .unwrap()
+            .starts_with("^(?!pg_)"),
+        "names starting with pg_ are PostgreSQL's own"
+    );
     assert_eq!(
         schema["$defs"]["RawDefaults"]["properties"]["timeout"]["default"],
         "5s"
