@@ -102,6 +102,15 @@ impl<'i> Document<'i> {
                 diags: &mut diags,
                 synthetic: &mut synthetic,
             };
+            let is_section = matches!(name, "server" | "store" | "defaults" | "events");
+            if is_section && value.get_ref().as_table().is_none() {
+                recovery.diags.push(Diag {
+                    path,
+                    span: Some(value.span()),
+                    message: not_a_table(name, value.get_ref()),
+                });
+                continue;
+            }
             match name {
                 "server" => raw.server = recovery.recover::<RawServer>(value, &path),
                 "store" => raw.store = recovery.recover::<RawStore>(value, &path),
@@ -184,7 +193,11 @@ fn syntax_error(text: &str, error: &toml::de::Error) -> Diag {
     {
         return diag;
     }
-    let at_line_start = span.as_ref().is_some_and(|s| starts_line(text, s.start));
+    // The parser stopped at the start of a line, or at the `=` of a line's `key =`: a
+    // list or table left open above has run into the next key.
+    let at_line_start = span
+        .as_ref()
+        .is_some_and(|s| starts_line(text, s.start) || after_a_key(text, s.start));
     let hint = match closing_bracket(message) {
         Some(bracket) if at_line_start => {
             format!(" (is a `{bracket}` missing on an earlier line?)")
@@ -306,6 +319,31 @@ fn closing_bracket(message: &str) -> Option<char> {
     } else {
         None
     }
+}
+
+/// What to say of a section (`server`, `store`, `defaults`, `events`) written as
+/// something other than one table: `[[server]]`, or `events = [...]` at the top.
+fn not_a_table(name: &str, value: &DeValue<'_>) -> String {
+    match (name, value) {
+        ("events", DeValue::Array(_)) => "must be a table: `[events]` with `extra = [...]` \
+             lists the events beyond the catalogue; the events a handler takes go in its \
+             own `events`, under [[handler]]"
+            .to_owned(),
+        (_, DeValue::Array(_)) => format!("must be one table: write [{name}], not [[{name}]]"),
+        _ => format!("must be a table: write [{name}], with its keys on the lines below"),
+    }
+}
+
+/// Whether `offset` is the `=` of a line that starts with a bare key (`stage =`).
+fn after_a_key(text: &str, offset: usize) -> bool {
+    let before = &text[..offset.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let key = before[line_start..].trim();
+    text[offset.min(text.len())..].starts_with('=')
+        && !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 /// Whether only blanks come before `offset` on its line.

@@ -641,6 +641,16 @@ fn a_missing_bracket_is_one_syntax_error_with_a_hint() {
           (is a `]` missing on an earlier line?)"
         ]
     );
+    // With a trailing comma the parser stops at the next line's `=`: the same hint.
+    let text = "[[handler]]\nname = \"a\"\nevents = [\"clients.create\",\n\
+                stage = \"before\"\nurl = \"http://a/\"\n";
+    let lines = error_lines(text);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("p.toml:4:7: invalid TOML: ")
+            && lines[0].ends_with("(is a `]` missing on an earlier line?)"),
+        "{lines:?}"
+    );
     // A bracket left open on the same line needs no hint beyond the parser's.
     assert_eq!(
         error_lines("[server\nlisten = 1\n"),
@@ -1225,4 +1235,26 @@ fn the_listen_address_is_read_from_a_file_that_does_not_load() {
     ] {
         assert_eq!(Listen::written_in(text), None, "{text}");
     }
+}
+
+#[test]
+fn a_section_written_as_something_else_than_one_table_says_how_to_write_it() {
+    assert_eq!(
+        error_lines("[[server]]\nlisten = \"127.0.0.1:1\"\n"),
+        ["p.toml:1:1: server: must be one table: write [server], not [[server]]"]
+    );
+    assert_eq!(
+        error_lines("events = [\"clients.create\"]\n"),
+        [
+            "p.toml:1:10: events: must be a table: `[events]` with `extra = [...]` lists the \
+             events beyond the catalogue; the events a handler takes go in its own `events`, \
+             under [[handler]]"
+        ]
+    );
+    assert_eq!(
+        error_lines("defaults = 5\n"),
+        [
+            "p.toml:1:12: defaults: must be a table: write [defaults], with its keys on the lines below"
+        ]
+    );
 }
