@@ -192,6 +192,10 @@ pub(crate) struct ReplayedMatching {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct DroppedMatching {
     pub dropped: usize,
+    /// When nothing matched: a handler or event name of the filter that the config
+    /// does not know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 #[cfg(test)]

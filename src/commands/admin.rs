@@ -529,8 +529,12 @@ pub async fn dead_letters(
         DeadLetterCommand::Drop(selection) => {
             let path = "/v1/deadletters/drop";
             let reply = call(&remote, reqwest::Method::POST, path, Some(selection.body())).await?;
-            let n = read::<api::DroppedMatching>(reply)?.dropped;
+            let reply = read::<api::DroppedMatching>(reply)?;
+            let n = reply.dropped;
             outln!("{n} dead letter{} dropped", plural(n));
+            if let Some(message) = reply.message {
+                errln!("provisiond: {message}");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -317,6 +317,7 @@ async fn replay_matching(app: &Arc<App>, filter: DeadLetterFilter) -> Response<B
         .filter(|h| h.stage == crate::config::Stage::After)
         .map(|h| h.name.clone())
         .collect();
+    let hint = unmatched_names(app, &filter);
     match app.store.replay_matching(filter, handlers).await {
         Ok(replayed) => {
             // The lanes have the deliveries from the commit, in id order.
@@ -347,6 +348,8 @@ async fn replay_matching(app: &Arc<App>, filter: DeadLetterFilter) -> Response<B
                     if replayed.skipped == 1 { "" } else { "s" },
                     names.join(", ")
                 ));
+            } else if n == 0 {
+                body.message = hint;
             }
             reply::json(StatusCode::OK, &body)
         }
@@ -356,15 +359,51 @@ async fn replay_matching(app: &Arc<App>, filter: DeadLetterFilter) -> Response<B
 
 /// `POST /v1/deadletters/drop`: every match deleted.
 async fn drop_matching(app: &Arc<App>, filter: DeadLetterFilter) -> Response<Body> {
+    let hint = unmatched_names(app, &filter);
     match app.store.drop_matching(filter).await {
         Ok(n) => {
             if n > 0 {
                 info!(dropped = n, "dead letters dropped");
             }
-            reply::json(StatusCode::OK, &api::DroppedMatching { dropped: n })
+            let message = if n == 0 { hint } else { None };
+            reply::json(
+                StatusCode::OK,
+                &api::DroppedMatching {
+                    dropped: n,
+                    message,
+                },
+            )
         }
         Err(e) => store_error(&e),
     }
+}
+
+/// For a bulk operation that matched nothing: the filter's handler or event that the
+/// config does not know, likely a typo, with the closest name it does know.
+fn unmatched_names(app: &App, filter: &DeadLetterFilter) -> Option<String> {
+    let live = app.live.load();
+    let config = &live.config;
+    let mut said = Vec::new();
+    if let Some(handler) = &filter.handler
+        && config.handler(handler).is_none()
+    {
+        let names = config.handlers.iter().map(|h| h.name.as_str());
+        let hint = crate::events::suggest(handler, names)
+            .map(|s| format!(" (did you mean {s:?}?)"))
+            .unwrap_or_default();
+        said.push(format!("the config has no handler {handler:?}{hint}"));
+    }
+    if let Some(event) = &filter.event
+        && !live.plan.is_known(event)
+    {
+        let hint = crate::events::suggest(event, config.known_events())
+            .map(|s| format!(" (did you mean {s:?}?)"))
+            .unwrap_or_default();
+        said.push(format!(
+            "{event:?} is neither in the catalogue nor in [events] extra{hint}"
+        ));
+    }
+    (!said.is_empty()).then(|| said.join("; "))
 }
 
 fn unknown(id: u64) -> Response<Body> {

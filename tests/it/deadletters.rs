@@ -204,6 +204,25 @@ async fn filters_choose_what_is_replayed_or_dropped_and_an_empty_filter_is_refus
     assert!(message.contains("is not before until"), "{message}");
     let (status, reply) = sidecar.get("/v1/deadletters?since=1h&until=2h").await;
     assert_eq!(status, 400, "{reply}");
+    // A filter naming what the config does not know matches nothing, and says so.
+    let (status, reply) = sidecar
+        .post_to("/v1/deadletters/drop", r#"{"event": "clients.creat"}"#)
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["dropped"], 0);
+    assert_eq!(
+        reply["message"],
+        "\"clients.creat\" is neither in the catalogue nor in [events] extra (did you mean \
+         \"clients.create\"?)"
+    );
+    let (_, reply) = sidecar
+        .post_to("/v1/deadletters/replay", r#"{"handler": "crn"}"#)
+        .await;
+    assert_eq!(reply["replayed"], 0);
+    assert_eq!(
+        reply["message"],
+        "the config has no handler \"crn\" (did you mean \"crm\"?)"
+    );
     // A time with an offset is that instant.
     let (status, reply) = sidecar
         .get("/v1/deadletters?until=2000-01-01T02:00:00%2B02:00")
