@@ -70,10 +70,12 @@ pub(super) async fn deliver(this: &Arc<Deliveries>, lane: &Lane, id: u64) -> boo
             Turn::Again => continue,
             Turn::Done(settled) => return settled,
         };
-        let (settle, row) = match attempt(this, lane, id, &handler, &mut delivery).await {
-            Ok(attempted) => attempted,
-            Err(settled) => return settled,
-        };
+        let (settle, row) =
+            match attempt(this, lane, id, &handler, &mut delivery, &mut generations).await {
+                Ok(attempted) => attempted,
+                Err(Turn::Done(settled)) => return settled,
+                Err(_) => continue,
+            };
         let done = !matches!(settle, Settle::Retry { .. });
         if !record(this, lane, id, settle, Some(row)).await {
             return false;
@@ -202,14 +204,17 @@ async fn turn(
 }
 
 /// Makes one attempt of delivery `id` in one of the handler's slots, and says how to
-/// settle it, with its execution log row. `Err` as in [`Turn::Done`].
+/// settle it, with its execution log row. `Err` is [`Turn::Done`], or [`Turn::Again`]
+/// when a reload came while the delivery waited for a slot: the handler it waited for
+/// may be gone, disabled or changed, so it is looked up again.
 async fn attempt(
     this: &Arc<Deliveries>,
     lane: &Lane,
     id: u64,
     handler: &Handler,
     delivery: &mut crate::store::Delivery,
-) -> Result<(Settle, Execution), bool> {
+    generations: &mut tokio::sync::watch::Receiver<u64>,
+) -> Result<(Settle, Execution), Turn> {
     let slot = match handler.slots.clone().try_acquire_owned() {
         Ok(slot) => slot,
         Err(_) => {
@@ -217,7 +222,8 @@ async fn attempt(
             delivery.body = String::new();
             tokio::select! {
                 biased;
-                () = this.stop.cancelled() => return Err(false),
+                () = this.stop.cancelled() => return Err(Turn::Done(false)),
+                () = changed(generations) => return Err(Turn::Again),
                 slot = handler.slots.clone().acquire_owned() => slot.expect("handler slots are never closed"),
             }
         }
@@ -227,13 +233,13 @@ async fn attempt(
     if !this.store.holds((&lane.handler, &lane.entity)) {
         warn!(handler = %lane.handler, entity = %lane.entity, delivery = id, "lane's lease not renewed in time, left to other sidecars");
         this.lost(lane);
-        return Err(false);
+        return Err(Turn::Done(false));
     }
     let body = if delivery.body.is_empty() {
         match read_delivery(this, id).await {
             Ok(Some(d)) => d.body,
-            Ok(None) => return Err(true),
-            Err(()) => return Err(false),
+            Ok(None) => return Err(Turn::Done(true)),
+            Err(()) => return Err(Turn::Done(false)),
         }
     } else {
         std::mem::take(&mut delivery.body)

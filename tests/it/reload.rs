@@ -542,6 +542,87 @@ async fn removing_an_after_stage_handler_in_the_file_dead_letters_its_queue() {
     );
 }
 
+/// An after-stage handler with one slot, whose calls take `hold`: a second delivery
+/// waits for the slot while the first is in it.
+async fn one_slow_slot(hold: Duration) -> (HandlerServer, impl Fn(&str) -> String) {
+    let slow = HandlerServer::start(move |_| async move {
+        tokio::time::sleep(hold).await;
+        reply(200, "")
+    })
+    .await;
+    let url = slow.url("/slow");
+    let config = move |extra: &str| {
+        format!(
+            "{SERVER}{}",
+            after_handler("slow", &url, &format!("max_concurrency = 1\n{extra}"))
+        )
+    };
+    (slow, config)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_waiting_for_a_slot_sees_a_reload_that_removes_its_handler() {
+    let (slow, config) = one_slow_slot(Duration::from_millis(1500)).await;
+    let sidecar = Sidecar::start(&config(""));
+    for id in [1, 2] {
+        let (status, body) = sidecar.send("clients.create", id, json!({})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(eventually(PATIENCE, || slow.calls().len() == 1).await);
+    // Object 2 waits for the slot that object 1's call holds; the handler goes.
+    write_atomic(&sidecar.config_path, &format!("{SERVER}\n"));
+    sidecar
+        .wait_for_config(PATIENCE, |c| generation(c) == 2)
+        .await;
+    let mut letters = Vec::new();
+    for _ in 0..500 {
+        let (_, body) = sidecar.get("/v1/deadletters").await;
+        letters = body["deadletters"].as_array().unwrap().clone();
+        if !letters.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["object_id"], "2", "{letters:?}");
+    assert_eq!(letters[0]["reason"], "handler removed by a config reload");
+    // The call in the slot ends as it would have; nothing more reaches the handler.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(slow.calls().len(), 1, "a removed handler was called");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_waiting_for_a_slot_waits_while_its_handler_is_disabled() {
+    let (slow, config) = one_slow_slot(Duration::from_millis(1500)).await;
+    let sidecar = Sidecar::start(&config(""));
+    for id in [1, 2] {
+        let (status, body) = sidecar.send("clients.create", id, json!({})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(eventually(PATIENCE, || slow.calls().len() == 1).await);
+    write_atomic(&sidecar.config_path, &config("enabled = false"));
+    sidecar
+        .wait_for_config(PATIENCE, |c| generation(c) == 2)
+        .await;
+    // Past the end of object 1's call: object 2 is not sent while the handler is off.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(slow.calls().len(), 1, "a disabled handler was called");
+    write_atomic(&sidecar.config_path, &config(""));
+    sidecar
+        .wait_for_config(PATIENCE, |c| generation(c) == 3)
+        .await;
+    assert!(
+        eventually(PATIENCE, || slow.calls().len() == 2).await,
+        "delivered once the handler is enabled again"
+    );
+    let objects: Vec<i64> = slow
+        .calls()
+        .iter()
+        .map(|c| c.json()["event"]["object_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(objects, [1, 2]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_listen_change_is_reported_and_not_applied() {
     let stamper = stamper().await;
