@@ -345,7 +345,11 @@ impl Reloader {
                 }
             }
         };
-        if let Some(hash) = read_hash {
+        // The hash of the file the sidecar runs (applied, or unchanged but for settings
+        // that wait for a restart); a rejected file leaves it.
+        if let Some(hash) = read_hash
+            && !matches!(outcome, Outcome::Rejected { .. })
+        {
             self.status.lock().expect("status lock").hash = hash;
         }
         self.record(&outcome, trigger);
@@ -560,6 +564,8 @@ mod tests {
         );
         assert!(live.load().config.server.token.is_some());
         assert!(reloader.status().last_error.is_some());
+        // The hash shown stays the running file's: the rejected one is not running.
+        assert_eq!(reloader.status().hash, running().hash);
 
         // Said out loud, it applies; so does a new token.
         for text in [
