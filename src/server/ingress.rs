@@ -386,6 +386,15 @@ impl Judged<'_> {
         // stored (they are, whether it waits or not) leaves them in the log all the same.
         let calls = self.records.len();
         log_calls(self.app, self.records, event, object_id, self.id);
+        // And the event's line and metric, if it hangs up before the store answers.
+        let mut storing = Storing {
+            event,
+            object_id,
+            label: Some(self.label),
+            started: self.started,
+            generation: self.snapshot.generation,
+            calls,
+        };
         // The 200 leaves only once the deliveries are on disk.
         let accepted = match self
             .app
@@ -396,7 +405,7 @@ impl Judged<'_> {
             Ok(accepted) => accepted,
             Err(e) => {
                 warn!(event = %event, object_id = %object_id, error = %e, "cannot store the deliveries, answering 503");
-                metrics::event(self.label, EventOutcome::Unavailable);
+                metrics::event(storing.answered(), EventOutcome::Unavailable);
                 return reply::unavailable(
                     "the store cannot take the after-stage deliveries; retry shortly",
                     1,
@@ -423,8 +432,47 @@ impl Judged<'_> {
             generation = self.snapshot.generation,
             "event"
         );
-        metrics::event(self.label, EventOutcome::Allowed);
+        metrics::event(storing.answered(), EventOutcome::Allowed);
         reply::raw_json(StatusCode::OK, reply_body)
+    }
+}
+
+/// An allowed event whose after-stage deliveries are being stored. If the billing hangs
+/// up meanwhile, hyper drops the event's future, and with it this: the event still gets
+/// its log line and metric (outcome `abandoned`; the deliveries are stored all the
+/// same, and the billing's retry is deduplicated).
+struct Storing<'a> {
+    event: &'a str,
+    object_id: &'a str,
+    /// The event's metrics label, until it is answered.
+    label: Option<String>,
+    started: Instant,
+    generation: u64,
+    calls: usize,
+}
+
+impl Storing<'_> {
+    /// The event is answered: its line and metric are the answer's. Its label.
+    fn answered(&mut self) -> String {
+        self.label.take().unwrap_or_default()
+    }
+}
+
+impl Drop for Storing<'_> {
+    fn drop(&mut self) {
+        let Some(label) = self.label.take() else {
+            return;
+        };
+        warn!(
+            event = self.event,
+            object_id = self.object_id,
+            outcome = EventOutcome::Abandoned.as_str(),
+            calls = self.calls,
+            duration_ms = ms(self.started),
+            generation = self.generation,
+            "event"
+        );
+        metrics::event(label, EventOutcome::Abandoned);
     }
 }
 

@@ -598,6 +598,34 @@ async fn a_database_that_stops_answering_fails_reads_as_reads_keeps_metrics_scra
     let depth = "provisiond_after_queue_depth{handler=\"crm\"}";
     assert!(sidecar.metrics_text().await.contains(depth));
     tokio::task::block_in_place(|| db.freeze());
+    // A billing that hangs up while its event's deliveries wait for the database: the
+    // event still has its line and its count, as abandoned.
+    {
+        use tokio::io::AsyncWriteExt as _;
+        let body = envelope("clients.update", 9, json!({})).to_string();
+        let mut stream = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
+        let request = format!(
+            "POST /events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stream.set_zero_linger().unwrap();
+        drop(stream);
+    }
+    let abandoned = sidecar.wait_for_log(Duration::from_secs(10), |v| {
+        v["message"] == "event" && v["object_id"] == "9"
+    });
+    let abandoned = abandoned.expect("the hung-up event has its line");
+    assert_eq!(abandoned["outcome"], "abandoned", "{abandoned}");
+    assert!(
+        sidecar
+            .metrics_text()
+            .await
+            .contains("provisiond_events_total{event=\"clients.update\",outcome=\"abandoned\"} 1"),
+        "the hung-up event is counted"
+    );
     // Connections stay open and nothing answers: each operation gives up after 5 s.
     let (status, body) = sidecar.get("/v1/deadletters").await;
     // A scrape does not wait for them (Prometheus gives up on a scrape after its
