@@ -168,7 +168,7 @@ async fn turn(
                     }
                 }
             }
-            warn!(handler = %lane.handler, entity = %lane.entity, delivery = id, reason, "delivery dead-lettered");
+            warn!(handler = %lane.handler, entity = %lane.entity, delivery = id, event_id = delivery.event_id.as_deref().unwrap_or_default(), reason, "delivery dead-lettered");
             let settle = Settle::Dead {
                 attempts: delivery.attempts,
                 reason: reason.to_owned(),
@@ -276,7 +276,8 @@ async fn attempt(
         error: None,
     };
     let verdict = retry::judge(&result).masked(&handler.hidden);
-    let settle = settlement(lane, id, handler, verdict, &mut call);
+    let event_id = delivery.event_id.as_deref().unwrap_or_default();
+    let settle = settlement(lane, id, event_id, handler, verdict, &mut call);
     crate::metrics::handler_call(&handler.name, "after", call.outcome, duration);
     if let Settle::Retry {
         attempts, next_at, ..
@@ -296,6 +297,7 @@ async fn attempt(
 fn settlement(
     lane: &Lane,
     id: u64,
+    event_id: &str,
     handler: &Handler,
     verdict: Verdict,
     call: &mut CallRecord,
@@ -312,6 +314,7 @@ fn settlement(
                 handler = name,
                 entity,
                 delivery = id,
+                event_id,
                 attempt,
                 ?duration,
                 "delivered"
@@ -319,7 +322,7 @@ fn settlement(
             Settle::Delivered
         }
         Verdict::Gone { reason } => {
-            warn!(handler = name, entity, delivery = id, attempt, %reason, "delivery dead-lettered");
+            warn!(handler = name, entity, delivery = id, event_id, attempt, %reason, "delivery dead-lettered");
             call.outcome = CallOutcome::Dead;
             call.error = Some(reason.clone());
             Settle::Dead {
@@ -329,7 +332,7 @@ fn settlement(
             }
         }
         Verdict::Retry { error, .. } if retry::exhausted(&handler.retry, attempt) => {
-            warn!(handler = name, entity, delivery = id, attempt, %error, "delivery failed, attempts exhausted, dead-lettered");
+            warn!(handler = name, entity, delivery = id, event_id, attempt, %error, "delivery failed, attempts exhausted, dead-lettered");
             call.outcome = CallOutcome::Dead;
             call.error = Some(error.clone());
             Settle::Dead {
@@ -343,7 +346,7 @@ fn settlement(
         }
         Verdict::Retry { error, retry_after } => {
             let wait = retry::delay(&handler.retry, attempt, retry_after, fastrand::f64());
-            warn!(handler = name, entity, delivery = id, attempt, %error, retry_in = ?wait, "delivery failed, retrying");
+            warn!(handler = name, entity, delivery = id, event_id, attempt, %error, retry_in = ?wait, "delivery failed, retrying");
             call.outcome = CallOutcome::Failed;
             call.error = Some(error.clone());
             let next_at =

@@ -270,6 +270,21 @@ async fn gone_goes_to_the_dead_letters_replay_delivers_and_delete_removes() {
     assert!(body["delivery"].as_u64().unwrap() > id);
     assert!(eventually(Duration::from_secs(10), || handler.calls().len() == 2).await);
     assert_eq!(handler.calls()[1].json()["data"]["name"], "ACME");
+    // Both delivery lines carry the event's id, as the event's own line does: one grep
+    // finds the event's whole story.
+    let event_line = sidecar
+        .wait_for_log(Duration::from_secs(10), |v| {
+            v["message"] == "event" && v["object_id"] == "12"
+        })
+        .expect("the event's line");
+    let event_id = event_line["span"]["id"].as_str().unwrap().to_owned();
+    assert!(event_id.starts_with("evt_"), "{event_line}");
+    for message in ["delivery dead-lettered", "delivered"] {
+        let line = sidecar
+            .wait_for_log(Duration::from_secs(10), |v| v["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line"));
+        assert_eq!(line["event_id"], event_id.as_str(), "{line}");
+    }
     assert_eq!(wait_dead_letters(&sidecar, 0).await.len(), 0);
     let (status, _) = sidecar
         .request(
