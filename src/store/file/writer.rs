@@ -404,6 +404,7 @@ impl Writer {
                     "execution log rows lost: the store cannot take writes"
                 );
                 let held = std::mem::take(&mut self.held);
+                crate::metrics::execution_log_dropped(held.len() as u64);
                 self.wrote(&held);
             }
             for op in ops {
