@@ -134,6 +134,8 @@ fn zero() {
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     gauge!(RESTART_NEEDED).set(0.0);
     counter!(LOG_LINES_DROPPED).absolute(0);
+    // A panel of it reads 0 after a start, not "no data".
+    gauge!(EVENTS_IN_FLIGHT).set(0.0);
 }
 
 /// One batch of the store file's writer, applied and committed; `durable` when fsynced.

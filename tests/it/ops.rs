@@ -790,6 +790,7 @@ async fn metrics_parse_as_prometheus_text_and_move_with_events() {
             .iter()
             .any(|s| s.metric == "provisiond_execution_log_dropped_total")
     );
+    assert_eq!(sample(&before, "provisiond_events_in_flight", &[]), 0.0);
 
     let client = sidecar.client();
     let post = |body: String| {
