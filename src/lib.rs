@@ -14,7 +14,8 @@
 //!   the before-stage chain.
 //! - [`filter`]: `match` conditions and `when` CEL expressions.
 //! - [`handlers`]: calling HTTP handlers and scripts.
-//! - [`store`]: the redb file: the after stage's durable queue (written before the
+//! - [`store`]: a redb file, or a PostgreSQL database shared by several sidecars: the
+//!   after stage's durable queue (written before the
 //!   billing hears 200), the dead letters, the execution log, the dedupe keys.
 //! - [`delivery`]: the after stage's workers: stored deliveries out to their handlers,
 //!   in order per entity, with retries, to the dead letters when they give up.

@@ -414,9 +414,9 @@ impl std::fmt::Write for Escaped<'_, '_> {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
         // Most text needs no escape: one pass without early exit (which the compiler
         // can do many bytes at a time) says so, and it is copied whole.
-        let plain = s
-            .bytes()
-            .fold(true, |plain, b| plain & (b >= 0x20) & (b != b'"') & (b != b'\\'));
+        let plain = s.bytes().fold(true, |plain, b| {
+            plain & (b >= 0x20) & (b != b'"') & (b != b'\\')
+        });
         if plain {
             return self.0.write_str(s);
         }

@@ -3,7 +3,7 @@
 //! The file watcher ([`watch`]), SIGHUP and `POST /v1/reload` all call
 //! [`Reloader::reload`], one reload at a time. It reads and validates the whole file with
 //! the same code as start-up ([`load`]), builds the new snapshot off to the side, and
-//! swaps it in with [`App::publish`] only when it is complete and different. A file that
+//! swaps it in with [`Live::publish`] only when it is complete and different. A file that
 //! fails validation changes nothing live: its errors are logged, counted and kept for
 //! `GET /v1/config` until a good file loads.
 //!
@@ -256,7 +256,8 @@ pub(crate) fn load(path: &Path) -> Result<Config, ConfigErrors> {
     Config::load(path)
 }
 
-/// The one reload path. Owned by [`App`]; see [`App::reload`].
+/// The one reload path, shared by the file watcher, SIGHUP and `POST /v1/reload`: see
+/// [`Reloader::reload`].
 #[derive(Debug)]
 pub struct Reloader {
     path: PathBuf,

@@ -1220,3 +1220,56 @@ async fn a_relative_script_runs_under_a_config_given_by_a_relative_path() {
     assert_eq!(status, 403, "the script ran and refused: {body}");
     assert_eq!(body["error"]["message"], "ran in sub", "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bare_command_is_looked_up_in_the_path_of_the_handlers_env() {
+    let dir = tempfile::TempDir::new().unwrap();
+    for which in ["a", "b"] {
+        let bin = dir.path().join(which);
+        std::fs::create_dir_all(&bin).unwrap();
+        script(
+            &bin,
+            "which-hook",
+            &format!("#!/bin/sh\necho \"from {which}\" >&2\nexit 1\n"),
+        );
+    }
+    let path_of = |first: &str| {
+        format!(
+            "{}:{}",
+            dir.path().join(first).display(),
+            std::env::var("PATH").unwrap()
+        )
+    };
+    let handler = |env: &str| {
+        format!(
+            "{SERVER}[[handler]]\nname = \"which\"\nevents = [\"*\"]\nstage = \"before\"\n\
+             command = [\"which-hook\"]\n{env}"
+        )
+    };
+    let provisiond_path = path_of("a");
+    // The script's own PATH, set in its env, is where its program is found.
+    let own = format!("env = {{ PATH = {} }}\n", toml_str(path_of("b")));
+    let sidecar = Sidecar::start_in(
+        tempfile::TempDir::new().unwrap(),
+        &handler(&own),
+        &[("PATH", &provisiond_path)],
+    );
+    let (status, body) = sidecar.send("clients.update", 1, json!({})).await;
+    assert_eq!(
+        (status, &body["error"]["message"]),
+        (403, &json!("from b")),
+        "{body}"
+    );
+    // Without one, provisiond's.
+    let sidecar = Sidecar::start_in(
+        tempfile::TempDir::new().unwrap(),
+        &handler(""),
+        &[("PATH", &provisiond_path)],
+    );
+    let (status, body) = sidecar.send("clients.update", 1, json!({})).await;
+    assert_eq!(
+        (status, &body["error"]["message"]),
+        (403, &json!("from a")),
+        "{body}"
+    );
+}

@@ -332,11 +332,6 @@ impl Checker<'_> {
         if written.is_relative() && argv[0].contains('/') {
             argv[0] = base.join(written).display().to_string();
         }
-        let program = if argv[0].contains('/') {
-            PathBuf::from(&argv[0])
-        } else {
-            on_path(&argv[0]).unwrap_or_else(|| PathBuf::from(&argv[0]))
-        };
         let mut env = Vec::new();
         for (name, value) in raw.env.iter().flatten() {
             let ok = !name.is_empty() && !name.contains('=') && !name.contains('\0');
@@ -349,6 +344,18 @@ impl Checker<'_> {
             }
             env.push((name.clone(), value.clone()));
         }
+        // A bare name is looked up now, in the `PATH` the script will run with: its
+        // `env`'s when it sets one, else provisiond's.
+        let program = if argv[0].contains('/') {
+            PathBuf::from(&argv[0])
+        } else {
+            let own_path = env.iter().find(|(name, _)| name == "PATH");
+            let found = match own_path {
+                Some((_, value)) => in_path(&argv[0], std::ffi::OsStr::new(value)),
+                None => on_path(&argv[0]),
+            };
+            found.unwrap_or_else(|| PathBuf::from(&argv[0]))
+        };
         let workdir = match raw.workdir.as_deref() {
             Some(dir) => base.join(dir),
             None => base.to_path_buf(),
@@ -366,10 +373,15 @@ impl Checker<'_> {
 /// The executable file `name` in provisiond's `PATH`, first found, as the shell would
 /// run it; `None` when there is none (the call then fails as it would have).
 pub(in crate::config) fn on_path(name: &str) -> Option<PathBuf> {
+    in_path(name, &std::env::var_os("PATH")?)
+}
+
+/// The executable file `name` in the directories of `path` (a `PATH` value), first
+/// found.
+fn in_path(name: &str, path: &std::ffi::OsStr) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt as _;
 
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
+    std::env::split_paths(path)
         .filter(|dir| dir.is_absolute())
         .map(|dir| dir.join(name))
         .find(|file| {
