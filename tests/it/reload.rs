@@ -560,8 +560,9 @@ async fn one_slow_slot(hold: Duration) -> (HandlerServer, impl Fn(&str) -> Strin
     (slow, config)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_delivery_waiting_for_a_slot_sees_a_reload_that_removes_its_handler() {
+/// A sidecar on [`one_slow_slot`] (calls of 1.5 s) that got objects 1 and 2: 1's call
+/// holds the slot, 2 waits for it.
+async fn the_second_waiting_for_the_slot() -> (HandlerServer, impl Fn(&str) -> String, Sidecar) {
     let (slow, config) = one_slow_slot(Duration::from_millis(1500)).await;
     let sidecar = Sidecar::start(&config(""));
     for id in [1, 2] {
@@ -569,6 +570,12 @@ async fn a_delivery_waiting_for_a_slot_sees_a_reload_that_removes_its_handler() 
         assert_eq!(status, 200, "{body}");
     }
     assert!(eventually(PATIENCE, || slow.calls().len() == 1).await);
+    (slow, config, sidecar)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_waiting_for_a_slot_sees_a_reload_that_removes_its_handler() {
+    let (slow, config, sidecar) = the_second_waiting_for_the_slot().await;
     // Object 2 waits for the slot that object 1's call holds; the handler goes.
     write_atomic(&sidecar.config_path, &format!("{SERVER}\n"));
     sidecar
@@ -593,13 +600,7 @@ async fn a_delivery_waiting_for_a_slot_sees_a_reload_that_removes_its_handler() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_delivery_waiting_for_a_slot_waits_while_its_handler_is_disabled() {
-    let (slow, config) = one_slow_slot(Duration::from_millis(1500)).await;
-    let sidecar = Sidecar::start(&config(""));
-    for id in [1, 2] {
-        let (status, body) = sidecar.send("clients.create", id, json!({})).await;
-        assert_eq!(status, 200, "{body}");
-    }
-    assert!(eventually(PATIENCE, || slow.calls().len() == 1).await);
+    let (slow, config, sidecar) = the_second_waiting_for_the_slot().await;
     write_atomic(&sidecar.config_path, &config("enabled = false"));
     sidecar
         .wait_for_config(PATIENCE, |c| generation(c) == 2)
