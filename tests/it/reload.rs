@@ -575,7 +575,7 @@ async fn the_second_waiting_for_the_slot() -> (HandlerServer, impl Fn(&str) -> S
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_delivery_waiting_for_a_slot_sees_a_reload_that_removes_its_handler() {
-    let (slow, config, sidecar) = the_second_waiting_for_the_slot().await;
+    let (slow, _, sidecar) = the_second_waiting_for_the_slot().await;
     // Object 2 waits for the slot that object 1's call holds; the handler goes.
     write_atomic(&sidecar.config_path, &format!("{SERVER}\n"));
     sidecar
