@@ -210,4 +210,28 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn the_methods_the_schema_offers_are_exactly_those_check_takes() {
+        let schema = serde_json::to_value(schemars::schema_for!(crate::config::RawConfig))
+            .expect("the schema serialises");
+        let offered = schema["$defs"]["RawHandler"]["properties"]["method"]["enum"]
+            .as_array()
+            .expect("an enum")
+            .clone();
+        let compiles = |method: &str| {
+            let text = format!(
+                "[[handler]]\nname = \"h\"\nevents = [\"*\"]\nstage = \"after\"\n\
+                 url = \"http://127.0.0.1:9/\"\nmethod = \"{method}\"\n"
+            );
+            Config::parse(&text, "provisioning.toml").is_ok()
+        };
+        for method in &offered {
+            assert!(compiles(method.as_str().unwrap()), "{method}");
+        }
+        for refused in ["GET", "get", "DELETE", ""] {
+            assert!(!compiles(refused), "{refused}");
+            assert!(!offered.contains(&json!(refused)), "{refused}");
+        }
+    }
 }

@@ -220,8 +220,11 @@ pub struct RawHandler {
     pub enabled: Option<bool>,
     /// HTTP handler: the URL the envelope is sent to.
     pub url: Option<String>,
-    /// HTTP handler: the method ("POST" by default, or "PUT", "PATCH").
-    #[schemars(extend("enum" = ["POST", "PUT", "PATCH"], "default" = defaults::METHOD))]
+    /// HTTP handler: the method ("POST" by default, or "PUT", "PATCH"; lower case too).
+    #[schemars(extend(
+        "enum" = ["POST", "PUT", "PATCH", "post", "put", "patch"],
+        "default" = defaults::METHOD
+    ))]
     pub method: Option<String>,
     /// HTTP handler: extra request headers. Not those provisiond sets itself:
     /// Content-Type, Content-Length, Transfer-Encoding, Host, X-Provisioning-Event,

@@ -576,7 +576,10 @@ fn the_checked_in_schema_is_current() {
     // What an editor can check and complete beyond types.
     assert_eq!(handler["name"]["pattern"], "^[A-Za-z0-9_-]+$");
     assert_eq!(handler["events"]["minItems"], 1);
-    assert_eq!(handler["method"]["enum"], json!(["POST", "PUT", "PATCH"]));
+    assert_eq!(
+        handler["method"]["enum"],
+        json!(["POST", "PUT", "PATCH", "post", "put", "patch"])
+    );
     assert_eq!(handler["method"]["default"], "POST");
     assert_eq!(handler["priority"]["default"], 100);
     assert_eq!(handler["enabled"]["default"], true);
