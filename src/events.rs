@@ -641,6 +641,14 @@ fn check_id(field: &'static str, value: &str) -> Result<(), EnvelopeError> {
 /// syntax, but not a character, so no map of the body can hold it. Kept as bytes, such
 /// an object would read as empty to a filter, and to the caller of a modifying handler.
 fn check_body(body: &[u8], max: usize) -> Result<(), EnvelopeError> {
+    // Most bodies settle in two vectorised scans: with no backslash there is no escape,
+    // and with no more opening brackets than `max` (in strings or not) no nesting can
+    // be deeper. Only the others are walked byte by byte.
+    if memchr::memchr(b'\\', body).is_none()
+        && memchr::memchr2_iter(b'{', b'[', body).nth(max).is_none()
+    {
+        return Ok(());
+    }
     let mut depth = 0usize;
     let mut in_string = false;
     let mut at = 0;
@@ -803,6 +811,31 @@ mod tests {
         assert_eq!(parse(&deep), Err(EnvelopeError::TooDeep(DEFAULT_MAX_DEPTH)));
         let in_string = r#"{"event":{"events_id":"a.b"},"data":{"x":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}}"#;
         assert!(parse(in_string).is_ok());
+    }
+
+    #[test]
+    fn the_depth_limit_holds_with_and_without_escapes_in_the_body() {
+        // `max` brackets deep passes and one more is refused, whether or not the body
+        // has a backslash (which sends the check the long way) or spare brackets in a
+        // string (which do too, and do not count).
+        let max = 5;
+        for extra in ["", r#","s":"a\\b""#, r#","s":"[[[[[[""#] {
+            let body = |depth: usize| {
+                let inner = format!("{}{}", "[".repeat(depth - 2), "]".repeat(depth - 2));
+                format!(r#"{{"event":{{"events_id":"a.b"}},"data":{{"x":{inner}{extra}}}}}"#)
+            };
+            for depth in [max - 1, max] {
+                assert!(
+                    Envelope::parse(body(depth).as_bytes(), max).is_ok(),
+                    "{depth} {extra}"
+                );
+            }
+            assert_eq!(
+                Envelope::parse(body(max + 1).as_bytes(), max),
+                Err(EnvelopeError::TooDeep(max)),
+                "{extra}"
+            );
+        }
     }
 
     #[test]
