@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use sha2::Digest as _;
 
+use super::conninfo;
 use super::defaults;
 use super::error::{ConfigErrors, KeyPath, Seg};
 use super::raw::{OnError, RawConfig, RawDefaults, RawRetry, RawServer, RawStore};
@@ -505,32 +506,33 @@ impl Checker<'_> {
             }
             Some(url) => url,
         };
-        match tokio_postgres::Config::from_str(url) {
-            Err(e) => {
-                self.error(
-                    url_path,
-                    format!(
-                        "not a PostgreSQL URL or key=value string: {}{from_env}",
-                        conninfo_problem(&e, url)
-                    ),
-                );
+        let (connect, tls) = match conninfo::split_tls(url) {
+            Ok(split) => split,
+            Err(problem) => {
+                self.error(url_path, format!("{problem}{from_env}"));
                 return None;
             }
-            Ok(conninfo) if conninfo.get_ssl_mode() == tokio_postgres::config::SslMode::Require => {
-                self.error(
-                    url_path,
-                    format!(
-                        "sslmode=require: this build connects to PostgreSQL without TLS; \
-                         reach the database on a private network or a unix socket, or \
-                         through a TLS tunnel (stunnel, PgBouncer){from_env}"
-                    ),
-                );
-                return None;
-            }
-            Ok(_) => {}
+        };
+        if let Err(e) = tokio_postgres::Config::from_str(&connect) {
+            self.error(
+                url_path,
+                format!(
+                    "not a PostgreSQL URL or key=value string: {}{from_env}",
+                    conninfo_problem(&e, &connect)
+                ),
+            );
+            return None;
+        }
+        if let Some(conninfo::Root::File(file)) = &tls.root
+            && let Err(problem) = conninfo::read_root_certificates(file)
+        {
+            self.error(url_path, format!("sslrootcert: {problem}{from_env}"));
+            return None;
         }
         Some(Postgres {
             url: Secret::new(url.to_owned()),
+            connect: Secret::new(connect),
+            tls,
             schema: schema.to_owned(),
             pool: pool as usize,
             lease,

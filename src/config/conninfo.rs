@@ -146,9 +146,216 @@ fn percent_decoded(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// What `store.url` asks of TLS, in libpq's terms (`sslmode`, `sslrootcert`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgTls {
+    pub mode: SslMode,
+    /// `sslrootcert`: the CA certificates a server's certificate is checked against.
+    pub root: Option<Root>,
+}
+
+/// libpq's `sslmode`, all five of them: tokio-postgres itself reads only the first
+/// three.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// No TLS.
+    Disable,
+    /// TLS when the server offers it, else without (libpq's default); the certificate
+    /// is not checked, unless `sslrootcert` is given.
+    Prefer,
+    /// TLS or no connection; the certificate is not checked, unless `sslrootcert` is
+    /// given.
+    Require,
+    /// TLS, the certificate signed by a trusted CA; its name is not checked.
+    VerifyCa,
+    /// TLS, the certificate signed by a trusted CA and naming the host connected to.
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// Where trusted CA certificates come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Root {
+    /// `sslrootcert=system`: the system's (as for `https://` handlers).
+    System,
+    /// A PEM file of one or more CA certificates.
+    File(std::path::PathBuf),
+}
+
+/// The CA certificates of an `sslrootcert` PEM file; what is wrong with it, when
+/// something is (read at `check` and again when the store connects).
+pub fn read_root_certificates(
+    path: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certificates = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not a PEM file of certificates: {e}", path.display()))?;
+    if certificates.is_empty() {
+        return Err(format!(
+            "{} holds no certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    Ok(certificates)
+}
+
+/// Takes `sslmode` and `sslrootcert` out of a connection string, for provisiond's own
+/// TLS set-up, and returns the string tokio-postgres is given: `sslmode` `verify-ca`
+/// and `verify-full` become `require` (TLS or nothing; the checks are made by the
+/// verifier), `sslrootcert` is left out, and everything else stays as written. An
+/// `sslmode` that is not one of libpq's five, or an `sslrootcert` of `system` with a
+/// mode weaker than `verify-full` (libpq refuses it too), is an error.
+pub(super) fn split_tls(conninfo: &str) -> Result<(String, PgTls), String> {
+    let mut mode = None;
+    let mut root = None;
+    let mut take = |key: &str, value: &str| -> Result<Option<String>, String> {
+        match key {
+            "sslmode" => {
+                let read = match value {
+                    "disable" => SslMode::Disable,
+                    "prefer" => SslMode::Prefer,
+                    "require" => SslMode::Require,
+                    "verify-ca" => SslMode::VerifyCa,
+                    "verify-full" => SslMode::VerifyFull,
+                    other => {
+                        return Err(format!(
+                            "sslmode={other} is not one of disable, prefer, require, \
+                             verify-ca, verify-full"
+                        ));
+                    }
+                };
+                mode = Some(read);
+                Ok(Some(
+                    match read {
+                        SslMode::VerifyCa | SslMode::VerifyFull => "require",
+                        other => other.as_str(),
+                    }
+                    .to_owned(),
+                ))
+            }
+            "sslrootcert" => {
+                root = Some(match value {
+                    "system" => Root::System,
+                    path => Root::File(path.into()),
+                });
+                Ok(None)
+            }
+            _ => Ok(Some(value.to_owned())),
+        }
+    };
+    let mut kept = None;
+    for scheme in ["postgresql://", "postgres://"] {
+        if conninfo.starts_with(scheme) {
+            kept = Some(split_url(conninfo, &mut take)?);
+        }
+    }
+    let kept = match kept {
+        Some(kept) => kept,
+        // What does not read is left whole, for tokio-postgres to say what is wrong.
+        None => split_key_values(conninfo, &mut take)?.unwrap_or_else(|| conninfo.to_owned()),
+    };
+    let mode = mode.unwrap_or(SslMode::Prefer);
+    if root == Some(Root::System) && mode != SslMode::VerifyFull {
+        return Err(format!(
+            "sslrootcert=system needs sslmode=verify-full, not {}: a certificate any \
+             public CA signed is only worth trusting for the name it was issued for",
+            mode.as_str()
+        ));
+    }
+    Ok((kept, PgTls { mode, root }))
+}
+
+/// A URL's query, with each parameter passed through `take` (its key and value
+/// percent-decoded); those it answers `None` for are left out.
+fn split_url(
+    url: &str,
+    take: &mut impl FnMut(&str, &str) -> Result<Option<String>, String>,
+) -> Result<String, String> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok(url.to_owned());
+    };
+    let mut kept = Vec::new();
+    for part in query.split('&') {
+        let (key, value) = part.split_once('=').unwrap_or((part, ""));
+        match take(&percent_decoded(key), &percent_decoded(value))? {
+            Some(new) if new == percent_decoded(value) => kept.push(part.to_owned()),
+            Some(new) => kept.push(format!("{key}={new}")),
+            None => {}
+        }
+    }
+    if kept.is_empty() {
+        return Ok(base.to_owned());
+    }
+    Ok(format!("{base}?{}", kept.join("&")))
+}
+
+/// A key=value string with each pair passed through `take` (the value unquoted); those
+/// it answers `None` for are left out. `Ok(None)` when it does not read.
+fn split_key_values(
+    text: &str,
+    take: &mut impl FnMut(&str, &str) -> Result<Option<String>, String>,
+) -> Result<Option<String>, String> {
+    let mut kept = Vec::new();
+    let mut rest = text.trim_start();
+    while !rest.is_empty() {
+        let Some(key_end) = rest.find(|c: char| c == '=' || c.is_whitespace()) else {
+            return Ok(None);
+        };
+        let key = &rest[..key_end];
+        let Some(after_eq) = rest[key_end..].trim_start().strip_prefix('=') else {
+            return Ok(None);
+        };
+        let value_start = after_eq.trim_start();
+        let Some(len) = value_length(value_start) else {
+            return Ok(None);
+        };
+        let written = &value_start[..len];
+        let value = unquoted(written);
+        match take(key, &value)? {
+            Some(new) if new == value => kept.push(format!("{key}={written}")),
+            Some(new) => kept.push(format!("{key}={new}")),
+            None => {}
+        }
+        rest = value_start[len..].trim_start();
+    }
+    Ok(Some(kept.join(" ")))
+}
+
+/// A key=value string's value as libpq reads it: quotes taken off, `\` escapes undone.
+fn unquoted(written: &str) -> String {
+    let inner = written
+        .strip_prefix('\'')
+        .and_then(|w| w.strip_suffix('\''))
+        .unwrap_or(written);
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            out.extend(chars.next());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::masked;
+    use super::{PgTls, Root, SslMode, masked, split_tls};
 
     #[test]
     fn a_urls_password_is_masked_and_nothing_else() {
@@ -244,5 +451,74 @@ mod tests {
         for written in ["host=db password='s3cret", "host=db s3cret", "s3cret"] {
             assert_eq!(masked(written), "***", "{written}");
         }
+    }
+
+    #[test]
+    fn tls_settings_are_taken_out_of_both_forms_and_the_rest_kept_as_written() {
+        let file = |path: &str| Some(Root::File(path.into()));
+        for (written, kept, mode, root) in [
+            (
+                "postgres://app:p%40ss@db1,db2/billing?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&target_session_attrs=read-write",
+                "postgres://app:p%40ss@db1,db2/billing?sslmode=require&target_session_attrs=read-write",
+                SslMode::VerifyFull,
+                file("/etc/ca.pem"),
+            ),
+            (
+                "postgres://db/billing?sslrootcert=/etc/ca.pem",
+                "postgres://db/billing",
+                SslMode::Prefer,
+                file("/etc/ca.pem"),
+            ),
+            (
+                "postgres://db/billing",
+                "postgres://db/billing",
+                SslMode::Prefer,
+                None,
+            ),
+            (
+                "host=db user=app password='a b\\'c' sslmode=verify-ca sslrootcert='/etc/my ca.pem'",
+                "host=db user=app password='a b\\'c' sslmode=require",
+                SslMode::VerifyCa,
+                file("/etc/my ca.pem"),
+            ),
+            (
+                "host=db sslmode = disable",
+                "host=db sslmode=disable",
+                SslMode::Disable,
+                None,
+            ),
+            (
+                "host=db sslmode=verify-full sslrootcert=system",
+                "host=db sslmode=require",
+                SslMode::VerifyFull,
+                Some(Root::System),
+            ),
+        ] {
+            assert_eq!(
+                split_tls(written),
+                Ok((kept.to_owned(), PgTls { mode, root })),
+                "{written}"
+            );
+            // What is left is for tokio-postgres, which must read it.
+            assert!(kept.parse::<tokio_postgres::Config>().is_ok(), "{kept}");
+        }
+    }
+
+    #[test]
+    fn a_tls_setting_libpq_would_refuse_is_refused_naming_it() {
+        assert_eq!(
+            split_tls("host=db sslmode=verify"),
+            Err(
+                "sslmode=verify is not one of disable, prefer, require, verify-ca, \
+                 verify-full"
+                    .to_owned()
+            )
+        );
+        let weak = split_tls("postgres://db/b?sslmode=require&sslrootcert=system").unwrap_err();
+        assert!(
+            weak.starts_with("sslrootcert=system needs sslmode=verify-full, not require"),
+            "{weak}"
+        );
+        assert!(split_tls("host=db sslrootcert=system").is_err());
     }
 }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use compile::MAX_DURATION;
+pub use conninfo::{PgTls, Root, SslMode, read_root_certificates};
 pub use defaults::fmt_duration;
 pub use env::expand_env;
 pub use error::{ConfigError, ConfigErrors, KeyPath, Seg};
@@ -143,8 +144,14 @@ pub enum Backend {
 /// `store.url`, `store.schema`, `store.pool`, `store.lease` with `backend = "postgres"`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Postgres {
-    /// libpq-style URL or key=value string; may hold a password, so never shown.
+    /// libpq-style URL or key=value string, as written; may hold a password, so never
+    /// shown.
     pub url: Secret,
+    /// `url` as tokio-postgres is given it: `sslrootcert` left out, `sslmode`
+    /// `verify-ca` and `verify-full` read as `require` (the checks are `tls`'s).
+    pub connect: Secret,
+    /// What `url` asks of TLS.
+    pub tls: PgTls,
     /// The schema the tables live in: a plain SQL identifier.
     pub schema: String,
     /// Connections per sidecar.

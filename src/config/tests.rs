@@ -839,22 +839,67 @@ fn a_postgres_store_needs_a_url() {
             )]
         );
     }
-    // TLS is not in this build: said at check, not found out as a sidecar never ready.
-    for url in [
-        "postgres://db/billing?sslmode=require",
-        "host=db sslmode=require",
+    // TLS settings libpq would refuse, or a CA file that cannot be used: said at check,
+    // not found out as a sidecar never ready.
+    let store = |url: &str| format!("[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n");
+    let dir = tempfile::TempDir::new().unwrap();
+    let missing = dir.path().join("ca.pem");
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    for (url, error) in [
+        (
+            "host=db sslmode=verify".to_owned(),
+            "sslmode=verify is not one of disable, prefer, require, verify-ca, verify-full"
+                .to_owned(),
+        ),
+        (
+            format!(
+                "host=db sslmode=verify-full sslrootcert={}",
+                missing.display()
+            ),
+            format!(
+                "sslrootcert: cannot read {}: No such file or directory (os error 2)",
+                missing.display()
+            ),
+        ),
+        (
+            format!("postgres://db/billing?sslrootcert={}", empty.display()),
+            format!(
+                "sslrootcert: {} holds no certificate (-----BEGIN CERTIFICATE-----)",
+                empty.display()
+            ),
+        ),
     ] {
         assert_eq!(
-            error_lines(&format!(
-                "[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n"
-            )),
-            [
-                "p.toml:3:7: store.url: sslmode=require: this build connects to PostgreSQL \
-                 without TLS; reach the database on a private network or a unix socket, or \
-                 through a TLS tunnel (stunnel, PgBouncer)"
-            ]
+            error_lines(&store(&url)),
+            [format!("p.toml:3:7: store.url: {error}")],
+            "{url}"
         );
     }
+    for url in [
+        "postgres://db/billing?sslmode=require",
+        "host=db sslmode=verify-full",
+        "host=db sslmode=verify-ca sslrootcert=system sslmode=verify-full",
+        "host=db sslmode=disable",
+    ] {
+        assert!(parse(&store(url)).is_ok(), "{url}");
+    }
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/localhost-cert.pem"
+    );
+    let config = parse(&store(&format!(
+        "host=db sslmode=verify-ca sslrootcert={fixture}"
+    )))
+    .unwrap();
+    let crate::config::Backend::Postgres(pg) = &config.store.backend else {
+        panic!("a postgres store")
+    };
+    assert_eq!(pg.connect.expose(), "host=db sslmode=require");
+    assert_eq!(pg.tls.mode, crate::config::SslMode::VerifyCa);
+    assert_eq!(pg.tls.root, Some(crate::config::Root::File(fixture.into())));
+    // What is shown is what was written.
+    assert!(pg.shown_url().contains("sslmode=verify-ca"));
     assert!(parse("[store]\nbackend = \"postgres\"\nurl = \"host=db sslmode=prefer\"\n").is_ok());
     // An unquoted password with a space reads as an unknown option: not named, and
     // nothing of the value shown.

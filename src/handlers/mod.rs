@@ -7,7 +7,7 @@
 
 pub(crate) mod exec;
 pub(crate) mod http;
-mod tls;
+pub(crate) mod tls;
 
 use std::time::{Duration, Instant};
 

@@ -198,6 +198,29 @@ impl PgServer {
         server
     }
 
+    /// A fresh cluster with TLS on (`ssl = on`), its certificate and key the test
+    /// fixtures' (`tests/fixtures/localhost-*.pem`: self-signed, for `127.0.0.1`),
+    /// started.
+    pub(crate) fn start_with_tls() -> Self {
+        let mut server =
+            Self::init("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'");
+        for (fixture, name) in [
+            ("localhost-cert.pem", "server.crt"),
+            ("localhost-key.pem", "server.key"),
+        ] {
+            let to = server.data.join(name);
+            let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures")
+                .join(fixture);
+            fs::copy(from, &to).unwrap();
+            // The server refuses a key others can read.
+            fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+            give(&to);
+        }
+        server.start_postmaster();
+        server
+    }
+
     /// A fresh, not yet started cluster with `extra` appended to its postgresql.conf.
     fn init(extra: &str) -> Self {
         let server = Self::empty();

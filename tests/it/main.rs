@@ -30,6 +30,7 @@ mod monitoring;
 mod ops;
 mod pg_cluster;
 mod pg_harness;
+mod pg_tls;
 mod reload;
 mod robustness;
 mod shared_store;

@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::mpsc;
-use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -40,6 +39,7 @@ mod lanes;
 mod log;
 mod queue;
 mod schema;
+mod tls;
 
 use lanes::Held;
 use queue::{Accepts, Settlements};
@@ -160,7 +160,7 @@ impl Postgres {
     /// than this build is.
     pub(super) async fn open(pg: &config::Postgres) -> Result<Self, StoreError> {
         let mut cfg: tokio_postgres::Config =
-            pg.url.expose().parse().map_err(|e| StoreError::Open {
+            pg.connect.expose().parse().map_err(|e| StoreError::Open {
                 path: "store.url".into(),
                 reason: format!("not a PostgreSQL connection string ({e})"),
             })?;
@@ -171,9 +171,13 @@ impl Postgres {
             cfg.application_name("provisiond");
         }
         let shown = describe(&cfg, &pg.schema);
+        let tls = tls::connector(&pg.tls).map_err(|reason| StoreError::Open {
+            path: shown.clone(),
+            reason,
+        })?;
         let manager = Manager::from_config(
             cfg,
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
