@@ -302,6 +302,10 @@ impl Writer {
                         if flush_at.is_some() && !broken => Next::Flush,
                 }
             });
+            // Rows taken from here on are dated from now: held, they are written a
+            // LOG_LINGER after they reached the writer at the latest, however the
+            // wait for company ends.
+            let taken = Instant::now();
             match next {
                 Next::Op(op) => ops.push(op),
                 Next::Rows(r) => rows.extend(r),
@@ -346,7 +350,7 @@ impl Writer {
                     late.answer(Err(StoreError::Closed));
                 }
             }
-            self.batch(ops, rows, closing.is_some());
+            self.batch(ops, rows, taken, closing.is_some());
         }
         if let Some(reply) = closing {
             let _ = reply.send(());
@@ -386,10 +390,11 @@ impl Writer {
         }
     }
 
-    fn batch(&mut self, ops: Vec<Op>, rows: Vec<Execution>, last: bool) {
+    /// `rows` reached the writer at `taken` (or later).
+    fn batch(&mut self, ops: Vec<Op>, rows: Vec<Execution>, taken: Instant, last: bool) {
         if !rows.is_empty() {
             // Counted in `log_bytes` by their senders already.
-            self.held_since.get_or_insert_with(Instant::now);
+            self.held_since.get_or_insert(taken);
             self.held.extend(rows);
         }
         if ops.is_empty() && self.held.is_empty() {
