@@ -523,10 +523,19 @@ impl Checker<'_> {
             );
             return None;
         }
-        if let Some(conninfo::Root::File(file)) = &tls.root
-            && let Err(problem) = conninfo::read_root_certificates(file)
-        {
-            self.error(url_path, format!("sslrootcert: {problem}{from_env}"));
+        let files = tls
+            .root
+            .as_ref()
+            .and_then(|root| match root {
+                conninfo::Root::File(file) => conninfo::read_root_certificates(file).err(),
+                conninfo::Root::System => None,
+            })
+            .or_else(|| {
+                let client = tls.client.as_ref()?;
+                conninfo::read_client_certificate(client).err()
+            });
+        if let Some(problem) = files {
+            self.error(url_path, format!("{problem}{from_env}"));
             return None;
         }
         Some(Postgres {

@@ -152,6 +152,16 @@ pub struct PgTls {
     pub mode: SslMode,
     /// `sslrootcert`: the CA certificates a server's certificate is checked against.
     pub root: Option<Root>,
+    /// `sslcert` and `sslkey`: the certificate (chain) and key provisiond shows when
+    /// the server asks for one.
+    pub client: Option<ClientCert>,
+}
+
+/// A client certificate: two PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
 }
 
 /// libpq's `sslmode`, all five of them: tokio-postgres itself reads only the first
@@ -198,6 +208,13 @@ pub enum Root {
 pub fn read_root_certificates(
     path: &std::path::Path,
 ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    read_certificates(path).map_err(|e| format!("sslrootcert: {e}"))
+}
+
+/// The certificates of a PEM file.
+fn read_certificates(
+    path: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject as _;
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -222,6 +239,7 @@ pub fn read_root_certificates(
 pub(super) fn split_tls(conninfo: &str) -> Result<(String, PgTls), String> {
     let mut mode = None;
     let mut root = None;
+    let (mut client_cert, mut client_key) = (None, None);
     let mut take = |key: &str, value: &str| -> Result<Option<String>, String> {
         match key {
             "sslmode" => {
@@ -254,6 +272,14 @@ pub(super) fn split_tls(conninfo: &str) -> Result<(String, PgTls), String> {
                 });
                 Ok(None)
             }
+            "sslcert" => {
+                client_cert = Some(std::path::PathBuf::from(value));
+                Ok(None)
+            }
+            "sslkey" => {
+                client_key = Some(std::path::PathBuf::from(value));
+                Ok(None)
+            }
             _ => Ok(Some(value.to_owned())),
         }
     };
@@ -276,7 +302,41 @@ pub(super) fn split_tls(conninfo: &str) -> Result<(String, PgTls), String> {
             mode.as_str()
         ));
     }
-    Ok((kept, PgTls { mode, root }))
+    let client = match (client_cert, client_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(ClientCert { cert, key }),
+        (Some(_), None) => return Err("sslcert needs sslkey, the certificate's key".into()),
+        (None, Some(_)) => return Err("sslkey needs sslcert, the key's certificate".into()),
+    };
+    if client.is_some() && mode == SslMode::Disable {
+        return Err("sslcert with sslmode=disable: the certificate is only shown over TLS".into());
+    }
+    Ok((kept, PgTls { mode, root, client }))
+}
+
+/// The certificate chain and private key of `sslcert` and `sslkey`; what is wrong with
+/// them, when something is (read at `check` and when the store connects).
+pub fn read_client_certificate(
+    client: &ClientCert,
+) -> Result<
+    (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+    String,
+> {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let chain = read_certificates(&client.cert).map_err(|e| format!("sslcert: {e}"))?;
+    let bytes = std::fs::read(&client.key)
+        .map_err(|e| format!("sslkey: cannot read {}: {e}", client.key.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
+        format!(
+            "sslkey: {} holds no usable private key (PEM, not encrypted): {e}",
+            client.key.display()
+        )
+    })?;
+    Ok((chain, key))
 }
 
 /// A URL's query, with each parameter passed through `take` (its key and value
@@ -496,7 +556,14 @@ mod tests {
         ] {
             assert_eq!(
                 split_tls(written),
-                Ok((kept.to_owned(), PgTls { mode, root })),
+                Ok((
+                    kept.to_owned(),
+                    PgTls {
+                        mode,
+                        root,
+                        client: None
+                    }
+                )),
                 "{written}"
             );
             // What is left is for tokio-postgres, which must read it.

@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use compile::MAX_DURATION;
-pub use conninfo::{PgTls, Root, SslMode, read_root_certificates};
+pub use conninfo::{
+    ClientCert, PgTls, Root, SslMode, read_client_certificate, read_root_certificates,
+};
 pub use defaults::fmt_duration;
 pub use env::expand_env;
 pub use error::{ConfigError, ConfigErrors, KeyPath, Seg};

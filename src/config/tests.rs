@@ -863,6 +863,24 @@ fn a_postgres_store_needs_a_url() {
             ),
         ),
         (
+            "host=db sslcert=/etc/c.pem".to_owned(),
+            "sslcert needs sslkey, the certificate's key".to_owned(),
+        ),
+        (
+            format!(
+                "host=db sslcert={} sslkey={}",
+                concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/fixtures/pg-client-cert.pem"
+                ),
+                empty.display()
+            ),
+            format!(
+                "sslkey: {} holds no usable private key (PEM, not encrypted): no items found",
+                empty.display()
+            ),
+        ),
+        (
             format!("postgres://db/billing?sslrootcert={}", empty.display()),
             format!(
                 "sslrootcert: {} holds no certificate (-----BEGIN CERTIFICATE-----)",

@@ -199,14 +199,18 @@ impl PgServer {
     }
 
     /// A fresh cluster with TLS on (`ssl = on`), its certificate and key the test
-    /// fixtures' (`tests/fixtures/localhost-*.pem`: self-signed, for `127.0.0.1`),
-    /// started.
+    /// fixtures' (`tests/fixtures/localhost-*.pem`: self-signed, for `127.0.0.1`), and
+    /// client certificates signed by `pg-client-ca.pem` trusted (asked for only where
+    /// pg_hba.conf says `cert`, see [`Self::hba_first`]), started.
     pub(crate) fn start_with_tls() -> Self {
-        let mut server =
-            Self::init("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'");
+        let mut server = Self::init(
+            "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+             ssl_ca_file = 'client-ca.crt'",
+        );
         for (fixture, name) in [
             ("localhost-cert.pem", "server.crt"),
             ("localhost-key.pem", "server.key"),
+            ("pg-client-ca.pem", "client-ca.crt"),
         ] {
             let to = server.data.join(name);
             let from = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -321,6 +325,15 @@ impl PgServer {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.postmaster = Some(child);
+    }
+
+    /// Puts `line` first in pg_hba.conf (it then decides for the connections it
+    /// matches) and reloads the server's configuration.
+    pub(crate) fn hba_first(&self, line: &str) {
+        let path = self.data.join("pg_hba.conf");
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(&path, format!("{line}\n{text}")).unwrap();
+        self.psql("postgres", "SELECT pg_reload_conf()");
     }
 
     /// The server's log so far.

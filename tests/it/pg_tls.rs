@@ -169,3 +169,41 @@ async fn prefer_takes_tls_when_the_server_offers_it_and_require_refuses_a_server
     let error = refusal(&refused);
     assert!(error.contains("server does not support TLS"), "{error}");
 }
+
+/// A database that admits only clients with a certificate (`hostssl ... cert`: signed
+/// by the CA the server trusts, its CN the user's name): `sslcert` and `sslkey` get a
+/// sidecar in; without them the server's refusal is what the log says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_certificate_is_shown_to_a_server_that_asks_for_one() {
+    let Some(db) = tls_server() else { return };
+    db.create_database("certified");
+    db.hba_first("hostssl certified all 127.0.0.1/32 cert");
+    let crm = HandlerServer::echo().await;
+    let url = |extra: &str| {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/certified?sslmode=verify-full&sslrootcert={}{extra}",
+            db.port,
+            tls_fixture("localhost-cert.pem").display()
+        )
+    };
+
+    let without = Sidecar::start(&config(&url(""), &crm.url("/")));
+    let error = refusal(&without);
+    assert!(error.contains("28000"), "{error}");
+    drop(without);
+
+    let with = format!(
+        "&sslcert={}&sslkey={}",
+        tls_fixture("pg-client-cert.pem").display(),
+        tls_fixture("pg-client-key.pem").display()
+    );
+    let sidecar = Sidecar::start(&config(&url(&with), &crm.url("/")));
+    delivered_through(&sidecar, &crm).await;
+    let row = db.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'provisiond' AND a.datname = 'certified' \
+         AND s.client_dn = '/CN=postgres'",
+    );
+    assert_ne!(row, "0", "no connection showed the client certificate");
+}

@@ -23,7 +23,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, Error, RootCertStore, SignatureScheme};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::config::{PgTls, Root, SslMode, read_root_certificates};
+use crate::config::{PgTls, Root, SslMode, read_client_certificate, read_root_certificates};
 
 /// The TLS connector for a store's connections.
 pub(super) fn connector(tls: &PgTls) -> Result<MakeRustlsConnect, String> {
@@ -52,12 +52,20 @@ pub(super) fn connector(tls: &PgTls) -> Result<MakeRustlsConnect, String> {
             any_name_unless_full(crate::handlers::tls::system_roots(provider.clone()), mode)
         }
     };
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let config = match &tls.client {
+        None => builder.with_no_client_auth(),
+        Some(client) => {
+            let (chain, key) = read_client_certificate(client)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("sslcert and sslkey: {e}"))?
+        }
+    };
     Ok(MakeRustlsConnect::new(config))
 }
 
