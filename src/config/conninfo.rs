@@ -205,7 +205,28 @@ pub enum Root {
 
 /// The CA certificates of an `sslrootcert` PEM file; what is wrong with it, when
 /// something is (read at `check` and again when the store connects).
-pub fn read_root_certificates(
+pub fn read_root_certificates(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certificates = read_certificates(path).map_err(|e| format!("sslrootcert: {e}"))?;
+    for (n, certificate) in certificates.into_iter().enumerate() {
+        roots.add(certificate).map_err(|e| {
+            let reason = match e {
+                rustls::Error::InvalidCertificate(why) => format!("{why:?}"),
+                other => other.to_string(),
+            };
+            format!(
+                "sslrootcert: certificate {} of {} cannot be used as a CA ({reason})",
+                n + 1,
+                path.display()
+            )
+        })?;
+    }
+    Ok(roots)
+}
+
+/// The certificates of a PEM file, as they are (the `sslrootcert` file's, which a
+/// server showing one of them is trusted with).
+pub fn read_pem_certificates(
     path: &std::path::Path,
 ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
     read_certificates(path).map_err(|e| format!("sslrootcert: {e}"))
@@ -266,10 +287,12 @@ pub(super) fn split_tls(conninfo: &str) -> Result<(String, PgTls), String> {
                 ))
             }
             "sslrootcert" => {
-                root = Some(match value {
-                    "system" => Root::System,
-                    path => Root::File(path.into()),
-                });
+                // Empty is unset, as in libpq.
+                root = match value {
+                    "" => None,
+                    "system" => Some(Root::System),
+                    path => Some(Root::File(path.into())),
+                };
                 Ok(None)
             }
             "sslcert" => {
@@ -291,8 +314,23 @@ pub(super) fn split_tls(conninfo: &str) -> Result<(String, PgTls), String> {
     }
     let kept = match kept {
         Some(kept) => kept,
-        // What does not read is left whole, for tokio-postgres to say what is wrong.
-        None => split_key_values(conninfo, &mut take)?.unwrap_or_else(|| conninfo.to_owned()),
+        None => match split_key_values(conninfo, &mut take)? {
+            Some(kept) => kept,
+            // Not read, and with keys only provisiond reads: tokio-postgres would name
+            // one of those (`sslmode`) instead of the problem.
+            None if ["sslmode=verify", "sslrootcert", "sslcert", "sslkey"]
+                .iter()
+                .any(|key| conninfo.contains(key)) =>
+            {
+                return Err(
+                    "not a key=value string libpq could read: a value with a space \
+                            must be in single quotes (key='a value')"
+                        .into(),
+                );
+            }
+            // What does not read is left whole, for tokio-postgres to say what is wrong.
+            None => conninfo.to_owned(),
+        },
     };
     let mode = mode.unwrap_or(SslMode::Prefer);
     if root == Some(Root::System) && mode != SslMode::VerifyFull {
@@ -308,8 +346,12 @@ pub(super) fn split_tls(conninfo: &str) -> Result<(String, PgTls), String> {
         (Some(_), None) => return Err("sslcert needs sslkey, the certificate's key".into()),
         (None, Some(_)) => return Err("sslkey needs sslcert, the key's certificate".into()),
     };
-    if client.is_some() && mode == SslMode::Disable {
-        return Err("sslcert with sslmode=disable: the certificate is only shown over TLS".into());
+    if mode == SslMode::Disable && (client.is_some() || root.is_some()) {
+        return Err(
+            "sslmode=disable with sslrootcert, sslcert or sslkey: without TLS they would \
+             not be used"
+                .into(),
+        );
     }
     Ok((kept, PgTls { mode, root, client }))
 }

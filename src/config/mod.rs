@@ -21,7 +21,8 @@ use std::time::Duration;
 
 pub use compile::MAX_DURATION;
 pub use conninfo::{
-    ClientCert, PgTls, Root, SslMode, read_client_certificate, read_root_certificates,
+    ClientCert, PgTls, Root, SslMode, read_client_certificate, read_pem_certificates,
+    read_root_certificates,
 };
 pub use defaults::fmt_duration;
 pub use env::expand_env;

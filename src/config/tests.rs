@@ -846,6 +846,12 @@ fn a_postgres_store_needs_a_url() {
     let missing = dir.path().join("ca.pem");
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "not a certificate\n").unwrap();
+    let damaged = dir.path().join("damaged.pem");
+    std::fs::write(
+        &damaged,
+        "-----BEGIN CERTIFICATE-----\nAAAAAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     for (url, error) in [
         (
             "host=db sslmode=verify".to_owned(),
@@ -860,6 +866,25 @@ fn a_postgres_store_needs_a_url() {
             format!(
                 "sslrootcert: cannot read {}: No such file or directory (os error 2)",
                 missing.display()
+            ),
+        ),
+        (
+            "host=db sslmode=disable sslrootcert=/etc/ca.pem".to_owned(),
+            "sslmode=disable with sslrootcert, sslcert or sslkey: without TLS they would not \
+             be used"
+                .to_owned(),
+        ),
+        (
+            "host=db sslmode=verify-full sslrootcert=/etc/my ca.pem".to_owned(),
+            "not a key=value string libpq could read: a value with a space must be in single \
+             quotes (key='a value')"
+                .to_owned(),
+        ),
+        (
+            format!("postgres://db/billing?sslrootcert={}", damaged.display()),
+            format!(
+                "sslrootcert: certificate 1 of {} cannot be used as a CA (BadEncoding)",
+                damaged.display()
             ),
         ),
         (
@@ -899,6 +924,8 @@ fn a_postgres_store_needs_a_url() {
         "host=db sslmode=verify-full",
         "host=db sslmode=verify-ca sslrootcert=system sslmode=verify-full",
         "host=db sslmode=disable",
+        // Empty is unset, as in libpq.
+        "host=db sslmode=require sslrootcert=",
     ] {
         assert!(parse(&store(url)).is_ok(), "{url}");
     }

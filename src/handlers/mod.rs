@@ -7,7 +7,7 @@
 
 pub(crate) mod exec;
 pub(crate) mod http;
-pub(crate) mod tls;
+mod tls;
 
 use std::time::{Duration, Instant};
 

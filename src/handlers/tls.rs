@@ -29,15 +29,6 @@ pub(crate) fn config() -> rustls::ClientConfig {
         .with_no_client_auth()
 }
 
-/// The system's roots, as `https://` handlers use them, for another TLS client
-/// (PostgreSQL's with `sslmode=verify-full` and no `sslrootcert`).
-pub(crate) fn system_roots(provider: Arc<CryptoProvider>) -> Arc<dyn ServerCertVerifier> {
-    Arc::new(LazyRoots {
-        provider,
-        verifier: OnceLock::new(),
-    })
-}
-
 /// The platform verifier, built when first needed. The signature checks need only the
 /// crypto provider, so a handshake reads the roots once, for the server's certificate.
 #[derive(Debug)]

@@ -203,13 +203,18 @@ impl PgServer {
     /// client certificates signed by `pg-client-ca.pem` trusted (asked for only where
     /// pg_hba.conf says `cert`, see [`Self::hba_first`]), started.
     pub(crate) fn start_with_tls() -> Self {
+        Self::start_with_tls_serving("localhost-cert.pem", "localhost-key.pem")
+    }
+
+    /// [`Self::start_with_tls`] with another certificate and key of the fixtures.
+    pub(crate) fn start_with_tls_serving(cert: &str, key: &str) -> Self {
         let mut server = Self::init(
             "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
              ssl_ca_file = 'client-ca.crt'",
         );
         for (fixture, name) in [
-            ("localhost-cert.pem", "server.crt"),
-            ("localhost-key.pem", "server.key"),
+            (cert, "server.crt"),
+            (key, "server.key"),
             ("pg-client-ca.pem", "client-ca.crt"),
         ] {
             let to = server.data.join(name);
@@ -356,6 +361,15 @@ impl PgServer {
     /// `host:port` of the server.
     pub(crate) fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A URL for database `db` as the superuser `postgres`, over the unix socket.
+    pub(crate) fn socket_url(&self, db: &str) -> String {
+        format!(
+            "postgres:///{db}?host={}&port={}&user=postgres",
+            self.dir.path().join("socket").display(),
+            self.port
+        )
     }
 
     /// A URL for database `db` as the superuser `postgres`.

@@ -72,6 +72,17 @@ async fn verify_full_checks_the_certificate_against_sslrootcert_and_every_connec
     );
     let sidecar = Sidecar::start(&config(&url, &crm.url("/")));
     delivered_through(&sidecar, &crm).await;
+    // What an operator sees of it, without looking in the database.
+    let (status, ready) = sidecar.get("/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(
+        ready["store"],
+        format!(
+            "postgres://127.0.0.1:{}/provisiond (schema provisiond, sslmode verify-full)",
+            db.port
+        ),
+        "{ready}"
+    );
     let (with, without) = connections(&db);
     assert!(with > 0, "no connection with TLS");
     assert_eq!(without, 0, "a connection without TLS");
@@ -206,4 +217,62 @@ async fn a_client_certificate_is_shown_to_a_server_that_asks_for_one() {
          AND s.client_dn = '/CN=postgres'",
     );
     assert_ne!(row, "0", "no connection showed the client certificate");
+}
+
+/// A unix socket has no TLS, whatever the `sslmode` short of `require`: the connector
+/// asked for with no host name must not fail the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_unix_socket_connects_without_tls_by_default_and_with_disable() {
+    let Some(db) = tls_server() else { return };
+    let crm = HandlerServer::echo().await;
+    for (n, url) in (1_i64..).zip([
+        db.socket_url("provisiond"),
+        format!("{}&sslmode=disable", db.socket_url("provisiond")),
+    ]) {
+        let sidecar = Sidecar::start(&config(&url, &crm.url("/")));
+        let (status, body) = sidecar.send("clients.update", n, json!({"n": n})).await;
+        assert_eq!(status, 200, "{url}: {body}");
+        assert!(
+            eventually(Duration::from_secs(10), || i64::try_from(crm.calls().len())
+                == Ok(n))
+            .await,
+            "{url}: delivered"
+        );
+    }
+}
+
+/// A self-signed server certificate made as PostgreSQL's documentation makes it
+/// (`openssl req -x509 -subj /CN=host`: a CA certificate, no subjectAltName) and given
+/// as `sslrootcert` passes `verify-full` as it does with libpq, for its host only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_self_signed_certificate_in_sslrootcert_is_trusted_for_the_host_its_common_name_names() {
+    if !pg::installed() {
+        return;
+    }
+    let db =
+        PgServer::start_with_tls_serving("pg-selfsigned-cn-cert.pem", "pg-selfsigned-cn-key.pem");
+    db.create_database("provisiond");
+    let crm = HandlerServer::echo().await;
+    let url = |host: &str| {
+        format!(
+            "postgres://postgres@{host}:{}/provisiond?sslmode=verify-full&sslrootcert={}",
+            db.port,
+            tls_fixture("pg-selfsigned-cn-cert.pem").display()
+        )
+    };
+    // Its common name is 127.0.0.1, not localhost.
+    let misnamed = Sidecar::start(&config(&url("localhost"), &crm.url("/")));
+    let error = refusal(&misnamed);
+    assert!(
+        error.contains(
+            "certificate not valid for name \"localhost\"; certificate is only valid for \
+             CN=127.0.0.1"
+        ),
+        "{error}"
+    );
+    drop(misnamed);
+
+    let sidecar = Sidecar::start(&config(&url("127.0.0.1"), &crm.url("/")));
+    delivered_through(&sidecar, &crm).await;
+    assert_eq!(connections(&db).1, 0, "a connection without TLS");
 }

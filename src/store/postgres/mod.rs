@@ -48,6 +48,7 @@ use schema::Migrate;
 use super::records::{DeadLetter, Delivery, Execution, Retention, now_ms};
 use super::{LOG_CAPACITY, PRUNE_LIMIT, StoreError};
 use crate::config;
+use crate::config::SslMode;
 
 /// The longest any one database operation may take before it counts as failed.
 pub(super) const OP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -170,7 +171,7 @@ impl Postgres {
         if cfg.get_application_name().is_none() {
             cfg.application_name("provisiond");
         }
-        let shown = describe(&cfg, &pg.schema);
+        let shown = describe(&cfg, &pg.schema, pg.tls.mode);
         let tls = tls::connector(&pg.tls).map_err(|reason| StoreError::Open {
             path: shown.clone(),
             reason,
@@ -433,8 +434,9 @@ impl Postgres {
     }
 }
 
-/// The database as logs show it, without user or password.
-fn describe(cfg: &tokio_postgres::Config, schema: &str) -> String {
+/// The database as logs show it, without user or password, with the schema and the
+/// `sslmode` (as written: `verify-full` is not `require`).
+fn describe(cfg: &tokio_postgres::Config, schema: &str, sslmode: SslMode) -> String {
     let ports = cfg.get_ports();
     let hosts: Vec<String> = cfg
         .get_hosts()
@@ -450,9 +452,10 @@ fn describe(cfg: &tokio_postgres::Config, schema: &str) -> String {
         })
         .collect();
     format!(
-        "postgres://{}/{} (schema {schema})",
+        "postgres://{}/{} (schema {schema}, sslmode {})",
         hosts.join(","),
-        cfg.get_dbname().unwrap_or("")
+        cfg.get_dbname().unwrap_or(""),
+        sslmode.as_str()
     )
 }
 

@@ -1,4 +1,5 @@
-//! TLS to PostgreSQL, with libpq's meaning of `sslmode` and `sslrootcert`.
+//! TLS to PostgreSQL, with libpq's meaning of `sslmode`, `sslrootcert`, `sslcert` and
+//! `sslkey`.
 //!
 //! tokio-postgres decides whether TLS is asked for, and whether a server without it is
 //! refused (`disable`, `prefer`, `require`; the `verify-*` modes reach it as
@@ -11,8 +12,16 @@
 //! | `verify-ca` | signed by a CA the system trusts | signed by one of its CAs |
 //! | `verify-full` | signed by a CA the system trusts, for the host connected to | signed by one of its CAs, for the host |
 //!
-//! (libpq reads `~/.postgresql/root.crt` when `sslrootcert` is not given; a sidecar has
-//! no such home, so the system's roots are used, as for `https://` handlers.)
+//! Certificates are checked by webpki, as rustls does, with two of OpenSSL's habits
+//! that PostgreSQL set-ups rely on: a certificate that is itself in the `sslrootcert`
+//! file is trusted as it is (a self-signed server certificate made with `openssl req
+//! -x509` is a CA certificate, which webpki refuses as a server's), and a certificate
+//! with no subjectAltName is taken for the host its common name (CN) names.
+//!
+//! libpq reads `~/.postgresql/root.crt` when `sslrootcert` is not given; a sidecar has
+//! no such home, so the system's roots are used (`SSL_CERT_FILE`, `SSL_CERT_DIR`, as
+//! for `https://` handlers). Files are read when the store opens: a CA file rotated
+//! while a sidecar runs takes a restart.
 
 use std::sync::Arc;
 
@@ -21,35 +30,26 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, Error, RootCertStore, SignatureScheme};
+use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres_rustls::MakeRustlsConnect;
+use tracing::warn;
 
 use crate::config::{PgTls, Root, SslMode, read_client_certificate, read_root_certificates};
 
 /// The TLS connector for a store's connections.
-pub(super) fn connector(tls: &PgTls) -> Result<MakeRustlsConnect, String> {
+pub(super) fn connector(tls: &PgTls) -> Result<Connector, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier: Arc<dyn ServerCertVerifier> = match (&tls.root, tls.mode) {
         (_, SslMode::Disable) | (None, SslMode::Prefer | SslMode::Require) => {
             Arc::new(Unchecked(provider.clone()))
         }
         (Some(Root::File(path)), mode) => {
-            let mut roots = RootCertStore::empty();
-            for certificate in read_root_certificates(path)? {
-                roots.add(certificate).map_err(|e| {
-                    format!(
-                        "sslrootcert: {}: a certificate is unusable: {e}",
-                        path.display()
-                    )
-                })?;
-            }
-            let verifier =
-                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                    .build()
-                    .map_err(|e| format!("sslrootcert: {}: {e}", path.display()))?;
-            any_name_unless_full(verifier, mode)
+            let roots = read_root_certificates(path)?;
+            let pinned = crate::config::read_pem_certificates(path)?;
+            Arc::new(Libpq::new(roots, pinned, mode, &provider)?)
         }
         (Some(Root::System) | None, mode) => {
-            any_name_unless_full(crate::handlers::tls::system_roots(provider.clone()), mode)
+            Arc::new(Libpq::new(system_roots()?, Vec::new(), mode, &provider)?)
         }
     };
     let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -66,17 +66,57 @@ pub(super) fn connector(tls: &PgTls) -> Result<MakeRustlsConnect, String> {
                 .map_err(|e| format!("sslcert and sslkey: {e}"))?
         }
     };
-    Ok(MakeRustlsConnect::new(config))
+    Ok(Connector(MakeRustlsConnect::new(config)))
 }
 
-fn any_name_unless_full(
-    verifier: Arc<dyn ServerCertVerifier>,
-    mode: SslMode,
-) -> Arc<dyn ServerCertVerifier> {
-    if mode == SslMode::VerifyFull {
-        verifier
-    } else {
-        Arc::new(AnyName(verifier))
+/// The system's CA certificates (`SSL_CERT_FILE`, `SSL_CERT_DIR`, else the system's
+/// bundle). Those that cannot be read are said once, here.
+fn system_roots() -> Result<RootCertStore, String> {
+    let found = rustls_native_certs::load_native_certs();
+    for error in &found.errors {
+        warn!(error = %error, "a system CA certificate could not be read");
+    }
+    let mut roots = RootCertStore::empty();
+    let (_, ignored) = roots.add_parsable_certificates(found.certs);
+    if ignored > 0 {
+        warn!(
+            ignored,
+            "system CA certificates that cannot be used were ignored"
+        );
+    }
+    if roots.is_empty() {
+        return Err(
+            "no system CA certificate to check the database's against: give its \
+                    CA as sslrootcert, or set SSL_CERT_FILE"
+                .into(),
+        );
+    }
+    Ok(roots)
+}
+
+/// tokio-postgres-rustls's connector, given a name to check when tokio-postgres has
+/// none: it asks for a connector before it knows whether TLS is needed, with `""` for
+/// a unix socket or a bare `hostaddr`, and never makes a handshake with it (it refuses
+/// TLS without a host name), but an empty name would fail the connection there and
+/// then, whatever the `sslmode`.
+#[derive(Clone)]
+pub(super) struct Connector(MakeRustlsConnect);
+
+impl<S> MakeTlsConnect<S> for Connector
+where
+    MakeRustlsConnect: MakeTlsConnect<S>,
+{
+    type Stream = <MakeRustlsConnect as MakeTlsConnect<S>>::Stream;
+    type TlsConnect = <MakeRustlsConnect as MakeTlsConnect<S>>::TlsConnect;
+    type Error = <MakeRustlsConnect as MakeTlsConnect<S>>::Error;
+
+    fn make_tls_connect(&mut self, hostname: &str) -> Result<Self::TlsConnect, Self::Error> {
+        let name = if hostname.is_empty() {
+            "localhost"
+        } else {
+            hostname
+        };
+        self.0.make_tls_connect(name)
     }
 }
 
@@ -130,13 +170,36 @@ impl ServerCertVerifier for Unchecked {
     }
 }
 
-/// `verify-ca`: the chain as `inner` checks it, whatever name the certificate holds.
-/// webpki checks the name last, after the chain, so a name error means the chain is
-/// good.
+/// A certificate checked against CAs, as libpq checks it (see the module's notes).
 #[derive(Debug)]
-struct AnyName(Arc<dyn ServerCertVerifier>);
+struct Libpq {
+    webpki: Arc<WebPkiServerVerifier>,
+    /// The `sslrootcert` file's certificates, trusted as they are when a server shows
+    /// one of them.
+    pinned: Vec<CertificateDer<'static>>,
+    /// `verify-full`: the certificate must name the host.
+    names: bool,
+}
 
-impl ServerCertVerifier for AnyName {
+impl Libpq {
+    fn new(
+        roots: RootCertStore,
+        pinned: Vec<CertificateDer<'static>>,
+        mode: SslMode,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, String> {
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            webpki,
+            pinned,
+            names: mode == SslMode::VerifyFull,
+        })
+    }
+}
+
+impl ServerCertVerifier for Libpq {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -145,13 +208,38 @@ impl ServerCertVerifier for AnyName {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        if self
+            .pinned
+            .iter()
+            .any(|c| c.as_ref() == end_entity.as_ref())
         {
+            let certificate = Parsed::of(end_entity)?;
+            certificate.check_validity(now)?;
+            if self.names && !certificate.names(end_entity, server_name) {
+                return Err(CertificateError::NotValidForNameContext {
+                    expected: server_name.to_owned(),
+                    presented: certificate.presented(),
+                }
+                .into());
+            }
+            return Ok(ServerCertVerified::assertion());
+        }
+        match self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            // webpki checks the name last, after the chain and the dates: a name error
+            // means all else is good.
             Err(Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
+            )) if !self.names
+                || Parsed::of(end_entity).is_ok_and(|c| c.common_name_is(server_name)) =>
+            {
+                Ok(ServerCertVerified::assertion())
+            }
             other => other,
         }
     }
@@ -162,7 +250,7 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.webpki.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -171,10 +259,101 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.webpki.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// What libpq's checks read of a certificate that webpki does not give: its dates, and
+/// its common names when it has no subjectAltName.
+struct Parsed {
+    not_before: u64,
+    not_after: u64,
+    /// Whether it has a subjectAltName extension (then only those names count).
+    has_alt_names: bool,
+    common_names: Vec<String>,
+}
+
+impl Parsed {
+    fn of(certificate: &CertificateDer<'_>) -> Result<Self, Error> {
+        use x509_cert::der::Decode as _;
+        const COMMON_NAME: &str = "2.5.4.3";
+        const ALT_NAME: &str = "2.5.29.17";
+        let parsed = x509_cert::Certificate::from_der(certificate.as_ref())
+            .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        let tbs = &parsed.tbs_certificate;
+        let common_names = tbs
+            .subject
+            .0
+            .iter()
+            .flat_map(|rdn| rdn.0.iter())
+            .filter(|attribute| attribute.oid.to_string() == COMMON_NAME)
+            .map(|attribute| String::from_utf8_lossy(attribute.value.value()).into_owned())
+            .collect();
+        let has_alt_names = tbs
+            .extensions
+            .iter()
+            .flatten()
+            .any(|extension| extension.extn_id.to_string() == ALT_NAME);
+        Ok(Self {
+            not_before: tbs.validity.not_before.to_unix_duration().as_secs(),
+            not_after: tbs.validity.not_after.to_unix_duration().as_secs(),
+            has_alt_names,
+            common_names,
+        })
+    }
+
+    fn check_validity(&self, now: UnixTime) -> Result<(), Error> {
+        let now = now.as_secs();
+        if now < self.not_before {
+            return Err(CertificateError::NotValidYet.into());
+        }
+        if now > self.not_after {
+            return Err(CertificateError::Expired.into());
+        }
+        Ok(())
+    }
+
+    /// Whether the certificate is for `server_name`: by its subjectAltName, or, when it
+    /// has none, by its common name.
+    fn names(&self, certificate: &CertificateDer<'_>, server_name: &ServerName<'_>) -> bool {
+        let by_alt_names = webpki::EndEntityCert::try_from(certificate)
+            .is_ok_and(|c| c.verify_is_valid_for_subject_name(server_name).is_ok());
+        by_alt_names || self.common_name_is(server_name)
+    }
+
+    /// The names it is for, as an error shows them.
+    fn presented(&self) -> Vec<String> {
+        if self.has_alt_names {
+            return vec!["the names of its subjectAltName".into()];
+        }
+        self.common_names
+            .iter()
+            .map(|cn| format!("CN={cn}"))
+            .collect()
+    }
+
+    /// libpq's fallback: with no subjectAltName, a common name equal to the host
+    /// (case aside), or a `*.` wildcard for its first label.
+    fn common_name_is(&self, server_name: &ServerName<'_>) -> bool {
+        if self.has_alt_names {
+            return false;
+        }
+        let host = match server_name {
+            ServerName::DnsName(name) => name.as_ref().to_ascii_lowercase(),
+            ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+            _ => return false,
+        };
+        self.common_names.iter().any(|cn| {
+            let cn = cn.to_ascii_lowercase();
+            cn == host
+                || cn.strip_prefix("*.").is_some_and(|rest| {
+                    host.split_once('.')
+                        .is_some_and(|(first, after)| !first.is_empty() && after == rest)
+                })
+        })
     }
 }
