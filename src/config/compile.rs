@@ -513,14 +513,21 @@ impl Checker<'_> {
                 return None;
             }
         };
-        if let Err(e) = tokio_postgres::Config::from_str(&connect) {
-            self.error(
-                url_path,
-                format!(
-                    "not a PostgreSQL URL or key=value string: {}{from_env}",
-                    conninfo_problem(&e, &connect)
-                ),
-            );
+        let conninfo = match tokio_postgres::Config::from_str(&connect) {
+            Ok(conninfo) => conninfo,
+            Err(e) => {
+                self.error(
+                    url_path,
+                    format!(
+                        "not a PostgreSQL URL or key=value string: {}{from_env}",
+                        conninfo_problem(&e, &connect)
+                    ),
+                );
+                return None;
+            }
+        };
+        if let Some(problem) = conninfo::tls_unreachable(&conninfo, tls.mode) {
+            self.error(url_path, format!("{problem}{from_env}"));
             return None;
         }
         let files = tls

@@ -270,6 +270,11 @@ pub(super) fn split_tls(conninfo: &str) -> Result<(String, PgTls), String> {
                     "require" => SslMode::Require,
                     "verify-ca" => SslMode::VerifyCa,
                     "verify-full" => SslMode::VerifyFull,
+                    "allow" => {
+                        return Err("sslmode=allow is not supported (TLS only when the server \
+                                    insists on it): use prefer, or disable"
+                            .into());
+                    }
                     other => {
                         return Err(format!(
                             "sslmode={other} is not one of disable, prefer, require, \
@@ -295,14 +300,20 @@ pub(super) fn split_tls(conninfo: &str) -> Result<(String, PgTls), String> {
                 };
                 Ok(None)
             }
+            // Empty is unset, as in libpq.
             "sslcert" => {
-                client_cert = Some(std::path::PathBuf::from(value));
+                client_cert = (!value.is_empty()).then(|| std::path::PathBuf::from(value));
                 Ok(None)
             }
             "sslkey" => {
-                client_key = Some(std::path::PathBuf::from(value));
+                client_key = (!value.is_empty()).then(|| std::path::PathBuf::from(value));
                 Ok(None)
             }
+            "sslpassword" => Err(
+                "sslpassword is not supported: give sslkey a key that is not \
+                                  encrypted"
+                    .into(),
+            ),
             _ => Ok(Some(value.to_owned())),
         }
     };
@@ -356,29 +367,74 @@ pub(super) fn split_tls(conninfo: &str) -> Result<(String, PgTls), String> {
     Ok((kept, PgTls { mode, root, client }))
 }
 
-/// The certificate chain and private key of `sslcert` and `sslkey`; what is wrong with
-/// them, when something is (read at `check` and when the store connects).
+/// What makes a connection string's TLS impossible, libpq's way: TLS needs a TCP host
+/// (PostgreSQL has no TLS on a unix socket), and `verify-full` a host name to check the
+/// certificate against (`hostaddr` alone gives none).
+pub(super) fn tls_unreachable(conninfo: &tokio_postgres::Config, mode: SslMode) -> Option<String> {
+    use tokio_postgres::config::Host;
+    let hosts = conninfo.get_hosts();
+    let must = matches!(
+        mode,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
+    );
+    if must && !hosts.is_empty() && hosts.iter().all(|h| matches!(h, Host::Unix(_))) {
+        return Some(format!(
+            "sslmode={}: PostgreSQL has no TLS on a unix socket; use a TCP host, or \
+             sslmode=prefer or disable",
+            mode.as_str()
+        ));
+    }
+    let unnamed = hosts.is_empty()
+        || hosts
+            .iter()
+            .any(|h| matches!(h, Host::Tcp(name) if name.is_empty()));
+    if must && unnamed {
+        return Some(format!(
+            "sslmode={}: TLS needs a host name to check the server's certificate against; \
+             give host (hostaddr alone names no host)",
+            mode.as_str()
+        ));
+    }
+    None
+}
+
+/// The certificate chain of `sslcert` with the key of `sslkey`, ready to show a server;
+/// what is wrong with them, when something is (read at `check` and when the store
+/// connects). The key must be the certificate's. The certificate itself is left to the
+/// server to judge, as libpq leaves it (an X.509 v1 certificate, which webpki would
+/// refuse to read, is what `openssl x509 -req` makes by default).
 pub fn read_client_certificate(
     client: &ClientCert,
-) -> Result<
-    (
-        Vec<rustls::pki_types::CertificateDer<'static>>,
-        rustls::pki_types::PrivateKeyDer<'static>,
-    ),
-    String,
-> {
+) -> Result<std::sync::Arc<rustls::sign::CertifiedKey>, String> {
     use rustls::pki_types::PrivateKeyDer;
     use rustls::pki_types::pem::PemObject as _;
+    use x509_cert::der::{Decode as _, Encode as _};
+    let (cert, key) = (client.cert.display(), client.key.display());
     let chain = read_certificates(&client.cert).map_err(|e| format!("sslcert: {e}"))?;
-    let bytes = std::fs::read(&client.key)
-        .map_err(|e| format!("sslkey: cannot read {}: {e}", client.key.display()))?;
-    let key = PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
-        format!(
-            "sslkey: {} holds no usable private key (PEM, not encrypted): {e}",
-            client.key.display()
-        )
+    let bytes =
+        std::fs::read(&client.key).map_err(|e| format!("sslkey: cannot read {key}: {e}"))?;
+    let der = PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
+        format!("sslkey: {key} holds no usable private key (PEM, not encrypted): {e}")
     })?;
-    Ok((chain, key))
+    let signing = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| format!("sslkey: {key}: the key cannot be used ({e})"))?;
+    let spki = x509_cert::Certificate::from_der(chain[0].as_ref())
+        .ok()
+        .and_then(|c| c.tbs_certificate.subject_public_key_info.to_der().ok())
+        .ok_or_else(|| format!("sslcert: certificate 1 of {cert} cannot be read"))?;
+    if signing
+        .public_key()
+        .is_some_and(|public| public.as_ref() != spki.as_slice())
+    {
+        return Err(format!(
+            "sslkey: {key} is not the key of the certificate in {cert}"
+        ));
+    }
+    Ok(std::sync::Arc::new(rustls::sign::CertifiedKey::new(
+        chain, signing,
+    )))
 }
 
 /// A URL's query, with each parameter passed through `take` (its key and value

@@ -846,6 +846,8 @@ fn a_postgres_store_needs_a_url() {
     let missing = dir.path().join("ca.pem");
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "not a certificate\n").unwrap();
+    let fixture = |name: &str| format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let (client_cert, other_key) = (fixture("pg-client-cert.pem"), fixture("pg-other-key.pem"));
     let damaged = dir.path().join("damaged.pem");
     std::fs::write(
         &damaged,
@@ -888,6 +890,38 @@ fn a_postgres_store_needs_a_url() {
             ),
         ),
         (
+            "host=db sslpassword=x".to_owned(),
+            "sslpassword is not supported: give sslkey a key that is not encrypted".to_owned(),
+        ),
+        (
+            "host=db sslmode=allow".to_owned(),
+            "sslmode=allow is not supported (TLS only when the server insists on it): use \
+             prefer, or disable"
+                .to_owned(),
+        ),
+        (
+            "postgres:///billing?host=/run/postgresql&sslmode=require".to_owned(),
+            "sslmode=require: PostgreSQL has no TLS on a unix socket; use a TCP host, or \
+             sslmode=prefer or disable"
+                .to_owned(),
+        ),
+        (
+            "hostaddr=10.0.0.1 sslmode=verify-ca".to_owned(),
+            "sslmode=verify-ca: TLS needs a host name to check the server's certificate \
+             against; give host (hostaddr alone names no host)"
+                .to_owned(),
+        ),
+        (
+            "host='' hostaddr=10.0.0.1 sslmode=verify-full".to_owned(),
+            "sslmode=verify-full: TLS needs a host name to check the server's certificate \
+             against; give host (hostaddr alone names no host)"
+                .to_owned(),
+        ),
+        (
+            format!("host=db sslcert={client_cert} sslkey={other_key}"),
+            format!("sslkey: {other_key} is not the key of the certificate in {client_cert}"),
+        ),
+        (
             "host=db sslcert=/etc/c.pem".to_owned(),
             "sslcert needs sslkey, the certificate's key".to_owned(),
         ),
@@ -925,10 +959,20 @@ fn a_postgres_store_needs_a_url() {
         "host=db sslmode=verify-ca sslrootcert=system sslmode=verify-full",
         "host=db sslmode=disable",
         // Empty is unset, as in libpq.
-        "host=db sslmode=require sslrootcert=",
+        "host=db sslmode=require sslrootcert='' sslcert='' sslkey=''",
+        // A unix socket with prefer: no TLS, as libpq.
+        "host=/run/postgresql",
     ] {
         assert!(parse(&store(url)).is_ok(), "{url}");
     }
+    // An X.509 v1 client certificate (what `openssl x509 -req` makes by default) is the
+    // server's to judge, as with libpq.
+    let v1 = format!(
+        "host=db sslcert={} sslkey={}",
+        fixture("pg-client-v1-cert.pem"),
+        fixture("pg-client-key.pem")
+    );
+    assert!(parse(&store(&v1)).is_ok(), "{v1}");
     let fixture = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/localhost-cert.pem"

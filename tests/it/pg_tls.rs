@@ -203,20 +203,34 @@ async fn a_client_certificate_is_shown_to_a_server_that_asks_for_one() {
     assert!(error.contains("28000"), "{error}");
     drop(without);
 
-    let with = format!(
-        "&sslcert={}&sslkey={}",
-        tls_fixture("pg-client-cert.pem").display(),
-        tls_fixture("pg-client-key.pem").display()
-    );
-    let sidecar = Sidecar::start(&config(&url(&with), &crm.url("/")));
-    delivered_through(&sidecar, &crm).await;
-    let row = db.psql(
-        "postgres",
-        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
-         WHERE a.application_name = 'provisiond' AND a.datname = 'certified' \
-         AND s.client_dn = '/CN=postgres'",
-    );
-    assert_ne!(row, "0", "no connection showed the client certificate");
+    // A v3 certificate, and a v1 one (what `openssl x509 -req` makes by default),
+    // which the server takes as libpq's clients can show it.
+    for (n, cert) in (1..).zip(["pg-client-cert.pem", "pg-client-v1-cert.pem"]) {
+        let with = format!(
+            "&sslcert={}&sslkey={}",
+            tls_fixture(cert).display(),
+            tls_fixture("pg-client-key.pem").display()
+        );
+        let sidecar = Sidecar::start(&config(&url(&with), &crm.url("/")));
+        let (status, body) = sidecar.send("clients.update", n, json!({"n": n})).await;
+        assert_eq!(status, 200, "{cert}: {body}");
+        assert!(
+            eventually(Duration::from_secs(10), || i64::try_from(crm.calls().len())
+                == Ok(n))
+            .await,
+            "{cert}: delivered"
+        );
+        let row = db.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'provisiond' AND a.datname = 'certified' \
+             AND s.client_dn = '/CN=postgres'",
+        );
+        assert_ne!(
+            row, "0",
+            "{cert}: no connection showed the client certificate"
+        );
+    }
 }
 
 /// A unix socket has no TLS, whatever the `sslmode` short of `require`: the connector

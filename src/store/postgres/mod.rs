@@ -438,15 +438,27 @@ impl Postgres {
 /// `sslmode` (as written: `verify-full` is not `require`).
 fn describe(cfg: &tokio_postgres::Config, schema: &str, sslmode: SslMode) -> String {
     let ports = cfg.get_ports();
-    let hosts: Vec<String> = cfg
-        .get_hosts()
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            let host = match h {
+    let addrs = cfg.get_hostaddrs();
+    // A host's name, else its `hostaddr` (the only address of a URL that has no host).
+    let names: Vec<String> = if cfg.get_hosts().is_empty() {
+        addrs.iter().map(ToString::to_string).collect()
+    } else {
+        cfg.get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| match h {
+                tokio_postgres::config::Host::Tcp(name) if name.is_empty() => {
+                    addrs.get(i).map(ToString::to_string).unwrap_or_default()
+                }
                 tokio_postgres::config::Host::Tcp(name) => name.clone(),
                 tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-            };
+            })
+            .collect()
+    };
+    let hosts: Vec<String> = names
+        .into_iter()
+        .enumerate()
+        .map(|(i, host)| {
             let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
             format!("{host}:{port}")
         })
@@ -543,5 +555,28 @@ impl Postgres {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         self.inner.ready.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+    use crate::config::SslMode;
+
+    #[test]
+    fn the_database_is_shown_by_its_hosts_or_its_addresses_without_credentials() {
+        let shown = |url: &str| describe(&url.parse().unwrap(), "provisiond", SslMode::Prefer);
+        assert_eq!(
+            shown("postgres://app:secret@db1,db2:5433/billing"),
+            "postgres://db1:5432,db2:5433/billing (schema provisiond, sslmode prefer)"
+        );
+        assert_eq!(
+            shown("hostaddr=10.0.0.7 port=6432 user=app password=secret dbname=billing"),
+            "postgres://10.0.0.7:6432/billing (schema provisiond, sslmode prefer)"
+        );
+        assert_eq!(
+            shown("postgres:///billing?host=/run/postgresql"),
+            "postgres:///run/postgresql:5432/billing (schema provisiond, sslmode prefer)"
+        );
     }
 }

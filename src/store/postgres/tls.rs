@@ -59,12 +59,8 @@ pub(super) fn connector(tls: &PgTls) -> Result<Connector, String> {
         .with_custom_certificate_verifier(verifier);
     let config = match &tls.client {
         None => builder.with_no_client_auth(),
-        Some(client) => {
-            let (chain, key) = read_client_certificate(client)?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("sslcert and sslkey: {e}"))?
-        }
+        Some(client) => builder
+            .with_client_cert_resolver(Arc::new(ClientCert(read_client_certificate(client)?))),
     };
     Ok(Connector(MakeRustlsConnect::new(config)))
 }
@@ -94,11 +90,15 @@ fn system_roots() -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-/// tokio-postgres-rustls's connector, given a name to check when tokio-postgres has
-/// none: it asks for a connector before it knows whether TLS is needed, with `""` for
-/// a unix socket or a bare `hostaddr`, and never makes a handshake with it (it refuses
-/// TLS without a host name), but an empty name would fail the connection there and
-/// then, whatever the `sslmode`.
+/// The name the connector is given for an empty one: never a real host's (`.invalid`
+/// is reserved), and refused by the `verify-full` check.
+const NO_HOST: &str = "no-host-name-given.invalid";
+
+/// tokio-postgres-rustls's connector, given [`NO_HOST`] when tokio-postgres has no
+/// name: it asks for a connector before it knows whether TLS is needed, with `""` for
+/// a unix socket, a bare `hostaddr` or `host=''`, and an empty name would fail the
+/// connection there and then, whatever the `sslmode`. (A bare `hostaddr` never gets
+/// to a handshake: tokio-postgres refuses TLS without a host name.)
 #[derive(Clone)]
 pub(super) struct Connector(MakeRustlsConnect);
 
@@ -112,7 +112,7 @@ where
 
     fn make_tls_connect(&mut self, hostname: &str) -> Result<Self::TlsConnect, Self::Error> {
         let name = if hostname.is_empty() {
-            "localhost"
+            NO_HOST
         } else {
             hostname
         };
@@ -208,6 +208,15 @@ impl ServerCertVerifier for Libpq {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
+        if self.names
+            && matches!(server_name, ServerName::DnsName(name) if name.as_ref() == NO_HOST)
+        {
+            return Err(Error::General(
+                "sslmode=verify-full needs a host name to check the certificate against, and \
+                 host is empty"
+                    .into(),
+            ));
+        }
         if self
             .pinned
             .iter()
@@ -235,10 +244,31 @@ impl ServerCertVerifier for Libpq {
             // means all else is good.
             Err(Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) if !self.names
-                || Parsed::of(end_entity).is_ok_and(|c| c.common_name_is(server_name)) =>
+            )) if !self.names => Ok(ServerCertVerified::assertion()),
+            Err(Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) if Parsed::of(end_entity).is_ok_and(|c| !c.has_alt_names) => {
+                // No subjectAltName: the common name, as libpq reads it.
+                let certificate = Parsed::of(end_entity)?;
+                if certificate.common_name_is(server_name) {
+                    Ok(ServerCertVerified::assertion())
+                } else {
+                    Err(CertificateError::NotValidForNameContext {
+                        expected: server_name.to_owned(),
+                        presented: certificate.presented(),
+                    }
+                    .into())
+                }
+            }
+            Err(Error::InvalidCertificate(CertificateError::Other(other)))
+                if format!("{other:?}").contains("CaUsedAsEndEntity") =>
             {
-                Ok(ServerCertVerified::assertion())
+                Err(Error::General(
+                    "the server's certificate is a CA certificate (one made with `openssl \
+                     req -x509`?): to trust it as it is, give that certificate as \
+                     sslrootcert"
+                        .into(),
+                ))
             }
             other => other,
         }
@@ -268,13 +298,13 @@ impl ServerCertVerifier for Libpq {
 }
 
 /// What libpq's checks read of a certificate that webpki does not give: its dates, and
-/// its common names when it has no subjectAltName.
+/// its common name when it has no subjectAltName.
 struct Parsed {
     not_before: u64,
     not_after: u64,
     /// Whether it has a subjectAltName extension (then only those names count).
     has_alt_names: bool,
-    common_names: Vec<String>,
+    common_name: Option<String>,
 }
 
 impl Parsed {
@@ -285,14 +315,14 @@ impl Parsed {
         let parsed = x509_cert::Certificate::from_der(certificate.as_ref())
             .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
         let tbs = &parsed.tbs_certificate;
-        let common_names = tbs
+        // The first common name only, as libpq (OpenSSL's first index) reads it.
+        let common_name = tbs
             .subject
             .0
             .iter()
             .flat_map(|rdn| rdn.0.iter())
-            .filter(|attribute| attribute.oid.to_string() == COMMON_NAME)
-            .map(|attribute| String::from_utf8_lossy(attribute.value.value()).into_owned())
-            .collect();
+            .find(|attribute| attribute.oid.to_string() == COMMON_NAME)
+            .map(|attribute| String::from_utf8_lossy(attribute.value.value()).into_owned());
         let has_alt_names = tbs
             .extensions
             .iter()
@@ -302,17 +332,25 @@ impl Parsed {
             not_before: tbs.validity.not_before.to_unix_duration().as_secs(),
             not_after: tbs.validity.not_after.to_unix_duration().as_secs(),
             has_alt_names,
-            common_names,
+            common_name,
         })
     }
 
     fn check_validity(&self, now: UnixTime) -> Result<(), Error> {
-        let now = now.as_secs();
-        if now < self.not_before {
-            return Err(CertificateError::NotValidYet.into());
+        let at = |secs| UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs));
+        if now.as_secs() < self.not_before {
+            return Err(CertificateError::NotValidYetContext {
+                time: now,
+                not_before: at(self.not_before),
+            }
+            .into());
         }
-        if now > self.not_after {
-            return Err(CertificateError::Expired.into());
+        if now.as_secs() > self.not_after {
+            return Err(CertificateError::ExpiredContext {
+                time: now,
+                not_after: at(self.not_after),
+            }
+            .into());
         }
         Ok(())
     }
@@ -330,7 +368,7 @@ impl Parsed {
         if self.has_alt_names {
             return vec!["the names of its subjectAltName".into()];
         }
-        self.common_names
+        self.common_name
             .iter()
             .map(|cn| format!("CN={cn}"))
             .collect()
@@ -347,7 +385,7 @@ impl Parsed {
             ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
             _ => return false,
         };
-        self.common_names.iter().any(|cn| {
+        self.common_name.iter().any(|cn| {
             let cn = cn.to_ascii_lowercase();
             cn == host
                 || cn.strip_prefix("*.").is_some_and(|rest| {
@@ -355,5 +393,80 @@ impl Parsed {
                         .is_some_and(|(first, after)| !first.is_empty() && after == rest)
                 })
         })
+    }
+}
+
+/// `sslcert` and `sslkey`: shown to any server that asks.
+#[derive(Debug)]
+struct ClientCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+    use super::Parsed;
+
+    fn fixture(name: &str) -> CertificateDer<'static> {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        CertificateDer::from_pem_file(path).unwrap()
+    }
+
+    fn name(text: &str) -> ServerName<'static> {
+        ServerName::try_from(text.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn the_common_name_counts_only_without_a_subject_alt_name_and_as_libpq_matches_it() {
+        let cn_only = Parsed::of(&fixture("pg-selfsigned-cn-cert.pem")).unwrap();
+        assert_eq!(cn_only.common_name.as_deref(), Some("127.0.0.1"));
+        assert!(cn_only.common_name_is(&name("127.0.0.1")));
+        assert!(!cn_only.common_name_is(&name("localhost")));
+        // Its subjectAltName names 127.0.0.1: its common name is not looked at.
+        let with_san = Parsed::of(&fixture("localhost-cert.pem")).unwrap();
+        assert!(with_san.has_alt_names);
+        assert!(!with_san.common_name_is(&name("127.0.0.1")));
+
+        let wildcard = Parsed {
+            common_name: Some("*.Example.com".into()),
+            ..cn_only
+        };
+        assert!(wildcard.common_name_is(&name("db1.example.COM")));
+        assert!(!wildcard.common_name_is(&name("example.com")));
+        assert!(!wildcard.common_name_is(&name("a.db1.example.com")));
+    }
+
+    #[test]
+    fn a_pinned_certificate_is_held_to_its_dates() {
+        let parsed = Parsed::of(&fixture("pg-selfsigned-cn-cert.pem")).unwrap();
+        let at = |secs| UnixTime::since_unix_epoch(Duration::from_secs(secs));
+        assert!(parsed.check_validity(at(parsed.not_before + 60)).is_ok());
+        let expired = parsed.check_validity(at(parsed.not_after + 1)).unwrap_err();
+        assert!(
+            expired
+                .to_string()
+                .starts_with("invalid peer certificate: certificate expired"),
+            "{expired}"
+        );
+        let early = parsed
+            .check_validity(at(parsed.not_before - 1))
+            .unwrap_err();
+        assert!(early.to_string().contains("not valid yet"), "{early}");
     }
 }
