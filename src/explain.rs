@@ -368,10 +368,7 @@ impl Explanation {
                     Reason::Events => format!("{reason}: {}", patterns(h)),
                     _ => reason.to_string(),
                 };
-                let stage = match h.stage {
-                    Stage::Before => "before",
-                    Stage::After => "after",
-                };
+                let stage = h.stage.as_str();
                 let _ = writeln!(out, "  {:<width$}  {stage:<6}  {reason}", h.name);
             }
         }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::config::Config;
 use crate::outcome::{CallOutcome, EventOutcome};
 
 pub(crate) const EVENTS: &str = "provisiond_events_total";
@@ -238,6 +239,22 @@ fn call_counter(handler: &str, stage: &'static str, outcome: &'static str) -> Co
     )
 }
 
+/// Every handler's call series, by handler and stage.
+static CALLS: LazyLock<Handles<Calls>> = LazyLock::new(Default::default);
+
+/// Makes the call series of every handler in `config` exist, at 0, before its first
+/// call: a series that appears already at 1 hides that call from `increase()`, so an
+/// alert on a new handler's first failure would miss it. Called for the config loaded at
+/// start and for each applied reload.
+pub(crate) fn handlers(config: &Config) {
+    for handler in &config.handlers {
+        let stage = handler.stage.as_str();
+        kept(&CALLS, &handler.name, stage, || {
+            Calls::new(&handler.name, stage)
+        });
+    }
+}
+
 pub(crate) fn handler_call(
     handler: &str,
     stage: &'static str,
@@ -245,8 +262,7 @@ pub(crate) fn handler_call(
     took: Duration,
 ) {
     let outcome = outcome.as_str();
-    static KEPT: LazyLock<Handles<Calls>> = LazyLock::new(Default::default);
-    let calls = kept(&KEPT, handler, stage, || Calls::new(handler, stage));
+    let calls = kept(&CALLS, handler, stage, || Calls::new(handler, stage));
     match calls.by_outcome.iter().find(|(known, _)| *known == outcome) {
         Some((_, counter)) => counter.increment(1),
         None => call_counter(handler, stage, outcome).increment(1),

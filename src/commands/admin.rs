@@ -367,10 +367,7 @@ fn execution_header() -> String {
 /// One execution log row on one line.
 fn execution_line(row: &ExecutionRow) -> String {
     let code = row.code.map_or("-".into(), |c| c.to_string());
-    let stage = match row.stage {
-        crate::config::Stage::Before => "before",
-        crate::config::Stage::After => "after",
-    };
+    let stage = row.stage.as_str();
     let detail = one_line(
         row.error
             .as_deref()

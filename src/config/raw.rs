@@ -170,6 +170,16 @@ pub enum Stage {
     After,
 }
 
+impl Stage {
+    /// The stage's name as the file, the execution log and the metrics spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Before => "before",
+            Stage::After => "after",
+        }
+    }
+}
+
 /// What a handler's failure (timeout, connection error, bad reply) means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]

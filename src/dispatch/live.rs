@@ -21,6 +21,7 @@ impl Live {
     pub fn new(snapshot: Snapshot) -> Arc<Self> {
         let (generation, _) = watch::channel(snapshot.generation);
         crate::metrics::generation(snapshot.generation);
+        crate::metrics::handlers(&snapshot.config);
         Arc::new(Self {
             current: ArcSwap::from_pointee(snapshot),
             generation,
@@ -41,6 +42,7 @@ impl Live {
     /// flight finish with the one they started with. Subscribers are told.
     pub fn publish(&self, snapshot: Snapshot) {
         let generation = snapshot.generation;
+        crate::metrics::handlers(&snapshot.config);
         self.current.store(Arc::new(snapshot));
         self.generation.send_replace(generation);
         crate::metrics::generation(generation);

@@ -862,6 +862,82 @@ async fn metrics_parse_as_prometheus_text_and_move_with_events() {
     );
 }
 
+/// The call series of each `(handler, stage)` in `scrape`, by outcome.
+fn call_series(scrape: &prometheus_parse::Scrape, handler: &str, stage: &str) -> Vec<String> {
+    let mut outcomes: Vec<String> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "provisiond_handler_calls_total")
+        .filter(|s| {
+            s.labels.get("handler") == Some(handler) && s.labels.get("stage") == Some(stage)
+        })
+        .map(|s| s.labels.get("outcome").unwrap_or_default().to_owned())
+        .collect();
+    outcomes.sort();
+    outcomes
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handlers_call_series_exist_at_zero_before_its_first_call_and_after_a_reload_adds_it() {
+    // An alert on `increase(provisiond_handler_calls_total{outcome="failed"}[5m]) > 0`
+    // misses a first failure whose series appears already at 1.
+    let down = HandlerServer::fixed(503, "busy").await;
+    let config = format!("{SERVER}{}", http_handler("guard", &down.url("/"), ""));
+    let sidecar = Sidecar::start(&config);
+    let at_start = scrape(&sidecar).await;
+    assert_eq!(
+        call_series(&at_start, "guard", "before"),
+        ["allowed", "denied", "error"],
+        "before the first event"
+    );
+    assert_eq!(
+        sample(
+            &at_start,
+            "provisiond_handler_calls_total",
+            &[("handler", "guard")]
+        ),
+        0.0
+    );
+
+    let after = format!(
+        "\n[[handler]]\nname = \"crm\"\nevents = [\"*\"]\nstage = \"after\"\nurl = {}\n",
+        toml_str(down.url("/crm"))
+    );
+    std::fs::write(&sidecar.config_path, format!("{config}{after}")).unwrap();
+    let (status, body) = sidecar.post_to("/v1/reload", "").await;
+    assert_eq!(status, 200, "{body}");
+    let reloaded = scrape(&sidecar).await;
+    assert_eq!(sample(&reloaded, "provisiond_config_generation", &[]), 2.0);
+    assert_eq!(
+        call_series(&reloaded, "crm", "after"),
+        ["dead", "delivered", "error", "failed"],
+        "the handler the reload added, before its first call"
+    );
+    assert_eq!(
+        sample(
+            &reloaded,
+            "provisiond_handler_calls_total",
+            &[("handler", "crm")]
+        ),
+        0.0
+    );
+
+    // The first failure then moves a series that was at 0 (the before stage's default
+    // `on_error` is "allow": the event goes on).
+    let (status, body) = sidecar.send("clients.update", 1, json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let first = scrape(&sidecar).await;
+    let calls = |handler, stage, outcome| {
+        sample(
+            &first,
+            "provisiond_handler_calls_total",
+            &[("handler", handler), ("stage", stage), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(calls("guard", "before", "error"), 1.0);
+    assert_eq!(calls("guard", "before", "allowed"), 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_over_the_cap_wait_until_one_closes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

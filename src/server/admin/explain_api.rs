@@ -108,10 +108,7 @@ fn parse(body: &[u8]) -> Result<(String, Value, Map<String, Value>), String> {
 
 /// The explanation as JSON: who runs, in order, and why each other handler does not.
 fn to_json(e: &Explanation) -> Value {
-    let stage = |s: Stage| match s {
-        Stage::Before => "before",
-        Stage::After => "after",
-    };
+    let stage = Stage::as_str;
     let before: Vec<Value> = e
         .before
         .iter()
