@@ -253,6 +253,8 @@ pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
         }
     };
     let handlers = config.handlers.len();
+    // Before the store opens: a database reached at once says so in the metrics.
+    let metrics = crate::metrics::install();
     let store = match Store::open(&config.store).await {
         Ok(store) => store,
         Err(e) => {
@@ -260,7 +262,6 @@ pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let metrics = crate::metrics::install();
     let app = App::new(Snapshot::new(config, 1), store, path.to_path_buf(), metrics);
     let shutdown = CancellationToken::new();
     crate::shutdown::watch(shutdown.clone()).context("cannot watch signals")?;

@@ -34,6 +34,7 @@ pub(crate) const STORE_COMMIT_SECONDS: &str = "provisiond_store_commit_duration_
 pub(crate) const CONFIG_GENERATION: &str = "provisiond_config_generation";
 pub(crate) const BUILD_INFO: &str = "provisiond_build_info";
 pub(crate) const RESTART_NEEDED: &str = "provisiond_restart_needed_settings";
+pub(crate) const STORE_INFO: &str = "provisiond_store_info";
 
 /// Latency buckets, in seconds: from 100 µs to the longest sensible handler timeout.
 const BUCKETS: &[f64] = &[
@@ -118,6 +119,11 @@ fn describe() {
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the labels say which build runs (version)."
+    );
+    describe_gauge!(
+        STORE_INFO,
+        "1 for the store this sidecar uses (0 for one it used before): backend (file or \
+         postgres) and store, the same for every sidecar that shares a database."
     );
     describe_gauge!(
         RESTART_NEEDED,
@@ -317,6 +323,22 @@ pub(crate) fn store_writable(writable: bool) {
 
 pub(crate) fn dead_letters(count: u64) {
     gauge!(DEAD_LETTERS).set(count as f64);
+}
+
+/// Names the store this sidecar uses: `backend` and `store`, an identity that sidecars
+/// sharing a database share (the dashboard counts a shared queue once by it). A store
+/// named before, if another, is set to 0: a gauge cannot be removed.
+pub(crate) fn store_info(backend: &'static str, store: &str) {
+    static NAMED: std::sync::Mutex<Option<(&'static str, String)>> = std::sync::Mutex::new(None);
+    let mut named = NAMED.lock().expect("store info lock");
+    if let Some((was_backend, was)) = named.as_ref() {
+        if *was_backend == backend && was == store {
+            return;
+        }
+        gauge!(STORE_INFO, "backend" => *was_backend, "store" => was.clone()).set(0.0);
+    }
+    gauge!(STORE_INFO, "backend" => backend, "store" => store.to_owned()).set(1.0);
+    *named = Some((backend, store.to_owned()));
 }
 
 /// How many settings wait for a restart (`restart_needed` in `/v1/config`).

@@ -70,6 +70,16 @@ impl App {
     ) -> Arc<Self> {
         let max_in_flight = snapshot.config.server.max_in_flight;
         crate::metrics::store_unreadable_rows(store.quarantined() as u64);
+        if !store.is_shared() {
+            // A store file is this sidecar's alone: the host and the file name it. (A
+            // shared database names itself once it is reached: `store::postgres`.)
+            let host = nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let path = std::fs::canonicalize(store.path())
+                .map_or_else(|_| store.path().to_owned(), |p| p.display().to_string());
+            crate::metrics::store_info("file", &format!("{host}:{path}"));
+        }
         let live = Live::new(snapshot);
         let reloader = Reloader::new(config_path, &live.load().config, live.clone());
         let caller = Caller::new();

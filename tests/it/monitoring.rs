@@ -194,3 +194,101 @@ fn promtool_checks_and_tests_the_alert_rules() {
     assert!(out.status.success(), "{said}");
     assert!(said.contains("SUCCESS"), "{said}");
 }
+
+/// One input series of a promtool test: `metric{job, instance, labels}` at `values`.
+fn series(metric: &str, instance: &str, labels: &str, values: &str) -> String {
+    let labels = if labels.is_empty() {
+        String::new()
+    } else {
+        format!(",{labels}")
+    };
+    format!(
+        "      - series: '{metric}{{job=\"provisiond\",instance=\"{instance}\"{labels}}}'\n        \
+         values: '{values}'\n"
+    )
+}
+
+#[test]
+fn the_dashboards_totals_count_a_shared_database_once() {
+    // Sidecars a and b share a PostgreSQL store, so each reports its whole queue; c has
+    // a store file; d's database changed (the old one's info went to 0). The stat panels
+    // "Waiting deliveries" and "Dead letters", with every instance selected, are
+    // evaluated by promtool over these series.
+    let Some(promtool) = promtool() else { return };
+    let dashboard: Value = serde_json::from_str(&example("grafana-dashboard.json")).unwrap();
+    let stat = |title: &str| {
+        let panel = dashboard["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["title"] == title && p["type"] == "stat")
+            .unwrap_or_else(|| panic!("no stat panel {title:?}"));
+        panel["targets"][0]["expr"]
+            .as_str()
+            .unwrap()
+            .replace("$instance", ".*")
+    };
+    let shared = "backend=\"postgres\",store=\"provisiond@00000000000000ab\"";
+    let mut input = String::new();
+    for instance in ["a", "b"] {
+        input += &series("provisiond_store_info", instance, shared, "1 1");
+        input += &series(
+            "provisiond_after_queue_depth",
+            instance,
+            "handler=\"crm\"",
+            "5 5",
+        );
+        input += &series(
+            "provisiond_after_queue_depth",
+            instance,
+            "handler=\"erp\"",
+            "1 1",
+        );
+        input += &series("provisiond_dead_letters", instance, "", "3 3");
+    }
+    let file = "backend=\"file\",store=\"host-c:/var/lib/provisiond/store.db\"";
+    input += &series("provisiond_store_info", "c", file, "1 1");
+    input += &series(
+        "provisiond_after_queue_depth",
+        "c",
+        "handler=\"crm\"",
+        "2 2",
+    );
+    input += &series("provisiond_dead_letters", "c", "", "1 1");
+    let old = "backend=\"postgres\",store=\"provisiond@0000000000000001\"";
+    let new = "backend=\"postgres\",store=\"provisiond@0000000000000002\"";
+    input += &series("provisiond_store_info", "d", old, "0 0");
+    input += &series("provisiond_store_info", "d", new, "1 1");
+    input += &series(
+        "provisiond_after_queue_depth",
+        "d",
+        "handler=\"crm\"",
+        "4 4",
+    );
+    input += &series("provisiond_dead_letters", "d", "", "0 0");
+    let expect = |expr: String, value: u32| {
+        format!(
+            "      - expr: '{expr}'\n        eval_time: 1m\n        exp_samples:\n          \
+             - labels: '{{}}'\n            value: {value}\n"
+        )
+    };
+    let tests = format!(
+        "evaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{input}    \
+         promql_expr_test:\n{}{}",
+        // 5 + 1 shared, 2, 4: not 18, the sum over the sidecars.
+        expect(stat("Waiting deliveries"), 12),
+        // 3 shared, 1, 0.
+        expect(stat("Dead letters"), 4),
+    );
+    let dir = tempfile::TempDir::new().unwrap();
+    std::fs::write(dir.path().join("dashboard.test.yml"), &tests).unwrap();
+    let out = Command::new(promtool)
+        .args(["test", "rules", "dashboard.test.yml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}\n{tests}");
+    assert!(said.contains("SUCCESS"), "{said}");
+}

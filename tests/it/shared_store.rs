@@ -1041,3 +1041,65 @@ async fn a_user_without_create_on_the_database_runs_on_a_schema_made_for_it() {
         "2"
     );
 }
+
+/// The `store` label of this sidecar's `provisiond_store_info` at 1, once the store is
+/// reached (or 20 s), with its `backend`.
+async fn store_info(sidecar: &Sidecar) -> Option<(String, String)> {
+    let re =
+        regex::Regex::new(r#"(?m)^provisiond_store_info\{backend="([a-z]+)",store="([^"]+)"\} 1$"#)
+            .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = sidecar.metrics_text().await;
+        if let Some(c) = re.captures(&text) {
+            return Some((c[1].to_owned(), c[2].to_owned()));
+        }
+        if std::time::Instant::now() > until {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sidecars_sharing_a_database_name_one_store_in_their_metrics() {
+    // A dashboard counts a shared queue once by this label: the same for two sidecars
+    // on one schema and after a restart, another for another schema, and a store file's
+    // its host and path.
+    let Some(db) = server() else { return };
+    let a = Sidecar::start(&format!("{SERVER}{}", store(&db)));
+    let b = Sidecar::start(&format!("{SERVER}{}", store(&db)));
+    let (backend, shared) = store_info(&a).await.expect("a names its store");
+    assert_eq!(backend, "postgres");
+    assert_eq!(store_info(&b).await.unwrap().1, shared);
+    let id: i64 = db
+        .connect("provisiond")
+        .await
+        .query_one(
+            "SELECT value FROM provisiond.meta WHERE key = 'store_id'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shared, format!("provisiond@{id:016x}"));
+    let (dir, path, status) = b.terminate();
+    assert!(status.success());
+    let b = Sidecar::spawn(dir, path, &[]);
+    assert_eq!(store_info(&b).await.unwrap().1, shared, "after a restart");
+
+    let other = Sidecar::start(&format!("{SERVER}{}schema = \"other\"\n", store(&db)));
+    let (_, elsewhere) = store_info(&other).await.unwrap();
+    assert!(elsewhere.starts_with("other@"), "{elsewhere}");
+    assert_ne!(elsewhere, shared.replacen("provisiond@", "other@", 1));
+
+    let file = Sidecar::start(SERVER);
+    let (backend, named) = store_info(&file).await.unwrap();
+    assert_eq!(backend, "file");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let expected = std::fs::canonicalize(file.dir.path()).unwrap();
+    assert!(
+        named.starts_with(&format!("{}:{}/", host.trim(), expected.display())),
+        "{named}"
+    );
+}

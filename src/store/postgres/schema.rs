@@ -140,17 +140,40 @@ impl Postgres {
                     }
                 }
             }
+            // The database's own name for this store, the same for every sidecar that
+            // shares it (and on a standby promoted after a failover): metrics name it, so
+            // that a dashboard counts the shared queue once.
+            txn.execute(
+                &sql(
+                    schema,
+                    "INSERT INTO {s}.meta VALUES \
+                     ('store_id', floor(random() * 9007199254740992)::bigint) \
+                     ON CONFLICT (key) DO NOTHING",
+                ),
+                &[],
+            )
+            .await
+            .map_err(failed)?;
+            let id: i64 = txn
+                .query_one(
+                    &sql(schema, "SELECT value FROM {s}.meta WHERE key = 'store_id'"),
+                    &[],
+                )
+                .await
+                .map_err(failed)?
+                .get(0);
             txn.commit().await.map_err(failed)?;
-            Ok(())
+            Ok(id)
         };
         let done = tokio::time::timeout(OP_TIMEOUT * 2, work)
             .await
             .unwrap_or_else(|_| Err(Migrate::Failed("the database did not answer".into())));
         *self.inner.not_ready.lock().expect("not poisoned") = match &done {
-            Ok(()) => None,
+            Ok(_) => None,
             Err(Migrate::Failed(why) | Migrate::Refused(why)) => Some(why.clone()),
         };
-        if done.is_ok() {
+        if let Ok(id) = done {
+            crate::metrics::store_info("postgres", &format!("{schema}@{id:016x}"));
             // It answered: the first request after this is no "answers again".
             self.inner.healthy.store(true, Ordering::Relaxed);
             self.inner.ready.store(true, Ordering::Relaxed);
@@ -159,6 +182,6 @@ impl Postgres {
             }
             info!(store = %self.inner.shown, "database ready");
         }
-        done
+        done.map(|_| ())
     }
 }
