@@ -244,12 +244,34 @@ enum Unread {
     Late,
 }
 
+/// Whether a body's read failed because the peer closed the connection before it was
+/// all there (hyper's incomplete message, or an early end of the stream under it).
+fn hung_up(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(|e| {
+        e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+            || e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::UnexpectedEof)
+    })
+}
+
 impl Unread {
     /// The answer to an event whose body was not read.
     fn reply(self, server: &Server) -> Response<Body> {
         match self {
             Self::TooLarge => too_large(server.max_body),
+            // The billing hung up before its body was all there: nobody reads the
+            // answer, and the request was not a bad one.
+            Self::Failed(e) if hung_up(e.as_ref()) => {
+                warn!(error = %e, "the client hung up before the request body was complete");
+                metrics::event("unparsed".into(), EventOutcome::Abandoned);
+                reply::error(
+                    StatusCode::BAD_REQUEST,
+                    format!("could not read the body: {e}"),
+                )
+            }
             Self::Failed(e) => {
+                warn!(error = %e, "could not read the request body");
                 metrics::event("unparsed".into(), EventOutcome::BadRequest);
                 reply::error(
                     StatusCode::BAD_REQUEST,

@@ -939,6 +939,55 @@ async fn a_handlers_call_series_exist_at_zero_before_its_first_call_and_after_a_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_billing_that_hangs_up_mid_body_is_counted_abandoned_and_logged_and_bad_chunks_are_bad_requests()
+ {
+    use tokio::io::AsyncWriteExt;
+    let sidecar = Sidecar::start(SERVER);
+    // 9 bytes of a declared 100, then the connection closes.
+    let mut hung_up = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
+    hung_up
+        .write_all(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"event\":")
+        .await
+        .unwrap();
+    drop(hung_up);
+    let line = sidecar.wait_for_log(Duration::from_secs(10), |l| {
+        l["message"] == "the client hung up before the request body was complete"
+    });
+    assert!(line.is_some(), "{:#?}", sidecar.logs());
+    // A chunk size that is no number: the request itself is bad.
+    let mut bad = tokio::net::TcpStream::connect(&sidecar.addr).await.unwrap();
+    bad.write_all(
+        b"POST /events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut bad, &mut reply),
+    )
+    .await;
+    let counted = scrape(&sidecar).await;
+    let events = |outcome| {
+        sample(
+            &counted,
+            "provisiond_events_total",
+            &[("event", "unparsed"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(events("abandoned"), 1.0);
+    assert_eq!(
+        events("bad_request"),
+        1.0,
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    // The sidecar goes on.
+    let (status, body) = sidecar.send("clients.update", 1, json!({})).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn connections_over_the_cap_wait_until_one_closes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let sidecar = Sidecar::start("[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\n");
