@@ -138,6 +138,10 @@ fn zero() {
         counter!(RELOADS, "result" => result).absolute(0);
     }
     counter!(EXECUTION_LOG_DROPPED).absolute(0);
+    // Refusals that come before any event name is read: a wrong token, a full store.
+    for outcome in [EventOutcome::Unauthorized, EventOutcome::Unavailable] {
+        counter!(EVENTS, "event" => "unparsed", "outcome" => outcome.as_str()).absolute(0);
+    }
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     gauge!(RESTART_NEEDED).set(0.0);
     counter!(LOG_LINES_DROPPED).absolute(0);

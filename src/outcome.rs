@@ -92,6 +92,8 @@ pub enum EventOutcome {
     Unavailable,
     /// The billing hung up during the before stage, before it had an answer.
     Abandoned,
+    /// No token, or a wrong one, where `server.token` is set (401).
+    Unauthorized,
 }
 
 impl EventOutcome {
@@ -105,6 +107,7 @@ impl EventOutcome {
             Self::TooLarge => "too_large",
             Self::Unavailable => "unavailable",
             Self::Abandoned => "abandoned",
+            Self::Unauthorized => "unauthorized",
         }
     }
 }

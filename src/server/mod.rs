@@ -353,6 +353,14 @@ async fn route(app: &Arc<App>, request: Request<Incoming>) -> Response<Body> {
         && let Some(token) = &snapshot.config.server.token
         && !auth::authorized(token, request.headers())
     {
+        if path == "/events" {
+            // A billing with a wrong token fails every event: say so where it is seen.
+            warn!("an event refused: missing or wrong token (401)");
+            crate::metrics::event(
+                "unparsed".into(),
+                crate::outcome::EventOutcome::Unauthorized,
+            );
+        }
         return reply::unauthorized();
     }
     let mut response = match (request.method(), path.as_str()) {

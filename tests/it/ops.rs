@@ -68,6 +68,29 @@ async fn the_token_guards_events_and_the_admin_api_but_not_health() {
     assert_eq!(ready["generation"], 1);
     let (status, _) = sidecar.get("/metrics").await;
     assert_eq!(status, 200, "metrics stay open");
+    // The four refused events are counted and logged (a billing with a wrong token
+    // fails every event); the admin API's refusal is no event.
+    let counted = scrape(&sidecar).await;
+    assert_eq!(
+        sample(
+            &counted,
+            "provisiond_events_total",
+            &[("event", "unparsed"), ("outcome", "unauthorized")]
+        ),
+        4.0
+    );
+    let refused = || {
+        sidecar
+            .logs()
+            .iter()
+            .filter(|l| l.contains("an event refused: missing or wrong token (401)"))
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || refused() == 4).await,
+        "{:#?}",
+        sidecar.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -791,6 +814,17 @@ async fn metrics_parse_as_prometheus_text_and_move_with_events() {
             .any(|s| s.metric == "provisiond_execution_log_dropped_total")
     );
     assert_eq!(sample(&before, "provisiond_events_in_flight", &[]), 0.0);
+    for outcome in ["unauthorized", "unavailable"] {
+        assert!(
+            before
+                .samples
+                .iter()
+                .any(|s| s.metric == "provisiond_events_total"
+                    && s.labels.get("event") == Some("unparsed")
+                    && s.labels.get("outcome") == Some(outcome)),
+            "provisiond_events_total{{event=\"unparsed\",outcome={outcome:?}}} is missing at start"
+        );
+    }
 
     let client = sidecar.client();
     let post = |body: String| {
