@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tracing::{debug, error, info, warn};
 
 use super::retry::{self, Verdict};
-use super::{Deliveries, Lane, NOT_AFTER, REMOVED, store_backoff};
+use super::{ABSENT_AT_START, Deliveries, Lane, NOT_AFTER, REMOVED, store_backoff};
 use crate::config::{Handler, Stage};
 use crate::dispatch::{CallRecord, Live};
 use crate::handlers::Call;
@@ -26,6 +26,8 @@ enum Found {
 fn find(live: &Live, name: &str) -> Found {
     let snapshot = live.load();
     match snapshot.config.handler(name) {
+        // Generation 1 is the config loaded at start: no reload has removed anything.
+        None if snapshot.generation == 1 => Found::Dead(ABSENT_AT_START),
         None => Found::Dead(REMOVED),
         Some(h) if h.stage != Stage::After => Found::Dead(NOT_AFTER),
         Some(h) if !h.enabled => Found::Disabled,
@@ -148,7 +150,7 @@ async fn turn(
                                 () = tokio::time::sleep(wait) => Turn::Again,
                             };
                         }
-                        if reason == REMOVED {
+                        if reason == REMOVED || reason == ABSENT_AT_START {
                             reason = this.unclaimed_reason(&lane.handler);
                         }
                     }

@@ -58,6 +58,10 @@ use shared::{claim_lanes, release};
 
 /// The dead-letter reason of a delivery whose handler a reload removed.
 pub const REMOVED: &str = "handler removed by a config reload";
+/// ... or that the config the sidecar started with lacks (it changed while it was
+/// stopped).
+pub const ABSENT_AT_START: &str =
+    "handler not in the config the sidecar started with (removed while it was stopped)";
 /// Shared store: the reason when this sidecar never had the handler.
 pub const ORPHANED: &str = "no live sidecar has the handler: a config reload removed it, or the sidecars that had it stopped";
 /// ... or turned into a before-stage handler.

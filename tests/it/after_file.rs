@@ -162,6 +162,42 @@ async fn a_reload_that_removes_a_handler_dead_letters_its_queue_and_disabling_on
     assert_eq!(response.status(), 409);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handler_gone_from_the_file_while_the_sidecar_was_stopped_dead_letters_with_that_reason()
+{
+    let down = refused_url();
+    let sidecar = Sidecar::start(&format!(
+        "{SERVER}{}",
+        after_handler(
+            "erp",
+            &down,
+            "retry = { attempts = 1000, backoff = \"10ms\" }"
+        )
+    ));
+    for id in 1..=2 {
+        let (status, body) = sidecar.send("clients.create", id, json!({})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (dir, path, status) = sidecar.terminate();
+    assert!(status.success());
+    std::fs::write(&path, SERVER).unwrap();
+    let sidecar = Sidecar::spawn(dir, path, &[]);
+    let letters = sidecar
+        .get_until("/v1/deadletters", Duration::from_secs(20), |b| {
+            b["deadletters"].as_array().is_some_and(|l| l.len() == 2)
+        })
+        .await;
+    let letters = letters["deadletters"].as_array().unwrap();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    for letter in letters {
+        assert_eq!(letter["handler"], "erp");
+        assert_eq!(
+            letter["reason"],
+            "handler not in the config the sidecar started with (removed while it was stopped)"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_disk_is_survived_without_a_restart() {
     let Some(disk) = Tmpfs::mount_or_skip("4m") else {
