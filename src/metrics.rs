@@ -86,7 +86,8 @@ fn describe() {
     describe_gauge!(DEAD_LETTERS, "Deliveries in the dead letters.");
     describe_gauge!(
         HANDLER_OLDEST_SECONDS,
-        "Age of the oldest after-stage delivery being worked on, by handler, in seconds."
+        "Age of the oldest after-stage delivery in this sidecar's lanes (waiting, being tried, \
+         or held while its handler is disabled), by handler, in seconds."
     );
     describe_gauge!(
         LANES_IN_MEMORY,
@@ -147,6 +148,8 @@ fn zero() {
     counter!(LOG_LINES_DROPPED).absolute(0);
     // A panel of it reads 0 after a start, not "no data".
     gauge!(EVENTS_IN_FLIGHT).set(0.0);
+    // The latency panel and quantiles have a series (empty) before the first event.
+    let _ = histogram!(BEFORE_CHAIN_SECONDS);
 }
 
 /// One batch of the store file's writer, applied and committed; `durable` when fsynced.

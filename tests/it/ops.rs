@@ -814,6 +814,13 @@ async fn metrics_parse_as_prometheus_text_and_move_with_events() {
             .any(|s| s.metric == "provisiond_execution_log_dropped_total")
     );
     assert_eq!(sample(&before, "provisiond_events_in_flight", &[]), 0.0);
+    assert!(
+        before
+            .samples
+            .iter()
+            .any(|s| s.metric == "provisiond_before_chain_duration_seconds"),
+        "the before-stage latency has a series before the first event"
+    );
     for outcome in ["unauthorized", "unavailable"] {
         assert!(
             before
