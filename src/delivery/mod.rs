@@ -42,6 +42,7 @@ pub mod retry;
 mod shared;
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -116,6 +117,9 @@ pub struct Deliveries {
     caller: Caller,
     /// Handlers whose queue depth `/metrics` has shown, so that an emptied one shows 0.
     reported: Mutex<HashSet<String>>,
+    /// When the oldest waiting delivery was stored, as last read (0: none waited), so
+    /// that its age keeps growing while the store cannot be read.
+    oldest_at: AtomicU64,
     /// A refresh of the store's figures for `/metrics` under way: it ends when this
     /// channel's sender is dropped.
     refreshing: Mutex<Option<tokio::sync::watch::Receiver<()>>>,
@@ -219,6 +223,7 @@ impl Deliveries {
             store,
             caller,
             reported: Mutex::default(),
+            oldest_at: AtomicU64::new(0),
             refreshing: Mutex::default(),
             wake: tokio::sync::Notify::new(),
             handing: tokio::sync::Notify::new(),
@@ -510,12 +515,14 @@ impl Deliveries {
             self.report_depths(&config, depths).await;
         }
         match store.oldest_enqueued().await {
-            Ok(oldest) => {
-                let age = oldest.map_or(0, |at| now_ms().saturating_sub(at));
-                crate::metrics::queue_oldest(Duration::from_millis(age));
-            }
-            Err(e) => warn!(error = %e, "cannot read the queue for metrics"),
+            Ok(oldest) => self.oldest_at.store(oldest.unwrap_or(0), Ordering::Relaxed),
+            Err(e) => warn!(error = %e, "cannot read the queue for metrics; its oldest ages on"),
         }
+        let age = match self.oldest_at.load(Ordering::Relaxed) {
+            0 => 0,
+            at => now_ms().saturating_sub(at),
+        };
+        crate::metrics::queue_oldest(Duration::from_millis(age));
         match store.dead_letter_count().await {
             Ok(n) => crate::metrics::dead_letters(n),
             Err(e) => warn!(error = %e, "cannot count the dead letters for metrics"),

@@ -570,9 +570,21 @@ async fn the_queue_depth_keeps_its_last_figure_while_the_database_is_down() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(seen, "{}", sidecar.metrics_text().await);
+    let oldest = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("provisiond_after_queue_oldest_age_seconds "))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
     tokio::task::block_in_place(|| db.stop());
     let metrics = sidecar.metrics_text().await;
     assert!(metrics.contains(depth), "{metrics}");
+    // The oldest waiting delivery ages on while the database cannot be read.
+    let down = oldest(&metrics).expect("an oldest age");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later = sidecar.metrics_text().await;
+    assert!(later.contains(depth), "{later}");
+    let aged = oldest(&later).expect("an oldest age");
+    assert!(aged >= down + 1.0, "{down} then {aged}");
     // A read that cannot be made says so, not that a write failed.
     let (status, body) = sidecar.get("/v1/deadletters").await;
     assert_eq!(status, 503, "{body}");
