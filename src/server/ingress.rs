@@ -260,19 +260,16 @@ impl Unread {
     fn reply(self, server: &Server) -> Response<Body> {
         match self {
             Self::TooLarge => too_large(server.max_body),
-            // The billing hung up before its body was all there: nobody reads the
-            // answer, and the request was not a bad one.
-            Self::Failed(e) if hung_up(e.as_ref()) => {
-                warn!(error = %e, "the client hung up before the request body was complete");
-                metrics::event("unparsed".into(), EventOutcome::Abandoned);
-                reply::error(
-                    StatusCode::BAD_REQUEST,
-                    format!("could not read the body: {e}"),
-                )
-            }
             Self::Failed(e) => {
-                warn!(error = %e, "could not read the request body");
-                metrics::event("unparsed".into(), EventOutcome::BadRequest);
+                // The billing hung up before its body was all there: nobody reads the
+                // answer, and the request was not a bad one.
+                if hung_up(e.as_ref()) {
+                    warn!(error = %e, "the client hung up before the request body was complete");
+                    metrics::event("unparsed".into(), EventOutcome::Abandoned);
+                } else {
+                    warn!(error = %e, "could not read the request body");
+                    metrics::event("unparsed".into(), EventOutcome::BadRequest);
+                }
                 reply::error(
                     StatusCode::BAD_REQUEST,
                     format!("could not read the body: {e}"),

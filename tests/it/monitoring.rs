@@ -228,44 +228,34 @@ fn the_dashboards_totals_count_a_shared_database_once() {
             .unwrap()
             .replace("$instance", ".*")
     };
+    // One sidecar's series: its store's info, crm's queue depth, its dead letters.
+    let sidecar = |instance: &str, store: &str, depth: &str, dead: &str| {
+        series("provisiond_store_info", instance, store, "1 1")
+            + &series(
+                "provisiond_after_queue_depth",
+                instance,
+                "handler=\"crm\"",
+                depth,
+            )
+            + &series("provisiond_dead_letters", instance, "", dead)
+    };
     let shared = "backend=\"postgres\",store=\"provisiond@00000000000000ab\"";
     let mut input = String::new();
     for instance in ["a", "b"] {
-        input += &series("provisiond_store_info", instance, shared, "1 1");
-        input += &series(
-            "provisiond_after_queue_depth",
-            instance,
-            "handler=\"crm\"",
-            "5 5",
-        );
+        input += &sidecar(instance, shared, "5 5", "3 3");
         input += &series(
             "provisiond_after_queue_depth",
             instance,
             "handler=\"erp\"",
             "1 1",
         );
-        input += &series("provisiond_dead_letters", instance, "", "3 3");
     }
     let file = "backend=\"file\",store=\"host-c:/var/lib/provisiond/store.db\"";
-    input += &series("provisiond_store_info", "c", file, "1 1");
-    input += &series(
-        "provisiond_after_queue_depth",
-        "c",
-        "handler=\"crm\"",
-        "2 2",
-    );
-    input += &series("provisiond_dead_letters", "c", "", "1 1");
+    input += &sidecar("c", file, "2 2", "1 1");
     let old = "backend=\"postgres\",store=\"provisiond@0000000000000001\"";
     let new = "backend=\"postgres\",store=\"provisiond@0000000000000002\"";
     input += &series("provisiond_store_info", "d", old, "0 0");
-    input += &series("provisiond_store_info", "d", new, "1 1");
-    input += &series(
-        "provisiond_after_queue_depth",
-        "d",
-        "handler=\"crm\"",
-        "4 4",
-    );
-    input += &series("provisiond_dead_letters", "d", "", "0 0");
+    input += &sidecar("d", new, "4 4", "0 0");
     let expect = |expr: String, value: u32| {
         format!(
             "      - expr: '{expr}'\n        eval_time: 1m\n        exp_samples:\n          \
