@@ -149,21 +149,23 @@ impl Drop for GroupGuard {
     }
 }
 
+/// How much more room a read into a reply's buffer makes at a time: a script's reply
+/// is read into the buffer kept, with no scratch buffer to zero for every call.
+const READ_ROOM: usize = 8 << 10;
+
 /// Reads to the end, keeping the first `cap` bytes.
 async fn read_head(mut reader: impl AsyncRead + Unpin, cap: usize) -> (Bytes, bool) {
     let mut kept = BytesMut::new();
     let mut truncated = false;
-    let mut buf = vec![0u8; 16 << 10];
     loop {
-        match reader.read(&mut buf).await {
+        kept.reserve(READ_ROOM);
+        match reader.read_buf(&mut kept).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let room = cap.saturating_sub(kept.len());
-                if n > room {
-                    truncated = true;
-                }
-                kept.extend_from_slice(&buf[..n.min(room)]);
+            Ok(_) if kept.len() > cap => {
+                truncated = true;
+                kept.truncate(cap);
             }
+            Ok(_) => {}
         }
     }
     (kept.freeze(), truncated)
@@ -172,16 +174,14 @@ async fn read_head(mut reader: impl AsyncRead + Unpin, cap: usize) -> (Bytes, bo
 /// Reads to the end, keeping the last `cap` bytes.
 async fn read_tail(mut reader: impl AsyncRead + Unpin, cap: usize) -> Vec<u8> {
     let mut kept = Vec::new();
-    let mut buf = vec![0u8; 16 << 10];
     loop {
-        match reader.read(&mut buf).await {
+        kept.reserve(READ_ROOM);
+        match reader.read_buf(&mut kept).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => {
-                kept.extend_from_slice(&buf[..n]);
-                if kept.len() > 2 * cap {
-                    kept.drain(..kept.len() - cap);
-                }
+            Ok(_) if kept.len() > 2 * cap => {
+                kept.drain(..kept.len() - cap);
             }
+            Ok(_) => {}
         }
     }
     if kept.len() > cap {
@@ -225,5 +225,18 @@ mod tests {
         assert_eq!(last_lines("only", 5, 100), "only");
         assert_eq!(last_lines("", 5, 100), "");
         assert_eq!(last_lines("xxxxé", 1, 2), "é");
+    }
+
+    #[tokio::test]
+    async fn a_reply_keeps_its_head_and_stderr_its_tail_whatever_their_length() {
+        let text: Vec<u8> = (0..100_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        for len in [0, 1, 1000, 8 << 10, 50_000, 400_000] {
+            let source = &text[..len];
+            let (head, truncated) = read_head(source, 10_000).await;
+            assert_eq!(&head[..], &source[..len.min(10_000)], "{len}");
+            assert_eq!(truncated, len > 10_000, "{len}");
+            let tail = read_tail(source, 10_000).await;
+            assert_eq!(&tail[..], &source[len.saturating_sub(10_000)..], "{len}");
+        }
     }
 }
