@@ -26,9 +26,8 @@ enum Found {
 fn find(live: &Live, name: &str) -> Found {
     let snapshot = live.load();
     match snapshot.config.handler(name) {
-        // Generation 1 is the config loaded at start: no reload has removed anything.
-        None if snapshot.generation == 1 => Found::Dead(ABSENT_AT_START),
-        None => Found::Dead(REMOVED),
+        None if live.had(name) => Found::Dead(REMOVED),
+        None => Found::Dead(ABSENT_AT_START),
         Some(h) if h.stage != Stage::After => Found::Dead(NOT_AFTER),
         Some(h) if !h.enabled => Found::Disabled,
         Some(h) => Found::Ready(h.clone()),

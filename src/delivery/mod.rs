@@ -131,10 +131,6 @@ pub struct Deliveries {
     /// Shared store: per handler that no live sidecar has, since when this sidecar has
     /// seen it so (see [`Deliveries::unclaimed_for`]).
     unclaimed: Mutex<HashMap<String, Unclaimed>>,
-    /// Shared store: every after-stage handler this sidecar's config has had, to tell a
-    /// handler a reload removed here ([`REMOVED`]) from one only others had
-    /// ([`ORPHANED`]).
-    had: Mutex<HashSet<String>>,
 }
 
 /// Shared store: a handler no live sidecar has, as this sidecar has seen it.
@@ -228,7 +224,6 @@ impl Deliveries {
             wake: tokio::sync::Notify::new(),
             handing: tokio::sync::Notify::new(),
             unclaimed: Mutex::default(),
-            had: Mutex::default(),
         })
     }
 
@@ -262,7 +257,7 @@ impl Deliveries {
 
     /// Shared store: the dead-letter reason of a handler no live sidecar has.
     pub(super) fn unclaimed_reason(&self, handler: &str) -> &'static str {
-        if self.had.lock().expect("not poisoned").contains(handler) {
+        if self.live.had(handler) {
             REMOVED
         } else {
             ORPHANED
@@ -704,6 +699,76 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(deliveries.depths().get("down"), Some(&4));
+        deliveries.stop.cancel();
+    }
+
+    /// The reason each delivery of a handler that is not in the config got when it was
+    /// dead-lettered, once all `n` have been.
+    async fn reasons(store: &Store, n: usize) -> Vec<String> {
+        for _ in 0..500 {
+            let dead = store
+                .dead_letters(crate::store::DeadLetterFilter::default(), 0, 100)
+                .await
+                .unwrap();
+            if dead.len() >= n {
+                return dead.into_iter().map(|d| d.reason).collect();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{n} dead letters expected");
+    }
+
+    #[tokio::test]
+    async fn a_handler_absent_since_the_start_is_told_from_one_a_reload_removed_after_any_reload() {
+        let config = |names: &[&str]| {
+            let text: String = names
+                .iter()
+                .map(|name| {
+                    format!(
+                        "[[handler]]\nname = \"{name}\"\nevents = [\"*\"]\nstage = \"after\"\n\
+                         url = \"http://127.0.0.1:9/\"\n\
+                         retry = {{ attempts = 1000, backoff = \"1h\", max_backoff = \"1h\" }}\n"
+                    )
+                })
+                .collect();
+            crate::dispatch::Snapshot::new(
+                crate::config::Config::parse(&text, "test.toml").unwrap(),
+                1,
+            )
+        };
+
+        // Stored while the sidecar ran a config that had "down"; it starts without it,
+        // and a reload that changes something else comes before the lanes look.
+        let store = Store::memory().unwrap();
+        let stored_ = vec![stored("clients/1"), stored("clients/2")];
+        store
+            .enqueue(stored_, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let live = Live::new(config(&["other"]));
+        let mut reloaded = config(&["other", "another"]);
+        reloaded.generation = 2;
+        live.publish(reloaded);
+        let deliveries = Deliveries::new(live, store.clone(), Caller::new());
+        Deliveries::attach(&deliveries);
+        deliveries.resume().unwrap();
+        assert_eq!(reasons(&store, 2).await, [ABSENT_AT_START; 2]);
+        deliveries.stop.cancel();
+
+        // Had since the start, then removed by a reload: what the reason says.
+        let store = Store::memory().unwrap();
+        let live = Live::new(config(&["down"]));
+        let mut reloaded = config(&["other"]);
+        reloaded.generation = 2;
+        live.publish(reloaded);
+        store
+            .enqueue(vec![stored("clients/1")], Duration::from_secs(60))
+            .await
+            .unwrap();
+        let deliveries = Deliveries::new(live, store.clone(), Caller::new());
+        Deliveries::attach(&deliveries);
+        deliveries.resume().unwrap();
+        assert_eq!(reasons(&store, 1).await, [REMOVED]);
         deliveries.stop.cancel();
     }
 }

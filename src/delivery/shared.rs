@@ -81,10 +81,6 @@ pub(super) async fn claim_lanes(this: Arc<Deliveries>) {
             (all, enabled)
         };
         if announced.as_ref() != Some(&all) {
-            this.had
-                .lock()
-                .expect("not poisoned")
-                .extend(all.iter().cloned());
             this.store.set_handlers(all.clone());
             if this.store.announce().await.is_ok() {
                 announced = Some(all.clone());

@@ -3,7 +3,8 @@
 //! reloader). One handle, given to the server, the delivery workers and the reloader, so
 //! that none of them needs the others.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, Guard};
 use tokio::sync::watch;
@@ -15,6 +16,10 @@ pub struct Live {
     current: ArcSwap<Snapshot>,
     /// The generation of `current`, for subscribers.
     generation: watch::Sender<u64>,
+    /// The name of every handler of every config made live here since start: a
+    /// delivery whose handler is gone was removed by a reload if it is in here, and was
+    /// absent from the start otherwise.
+    had: Mutex<HashSet<String>>,
 }
 
 impl Live {
@@ -22,9 +27,11 @@ impl Live {
         let (generation, _) = watch::channel(snapshot.generation);
         crate::metrics::generation(snapshot.generation);
         crate::metrics::handlers(&snapshot.config);
+        let had = Mutex::new(names(&snapshot));
         Arc::new(Self {
             current: ArcSwap::from_pointee(snapshot),
             generation,
+            had,
         })
     }
 
@@ -43,13 +50,31 @@ impl Live {
     pub fn publish(&self, snapshot: Snapshot) {
         let generation = snapshot.generation;
         crate::metrics::handlers(&snapshot.config);
+        self.had
+            .lock()
+            .expect("not poisoned")
+            .extend(names(&snapshot));
         self.current.store(Arc::new(snapshot));
         self.generation.send_replace(generation);
         crate::metrics::generation(generation);
+    }
+
+    /// Whether a config made live here since start had a handler `name`.
+    pub fn had(&self, name: &str) -> bool {
+        self.had.lock().expect("not poisoned").contains(name)
     }
 
     /// A receiver that sees the generation of every snapshot published from now on.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
     }
+}
+
+fn names(snapshot: &Snapshot) -> HashSet<String> {
+    snapshot
+        .config
+        .handlers
+        .iter()
+        .map(|h| h.name.clone())
+        .collect()
 }
