@@ -13,6 +13,7 @@ use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::config::Config;
+use crate::dispatch::CallRecord;
 use crate::outcome::{CallOutcome, EventOutcome};
 
 pub(crate) const EVENTS: &str = "provisiond_events_total";
@@ -268,19 +269,19 @@ pub(crate) fn handlers(config: &Config) {
     }
 }
 
-pub(crate) fn handler_call(
-    handler: &str,
-    stage: &'static str,
-    outcome: CallOutcome,
-    took: Duration,
-) {
-    let outcome = outcome.as_str();
+/// Counts one handler call by its outcome and, if the handler was called, its time
+/// (a failed filter or an event out of time before the handler's turn has none).
+pub(crate) fn handler_call(record: &CallRecord) {
+    let (handler, stage) = (record.handler.as_str(), record.stage.as_str());
+    let outcome = record.outcome.as_str();
     let calls = kept(&CALLS, handler, stage, || Calls::new(handler, stage));
     match calls.by_outcome.iter().find(|(known, _)| *known == outcome) {
         Some((_, counter)) => counter.increment(1),
         None => call_counter(handler, stage, outcome).increment(1),
     }
-    calls.time.record(took.as_secs_f64());
+    if record.called {
+        calls.time.record(record.duration.as_secs_f64());
+    }
 }
 
 pub(crate) fn in_flight(delta: f64) {

@@ -269,6 +269,7 @@ async fn attempt(
         attempt,
         outcome: CallOutcome::Delivered,
         duration,
+        called: true,
         code: result.as_ref().ok().map(crate::handlers::Reply::code),
         excerpt: result
             .as_ref()
@@ -279,7 +280,7 @@ async fn attempt(
     let verdict = retry::judge(&result).masked(&handler.hidden);
     let event_id = delivery.event_id.as_deref().unwrap_or_default();
     let settle = settlement(lane, id, event_id, handler, verdict, &mut call);
-    crate::metrics::handler_call(&handler.name, "after", call.outcome, duration);
+    crate::metrics::handler_call(&call);
     if let Settle::Retry {
         attempts, next_at, ..
     } = &settle

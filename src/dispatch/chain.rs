@@ -44,6 +44,9 @@ pub struct CallRecord {
     /// A [`CallOutcome`]'s name (`CallOutcome::as_str`): the store keeps it as text.
     pub outcome: CallOutcome,
     pub duration: Duration,
+    /// Whether the handler was called: not when its filter failed, nor when the event's
+    /// deadline ran out before its turn. Only calls made count in its latency.
+    pub called: bool,
     /// HTTP status or exit code.
     pub code: Option<i64>,
     pub excerpt: String,
@@ -140,13 +143,24 @@ pub async fn run_before(
     for handler in &route.before {
         let started = Instant::now();
         let at = SystemTime::now();
+        let remaining = budget.deadline.saturating_duration_since(started);
+        let mut called = false;
         let (step, code, excerpt) = match handler
             .filter
             .evaluate_with(&data.envelope, &mut data.cel)
         {
+            Ok(Verdict::Pass) if remaining.is_zero() => (
+                Step::Error(format!(
+                    "server.deadline ({}) ran out before this handler",
+                    fmt_duration(budget.len)
+                )),
+                None,
+                String::new(),
+            ),
             Ok(Verdict::Pass) => {
                 records.calling(handler, at, started);
-                call(caller, handler, &mut data, &object_id, started, budget).await
+                called = true;
+                call(caller, handler, &mut data, &object_id, remaining, budget).await
             }
             Ok(verdict) => {
                 debug!(handler = %handler.name, event = %data.envelope.name, ?verdict, "handler skipped by its filter");
@@ -162,6 +176,7 @@ pub async fn run_before(
             attempt: 1,
             outcome: CallOutcome::Allowed,
             duration: started.elapsed(),
+            called,
             code,
             excerpt,
             error: None,
@@ -194,27 +209,16 @@ struct Budget {
     len: Duration,
 }
 
-/// Calls one handler whose filter passed, with what is left of the event's deadline at
-/// `started`: what the reply means, its code and excerpt.
+/// Calls one handler whose filter passed, with `remaining` of the event's deadline
+/// (not zero): what the reply means, its code and excerpt.
 async fn call(
     caller: &impl Calls,
     handler: &Arc<Handler>,
     data: &mut Data,
     object_id: &str,
-    started: Instant,
+    remaining: Duration,
     budget: Budget,
 ) -> (Step, Option<i64>, String) {
-    let remaining = budget.deadline.saturating_duration_since(started);
-    if remaining.is_zero() {
-        return (
-            Step::Error(format!(
-                "server.deadline ({}) ran out before this handler",
-                fmt_duration(budget.len)
-            )),
-            None,
-            String::new(),
-        );
-    }
     let capped = remaining < handler.timeout;
     let envelope = &data.envelope;
     let body = data
@@ -437,6 +441,7 @@ pub fn select_after(
                         attempt: 0,
                         outcome: CallOutcome::Error,
                         duration: Duration::ZERO,
+                        called: false,
                         code: None,
                         excerpt: String::new(),
                         error: Some(e.to_string()),

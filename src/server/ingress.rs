@@ -179,7 +179,7 @@ impl Chain<'_> {
         self.over = true;
         let records = std::mem::take(&mut self.records);
         for record in &records {
-            metrics::handler_call(&record.handler, "before", record.outcome, record.duration);
+            metrics::handler_call(record);
         }
         records
     }
@@ -210,6 +210,7 @@ impl Drop for Chain<'_> {
                 attempt: 1,
                 outcome: CallOutcome::Error,
                 duration: started.elapsed(),
+                called: true,
                 code: None,
                 excerpt: String::new(),
                 error: Some(
@@ -218,7 +219,7 @@ impl Drop for Chain<'_> {
             });
         }
         for record in &records {
-            metrics::handler_call(&record.handler, "before", record.outcome, record.duration);
+            metrics::handler_call(record);
         }
         warn!(
             event = self.event,
@@ -384,7 +385,7 @@ impl Judged<'_> {
         let after = select_after(route, envelope, cel, &mut self.records);
         // Its rows: after-stage filters that failed.
         for record in &self.records[before..] {
-            metrics::handler_call(&record.handler, "after", record.outcome, record.duration);
+            metrics::handler_call(record);
         }
         let reply_body = if modified {
             Bytes::from(envelope.to_json())

@@ -780,6 +780,85 @@ fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]
         .sum()
 }
 
+/// A handler that was not called (its filter failed, or the event's deadline ran out
+/// before its turn) counts an `error` call, and no time in its latency histogram: a
+/// 0 s there would read as the fastest calls of all.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handler_not_called_counts_its_error_but_no_time() {
+    let slow = HandlerServer::start(|call| async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        reply(200, call.body)
+    })
+    .await;
+    let echo = HandlerServer::echo().await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndeadline = \"500ms\"\n{}{}{}",
+        http_handler(
+            "strict",
+            &echo.url("/strict"),
+            "priority = 1\nwhen = 'data.email.endsWith(\"@x\")'"
+        ),
+        http_handler("slow", &slow.url("/"), "priority = 2\ntimeout = \"10s\""),
+        http_handler("late", &echo.url("/late"), "priority = 3"),
+    );
+    let sidecar = Sidecar::start(&config);
+    let (status, body) = sidecar.send("clients.update", 1, json!({})).await;
+    // Both failures are skipped (on_error = "allow", the default): the event goes on.
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        echo.calls().is_empty(),
+        "neither strict nor late was called"
+    );
+    let metrics = scrape(&sidecar).await;
+    let count = |handler: &str, outcome: &str| {
+        sample(
+            &metrics,
+            "provisiond_handler_calls_total",
+            &[("handler", handler), ("outcome", outcome)],
+        )
+    };
+    let timed = |handler: &str| {
+        sample(
+            &metrics,
+            "provisiond_handler_duration_seconds",
+            &[("handler", handler)],
+        )
+    };
+    assert_eq!(count("strict", "error"), 1.0);
+    assert_eq!(count("slow", "error"), 1.0, "the deadline cut it");
+    assert_eq!(count("late", "error"), 1.0);
+    assert_eq!(
+        timed("slow"),
+        1.0,
+        "a call made is timed, even one cut short"
+    );
+    assert_eq!(timed("strict"), 0.0, "a failed filter calls nothing");
+    assert_eq!(
+        timed("late"),
+        0.0,
+        "out of time before its turn, it was not called"
+    );
+    // The execution log still has a row for each, with what went wrong.
+    let rows = sidecar
+        .get_until("/v1/executions", Duration::from_secs(5), |body| {
+            body["executions"].as_array().is_some_and(|r| r.len() >= 3)
+        })
+        .await;
+    let errors: Vec<String> = rows["executions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{}: {}", r["handler"], r["error"]))
+        .collect();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("\"late\"") && e.contains("ran out before this handler")),
+        "{errors:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_parse_as_prometheus_text_and_move_with_events() {
     let echo = HandlerServer::echo().await;
