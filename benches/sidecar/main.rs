@@ -114,6 +114,11 @@ fn main() {
             std::process::exit(2);
         }
     }
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "built without optimisation (`--profile test`?): a smoke run, its figures compare with nothing"
+        );
+    }
     let scale = if quick { 0.1 } else { 1.0 };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
