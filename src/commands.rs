@@ -295,7 +295,8 @@ pub async fn run(path: &Path, watch: bool) -> anyhow::Result<ExitCode> {
     };
     info!(
         addr = %listener.local_addr(), config = %path.display(), handlers, watching,
-        store = %app.store.path(), version = env!("CARGO_PKG_VERSION"), "listening"
+        store = %app.store.path(), version = env!("CARGO_PKG_VERSION"),
+        threads = tokio::runtime::Handle::current().metrics().num_workers(), "listening"
     );
     for warning in app.live.load().config.warnings() {
         warn!(%warning, "config warning");

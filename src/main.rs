@@ -37,6 +37,29 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// What `--threads` and `PROVISIOND_THREADS` take.
+const THREADS: std::ops::RangeInclusive<i64> = 1..=1024;
+
+/// `PROVISIOND_THREADS`, read by `run` only: a unit's `Environment=` line is no concern of
+/// `check`'s. Empty is unset.
+fn threads_from_env() -> Result<Option<u16>, String> {
+    let Some(value) = std::env::var_os("PROVISIOND_THREADS") else {
+        return Ok(None);
+    };
+    let value = value.to_string_lossy();
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
+    match value.trim().parse::<u16>() {
+        Ok(n) if THREADS.contains(&i64::from(n)) => Ok(Some(n)),
+        _ => Err(format!(
+            "PROVISIOND_THREADS={value}: not a number of threads from {} to {} (--threads)",
+            THREADS.start(),
+            THREADS.end()
+        )),
+    }
+}
+
 /// Options of `run`, the default command; no other command logs.
 #[derive(clap::Args)]
 struct RunArgs {
@@ -49,11 +72,19 @@ struct RunArgs {
     /// Do not watch the config file; reload only on SIGHUP or POST /v1/reload.
     #[arg(long)]
     no_watch: bool,
+    /// Threads that serve events and deliveries, 1 to 1024 (default: PROVISIOND_THREADS,
+    /// else one per CPU). Where provisiond shares a few cores with the billing, 1 costs
+    /// less CPU per event.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(THREADS))]
+    threads: Option<u16>,
 }
 
 impl RunArgs {
     fn is_set(&self) -> bool {
-        self.log_format.is_some() || self.log_level.is_some() || self.no_watch
+        self.log_format.is_some()
+            || self.log_level.is_some()
+            || self.no_watch
+            || self.threads.is_some()
     }
 
     /// `provisiond --log-level debug run --log-format json`: both apply, those after
@@ -63,6 +94,7 @@ impl RunArgs {
             log_format: self.log_format.or(outer.log_format),
             log_level: self.log_level.or(outer.log_level),
             no_watch: self.no_watch || outer.no_watch,
+            threads: self.threads.or(outer.threads),
         }
     }
 }
@@ -334,7 +366,7 @@ fn main() -> ExitCode {
         Some(_) if cli.run.is_set() => Cli::command()
             .error(
                 clap::error::ErrorKind::ArgumentConflict,
-                "--log-format, --log-level and --no-watch are options of `run` only",
+                "--log-format, --log-level, --no-watch and --threads are options of `run` only",
             )
             .exit(),
         Some(command) => command,
@@ -474,6 +506,16 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run(args) => {
+            let threads = match args.threads {
+                Some(threads) => Some(threads),
+                None => match threads_from_env() {
+                    Ok(threads) => threads,
+                    Err(e) => {
+                        eprintln!("provisiond: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
             // Held to the end of `run`: dropping it flushes the log lines still queued.
             let format = args.log_format.unwrap_or_default();
             let _logs = match telemetry::init(format, args.log_level.as_deref()) {
@@ -483,7 +525,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let runtime = match tokio::runtime::Runtime::new() {
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            runtime.enable_all();
+            if let Some(threads) = threads {
+                runtime.worker_threads(threads.into());
+            }
+            let runtime = match runtime.build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("provisiond: cannot start the runtime: {e}");

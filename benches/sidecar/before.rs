@@ -30,6 +30,9 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
     );
     let sidecar = Sidecar::start(&config);
     let via = sidecar.url("/events");
+    // The same with one runtime thread (`run --threads 1`), beside the default.
+    let single = Sidecar::start_with(&config, &["--threads", "1"]);
+    let via_single = single.url("/events");
     std::thread::sleep(std::time::Duration::from_millis(300));
     let idle_kib = sidecar.rss_kib().unwrap_or_default();
     let hop_idle_kib = status_kib(hop.pid(), "VmRSS:").unwrap_or_default();
@@ -38,7 +41,8 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
 
     // Latency at a steady 2,000 events/s, the rate the goals are set at.
     let scenario = "1. before, 1 HTTP handler, 2000/s";
-    let (mut direct, mut hopped, mut reqwested, mut through) = (
+    let (mut direct, mut hopped, mut reqwested, mut through, mut through_single) = (
+        Rounds::default(),
         Rounds::default(),
         Rounds::default(),
         Rounds::default(),
@@ -49,6 +53,7 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
         hopped.push(open_loop(&hop_url, 2000.0, n(4000)).await);
         reqwested.push(open_loop(&reqwest_url, 2000.0, n(4000)).await);
         through.push(open_loop(&via, 2000.0, n(4000)).await);
+        through_single.push(open_loop(&via_single, 2000.0, n(4000)).await);
     }
     let added = |s: &Rounds| {
         format!(
@@ -61,13 +66,15 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
     rows.push(hopped.row(scenario, "bare hop", added(&hopped)));
     rows.push(reqwested.row(scenario, "hop via reqwest", added(&reqwested)));
     rows.push(through.row(scenario, "provisiond", added(&through)));
+    rows.push(through_single.row(scenario, "provisiond --threads 1", added(&through_single)));
     summary.push(Summary {
         note: format!(
             "p99 median over rounds: direct {:.3} ms, provisiond {:.3} ms; \
-             the hop via reqwest adds {:.3} ms",
+             the hop via reqwest adds {:.3} ms; provisiond --threads 1 adds {:.3} ms",
             direct.median(|s| crate::common::ms(s.quantile(0.99))),
             through.median(|s| crate::common::ms(s.quantile(0.99))),
-            reqwested.added(&direct, 0.99)
+            reqwested.added(&direct, 0.99),
+            through_single.added(&direct, 0.99)
         ),
         ..Summary::new(
             3,
@@ -82,15 +89,20 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
 
     // Saturated: 32 connections sending back to back.
     let scenario = "1. before, 1 HTTP handler, saturated";
-    let (mut direct, mut hopped, mut reqwested, mut through) = (
+    let (mut direct, mut hopped, mut reqwested, mut through, mut through_single) = (
+        Rounds::default(),
         Rounds::default(),
         Rounds::default(),
         Rounds::default(),
         Rounds::default(),
     );
     let sampler = sidecar.sample_rss();
-    let (mut hop_cpu, mut reqwest_cpu, mut sidecar_cpu) =
-        (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let (mut hop_cpu, mut reqwest_cpu, mut sidecar_cpu, mut single_cpu) = (
+        Duration::ZERO,
+        Duration::ZERO,
+        Duration::ZERO,
+        Duration::ZERO,
+    );
     let threads_before = cpu_by_thread(sidecar.pid());
     for _ in 0..ROUNDS {
         direct.push(closed_loop(&direct_url, 32, n(8000)).await);
@@ -103,6 +115,9 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
         let before = cpu_time(sidecar.pid());
         through.push(closed_loop(&via, 32, n(8000)).await);
         sidecar_cpu += cpu_time(sidecar.pid()) - before;
+        let before = cpu_time(single.pid());
+        through_single.push(closed_loop(&via_single, 32, n(8000)).await);
+        single_cpu += cpu_time(single.pid()) - before;
     }
     let peak_kib = sampler.stop();
     let threads = cpu_by_thread(sidecar.pid());
@@ -111,10 +126,11 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
         let events: usize = r.runs.iter().map(|s| s.latencies.len()).sum();
         cpu.as_secs_f64() * 1e6 / events.max(1) as f64
     };
-    let (hop_us, reqwest_us, sidecar_us) = (
+    let (hop_us, reqwest_us, sidecar_us, single_us) = (
         per_event(hop_cpu, &hopped),
         per_event(reqwest_cpu, &reqwested),
         per_event(sidecar_cpu, &through),
+        per_event(single_cpu, &through_single),
     );
     let rps = |r: &Rounds| r.median(crate::common::Stats::rps);
     rows.push(direct.row(scenario, "direct", ""));
@@ -135,12 +151,20 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
     };
     rows.push(reqwested.row(scenario, "hop via reqwest", against(&reqwested, reqwest_us)));
     rows.push(through.row(scenario, "provisiond", against(&through, sidecar_us)));
+    rows.push(through_single.row(
+        scenario,
+        "provisiond --threads 1",
+        against(&through_single, single_us),
+    ));
     // What keeping reqwest costs by itself: the floor of rows 1 and 2.
     summary.push(Summary {
         note: format!(
-            "the hop via reqwest: {:.0} req/s, {:.2} x the bare hop",
+            "the hop via reqwest: {:.0} req/s, {:.2} x the bare hop; provisiond --threads 1: \
+             {:.0} req/s, {:.2} x",
             rps(&reqwested),
-            rps(&reqwested) / rps(&hopped)
+            rps(&reqwested) / rps(&hopped),
+            rps(&through_single),
+            rps(&through_single) / rps(&hopped)
         ),
         ..Summary::new(
             1,
@@ -155,9 +179,10 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
     let events: usize = through.runs.iter().map(|s| s.latencies.len()).sum();
     summary.push(Summary {
         note: format!(
-            "the hop via reqwest: {reqwest_us:.1} us, {:.2} x the bare hop; provisiond's \
-             threads, us per event: {}",
+            "the hop via reqwest: {reqwest_us:.1} us, {:.2} x the bare hop; provisiond \
+             --threads 1: {single_us:.1} us, {:.2} x; provisiond's threads, us per event: {}",
             reqwest_us / hop_us,
+            single_us / hop_us,
             cpu_split(&threads_before, &threads, events)
         ),
         ..Summary::new(
@@ -194,6 +219,7 @@ pub(crate) async fn run(scale: f64, summary: &mut Vec<Summary>) -> Vec<Row> {
         ),
     });
     drop(sidecar);
+    drop(single);
 
     // The peak under a longer saturated run on a fresh process, its stderr a pipe read
     // slowly (the log writer's buffer must stay bounded), against stderr read at once.

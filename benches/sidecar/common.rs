@@ -251,7 +251,15 @@ impl Sidecar {
     }
 
     pub(crate) fn start_in(dir: tempfile::TempDir, config: &Path) -> Self {
-        Self::spawn(dir, config, false)
+        Self::spawn(dir, config, false, &[])
+    }
+
+    /// As `start`, with more arguments to `run` (e.g. `--threads 1`).
+    pub(crate) fn start_with(config: &str, args: &[&str]) -> Self {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("provisioning.toml");
+        std::fs::write(&path, config).unwrap();
+        Self::spawn(dir, &path, false, args)
     }
 
     /// As `start`, its stderr read slowly: 1 KiB every 100 ms, about 10 KiB/s.
@@ -259,10 +267,10 @@ impl Sidecar {
         let dir = tempfile::TempDir::new().unwrap();
         let path = dir.path().join("provisioning.toml");
         std::fs::write(&path, config).unwrap();
-        Self::spawn(dir, &path, true)
+        Self::spawn(dir, &path, true, &[])
     }
 
-    fn spawn(dir: tempfile::TempDir, config: &Path, slow_stderr: bool) -> Self {
+    fn spawn(dir: tempfile::TempDir, config: &Path, slow_stderr: bool, args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_provisiond"))
             .args([
                 "run",
@@ -271,6 +279,7 @@ impl Sidecar {
                 "--log-level",
                 "warn,provisiond=info",
             ])
+            .args(args)
             .arg("-c")
             .arg(config)
             .current_dir(dir.path())

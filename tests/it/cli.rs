@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::common::*;
 use serde_json::{Value, json};
 
-const RUN_OPTIONS: [&str; 3] = ["--log-format", "--log-level", "--no-watch"];
+const RUN_OPTIONS: [&str; 4] = ["--log-format", "--log-level", "--no-watch", "--threads"];
 
 #[test]
 fn only_run_shows_the_log_options() {
@@ -61,11 +61,19 @@ fn only_run_shows_the_log_options() {
 
 /// Starts `provisiond ARGS` in `dir` and returns it with its "listening" log line.
 fn serve(dir: &Path, args: &[&str]) -> (Child, String) {
+    serve_env(dir, args, &[])
+}
+
+/// As `serve`, with more environment.
+fn serve_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (Child, String) {
     let mut child = Command::new(binary())
         .args(args)
         .current_dir(dir)
         .env_remove("RUST_LOG")
         .env_remove("PROVISIOND_CONFIG")
+        .env_remove("PROVISIOND_THREADS")
+        .env_remove("TOKIO_WORKER_THREADS")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -89,6 +97,86 @@ fn serve(dir: &Path, args: &[&str]) -> (Child, String) {
             panic!("provisiond {args:?} did not start");
         }
     }
+}
+
+/// The names of a running process's threads that serve events (tokio's workers).
+fn runtime_threads(child: &Child) -> usize {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap();
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+        .filter(|name| name.trim() == "tokio-rt-worker")
+        .count()
+}
+
+#[test]
+fn threads_sets_how_many_threads_serve_and_the_start_line_says_it() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = dir.path().join("p.toml");
+    std::fs::write(&config, SERVER).unwrap();
+    let config = config.to_str().unwrap();
+    let threads_of = |line: &str| {
+        let record: Value = serde_json::from_str(line).expect("a JSON log line");
+        let threads = record["threads"].as_u64();
+        threads
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or_else(|| panic!("no threads: {line}"))
+    };
+
+    // The default: one per CPU, as many as the system lets this process use.
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let (child, line) = serve(dir.path(), &["--log-format", "json", "-c", config]);
+    let running = runtime_threads(&child);
+    stop(child);
+    assert_eq!(threads_of(&line), cpus, "{line}");
+    assert_eq!(running, cpus);
+
+    // More or fewer than the CPUs, by the option or by the environment; the option wins.
+    for (args, env, want) in [
+        (&["--threads", "1"][..], &[][..], 1_usize),
+        (&["--threads", "3"], &[], 3),
+        (&[], &[("PROVISIOND_THREADS", "2")], 2),
+        (&["--threads", "1"], &[("PROVISIOND_THREADS", "2")], 1),
+    ] {
+        let mut all = vec!["run", "--log-format", "json", "-c", config];
+        all.extend_from_slice(args);
+        let (child, line) = serve_env(dir.path(), &all, env);
+        let running = runtime_threads(&child);
+        stop(child);
+        assert_eq!(threads_of(&line), want, "{args:?} {env:?}: {line}");
+        assert_eq!(running, want, "{args:?} {env:?}");
+    }
+
+    // A number out of range is refused before anything starts, and says which option.
+    for bad in ["0", "-1", "many", "5000"] {
+        let option = format!("--threads={bad}");
+        let (code, _, err) = cli(&["run", "-c", config, &option], &[], "");
+        assert_eq!(code, 2, "--threads {bad}: {err}");
+        assert!(err.contains("--threads"), "--threads {bad}: {err}");
+    }
+    for bad in ["0", "two"] {
+        let (code, _, err) = cli(&["run", "-c", config], &[("PROVISIOND_THREADS", bad)], "");
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains(&format!(
+                "PROVISIOND_THREADS={bad}: not a number of threads"
+            )),
+            "{err}"
+        );
+    }
+
+    // The environment's is for `run`: another command ignores it, even a bad one (a
+    // unit's `Environment=` line must not break `check`), but refuses the option.
+    for value in ["2", "0"] {
+        let (code, out, err) = cli(
+            &["check", "-c", config],
+            &[("PROVISIOND_THREADS", value)],
+            "",
+        );
+        assert_eq!(code, 0, "PROVISIOND_THREADS={value}: {out}{err}");
+    }
+    let (code, _, err) = cli(&["--threads", "2", "check", "-c", config], &[], "");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("options of `run` only"), "{err}");
 }
 
 fn stop(mut child: Child) {
