@@ -525,12 +525,17 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            runtime.enable_all();
-            if let Some(threads) = threads {
-                runtime.worker_threads(threads.into());
-            }
-            let runtime = match runtime.build() {
+            // One per CPU the process may use, unless told: said here rather than left to
+            // tokio, which would read its own TOKIO_WORKER_THREADS (and panic on a bad one).
+            let threads = threads.map_or_else(
+                || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+                usize::from,
+            );
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("provisiond: cannot start the runtime: {e}");

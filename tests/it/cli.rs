@@ -122,13 +122,20 @@ fn threads_sets_how_many_threads_serve_and_the_start_line_says_it() {
             .unwrap_or_else(|| panic!("no threads: {line}"))
     };
 
-    // The default: one per CPU, as many as the system lets this process use.
+    // The default: one per CPU, as many as the system lets this process use; tokio's own
+    // variable is not read.
     let cpus = std::thread::available_parallelism().unwrap().get();
-    let (child, line) = serve(dir.path(), &["--log-format", "json", "-c", config]);
-    let running = runtime_threads(&child);
-    stop(child);
-    assert_eq!(threads_of(&line), cpus, "{line}");
-    assert_eq!(running, cpus);
+    for env in [
+        &[][..],
+        &[("TOKIO_WORKER_THREADS", "5")],
+        &[("TOKIO_WORKER_THREADS", "x")],
+    ] {
+        let (child, line) = serve_env(dir.path(), &["--log-format", "json", "-c", config], env);
+        let running = runtime_threads(&child);
+        stop(child);
+        assert_eq!(threads_of(&line), cpus, "{env:?}: {line}");
+        assert_eq!(running, cpus, "{env:?}");
+    }
 
     // More or fewer than the CPUs, by the option or by the environment; the option wins.
     for (args, env, want) in [
