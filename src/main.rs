@@ -37,29 +37,6 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// What `--threads` and `PROVISIOND_THREADS` take.
-const THREADS: std::ops::RangeInclusive<i64> = 1..=1024;
-
-/// `PROVISIOND_THREADS`, read by `run` only: a unit's `Environment=` line is no concern of
-/// `check`'s. Empty is unset.
-fn threads_from_env() -> Result<Option<u16>, String> {
-    let Some(value) = std::env::var_os("PROVISIOND_THREADS") else {
-        return Ok(None);
-    };
-    let value = value.to_string_lossy();
-    if value.trim().is_empty() {
-        return Ok(None);
-    }
-    match value.trim().parse::<u16>() {
-        Ok(n) if THREADS.contains(&i64::from(n)) => Ok(Some(n)),
-        _ => Err(format!(
-            "PROVISIOND_THREADS={value}: not a number of threads from {} to {} (--threads)",
-            THREADS.start(),
-            THREADS.end()
-        )),
-    }
-}
-
 /// Options of `run`, the default command; no other command logs.
 #[derive(clap::Args)]
 struct RunArgs {
@@ -96,6 +73,30 @@ impl RunArgs {
             no_watch: self.no_watch || outer.no_watch,
             threads: self.threads.or(outer.threads),
         }
+    }
+}
+
+/// What `--threads` and `PROVISIOND_THREADS` take.
+const THREADS: std::ops::RangeInclusive<i64> = 1..=1024;
+
+/// `PROVISIOND_THREADS`, read by `run` only: a unit's `Environment=` line is no concern of
+/// `check`'s. Empty is unset.
+fn threads_from_env() -> Result<Option<u16>, String> {
+    let Some(value) = std::env::var_os("PROVISIOND_THREADS") else {
+        return Ok(None);
+    };
+    let value = value.to_string_lossy();
+    let number = value.trim();
+    if number.is_empty() {
+        return Ok(None);
+    }
+    match number.parse::<u16>() {
+        Ok(n) if THREADS.contains(&i64::from(n)) => Ok(Some(n)),
+        _ => Err(format!(
+            "PROVISIOND_THREADS={value}: not a number of threads from {} to {} (--threads)",
+            THREADS.start(),
+            THREADS.end()
+        )),
     }
 }
 

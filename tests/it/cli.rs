@@ -143,6 +143,8 @@ fn threads_sets_how_many_threads_serve_and_the_start_line_says_it() {
         (&["--threads", "3"], &[], 3),
         (&[], &[("PROVISIOND_THREADS", "2")], 2),
         (&["--threads", "1"], &[("PROVISIOND_THREADS", "2")], 1),
+        // Empty is unset, as a unit's `Environment=PROVISIOND_THREADS=` line means.
+        (&[], &[("PROVISIOND_THREADS", " ")], cpus),
     ] {
         let mut all = vec!["run", "--log-format", "json", "-c", config];
         all.extend_from_slice(args);
