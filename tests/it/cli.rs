@@ -59,6 +59,15 @@ fn only_run_shows_the_log_options() {
     assert!(err.contains("--log-level"), "{err}");
 }
 
+/// A directory holding `p.toml`, a config with a server only, and that file's path.
+fn server_file() -> (tempfile::TempDir, String) {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = dir.path().join("p.toml");
+    std::fs::write(&config, SERVER).unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    (dir, config)
+}
+
 /// Starts `provisiond ARGS` in `dir` and returns it with its "listening" log line.
 fn serve(dir: &Path, args: &[&str]) -> (Child, String) {
     serve_env(dir, args, &[])
@@ -110,10 +119,8 @@ fn runtime_threads(child: &Child) -> usize {
 
 #[test]
 fn threads_sets_how_many_threads_serve_and_the_start_line_says_it() {
-    let dir = tempfile::TempDir::new().unwrap();
-    let config = dir.path().join("p.toml");
-    std::fs::write(&config, SERVER).unwrap();
-    let config = config.to_str().unwrap();
+    let (dir, config) = server_file();
+    let config = config.as_str();
     let threads_of = |line: &str| {
         let record: Value = serde_json::from_str(line).expect("a JSON log line");
         let threads = record["threads"].as_u64();
@@ -195,10 +202,8 @@ fn stop(mut child: Child) {
 
 #[test]
 fn run_takes_its_options_with_or_without_the_subcommand() {
-    let dir = tempfile::TempDir::new().unwrap();
-    let config = dir.path().join("p.toml");
-    std::fs::write(&config, SERVER).unwrap();
-    let config = config.to_str().unwrap();
+    let (dir, config) = server_file();
+    let config = config.as_str();
 
     let (child, line) = serve(
         dir.path(),
